@@ -1,0 +1,95 @@
+"""One entry point: `alignkit <command> [CONFIG.yaml] [key=value ...]`."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from alignkit.config import ConfigError, DPOConfig, SFTConfig, describe, load_config
+
+
+@dataclass(frozen=True)
+class Command:
+    """A CLI command: its config class, what it does, and the function that runs it."""
+
+    config: type
+    summary: str
+    run: Callable
+
+
+def _sft(cfg):
+    from alignkit.algorithms.sft import train
+
+    return train(cfg)
+
+
+def _dpo(cfg):
+    from alignkit.algorithms.dpo import train
+
+    return train(cfg)
+
+
+def _demo(cfg):
+    from alignkit.demo import run_demo
+
+    return run_demo(cfg)
+
+
+def _commands() -> dict[str, Command]:
+    from alignkit.demo import DemoConfig
+
+    return {
+        "sft": Command(SFTConfig, "supervised fine-tuning on prompt/completion rows", _sft),
+        "dpo": Command(DPOConfig, "offline preference optimisation (DPO family) on preference pairs", _dpo),
+        "demo": Command(
+            DemoConfig, "offline demo: DPO on AI-feedback pairs makes TinyStories happier, measured", _demo
+        ),
+    }
+
+
+USAGE = "usage: alignkit <command> [CONFIG.yaml] [key=value ...]\n       alignkit <command> --help"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, build the command's config and run it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = _commands()
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE + "\n\ncommands:")
+        for name, cmd in commands.items():
+            print(f"  {name:<8} {cmd.summary}")
+        print("\nSettings come from an optional YAML file, then key=value overrides (dotted for sections).")
+        return 0
+    name, args = argv[0], argv[1:]
+    if name not in commands:
+        import difflib
+
+        close = difflib.get_close_matches(name, commands, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        print(f"alignkit: unknown command '{name}'.{hint}\n{USAGE}", file=sys.stderr)
+        return 2
+    cmd = commands[name]
+    if any(a in ("-h", "--help") for a in args):
+        print(f"usage: alignkit {name} [CONFIG.yaml] [key=value ...]\n\n{cmd.summary}\n\nfields:")
+        print(describe(cmd.config))
+        return 0
+    path = None
+    if args and "=" not in args[0]:
+        path, args = args[0], args[1:]
+    try:
+        cfg = load_config(cmd.config, path, args)
+    except ConfigError as e:
+        print(f"alignkit {name}: {e}", file=sys.stderr)
+        return 2
+    try:
+        cmd.run(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        # Data and config problems carry their own actionable message (file:line, field); no traceback.
+        print(f"alignkit {name}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""Dataclass configs: YAML files plus dotted `key=value` overrides; unknown keys are errors.
+
+Every field has a one-line docstring under it; `field_docs` reads them from the source so that
+`alignkit <command> --help` shows exactly what the code documents.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import json
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Organisational sections a YAML file may group top-level keys under (`train: {lr: ...}` or
+# `train.lr=...` on the command line both set `lr`).
+SECTION_ALIASES = ("train",)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used: unknown key, bad value or type."""
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings (peft)."""
+
+    enabled: bool = False
+    """Train a LoRA adapter instead of all weights."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: str = "all-linear"
+    """Comma-separated module names to adapt, or 'all-linear'."""
+    merge: bool = False
+    """Save the final model with the adapter merged into full weights (else the adapter alone)."""
+
+
+@dataclass
+class TrainConfig:
+    """Fields shared, with the same names, by every training command."""
+
+    model: str = ""
+    """Policy model: a Hugging Face hub name or a local directory."""
+    tokenizer: str | None = None
+    """Tokenizer to load (default: the model's)."""
+    data: str = ""
+    """Training rows: a .jsonl/.json/.parquet file or a Hugging Face dataset name."""
+    data_split: str = "train"
+    """Split to read when `data` is a Hugging Face dataset name."""
+    eval_data: str | None = None
+    """Evaluation rows (file or dataset name); default: `eval_fraction` of `data`."""
+    eval_split: str = "test"
+    """Split to read when `eval_data` is a Hugging Face dataset name."""
+    eval_fraction: float = 0.0
+    """Fraction of `data` held out for evaluation when `eval_data` is not given (0 = no eval)."""
+    output_dir: str = "runs/out"
+    """Where metrics, checkpoints, the resolved config and the final model are written."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 = derive from `epochs`."""
+    epochs: float = 1.0
+    """Passes over the training rows (used when max_steps is -1)."""
+    batch_size: int = 8
+    """Rows (pairs for preference data) per micro-batch on each device."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = 1e-5
+    """Peak learning rate (AdamW)."""
+    lr_scheduler: str = "linear"
+    """Learning-rate schedule after warm-up: linear, cosine or constant."""
+    warmup_ratio: float = 0.1
+    """Fraction of the steps spent warming the learning rate up from 0."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 = no clipping)."""
+    max_length: int = 512
+    """Maximum tokens of prompt + completion; completions are truncated from the right."""
+    max_prompt_length: int = 256
+    """Maximum prompt tokens; prompts are truncated from the left (the end is kept)."""
+    seed: int = 42
+    """Seed for initialisation, data order and sampling."""
+    dtype: str = "float32"
+    """Weights dtype: float32, bfloat16, float16 or auto."""
+    mixed_precision: str = "no"
+    """Autocast through accelerate: no, bf16 or fp16 (where the device supports it)."""
+    attn_implementation: str | None = None
+    """Attention kernel passed to transformers: eager, sdpa, flash_attention_2 (default: transformers')."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    trust_remote_code: bool = False
+    """Allow model repositories to run their own code. Off unless you trust the source."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA settings (lora.enabled=true to train an adapter)."""
+    logging_steps: int = 1
+    """Write train metrics every this many optimizer steps."""
+    eval_steps: int = 50
+    """Evaluate every this many optimizer steps (and at the end)."""
+    save_steps: int = 100
+    """Write a checkpoint every this many optimizer steps (0 = only on interrupt)."""
+    save_total_limit: int = 2
+    """Checkpoints to keep (older ones are deleted)."""
+    resume: bool = False
+    """Continue from the last checkpoint in output_dir with the same data order."""
+    logprob_chunk_size: int = 1024
+    """Completion tokens projected to the vocabulary at once (bounds the logits memory)."""
+    cache_dir: str | None = None
+    """Where tokenised data and reference log-probs are cached (default: output_dir/cache)."""
+    progress: bool = True
+    """Show a console progress bar."""
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning on prompt/completion rows (loss on completion tokens only)."""
+
+    lr: float = 2e-5
+    """Peak learning rate (AdamW)."""
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Offline preference optimisation (DPO and its family) on preference pairs."""
+
+    lr: float = 5e-7
+    """Peak learning rate (AdamW)."""
+    beta: float = 0.1
+    """Strength of the KL tie to the reference (DPO's β)."""
+    loss: str = "sigmoid"
+    """Preference objective, by registered name (see alignkit.losses.LOSSES)."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: probability that a preference label is flipped (0 = plain DPO)."""
+    reference: str = "precomputed"
+    """Reference model: copy (a frozen copy), adapter (LoRA base with the adapter off) or precomputed."""
+    reference_model: str | None = None
+    """Reference weights when different from `model` (copy / precomputed)."""
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> the docstring written under it, for `cls` and its bases."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = nxt.value.value.strip()
+    return docs
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a YAML/command-line value to the field's type, or raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"'{key}': expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"'{key}': expected an integer, got {value!r}")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"'{key}': expected an integer, got {value!r}") from None
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"'{key}': expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"'{key}': expected a number, got {value!r}") from None
+    if annotation is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"'{key}': expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{where}.{hint} Run with --help to list the valid keys.")
+
+
+def _set(cfg: Any, dotted: str, value: Any, prefix: str = "") -> None:
+    """Set `dotted` (e.g. 'lora.r' or 'train.lr') on the dataclass `cfg`, validating key and type."""
+    head, _, rest = dotted.partition(".")
+    names = [f.name for f in dataclasses.fields(cfg)]
+    if head in SECTION_ALIASES and head not in names and rest and not prefix:
+        return _set(cfg, rest, value, prefix)
+    if head not in names:
+        valid = [prefix + n for n in names] + [
+            f"{prefix}{n}.{s.name}"
+            for n in names
+            if dataclasses.is_dataclass(getattr(cfg, n))
+            for s in dataclasses.fields(getattr(cfg, n))
+        ]
+        raise _unknown_key(prefix + dotted, valid, f" for {type(cfg).__name__}")
+    current = getattr(cfg, head)
+    if dataclasses.is_dataclass(current):
+        if rest:
+            return _set(current, rest, value, prefix + head + ".")
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{prefix}{head}' is a section: give it as a mapping or set {head}.<key>")
+        for k, v in value.items():
+            _set(current, str(k), v, prefix + head + ".")
+        return None
+    if rest:
+        raise ConfigError(f"'{prefix}{head}' is not a section; '{prefix}{dotted}' is not a valid key")
+    setattr(cfg, head, _coerce(value, _field_types(type(cfg))[head], prefix + head))
+    return None
+
+
+def _flatten(mapping: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    items = []
+    for k, v in mapping.items():
+        if isinstance(v, dict):
+            items.extend(_flatten(v, f"{prefix}{k}."))
+        else:
+            items.append((f"{prefix}{k}", v))
+    return items
+
+
+def load_config(cls: type, path: str | None = None, overrides: list[str] | None = None):
+    """Build a `cls` config from an optional YAML file and `key=value` overrides (later wins)."""
+    cfg = cls()
+    if path:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
+        for key, value in _flatten(data):
+            try:
+                _set(cfg, key, value)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        _set(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """The config as plain data (nested dicts)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, output_dir: str | Path) -> Path:
+    """Write the resolved config to output_dir/config.yaml (and return the path)."""
+    path = Path(output_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = f"# resolved {type(cfg).__name__}\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def describe(cls: type) -> str:
+    """Help text: every field with its type, default and docstring."""
+    docs = field_docs(cls)
+    lines = []
+    default = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(default, f.name)
+        if dataclasses.is_dataclass(value):
+            sub = field_docs(type(value))
+            for s in dataclasses.fields(value):
+                v = json.dumps(getattr(value, s.name))
+                lines.append(f"  {f.name}.{s.name} = {v}\n      {sub.get(s.name, '')}")
+            continue
+        lines.append(f"  {f.name} = {json.dumps(value)}\n      {docs.get(f.name, '')}")
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""From a config to tokenised train/eval examples: read, validate, split, tokenise once (cached)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from alignkit.data.rows import load_preference_rows, load_sft_rows
+from alignkit.data.tokenize import (
+    cached,
+    fingerprint,
+    source_fingerprint,
+    tokenize_preference_rows,
+    tokenize_sft_rows,
+    tokenizer_fingerprint,
+)
+
+
+def cache_dir(cfg) -> Path:
+    """The run's cache folder (tokenised data, reference log-probs)."""
+    return Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.output_dir) / "cache"
+
+
+def _split_eval(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded random `fraction` of rows for evaluation, the rest for training."""
+    if fraction <= 0:
+        return rows, []
+    if not 0 < fraction < 1:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {fraction}")
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = max(1, int(round(fraction * len(rows))))
+    eval_idx = set(perm[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in eval_idx], [rows[i] for i in sorted(eval_idx)]
+
+
+def _prepare(cfg, tokenizer, load_rows, tokenize_rows, kind: str, log=print) -> tuple[list[dict], list[dict]]:
+    key = fingerprint(
+        kind,
+        source_fingerprint(cfg.data),
+        cfg.data_split,
+        source_fingerprint(cfg.eval_data) if cfg.eval_data else None,
+        cfg.eval_split,
+        cfg.eval_fraction,
+        cfg.seed,
+        tokenizer_fingerprint(tokenizer),
+        cfg.max_length,
+        cfg.max_prompt_length,
+    )
+
+    def build() -> dict:
+        train_rows, dropped = load_rows(cfg.data, cfg.data_split)
+        if cfg.eval_data:
+            eval_rows, eval_dropped = load_rows(cfg.eval_data, cfg.eval_split)
+            dropped = dropped + eval_dropped
+        else:
+            train_rows, eval_rows = _split_eval(train_rows, cfg.eval_fraction, cfg.seed)
+        out = {"dropped": dropped}
+        for name, rows in (("train", train_rows), ("eval", eval_rows)):
+            examples, stats = tokenize_rows(rows, tokenizer, cfg.max_length, cfg.max_prompt_length)
+            out[name] = examples
+            out[f"{name}_stats"] = vars(stats)
+        return out
+
+    data = cached(cache_dir(cfg) / f"{kind}-{key}.json", build)
+    if data["dropped"]:
+        shown = "\n  ".join(data["dropped"][:10])
+        more = f"\n  ... and {len(data['dropped']) - 10} more" if len(data["dropped"]) > 10 else ""
+        log(f"{len(data['dropped'])} rows could not be used and were dropped:\n  {shown}{more}")
+    for name in ("train", "eval"):
+        s = data[f"{name}_stats"]
+        if s["rows"] or s["dropped_empty"]:
+            log(
+                f"{name}: {s['rows']} examples; {s['dropped_empty']} dropped (no completion tokens left "
+                f"after truncation); {s['truncated_prompts']} prompts and {s['truncated_completions']} "
+                "completions truncated"
+            )
+    if not data["train"]:
+        raise ValueError(f"{cfg.data}: no training examples left after tokenisation and truncation")
+    return data["train"], data["eval"]
+
+
+def prepare_preference_data(cfg, tokenizer, log=print) -> tuple[list[dict], list[dict]]:
+    """Tokenised (train, eval) preference examples for `cfg`; dropped HH rows are reported."""
+
+    def load(source: str, split: str):
+        data = load_preference_rows(source, split, tokenizer)
+        return data.rows, data.dropped
+
+    return _prepare(cfg, tokenizer, load, tokenize_preference_rows, "preference", log)
+
+
+def prepare_sft_data(cfg, tokenizer, log=print) -> tuple[list[dict], list[dict]]:
+    """Tokenised (train, eval) SFT examples for `cfg`."""
+    return _prepare(
+        cfg,
+        tokenizer,
+        lambda s, split: (load_sft_rows(s, split, tokenizer), []),
+        tokenize_sft_rows,
+        "sft",
+        log,
+    )
