@@ -62,7 +62,7 @@ def add_lora(model, lora) -> torch.nn.Module:
         target_modules=targets,
         task_type="CAUSAL_LM",
     )
-    if getattr(model, "is_gradient_checkpointing", False):
+    if getattr(model, "is_activation_checkpointing", getattr(model, "is_gradient_checkpointing", False)):
         model.enable_input_require_grads()
     return get_peft_model(model, config)
 

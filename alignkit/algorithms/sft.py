@@ -62,7 +62,7 @@ def train(cfg: SFTConfig) -> Path:
         )
         n = out.count.sum().clamp(min=1)
         nll_sum = -out.sum.sum()  # summed here; `loss_scale` divides by the step's token count
-        return nll_sum, {"loss": float(nll_sum / n), "tokens": float(n)}
+        return nll_sum, {"loss": float(nll_sum.detach() / n), "tokens": float(n)}
 
     def loss_scale(micro_batches: list[list[dict]]) -> list[float]:
         # Token-mean over the whole optimizer step: every micro-batch's summed NLL / the step's tokens

@@ -1,0 +1,69 @@
+"""Configs: YAML + overrides, unknown keys, types, help text, the resolved config on disk."""
+
+import pytest
+import yaml
+
+from alignkit.cli import main
+from alignkit.config import ConfigError, DPOConfig, SFTConfig, describe, field_docs, load_config, save_config
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\nbeta: 0.3\ntrain:\n  lr: 1.0e-4\nlora:\n  enabled: true\n  r: 4\n")
+    cfg = load_config(DPOConfig, str(path), ["beta=0.2", "train.lr=5e-6", "lora.alpha=8", "max_steps=20"])
+    assert (cfg.model, cfg.beta, cfg.lr, cfg.max_steps) == ("m", 0.2, 5e-6, 20)
+    assert (cfg.lora.enabled, cfg.lora.r, cfg.lora.alpha) == (True, 4, 8)
+
+
+def test_unknown_key_names_the_closest_valid_one(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key 'betta'.*Did you mean 'beta'"):
+        load_config(DPOConfig, None, ["betta=0.1"])
+    with pytest.raises(ConfigError, match="unknown config key 'lora.rank'.*Did you mean 'lora.r'"):
+        load_config(DPOConfig, None, ["lora.rank=4"])
+    path = tmp_path / "bad.yaml"
+    path.write_text("lerning_rate: 1\n")
+    with pytest.raises(ConfigError, match="bad.yaml: unknown config key 'lerning_rate'"):
+        load_config(SFTConfig, str(path))
+    with pytest.raises(ConfigError, match="unknown config key 'beta'"):
+        load_config(SFTConfig, None, ["beta=0.1"])  # SFT has no β: not silently ignored
+
+
+def test_type_errors():
+    with pytest.raises(ConfigError, match="'max_steps': expected an integer, got 'ten'"):
+        load_config(DPOConfig, None, ["max_steps=ten"])
+    with pytest.raises(ConfigError, match="'lora.enabled': expected true or false"):
+        load_config(DPOConfig, None, ["lora.enabled=maybe"])
+    assert load_config(DPOConfig, None, ["eval_data=null"]).eval_data is None
+
+
+def test_every_field_is_documented():
+    for cls in (DPOConfig, SFTConfig):
+        docs = field_docs(cls)
+        import dataclasses
+
+        assert all(docs.get(f.name) for f in dataclasses.fields(cls)), cls
+    text = describe(DPOConfig)
+    assert "beta = 0.1\n      Strength of the KL tie" in text
+    assert "lora.r = 16" in text
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(DPOConfig, None, ["beta=0.25", "lora.r=2"])
+    path = save_config(cfg, tmp_path)
+    data = yaml.safe_load(path.read_text())
+    assert data["beta"] == 0.25 and data["lora"]["r"] == 2
+    again = load_config(DPOConfig, str(path))
+    assert again == cfg
+
+
+def test_cli_help(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "dpo" in out and "sft" in out and "demo" in out
+    assert main(["dpo", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "label_smoothing = 0.0" in out and "Conservative DPO" in out
+    assert main(["dpoo"]) == 2
+    assert "Did you mean 'dpo'" in capsys.readouterr().err
+    assert main(["dpo", "bogus=1"]) == 2
+    assert "unknown config key 'bogus'" in capsys.readouterr().err
