@@ -43,7 +43,9 @@ def load_causal_lm(
         if model.generation_config is not None:
             model.generation_config.pad_token_id = pad_token_id
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed the method; older releases only have the first name.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
 
@@ -62,7 +64,12 @@ def add_lora(model, lora) -> torch.nn.Module:
         target_modules=targets,
         task_type="CAUSAL_LM",
     )
-    if getattr(model, "is_activation_checkpointing", getattr(model, "is_gradient_checkpointing", False)):
+    name = (
+        "is_activation_checkpointing"
+        if hasattr(type(model), "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
+    if getattr(model, name, False):
         model.enable_input_require_grads()
     return get_peft_model(model, config)
 

@@ -241,3 +241,27 @@ def test_cli_reports_bad_data_before_training(tmp_path, tiny_model_dir):
     assert proc.returncode == 1
     assert "bad.jsonl:2" in proc.stderr and "rejected" in proc.stderr
     assert not (tmp_path / "o" / "final").exists()
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_lora_run_saves_adapter_or_merged_model(tmp_path, tiny_model_dir, merge):
+    from peft import PeftModel
+
+    data = write_jsonl(tmp_path / "train.jsonl", sentiment_pairs(16, seed=5))
+    cfg = dpo_config(
+        tmp_path, tiny_model_dir, data, max_steps=3, reference="adapter", gradient_checkpointing=True
+    )
+    cfg.lora.enabled, cfg.lora.merge, cfg.lora.r = True, merge, 4
+    final = dpo.train(cfg)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    if merge:
+        assert not (final / "adapter_model.safetensors").exists()
+        model = AutoModelForCausalLM.from_pretrained(final)
+    else:
+        assert (final / "adapter_model.safetensors").exists()
+        model = PeftModel.from_pretrained(base, final).merge_and_unload()
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = [
+        name for (name, p), q in zip(model.named_parameters(), base.parameters()) if not torch.equal(p, q)
+    ]
+    assert changed and all("proj" in n for n in changed)  # only adapted linear layers moved
