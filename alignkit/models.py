@@ -43,9 +43,11 @@ def load_causal_lm(
         if model.generation_config is not None:
             model.generation_config.pad_token_id = pad_token_id
     if gradient_checkpointing:
-        # transformers 5 renamed the method; older releases only have the first name.
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed the method and its argument; older releases only have the old names.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
 

@@ -1,0 +1,203 @@
+"""Batched sampling from a causal LM: the one place alignkit generates text.
+
+Every sampled sequence draws its randomness from its own `torch.Generator`, seeded from
+`(seed, index of the sample)` by a hash. Sampling is the Gumbel-max trick (argmax of log-probs plus Gumbel noise
+is an exact draw from the softmax), so a sample depends only on the model, its prompt, the settings
+and that pair — not on `batch_size`, on which other prompts share its batch, on left padding, or on
+anything that ran before. This is the same contract as vLLM's per-request seeds. Two policies sampled
+with the same seed see the same noise (common random numbers), which makes a before/after comparison
+paired rather than merely matched in distribution.
+
+Token ids are kept exactly as sampled: with tokenizers whose pieces carry the word boundary at their
+end (the shipped TinyStories model), decoding a completion and encoding it again does not give back
+the ids the model produced, so training on re-tokenised text would train on sequences it never wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+
+def _sample_seed(seed: int, index: int) -> int:
+    """A well-mixed 64-bit seed for sample `index` of a call seeded `seed`.
+
+    Hashing (rather than e.g. `seed * 2**32 + index`) matters: the CPU generator (mt19937) keeps only
+    the low 32 bits of its seed, so arithmetic schemes make different seeds share streams.
+    """
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+@dataclass
+class Sample:
+    """One sampled completion of one prompt."""
+
+    prompt: str
+    """The prompt as given."""
+    prompt_ids: list[int]
+    """The tokenizer's encoding of the prompt (with its special tokens, e.g. BOS), unpadded."""
+    completion_ids: list[int]
+    """The sampled ids, cut after the first EOS (which is kept when produced); never padded."""
+    text: str
+    """`completion_ids` decoded with `skip_special_tokens=True`."""
+
+
+class _GumbelSampler(LogitsProcessor):
+    """Adds Gumbel noise from one generator per row, so that greedy decoding of the result samples.
+
+    `argmax_v(log p_v + g_v)` with `g_v = -log(E_v)`, `E_v ~ Exp(1)`, is distributed as `p` (the Gumbel-max
+    trick); adding it to the already tempered and truncated scores samples from exactly the
+    distribution `do_sample=True` would, with the randomness owned by each row rather than the batch.
+    """
+
+    def __init__(self, generators: list[torch.Generator]):
+        self.generators = generators
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        B, V = scores.shape  # (B, V)
+        exponential = torch.stack(
+            [
+                torch.empty(V, device=scores.device, dtype=torch.float32).exponential_(generator=g)
+                for g in self.generators
+            ]
+        )  # (B, V)
+        return scores.float() - exponential.log()  # -inf (masked by top-k / top-p) stays -inf
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pads id lists into `(input_ids, attention_mask)`, both (B, T)."""
+    T = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, T - len(r) :] = torch.tensor(r, dtype=torch.long)
+        attention_mask[i, T - len(r) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def _cut_at_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
+    """Keeps `ids` up to and including the first EOS; drops the padding generate adds after it."""
+    for i, t in enumerate(ids):
+        if t in eos_ids:
+            return ids[: i + 1]
+    return ids
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, list) else {eos}
+
+
+@torch.no_grad()
+def sample(
+    model,
+    tokenizer,
+    prompts: list[str],
+    num_samples: int = 1,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> list[Sample]:
+    """Samples `num_samples` completions of every prompt with `model.generate`, in left-padded batches.
+
+    Returns `len(prompts) * num_samples` samples, prompt-major: the samples of `prompts[i]` are
+    `result[i * num_samples : (i + 1) * num_samples]`.
+
+    - `temperature=0` decodes greedily (then `top_k`, `top_p` and `seed` play no part).
+    - `top_k=None` and `top_p=None` mean no truncation: the full softmax is sampled. (Plain
+      `model.generate` would silently apply top-k 50 when none is given.)
+    - Nothing else reshapes the distribution: a repetition penalty, n-gram blocking or minimum length in
+      the model's `generation_config` is not applied.
+    - The `j`-th sample of the call (counting prompt-major) is drawn with its own generator seeded from
+      `(seed, j)`, so results are reproducible and do not depend on `batch_size` or on what ran before
+      (see the module docstring). Two models sampled with the same prompts and seed share the noise.
+
+    The model is put in eval mode for sampling and given back in the mode it was in. The tokenizer
+    must have a pad token (its id only fills positions the attention mask hides).
+    """
+    if num_samples < 1 or max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(
+            f"num_samples, max_new_tokens and batch_size must be >= 1, got {num_samples}, "
+            f"{max_new_tokens}, {batch_size}"
+        )
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        raise ValueError(
+            "the tokenizer has no pad token; set one (e.g. tokenizer.pad_token = tokenizer.eos_token) "
+            "before sampling"
+        )
+    eos_ids = _eos_ids(model, tokenizer)
+    device = next(model.parameters()).device
+    greedy = temperature == 0
+
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    jobs = [(p, ids) for p, ids in zip(prompts, encoded) for _ in range(num_samples)]
+
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,  # sampling is done by _GumbelSampler; generate then takes the argmax
+        num_beams=1,
+        # Sample the model's own (tempered, truncated) softmax: on-policy algorithms score these samples
+        # with the model's log-probs, so penalties a checkpoint's generation_config may carry are off.
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        min_new_tokens=0,  # takes precedence over any min_length
+        pad_token_id=pad_id,
+        eos_token_id=sorted(eos_ids) or None,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    warpers = []
+    if not greedy:
+        if temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(temperature))
+        if top_k is not None and top_k > 0:
+            warpers.append(TopKLogitsWarper(top_k))
+        if top_p is not None and top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p))
+
+    was_training = model.training
+    model.eval()
+    try:
+        samples: list[Sample] = []
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start : start + batch_size]
+            input_ids, attention_mask = _left_pad([ids for _, ids in batch], pad_id, device)
+            processors = LogitsProcessorList(warpers)
+            if not greedy:
+                generators = [
+                    torch.Generator(device=device).manual_seed(_sample_seed(seed, start + i))
+                    for i in range(len(batch))
+                ]
+                processors.append(_GumbelSampler(generators))
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=config,
+                logits_processor=processors,
+            )  # (B, T + new)
+            new = out[:, input_ids.shape[1] :].tolist()
+            for (prompt, prompt_ids), ids in zip(batch, new):
+                completion_ids = _cut_at_eos(ids, eos_ids)
+                text = tokenizer.decode(completion_ids, skip_special_tokens=True)
+                samples.append(Sample(prompt, list(prompt_ids), completion_ids, text))
+        return samples
+    finally:
+        model.train(was_training)
