@@ -92,6 +92,8 @@ class TrainConfig:
     """Maximum prompt tokens; prompts are truncated from the left (the end is kept)."""
     seed: int = 42
     """Seed for initialisation, data order and sampling."""
+    shuffle: bool = True
+    """Shuffle the rows each epoch (false: file order, e.g. for curriculum or side-by-side benchmarks)."""
     dtype: str = "float32"
     """Weights dtype: float32, bfloat16, float16 or auto."""
     mixed_precision: str = "no"
@@ -137,15 +139,21 @@ class DPOConfig(TrainConfig):
     lr: float = 5e-7
     """Peak learning rate (AdamW)."""
     beta: float = 0.1
-    """Strength of the KL tie to the reference (DPO's β)."""
+    """Strength of the KL tie to the reference (DPO's β); for orpo, λ (docs/objectives.md)."""
     loss: str = "sigmoid"
-    """Preference objective, by registered name (see alignkit.losses.LOSSES)."""
+    """Preference objective by name: sigmoid, robust, hinge, ipo, gpo_*, bco_pair, rpo, simpo, cpo, orpo."""
     label_smoothing: float = 0.0
-    """Conservative DPO: probability that a preference label is flipped (0 = plain DPO)."""
+    """Conservative DPO (sigmoid) / robust DPO (robust): probability ε in [0, 0.5) a label is flipped."""
+    gamma: float = 0.5
+    """SimPO's target reward margin γ (reward units, β·mean log-prob; SimPO's gamma_beta_ratio is γ/β)."""
+    nll_weight: float = 1.0
+    """Weight α of the per-token NLL on the chosen completion that cpo and rpo add."""
     reference: str = "precomputed"
     """Reference model: copy (a frozen copy), adapter (LoRA base with the adapter off) or precomputed."""
     reference_model: str | None = None
     """Reference weights when different from `model` (copy / precomputed)."""
+    share_prompt: bool = True
+    """Compute each pair's prompt once: one [prompt|chosen|rejected] row with a 4D mask (sdpa/eager)."""
 
 
 @cache
@@ -215,7 +223,39 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"'{key}': expected a string, got {value!r}")
         return str(value)
+    if origin is list:
+        # A YAML list (e.g. `rewards: [{type: vader}, ...]`); each element is checked as its own key.
+        if not isinstance(value, list):
+            raise ConfigError(f"'{key}': expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") if args else v for i, v in enumerate(value)]
+    if annotation is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}': expected a mapping of key: value, got {value!r}")
+        return dict(value)
     return value
+
+
+def from_mapping(cls: type, mapping: dict, where: str = ""):
+    """A `cls` dataclass built from a flat mapping, with load_config's key and type checks.
+
+    For configs held inside a list (e.g. one reward source of `rewards: [...]`). An unknown key is
+    an error naming the closest valid one and listing them all. `where` names the mapping in messages:
+    'rewards[1]' gives "rewards[1]: unknown key 'lable' ..." and "'rewards[1].weight': expected ...".
+    """
+    cfg = cls()
+    names = [f.name for f in dataclasses.fields(cls)]
+    hints = _field_types(cls)
+    for key, value in mapping.items():
+        key = str(key)
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            prefix = f"{where}: " if where else ""
+            raise ConfigError(
+                f"{prefix}unknown key '{key}' for {cls.__name__}.{hint} Valid keys: {', '.join(names)}."
+            )
+        setattr(cfg, key, _coerce(value, hints[key], f"{where}.{key}" if where else key))
+    return cfg
 
 
 def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:

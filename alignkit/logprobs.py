@@ -98,12 +98,17 @@ def completion_logps(
     completion_mask: torch.Tensor,
     position_ids: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    source_index: torch.Tensor | None = None,
 ) -> CompletionLogProbs:
     """Per-token and per-sequence log-probs of the completion tokens of a batch under a causal LM.
 
-    input_ids, attention_mask, completion_mask: (B, T). completion_mask[b, t] = 1 marks token t as a
-    completion token to be scored (token 0 can never be scored: nothing predicts it).
-    position_ids: optional (B, T), for packed rows whose positions restart.
+    input_ids, completion_mask: (B, T). completion_mask[b, t] = 1 marks token t as a completion token
+    to be scored (token 0 can never be scored: nothing predicts it).
+    attention_mask: (B, T) padding mask, or a (B, 1, T, T) additive mask for rows that hold several
+    sequences (a shared prompt with two completions, packed rows).
+    position_ids: optional (B, T), for rows whose positions restart.
+    source_index: optional (B, T); source_index[b, t] is the position whose hidden state predicts token
+    t (default t - 1; differs where a row's sequences branch, e.g. after a shared prompt).
     Only positions predicting a completion token are projected to the vocabulary.
     """
     backbone, head, softcap = _split_causal_lm(model)
@@ -112,15 +117,17 @@ def completion_logps(
         kwargs["position_ids"] = position_ids
     hidden = backbone(**kwargs).last_hidden_state  # (B, T, H)
 
-    # Hidden state at t predicts token t + 1.
-    target_mask = completion_mask[:, 1:].bool()  # (B, T-1)
+    # The hidden state at t - 1 (or source_index[b, t]) predicts token t.
+    target_mask = completion_mask.bool().clone()
+    target_mask[:, 0] = False  # (B, T)
     rows, cols = target_mask.nonzero(as_tuple=True)  # N completion tokens
-    selected = hidden[:, :-1][rows, cols]  # (N, H)
-    targets = input_ids[:, 1:][rows, cols]  # (N,)
+    sources = cols - 1 if source_index is None else source_index[rows, cols]
+    selected = hidden[rows, sources]  # (N, H)
+    targets = input_ids[rows, cols]  # (N,)
     logps = token_logps_from_hidden(selected, targets, head, chunk_size, softcap)  # (N,)
 
     B, T = input_ids.shape
     token_logps = torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)
-    token_logps = token_logps.index_put((rows, cols + 1), logps)
+    token_logps = token_logps.index_put((rows, cols), logps)
     count = target_mask.sum(-1)
     return CompletionLogProbs(token_logps=token_logps, sum=token_logps.sum(-1), count=count)

@@ -51,6 +51,7 @@ class DataOrder:
     seed: int
     world: int = 1
     rank: int = 0
+    shuffle: bool = True
 
     @property
     def rows_per_step(self) -> int:
@@ -61,6 +62,8 @@ class DataOrder:
         return self.n_examples // self.rows_per_step
 
     def permutation(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n_examples))
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.n_examples, generator=g).tolist()
 
@@ -74,6 +77,29 @@ class DataOrder:
             micro = rows[m * per_micro : (m + 1) * per_micro]
             out.append(micro[self.rank * self.batch_size : (self.rank + 1) * self.batch_size])
         return out
+
+
+def data_order(cfg: TrainConfig, n_examples: int, accelerator) -> DataOrder:
+    """The run's DataOrder for `n_examples` training examples."""
+    return DataOrder(
+        n_examples,
+        cfg.batch_size,
+        cfg.grad_accum,
+        cfg.seed,
+        accelerator.num_processes,
+        accelerator.process_index,
+        cfg.shuffle,
+    )
+
+
+def used_indices(cfg: TrainConfig, n_examples: int, accelerator) -> list[int]:
+    """Indices of the training examples the run's steps will visit on this process (all of them for
+    whole epochs; fewer when max_steps stops early), so one-off passes skip rows never trained on."""
+    order = data_order(cfg, n_examples, accelerator)
+    steps = total_steps(cfg, order)
+    if steps >= order.steps_per_epoch:
+        return list(range(n_examples))
+    return sorted({i for s in range(steps) for mb in order.micro_batches(s) for i in mb})
 
 
 def total_steps(cfg: TrainConfig, order: DataOrder) -> int:
@@ -209,23 +235,21 @@ def fit(
     loss_fn: Callable[[dict], tuple[torch.Tensor, dict]],
     evaluate: Callable[[], dict] | None = None,
     loss_scale: Callable[[list[list[dict]]], list[float]] | None = None,
+    setup_metrics: dict | None = None,
+    state=None,
 ) -> dict:
     """Run the optimisation loop; returns the last logged train metrics.
 
     loss_fn(batch) returns the micro-batch loss (a mean over its rows, or as scaled by `loss_scale`) and
     a dict of float metrics. loss_scale(micro_batches) may return one factor per micro-batch that
     replaces the default 1/grad_accum (token-mean losses use it so that the result does not depend on
-    how a step is split into micro-batches).
+    how a step is split into micro-batches). setup_metrics (e.g. the seconds a one-off reference pass
+    took) are added to the first logged record. state, an object with state_dict() / load_state_dict()
+    (e.g. a loss's running statistics), is saved in every checkpoint as it was at the end of that step and
+    restored on resume, so a resumed run repeats the uninterrupted one exactly.
     """
     output_dir = Path(cfg.output_dir)
-    order = DataOrder(
-        len(train_examples),
-        cfg.batch_size,
-        cfg.grad_accum,
-        cfg.seed,
-        accelerator.num_processes,
-        accelerator.process_index,
-    )
+    order = data_order(cfg, len(train_examples), accelerator)
     steps = total_steps(cfg, order)
     optimizer, scheduler = make_optimizer(model, cfg, steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -236,7 +260,10 @@ def fit(
     if cfg.resume and latest is None and accelerator.is_main_process:
         print(f"resume=true but no checkpoint in {checkpointer.root}; starting from step 0")
     if latest is not None:
-        start = checkpointer.load(latest, accelerator.unwrap_model(model), optimizer, scheduler)["step"]
+        loaded = checkpointer.load(latest, accelerator.unwrap_model(model), optimizer, scheduler)
+        start = loaded["step"]
+        if state is not None and "loop_state" in loaded:
+            state.load_state_dict(loaded["loop_state"])
         if accelerator.is_main_process:
             print(f"resumed from {latest} at step {start}")
     logger = MetricsLogger(output_dir, accelerator.is_main_process, start if latest is not None else None)
@@ -251,6 +278,7 @@ def fit(
     )
     last: dict = {}
     step = start
+    snapshot = state.state_dict() if state is not None else None  # as at the end of step `step`
     try:
         while step < steps:
             model.train()
@@ -279,6 +307,8 @@ def fit(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if state is not None:
+                snapshot = state.state_dict()
             elapsed = time.perf_counter() - t0
             record = _mean_metrics(records)
             record = {
@@ -288,8 +318,12 @@ def fit(
             record.update(
                 grad_norm=float(grad_norm),
                 lr=lr,
+                tokens=tokens * accelerator.num_processes,
+                step_time=elapsed,
                 **{"tokens/s": tokens * accelerator.num_processes / elapsed},
             )
+            if step == start + 1 and setup_metrics:
+                record.update(setup_metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens/s']:.0f}")
             if step % cfg.logging_steps == 0 or step == steps:
@@ -300,19 +334,20 @@ def fit(
                 with torch.no_grad(), accelerator.autocast():
                     logger.log({"step": step, "split": "eval", **evaluate()})
             if cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < steps:
-                _save(checkpointer, accelerator, step, model, optimizer, scheduler)
+                _save(checkpointer, accelerator, step, model, optimizer, scheduler, snapshot)
     except KeyboardInterrupt:
         bar.close()
         if accelerator.is_main_process:
-            path = _save(checkpointer, accelerator, step, model, optimizer, scheduler)
+            path = _save(checkpointer, accelerator, step, model, optimizer, scheduler, snapshot)
             print(f"\ninterrupted: checkpoint written to {path}; continue with resume=true")
         raise SystemExit(130) from None
     bar.close()
     return last
 
 
-def _save(checkpointer, accelerator, step, model, optimizer, scheduler) -> Path | None:
+def _save(checkpointer, accelerator, step, model, optimizer, scheduler, loop_state=None) -> Path | None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        return checkpointer.save(step, accelerator.unwrap_model(model), optimizer, scheduler)
+        extra = {"loop_state": loop_state} if loop_state is not None else None
+        return checkpointer.save(step, accelerator.unwrap_model(model), optimizer, scheduler, extra)
     return None

@@ -397,6 +397,9 @@ PREFERENCE_ERRORS = [
     ({"prompt": "p", "chosen": "c", "rejected": "r", "preference": -0.1}, "preference", "-0.1 is out of range (expected a number in [0, 1])"),
     ({"prompt": "p", "chosen": "c", "rejected": "r", "preference": "high"}, "preference", "found string (expected a number in [0, 1])"),
     ({"prompt": "p", "chosen": "c", "rejected": "r", "preference": True}, "preference", "found boolean (expected a number in [0, 1])"),
+    ({"prompt": "p", "chosen": "c", "rejected": "r", "margin": "big"}, "margin", "found string (expected a finite number)"),
+    ({"prompt": "p", "chosen": "c", "rejected": "r", "margin": False}, "margin", "found boolean (expected a finite number)"),
+    ({"prompt": "p", "chosen": "c", "rejected": "r", "margin": float("inf")}, "margin", "inf is not finite (expected a finite number)"),
     ({**CHAT, "prompt": []}, "prompt", "empty list (expected at least one message)"),
     ({**CHAT, "prompt": [{"role": "human", "content": "hi"}]}, "prompt[0].role", "'human' is not a known role (expected one of 'system', 'developer', 'user', 'assistant', 'tool')"),
     ({**CHAT, "prompt": [{"content": "hi"}]}, "prompt[0].role", "missing (expected one of 'system'"),
@@ -424,6 +427,16 @@ def test_preference_validation_error_names_line_field_and_expectation(tmp_path, 
     err = data_error(load_preference_rows, path)
     assert (err.source, err.line, err.field, err.count) == (path, 3, field, 1)
     assert f"\n  {path}:3: field '{field}': {problem}" in str(err)
+
+
+def test_margin_is_read_per_row_and_is_none_when_absent(tmp_path):
+    rows = [
+        {"prompt": "p", "chosen": "c", "rejected": "r", "margin": 1.5},
+        {"prompt": "p", "chosen": "c", "rejected": "r"},
+        {"prompt": [user("hi")], "chosen": assistant("a"), "rejected": assistant("b"), "margin": -2},
+    ]
+    data = load_preference_rows(write_jsonl(tmp_path / P, rows))
+    assert [r.margin for r in data.rows] == [1.5, None, -2.0]
 
 
 def test_unknown_row_format_lists_the_keys_found_and_the_formats_accepted(tmp_path):

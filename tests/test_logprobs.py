@@ -84,3 +84,35 @@ def test_concatenated_forward_equals_separate_passes(model):
                 model, **pad_sequences(seqs, [len(e["prompt_ids"]) for e in examples], 0)
             )
             torch.testing.assert_close(joint.sum[offset : offset + 2], alone.sum, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompt_layout_equals_plain_padded(tiny_model_dir, attn):
+    """[prompt | chosen | rejected] rows with a 4D mask give the plain layout's per-sequence log-probs
+    and gradients, for rows of different lengths (padding) and a one-token rejected completion."""
+    from alignkit.algorithms.dpo import pair_logps
+    from alignkit.data.collate import collate_pairs_shared_prompt
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn)
+    g = torch.Generator().manual_seed(7)
+
+    def ids(n):
+        return torch.randint(3, 2048, (n,), generator=g).tolist()
+
+    examples = [
+        {"prompt_ids": [1] + ids(9), "chosen_ids": ids(4), "rejected_ids": ids(6), "preference": 1.0},
+        {"prompt_ids": [1] + ids(3), "chosen_ids": ids(7), "rejected_ids": ids(1), "preference": 1.0},
+        {"prompt_ids": [1] + ids(1), "chosen_ids": ids(2), "rejected_ids": ids(3), "preference": 1.0},
+    ]
+    results = []
+    for collate in (collate_pairs, collate_pairs_shared_prompt):
+        model.zero_grad()
+        c, r, nc, nr = pair_logps(model, collate(examples, 0), chunk_size=4)
+        (c.sum() - 2 * r.sum()).backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        results.append((c.detach(), r.detach(), nc, nr, grads))
+    plain, shared = results
+    for a, b in zip(plain[:4], shared[:4]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert shared[3].tolist() == [6, 1, 3]
+    torch.testing.assert_close(plain[4], shared[4], atol=1e-5, rtol=1e-4)

@@ -9,7 +9,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import alignkit.runtime
 from alignkit.algorithms import dpo, sft
 from alignkit.config import DPOConfig, SFTConfig
 
@@ -85,21 +84,23 @@ def test_interrupted_run_resumes_with_identical_losses(tmp_path, tiny_model_dir,
     dpo.train(full)
     expected = [m["loss"] for m in read_metrics(full)]
 
-    # Second run: Ctrl-C while building step 4 -> a checkpoint at step 3 and exit 130.
+    # Second run: Ctrl-C during the 4th optimizer step -> a checkpoint at step 3 and exit 130.
     cut = dpo_config(tmp_path / "b", tiny_model_dir, data, max_steps=6)
-    original = alignkit.runtime.DataOrder.micro_batches
+    original = torch.optim.AdamW.step
+    calls = []
 
-    def interrupt_at_step_3(self, step):
-        if step == 3:
+    def interrupt_on_fourth_step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
             raise KeyboardInterrupt
-        return original(self, step)
+        return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(alignkit.runtime.DataOrder, "micro_batches", interrupt_at_step_3)
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupt_on_fourth_step)
     with pytest.raises(SystemExit) as exit_info:
         dpo.train(cut)
     assert exit_info.value.code == 130
     assert (tmp_path / "b" / "out" / "checkpoints" / "checkpoint-3").is_dir()
-    monkeypatch.setattr(alignkit.runtime.DataOrder, "micro_batches", original)
+    monkeypatch.setattr(torch.optim.AdamW, "step", original)
 
     cut.resume = True
     dpo.train(cut)

@@ -13,7 +13,9 @@ Preference rows (format detected per row; extra keys are ignored):
    :func:`split_hh`; rows that do not split are dropped and listed in ``PreferenceData.dropped``
 
 Any format may carry ``preference`` (a number in [0, 1]: the probability that chosen really is
-better) and pre-tokenised ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (all three or none).
+better), ``margin`` (a finite number: the implicit-reward margin chosen must win by, for reward-shaped
+DPO; rows without one get 0) and pre-tokenised ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (all
+three or none).
 
 SFT rows: ``{"prompt": str, "completion": str}``; ``{"messages": [...]}`` whose last message is the
 assistant's reply (the completion; everything before it is the prompt); or
@@ -23,6 +25,7 @@ assistant's reply (the completion; everything before it is the prompt); or
 from __future__ import annotations
 
 import json
+import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +121,7 @@ class PreferenceRow:
     prompt_ids: list[int] | None = None
     chosen_ids: list[int] | None = None
     rejected_ids: list[int] | None = None
+    margin: float | None = None
 
 
 @dataclass
@@ -299,6 +303,19 @@ def _preference(record: dict, issues: Issues) -> float | None:
     return float(value)
 
 
+def _margin(record: dict, issues: Issues) -> float | None:
+    value = record.get("margin")
+    if value is None:
+        return None
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        issues.append(("margin", f"found {json_type(value)} (expected a finite number)"))
+        return None
+    if not math.isfinite(value):
+        issues.append(("margin", f"{value!r} is not finite (expected a finite number)"))
+        return None
+    return float(value)
+
+
 def _token_ids(record: dict, issues: Issues) -> dict[str, list[int]]:
     present = [k for k in ID_FIELDS if record.get(k) is not None]
     if not present:
@@ -328,6 +345,7 @@ def _preference_row(record: dict, tokenizer: Any, issues: Issues) -> PreferenceR
     """A row; or, for an HH row that does not split, the reason as a string; or None with issues."""
     n_issues = len(issues)
     preference = _preference(record, issues)
+    margin = _margin(record, issues)
     ids = _token_ids(record, issues)
     prompt = record.get("prompt")
     texts = None
@@ -356,7 +374,7 @@ def _preference_row(record: dict, tokenizer: Any, issues: Issues) -> PreferenceR
                 return str(e)
     if len(issues) > n_issues:
         return None
-    return PreferenceRow(*texts, preference=preference, **ids)
+    return PreferenceRow(*texts, preference=preference, margin=margin, **ids)
 
 
 def _sft_row(record: dict, tokenizer: Any, issues: Issues) -> SFTRow | None:

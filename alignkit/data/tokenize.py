@@ -112,7 +112,8 @@ def truncate(
 def tokenize_preference_rows(
     rows: list[PreferenceRow], tokenizer, max_length: int, max_prompt_length: int
 ) -> tuple[list[dict], TokenStats]:
-    """Rows -> examples {prompt_ids, chosen_ids, rejected_ids, preference, line}; empty ones dropped."""
+    """Rows -> examples {prompt_ids, chosen_ids, rejected_ids, preference, line, and margin when the row has
+    one}; empty ones dropped."""
     stats = TokenStats()
     examples = []
     for row in rows:
@@ -129,15 +130,16 @@ def tokenize_preference_rows(
         if not chosen or not rejected or not prompt_ids:
             stats.dropped_empty += 1
             continue
-        examples.append(
-            {
-                "prompt_ids": prompt_ids,
-                "chosen_ids": chosen,
-                "rejected_ids": rejected,
-                "preference": 1.0 if row.preference is None else float(row.preference),
-                "line": row.line,
-            }
-        )
+        example = {
+            "prompt_ids": prompt_ids,
+            "chosen_ids": chosen,
+            "rejected_ids": rejected,
+            "preference": 1.0 if row.preference is None else float(row.preference),
+            "line": row.line,
+        }
+        if row.margin is not None:
+            example["margin"] = float(row.margin)
+        examples.append(example)
     stats.rows = len(examples)
     return examples, stats
 

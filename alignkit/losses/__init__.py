@@ -1,5 +1,23 @@
 """Loss functions: pure functions of log-probs (and rewards) -> per-example losses and metrics."""
 
-from alignkit.losses.preference import LOSSES, LossOutput, LossSpec, get_loss, preference_loss
+from alignkit.losses.preference import (
+    GPO_CONVEX,
+    LOSSES,
+    LossOutput,
+    LossSpec,
+    RunningMean,
+    check_params,
+    get_loss,
+    preference_loss,
+)
 
-__all__ = ["LOSSES", "LossOutput", "LossSpec", "get_loss", "preference_loss"]
+__all__ = [
+    "GPO_CONVEX",
+    "LOSSES",
+    "LossOutput",
+    "LossSpec",
+    "RunningMean",
+    "check_params",
+    "get_loss",
+    "preference_loss",
+]

@@ -1,32 +1,44 @@
 """Paired preference objectives: pure functions of per-sequence log-probs.
 
-Each objective takes per-sequence log-prob sums of the chosen and rejected completions (shape (B,)) under
-the policy and, when it needs one, the reference model, and returns a `LossOutput`. Registering an
-objective is one entry in `LOSSES`, which also states what the training loop must provide.
+Each objective takes per-sequence log-prob sums of the chosen (y_w) and rejected (y_l) completions, shape
+(B,), under the policy and, when it needs one, the reference model, and returns a `LossOutput`. Registering
+an objective is one entry in `LOSSES`, which also states what the training loop must provide. The
+equations, papers and when to choose each objective are in docs/objectives.md.
+
+Notation used in the docstrings: for a completion y, the log-ratio is log πθ(y|x) − log πref(y|x), and
+
+    h = (log πθ(y_w|x) − log πref(y_w|x)) − (log πθ(y_l|x) − log πref(y_l|x))
+
+is the difference of log-ratios (the implicit reward margin divided by β). ℓ(z) = −log σ(z) = log(1 + e^−z).
+Reference-free objectives (SimPO, CPO, ORPO) use the policy log-probs alone; |y| is a token count.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
+import numbers
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
+from alignkit.losses.reference_free import cpo_loss, orpo_loss, simpo_loss
+from alignkit.losses.types import LossOutput
 
-@dataclass
-class LossOutput:
-    """What every preference objective returns.
-
-    losses: (B,) per-example loss (the training loop averages it).
-    chosen_rewards, rejected_rewards: (B,) implicit rewards, detached (for logging and accuracy).
-    metrics: extra scalar diagnostics, name -> float.
-    """
-
-    losses: torch.Tensor
-    chosen_rewards: torch.Tensor
-    rejected_rewards: torch.Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+__all__ = [
+    "GPO_CONVEX",
+    "LOSSES",
+    "PARAM_CHECKS",
+    "LossOutput",
+    "LossSpec",
+    "RunningMean",
+    "check_params",
+    "get_loss",
+    "preference_loss",
+]
 
 
 @dataclass(frozen=True)
@@ -37,9 +49,36 @@ class LossSpec:
     needs_reference: bool
     """True when the objective uses reference log-probs (DPO); False for reference-free ones."""
     length_normalised: bool = False
-    """True when the objective wants per-token mean log-probs rather than sums."""
+    """True when the objective compares per-token mean log-probs: `preference_loss` divides the policy (and
+    reference) sums by the completion lengths before calling `fn`."""
+    takes_lengths: bool = False
+    """True when `fn` also receives `chosen_lengths` (to average an NLL term over the chosen tokens)."""
+    params: tuple[str, ...] = ("beta",)
+    """The config hyperparameters `fn` uses, by DPOConfig field name; any other loss parameter the user sets
+    is an error (see `check_params` and the training loop)."""
+    inputs: tuple[str, ...] = ()
+    """Other keyword inputs `fn` accepts: per-row data columns ('preference', 'margin') or state the loop
+    keeps ('delta')."""
     paper: str = ""
     """Where the objective comes from."""
+
+    @property
+    def needs_lengths(self) -> bool:
+        """True when completion token counts must be passed."""
+        return self.length_normalised or self.takes_lengths
+
+
+# ---------------------------------------------------------------------------------------------
+# objectives that need a reference
+
+
+def _log_ratios(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps  # (B,), (B,)
 
 
 def sigmoid_dpo(
@@ -51,33 +90,254 @@ def sigmoid_dpo(
     beta: float = 0.1,
     label_smoothing: float = 0.0,
     preference: torch.Tensor | None = None,
+    margin: torch.Tensor | None = None,
 ) -> LossOutput:
-    """Sigmoid DPO (Rafailov et al. 2023, eq. 7), with conservative and soft labels.
+    """Sigmoid DPO (Rafailov et al. 2023, eq. 7), with conservative and soft labels and per-row margins.
 
-    h = (log πθ(y_w|x) − log πref(y_w|x)) − (log πθ(y_l|x) − log πref(y_l|x)), all inputs (B,).
-    With p = P(chosen is really better) (per row `preference`, default 1) and label smoothing ε
-    (cDPO: the label is flipped with probability ε), the effective label is p' = (1−ε)·p + ε·(1−p) and
+    With p = P(chosen is really better) (per row `preference`, default 1), label smoothing ε (cDPO: the label
+    is flipped with probability ε), the effective label p' = (1−ε)·p + ε·(1−p), and the logit
+    z = β·h − m with m the per-row `margin` (default 0):
 
-        loss = −( p'·log σ(β·h) + (1 − p')·log σ(−β·h) ).
+        loss = −( p'·log σ(z) + (1 − p')·log σ(−z) ).
 
-    p = 1, ε = 0 is the original DPO loss; p = 0.5 has zero gradient with respect to h at h = 0 and pulls
-    h back towards 0 elsewhere.
+    p = 1, ε = 0, m = 0 is the original DPO loss; p = 0.5 has zero gradient with respect to h at z = 0 and
+    pulls z back towards 0 elsewhere. A margin m > 0 is reward-shaped DPO (ODPO, Amini et al. 2024):
+    −log σ(β·h − m), the implicit reward margin must exceed m (in reward units, like β·h) before the loss
+    flattens. All inputs (B,).
     """
-    chosen_ratio = chosen_logps - ref_chosen_logps  # (B,)
-    rejected_ratio = rejected_logps - ref_rejected_logps
+    chosen_ratio, rejected_ratio = _log_ratios(
+        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
     h = chosen_ratio - rejected_ratio
+    z = beta * h if margin is None else beta * h - margin.to(h.dtype)
     p = torch.ones_like(h) if preference is None else preference.to(h.dtype)
     p = (1.0 - label_smoothing) * p + label_smoothing * (1.0 - p)
-    losses = -(p * F.logsigmoid(beta * h) + (1.0 - p) * F.logsigmoid(-beta * h))
-    return LossOutput(
-        losses=losses,
-        chosen_rewards=(beta * chosen_ratio).detach(),
-        rejected_rewards=(beta * rejected_ratio).detach(),
-    )
+    losses = -(p * F.logsigmoid(z) + (1.0 - p) * F.logsigmoid(-z))
+    return LossOutput(losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach())
 
+
+def robust_dpo(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> LossOutput:
+    """Robust DPO (rDPO, Chowdhury et al. 2024): unbiased under labels flipped with probability ε.
+
+        loss = [ (1 − ε)·ℓ(β·h) − ε·ℓ(−β·h) ] / (1 − 2ε),    ε = `label_smoothing` in [0, 0.5)
+
+    Its expectation over the label noise is the clean DPO loss (cDPO's is not); ε = 0 is plain DPO.
+    The per-row loss can be negative. All inputs (B,).
+    """
+    eps = label_smoothing
+    if not 0 <= eps < 0.5:
+        raise ValueError(f"robust: label_smoothing (the label-flip rate ε) must be in [0, 0.5), got {eps}")
+    chosen_ratio, rejected_ratio = _log_ratios(
+        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    z = beta * (chosen_ratio - rejected_ratio)
+    losses = ((1.0 - eps) * F.softplus(-z) - eps * F.softplus(z)) / (1.0 - 2.0 * eps)  # softplus(−z) = ℓ(z)
+    return LossOutput(losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach())
+
+
+def ipo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+) -> LossOutput:
+    """IPO (Azar et al. 2023, eq. 17): loss = (h − 1/(2β))², with β the paper's τ.
+
+    Registered as length-normalised: the log-probs here are per-token means (sum / completion length, for
+    the policy and the reference alike), as TRL does, so h is a difference of per-token log-ratios and the
+    target 1/(2β) does not depend on completion length. Squared, not saturating: h is pulled to the target
+    from both sides, which is IPO's guard against DPO's over-fitting on deterministic preferences.
+    All inputs (B,).
+    """
+    chosen_ratio, rejected_ratio = _log_ratios(
+        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    losses = (chosen_ratio - rejected_ratio - 1.0 / (2.0 * beta)) ** 2
+    return LossOutput(losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach())
+
+
+# GPO (Tang et al. 2024): offline preference optimisation as E[f(β·ρ)] with ρ = h and f convex.
+GPO_CONVEX: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "logistic": lambda x: F.softplus(-x),  # log(1 + e^−x): DPO
+    "hinge": lambda x: torch.relu(1.0 - x),  # max(0, 1 − x): SLiC
+    "squared": lambda x: (x - 1.0) ** 2,  # (x − 1)²: IPO-style
+    "exponential": lambda x: torch.exp(-x),  # e^−x
+    "truncated_quadratic": lambda x: torch.relu(1.0 - x) ** 2,  # max(0, 1 − x)²
+    "savage": lambda x: torch.sigmoid(-x) ** 2,  # 1 / (1 + e^x)²
+}
+
+
+def gpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    convex: str,
+    beta: float = 0.1,
+) -> LossOutput:
+    """Generalized Preference Optimization (Tang et al. 2024): loss = f(β·h), f = GPO_CONVEX[convex].
+
+    Every f is convex, decreasing near 0 (f'(0) < 0), so each member raises h. `convex` is bound at
+    registration (gpo_logistic, gpo_hinge, ...). All inputs (B,).
+    """
+    chosen_ratio, rejected_ratio = _log_ratios(
+        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    losses = GPO_CONVEX[convex](beta * (chosen_ratio - rejected_ratio))
+    return LossOutput(losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach())
+
+
+def bco_pair_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    delta: float,
+    beta: float = 0.1,
+) -> LossOutput:
+    """BCO on paired data (Jung et al. 2024): a binary classifier on implicit rewards r = β·log-ratio.
+
+        loss = −log σ(r_w − δ) − log σ(−(r_l − δ))
+
+    Chosen completions are the positive class, rejected the negative; δ is the reward shift, the running
+    mean of the implicit rewards of both classes. It is loop state, not a hyperparameter: the training loop
+    keeps a `RunningMean` of the rewards of all previous training batches and passes its `mean` (0 at the
+    start, when policy = reference). All inputs (B,).
+    """
+    chosen_ratio, rejected_ratio = _log_ratios(
+        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    chosen_rewards, rejected_rewards = beta * chosen_ratio, beta * rejected_ratio
+    losses = -F.logsigmoid(chosen_rewards - delta) - F.logsigmoid(-(rejected_rewards - delta))
+    return LossOutput(losses, chosen_rewards.detach(), rejected_rewards.detach(), {"delta": float(delta)})
+
+
+def rpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    chosen_lengths: torch.Tensor,
+    beta: float = 0.1,
+    nll_weight: float = 1.0,
+) -> LossOutput:
+    """RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"): DPO plus NLL on chosen.
+
+        loss = ℓ(β·h) + α·(−log πθ(y_w|x) / |y_w|),    α = `nll_weight`
+
+    The NLL is the chosen completion's per-token mean, as in the paper. All inputs (B,).
+    """
+    out = sigmoid_dpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta)
+    nll = -chosen_logps / chosen_lengths.clamp(min=1)
+    out.losses = out.losses + nll_weight * nll
+    out.metrics["nll"] = float(nll.detach().mean())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# loop state
+
+
+class RunningMean:
+    """The mean of every value seen so far (BCO's reward shift δ), exact across checkpoints.
+
+    `state_dict()` / `load_state_dict()` let the training loop save it in a checkpoint, so a resumed run uses
+    the same δ the uninterrupted run used.
+    """
+
+    def __init__(self) -> None:
+        self.mean = 0.0
+        self.count = 0
+
+    def update(self, values: torch.Tensor) -> None:
+        """Fold in a batch of values (any shape)."""
+        n = values.numel()
+        if n:
+            self.count += n
+            self.mean += (float(values.detach().double().mean()) - self.mean) * n / self.count
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.count = float(state["mean"]), int(state["count"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the registry
 
 LOSSES: dict[str, LossSpec] = {
-    "sigmoid": LossSpec(sigmoid_dpo, needs_reference=True, paper="Rafailov et al. 2023 (DPO)"),
+    "sigmoid": LossSpec(
+        sigmoid_dpo,
+        needs_reference=True,
+        params=("beta", "label_smoothing"),
+        inputs=("preference", "margin"),
+        paper="Rafailov et al. 2023 (DPO); cDPO; Amini et al. 2024 (ODPO margins)",
+    ),
+    "robust": LossSpec(
+        robust_dpo,
+        needs_reference=True,
+        params=("beta", "label_smoothing"),
+        paper="Chowdhury et al. 2024 (rDPO)",
+    ),
+    "hinge": LossSpec(
+        partial(gpo_loss, convex="hinge"), needs_reference=True, paper="Zhao et al. 2023 (SLiC-HF)"
+    ),
+    "ipo": LossSpec(ipo_loss, needs_reference=True, length_normalised=True, paper="Azar et al. 2023 (IPO)"),
+    **{
+        f"gpo_{name}": LossSpec(
+            partial(gpo_loss, convex=name), needs_reference=True, paper=f"Tang et al. 2024 (GPO, {name})"
+        )
+        for name in GPO_CONVEX
+    },
+    "bco_pair": LossSpec(
+        bco_pair_loss, needs_reference=True, inputs=("delta",), paper="Jung et al. 2024 (BCO, paired)"
+    ),
+    "rpo": LossSpec(
+        rpo_loss,
+        needs_reference=True,
+        takes_lengths=True,
+        params=("beta", "nll_weight"),
+        paper="Pang et al. 2024 (RPO / iterative RPO)",
+    ),
+    "simpo": LossSpec(
+        simpo_loss,
+        needs_reference=False,
+        length_normalised=True,
+        params=("beta", "gamma"),
+        paper="Meng et al. 2024 (SimPO)",
+    ),
+    "cpo": LossSpec(
+        cpo_loss,
+        needs_reference=False,
+        takes_lengths=True,
+        params=("beta", "nll_weight"),
+        paper="Xu et al. 2024 (CPO)",
+    ),
+    "orpo": LossSpec(
+        orpo_loss, needs_reference=False, length_normalised=True, paper="Hong et al. 2024 (ORPO)"
+    ),
+}
+
+# Valid values of each config hyperparameter: (test, what is expected).
+PARAM_CHECKS: dict[str, tuple[Callable[[float], bool], str]] = {
+    "beta": (lambda v: v > 0, "a number > 0"),
+    "label_smoothing": (lambda v: 0 <= v < 0.5, "a label-flip probability in [0, 0.5)"),
+    "gamma": (lambda v: True, "a finite number"),
+    "nll_weight": (lambda v: v >= 0, "a number >= 0"),
 }
 
 
@@ -92,6 +352,27 @@ def get_loss(name: str) -> LossSpec:
     return LOSSES[name]
 
 
+def check_params(name: str, params: dict) -> None:
+    """Raise a ValueError if `params` holds a hyperparameter loss `name` does not use, or a bad value."""
+    spec = get_loss(name)
+    for key, value in params.items():
+        if key not in spec.params:
+            raise ValueError(
+                f"loss '{name}' does not use '{key}' (its parameters: {', '.join(spec.params)}); "
+                "see docs/objectives.md"
+            )
+        test, expected = PARAM_CHECKS[key]
+        valid = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        if not (valid and test(value)):
+            raise ValueError(f"loss '{name}': {key}={value!r} is not valid (expected {expected})")
+
+
+def _required_inputs(spec: LossSpec) -> list[str]:
+    """Keyword inputs of `spec.fn` that have no default (e.g. bco_pair's delta)."""
+    parameters = inspect.signature(spec.fn).parameters.values()
+    return [p.name for p in parameters if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
+
+
 def preference_loss(
     name: str,
     chosen_logps: torch.Tensor,
@@ -104,22 +385,39 @@ def preference_loss(
 ) -> LossOutput:
     """Compute the registered paired objective `name` on per-sequence log-prob sums (shape (B,)).
 
-    Lengths (completion token counts) are required by length-normalised objectives; reference log-probs by
-    objectives that need a reference. Missing inputs raise a ValueError naming them.
+    `params` are the objective's hyperparameters (`LossSpec.params`, e.g. beta) and inputs
+    (`LossSpec.inputs`, e.g. a per-row `margin`). Lengths (completion token counts, (B,)) are required by
+    length-normalised objectives and those with an NLL term; reference log-probs by objectives that need a
+    reference (reference-free ones ignore them). A missing input, an unknown or unused parameter, or a bad
+    value raises a ValueError naming it.
     """
     spec = get_loss(name)
+    unknown = [k for k in params if k not in spec.params and k not in spec.inputs]
+    if unknown:
+        takes = ", ".join(spec.params + spec.inputs)
+        raise ValueError(f"loss '{name}' does not use {', '.join(map(repr, unknown))} (it takes: {takes})")
+    check_params(name, {k: v for k, v in params.items() if k in spec.params})
+    if spec.needs_lengths and (chosen_lengths is None or rejected_lengths is None):
+        raise ValueError(
+            f"loss '{name}' needs completion lengths: pass chosen_lengths and rejected_lengths (token counts)"
+        )
+    if spec.takes_lengths:
+        params["chosen_lengths"] = chosen_lengths
+    missing = [k for k in _required_inputs(spec) if params.get(k) is None]
+    if missing:
+        raise ValueError(f"loss '{name}' needs {', '.join(missing)}: pass it (see the loss's docstring)")
     if spec.length_normalised:
-        if chosen_lengths is None or rejected_lengths is None:
-            raise ValueError(f"loss '{name}' is length-normalised: pass chosen_lengths and rejected_lengths")
-        chosen_logps = chosen_logps / chosen_lengths.clamp(min=1)
-        rejected_logps = rejected_logps / rejected_lengths.clamp(min=1)
-        if ref_chosen_logps is not None and ref_rejected_logps is not None:
-            ref_chosen_logps = ref_chosen_logps / chosen_lengths.clamp(min=1)
-            ref_rejected_logps = ref_rejected_logps / rejected_lengths.clamp(min=1)
-    if spec.needs_reference:
-        if ref_chosen_logps is None or ref_rejected_logps is None:
-            raise ValueError(
-                f"loss '{name}' needs reference log-probs: pass ref_chosen_logps and ref_rejected_logps"
+        chosen_n, rejected_n = chosen_lengths.clamp(min=1), rejected_lengths.clamp(min=1)
+        chosen_logps, rejected_logps = chosen_logps / chosen_n, rejected_logps / rejected_n
+        if spec.needs_reference and ref_chosen_logps is not None and ref_rejected_logps is not None:
+            ref_chosen_logps, ref_rejected_logps = (
+                ref_chosen_logps / chosen_n,
+                ref_rejected_logps / rejected_n,
             )
-        return spec.fn(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, **params)
-    return spec.fn(chosen_logps, rejected_logps, **params)
+    if not spec.needs_reference:
+        return spec.fn(chosen_logps, rejected_logps, **params)
+    if ref_chosen_logps is None or ref_rejected_logps is None:
+        raise ValueError(
+            f"loss '{name}' needs reference log-probs: pass ref_chosen_logps and ref_rejected_logps"
+        )
+    return spec.fn(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, **params)
