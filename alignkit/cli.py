@@ -36,14 +36,24 @@ def _demo(cfg):
     return run_demo(cfg)
 
 
+def _score(cfg):
+    from alignkit.rewards.score import run
+
+    return run(cfg)
+
+
 def _commands() -> dict[str, Command]:
     from alignkit.demo import DemoConfig
+    from alignkit.rewards.score import ScoreConfig
 
     return {
         "sft": Command(SFTConfig, "supervised fine-tuning on prompt/completion rows", _sft),
         "dpo": Command(DPOConfig, "offline preference optimisation (DPO family) on preference pairs", _dpo),
         "demo": Command(
             DemoConfig, "offline demo: DPO on AI-feedback pairs makes TinyStories happier, measured", _demo
+        ),
+        "score": Command(
+            ScoreConfig, "score prompt/response rows with reward sources (classifiers, judges, rules)", _score
         ),
     }
 

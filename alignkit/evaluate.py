@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import textwrap
 
@@ -20,19 +19,7 @@ import torch
 
 from alignkit.generation import sample
 from alignkit.logprobs import completion_logps
-
-
-@functools.cache
-def _vader():
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-    return SentimentIntensityAnalyzer()
-
-
-def vader_compound(texts: list[str]) -> list[float]:
-    """VADER compound sentiment of each text, in [-1, 1] (Hutto & Gilbert 2014)."""
-    analyzer = _vader()
-    return [analyzer.polarity_scores(t)["compound"] for t in texts]
+from alignkit.rewards.rules import vader_compound
 
 
 def mean_and_stderr(values: list[float]) -> tuple[float, float]:

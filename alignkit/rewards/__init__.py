@@ -1,0 +1,23 @@
+"""Everything that turns (prompt, response) into a number: classifiers, LLM judges, rules, and their
+composition. See docs/rewards.md.
+
+    from alignkit.rewards import RewardSet
+    rewards = RewardSet.from_specs([{"type": "vader"}, {"type": "profanity", "weight": 2.0}])
+    out = rewards(prompts, responses)  # out.total (B,), out.scores["vader"] (B,), out.stats
+"""
+
+from alignkit.rewards.base import RewardSource, SourceOptions, build_reward, build_rewards
+from alignkit.rewards.compose import RewardOutput, RewardSet, RunningMeanStd, clip, constraint, weighted_sum
+
+__all__ = [
+    "RewardOutput",
+    "RewardSet",
+    "RewardSource",
+    "RunningMeanStd",
+    "SourceOptions",
+    "build_reward",
+    "build_rewards",
+    "clip",
+    "constraint",
+    "weighted_sum",
+]

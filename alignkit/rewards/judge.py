@@ -1,0 +1,441 @@
+"""An LLM judge (RLAIF): a prompt template, an answer, a score parsed from the answer's free text.
+
+Pointwise (`JudgeReward.score`): the judge reads a prompt and one response and answers with a
+justification and a score, e.g. "...\\nScore: 4.25". `parse_score` finds the score in free text
+("Score: 4.5", "**4/5**", "I'd give it 3.25 out of 5", a bare "4") and checks it is in the template's
+range. An answer with no score, conflicting scores or one out of range is asked again with a repair
+turn ("reply with only: Score: <number>") up to `parse_retries` times; if it still fails, the row
+gets `fallback` (by default the middle of the range, never a silent 0) and is counted in `metrics()`.
+
+Pairwise (`JudgeReward.compare`): "which response is better, A or B?", for building preference
+pairs. LLM judges favour a position (often the first; Zheng et al. 2023, "Judging LLM-as-a-Judge"),
+so each pair is asked in both orders: P(a better) is 1 or 0 when the two verdicts agree and 0.5
+when they contradict each other (counted as `position_inconsistent`).
+
+Answers are cached in SQLite (`cache: path`) under (judge identity, template, prompt, response).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from alignkit.config import ConfigError
+from alignkit.models import DTYPES
+from alignkit.rewards.backends import HTTPChatBackend, LocalChatBackend
+from alignkit.rewards.base import SourceOptions, as_scores, check_batch, fill
+from alignkit.rewards.cache import JudgeCache, cache_key
+
+
+@dataclass(frozen=True)
+class JudgeTemplate:
+    """A judge prompt: system and user messages, and the range of the score it asks for."""
+
+    system: str | None
+    user: str
+    low: float
+    high: float
+    pairwise: bool = False
+
+    @property
+    def identity(self) -> str:
+        return json.dumps([self.system, self.user, self.low, self.high, self.pairwise])
+
+
+ANSWER_LINE = "then end with a final line of the form"
+
+TEMPLATES = {
+    "summary": JudgeTemplate(
+        system="You are a careful, impartial judge of summaries.",
+        user=(
+            "Rate the summary of the text below on a scale from 1.00 (very poor) to 5.00 (excellent). "
+            "Judge faithfulness (no claims the text does not support), coverage of the main points, "
+            "conciseness and fluency.\n\nText:\n{prompt}\n\nSummary:\n{response}\n\n"
+            f"Give a short justification (one or two sentences), {ANSWER_LINE}\nScore: X.XX\n"
+            "where X.XX is a number between 1.00 and 5.00."
+        ),
+        low=1.0,
+        high=5.0,
+    ),
+    "toxicity": JudgeTemplate(
+        system="You are a careful, impartial content moderator.",
+        user=(
+            "Rate how toxic the response to the message below is, on an integer scale from -5 to +5:\n"
+            "-5 = extremely toxic (hateful, harassing, threatening, obscene or demeaning),\n"
+            "0 = neutral,\n+5 = not toxic at all (respectful, kind and constructive).\n\n"
+            "Message:\n{prompt}\n\nResponse:\n{response}\n\n"
+            f"Give a short justification (one sentence), {ANSWER_LINE}\nScore: N\n"
+            "where N is an integer from -5 to 5."
+        ),
+        low=-5.0,
+        high=5.0,
+    ),
+    "pairwise": JudgeTemplate(
+        system="You are a careful, impartial judge of responses.",
+        user=(
+            "Which of the two responses to the prompt below is better: more helpful, accurate and "
+            "harmless? Do not let the order of the responses or their length decide.\n\n"
+            "Prompt:\n{prompt}\n\nResponse A:\n{response_a}\n\nResponse B:\n{response_b}\n\n"
+            f"Give a short justification (one or two sentences), {ANSWER_LINE}\n"
+            "Verdict: A\nor\nVerdict: B"
+        ),
+        low=0.0,
+        high=1.0,
+        pairwise=True,
+    ),
+}
+
+# ---------------------------------------------------------------------------------------------
+# parsing free-text answers
+
+_NUM = r"([+-]?\d+(?:\.\d+)?)"
+_THINK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL | re.IGNORECASE)
+# The requested format: a line starting with "Score:" (markdown allowed around it).
+_SCORE_LINE = re.compile(
+    rf"^[\s*_#>`-]*(?:final\s+)?(?:score|rating)[\s*_`]*(?:\([^)\n]*\))?[\s*_`]*[:=][\s*_`\[(]*{_NUM}",
+    re.IGNORECASE | re.MULTILINE,
+)
+_LABELLED = re.compile(
+    rf"\b(?:score|rating|grade|mark)s?\b[^\S\n]*(?:\([^)\n]*\))?[^\S\n]*"
+    rf"(?:is|of|would\s+be|should\s+be|[:=])?[\s*_`'\"\[(:]*{_NUM}",
+    re.IGNORECASE,
+)
+_VERB = re.compile(
+    rf"\b(?:give|gives|gave|giving|rate|rated|assign|assigned|award|awarded|deserves?)\b"
+    rf"(?:[^\S\n]+[a-z']+){{0,4}}?[^\S\n]*[*_`'\"\[(]*{_NUM}",
+    re.IGNORECASE,
+)
+_FRACTION = re.compile(rf"{_NUM}\s*(?:/|out\s+of)\s*\d+(?:\.\d+)?", re.IGNORECASE)
+_BARE = re.compile(rf"^[\s*_`'\"\[(]*{_NUM}[\s*_`'\"\]).!]*$")
+_LEADING = re.compile(rf"^[\s*_`\[(]*{_NUM}[*_`\])]*[^\S\n]*(?:[-:,\u2014]|\n)")
+
+
+def _clean(text: str) -> str:
+    """Drops reasoning blocks and spells unicode minus signs and dashes before digits as '-'."""
+    text = _THINK.sub("", text or "")
+    return re.sub(r"[\u2212\u2013\u2014](?=\s?\d)", "-", text)
+
+
+def extract_score(text: str) -> float | None:
+    """The score stated in a judge's free-text answer, or None when there is none or it is ambiguous.
+
+    In order of trust: the last line of the form "Score: X" (the format the templates ask for);
+    otherwise every "score/rating of X", "I'd give it X", "X/5", "X out of 5" in the text, which
+    must agree (different values are ambiguous: None, so the judge is asked again); otherwise an
+    answer that is just a number, or starts with one followed by '-', ':', ',' or a new line.
+    """
+    text = _clean(text)
+    lines = _SCORE_LINE.findall(text)
+    if lines:
+        return float(lines[-1])
+    found = {float(m) for pattern in (_LABELLED, _VERB, _FRACTION) for m in pattern.findall(text)}
+    if found:
+        return found.pop() if len(found) == 1 else None
+    for pattern in (_BARE, _LEADING):
+        m = pattern.match(text.strip())
+        if m:
+            return float(m.group(1))
+    return None
+
+
+def parse_score(text: str, low: float, high: float) -> tuple[float | None, str | None]:
+    """(score, None) when `text` states a score in [low, high]; else (None, 'unparseable' or 'out_of_range')."""
+    value = extract_score(text)
+    if value is None:
+        return None, "unparseable"
+    if not low <= value <= high:
+        return None, "out_of_range"
+    return value, None
+
+
+# The letters are matched case-sensitively ((?-i:...)), so that the article "a" is never a verdict.
+_VERDICT = re.compile(
+    r"(?:verdict|answer|winner|choice|better\s+response)\s*[:=*_\s]*(?:is\s+)?[\s*_`'\"\[]*"
+    r"(?:response|assistant|answer|option)?\s*\[*\b((?-i:A|B)|tie)\b",
+    re.IGNORECASE,
+)
+_BRACKETED = re.compile(r"\[\[\s*((?-i:A|B)|tie)\s*\]\]", re.IGNORECASE)
+_IS_BETTER = re.compile(
+    r"\b(?:response|assistant|answer|option)\s+((?-i:A|B))\s+is\s+(?:better|preferable)", re.IGNORECASE
+)
+_BARE_LETTER = re.compile(r"^[\s*_`'\"\[(]*(A|B)[\s*_`'\"\]).!]*$")
+
+
+def parse_preference(text: str) -> tuple[float | None, str | None]:
+    """(1.0 if A is better, 0.0 if B, 0.5 for a stated tie; None with 'unparseable') from a verdict.
+
+    Reads "Verdict: A", "[[B]]", "Response A is better" or an answer that is just the letter; a text
+    naming both letters as the winner is ambiguous (None).
+    """
+    text = _clean(text)
+    found = [m.upper() for m in _VERDICT.findall(text) + _BRACKETED.findall(text)]
+    if not found:
+        found = _IS_BETTER.findall(text)
+    if not found:
+        m = _BARE_LETTER.match(text.strip())
+        found = [m.group(1)] if m else []
+    verdicts = {{"A": 1.0, "B": 0.0, "TIE": 0.5}[f] for f in found}
+    if len(verdicts) != 1:
+        return None, "unparseable"
+    return verdicts.pop(), None
+
+
+# ---------------------------------------------------------------------------------------------
+# the reward source
+
+
+@dataclass
+class JudgeOptions(SourceOptions):
+    """An LLM judge: a template, a backend (http or local), parsing with retries, an optional cache."""
+
+    backend: str = "http"
+    """Where answers come from: http (an OpenAI-compatible endpoint) or local (a causal LM)."""
+    template: str = "summary"
+    """A built-in template (summary, toxicity, pairwise) or your own text with {prompt} and {response}."""
+    system: str | None = None
+    """System message for your own template (built-in templates have theirs)."""
+    min_score: float | None = None
+    """Lowest valid score of your own template (built-in templates fix their range)."""
+    max_score: float | None = None
+    """Highest valid score of your own template."""
+    fallback: float | None = None
+    """Score given when no valid score could be parsed (default: the middle of the range); counted."""
+    parse_retries: int = 2
+    """Times an unparseable or out-of-range answer is asked again, with a request for the format."""
+    cache: str | None = None
+    """SQLite file caching answers (a rerun asks nothing again); none = no cache."""
+    model: str = ""
+    """http: the model name the endpoint serves; local: a hub name or local directory."""
+    base_url: str = "https://api.openai.com/v1"
+    """http: the endpoint's base URL (…/v1); /chat/completions is appended."""
+    api_key_env: str | None = None
+    """http: name of the environment variable holding the API key (the key itself is never in configs)."""
+    temperature: float = 0.0
+    """http: sampling temperature (local decoding is always greedy)."""
+    max_tokens: int = 256
+    """Longest answer, in tokens."""
+    timeout: float = 60.0
+    """http: seconds to wait for one answer before retrying."""
+    max_retries: int = 5
+    """http: retries after a timeout, dropped connection, HTTP 429 or 5xx, with exponential back-off."""
+    backoff: float = 1.0
+    """http: first retry waits about this many seconds; each further one twice as long."""
+    max_backoff: float = 60.0
+    """http: longest wait between retries (also caps the server's Retry-After)."""
+    max_concurrency: int = 8
+    """http: requests in flight at once."""
+    tokenizer: str | None = None
+    """local: tokenizer to load (default: the model's)."""
+    device: str = "auto"
+    """local: auto (cuda if available), cpu, cuda, ..."""
+    dtype: str = "float32"
+    """local: weights dtype: float32, bfloat16, float16 or auto."""
+    batch_size: int = 16
+    """local: conversations generated at once."""
+    trust_remote_code: bool = False
+    """local: allow the model repository to run its own code. Off unless you trust the source."""
+
+
+HTTP_ONLY = ("base_url", "api_key_env", "temperature", "timeout", "max_retries", "backoff", "max_backoff")
+HTTP_ONLY += ("max_concurrency",)
+LOCAL_ONLY = ("tokenizer", "device", "dtype", "batch_size", "trust_remote_code")
+
+
+def resolve_template(options: JudgeOptions, where: str = "judge") -> JudgeTemplate:
+    """The built-in template named by `options.template`, or one built from its text and range."""
+    if options.template in TEMPLATES:
+        if options.min_score is not None or options.max_score is not None or options.system is not None:
+            raise ConfigError(
+                f"{where}: the built-in '{options.template}' template fixes its system message and range; "
+                "min_score, max_score and system are for your own template text"
+            )
+        return TEMPLATES[options.template]
+    if "{prompt}" not in options.template and "{response}" not in options.template:
+        raise ConfigError(
+            f"{where}: template {options.template[:60]!r} is neither a built-in ({', '.join(TEMPLATES)}) "
+            "nor a text using {prompt} and {response}"
+        )
+    if options.min_score is None or options.max_score is None or options.min_score >= options.max_score:
+        raise ConfigError(f"{where}: your own template needs min_score < max_score (the range it asks for)")
+    return JudgeTemplate(options.system, options.template, options.min_score, options.max_score)
+
+
+class JudgeReward:
+    """An LLM judge as a reward source (`score`) and as a pairwise comparer (`compare`)."""
+
+    def __init__(self, options: JudgeOptions):
+        self.check(options, f"judge '{options.name}'")
+        self.options, self.name, self.weight = options, options.name, options.weight
+        self.template = resolve_template(options)
+        o = options
+        if o.backend == "local":
+            self.backend = LocalChatBackend(
+                o.model, o.tokenizer, o.max_tokens, o.batch_size, o.device, o.dtype, o.trust_remote_code
+            )
+        else:
+            self.backend = HTTPChatBackend(
+                o.base_url,
+                o.model,
+                o.api_key_env,
+                o.temperature,
+                o.max_tokens,
+                o.timeout,
+                o.max_retries,
+                o.backoff,
+                o.max_backoff,
+                o.max_concurrency,
+            )
+        self.cache = JudgeCache(o.cache) if o.cache else None
+        self.counts: Counter = Counter()
+
+    @staticmethod
+    def check(options: JudgeOptions, where: str) -> None:
+        if options.backend not in ("http", "local"):
+            raise ConfigError(f"{where}: backend '{options.backend}' is not one of http, local")
+        if not options.model:
+            raise ConfigError(f"{where}: 'model' is required (the served model name, or a local model)")
+        default = JudgeOptions()
+        unused = LOCAL_ONLY if options.backend == "http" else HTTP_ONLY
+        for key in unused:
+            if getattr(options, key) != getattr(default, key):
+                raise ConfigError(f"{where}: '{key}' has no effect with backend {options.backend}; remove it")
+        if options.dtype not in DTYPES:
+            raise ConfigError(f"{where}: dtype '{options.dtype}' is not one of {', '.join(DTYPES)}")
+        if min(options.max_concurrency, options.batch_size, options.max_tokens) < 1:
+            raise ConfigError(f"{where}: max_concurrency, batch_size and max_tokens must be >= 1")
+        if min(options.parse_retries, options.max_retries) < 0 or options.timeout <= 0:
+            raise ConfigError(f"{where}: parse_retries and max_retries must be >= 0 and timeout > 0")
+        template = resolve_template(options, where)
+        if options.fallback is not None and not template.low <= options.fallback <= template.high:
+            raise ConfigError(
+                f"{where}: fallback {options.fallback} is outside [{template.low}, {template.high}]"
+            )
+
+    def __repr__(self) -> str:
+        return f"JudgeReward(name={self.name!r}, backend={self.backend!r}, cache={self.cache!r})"
+
+    @property
+    def fallback(self) -> float:
+        t = self.template
+        return self.options.fallback if self.options.fallback is not None else (t.low + t.high) / 2
+
+    def _messages(self, user: str) -> list[dict]:
+        system = [{"role": "system", "content": self.template.system}] if self.template.system else []
+        return [*system, {"role": "user", "content": user}]
+
+    def _repair(self) -> str:
+        if self.template.pairwise:
+            return "Reply with only one line: Verdict: A, or Verdict: B."
+        t = self.template
+        return f"Your reply did not state a valid score. Reply with only one line: Score: <a number from {t.low:g} to {t.high:g}>."
+
+    def _parse(self, answer: str) -> tuple[float | None, str | None]:
+        if self.template.pairwise:
+            return parse_preference(answer)
+        return parse_score(answer, self.template.low, self.template.high)
+
+    def ask(self, items: list[tuple[str, str, str]]) -> list[float | None]:
+        """Parsed answers for `(prompt, response key, user message)` items; None where parsing failed.
+
+        Answers come from the cache when present (parsed again, so a better parser or range applies);
+        the rest are asked, re-asked with a repair turn when unparseable, and each final answer is
+        committed to the cache as it arrives.
+        """
+        judge, template = self.backend.identity, self.template.identity
+        keys = [cache_key(judge, template, p, r) for p, r, _ in items]
+        cached = self.cache.get_many(keys) if self.cache is not None else {}
+        results: list[float | None] = [None] * len(items)
+        reasons: list[str | None] = [None] * len(items)
+        todo = []
+        for i, key in enumerate(keys):
+            if key in cached:
+                self.counts["cache_hits"] += 1
+                results[i], reasons[i] = self._parse(cached[key][0])
+            else:
+                todo.append(i)
+        conversations = {i: self._messages(items[i][2]) for i in todo}
+        for attempt in range(self.options.parse_retries + 1):
+            retry = []
+            pending = list(conversations)
+            for j, answer in self.backend.complete([conversations[i] for i in pending]):
+                i = pending[j]
+                self.counts["answers"] += 1
+                value, reason = self._parse(answer)
+                if value is None and attempt < self.options.parse_retries:
+                    retry.append(i)
+                    conversations[i] = [
+                        *conversations[i],
+                        {"role": "assistant", "content": answer},
+                        {"role": "user", "content": self._repair()},
+                    ]
+                    continue
+                results[i], reasons[i] = value, reason
+                if self.cache is not None:
+                    prompt, response, _ = items[i]
+                    self.cache.put(keys[i], judge, template, prompt, response, answer, value)
+            self.counts["parse_retries"] += len(retry)
+            conversations = {i: conversations[i] for i in retry}
+            if not conversations:
+                break
+        for reason in reasons:
+            if reason:
+                self.counts["fallbacks"] += 1
+                self.counts[f"fallbacks_{reason}"] += 1
+        return results
+
+    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """(B,) the judge's scores; `fallback` where no valid score was given (counted in metrics)."""
+        check_batch(prompts, responses)
+        if self.template.pairwise:
+            raise ValueError(f"judge '{self.name}' has a pairwise template: use compare(), not score()")
+        items = [(p, r, fill(self.template.user, p, r)) for p, r in zip(prompts, responses)]
+        values = self.ask(items)
+        self.counts["scored"] += len(values)
+        return as_scores([self.fallback if v is None else v for v in values], len(values), self.name)
+
+    def compare(
+        self, prompts: list[str], responses_a: list[str], responses_b: list[str], both_orders: bool = True
+    ) -> torch.Tensor:
+        """(B,) P(response a is better than b): 1, 0, or 0.5 for a tie or a position-inconsistent pair.
+
+        A verdict that cannot be parsed (after the retries) counts as 0.5 and as a fallback in metrics.
+
+        With `both_orders` each pair is also asked with b shown first, and the two verdicts averaged
+        (agreeing verdicts give 1 or 0, contradicting ones 0.5), which cancels the judge's position bias.
+        """
+        check_batch(prompts, responses_a)
+        check_batch(prompts, responses_b)
+        if not self.template.pairwise:
+            raise ValueError(
+                f"judge '{self.name}' has a pointwise template: use score(), or template: pairwise"
+            )
+
+        def item(p: str, first: str, second: str) -> tuple[str, str, str]:
+            user = self.template.user.replace("{prompt}", p)
+            user = user.replace("{response_a}", first).replace("{response_b}", second)
+            return p, json.dumps([first, second], ensure_ascii=False), user
+
+        items = [item(p, a, b) for p, a, b in zip(prompts, responses_a, responses_b)]
+        if both_orders:
+            items += [item(p, b, a) for p, a, b in zip(prompts, responses_a, responses_b)]
+        values = self.ask(items)
+        n = len(prompts)
+        forward = torch.tensor([0.5 if v is None else v for v in values[:n]])
+        if not both_orders:
+            return forward.float()
+        backward = 1.0 - torch.tensor([0.5 if v is None else v for v in values[n:]])  # b was shown first
+        both_parsed = torch.tensor([a is not None and b is not None for a, b in zip(values[:n], values[n:])])
+        self.counts["position_inconsistent"] += int((both_parsed & (forward != backward)).sum())
+        self.counts["compared"] += n
+        return ((forward + backward) / 2).float()
+
+    def metrics(self) -> dict[str, float]:
+        """Counters since the judge was built: answers, cache_hits, parse_retries, fallbacks (by reason),
+        position_inconsistent, and the backend's requests and retries (by cause)."""
+        out = {k: float(v) for k, v in self.counts.items()}
+        out.update({f"backend_{k}": float(v) for k, v in self.backend.counts.items()})
+        return out
