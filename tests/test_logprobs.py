@@ -1,5 +1,7 @@
 """The log-prob primitive against a naive log_softmax + gather, values and gradients."""
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -88,8 +90,9 @@ def test_concatenated_forward_equals_separate_passes(model):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_shared_prompt_layout_equals_plain_padded(tiny_model_dir, attn):
-    """[prompt | chosen | rejected] rows with a 4D mask give the plain layout's per-sequence log-probs
-    and gradients, for rows of different lengths (padding) and a one-token rejected completion."""
+    """[prompt | chosen | rejected] segments with a 4D mask, one pair per row or packed several to a row,
+    give the plain layout's per-sequence log-probs and gradients, for pairs of different lengths
+    (padding) and a one-token rejected completion."""
     from alignkit.algorithms.dpo import pair_logps
     from alignkit.data.collate import collate_pairs_shared_prompt
 
@@ -104,15 +107,26 @@ def test_shared_prompt_layout_equals_plain_padded(tiny_model_dir, attn):
         {"prompt_ids": [1] + ids(3), "chosen_ids": ids(7), "rejected_ids": ids(1), "preference": 1.0},
         {"prompt_ids": [1] + ids(1), "chosen_ids": ids(2), "rejected_ids": ids(3), "preference": 1.0},
     ]
+    examples.append(
+        {"prompt_ids": [1] + ids(2), "chosen_ids": ids(3), "rejected_ids": ids(2), "preference": 1.0}
+    )
+    packed = collate_pairs_shared_prompt(examples, 0)
+    # segments of 20, 12, 7 and 8 tokens: rows of 20 hold [20], [12, 8], [7]
+    assert packed["input_ids"].shape == (3, 20)
     results = []
-    for collate in (collate_pairs, collate_pairs_shared_prompt):
+    for collate in (
+        collate_pairs,
+        partial(collate_pairs_shared_prompt, pack=False),
+        collate_pairs_shared_prompt,
+    ):
         model.zero_grad()
         c, r, nc, nr = pair_logps(model, collate(examples, 0), chunk_size=4)
         (c.sum() - 2 * r.sum()).backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters()])
         results.append((c.detach(), r.detach(), nc, nr, grads))
-    plain, shared = results
-    for a, b in zip(plain[:4], shared[:4]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    assert shared[3].tolist() == [6, 1, 3]
-    torch.testing.assert_close(plain[4], shared[4], atol=1e-5, rtol=1e-4)
+    plain = results[0]
+    for shared in results[1:]:
+        for a, b in zip(plain[:4], shared[:4]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        assert shared[3].tolist() == [6, 1, 3, 2]
+        torch.testing.assert_close(plain[4], shared[4], atol=1e-5, rtol=1e-4)

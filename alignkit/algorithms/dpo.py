@@ -29,8 +29,8 @@ def pair_logps(model, batch: dict, chunk_size: int) -> tuple[torch.Tensor, ...]:
     """One forward for the whole batch -> (chosen sums, rejected sums, chosen counts, rejected counts),
     each (B,).
 
-    Two layouts (alignkit.data.collate): B rows [prompt | chosen | rejected] with a 4D mask
-    (`share_prompt`, the prompt computed once), or 2B rows, chosen then rejected.
+    Two layouts (alignkit.data.collate): rows of packed [prompt | chosen | rejected] segments with a 4D
+    mask (`share_prompt`, each prompt computed once), or 2B rows, chosen then rejected.
     """
     if "allowed" in batch:
         dtype = next(model.parameters()).dtype
@@ -46,11 +46,18 @@ def pair_logps(model, batch: dict, chunk_size: int) -> tuple[torch.Tensor, ...]:
             chunk_size,
             batch["source_index"],
         )
+        B = batch["preference"].shape[0]
+        segment = batch["segment"]  # (R, T) pair index of each completion token
+
+        def per_pair(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+            picked = mask.bool()
+            return values.new_zeros(B).index_add(0, segment[picked], values[picked])
+
         return (
-            (out.token_logps * chosen_mask).sum(-1),
-            (out.token_logps * rejected_mask).sum(-1),
-            chosen_mask.sum(-1),
-            rejected_mask.sum(-1),
+            per_pair(chosen_mask, out.token_logps),
+            per_pair(rejected_mask, out.token_logps),
+            per_pair(chosen_mask, chosen_mask).long(),
+            per_pair(rejected_mask, rejected_mask).long(),
         )
     out = completion_logps(
         model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], chunk_size=chunk_size

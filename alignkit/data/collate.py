@@ -54,46 +54,77 @@ def collate_sft(examples: list[dict], pad_id: int) -> dict:
     return pad_sequences(sequences, starts, pad_id)
 
 
-def collate_pairs_shared_prompt(examples: list[dict], pad_id: int) -> dict:
-    """Preference examples -> B rows [prompt | chosen | rejected]: each pair's prompt is computed once.
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit-decreasing bin packing: indices of `lengths` grouped into rows of at most `capacity`."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
 
-    Rejected tokens must not see the chosen ones, so the batch carries a (B, T, T) boolean `allowed`
-    matrix (causal, minus the rejected-to-chosen block; padding sees only itself, which keeps softmax
-    finite) for a 4D attention mask, position ids that restart the rejected block at len(prompt), and
-    `source_index`: the position whose hidden state predicts each token (t - 1, except the first
-    rejected token, predicted from the last prompt token). chosen_mask / rejected_mask mark the two
-    completions. The prompt-length share of the tokens (most of HH) is no longer computed twice.
+
+def collate_pairs_shared_prompt(examples: list[dict], pad_id: int, pack: bool = True) -> dict:
+    """Preference examples -> rows of [prompt | chosen | rejected] segments: each prompt computed once.
+
+    Each pair is one segment: its prompt, then its chosen and its rejected completion. Rejected tokens
+    must not see the chosen ones, so the batch carries a (R, T, T) boolean `allowed` matrix for a 4D
+    attention mask: causal within a segment, minus the rejected-to-chosen block, nothing across
+    segments; padding sees only itself, which keeps softmax finite. Position ids restart at 0 for each
+    segment and at len(prompt) for its rejected block. `source_index` is the position whose hidden state
+    predicts each token (t - 1, except a rejected block's first token, predicted from the last prompt
+    token). `segment` (R, T) maps every completion token to its pair (-1 elsewhere); chosen_mask /
+    rejected_mask mark the two completions.
+
+    With `pack`, segments are packed first-fit into rows no longer than the longest segment, so short
+    pairs share a row instead of being padded (fewer rows, the same row length: strictly less work for
+    every layer). Without it, one pair per row.
     """
-    B = len(examples)
     lengths = [len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples]
     T = max(lengths)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((B, T), dtype=torch.long)
-    source_index = (torch.arange(T) - 1).clamp(min=0).repeat(B, 1)
-    chosen_mask = torch.zeros((B, T), dtype=torch.long)
-    rejected_mask = torch.zeros((B, T), dtype=torch.long)
-    allowed = torch.tril(torch.ones(T, T, dtype=torch.bool)).repeat(B, 1, 1)  # (B, T, T)
-    for b, e in enumerate(examples):
-        P, C, R = len(e["prompt_ids"]), len(e["chosen_ids"]), len(e["rejected_ids"])
-        n = P + C + R
-        input_ids[b, :n] = torch.tensor(e["prompt_ids"] + e["chosen_ids"] + e["rejected_ids"])
-        position_ids[b, : P + C] = torch.arange(P + C)
-        position_ids[b, P + C : n] = torch.arange(P, P + R)
-        position_ids[b, n:] = torch.arange(T - n)
-        chosen_mask[b, P : P + C] = 1
-        rejected_mask[b, P + C : n] = 1
-        source_index[b, P + C] = P - 1
-        allowed[b, P + C : n, P : P + C] = False  # rejected never sees chosen
-        allowed[b, n:, :] = False
-        allowed[b, :, n:] = False
-        allowed[b, n:, n:] = torch.eye(T - n, dtype=torch.bool)
+    rows = pack_rows(lengths, T) if pack else [[i] for i in range(len(examples))]
+    R = len(rows)
+    input_ids = torch.full((R, T), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((R, T), dtype=torch.long)
+    source_index = (torch.arange(T) - 1).clamp(min=0).repeat(R, 1)
+    segment = torch.full((R, T), -1, dtype=torch.long)
+    chosen_mask = torch.zeros((R, T), dtype=torch.long)
+    rejected_mask = torch.zeros((R, T), dtype=torch.long)
+    attention_mask = torch.zeros((R, T), dtype=torch.long)
+    allowed = torch.zeros((R, T, T), dtype=torch.bool)
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    for r, members in enumerate(rows):
+        o = 0  # offset of the current segment in the row
+        for b in members:
+            e = examples[b]
+            P, C, N = len(e["prompt_ids"]), len(e["chosen_ids"]), lengths[b]
+            input_ids[r, o : o + N] = torch.tensor(e["prompt_ids"] + e["chosen_ids"] + e["rejected_ids"])
+            position_ids[r, o : o + P + C] = torch.arange(P + C)
+            position_ids[r, o + P + C : o + N] = torch.arange(P, N - C)
+            source_index[r, o + P + C] = o + P - 1
+            segment[r, o + P : o + N] = b
+            chosen_mask[r, o + P : o + P + C] = 1
+            rejected_mask[r, o + P + C : o + N] = 1
+            attention_mask[r, o : o + N] = 1
+            allowed[r, o : o + N, o : o + N] = causal[:N, :N]
+            allowed[r, o + P + C : o + N, o + P : o + P + C] = False  # rejected never sees chosen
+            o += N
+        allowed[r, o:, o:] = torch.eye(T - o, dtype=torch.bool)
+        position_ids[r, o:] = torch.arange(T - o)
     return {
         "input_ids": input_ids,
         "allowed": allowed,
         "position_ids": position_ids,
         "source_index": source_index,
+        "segment": segment,
         "chosen_mask": chosen_mask,
         "rejected_mask": rejected_mask,
-        "attention_mask": (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).long(),  # (B, T)
+        "attention_mask": attention_mask,  # (R, T): real tokens, for throughput counts
         **pair_columns(examples),
     }
