@@ -245,6 +245,7 @@ def main() -> None:
         return side_main(args.side, args.fixture, args)
 
     fixture = build_fixture(args.fixture)
+    load_before = os.getloadavg()[0]  # other work on the machine skews timings: report it
     sides = [args.only] if args.only else ["trl", "alignkit"]
     rows = [summarise(s, run_side(s, fixture, args), args) for s in sides]
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.processor() or platform.system()}"
@@ -262,9 +263,11 @@ def main() -> None:
             f"{r['side']:>10} {r['pairs/s']:>9.2f} {tok:>9} {r['median_step_s']:>14.3f} "
             f"{r['peak_rss_mib']:>13.0f} {r['first_loss']:>11.4f} {r['mean_last5_loss']:>12.4f}"
         )
+    print(f"1-minute load average before the runs: {load_before:.2f}")
     summary = {
         "machine": machine,
         "date": date.today().isoformat(),
+        "load_before": load_before,
         "steps": args.steps,
         "batch_size": args.batch_size,
         "max_length": args.max_length,
