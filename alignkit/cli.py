@@ -6,7 +6,16 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from alignkit.config import ConfigError, DPOConfig, SFTConfig, describe, load_config
+from alignkit.config import (
+    ConfigError,
+    DPOConfig,
+    KTOConfig,
+    ListwiseConfig,
+    RewardConfig,
+    SFTConfig,
+    describe,
+    load_config,
+)
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,24 @@ def _dpo(cfg):
     return train(cfg)
 
 
+def _reward(cfg):
+    from alignkit.algorithms.reward_model import train
+
+    return train(cfg)
+
+
+def _kto(cfg):
+    from alignkit.algorithms.kto import train
+
+    return train(cfg)
+
+
+def _listwise(cfg):
+    from alignkit.algorithms.listwise import train
+
+    return train(cfg)
+
+
 def _demo(cfg):
     from alignkit.demo import run_demo
 
@@ -49,6 +76,15 @@ def _commands() -> dict[str, Command]:
     return {
         "sft": Command(SFTConfig, "supervised fine-tuning on prompt/completion rows", _sft),
         "dpo": Command(DPOConfig, "offline preference optimisation (DPO family) on preference pairs", _dpo),
+        "kto": Command(
+            KTOConfig, "unpaired preference optimisation (KTO, BCO) on labelled completions", _kto
+        ),
+        "listwise": Command(
+            ListwiseConfig, "listwise preference optimisation on ranked or scored response lists", _listwise
+        ),
+        "reward": Command(
+            RewardConfig, "a Bradley–Terry reward model (classifier) from preference pairs", _reward
+        ),
         "demo": Command(
             DemoConfig, "offline demo: DPO on AI-feedback pairs makes TinyStories happier, measured", _demo
         ),

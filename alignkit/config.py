@@ -133,6 +133,48 @@ class SFTConfig(TrainConfig):
 
 
 @dataclass
+class RewardConfig(TrainConfig):
+    """A Bradley–Terry reward model trained on preference pairs (docs/reward_models.md)."""
+
+    model: str = ""
+    """Backbone: a causal LM (gets a scalar head on its last token) or an encoder such as BERT."""
+    backbone: str = "auto"
+    """causal, encoder, or auto (encoder for masked-LM architectures such as BERT, else causal)."""
+    center_rewards_coefficient: float = 0.0
+    """c of the centring term c·(r_w + r_l)² (Eisenstein et al. 2023) that keeps rewards near 0; 0 = off."""
+    share_prompt: bool | None = None
+    """Causal backbones: one [prompt|chosen|rejected] row per pair with a 4D mask, the prompt computed once
+    (default on; encoders cannot: their prompt states depend on the response)."""
+    group_by_length: bool = True
+    """Draw each step's pairs from pairs of similar length, so batches are padded little."""
+    disable_dropout: bool = True
+    """Train without dropout: it adds noise to the chosen-minus-rejected difference (and time on a CPU)."""
+    lora: LoraSettings = field(default_factory=lambda: LoraSettings(merge=True))
+    """LoRA settings; the final model is saved merged (a plain classifier) unless lora.merge=false."""
+
+
+@dataclass
+class ConstraintSettings:
+    """One constraint term added to a paired objective's loss (docs/objectives.md, "Constraints")."""
+
+    type: str = ""
+    """flagged_reward (penalise flagged responses whose implicit reward exceeds a threshold) or nll_anchor."""
+    weight: float = 1.0
+    """Weight of the term in the loss."""
+    threshold: float = 0.0
+    """flagged_reward: the implicit reward β·log-ratio a flagged response may reach before it is penalised."""
+    temperature: float = 0.1
+    """flagged_reward: τ of the penalty τ·softplus((r − threshold)/τ); 0 = the hinge max(0, r − threshold)."""
+    scorer: dict | None = None
+    """flagged_reward: a reward source (alignkit.rewards spec) that flags responses; default: the rows'
+    chosen_flagged / rejected_flagged columns."""
+    cutoff: float = 0.0
+    """flagged_reward with a scorer: a response is flagged when its score is on the `flag_when` side of this."""
+    flag_when: str = "below"
+    """flagged_reward with a scorer: below (low scores are unsafe, e.g. a safety score) or above (toxicity)."""
+
+
+@dataclass
 class DPOConfig(TrainConfig):
     """Offline preference optimisation (DPO and its family) on preference pairs."""
 
@@ -154,6 +196,58 @@ class DPOConfig(TrainConfig):
     """Reference weights when different from `model` (copy / precomputed)."""
     share_prompt: bool = True
     """Compute each pair's prompt once: one [prompt|chosen|rejected] row with a 4D mask (sdpa/eager)."""
+    constraints: list[ConstraintSettings] = field(default_factory=list)
+    """Terms added to the loss, e.g. [{type: flagged_reward, weight: 1.0}, {type: nll_anchor, weight: 0.1}]."""
+    stages: int = 1
+    """Stepwise DPO (sDPO): split the training rows, in file order, into this many stages, each trained
+    against the previous stage's final model (in output_dir/stage-k)."""
+    stage: int = 0
+    """With stages > 1: run only this stage (1-based; set by the stage runner, or to rerun one); 0 = all."""
+
+    def __post_init__(self) -> None:
+        # Constraints given as plain dicts from Python get the same key and type checks as from YAML.
+        self.constraints = [
+            from_mapping(ConstraintSettings, c, f"constraints[{i}]") if isinstance(c, dict) else c
+            for i, c in enumerate(self.constraints)
+        ]
+
+
+@dataclass
+class KTOConfig(TrainConfig):
+    """Unpaired preference optimisation (KTO, BCO) on {prompt, completion, label} rows."""
+
+    lr: float = 5e-7
+    """Peak learning rate (AdamW)."""
+    beta: float = 0.1
+    """Strength of the KL tie to the reference (KTO's β)."""
+    loss: str = "kto"
+    """Unpaired objective by name: kto or bco (docs/objectives.md)."""
+    desirable_weight: float = 1.0
+    """λ_D, the weight of rows labelled desirable (true)."""
+    undesirable_weight: float = 1.0
+    """λ_U, the weight of rows labelled undesirable (false)."""
+    reference: str = "precomputed"
+    """Reference model: copy (a frozen copy), adapter (LoRA base with the adapter off) or precomputed."""
+    reference_model: str | None = None
+    """Reference weights when different from `model` (copy / precomputed)."""
+
+
+@dataclass
+class ListwiseConfig(TrainConfig):
+    """Listwise preference optimisation on {prompt, responses, scores | probs | ranking} rows."""
+
+    lr: float = 5e-7
+    """Peak learning rate (AdamW)."""
+    beta: float = 0.1
+    """Scale β of the implicit rewards β·(log πθ − log πref) that are softmaxed over each list."""
+    loss: str = "soft"
+    """Listwise objective by name: soft (cross-entropy to a target distribution) or plackett_luce."""
+    temperature: float = 1.0
+    """soft: the target distribution of a row with `scores` is softmax(scores / temperature)."""
+    reference: str = "precomputed"
+    """Reference model: copy (a frozen copy), adapter (LoRA base with the adapter off) or precomputed."""
+    reference_model: str | None = None
+    """Reference weights when different from `model` (copy / precomputed)."""
 
 
 @cache
@@ -232,6 +326,13 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"'{key}': expected a mapping of key: value, got {value!r}")
         return dict(value)
+    if dataclasses.is_dataclass(annotation):
+        # An element of a list of settings (e.g. one of `constraints: [{type: ..., weight: ...}]`).
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}': expected a mapping of key: value, got {value!r}")
+        return from_mapping(annotation, value, key)
     return value
 
 

@@ -1,7 +1,8 @@
-"""Loading policy and reference models and tokenizers; LoRA; saving the final model."""
+"""Loading policy, reference and reward models and tokenizers; LoRA; saving the final model."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -43,17 +44,111 @@ def load_causal_lm(
         if model.generation_config is not None:
             model.generation_config.pad_token_id = pad_token_id
     if gradient_checkpointing:
-        # transformers 5 renamed the method and its argument; older releases only have the old names.
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_activation_checkpointing(model)
     return model
 
 
-def add_lora(model, lora) -> torch.nn.Module:
-    """Wrap `model` with a trainable LoRA adapter (peft) from LoraSettings."""
+def enable_activation_checkpointing(model) -> None:
+    """Recompute activations in backward (non-reentrant), whatever the transformers release calls it."""
+    # transformers 5 renamed the method and its argument; older releases only have the old names.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
+def is_encoder(config) -> bool:
+    """True for encoder (masked-LM) architectures (BERT, RoBERTa, DeBERTa, ModernBERT, ...); False for
+    decoder-only causal LMs (Llama, Qwen, GPT-2, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def classifier_from_causal_lm(lm, num_labels: int = 1):
+    """A `...ForSequenceClassification` (a linear `score` head on the last non-pad token) around a loaded
+    causal LM's own backbone module (which it takes over, with the LM's config): no copy of the weights,
+    and none of them re-read from disk.
+
+    Loading a causal-LM checkpoint with AutoModelForSequenceClassification.from_pretrained instead is
+    wrong for tied-embedding checkpoints that store the shared matrix only as `lm_head.weight` (e.g.
+    TinyStories-656K): the classifier has no lm_head, so its input embedding is silently left random.
+    Saved with save_pretrained, the result stores the embedding under the backbone's own name and loads
+    back with AutoModelForSequenceClassification. The head is initialised N(0, initializer_range).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    config = lm.config  # one config object from here on: the backbone's modules hold it too
+    config.num_labels = num_labels
+    config.architectures = None
+    with torch.device("meta"):  # everything but the head is replaced by the LM's modules just below
+        model = AutoModelForSequenceClassification.from_config(config, dtype=lm.dtype)
+    prefix = model.base_model_prefix
+    setattr(model, prefix, getattr(lm, lm.base_model_prefix))
+    model.config = config
+    head = getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Linear):
+        raise TypeError(f"{type(model).__name__} has no linear `score` head; not a decoder classifier")
+    device = next(getattr(model, prefix).parameters()).device
+    model.score = head.to_empty(device=device)
+    torch.nn.init.normal_(model.score.weight, std=getattr(config, "initializer_range", 0.02))
+    if model.score.bias is not None:
+        torch.nn.init.zeros_(model.score.bias)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise TypeError(f"{type(model).__name__}: {left[0]} is outside the backbone and the score head")
+    return model
+
+
+def load_reward_model(
+    name_or_path: str,
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    gradient_checkpointing: bool = False,
+    pad_token_id: int | None = None,
+    from_causal_lm: bool | None = None,
+):
+    """A one-output sequence classifier (a scalar reward or value model) to train.
+
+    A causal-LM checkpoint becomes the LM's backbone plus a linear head on the last non-pad token
+    (`classifier_from_causal_lm`); a sequence-classifier checkpoint (e.g. a saved reward model) or an
+    encoder (BERT-like) loads through AutoModelForSequenceClassification(num_labels=1), the encoder's
+    head new. from_causal_lm: whether `name_or_path` is a causal LM (default: unless its architecture is
+    an encoder's). `pad_token_id` is written into the config: decoder classifiers find the last real
+    token through it, in training and wherever the saved model is used.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if from_causal_lm is None:
+        from_causal_lm = not is_encoder(config)
+    classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+    if from_causal_lm and not classifier:
+        lm = load_causal_lm(name_or_path, dtype, attn_implementation, trust_remote_code)
+        model = classifier_from_causal_lm(lm, num_labels=1)
+    else:
+        kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code, "use_safetensors": True}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, **kwargs)
+    model.config.id2label, model.config.label2id = {0: "reward"}, {"reward": 0}
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    if gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    return model
+
+
+def add_lora(model, lora, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+    """Wrap `model` with a trainable LoRA adapter (peft) from LoraSettings.
+
+    task_type SEQ_CLS (classifiers: reward and value models) also keeps the new head (`score` or
+    `classifier`) fully trainable and saves it with the adapter.
+    """
     from peft import LoraConfig, get_peft_model
 
     targets = lora.target_modules
@@ -64,7 +159,7 @@ def add_lora(model, lora) -> torch.nn.Module:
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=targets,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     name = (
         "is_activation_checkpointing"
@@ -73,7 +168,23 @@ def add_lora(model, lora) -> torch.nn.Module:
     )
     if getattr(model, name, False):
         model.enable_input_require_grads()
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft still asks for transformers' deprecated `is_gradient_checkpointing`; nothing for a user to do.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
+
+
+def disable_dropout(model) -> torch.nn.Module:
+    """Set every dropout probability to 0 (as TRL does for reward and preference models by default).
+
+    A Bradley–Terry loss compares two forwards: independent dropout masks on chosen and rejected add
+    noise to exactly the difference being learned. On a CPU, drawing the masks also costs as much as
+    the matmuls of a small encoder, and attention dropout keeps SDPA off its fused kernel.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
 
 
 def freeze(model) -> torch.nn.Module:

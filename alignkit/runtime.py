@@ -52,6 +52,9 @@ class DataOrder:
     world: int = 1
     rank: int = 0
     shuffle: bool = True
+    lengths: list[int] | None = None
+    """Per-example lengths: when given (and shuffling), each step's rows are of similar length (see
+    `group_by_length`), so padded batches waste little; None keeps the plain random order."""
 
     @property
     def rows_per_step(self) -> int:
@@ -65,7 +68,10 @@ class DataOrder:
         if not self.shuffle:
             return list(range(self.n_examples))
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n_examples, generator=g).tolist()
+        perm = torch.randperm(self.n_examples, generator=g).tolist()
+        if self.lengths is None:
+            return perm
+        return group_by_length(perm, self.lengths, self.rows_per_step, g)
 
     def micro_batches(self, step: int) -> list[list[int]]:
         """This process's `grad_accum` micro-batches (lists of example indices) for global step `step`."""
@@ -79,8 +85,27 @@ class DataOrder:
         return out
 
 
-def data_order(cfg: TrainConfig, n_examples: int, accelerator) -> DataOrder:
-    """The run's DataOrder for `n_examples` training examples."""
+def group_by_length(perm: list[int], lengths: list[int], rows_per_step: int, g: torch.Generator) -> list[int]:
+    """`perm` reordered so that each run of `rows_per_step` rows holds examples of similar length.
+
+    As transformers' LengthGroupedSampler: the random permutation is cut into mega-batches of up to 50
+    steps (at most a quarter of the data, so batches still mix differently every epoch), each is sorted
+    by length, cut into steps, and the steps are shuffled. A step's micro-batches are then padded to
+    nearly the same length instead of to the longest row of a random draw.
+    """
+    steps_per_mega = max(1, min(len(perm) // (4 * rows_per_step), 50))
+    mega = steps_per_mega * rows_per_step
+    full, partial = [], []
+    for start in range(0, len(perm), mega):
+        chunk = sorted(perm[start : start + mega], key=lambda i: -lengths[i])
+        for s in range(0, len(chunk), rows_per_step):
+            (full if len(chunk) - s >= rows_per_step else partial).append(chunk[s : s + rows_per_step])
+    order = torch.randperm(len(full), generator=g).tolist()
+    return [i for k in order for i in full[k]] + [i for step in partial for i in step]
+
+
+def data_order(cfg: TrainConfig, n_examples: int, accelerator, lengths: list[int] | None = None) -> DataOrder:
+    """The run's DataOrder for `n_examples` training examples (length-grouped when `lengths` is given)."""
     return DataOrder(
         n_examples,
         cfg.batch_size,
@@ -89,6 +114,7 @@ def data_order(cfg: TrainConfig, n_examples: int, accelerator) -> DataOrder:
         accelerator.num_processes,
         accelerator.process_index,
         cfg.shuffle,
+        lengths,
     )
 
 
@@ -237,6 +263,8 @@ def fit(
     loss_scale: Callable[[list[list[dict]]], list[float]] | None = None,
     setup_metrics: dict | None = None,
     state=None,
+    lengths: list[int] | None = None,
+    summarise: Callable[[dict], dict] | None = None,
 ) -> dict:
     """Run the optimisation loop; returns the last logged train metrics.
 
@@ -246,10 +274,13 @@ def fit(
     how a step is split into micro-batches). setup_metrics (e.g. the seconds a one-off reference pass
     took) are added to the first logged record. state, an object with state_dict() / load_state_dict()
     (e.g. a loss's running statistics), is saved in every checkpoint as it was at the end of that step and
-    restored on resume, so a resumed run repeats the uninterrupted one exactly.
+    restored on resume, so a resumed run repeats the uninterrupted one exactly. lengths (one per
+    training example) makes every step draw rows of similar length (`group_by_length`). summarise(record)
+    derives the logged metrics from a step's averaged ones (e.g. a class's mean reward from its sum and
+    count, which stays exact when a micro-batch holds no row of that class).
     """
     output_dir = Path(cfg.output_dir)
-    order = data_order(cfg, len(train_examples), accelerator)
+    order = data_order(cfg, len(train_examples), accelerator, lengths)
     steps = total_steps(cfg, order)
     optimizer, scheduler = make_optimizer(model, cfg, steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -315,6 +346,8 @@ def fit(
                 k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean"))
                 for k, v in record.items()
             }
+            if summarise is not None:
+                record = summarise(record)
             record.update(
                 grad_norm=float(grad_norm),
                 lr=lr,

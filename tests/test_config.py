@@ -4,7 +4,18 @@ import pytest
 import yaml
 
 from alignkit.cli import main
-from alignkit.config import ConfigError, DPOConfig, SFTConfig, describe, field_docs, load_config, save_config
+from alignkit.config import (
+    ConfigError,
+    ConstraintSettings,
+    DPOConfig,
+    KTOConfig,
+    ListwiseConfig,
+    SFTConfig,
+    describe,
+    field_docs,
+    load_config,
+    save_config,
+)
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -37,7 +48,7 @@ def test_type_errors():
 
 
 def test_every_field_is_documented():
-    for cls in (DPOConfig, SFTConfig):
+    for cls in (DPOConfig, SFTConfig, KTOConfig, ListwiseConfig, ConstraintSettings):
         docs = field_docs(cls)
         import dataclasses
 
@@ -48,7 +59,10 @@ def test_every_field_is_documented():
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config(DPOConfig, None, ["beta=0.25", "lora.r=2"])
+    cfg = load_config(
+        DPOConfig, None, ["beta=0.25", "lora.r=2", "constraints=[{type: nll_anchor, weight: 0.1}]"]
+    )
+    assert cfg.constraints == [ConstraintSettings(type="nll_anchor", weight=0.1)]
     path = save_config(cfg, tmp_path)
     data = yaml.safe_load(path.read_text())
     assert data["beta"] == 0.25 and data["lora"]["r"] == 2

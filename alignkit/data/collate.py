@@ -128,3 +128,48 @@ def collate_pairs_shared_prompt(examples: list[dict], pad_id: int, pack: bool = 
         "attention_mask": attention_mask,  # (R, T): real tokens, for throughput counts
         **pair_columns(examples),
     }
+
+
+def mismatched_partners(n: int) -> list[int]:
+    """For KTO's KL estimate: row i's prompt is paired with the completion of row partner[i] = (i − 1) mod n.
+
+    A rotation, so no row keeps its own completion once n ≥ 2; with n = 1 there is no mismatched pair.
+    """
+    if n < 2:
+        raise ValueError(f"a mismatched prompt/completion pair needs a batch of at least 2 rows, got {n}")
+    return [(i - 1) % n for i in range(n)]
+
+
+def collate_unpaired(examples: list[dict], pad_id: int, mismatched: bool = True) -> dict:
+    """Unpaired (KTO) examples -> B rows prompt + completion, then, when `mismatched`, B rows pairing each
+    prompt with another row's completion (`mismatched_partners`), whose log-ratios estimate KTO's KL
+    reference point: both sets in one forward pass. `label` is (B,) bool (True = desirable).
+    """
+    sequences = [ex["prompt_ids"] + ex["completion_ids"] for ex in examples]
+    starts = [len(ex["prompt_ids"]) for ex in examples]
+    if mismatched:
+        for ex, j in zip(examples, mismatched_partners(len(examples))):
+            sequences.append(ex["prompt_ids"] + examples[j]["completion_ids"])
+            starts.append(len(ex["prompt_ids"]))
+    batch = pad_sequences(sequences, starts, pad_id)
+    batch["label"] = torch.tensor([ex["label"] for ex in examples], dtype=torch.bool)
+    return batch
+
+
+def collate_lists(examples: list[dict], pad_id: int) -> dict:
+    """List examples -> one row per response (N = Σ_b K_b rows, one forward for every list of the batch).
+
+    `list_mask` (B, K) bool marks the slots that hold a response, K being the longest list; `slot` (N,)
+    is each row's flat slot b·K + k, so per-row values v (N,) become a (B, K) tensor with
+    `zeros(B·K).index_put((slot,), v).view(B, K)`.
+    """
+    B, K = len(examples), max(len(ex["responses_ids"]) for ex in examples)
+    sequences, starts, slots = [], [], []
+    list_mask = torch.zeros(B, K, dtype=torch.bool)
+    for b, ex in enumerate(examples):
+        for k, response in enumerate(ex["responses_ids"]):
+            sequences.append(ex["prompt_ids"] + response)
+            starts.append(len(ex["prompt_ids"]))
+            slots.append(b * K + k)
+        list_mask[b, : len(ex["responses_ids"])] = True
+    return {**pad_sequences(sequences, starts, pad_id), "list_mask": list_mask, "slot": torch.tensor(slots)}

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import torch
 
-from alignkit.data.rows import load_preference_rows, load_sft_rows
+from alignkit.data.rows import load_listwise_rows, load_preference_rows, load_sft_rows, load_unpaired_rows
 from alignkit.data.tokenize import (
     cached,
     fingerprint,
     source_fingerprint,
+    tokenize_listwise_rows,
     tokenize_preference_rows,
     tokenize_sft_rows,
     tokenizer_fingerprint,
@@ -98,5 +99,29 @@ def prepare_sft_data(cfg, tokenizer, log=print) -> tuple[list[dict], list[dict]]
         lambda s, split: (load_sft_rows(s, split, tokenizer), []),
         tokenize_sft_rows,
         "sft",
+        log,
+    )
+
+
+def prepare_unpaired_data(cfg, tokenizer, log=print) -> tuple[list[dict], list[dict]]:
+    """Tokenised (train, eval) unpaired examples {prompt_ids, completion_ids, label, line} for `cfg`."""
+    return _prepare(
+        cfg,
+        tokenizer,
+        lambda s, split: (load_unpaired_rows(s, split, tokenizer), []),
+        tokenize_sft_rows,
+        "unpaired",
+        log,
+    )
+
+
+def prepare_listwise_data(cfg, tokenizer, log=print) -> tuple[list[dict], list[dict]]:
+    """Tokenised (train, eval) list examples {prompt_ids, responses_ids, scores | probs | ranking, line}."""
+    return _prepare(
+        cfg,
+        tokenizer,
+        lambda s, split: (load_listwise_rows(s, split, tokenizer), []),
+        tokenize_listwise_rows,
+        "listwise",
         log,
     )

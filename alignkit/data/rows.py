@@ -1,4 +1,4 @@
-"""Reading rows from disk or the Hugging Face hub, and validating them before training starts.
+"""Validating rows (read by alignkit.data.readers) before training starts.
 
 Every problem in a file is collected and reported at once, in one :class:`DataError` whose message
 names ``file:line``, the field, what was wrong and what was expected, so a user fixes a file in
@@ -14,40 +14,49 @@ Preference rows (format detected per row; extra keys are ignored):
 
 Any format may carry ``preference`` (a number in [0, 1]: the probability that chosen really is
 better), ``margin`` (a finite number: the implicit-reward margin chosen must win by, for reward-shaped
-DPO; rows without one get 0) and pre-tokenised ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (all
-three or none).
+DPO; rows without one get 0), ``chosen_flagged`` / ``rejected_flagged`` (booleans: the response is
+unsafe, for a ``flagged_reward`` constraint; absent = not flagged) and pre-tokenised ``prompt_ids``,
+``chosen_ids``, ``rejected_ids`` (all three or none).
 
 SFT rows: ``{"prompt": str, "completion": str}``; ``{"messages": [...]}`` whose last message is the
 assistant's reply (the completion; everything before it is the prompt); or
 ``{"prompt": [messages], "completion": message | [message]}``.
+
+Unpaired rows (KTO): an SFT row plus ``"label": true`` (a desirable completion) or ``false``.
+
+Listwise rows: ``{"prompt": str | [messages], "responses": [str | assistant message, ...]}`` (two or
+more) with exactly one of ``scores`` (a finite number per response, higher is better), ``probs`` (a
+target probability per response, summing to 1) or ``ranking`` (the response indices, best first:
+``[2, 0, 1]`` says responses[2] is best).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from alignkit.data.chat import Issues, conversation_texts, json_type, render_messages, split_hh
+from alignkit.data.readers import DataError, Problems, read_records
 
 __all__ = [
     "DataError",
     "PreferenceData",
     "PreferenceRow",
+    "ListwiseRow",
     "SFTRow",
+    "UnpairedRow",
+    "load_listwise_rows",
     "load_preference_rows",
     "load_sft_rows",
+    "load_unpaired_rows",
     "read_records",
     "render_messages",
     "split_hh",
 ]
 
-MAX_REPORTED = 20  # problems listed in one DataError; the total count is always given
 ID_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 PREFERENCE_FORMATS = (
     "{prompt: string, chosen: string, rejected: string}; "
@@ -58,54 +67,12 @@ SFT_FORMATS = (
     "{prompt: string, completion: string}; {messages: [..., assistant message]}; "
     "or {prompt: [messages], completion: assistant message}"
 )
-
-
-class DataError(ValueError):
-    """Bad input data. ``str(err)`` names source:line, the field, what was wrong and what was expected.
-
-    Attributes: ``source`` (file or dataset name), ``line`` (1-based, or None when the whole source is
-    at fault), ``field`` (or None). An error collected over a file lists up to ``MAX_REPORTED``
-    problems; its ``line``/``field`` are those of the first, ``errors`` holds the listed ones and
-    ``count`` the total.
-    """
-
-    def __init__(self, problem: str, source: str = "", line: int | None = None, field: str | None = None):
-        self.problem, self.source, self.line, self.field = problem, source, line, field
-        self.errors: list[DataError] = [self]
-        self.count = 1
-        where = f"{source}:{line}" if line is not None else source
-        what = f"field '{field}': {problem}" if field else problem
-        super().__init__(f"{where}: {what}" if where else what)
-
-
-class _Problems:
-    """Collects problems over a whole source so that one error can report them all."""
-
-    def __init__(self, source: str):
-        self.source = source
-        self.shown: list[DataError] = []
-        self.count = 0
-        self.lines: set[int | None] = set()
-
-    def add(self, line: int | None, field: str | None, problem: str) -> None:
-        self.count += 1
-        self.lines.add(line)
-        if len(self.shown) < MAX_REPORTED:
-            self.shown.append(DataError(problem, self.source, line, field))
-
-    def raise_if_any(self) -> None:
-        if not self.count:
-            return
-        listed = "\n".join(f"  {e}" for e in self.shown)
-        more = f"\n  ... and {self.count - len(self.shown)} more" if self.count > len(self.shown) else ""
-        header = (
-            f"{self.count} problem{'s' if self.count > 1 else ''} in {len(self.lines)} "
-            f"row{'s' if len(self.lines) > 1 else ''}; fix them and rerun:"
-        )
-        err = DataError(f"{header}\n{listed}{more}", self.source)
-        err.line, err.field = self.shown[0].line, self.shown[0].field
-        err.errors, err.count = self.shown, self.count
-        raise err
+UNPAIRED_FORMATS = SFT_FORMATS.replace("}", ", label: true/false}")
+LISTWISE_FORMATS = (
+    "{prompt: string, responses: [string, ...], scores | probs | ranking: [...]}; "
+    "or {prompt: [messages], responses: [assistant message, ...], scores | probs | ranking: [...]}"
+)
+LIST_TARGETS = ("scores", "probs", "ranking")
 
 
 @dataclass
@@ -122,6 +89,8 @@ class PreferenceRow:
     chosen_ids: list[int] | None = None
     rejected_ids: list[int] | None = None
     margin: float | None = None
+    chosen_flagged: bool | None = None
+    rejected_flagged: bool | None = None
 
 
 @dataclass
@@ -135,142 +104,31 @@ class SFTRow:
 
 
 @dataclass
+class UnpairedRow(SFTRow):
+    """One validated unpaired example (KTO): a completion labelled desirable (True) or undesirable."""
+
+    label: bool = True
+
+
+@dataclass
+class ListwiseRow:
+    """One validated list: a prompt, two or more responses, and exactly one of scores, probs or ranking."""
+
+    prompt: str
+    responses: list[str]
+    scores: list[float] | None = None
+    probs: list[float] | None = None
+    ranking: list[int] | None = None
+    source: str = ""
+    line: int = 0
+
+
+@dataclass
 class PreferenceData:
     """Validated preference rows, plus one ``"file:line: reason"`` per HH row that did not split."""
 
     rows: list[PreferenceRow]
     dropped: list[str] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------------------------------------
-# reading
-
-
-def read_records(source: str, split: str | None = None) -> list[tuple[int, dict]]:
-    """``(line, record)`` pairs from a ``.jsonl``/``.json``/``.parquet`` file or a Hugging Face dataset.
-
-    JSONL: ``line`` is the file line (blank lines skipped). A ``.json`` file holding an array: the
-    1-based element number; any other ``.json`` is read as JSON lines. Parquet and datasets: the
-    1-based row number. A directory written by ``save_to_disk`` is read with ``load_from_disk``;
-    any other directory or a name that is not a local path goes to ``datasets.load_dataset(source,
-    split=split or "train")``. ``split`` only applies to datasets: a file is one split, so it is
-    not consulted for files (configs carry a default split for both).
-    Raises DataError for a missing or unreadable file and, listing them all, for invalid JSON lines.
-    """
-    path = Path(source).expanduser()
-    suffix = path.suffix.lower()
-    if path.is_dir():
-        return _read_dataset(source, split, path)
-    if suffix not in FILE_SUFFIXES:
-        if path.is_file():
-            raise DataError(
-                f"unsupported file type '{path.suffix}' (expected .jsonl, .json or .parquet, "
-                "or a Hugging Face dataset name)",
-                source,
-            )
-        return _read_dataset(source, split, None)
-    if not path.is_file():
-        raise DataError(f"file not found (looked for {path.resolve()})", source)
-    if suffix == ".parquet":
-        return _read_parquet(path, source)
-    if suffix == ".json":
-        try:
-            text = path.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise DataError(f"not valid UTF-8 ({e.reason} at byte {e.start})", source) from None
-        if text.lstrip().startswith("["):
-            return _read_json_array(text, source)
-        if text.strip().count("\n") and _is_one_object(text):
-            # A pretty-printed object would otherwise be reported line by line as invalid JSON.
-            raise DataError(
-                "the file is one JSON object (expected a JSON array of row objects, or one object per line)",
-                source,
-            )
-    return _read_jsonl(path, source)
-
-
-def _is_one_object(text: str) -> bool:
-    try:
-        return isinstance(json.loads(text), dict)
-    except json.JSONDecodeError:  # JSON lines fail fast here, with "Extra data" after the first row
-        return False
-
-
-def _read_jsonl(path: Path, source: str) -> list[tuple[int, dict]]:
-    records, problems = [], _Problems(source)
-    with open(path, "rb") as f:  # bytes, so a bad encoding is reported at its line
-        for n, raw in enumerate(f, 1):
-            try:
-                text = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                problems.add(n, None, f"not valid UTF-8 ({e.reason} at byte {e.start})")
-                continue
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text.rstrip())  # so an error column stays on this line
-            except json.JSONDecodeError as e:
-                problems.add(
-                    n, None, f"invalid JSON: {e.msg} at column {e.colno} (expected one JSON object per line)"
-                )
-                continue
-            if isinstance(record, dict):
-                records.append((n, record))
-            else:
-                problems.add(n, None, f"found a JSON {json_type(record)} (expected one JSON object per line)")
-    problems.raise_if_any()
-    return records
-
-
-def _read_json_array(text: str, source: str) -> list[tuple[int, dict]]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"invalid JSON: {e.msg} at column {e.colno}", source, e.lineno) from None
-    problems = _Problems(source)
-    for n, record in enumerate(data, 1):
-        if not isinstance(record, dict):
-            problems.add(n, None, f"found a JSON {json_type(record)} (expected an array of JSON objects)")
-    problems.raise_if_any()
-    return list(enumerate(data, 1))
-
-
-def _read_parquet(path: Path, source: str) -> list[tuple[int, dict]]:
-    import pyarrow
-    import pyarrow.parquet
-
-    try:
-        table = pyarrow.parquet.read_table(path)
-    except (pyarrow.ArrowException, OSError) as e:
-        raise DataError(f"cannot read parquet: {e}", source) from e
-    return list(enumerate(table.to_pylist(), 1))
-
-
-def _read_dataset(source: str, split: str | None, directory: Path | None) -> list[tuple[int, dict]]:
-    import datasets  # slow to import; only needed here
-
-    split = split or "train"
-    saved = directory is not None and any(
-        (directory / name).is_file() for name in ("dataset_dict.json", "dataset_info.json", "state.json")
-    )
-    try:
-        if saved:
-            dataset = datasets.load_from_disk(str(directory))
-            if isinstance(dataset, datasets.DatasetDict):
-                if split not in dataset:
-                    raise DataError(f"split {split!r} not found (available: {', '.join(dataset)})", source)
-                dataset = dataset[split]
-        else:
-            dataset = datasets.load_dataset(source, split=split)
-    except DataError:
-        raise
-    except Exception as e:  # datasets raises many types (not found, offline, bad split): say which
-        raise DataError(
-            f"could not load as a Hugging Face dataset (split {split!r}): {type(e).__name__}: {e} "
-            f"(expected a .jsonl, .json or .parquet file, a saved dataset directory or a hub dataset name)",
-            source,
-        ) from e
-    return [(n, dict(record)) for n, record in enumerate(dataset, 1)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,6 +174,14 @@ def _margin(record: dict, issues: Issues) -> float | None:
     return float(value)
 
 
+def _flag(record: dict, key: str, issues: Issues) -> bool | None:
+    value = record.get(key)
+    if value is None or isinstance(value, bool):
+        return value
+    issues.append((key, f"found {json_type(value)} (expected true or false)"))
+    return None
+
+
 def _token_ids(record: dict, issues: Issues) -> dict[str, list[int]]:
     present = [k for k in ID_FIELDS if record.get(k) is not None]
     if not present:
@@ -346,6 +212,7 @@ def _preference_row(record: dict, tokenizer: Any, issues: Issues) -> PreferenceR
     n_issues = len(issues)
     preference = _preference(record, issues)
     margin = _margin(record, issues)
+    flags = {k: _flag(record, k, issues) for k in ("chosen_flagged", "rejected_flagged")}
     ids = _token_ids(record, issues)
     prompt = record.get("prompt")
     texts = None
@@ -374,11 +241,11 @@ def _preference_row(record: dict, tokenizer: Any, issues: Issues) -> PreferenceR
                 return str(e)
     if len(issues) > n_issues:
         return None
-    return PreferenceRow(*texts, preference=preference, margin=margin, **ids)
+    return PreferenceRow(*texts, preference=preference, margin=margin, **flags, **ids)
 
 
-def _sft_row(record: dict, tokenizer: Any, issues: Issues) -> SFTRow | None:
-    """A row, or None with the problems appended to ``issues``."""
+def _sft_row(record: dict, tokenizer: Any, issues: Issues, formats: str = SFT_FORMATS) -> SFTRow | None:
+    """A row, or None with the problems appended to ``issues`` (``formats`` names the accepted ones)."""
     n_issues = len(issues)
     messages, prompt = record.get("messages"), record.get("prompt")
     texts = None
@@ -404,10 +271,104 @@ def _sft_row(record: dict, tokenizer: Any, issues: Issues) -> SFTRow | None:
     elif record.get("completion") is not None:
         issues.append(("prompt", "missing (expected a string or a list of messages)"))
     else:
-        issues.append((None, f"unknown row format: found keys {sorted(record)} (expected {SFT_FORMATS})"))
+        issues.append((None, f"unknown row format: found keys {sorted(record)} (expected {formats})"))
     if len(issues) > n_issues:
         return None
     return SFTRow(*texts)
+
+
+def _unpaired_row(record: dict, tokenizer: Any, issues: Issues) -> UnpairedRow | None:
+    """An SFT row with a boolean ``label``, or None with the problems appended to ``issues``."""
+    label = record.get("label")
+    expected = "expected true for a desirable completion, false for an undesirable one"
+    if label is None:
+        issues.append(("label", f"missing ({expected})"))
+    elif not isinstance(label, bool):
+        issues.append(("label", f"found {json_type(label)} {label!r} ({expected})"))
+    row = _sft_row(record, tokenizer, issues, UNPAIRED_FORMATS)
+    if row is None or not isinstance(label, bool):
+        return None
+    return UnpairedRow(row.prompt, row.completion, label=label)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _list_target(record: dict, n: int | None, issues: Issues) -> dict[str, list]:
+    """The row's one target: {'scores': [...]}, {'probs': [...]} or {'ranking': [...]}; {} with issues."""
+    given = [k for k in LIST_TARGETS if record.get(k) is not None]
+    if len(given) != 1:
+        found = f"found {' and '.join(given)}" if given else "found none"
+        issues.append(
+            (given[1] if given else None, f"{found} (expected exactly one of {', '.join(LIST_TARGETS)})")
+        )
+        return {}
+    key = given[0]
+    value = record[key]
+    expected = {
+        "scores": "a finite number per response, higher is better",
+        "probs": "a probability per response, summing to 1",
+        "ranking": "the response indices best first, each once",
+    }[key]
+    if not isinstance(value, list):
+        issues.append((key, f"found {json_type(value)} (expected a list: {expected})"))
+    elif n is not None and len(value) != n:
+        issues.append((key, f"{len(value)} values for {n} responses (expected {expected})"))
+    elif key == "ranking":
+        if sorted(v if isinstance(v, int) and not isinstance(v, bool) else -1 for v in value) != list(
+            range(len(value))
+        ):
+            issues.append(
+                (key, f"{value!r} is not a permutation of 0..{len(value) - 1} (expected {expected})")
+            )
+        else:
+            return {key: list(value)}
+    elif bad := [i for i, v in enumerate(value) if not _is_number(v) or (key == "probs" and v < 0)]:
+        issues.append((key, f"element {bad[0]} is {value[bad[0]]!r} (expected {expected})"))
+    elif key == "probs" and abs(sum(value) - 1.0) > 1e-3:
+        issues.append((key, f"sums to {sum(value):.6g} (expected {expected})"))
+    else:
+        values = [float(v) for v in value]
+        if key == "probs":  # remove rounding: the loss compares distributions
+            values = [v / sum(values) for v in values]
+        return {key: values}
+    return {}
+
+
+def _listwise_row(record: dict, tokenizer: Any, issues: Issues) -> ListwiseRow | None:
+    """A list row, or None with the problems appended to ``issues``."""
+    n_issues = len(issues)
+    prompt, responses = record.get("prompt"), record.get("responses")
+    if not isinstance(responses, list) or len(responses) < 2:
+        found = f"{len(responses)} response(s)" if isinstance(responses, list) else json_type(responses)
+        issues.append(("responses", f"found {found} (expected a list of at least two responses)"))
+        responses = None
+    target = _list_target(record, None if responses is None else len(responses), issues)
+    texts = None
+    if isinstance(prompt, str):
+        for k, r in enumerate(responses or []):
+            if not isinstance(r, str):
+                issues.append(
+                    (f"responses[{k}]", f"found {json_type(r)} (expected a string, as 'prompt' is one)")
+                )
+            elif not r.strip():
+                issues.append((f"responses[{k}]", "empty completion (expected non-whitespace text)"))
+        texts = [prompt, *(responses or [])]
+    elif isinstance(prompt, list):
+        if responses is not None:
+            replies = [(f"responses[{k}]", r) for k, r in enumerate(responses)]
+            texts = conversation_texts(tokenizer, prompt, replies, issues)
+    elif prompt is None and responses is None and not target:
+        issues.append(
+            (None, f"unknown row format: found keys {sorted(record)} (expected {LISTWISE_FORMATS})")
+        )
+    else:
+        found = "missing" if prompt is None else f"found {json_type(prompt)}"
+        issues.append(("prompt", f"{found} (expected a string or a list of messages)"))
+    if len(issues) > n_issues:
+        return None
+    return ListwiseRow(texts[0], texts[1:], **target)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,7 +384,7 @@ def load_preference_rows(source: str, split: str | None = None, tokenizer: Any =
     with no usable rows.
     """
     records = read_records(source, split)
-    problems, rows, dropped = _Problems(source), [], []
+    problems, rows, dropped = Problems(source), [], []
     for line, record in records:
         issues: Issues = []
         row = _preference_row(record, tokenizer, issues)
@@ -441,18 +402,14 @@ def load_preference_rows(source: str, split: str | None = None, tokenizer: Any =
     return PreferenceData(rows, dropped)
 
 
-def load_sft_rows(source: str, split: str | None = None, tokenizer: Any = None) -> list[SFTRow]:
-    """Read and validate SFT rows from ``source`` (see :func:`read_records`).
-
-    For ``messages`` rows only the final assistant reply is the completion; earlier turns (assistant
-    ones included) are prompt. All problems are collected and raised as one DataError, as is an
-    empty source.
-    """
+def _load_rows(source: str, split: str | None, tokenizer: Any, parse, kind: str) -> list:
+    """Rows of ``source`` parsed by ``parse(record, tokenizer, issues)``; every problem collected and
+    raised as one DataError, as is an empty source."""
     records = read_records(source, split)
-    problems, rows = _Problems(source), []
+    problems, rows = Problems(source), []
     for line, record in records:
         issues: Issues = []
-        row = _sft_row(record, tokenizer, issues)
+        row = parse(record, tokenizer, issues)
         for key, reason in issues:
             problems.add(line, key, reason)
         if row is not None:
@@ -460,5 +417,27 @@ def load_sft_rows(source: str, split: str | None = None, tokenizer: Any = None) 
             rows.append(row)
     problems.raise_if_any()
     if not rows:
-        raise DataError("no usable SFT rows (the source is empty)", source)
+        raise DataError(f"no usable {kind} rows (the source is empty)", source)
     return rows
+
+
+def load_sft_rows(source: str, split: str | None = None, tokenizer: Any = None) -> list[SFTRow]:
+    """Read and validate SFT rows from ``source`` (see :func:`read_records`).
+
+    For ``messages`` rows only the final assistant reply is the completion; earlier turns (assistant
+    ones included) are prompt. All problems are collected and raised as one DataError, as is an
+    empty source.
+    """
+    return _load_rows(source, split, tokenizer, _sft_row, "SFT")
+
+
+def load_unpaired_rows(source: str, split: str | None = None, tokenizer: Any = None) -> list[UnpairedRow]:
+    """Read and validate unpaired (KTO) rows: any SFT format plus a boolean ``label``. All problems are
+    collected and raised as one DataError, as is an empty source."""
+    return _load_rows(source, split, tokenizer, _unpaired_row, "unpaired")
+
+
+def load_listwise_rows(source: str, split: str | None = None, tokenizer: Any = None) -> list[ListwiseRow]:
+    """Read and validate list rows (see the module docstring). All problems are collected and raised as
+    one DataError, as is an empty source."""
+    return _load_rows(source, split, tokenizer, _listwise_row, "listwise")

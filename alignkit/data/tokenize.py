@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignkit.data.rows import PreferenceRow, SFTRow
+from alignkit.data.rows import ListwiseRow, PreferenceRow, SFTRow, UnpairedRow
 
 
 @dataclass
@@ -112,8 +112,8 @@ def truncate(
 def tokenize_preference_rows(
     rows: list[PreferenceRow], tokenizer, max_length: int, max_prompt_length: int
 ) -> tuple[list[dict], TokenStats]:
-    """Rows -> examples {prompt_ids, chosen_ids, rejected_ids, preference, line, and margin when the row has
-    one}; empty ones dropped."""
+    """Rows -> examples {prompt_ids, chosen_ids, rejected_ids, preference, line, and margin, chosen_flagged,
+    rejected_flagged when the row has them}; empty ones dropped."""
     stats = TokenStats()
     examples = []
     for row in rows:
@@ -139,6 +139,9 @@ def tokenize_preference_rows(
         }
         if row.margin is not None:
             example["margin"] = float(row.margin)
+        for key in ("chosen_flagged", "rejected_flagged"):
+            if getattr(row, key) is not None:
+                example[key] = getattr(row, key)
         examples.append(example)
     stats.rows = len(examples)
     return examples, stats
@@ -147,7 +150,8 @@ def tokenize_preference_rows(
 def tokenize_sft_rows(
     rows: list[SFTRow], tokenizer, max_length: int, max_prompt_length: int
 ) -> tuple[list[dict], TokenStats]:
-    """Rows -> examples {prompt_ids, completion_ids, line}; rows with no completion tokens dropped."""
+    """Rows -> examples {prompt_ids, completion_ids, line}, plus `label` for unpaired (KTO) rows; rows with no
+    completion tokens dropped."""
     stats = TokenStats()
     examples = []
     for row in rows:
@@ -158,7 +162,34 @@ def tokenize_sft_rows(
         if not completion or not prompt_ids:
             stats.dropped_empty += 1
             continue
-        examples.append({"prompt_ids": prompt_ids, "completion_ids": completion, "line": row.line})
+        example = {"prompt_ids": prompt_ids, "completion_ids": completion, "line": row.line}
+        if isinstance(row, UnpairedRow):
+            example["label"] = row.label
+        examples.append(example)
+    stats.rows = len(examples)
+    return examples, stats
+
+
+def tokenize_listwise_rows(
+    rows: list[ListwiseRow], tokenizer, max_length: int, max_prompt_length: int
+) -> tuple[list[dict], TokenStats]:
+    """Rows -> examples {prompt_ids, responses_ids, line, and the row's scores, probs or ranking}; a row
+    with a response left empty after truncation is dropped whole (its target covers every response)."""
+    stats = TokenStats()
+    examples = []
+    for row in rows:
+        prompt_ids, responses = encode_prompt_completions(tokenizer, row.prompt, row.responses)
+        prompt_ids, responses = truncate(
+            prompt_ids, responses, max_length, max_prompt_length, tokenizer.bos_token_id, stats
+        )
+        if not prompt_ids or not all(responses):
+            stats.dropped_empty += 1
+            continue
+        example = {"prompt_ids": prompt_ids, "responses_ids": responses, "line": row.line}
+        for key in ("scores", "probs", "ranking"):
+            if getattr(row, key) is not None:
+                example[key] = getattr(row, key)
+        examples.append(example)
     stats.rows = len(examples)
     return examples, stats
 

@@ -37,6 +37,7 @@ __all__ = [
     "RunningMean",
     "check_params",
     "get_loss",
+    "lookup",
     "preference_loss",
 ]
 
@@ -338,23 +339,31 @@ PARAM_CHECKS: dict[str, tuple[Callable[[float], bool], str]] = {
     "label_smoothing": (lambda v: 0 <= v < 0.5, "a label-flip probability in [0, 0.5)"),
     "gamma": (lambda v: True, "a finite number"),
     "nll_weight": (lambda v: v >= 0, "a number >= 0"),
+    "desirable_weight": (lambda v: v >= 0, "a number >= 0"),
+    "undesirable_weight": (lambda v: v >= 0, "a number >= 0"),
 }
 
 
-def get_loss(name: str) -> LossSpec:
-    """The registered objective called `name`; a clear error listing the valid names otherwise."""
-    if name not in LOSSES:
+def lookup(name: str, registry: dict[str, LossSpec], what: str) -> LossSpec:
+    """`registry[name]`; a clear error naming the closest valid name and listing them all otherwise."""
+    if name not in registry:
         import difflib
 
-        close = difflib.get_close_matches(name, LOSSES, n=1)
+        close = difflib.get_close_matches(name, registry, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ValueError(f"unknown preference loss '{name}'.{hint} Valid: {', '.join(sorted(LOSSES))}")
-    return LOSSES[name]
+        raise ValueError(f"unknown {what} '{name}'.{hint} Valid: {', '.join(sorted(registry))}")
+    return registry[name]
 
 
-def check_params(name: str, params: dict) -> None:
-    """Raise a ValueError if `params` holds a hyperparameter loss `name` does not use, or a bad value."""
-    spec = get_loss(name)
+def get_loss(name: str) -> LossSpec:
+    """The registered paired objective called `name`; a clear error listing the valid names otherwise."""
+    return lookup(name, LOSSES, "preference loss")
+
+
+def check_params(name: str, params: dict, registry: dict[str, LossSpec] | None = None) -> None:
+    """Raise a ValueError if `params` holds a hyperparameter loss `name` (in `registry`, default the
+    paired `LOSSES`) does not use, or a bad value."""
+    spec = get_loss(name) if registry is None else lookup(name, registry, "loss")
     for key, value in params.items():
         if key not in spec.params:
             raise ValueError(

@@ -18,7 +18,7 @@ import torch
 
 from alignkit.config import ConfigError
 from alignkit.data.chat import json_type
-from alignkit.data.rows import DataError, _Problems, read_records
+from alignkit.data.readers import DataError, Problems, read_records
 from alignkit.rewards.base import parse_spec
 from alignkit.rewards.compose import RewardSet
 
@@ -54,7 +54,7 @@ class ScoreConfig:
 def read_pairs(cfg: ScoreConfig) -> tuple[list[dict], list[str], list[str]]:
     """(records, prompts, responses); every bad row is reported at once as file:line: field: problem."""
     records = read_records(cfg.data, cfg.data_split)
-    problems = _Problems(cfg.data)
+    problems = Problems(cfg.data)
     for line, record in records:
         for key in (cfg.prompt_field, cfg.response_field):
             value = record.get(key)

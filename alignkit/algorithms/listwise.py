@@ -1,0 +1,193 @@
+"""Listwise preference optimisation: one prompt, several responses, and scores, probabilities or a ranking.
+
+    alignkit listwise model=PATH data=lists.jsonl loss=soft temperature=0.5
+    alignkit listwise model=PATH data=ranked.jsonl loss=plackett_luce
+
+Rows are {prompt, responses: [...], scores | probs | ranking: [...]} (alignkit.data.rows). The implicit
+rewards β·(log πθ − log πref) of a list's responses are pushed towards the target distribution (`soft`:
+softmax(scores / temperature), or the row's probs) or the ranking (`plackett_luce`: the row's ranking, or
+its scores / probs in decreasing order). Every response of every list in a micro-batch goes through the
+model in one forward. Reads top to bottom: data -> targets -> policy -> reference log-probs -> loss -> fit
+-> save; the reference helpers are dpo.py's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from alignkit.algorithms.dpo import (
+    attach_precomputed_reference,
+    check_reference_settings,
+    reference_forward,
+    setup_reference,
+)
+from alignkit.config import ConfigError, ListwiseConfig, save_config
+from alignkit.data.collate import collate_lists
+from alignkit.data.prepare import prepare_listwise_data
+from alignkit.logprobs import completion_logps
+from alignkit.losses import check_params, get_listwise_loss
+from alignkit.losses.listwise import LISTWISE_LOSSES, soft_targets
+from alignkit.models import add_lora, load_causal_lm, load_tokenizer, save_model
+from alignkit.runtime import fit, make_accelerator, used_indices
+
+FIELDS = ("prompt_ids", "responses_ids")
+
+
+def list_logps(model, batch: dict, chunk_size: int, width: int | None = None) -> dict:
+    """{"responses": (B, K) log-prob sums of every list's responses}, 0 in empty slots; K is the batch's
+    longest list, or `width` (≥ it) so that passes over batches of different lists line up."""
+    out = completion_logps(
+        model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], chunk_size=chunk_size
+    )
+    B, K = batch["list_mask"].shape
+    logps = out.sum.new_zeros(B * K).index_put((batch["slot"],), out.sum).view(B, K)  # (B, K)
+    return {"responses": F.pad(logps, (0, (width or K) - K))}
+
+
+def attach_targets(cfg: ListwiseConfig, examples: list[dict], source: str) -> None:
+    """Each example's `target` (soft: a distribution over its responses) or `order` (plackett_luce: its
+    response indices best first), from its scores, probs or ranking; a row that cannot give one is an
+    error naming its line."""
+    for e in examples:
+        where = f"{source}:{e['line']}"
+        if cfg.loss == "soft":
+            if "ranking" in e:
+                raise ValueError(
+                    f"{where}: field 'ranking': loss 'soft' needs scores or probs (a target distribution); "
+                    "use loss=plackett_luce for rows that only rank their responses"
+                )
+            if "probs" in e:
+                e["target"] = e["probs"]
+            else:
+                scores = torch.tensor([e["scores"]], dtype=torch.float64)
+                mask = torch.ones_like(scores, dtype=torch.bool)
+                e["target"] = soft_targets(scores, mask, cfg.temperature)[0].tolist()
+        elif "ranking" in e:
+            e["order"] = e["ranking"]
+        else:
+            key = "scores" if "scores" in e else "probs"
+            values = e[key]
+            if len(set(values)) < len(values):
+                raise ValueError(
+                    f"{where}: field '{key}': {values} has ties, so it gives no strict order for "
+                    "plackett_luce; give the row a 'ranking' or use loss=soft"
+                )
+            e["order"] = sorted(range(len(values)), key=lambda k: -values[k])
+
+
+def train(cfg: ListwiseConfig) -> Path:
+    """Train a policy on lists of responses; returns the folder of the saved final model."""
+    check_reference_settings(cfg)
+    spec = get_listwise_loss(cfg.loss)
+    try:
+        check_params(cfg.loss, {p: getattr(cfg, p) for p in spec.params}, LISTWISE_LOSSES)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.temperature != ListwiseConfig().temperature and cfg.loss != "soft":
+        raise ConfigError(f"temperature={cfg.temperature} is not used by loss '{cfg.loss}' (only by soft)")
+    if not cfg.temperature > 0:
+        raise ConfigError(f"temperature={cfg.temperature} is not valid (expected a number > 0)")
+    accelerator = make_accelerator(cfg)
+    log = print if accelerator.is_main_process else (lambda *a, **k: None)
+    output_dir = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        save_config(cfg, output_dir)
+
+    # Data: validated, tokenised and given targets before any model is loaded, so bad rows fail fast.
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
+    train_examples, eval_examples = prepare_listwise_data(cfg, tokenizer, log)
+    attach_targets(cfg, train_examples, cfg.data)
+    attach_targets(cfg, eval_examples, cfg.eval_data or cfg.data)
+    if cfg.temperature != ListwiseConfig().temperature and not any("scores" in e for e in train_examples):
+        raise ConfigError(f"temperature={cfg.temperature} is not used: no training row has scores")
+    width = max(len(e["responses_ids"]) for e in train_examples + eval_examples)
+
+    model = load_causal_lm(
+        cfg.model,
+        cfg.dtype,
+        cfg.attn_implementation,
+        cfg.trust_remote_code,
+        cfg.gradient_checkpointing,
+        tokenizer.pad_token_id,
+    ).to(accelerator.device)
+
+    def collate(examples: list[dict]) -> dict:
+        batch = collate_lists(examples, tokenizer.pad_token_id)
+        B, K = batch["list_mask"].shape
+
+        def padded(key: str, fill) -> torch.Tensor:  # (B, K): each row's values, then `fill`s
+            return torch.tensor(
+                [e[key][: len(e["responses_ids"])] + [fill] * (K - len(e["responses_ids"])) for e in examples]
+            )
+
+        if "target" in examples[0]:
+            batch["target"] = padded("target", 0.0)
+        if "order" in examples[0]:  # empty slots rank last, in slot order
+            batch["order"] = torch.tensor(
+                [e["order"] + list(range(len(e["order"]), K)) for e in examples], dtype=torch.long
+            )
+        if "ref_responses" in examples[0]:
+            batch["ref"] = padded("ref_responses", 0.0)
+        return batch
+
+    def logps(m, batch: dict) -> dict:
+        return list_logps(m, batch, cfg.logprob_chunk_size, width)
+
+    def precompute(ref_model) -> None:
+        used = [train_examples[i] for i in used_indices(cfg, len(train_examples), accelerator)]
+        splits = {"train": used, "eval": eval_examples}
+        attach_precomputed_reference(cfg, ref_model, splits, accelerator, collate, logps, FIELDS, log)
+
+    reference, setup_metrics = setup_reference(cfg, model, accelerator, precompute)
+    if cfg.lora.enabled:
+        model = add_lora(model, cfg.lora)
+    model.train()
+
+    def loss_fn(batch: dict) -> tuple[torch.Tensor, dict]:
+        mask = batch["list_mask"]
+        policy = list_logps(model, batch, cfg.logprob_chunk_size)["responses"]  # (B, K)
+        if "ref" in batch:
+            ref = batch["ref"]
+        else:
+            ref = reference_forward(cfg, model, reference, accelerator, logps, batch)["responses"][
+                :, : mask.shape[1]
+            ]
+        inputs = {k: batch[k] for k in spec.inputs}  # target (soft) or order (plackett_luce)
+        out = spec.fn(policy, ref, mask, beta=cfg.beta, **inputs)
+        metrics = {
+            "loss": float(out.losses.detach().mean()),
+            **out.metrics,
+            "logps/responses": float(policy.detach()[mask].mean()),
+        }
+        return out.losses.mean(), metrics
+
+    def evaluate() -> dict:
+        totals: dict[str, float] = {}
+        for start in range(0, len(eval_examples), cfg.batch_size):
+            examples = eval_examples[start : start + cfg.batch_size]
+            batch = {k: v.to(accelerator.device) for k, v in collate(examples).items()}
+            _, metrics = loss_fn(batch)
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + v * len(examples)
+        return {k: v / len(eval_examples) for k, v in totals.items()}
+
+    fit(
+        cfg,
+        accelerator,
+        model,
+        train_examples,
+        collate,
+        loss_fn,
+        evaluate if eval_examples else None,
+        setup_metrics=setup_metrics,
+    )
+
+    final = output_dir / "final"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), tokenizer, final, merge_lora=cfg.lora.merge)
+        log(f"final model saved to {final}")
+    return final

@@ -1,0 +1,292 @@
+"""Reward models: a Bradley–Terry sequence classifier trained on preference pairs.
+
+    alignkit reward model=PATH data=pairs.jsonl output_dir=out eval_fraction=0.1
+
+Reads top to bottom: data -> the classifier's input sequences -> model -> loss -> fit -> save.
+
+The reward of a response is one number from a standard Hugging Face sequence classifier reading
+`prompt + response`: a causal LM's backbone with a linear head on the last token, or an encoder (BERT
+and kin) with its pooled [CLS] head. Trained on the same rows as DPO, it is saved as
+`...ForSequenceClassification` (one label, "reward") and scored through the classifier reward source:
+
+    {type: classifier, model: out/final, text: "{prompt}{response}", max_length: <max_length>}
+
+Where the time goes, and what is done about it (measured in docs/reward_models.md): chosen and rejected
+go through the model in one forward; each step draws pairs of similar length (`group_by_length`), so a
+batch is padded to its own length rather than to the longest row of a random draw; the prompt is cut
+from the left (`max_prompt_length`), so the response, which is what differs, is always read; and on a
+causal backbone the prompt is computed once per pair (`share_prompt`: one [prompt|chosen|rejected] row
+whose rejected tokens cannot see the chosen ones, exact because a causal prompt never sees what follows).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from alignkit.config import ConfigError, RewardConfig, TrainConfig, save_config
+from alignkit.data.collate import collate_pairs, collate_pairs_shared_prompt
+from alignkit.data.prepare import prepare_preference_data
+from alignkit.losses.reward import bradley_terry_loss
+from alignkit.models import (
+    add_lora,
+    disable_dropout,
+    is_encoder,
+    load_reward_model,
+    load_tokenizer,
+    save_model,
+)
+from alignkit.runtime import fit, make_accelerator
+
+BACKBONES = ("auto", "causal", "encoder")
+
+
+def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
+    """The special token ids the tokenizer puts before and after a single text: ([CLS], [SEP]) for BERT,
+    ([BOS], []) for Llama-style tokenizers, ([], []) for GPT-2."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start], full[start + len(plain) :]
+    return [], []
+
+
+def classifier_pairs(
+    examples: list[dict], tokenizer, max_length: int, max_prompt_length: int
+) -> tuple[list[dict], int]:
+    """Tokenised pairs as the classifier reads them: prompt_ids + chosen_ids is exactly what the tokenizer
+    gives for the text `prompt + chosen` (its own special tokens, and no EOS it would not add itself), so
+    the saved model scores a (prompt, response) the same way in training and in use.
+
+    The prompt keeps its last tokens and the tokenizer's leading special tokens ([CLS] must stay first for
+    an encoder's pooled head); a response is cut from the right and keeps the trailing ones. Returns the
+    pairs and how many were dropped for having no response token left.
+    """
+    lead, trail = special_tokens_around(tokenizer)
+    eos = tokenizer.eos_token_id
+    out, dropped = [], 0
+    for e in examples:
+        prompt = e["prompt_ids"]
+        if lead and prompt[: len(lead)] == lead:
+            prompt = prompt[len(lead) :]
+        prompt = prompt[max(len(prompt) - (max_prompt_length - len(lead)), 0) :]
+        room = max_length - len(lead) - len(prompt) - len(trail)
+        completions = []
+        for c in (e["chosen_ids"], e["rejected_ids"]):
+            if trail and c[-len(trail) :] == trail:
+                c = c[: -len(trail)]
+            elif not trail and eos is not None and c and c[-1] == eos:
+                c = c[:-1]  # the EOS tokenisation appends for generation; the tokenizer alone does not
+            completions.append(c[: max(room, 0)])
+        if not all(completions):
+            dropped += 1
+            continue
+        chosen, rejected = completions
+        out.append(
+            {**e, "prompt_ids": lead + prompt, "chosen_ids": chosen + trail, "rejected_ids": rejected + trail}
+        )
+    return out, dropped
+
+
+def last_real_tokens(batch: dict, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices into (rows x T) of each pair's last chosen and last rejected token in a prompt-shared
+    batch (`segment` maps completion tokens to their pair; rows may hold several pairs), each (B,).
+
+    A Hugging Face decoder classifier reads the last token that is not the pad id (a tokenizer whose
+    pad is its EOS appends one it then skips), so that token is the one read here.
+    """
+    segment = batch["segment"]  # (R, T)
+    B = batch["preference"].shape[0]
+    flat = torch.arange(segment.numel()).view_as(segment)  # (R, T)
+    real = batch["input_ids"] != pad_id
+    ends = []
+    for mask in (batch["chosen_mask"].bool(), batch["rejected_mask"].bool()):
+        last = []
+        for keep in (mask & real, mask):  # a response of nothing but pad ids: its last token
+            last.append(torch.full((B,), -1).scatter_reduce(0, segment[keep], flat[keep], "amax"))
+        ends.append(torch.where(last[0] >= 0, last[0], last[1]))
+    return ends[0], ends[1]
+
+
+def make_collate(pad_id: int, share_prompt: bool):
+    """Pairs -> one batch: [prompt | chosen | rejected] segments with the flat positions of the two last
+    tokens (`share_prompt`), or 2B padded rows, the chosen sequences then the rejected ones."""
+
+    def collate(examples: list[dict]) -> dict:
+        if not share_prompt:
+            batch = collate_pairs(examples, pad_id)
+            del batch["completion_mask"]
+            return batch
+        batch = collate_pairs_shared_prompt(examples, pad_id)
+        batch["chosen_end"], batch["rejected_end"] = last_real_tokens(batch, pad_id)
+        for key in ("source_index", "segment", "chosen_mask", "rejected_mask"):
+            del batch[key]
+        return batch
+
+    return collate
+
+
+def _backbone_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(backbone, score head) of a decoder classifier, looking through DDP and peft wrappers (peft puts
+    LoRA layers in place and the trainable head copy behind `score`, so both still apply)."""
+    inner = getattr(model, "module", model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return getattr(inner, inner.base_model_prefix), inner.score
+
+
+def pair_rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward for the whole batch -> (chosen rewards, rejected rewards), each (B,) float32."""
+    if "allowed" in batch:
+        backbone, head = _backbone_and_head(model)
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(batch["allowed"].shape, dtype=dtype, device=batch["allowed"].device)
+        mask = mask.masked_fill(~batch["allowed"], torch.finfo(dtype).min)[:, None]  # (B, 1, T, T)
+        hidden = backbone(
+            input_ids=batch["input_ids"],
+            attention_mask=mask,
+            position_ids=batch["position_ids"],
+            use_cache=False,
+        ).last_hidden_state  # (B, T, H)
+        ends = torch.cat([batch["chosen_end"], batch["rejected_end"]])  # (2B,) flat positions
+        rewards = head(hidden.flatten(0, 1)[ends]).squeeze(-1).float()  # (2B,)
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        rewards = logits.squeeze(-1).float()  # (2B,)
+    B = rewards.shape[0] // 2
+    return rewards[:B], rewards[B:]
+
+
+def check_settings(cfg: RewardConfig, encoder: bool) -> bool:
+    """Validate the settings for this backbone; returns whether the prompt is shared."""
+    if cfg.backbone not in BACKBONES:
+        raise ConfigError(f"backbone '{cfg.backbone}' is not one of {', '.join(BACKBONES)}")
+    if cfg.center_rewards_coefficient < 0:
+        raise ConfigError(f"center_rewards_coefficient must be >= 0, got {cfg.center_rewards_coefficient}")
+    if cfg.group_by_length and not cfg.shuffle:
+        raise ConfigError("group_by_length reorders the rows; set shuffle=true or group_by_length=false")
+    if cfg.logprob_chunk_size != TrainConfig.logprob_chunk_size:
+        raise ConfigError("logprob_chunk_size is not used by a reward model (no log-probs); remove it")
+    flash = "flash" in (cfg.attn_implementation or "")
+    if encoder and cfg.share_prompt:
+        raise ConfigError(
+            "share_prompt needs a causal backbone; an encoder's prompt states depend on the response, "
+            "so each response is read with its own copy of the prompt; remove share_prompt"
+        )
+    if cfg.share_prompt and flash:
+        raise ConfigError(
+            "share_prompt needs a 4D attention mask, which flash attention does not take; "
+            "set share_prompt=false or attn_implementation=sdpa"
+        )
+    return not encoder and not flash if cfg.share_prompt is None else cfg.share_prompt
+
+
+def train(cfg: RewardConfig) -> Path:
+    """Train a Bradley–Terry reward model on preference pairs; returns the folder of the saved classifier."""
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    encoder = cfg.backbone == "encoder" or (cfg.backbone == "auto" and is_encoder(model_config))
+    share_prompt = check_settings(cfg, encoder)
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if positions and cfg.max_length > positions:
+        raise ConfigError(f"max_length {cfg.max_length} is more than the model's {positions} positions")
+    accelerator = make_accelerator(cfg)
+    log = print if accelerator.is_main_process else (lambda *a, **k: None)
+    output_dir = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        save_config(cfg, output_dir)
+
+    # Data: the DPO rows and tokenisation, then each pair as the classifier's two input sequences.
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
+    train_examples, eval_examples = prepare_preference_data(cfg, tokenizer, log)
+    train_examples, dropped = classifier_pairs(
+        train_examples, tokenizer, cfg.max_length, cfg.max_prompt_length
+    )
+    eval_examples, eval_dropped = classifier_pairs(
+        eval_examples, tokenizer, cfg.max_length, cfg.max_prompt_length
+    )
+    if dropped or eval_dropped:
+        log(f"{dropped} train and {eval_dropped} eval pairs dropped: no response token fits in max_length")
+    if not train_examples:
+        raise ValueError(f"{cfg.data}: no training pairs left; raise max_length or lower max_prompt_length")
+
+    def length(e: dict) -> int:  # the row length a pair pads to
+        c, r = len(e["chosen_ids"]), len(e["rejected_ids"])
+        return len(e["prompt_ids"]) + (c + r if share_prompt else max(c, r))
+
+    model = load_reward_model(
+        cfg.model,
+        cfg.dtype,
+        cfg.attn_implementation,
+        cfg.trust_remote_code,
+        cfg.gradient_checkpointing,
+        tokenizer.pad_token_id,
+        from_causal_lm=not encoder,
+    ).to(accelerator.device)
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    if cfg.lora.enabled:
+        model = add_lora(model, cfg.lora, task_type="SEQ_CLS")
+    model.train()
+    log(
+        f"reward model: {'encoder' if encoder else 'causal LM + value head'} {type(model).__name__}, "
+        f"prompt {'shared' if share_prompt else 'read with each response'}"
+    )
+
+    collate = make_collate(tokenizer.pad_token_id, share_prompt)
+
+    def loss_fn(batch: dict) -> tuple[torch.Tensor, dict]:
+        chosen, rejected = pair_rewards(model, batch)  # (B,), (B,)
+        out = bradley_terry_loss(
+            chosen,
+            rejected,
+            margin=batch.get("margin"),
+            preference=batch["preference"],
+            center_rewards_coefficient=cfg.center_rewards_coefficient,
+        )
+        margins = out.chosen_rewards - out.rejected_rewards
+        metrics = {
+            "loss": float(out.losses.detach().mean()),
+            "rewards/accuracies": float((margins > 0).float().mean()),
+            "rewards/margins": float(margins.mean()),
+            "rewards/chosen": float(out.chosen_rewards.mean()),
+            "rewards/rejected": float(out.rejected_rewards.mean()),
+            **out.metrics,
+        }
+        return out.losses.mean(), metrics
+
+    eval_order = sorted(eval_examples, key=length)  # similar lengths batched together; order-free metrics
+
+    def evaluate() -> dict:
+        totals: dict[str, float] = {}
+        for start in range(0, len(eval_order), cfg.batch_size):
+            examples = eval_order[start : start + cfg.batch_size]
+            batch = {k: v.to(accelerator.device) for k, v in collate(examples).items()}
+            _, metrics = loss_fn(batch)
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + v * len(examples)
+        return {k: v / len(eval_order) for k, v in totals.items()}
+
+    fit(
+        cfg,
+        accelerator,
+        model,
+        train_examples,
+        collate,
+        loss_fn,
+        evaluate if eval_examples else None,
+        lengths=[length(e) for e in train_examples] if cfg.group_by_length else None,
+    )
+
+    final = output_dir / "final"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tokenizer.truncation_side = "left"  # over max_length, users' texts lose prompt, not response
+        save_model(accelerator.unwrap_model(model), tokenizer, final, merge_lora=cfg.lora.merge)
+        log(
+            f"reward model saved to {final}; score with {{type: classifier, model: {final}, "
+            f'text: "{{prompt}}{{response}}", max_length: {cfg.max_length}}}'
+        )
+    return final
