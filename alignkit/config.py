@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import re
 import textwrap
 import types
 import typing
@@ -24,6 +25,23 @@ import yaml
 # Organisational sections a YAML file may group top-level keys under (`train: {lr: ...}` or
 # `train.lr=...` on the command line both set `lr`).
 SECTION_ALIASES = ("train",)
+
+
+class _YAML12Loader(yaml.SafeLoader):
+    """YAML with only true/false as booleans (YAML 1.2): `mixed_precision: no` stays the string 'no'."""
+
+
+_YAML12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YAML12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _load_yaml(text):
+    return yaml.load(text, Loader=_YAML12Loader)
 
 
 class ConfigError(ValueError):
@@ -148,7 +166,7 @@ class RewardConfig(TrainConfig):
     group_by_length: bool = True
     """Draw each step's pairs from pairs of similar length, so batches are padded little."""
     disable_dropout: bool = True
-    """Train without dropout: it adds noise to the chosen-minus-rejected difference (and time on a CPU)."""
+    """Train without dropout (LoRA's too): it adds noise to the chosen-minus-rejected difference, and time."""
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(merge=True))
     """LoRA settings; the final model is saved merged (a plain classifier) unless lora.merge=false."""
 
@@ -410,7 +428,7 @@ def load_config(cls: type, path: str | None = None, overrides: list[str] | None 
     if path:
         try:
             with open(path) as f:
-                data = yaml.safe_load(f) or {}
+                data = _load_yaml(f) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         except yaml.YAMLError as e:
@@ -426,7 +444,7 @@ def load_config(cls: type, path: str | None = None, overrides: list[str] | None 
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not of the form key=value")
-        _set(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        _set(cfg, key.strip(), _load_yaml(raw) if raw.strip() else "")
     return cfg
 
 

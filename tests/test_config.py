@@ -81,3 +81,12 @@ def test_cli_help(capsys):
     assert "Did you mean 'dpo'" in capsys.readouterr().err
     assert main(["dpo", "bogus=1"]) == 2
     assert "unknown config key 'bogus'" in capsys.readouterr().err
+
+
+def test_yaml_no_is_a_string_not_a_boolean(tmp_path):
+    # YAML 1.1 reads `no` as false; `mixed_precision: no` must stay the string 'no'.
+    path = tmp_path / "run.yaml"
+    path.write_text("mixed_precision: no\ngradient_checkpointing: true\n")
+    cfg = load_config(DPOConfig, str(path), ["lora.enabled=false"])
+    assert cfg.mixed_precision == "no" and cfg.gradient_checkpointing is True and cfg.lora.enabled is False
+    assert load_config(DPOConfig, None, ["mixed_precision=no"]).mixed_precision == "no"

@@ -18,7 +18,7 @@ from alignkit.config import RewardConfig
 from alignkit.data.rows import load_preference_rows
 from alignkit.data.tokenize import tokenize_preference_rows
 from alignkit.losses.reward import bradley_terry_loss
-from alignkit.models import load_causal_lm, load_tokenizer
+from alignkit.models import disable_dropout, load_causal_lm, load_tokenizer
 from alignkit.rewards import build_reward
 from alignkit.runtime import DataOrder
 from tests.conftest import TINYSTORIES
@@ -300,6 +300,22 @@ def test_encoder_learns_saves_and_scores(bert_dir, tmp_path):
     check_saved_model(final, eval_rows, logged)
 
 
+def test_disable_dropout_makes_training_forwards_deterministic(bert_dir):
+    """BERT keeps dropout 0.1 in its config; with every dropout at 0, a training-mode forward is the
+    eval-mode one (so r_w − r_l carries no mask noise)."""
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(bert_dir, num_labels=1)
+    ids = load_tokenizer(str(bert_dir))(
+        ["lily was happy .", "tom was sad ."], padding=True, return_tensors="pt"
+    )
+    model.train()
+    assert not torch.equal(model(**ids).logits, model(**ids).logits)
+    disable_dropout(model)
+    noisy = model(**ids).logits
+    torch.testing.assert_close(noisy, model(**ids).logits, atol=0, rtol=0)
+    torch.testing.assert_close(noisy, model.eval()(**ids).logits, atol=1e-6, rtol=0)
+
+
 def test_lora_reward_model_is_saved_merged_with_its_trained_head(tmp_path):
     """LoRA (task SEQ_CLS): the adapter and the fully trained score head are merged into a plain classifier
     that reproduces the logged held-out rewards."""
@@ -342,7 +358,33 @@ def test_settings_that_cannot_apply_are_errors(bert_dir, tmp_path, capsys):
     assert "backbone 'decoder' is not one of auto, causal, encoder" in capsys.readouterr().err
     assert main([*base, "shuffle=false"]) == 1
     assert "group_by_length reorders the rows" in capsys.readouterr().err
+    assert main([*base, "lora.enabled=true", "lora.dropout=0.1"]) == 1
+    assert "lora.dropout=0.1 has no effect with disable_dropout=true" in capsys.readouterr().err
     assert main([*base, "center_rewards_coeficient=0.1"]) == 2
     assert "Did you mean 'center_rewards_coefficient'" in capsys.readouterr().err
     assert main(["reward", "--help"]) == 0
     assert "center_rewards_coefficient = 0.0" in capsys.readouterr().out
+
+
+def test_every_reward_setting_is_documented():
+    import dataclasses
+
+    from alignkit.config import field_docs
+
+    docs = field_docs(RewardConfig)
+    assert all(docs.get(f.name) for f in dataclasses.fields(RewardConfig))
+    assert RewardConfig().lora.merge  # saved as a plain classifier unless asked otherwise
+
+
+def test_shipped_minilm_example_is_a_valid_config():
+    """The documented run's config loads (its run itself is docs/reward_models.md, not a test)."""
+    from alignkit.config import load_config
+    from tests.conftest import REPO
+
+    cfg = load_config(RewardConfig, str(REPO / "examples" / "reward_minilm.yaml"), ["model=x"])
+    assert (cfg.backbone, cfg.max_length, cfg.max_prompt_length, cfg.eval_fraction) == (
+        "encoder",
+        256,
+        128,
+        0.1,
+    )

@@ -14,9 +14,11 @@ and kin) with its pooled [CLS] head. Trained on the same rows as DPO, it is save
 Where the time goes, and what is done about it (measured in docs/reward_models.md): chosen and rejected
 go through the model in one forward; each step draws pairs of similar length (`group_by_length`), so a
 batch is padded to its own length rather than to the longest row of a random draw; the prompt is cut
-from the left (`max_prompt_length`), so the response, which is what differs, is always read; and on a
-causal backbone the prompt is computed once per pair (`share_prompt`: one [prompt|chosen|rejected] row
-whose rejected tokens cannot see the chosen ones, exact because a causal prompt never sees what follows).
+from the left (`max_prompt_length`), so the response, which is what differs, is always read; dropout
+is off (`disable_dropout`): it only adds noise to r_w − r_l, and on a CPU costs as much as the matmuls;
+and on a causal backbone the prompt is computed once per pair (`share_prompt`: [prompt|chosen|rejected]
+segments whose rejected tokens cannot see the chosen ones, exact because a causal prompt never sees
+what follows it).
 """
 
 from __future__ import annotations
@@ -168,6 +170,11 @@ def check_settings(cfg: RewardConfig, encoder: bool) -> bool:
         raise ConfigError("group_by_length reorders the rows; set shuffle=true or group_by_length=false")
     if cfg.logprob_chunk_size != TrainConfig.logprob_chunk_size:
         raise ConfigError("logprob_chunk_size is not used by a reward model (no log-probs); remove it")
+    if cfg.disable_dropout and cfg.lora.enabled and cfg.lora.dropout != RewardConfig().lora.dropout:
+        raise ConfigError(
+            f"lora.dropout={cfg.lora.dropout} has no effect with disable_dropout=true (every dropout is "
+            "off); set disable_dropout=false to use it"
+        )
     flash = "flash" in (cfg.attn_implementation or "")
     if encoder and cfg.share_prompt:
         raise ConfigError(
@@ -225,10 +232,10 @@ def train(cfg: RewardConfig) -> Path:
         tokenizer.pad_token_id,
         from_causal_lm=not encoder,
     ).to(accelerator.device)
-    if cfg.disable_dropout:
-        disable_dropout(model)
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora, task_type="SEQ_CLS")
+    if cfg.disable_dropout:
+        disable_dropout(model)  # the adapter's too
     model.train()
     log(
         f"reward model: {'encoder' if encoder else 'causal LM + value head'} {type(model).__name__}, "
