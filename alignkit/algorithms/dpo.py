@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from alignkit.config import ConfigError, ConstraintSettings, DPOConfig, save_config
-from alignkit.data.collate import collate_pairs, collate_pairs_shared_prompt
+from alignkit.data.collate import additive_mask, collate_pairs, collate_pairs_shared_prompt
 from alignkit.data.prepare import cache_dir, prepare_preference_data
 from alignkit.data.tokenize import fingerprint, source_fingerprint
 from alignkit.logprobs import completion_logps
@@ -40,8 +40,7 @@ def pair_logps(model, batch: dict, chunk_size: int) -> tuple[torch.Tensor, ...]:
     """
     if "allowed" in batch:
         dtype = next(model.parameters()).dtype
-        mask = torch.zeros(batch["allowed"].shape, dtype=dtype, device=batch["allowed"].device)
-        mask = mask.masked_fill(~batch["allowed"], torch.finfo(dtype).min)[:, None]  # (B, 1, T, T)
+        mask = additive_mask(batch["allowed"], dtype)  # (R, 1, T, T)
         chosen_mask, rejected_mask = batch["chosen_mask"], batch["rejected_mask"]
         out = completion_logps(
             model,

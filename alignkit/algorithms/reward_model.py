@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from alignkit.config import ConfigError, RewardConfig, TrainConfig, save_config
-from alignkit.data.collate import collate_pairs, collate_pairs_shared_prompt
+from alignkit.data.collate import additive_mask, collate_pairs, collate_pairs_shared_prompt
 from alignkit.data.prepare import prepare_preference_data
 from alignkit.losses.reward import bradley_terry_loss
 from alignkit.models import (
@@ -143,8 +143,7 @@ def pair_rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     if "allowed" in batch:
         backbone, head = _backbone_and_head(model)
         dtype = next(model.parameters()).dtype
-        mask = torch.zeros(batch["allowed"].shape, dtype=dtype, device=batch["allowed"].device)
-        mask = mask.masked_fill(~batch["allowed"], torch.finfo(dtype).min)[:, None]  # (B, 1, T, T)
+        mask = additive_mask(batch["allowed"], dtype)  # (R, 1, T, T)
         hidden = backbone(
             input_ids=batch["input_ids"],
             attention_mask=mask,

@@ -54,6 +54,13 @@ def collate_sft(examples: list[dict], pad_id: int) -> dict:
     return pad_sequences(sequences, starts, pad_id)
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(R, T, T) boolean `allowed` -> the (R, 1, T, T) additive attention mask transformers takes
+    (0 where a query may attend, the dtype's minimum elsewhere)."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     """First-fit-decreasing bin packing: indices of `lengths` grouped into rows of at most `capacity`."""
     rows: list[list[int]] = []
