@@ -378,6 +378,32 @@ def fit(
     return last
 
 
+def evaluate_in_batches(
+    examples: list[dict], batch_size: int, collate: Callable, loss_fn: Callable, device
+) -> dict:
+    """Every metric of `loss_fn` over `examples`, in batches, each batch weighted by its rows."""
+    totals: dict[str, float] = {}
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in collate(chunk).items()}
+        _, metrics = loss_fn(batch)
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + v * len(chunk)
+    return {k: v / len(examples) for k, v in totals.items()}
+
+
+def save_final(accelerator, model, tokenizer, output_dir: Path, merge_lora: bool, log=print) -> Path:
+    """Save the trained model (save_pretrained, safetensors) to output_dir/final on the main process."""
+    from alignkit.models import save_model
+
+    final = Path(output_dir) / "final"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), tokenizer, final, merge_lora=merge_lora)
+        log(f"final model saved to {final}")
+    return final
+
+
 def _save(checkpointer, accelerator, step, model, optimizer, scheduler, loop_state=None) -> Path | None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

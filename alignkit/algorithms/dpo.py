@@ -24,8 +24,8 @@ from alignkit.data.tokenize import fingerprint, source_fingerprint
 from alignkit.logprobs import completion_logps
 from alignkit.losses import LOSSES, LossSpec, RunningMean, check_params, get_loss, preference_loss
 from alignkit.losses.constraints import check_constraints, constraint_losses, implicit_rewards
-from alignkit.models import add_lora, freeze, load_causal_lm, load_tokenizer, save_model
-from alignkit.runtime import fit, make_accelerator, used_indices
+from alignkit.models import add_lora, freeze, load_causal_lm, load_tokenizer
+from alignkit.runtime import evaluate_in_batches, fit, make_accelerator, save_final, used_indices
 
 REFERENCE_MODES = ("copy", "adapter", "precomputed")
 PAIR_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -415,14 +415,7 @@ def train(cfg: DPOConfig) -> Path:
         return losses.mean(), metrics
 
     def evaluate() -> dict:
-        totals: dict[str, float] = {}
-        for start in range(0, len(eval_examples), cfg.batch_size):
-            examples = eval_examples[start : start + cfg.batch_size]
-            batch = {k: v.to(accelerator.device) for k, v in collate(examples).items()}
-            _, metrics = loss_fn(batch)
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + v * len(examples)
-        return {k: v / len(eval_examples) for k, v in totals.items()}
+        return evaluate_in_batches(eval_examples, cfg.batch_size, collate, loss_fn, accelerator.device)
 
     fit(
         cfg,
@@ -436,9 +429,4 @@ def train(cfg: DPOConfig) -> Path:
         state=reward_mean if "delta" in spec.inputs else None,
     )
 
-    final = output_dir / "final"
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, final, merge_lora=cfg.lora.merge)
-        log(f"final model saved to {final}")
-    return final
+    return save_final(accelerator, model, tokenizer, output_dir, cfg.lora.merge, log)

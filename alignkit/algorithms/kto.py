@@ -31,8 +31,8 @@ from alignkit.data.prepare import prepare_unpaired_data
 from alignkit.logprobs import completion_logps
 from alignkit.losses import RunningMean, check_params, get_unpaired_loss
 from alignkit.losses.unpaired import UNPAIRED_LOSSES, kto_reference_point
-from alignkit.models import add_lora, load_causal_lm, load_tokenizer, save_model
-from alignkit.runtime import data_order, fit, make_accelerator, total_steps, used_indices
+from alignkit.models import add_lora, load_causal_lm, load_tokenizer
+from alignkit.runtime import data_order, fit, make_accelerator, save_final, total_steps, used_indices
 
 FIELDS = ("prompt_ids", "completion_ids")
 
@@ -249,9 +249,4 @@ def train(cfg: KTOConfig) -> Path:
         summarise=summarise,
     )
 
-    final = output_dir / "final"
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, final, merge_lora=cfg.lora.merge)
-        log(f"final model saved to {final}")
-    return final
+    return save_final(accelerator, model, tokenizer, output_dir, cfg.lora.merge, log)

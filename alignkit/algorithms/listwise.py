@@ -30,8 +30,8 @@ from alignkit.data.prepare import prepare_listwise_data
 from alignkit.logprobs import completion_logps
 from alignkit.losses import check_params, get_listwise_loss
 from alignkit.losses.listwise import LISTWISE_LOSSES, soft_targets
-from alignkit.models import add_lora, load_causal_lm, load_tokenizer, save_model
-from alignkit.runtime import fit, make_accelerator, used_indices
+from alignkit.models import add_lora, load_causal_lm, load_tokenizer
+from alignkit.runtime import evaluate_in_batches, fit, make_accelerator, save_final, used_indices
 
 FIELDS = ("prompt_ids", "responses_ids")
 
@@ -165,14 +165,7 @@ def train(cfg: ListwiseConfig) -> Path:
         return out.losses.mean(), metrics
 
     def evaluate() -> dict:
-        totals: dict[str, float] = {}
-        for start in range(0, len(eval_examples), cfg.batch_size):
-            examples = eval_examples[start : start + cfg.batch_size]
-            batch = {k: v.to(accelerator.device) for k, v in collate(examples).items()}
-            _, metrics = loss_fn(batch)
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + v * len(examples)
-        return {k: v / len(eval_examples) for k, v in totals.items()}
+        return evaluate_in_batches(eval_examples, cfg.batch_size, collate, loss_fn, accelerator.device)
 
     fit(
         cfg,
@@ -185,9 +178,4 @@ def train(cfg: ListwiseConfig) -> Path:
         setup_metrics=setup_metrics,
     )
 
-    final = output_dir / "final"
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, final, merge_lora=cfg.lora.merge)
-        log(f"final model saved to {final}")
-    return final
+    return save_final(accelerator, model, tokenizer, output_dir, cfg.lora.merge, log)

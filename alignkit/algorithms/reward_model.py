@@ -39,7 +39,7 @@ from alignkit.models import (
     load_tokenizer,
     save_model,
 )
-from alignkit.runtime import fit, make_accelerator
+from alignkit.runtime import evaluate_in_batches, fit, make_accelerator
 
 BACKBONES = ("auto", "causal", "encoder")
 
@@ -266,14 +266,7 @@ def train(cfg: RewardConfig) -> Path:
     eval_order = sorted(eval_examples, key=length)  # similar lengths batched together; order-free metrics
 
     def evaluate() -> dict:
-        totals: dict[str, float] = {}
-        for start in range(0, len(eval_order), cfg.batch_size):
-            examples = eval_order[start : start + cfg.batch_size]
-            batch = {k: v.to(accelerator.device) for k, v in collate(examples).items()}
-            _, metrics = loss_fn(batch)
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + v * len(examples)
-        return {k: v / len(eval_order) for k, v in totals.items()}
+        return evaluate_in_batches(eval_order, cfg.batch_size, collate, loss_fn, accelerator.device)
 
     fit(
         cfg,

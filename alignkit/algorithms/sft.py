@@ -17,8 +17,8 @@ from alignkit.config import SFTConfig, save_config
 from alignkit.data.collate import collate_sft
 from alignkit.data.prepare import prepare_sft_data
 from alignkit.logprobs import completion_logps
-from alignkit.models import add_lora, load_causal_lm, load_tokenizer, save_model
-from alignkit.runtime import fit, make_accelerator
+from alignkit.models import add_lora, load_causal_lm, load_tokenizer
+from alignkit.runtime import fit, make_accelerator, save_final
 
 
 def completion_tokens(examples: list[dict]) -> int:
@@ -94,9 +94,4 @@ def train(cfg: SFTConfig) -> Path:
         loss_scale,
     )
 
-    final = output_dir / "final"
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, final, merge_lora=cfg.lora.merge)
-        log(f"final model saved to {final}")
-    return final
+    return save_final(accelerator, model, tokenizer, output_dir, cfg.lora.merge, log)
