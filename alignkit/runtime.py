@@ -37,6 +37,21 @@ def make_accelerator(cfg: TrainConfig):
     return accelerator
 
 
+def start_run(cfg: TrainConfig):
+    """(accelerator, log, output_dir) for a training command; the resolved config is saved first.
+
+    `log` prints on the main process only.
+    """
+    from alignkit.config import save_config
+
+    accelerator = make_accelerator(cfg)
+    log = print if accelerator.is_main_process else (lambda *a, **k: None)
+    output_dir = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        save_config(cfg, output_dir)
+    return accelerator, log, output_dir
+
+
 @dataclass
 class DataOrder:
     """Which examples each optimizer step uses: a seeded permutation per epoch, no state to save.

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from alignkit.config import ConfigError, ConstraintSettings, DPOConfig, save_config
+from alignkit.config import ConfigError, ConstraintSettings, DPOConfig
 from alignkit.data.collate import additive_mask, collate_pairs, collate_pairs_shared_prompt
 from alignkit.data.prepare import cache_dir, prepare_preference_data
 from alignkit.data.tokenize import fingerprint, source_fingerprint
@@ -25,7 +25,7 @@ from alignkit.logprobs import completion_logps
 from alignkit.losses import LOSSES, LossSpec, RunningMean, check_params, get_loss, preference_loss
 from alignkit.losses.constraints import check_constraints, constraint_losses, implicit_rewards
 from alignkit.models import add_lora, freeze, load_causal_lm, load_tokenizer
-from alignkit.runtime import evaluate_in_batches, fit, make_accelerator, save_final, used_indices
+from alignkit.runtime import evaluate_in_batches, fit, save_final, start_run, used_indices
 
 REFERENCE_MODES = ("copy", "adapter", "precomputed")
 PAIR_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -317,11 +317,7 @@ def train(cfg: DPOConfig) -> Path:
         )
     spec = get_loss(cfg.loss)
     check_loss_settings(cfg, spec)
-    accelerator = make_accelerator(cfg)
-    log = print if accelerator.is_main_process else (lambda *a, **k: None)
-    output_dir = Path(cfg.output_dir)
-    if accelerator.is_main_process:
-        save_config(cfg, output_dir)
+    accelerator, log, output_dir = start_run(cfg)
 
     # Data: validated and tokenised before any model is loaded, so bad rows fail fast.
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)

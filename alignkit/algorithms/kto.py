@@ -25,14 +25,21 @@ from alignkit.algorithms.dpo import (
     reference_forward,
     setup_reference,
 )
-from alignkit.config import ConfigError, KTOConfig, save_config
+from alignkit.config import ConfigError, KTOConfig
 from alignkit.data.collate import collate_unpaired, mismatched_partners
 from alignkit.data.prepare import prepare_unpaired_data
 from alignkit.logprobs import completion_logps
 from alignkit.losses import RunningMean, check_params, get_unpaired_loss
 from alignkit.losses.unpaired import UNPAIRED_LOSSES, kto_reference_point
 from alignkit.models import add_lora, load_causal_lm, load_tokenizer
-from alignkit.runtime import data_order, fit, make_accelerator, save_final, total_steps, used_indices
+from alignkit.runtime import (
+    data_order,
+    fit,
+    save_final,
+    start_run,
+    total_steps,
+    used_indices,
+)
 
 FIELDS = ("prompt_ids", "completion_ids")
 
@@ -120,11 +127,7 @@ def train(cfg: KTOConfig) -> Path:
             f"loss '{cfg.loss}' estimates its KL reference point from mismatched prompt/completion pairs "
             f"within a micro-batch, which needs batch_size >= 2 (got {cfg.batch_size})"
         )
-    accelerator = make_accelerator(cfg)
-    log = print if accelerator.is_main_process else (lambda *a, **k: None)
-    output_dir = Path(cfg.output_dir)
-    if accelerator.is_main_process:
-        save_config(cfg, output_dir)
+    accelerator, log, output_dir = start_run(cfg)
 
     # Data: validated and tokenised before any model is loaded, so bad rows fail fast.
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)

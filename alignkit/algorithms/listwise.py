@@ -24,14 +24,14 @@ from alignkit.algorithms.dpo import (
     reference_forward,
     setup_reference,
 )
-from alignkit.config import ConfigError, ListwiseConfig, save_config
+from alignkit.config import ConfigError, ListwiseConfig
 from alignkit.data.collate import collate_lists
 from alignkit.data.prepare import prepare_listwise_data
 from alignkit.logprobs import completion_logps
 from alignkit.losses import check_params, get_listwise_loss
 from alignkit.losses.listwise import LISTWISE_LOSSES, soft_targets
 from alignkit.models import add_lora, load_causal_lm, load_tokenizer
-from alignkit.runtime import evaluate_in_batches, fit, make_accelerator, save_final, used_indices
+from alignkit.runtime import evaluate_in_batches, fit, save_final, start_run, used_indices
 
 FIELDS = ("prompt_ids", "responses_ids")
 
@@ -90,11 +90,7 @@ def train(cfg: ListwiseConfig) -> Path:
         raise ConfigError(f"temperature={cfg.temperature} is not used by loss '{cfg.loss}' (only by soft)")
     if not cfg.temperature > 0:
         raise ConfigError(f"temperature={cfg.temperature} is not valid (expected a number > 0)")
-    accelerator = make_accelerator(cfg)
-    log = print if accelerator.is_main_process else (lambda *a, **k: None)
-    output_dir = Path(cfg.output_dir)
-    if accelerator.is_main_process:
-        save_config(cfg, output_dir)
+    accelerator, log, output_dir = start_run(cfg)
 
     # Data: validated, tokenised and given targets before any model is loaded, so bad rows fail fast.
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)

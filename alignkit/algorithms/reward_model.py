@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config import ConfigError, RewardConfig, TrainConfig, save_config
+from alignkit.config import ConfigError, RewardConfig, TrainConfig
 from alignkit.data.collate import additive_mask, collate_pairs, collate_pairs_shared_prompt
 from alignkit.data.prepare import prepare_preference_data
 from alignkit.losses.reward import bradley_terry_loss
@@ -39,7 +39,7 @@ from alignkit.models import (
     load_tokenizer,
     save_model,
 )
-from alignkit.runtime import evaluate_in_batches, fit, make_accelerator
+from alignkit.runtime import evaluate_in_batches, fit, start_run
 
 BACKBONES = ("auto", "causal", "encoder")
 
@@ -198,11 +198,7 @@ def train(cfg: RewardConfig) -> Path:
     positions = getattr(model_config, "max_position_embeddings", None)
     if positions and cfg.max_length > positions:
         raise ConfigError(f"max_length {cfg.max_length} is more than the model's {positions} positions")
-    accelerator = make_accelerator(cfg)
-    log = print if accelerator.is_main_process else (lambda *a, **k: None)
-    output_dir = Path(cfg.output_dir)
-    if accelerator.is_main_process:
-        save_config(cfg, output_dir)
+    accelerator, log, output_dir = start_run(cfg)
 
     # Data: the DPO rows and tokenisation, then each pair as the classifier's two input sequences.
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)

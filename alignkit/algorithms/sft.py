@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config import SFTConfig, save_config
+from alignkit.config import SFTConfig
 from alignkit.data.collate import collate_sft
 from alignkit.data.prepare import prepare_sft_data
 from alignkit.logprobs import completion_logps
 from alignkit.models import add_lora, load_causal_lm, load_tokenizer
-from alignkit.runtime import fit, make_accelerator, save_final
+from alignkit.runtime import fit, save_final, start_run
 
 
 def completion_tokens(examples: list[dict]) -> int:
@@ -28,11 +28,7 @@ def completion_tokens(examples: list[dict]) -> int:
 
 def train(cfg: SFTConfig) -> Path:
     """Fine-tune a causal LM on prompt/completion rows; returns the folder of the saved final model."""
-    accelerator = make_accelerator(cfg)
-    log = print if accelerator.is_main_process else (lambda *a, **k: None)
-    output_dir = Path(cfg.output_dir)
-    if accelerator.is_main_process:
-        save_config(cfg, output_dir)
+    accelerator, log, output_dir = start_run(cfg)
 
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
     train_examples, eval_examples = prepare_sft_data(cfg, tokenizer, log)
