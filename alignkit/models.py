@@ -143,6 +143,20 @@ def load_reward_model(
     return model
 
 
+def load_policy(cfg, pad_token_id: int | None, device) -> torch.nn.Module:
+    """The policy a training config names (`model`, `dtype`, `attn_implementation`, `trust_remote_code`,
+    `gradient_checkpointing`), on `device`."""
+    model = load_causal_lm(
+        cfg.model,
+        cfg.dtype,
+        cfg.attn_implementation,
+        cfg.trust_remote_code,
+        cfg.gradient_checkpointing,
+        pad_token_id,
+    )
+    return model.to(device)
+
+
 def add_lora(model, lora, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
     """Wrap `model` with a trainable LoRA adapter (peft) from LoraSettings.
 

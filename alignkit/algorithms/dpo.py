@@ -24,7 +24,7 @@ from alignkit.data.tokenize import fingerprint, source_fingerprint
 from alignkit.logprobs import completion_logps
 from alignkit.losses import LOSSES, LossSpec, RunningMean, check_params, get_loss, preference_loss
 from alignkit.losses.constraints import check_constraints, constraint_losses, implicit_rewards
-from alignkit.models import add_lora, freeze, load_causal_lm, load_tokenizer
+from alignkit.models import add_lora, freeze, load_causal_lm, load_policy, load_tokenizer
 from alignkit.runtime import evaluate_in_batches, fit, save_final, start_run, used_indices
 
 REFERENCE_MODES = ("copy", "adapter", "precomputed")
@@ -328,15 +328,7 @@ def train(cfg: DPOConfig) -> Path:
     check_row_columns(cfg, spec, train_examples, eval_examples)
     attach_flags(cfg, tokenizer, [train_examples, eval_examples], log)
 
-    model = load_causal_lm(
-        cfg.model,
-        cfg.dtype,
-        cfg.attn_implementation,
-        cfg.trust_remote_code,
-        cfg.gradient_checkpointing,
-        tokenizer.pad_token_id,
-    )
-    model.to(accelerator.device)
+    model = load_policy(cfg, tokenizer.pad_token_id, accelerator.device)
     collate = make_collate(tokenizer.pad_token_id, cfg.share_prompt)
 
     def sums(m, batch: dict) -> dict:

@@ -31,7 +31,7 @@ from alignkit.data.prepare import prepare_unpaired_data
 from alignkit.logprobs import completion_logps
 from alignkit.losses import RunningMean, check_params, get_unpaired_loss
 from alignkit.losses.unpaired import UNPAIRED_LOSSES, kto_reference_point
-from alignkit.models import add_lora, load_causal_lm, load_tokenizer
+from alignkit.models import add_lora, load_policy, load_tokenizer
 from alignkit.runtime import (
     data_order,
     fit,
@@ -144,14 +144,7 @@ def train(cfg: KTOConfig) -> Path:
     if n_d and n_u and not 1.0 <= ratio <= 4 / 3:
         log("  KTO's authors recommend weights that put this ratio in [1, 4/3] (docs/objectives.md)")
 
-    model = load_causal_lm(
-        cfg.model,
-        cfg.dtype,
-        cfg.attn_implementation,
-        cfg.trust_remote_code,
-        cfg.gradient_checkpointing,
-        tokenizer.pad_token_id,
-    ).to(accelerator.device)
+    model = load_policy(cfg, tokenizer.pad_token_id, accelerator.device)
 
     # The micro-batches `fit` will draw (the same seeded order: no `lengths`), for the mismatched pairs.
     order = data_order(cfg, len(train_examples), accelerator)

@@ -30,7 +30,7 @@ from alignkit.data.prepare import prepare_listwise_data
 from alignkit.logprobs import completion_logps
 from alignkit.losses import check_params, get_listwise_loss
 from alignkit.losses.listwise import LISTWISE_LOSSES, soft_targets
-from alignkit.models import add_lora, load_causal_lm, load_tokenizer
+from alignkit.models import add_lora, load_policy, load_tokenizer
 from alignkit.runtime import evaluate_in_batches, fit, save_final, start_run, used_indices
 
 FIELDS = ("prompt_ids", "responses_ids")
@@ -101,14 +101,7 @@ def train(cfg: ListwiseConfig) -> Path:
         raise ConfigError(f"temperature={cfg.temperature} is not used: no training row has scores")
     width = max(len(e["responses_ids"]) for e in train_examples + eval_examples)
 
-    model = load_causal_lm(
-        cfg.model,
-        cfg.dtype,
-        cfg.attn_implementation,
-        cfg.trust_remote_code,
-        cfg.gradient_checkpointing,
-        tokenizer.pad_token_id,
-    ).to(accelerator.device)
+    model = load_policy(cfg, tokenizer.pad_token_id, accelerator.device)
 
     def collate(examples: list[dict]) -> dict:
         batch = collate_lists(examples, tokenizer.pad_token_id)

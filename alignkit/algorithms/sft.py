@@ -17,7 +17,7 @@ from alignkit.config import SFTConfig
 from alignkit.data.collate import collate_sft
 from alignkit.data.prepare import prepare_sft_data
 from alignkit.logprobs import completion_logps
-from alignkit.models import add_lora, load_causal_lm, load_tokenizer
+from alignkit.models import add_lora, load_policy, load_tokenizer
 from alignkit.runtime import fit, save_final, start_run
 
 
@@ -33,14 +33,7 @@ def train(cfg: SFTConfig) -> Path:
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
     train_examples, eval_examples = prepare_sft_data(cfg, tokenizer, log)
 
-    model = load_causal_lm(
-        cfg.model,
-        cfg.dtype,
-        cfg.attn_implementation,
-        cfg.trust_remote_code,
-        cfg.gradient_checkpointing,
-        tokenizer.pad_token_id,
-    ).to(accelerator.device)
+    model = load_policy(cfg, tokenizer.pad_token_id, accelerator.device)
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora)
     model.train()
