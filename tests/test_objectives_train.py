@@ -160,9 +160,18 @@ def test_margin_column_with_an_objective_that_ignores_it_is_an_error(tmp_path, t
 def test_reference_free_objectives_never_compute_or_load_a_reference(
     tmp_path, tiny_model_dir, shared, monkeypatch, name
 ):
+    import alignkit.models
+
     loaded = []
-    real_load = dpo.load_causal_lm
-    monkeypatch.setattr(dpo, "load_causal_lm", lambda *a, **k: loaded.append(a[0]) or real_load(*a, **k))
+    real_load = alignkit.models.load_causal_lm
+
+    def counting_load(*a, **k):
+        loaded.append(a[0])
+        return real_load(*a, **k)
+
+    # The policy loads through models.load_policy, a reference through dpo's own import: count both.
+    monkeypatch.setattr(alignkit.models, "load_causal_lm", counting_load)
+    monkeypatch.setattr(dpo, "load_causal_lm", counting_load)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a reference-free objective computed reference log-probs")
