@@ -4,7 +4,7 @@
     python benchmarks/dpo_vs_trl.py      # CPU fixture; prints a table and one JSON line
 
 The CPU fixture: a seeded tiny Llama (hidden 256, 4 layers, ~5M parameters) with a 4,096-token BPE
-tokenizer trained on the HH sample, the 1,600 HH pairs of ../shared/data (5 that do not split are
+tokenizer trained on the HH sample, the 1,600 HH pairs of examples/data (5 that do not split are
 dropped by both sides' shared preparation), batch 8, max length 256, fp32. Both sides see the pairs in
 the same (file) order, train sigmoid DPO with β 0.1 and the same learning rate, with gradient
 checkpointing off, and each runs in its own process so that its peak RSS is its own.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-HH = REPO.parent / "shared" / "data" / "hh-harmless-1600.jsonl"
+HH = REPO / "examples" / "data" / "hh-harmless-1600.jsonl"
 
 
 def build_fixture(root: Path) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TINYSTORIES = REPO / "alignkit" / "assets" / "tinystories-656k"
-HH_SAMPLE = REPO.parent / "shared" / "data" / "hh-harmless-1600.jsonl"
+HH_SAMPLE = REPO / "examples" / "data" / "hh-harmless-1600.jsonl"  # shipped, see examples/data/README.md
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -55,6 +57,44 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def hh_sample() -> Path:
-    if not HH_SAMPLE.exists():
-        pytest.skip(f"{HH_SAMPLE} not present")
+    """The 1,600-row Anthropic HH sample shipped in examples/data (part of the repository: never skipped)."""
+    if not HH_SAMPLE.is_file():
+        pytest.fail(f"{HH_SAMPLE} is missing: it is part of the repository (examples/data/README.md)")
     return HH_SAMPLE
+
+
+# --------------------------------------------------------------------------------------------
+# CI: a test skipped because a file is missing is a failure, not a pass. Locally such a skip stays a
+# skip; with CI=true (CI sets it, and .ci/run exports it) it is reported as failed, so a green run
+# means every test ran against the data and assets it needs.
+
+MISSING_FILE_SKIP = re.compile(r"not present|not found|missing|no such file|does not exist", re.IGNORECASE)
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def _fail_missing_file_skip(report) -> None:
+    if not (report.skipped and _in_ci()) or hasattr(report, "wasxfail"):
+        return
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    if MISSING_FILE_SKIP.search(reason):
+        report.outcome = "failed"
+        report.longrepr = f"skipped for a missing file, which CI (CI=true) counts as a failure: {reason}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    _fail_missing_file_skip(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    report = yield
+    _fail_missing_file_skip(report)  # a module-level pytest.skip(...) / skipif at collection time
+    return report

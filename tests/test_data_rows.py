@@ -19,7 +19,7 @@ from alignkit.data.rows import (
     split_hh,
 )
 
-HH_FILE = Path("/work/shared/data/hh-harmless-1600.jsonl")
+HH_FILE = Path(__file__).resolve().parents[1] / "examples" / "data" / "hh-harmless-1600.jsonl"
 
 # A small chat template in the style of real ones: role tags, an end-of-turn marker, and a
 # generation prompt that opens the assistant turn.
