@@ -71,6 +71,23 @@ def test_registry_errors_are_clear():
     assert LOSSES["sigmoid"].needs_reference
 
 
+def test_check_params_defaults_to_the_paired_registry_and_checks_any_other():
+    from alignkit.losses import LISTWISE_LOSSES, UNPAIRED_LOSSES, check_params
+
+    check_params("sigmoid", {"beta": 0.1, "label_smoothing": 0.2})
+    check_params("kto", {"beta": 0.1, "desirable_weight": 1.33}, UNPAIRED_LOSSES)
+    with pytest.raises(ValueError, match="unknown preference loss 'kto'. Valid: bco_pair, cpo"):
+        check_params("kto", {})  # unpaired: not in the default (paired) registry
+    with pytest.raises(ValueError, match=r"unknown loss 'sigmoid'. Valid: bco, kto$"):
+        check_params("sigmoid", {}, UNPAIRED_LOSSES)
+    with pytest.raises(ValueError, match=r"loss 'soft' does not use 'gamma' \(its parameters: beta\)"):
+        check_params("soft", {"gamma": 1.0}, LISTWISE_LOSSES)
+    with pytest.raises(
+        ValueError, match=r"loss 'bco': desirable_weight=-1 is not valid \(expected a number >= 0\)"
+    ):
+        check_params("bco", {"desirable_weight": -1}, UNPAIRED_LOSSES)
+
+
 # ---------------------------------------------------------------------------------------------
 # every registered objective against hand-derived numbers
 #
@@ -356,7 +373,7 @@ def test_registry_states_what_each_objective_takes():
     import inspect
 
     from alignkit.config import DPOConfig
-    from alignkit.losses.preference import PARAM_CHECKS
+    from alignkit.losses.registry import PARAM_CHECKS
 
     config_fields = {f.name for f in dataclasses.fields(DPOConfig)}
     for name, spec in LOSSES.items():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,8 +23,9 @@ from alignkit.rewards import (
     constraint,
     weighted_sum,
 )
-from alignkit.rewards.base import RewardSource, _reward_types
+from alignkit.rewards.base import RewardSource, SourceOptions
 from alignkit.rewards.classifier import resolve_label
+from alignkit.rewards.registry import REWARD_TYPES, reward_types
 from alignkit.rewards.score import ScoreConfig
 from tests.conftest import REPO, TINYSTORIES
 
@@ -227,11 +230,34 @@ def test_unknown_types_and_keys_name_the_closest_valid_one():
 
 
 def test_every_source_implements_the_interface_and_documents_its_options():
-    for kind, (options_cls, source_cls) in _reward_types().items():
+    assert set(reward_types()) == set(REWARD_TYPES)
+    for kind, (options_cls, source_cls) in reward_types().items():
         docs = field_docs(options_cls)
         assert all(docs.get(f.name) for f in dataclasses.fields(options_cls)), kind
         assert options_cls.__doc__ and source_cls.__doc__, kind
+        assert issubclass(options_cls, SourceOptions), kind
     assert isinstance(build_reward({"type": "vader"}), RewardSource)
+
+
+def test_a_spec_imports_only_its_own_source_module():
+    """The registry names sources instead of importing them: a typo fails, and a vader spec builds, without
+    loading the classifier or judge modules (and the model code they bring)."""
+    code = (
+        "import json, sys\n"
+        "from alignkit.config import ConfigError\n"
+        "from alignkit.rewards import build_reward\n"
+        "loaded = lambda: sorted(m for m in sys.modules if m.startswith('alignkit.rewards.'))\n"
+        "try:\n"
+        "    build_reward({'type': 'vadr'})\n"
+        "except ConfigError:\n"
+        "    print(json.dumps(loaded()))\n"
+        "build_reward({'type': 'vader'})\n"
+        "print(json.dumps(loaded()))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    after_typo, after_vader = map(json.loads, run.stdout.splitlines())
+    assert after_typo == ["alignkit.rewards.base", "alignkit.rewards.compose", "alignkit.rewards.registry"]
+    assert after_vader == sorted([*after_typo, "alignkit.rewards.rules"])
 
 
 def test_config_list_of_mappings_field(tmp_path):

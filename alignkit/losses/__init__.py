@@ -2,21 +2,14 @@
 
 Three registries of `LossSpec` entries, one per shape of data: `LOSSES` (paired: `alignkit dpo`),
 `UNPAIRED_LOSSES` (labelled single completions: `alignkit kto`) and `LISTWISE_LOSSES` (a list of responses
-per prompt: `alignkit listwise`). `constraints` holds terms any paired objective can add.
+per prompt: `alignkit listwise`), built from the machinery in `registry`. `constraints` holds terms any
+paired objective can add.
 """
 
 from alignkit.losses.listwise import LISTWISE_LOSSES, get_listwise_loss
-from alignkit.losses.preference import (
-    GPO_CONVEX,
-    LOSSES,
-    LossOutput,
-    LossSpec,
-    RunningMean,
-    check_params,
-    get_loss,
-    preference_loss,
-)
-from alignkit.losses.types import ListwiseOutput, UnpairedOutput
+from alignkit.losses.preference import GPO_CONVEX, LOSSES, check_params, get_loss, preference_loss
+from alignkit.losses.registry import LossSpec, RunningMean
+from alignkit.losses.types import ListwiseOutput, LossOutput, UnpairedOutput
 from alignkit.losses.unpaired import UNPAIRED_LOSSES, get_unpaired_loss
 
 __all__ = [

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from alignkit.losses.preference import LossSpec, lookup
+from alignkit.losses.registry import LossSpec, lookup
 from alignkit.losses.types import ListwiseOutput
 
 __all__ = [

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from alignkit.losses.preference import LossSpec, lookup
+from alignkit.losses.registry import LossSpec, lookup
 from alignkit.losses.types import UnpairedOutput
 
 __all__ = ["UNPAIRED_LOSSES", "bco_loss", "get_unpaired_loss", "kto_loss", "kto_reference_point"]

@@ -6,8 +6,9 @@ composition. See docs/rewards.md.
     out = rewards(prompts, responses)  # out.total (B,), out.scores["vader"] (B,), out.stats
 """
 
-from alignkit.rewards.base import RewardSource, SourceOptions, build_reward, build_rewards
+from alignkit.rewards.base import RewardSource, SourceOptions
 from alignkit.rewards.compose import RewardOutput, RewardSet, RunningMeanStd, clip, constraint, weighted_sum
+from alignkit.rewards.registry import build_reward, build_rewards
 
 __all__ = [
     "RewardOutput",

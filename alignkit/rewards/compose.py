@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from alignkit.rewards.base import RewardSource, build_rewards, check_batch
+from alignkit.rewards.base import RewardSource, check_batch
+from alignkit.rewards.registry import build_rewards
 
 
 def weighted_sum(scores: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:

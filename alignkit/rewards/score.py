@@ -19,8 +19,8 @@ import torch
 from alignkit.config import ConfigError
 from alignkit.data.chat import json_type
 from alignkit.data.readers import DataError, Problems, read_records
-from alignkit.rewards.base import parse_spec
 from alignkit.rewards.compose import RewardSet
+from alignkit.rewards.registry import parse_spec
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
