@@ -34,7 +34,10 @@ def _sft(cfg):
 
 
 def _dpo(cfg):
-    from alignkit.algorithms.dpo import train
+    if cfg.stages > 1:  # stepwise DPO: one dpo.train per stage
+        from alignkit.algorithms.sdpo import train
+    else:
+        from alignkit.algorithms.dpo import train
 
     return train(cfg)
 

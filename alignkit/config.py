@@ -67,6 +67,17 @@ class LoraSettings:
 
 
 @dataclass
+class ReferenceSettings:
+    """The frozen reference model that a KL-regularised objective measures the policy against."""
+
+    mode: str = "precomputed"
+    """precomputed (its log-probs computed once before training, no model held), copy (a frozen copy
+    in memory) or adapter (with lora.enabled: the base model with the adapter switched off)."""
+    model: str | None = None
+    """Reference weights when different from `model` (precomputed / copy); default: the policy's start."""
+
+
+@dataclass
 class TrainConfig:
     """Fields shared, with the same names, by every training command."""
 
@@ -114,8 +125,9 @@ class TrainConfig:
     """Shuffle the rows each epoch (false: file order, e.g. for curriculum or side-by-side benchmarks)."""
     dtype: str = "float32"
     """Weights dtype: float32, bfloat16, float16 or auto."""
-    mixed_precision: str = "no"
-    """Autocast through accelerate: no, bf16 or fp16 (where the device supports it)."""
+    mixed_precision: str = "auto"
+    """Autocast through accelerate: auto (bf16 where the device computes it natively: CUDA with bf16, CPUs
+    with AVX512-BF16 or AMX; else fp32), no, bf16 or fp16."""
     attn_implementation: str | None = None
     """Attention kernel passed to transformers: eager, sdpa, flash_attention_2 (default: transformers')."""
     gradient_checkpointing: bool = False
@@ -208,10 +220,8 @@ class DPOConfig(TrainConfig):
     """SimPO's target reward margin γ (reward units, β·mean log-prob; SimPO's gamma_beta_ratio is γ/β)."""
     nll_weight: float = 1.0
     """Weight α of the per-token NLL on the chosen completion that cpo and rpo add."""
-    reference: str = "precomputed"
-    """Reference model: copy (a frozen copy), adapter (LoRA base with the adapter off) or precomputed."""
-    reference_model: str | None = None
-    """Reference weights when different from `model` (copy / precomputed)."""
+    reference: ReferenceSettings = field(default_factory=ReferenceSettings)
+    """The frozen reference (reference.mode=precomputed|copy|adapter, reference.model=PATH)."""
     share_prompt: bool = True
     """Compute each pair's prompt once: one [prompt|chosen|rejected] row with a 4D mask (sdpa/eager)."""
     constraints: list[ConstraintSettings] = field(default_factory=list)
@@ -219,8 +229,6 @@ class DPOConfig(TrainConfig):
     stages: int = 1
     """Stepwise DPO (sDPO): split the training rows, in file order, into this many stages, each trained
     against the previous stage's final model (in output_dir/stage-k)."""
-    stage: int = 0
-    """With stages > 1: run only this stage (1-based; set by the stage runner, or to rerun one); 0 = all."""
 
     def __post_init__(self) -> None:
         # Constraints given as plain dicts from Python get the same key and type checks as from YAML.
@@ -244,10 +252,8 @@ class KTOConfig(TrainConfig):
     """λ_D, the weight of rows labelled desirable (true)."""
     undesirable_weight: float = 1.0
     """λ_U, the weight of rows labelled undesirable (false)."""
-    reference: str = "precomputed"
-    """Reference model: copy (a frozen copy), adapter (LoRA base with the adapter off) or precomputed."""
-    reference_model: str | None = None
-    """Reference weights when different from `model` (copy / precomputed)."""
+    reference: ReferenceSettings = field(default_factory=ReferenceSettings)
+    """The frozen reference (reference.mode=precomputed|copy|adapter, reference.model=PATH)."""
 
 
 @dataclass
@@ -262,10 +268,8 @@ class ListwiseConfig(TrainConfig):
     """Listwise objective by name: soft (cross-entropy to a target distribution) or plackett_luce."""
     temperature: float = 1.0
     """soft: the target distribution of a row with `scores` is softmax(scores / temperature)."""
-    reference: str = "precomputed"
-    """Reference model: copy (a frozen copy), adapter (LoRA base with the adapter off) or precomputed."""
-    reference_model: str | None = None
-    """Reference weights when different from `model` (copy / precomputed)."""
+    reference: ReferenceSettings = field(default_factory=ReferenceSettings)
+    """The frozen reference (reference.mode=precomputed|copy|adapter, reference.model=PATH)."""
 
 
 @cache

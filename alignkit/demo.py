@@ -75,7 +75,6 @@ def run_demo(cfg: DemoConfig) -> dict:
         lr_scheduler="cosine",
         eval_steps=10**9,
         save_steps=50,
-        reference="precomputed",
         progress=cfg.progress,
     )
     print(f"alignkit demo: DPO on {cfg.data} with {cfg.model}")

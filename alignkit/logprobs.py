@@ -25,16 +25,26 @@ class CompletionLogProbs:
         completion_mask[b, t] is 1, and 0 elsewhere.
     sum: (B,) float32, the per-sequence sum over completion tokens.
     count: (B,) int64, the number of completion tokens per sequence.
+    token_entropy: (B, T) float32 entropy (nats) of the distribution that predicted each completion token,
+        0 elsewhere; None unless asked for (`with_entropy=True`).
     """
 
     token_logps: torch.Tensor
     sum: torch.Tensor
     count: torch.Tensor
+    token_entropy: torch.Tensor | None = None
 
     @property
     def mean(self) -> torch.Tensor:
         """(B,) per-token average log-prob (length-normalised)."""
         return self.sum / self.count.clamp(min=1)
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors by name (what a wrapped module's forward returns: DDP and FSDP walk dicts)."""
+        out = {"token_logps": self.token_logps, "sum": self.sum, "count": self.count}
+        if self.token_entropy is not None:
+            out["token_entropy"] = self.token_entropy
+        return out
 
 
 def token_logps_from_hidden(
@@ -43,19 +53,36 @@ def token_logps_from_hidden(
     head: torch.nn.Module,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     logit_softcap: float | None = None,
-) -> torch.Tensor:
-    """log p(target | hidden) for N rows, projecting to the vocabulary `chunk_size` rows at a time.
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log p(target | hidden), entropy of p) for N rows, projecting to the vocabulary `chunk_size` rows
+    at a time.
 
-    hidden: (N, H), targets: (N,) int64, head: the output projection (H -> V).
-    Returns (N,) float32. The logits of a chunk are upcast to float32 (as a naive `log_softmax` in float32
-    would be) but never more than (chunk_size, V) of them exist at once, in the forward or the backward.
+    hidden: (N, H), targets: (N,) int64, head: the output projection (H -> V). p is softmax(logits / τ)
+    with τ = `temperature`: the distribution a sampler at that temperature drew from, so that the
+    log-probs of sampled tokens are those of the policy that produced them. Returns (N,) float32 log-probs
+    and (N,) float32 entropies (None unless `with_entropy`). The logits of a chunk are upcast to float32
+    (as a naive `log_softmax` in float32 would be) but never more than (chunk_size, V) of them exist at
+    once, in the forward or the backward.
     """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 to score tokens, got {temperature}")
 
     def chunk_logps(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = head(h).float()  # (C, V)
         if logit_softcap:
             logits = torch.tanh(logits / logit_softcap) * logit_softcap
-        return logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        if temperature != 1.0:
+            logits = logits / temperature
+        normaliser = torch.logsumexp(logits, dim=-1)  # (C,)
+        logps = logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) - normaliser
+        if not with_entropy:
+            return logps.unsqueeze(-1)
+        # H = log Z - sum_v p_v z_v, with p = softmax(z): no (C, V) log-prob tensor is kept.
+        entropy = normaliser - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+        return torch.stack([logps, entropy], dim=-1)  # (C, 2)
 
     out = []
     for start in range(0, hidden.shape[0], chunk_size):
@@ -66,8 +93,10 @@ def token_logps_from_hidden(
         else:
             out.append(chunk_logps(h, y))
     if not out:
-        return hidden.new_zeros(0, dtype=torch.float32)
-    return torch.cat(out)
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, (empty if with_entropy else None)
+    values = torch.cat(out)  # (N, 1) or (N, 2)
+    return values[:, 0], (values[:, 1] if with_entropy else None)
 
 
 def _split_causal_lm(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, float | None]:
@@ -76,8 +105,13 @@ def _split_causal_lm(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
     peft injects LoRA layers in place, so the base model's backbone runs the adapters too, and
     `disable_adapter()` on the wrapper still applies.
     """
+    if hasattr(model, "module") and not hasattr(model, "get_base_model"):
+        # A DDP / DeepSpeed wrapper: calling its inner modules here would skip the gradient all-reduce.
+        raise TypeError(
+            f"completion_logps got a {type(model).__name__} wrapper; run it inside the wrapped module's "
+            "forward (alignkit.models.BatchForward) so that the wrapper's hooks run"
+        )
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(inner, "module", inner)  # DistributedDataParallel
     backbone = getattr(inner, getattr(inner, "base_model_prefix", "model"), None)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if backbone is None or head is None or backbone is inner:
@@ -96,9 +130,12 @@ def completion_logps(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     completion_mask: torch.Tensor,
+    *,
     position_ids: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     source_index: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
 ) -> CompletionLogProbs:
     """Per-token and per-sequence log-probs of the completion tokens of a batch under a causal LM.
 
@@ -109,7 +146,13 @@ def completion_logps(
     position_ids: optional (B, T), for rows whose positions restart.
     source_index: optional (B, T); source_index[b, t] is the position whose hidden state predicts token
     t (default t - 1; differs where a row's sequences branch, e.g. after a shared prompt).
+    temperature: score under softmax(logits / temperature), the distribution sampling at that
+    temperature draws from (1 = the model's own). with_entropy: also return each scored position's
+    entropy (a diagnostic online RL logs).
     Only positions predicting a completion token are projected to the vocabulary.
+
+    Called on a model that accelerate prepared, this reaches past the DDP / FSDP wrapper: call it inside
+    a wrapped module's forward (`alignkit.models.BatchForward`) so that the wrapper's hooks run.
     """
     backbone, head, softcap = _split_causal_lm(model)
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
@@ -124,10 +167,21 @@ def completion_logps(
     sources = cols - 1 if source_index is None else source_index[rows, cols]
     selected = hidden[rows, sources]  # (N, H)
     targets = input_ids[rows, cols]  # (N,)
-    logps = token_logps_from_hidden(selected, targets, head, chunk_size, softcap)  # (N,)
+    logps, entropy = token_logps_from_hidden(
+        selected, targets, head, chunk_size, softcap, temperature=temperature, with_entropy=with_entropy
+    )  # (N,), (N,) or None
 
     B, T = input_ids.shape
-    token_logps = torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)
-    token_logps = token_logps.index_put((rows, cols), logps)
+
+    def scatter(values: torch.Tensor) -> torch.Tensor:  # (N,) -> (B, T), 0 off the completion tokens
+        zeros = torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)
+        return zeros.index_put((rows, cols), values)
+
+    token_logps = scatter(logps)
     count = target_mask.sum(-1)
-    return CompletionLogProbs(token_logps=token_logps, sum=token_logps.sum(-1), count=count)
+    return CompletionLogProbs(
+        token_logps=token_logps,
+        sum=token_logps.sum(-1),
+        count=count,
+        token_entropy=scatter(entropy) if entropy is not None else None,
+    )

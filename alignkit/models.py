@@ -7,6 +7,27 @@ from pathlib import Path
 
 import torch
 
+
+class BatchForward(torch.nn.Module):
+    """A model whose forward is one of alignkit's batch functions: `fn(model, batch, **kwargs)`, e.g.
+    `dpo.pair_logps` -> {"chosen": (B,), ...}.
+
+    This is the module accelerate prepares and every loss calls. DistributedDataParallel all-reduces
+    gradients only after its own forward has run, and FSDP / DeepSpeed ZeRO-3 gather parameters only in
+    theirs; the chunked log-prob computation reaches into the backbone and the output head, so it must
+    run inside the wrapper's forward, not around it. `fn` returns a dict of tensors (which DDP and FSDP
+    know how to walk). The wrapped model is `.model` (after `accelerator.unwrap_model`).
+    """
+
+    def __init__(self, model: torch.nn.Module, fn):
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, batch: dict, **kwargs) -> dict:
+        return self.fn(self.model, batch, **kwargs)
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 

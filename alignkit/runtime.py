@@ -1,10 +1,16 @@
-"""Shared training glue: accelerate set-up, data order, optimizer and schedule, the offline loop,
-metrics, and atomic, resumable checkpoints.
+"""Shared training glue: accelerate set-up, data order, optimizer and schedule, the optimizer step, the
+offline loop, and metrics.
 
-`fit` is the optimisation loop every offline objective (SFT, DPO family, reward models) runs: the
-algorithm supplies `loss_fn(batch) -> (loss, metrics)` and the data; `fit` owns accumulation, clipping,
-logging, evaluation, checkpoints, resume and Ctrl-C. Online algorithms (PPO, GRPO) will call the same
-pieces (`Checkpointer`, `MetricsLogger`, `make_optimizer`) from their own loops.
+`optimizer_step` is one step of any algorithm: micro-batches (no gradient sync but on the last) ->
+clip -> step -> schedule -> metrics reduced across processes once. `fit` is the loop every offline
+objective (SFT, DPO family, reward models) runs around it: the algorithm supplies
+`loss_fn(model, batch) -> (loss, metrics)`, called with the *prepared* model, and the data; `fit` owns
+data order, logging, evaluation, checkpoints (`alignkit.checkpoint`), resume and Ctrl-C. Online
+algorithms (PPO, GRPO) call `optimizer_step`, `Checkpointer` and `MetricsLogger` from their own loops.
+
+Distributed runs (`torchrun`, `accelerate launch`) get one run over N processes: every process draws its
+own share of each step (`DataOrder`), the loss of a step is the mean over the rows (or tokens) of all
+processes, and only the main process writes.
 """
 
 from __future__ import annotations
@@ -12,27 +18,60 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
-import shutil
+import os
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from alignkit.checkpoint import Checkpointer, Frozen
 from alignkit.config import TrainConfig
+
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+
+
+def native_bf16() -> bool:
+    """Whether this machine computes bf16 in hardware: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or
+    AMX. Elsewhere (e.g. AMD Zen 3, most laptops) bf16 is emulated and slower than fp32, often ~10x."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    """The accelerate mixed-precision mode for `mixed_precision`: auto is bf16 where the device computes
+    it natively, else no (fp32). An explicit bf16 on a CPU that emulates it warns, naming the flag."""
+    if setting not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision '{setting}' is not one of {', '.join(MIXED_PRECISION)}")
+    if setting == "auto":
+        return "bf16" if native_bf16() else "no"
+    if setting == "bf16" and not torch.cuda.is_available() and not native_bf16():
+        warnings.warn(
+            "mixed_precision=bf16 on a CPU without AVX512-BF16 or AMX: bf16 is emulated here and a step "
+            "can take ~10x longer than in fp32; use mixed_precision=auto (fp32 on this CPU)",
+            stacklevel=2,
+        )
+    return setting
 
 
 def make_accelerator(cfg: TrainConfig):
-    """An accelerate Accelerator for the config (mixed precision, seeding)."""
+    """An accelerate Accelerator for the config (mixed precision, seeding).
+
+    Launched as several processes (`torchrun`, `accelerate launch`) on a machine without CUDA, the
+    processes join one gloo process group (accelerate's `cpu=True`); without it each process would
+    train alone on the same rows.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    if cfg.mixed_precision not in ("no", "bf16", "fp16"):
-        raise ValueError(f"mixed_precision '{cfg.mixed_precision}' is not one of no, bf16, fp16")
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
+    distributed_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=distributed_cpu)
     set_seed(cfg.seed)
     return accelerator
 
@@ -54,10 +93,13 @@ def start_run(cfg: TrainConfig):
 
 @dataclass
 class DataOrder:
-    """Which examples each optimizer step uses: a seeded permutation per epoch, no state to save.
+    """Which examples each optimizer step uses: a seeded stream of epoch permutations, no state to save.
 
-    A global step consumes `grad_accum` micro-batches of `batch_size` rows on each of `world` processes.
-    Step s of a resumed run sees exactly the rows step s of the uninterrupted run saw.
+    The permutations of epochs 0, 1, 2, ... are laid end to end and cut into steps of `rows_per_step` =
+    batch_size x grad_accum x world rows, so no row is lost or repeated at an epoch boundary: a step that
+    reaches the end of one epoch takes the rest of its rows from the next. Every step is full, so every
+    process does the same work and the same collectives. Step s of a resumed run sees exactly the rows
+    step s of the uninterrupted run saw.
     """
 
     n_examples: int
@@ -70,16 +112,25 @@ class DataOrder:
     lengths: list[int] | None = None
     """Per-example lengths: when given (and shuffling), each step's rows are of similar length (see
     `group_by_length`), so padded batches waste little; None keeps the plain random order."""
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def rows_per_step(self) -> int:
         return self.batch_size * self.grad_accum * self.world
 
     @property
-    def steps_per_epoch(self) -> int:
-        return self.n_examples // self.rows_per_step
+    def steps_per_epoch(self) -> float:
+        """Optimizer steps one pass over the rows takes (a fraction when the last step spills over)."""
+        return self.n_examples / self.rows_per_step
 
     def permutation(self, epoch: int) -> list[int]:
+        if epoch not in self._cache:
+            if len(self._cache) > 4:
+                self._cache.clear()
+            self._cache[epoch] = self._permutation(epoch)
+        return self._cache[epoch]
+
+    def _permutation(self, epoch: int) -> list[int]:
         if not self.shuffle:
             return list(range(self.n_examples))
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -88,16 +139,29 @@ class DataOrder:
             return perm
         return group_by_length(perm, self.lengths, self.rows_per_step, g)
 
+    def step_rows(self, step: int) -> list[int]:
+        """The `rows_per_step` example indices of global step `step`, over all processes."""
+        start = step * self.rows_per_step
+        rows = []
+        while len(rows) < self.rows_per_step:
+            epoch, offset = divmod(start + len(rows), self.n_examples)
+            need = self.rows_per_step - len(rows)
+            rows += self.permutation(epoch)[offset : offset + need]
+        return rows
+
     def micro_batches(self, step: int) -> list[list[int]]:
         """This process's `grad_accum` micro-batches (lists of example indices) for global step `step`."""
-        epoch, k = divmod(step, self.steps_per_epoch)
-        rows = self.permutation(epoch)[k * self.rows_per_step : (k + 1) * self.rows_per_step]
+        return self.rank_micro_batches(step, self.rank)
+
+    def rank_micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """Process `rank`'s micro-batches for step `step`: micro-batch m of every process is a slice of
+        rows [m·bs·world, (m+1)·bs·world), so the rows of a step do not depend on how it is split."""
+        rows = self.step_rows(step)
         per_micro = self.batch_size * self.world
-        out = []
-        for m in range(self.grad_accum):
-            micro = rows[m * per_micro : (m + 1) * per_micro]
-            out.append(micro[self.rank * self.batch_size : (self.rank + 1) * self.batch_size])
-        return out
+        return [
+            rows[m * per_micro + rank * self.batch_size : m * per_micro + (rank + 1) * self.batch_size]
+            for m in range(self.grad_accum)
+        ]
 
 
 def group_by_length(perm: list[int], lengths: list[int], rows_per_step: int, g: torch.Generator) -> list[int]:
@@ -134,25 +198,26 @@ def data_order(cfg: TrainConfig, n_examples: int, accelerator, lengths: list[int
 
 
 def used_indices(cfg: TrainConfig, n_examples: int, accelerator) -> list[int]:
-    """Indices of the training examples the run's steps will visit on this process (all of them for
-    whole epochs; fewer when max_steps stops early), so one-off passes skip rows never trained on."""
+    """Indices of the training examples the run's steps will visit on any process (all of them once the
+    run covers an epoch; fewer when max_steps stops early), so one-off passes skip rows never trained on.
+    The same list on every process."""
     order = data_order(cfg, n_examples, accelerator)
     steps = total_steps(cfg, order)
-    if steps >= order.steps_per_epoch:
+    if steps * order.rows_per_step >= n_examples:
         return list(range(n_examples))
-    return sorted({i for s in range(steps) for mb in order.micro_batches(s) for i in mb})
+    return sorted({i for s in range(steps) for i in order.step_rows(s)})
 
 
 def total_steps(cfg: TrainConfig, order: DataOrder) -> int:
-    """max_steps, or epochs x steps per epoch."""
-    if order.steps_per_epoch == 0:
+    """max_steps, or enough steps for `epochs` passes over the rows (the last one topped up)."""
+    if order.n_examples < order.rows_per_step:
         raise ValueError(
             f"{order.n_examples} training examples are fewer than one optimizer step needs "
             f"(batch_size x grad_accum x processes = {order.rows_per_step}); lower batch_size"
         )
     if cfg.max_steps > 0:
         return cfg.max_steps
-    return max(1, math.ceil(cfg.epochs * order.steps_per_epoch))
+    return max(1, math.ceil(cfg.epochs * order.steps_per_epoch - 1e-9))
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps: int):
@@ -202,69 +267,81 @@ class MetricsLogger:
                 f.write(json.dumps(record) + "\n")
 
 
-class Checkpointer:
-    """Atomic checkpoints (written to a temporary folder, then renamed), keeping the last `keep`.
+def _as_tensor(value, device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().reshape(())
+    return torch.tensor(float(value), device=device)
 
-    A checkpoint holds the trainable weights (safetensors), optimizer and schedule state, RNG states and
-    the step, which with `DataOrder` is all a resumed run needs to repeat the uninterrupted one exactly.
+
+def optimizer_step(
+    accelerator,
+    model: torch.nn.Module,
+    optimizer,
+    scheduler,
+    micro_batches: list[dict],
+    loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]],
+    *,
+    units: list[float] | None = None,
+    max_grad_norm: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """One optimizer step over this process's micro-batches; returns the step's metrics.
+
+    model: the prepared (accelerate-wrapped) model, which `loss_fn(model, batch)` must call so that the
+    wrapper's hooks run; it returns the batch's loss, a mean over its `units`, and {name: value} metrics,
+    each a mean over the same units. units[m] counts what micro-batch m's mean is over: rows for a
+    sequence-mean loss (the default: 1 per micro-batch, i.e. equal weights), completion tokens for a
+    token-mean one. Each loss is scaled by W·units[m] / (units of the whole step on all W processes), so
+    that, with DDP averaging gradients over processes, the gradient is that of the mean over every unit of
+    the step, however it is split into micro-batches and processes (OpenRLHF's and DAPO's aggregation).
+    Gradients are synchronised on the last micro-batch only (`no_sync` before it).
+
+    Returns 0-dim tensors: every metric as its unit-weighted mean over the step on all processes (one
+    collective for all of them), `grad_norm` (before clipping) and `lr` (of the step just taken); the
+    caller turns them into numbers once.
     """
-
-    def __init__(self, output_dir: Path, keep: int):
-        self.root = Path(output_dir) / "checkpoints"
-        self.keep = max(keep, 1)
-
-    def latest(self) -> Path | None:
-        found = sorted(self.root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        return found[-1] if found else None
-
-    def save(self, step: int, model, optimizer, scheduler, extra: dict | None = None) -> Path:
-        final = self.root / f"checkpoint-{step}"
-        tmp = self.root / f".tmp-checkpoint-{step}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(trainable, str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
-        state = {"step": step, "scheduler": scheduler.state_dict(), "python_random": random.getstate()}
-        (tmp / "state.json").write_text(json.dumps({**state, **(extra or {})}))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in sorted(self.root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[
-            : -self.keep
-        ]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
-
-    def load(self, path: Path, model, optimizer, scheduler) -> dict:
-        weights = load_file(str(path / "trainable.safetensors"))
-        params = dict(model.named_parameters())
-        missing = [n for n in weights if n not in params]
-        if missing:
-            raise ValueError(
-                f"{path}: checkpoint has weights the model lacks (e.g. {missing[0]}); wrong model?"
-            )
-        with torch.no_grad():
-            for name, value in weights.items():
-                params[name].copy_(value)
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        state = json.loads((path / "state.json").read_text())
-        scheduler.load_state_dict(state["scheduler"])
-        rng = torch.load(path / "rng.pt", weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        version, internal, gauss = state["python_random"]
-        random.setstate((version, tuple(internal), gauss))
-        return state
+    device = accelerator.device
+    units = [1.0] * len(micro_batches) if units is None else [float(u) for u in units]
+    local_units = torch.tensor(sum(units), dtype=torch.float64, device=device)
+    step_units = (
+        accelerator.reduce(local_units, "sum").item() if accelerator.num_processes > 1 else sum(units)
+    )
+    world = accelerator.num_processes
+    sums: dict[str, torch.Tensor] = {}
+    for m, (batch, n) in enumerate(zip(micro_batches, units)):
+        last = m == len(micro_batches) - 1
+        ctx = contextlib.nullcontext() if last else accelerator.no_sync(model)
+        with ctx, accelerator.autocast():
+            loss, metrics = loss_fn(model, batch)
+            accelerator.backward(loss * (world * n / max(step_units, 1e-12)))
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + _as_tensor(v, device) * n
+    if max_grad_norm > 0:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    else:
+        grads = [p.grad.float().pow(2).sum() for p in model.parameters() if p.grad is not None]
+        grad_norm = torch.stack(grads).sum().sqrt() if grads else torch.zeros((), device=device)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    names = list(sums)
+    totals = torch.stack([sums[k].to(device) for k in names]) if names else torch.zeros(0, device=device)
+    if world > 1:
+        totals = accelerator.reduce(totals, "sum")
+    means = totals / max(step_units, 1e-12)
+    out = {k: means[i] for i, k in enumerate(names)}
+    out["grad_norm"] = torch.as_tensor(grad_norm).detach().float().reshape(())
+    out["lr"] = torch.tensor(lr)
+    return out
 
 
-def _mean_metrics(records: list[dict]) -> dict:
-    keys = records[0].keys()
-    return {k: sum(r[k] for r in records) / len(records) for k in keys}
+def as_numbers(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """0-dim tensors -> floats, in one device-to-host copy."""
+    names = list(metrics)
+    if not names:
+        return {}
+    values = torch.stack([torch.as_tensor(metrics[k]).float().cpu().reshape(()) for k in names]).tolist()
+    return dict(zip(names, values))
 
 
 def fit(
@@ -273,26 +350,27 @@ def fit(
     model: torch.nn.Module,
     train_examples: list[dict],
     collate: Callable[[list[dict]], dict],
-    loss_fn: Callable[[dict], tuple[torch.Tensor, dict]],
-    evaluate: Callable[[], dict] | None = None,
-    loss_scale: Callable[[list[list[dict]]], list[float]] | None = None,
+    loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]],
+    *,
+    evaluate: Callable[[torch.nn.Module], dict] | None = None,
+    units: Callable[[list[dict]], float] | None = None,
     setup_metrics: dict | None = None,
     state=None,
     lengths: list[int] | None = None,
     summarise: Callable[[dict], dict] | None = None,
-) -> dict:
-    """Run the optimisation loop; returns the last logged train metrics.
+) -> tuple[torch.nn.Module, dict]:
+    """Run the optimisation loop; returns (the prepared model, the last logged train metrics).
 
-    loss_fn(batch) returns the micro-batch loss (a mean over its rows, or as scaled by `loss_scale`) and
-    a dict of float metrics. loss_scale(micro_batches) may return one factor per micro-batch that
-    replaces the default 1/grad_accum (token-mean losses use it so that the result does not depend on
-    how a step is split into micro-batches). setup_metrics (e.g. the seconds a one-off reference pass
-    took) are added to the first logged record. state, an object with state_dict() / load_state_dict()
-    (e.g. a loss's running statistics), is saved in every checkpoint as it was at the end of that step and
-    restored on resume, so a resumed run repeats the uninterrupted one exactly. lengths (one per
-    training example) makes every step draw rows of similar length (`group_by_length`). summarise(record)
-    derives the logged metrics from a step's averaged ones (e.g. a class's mean reward from its sum and
-    count, which stays exact when a micro-batch holds no row of that class).
+    model: the module every loss calls (an `alignkit.models.BatchForward`), prepared here with its
+    optimizer; loss_fn(prepared model, batch) returns the micro-batch loss and metrics (see
+    `optimizer_step`). units(examples) counts what a micro-batch's loss is a mean over (default: its
+    rows; SFT's token-mean loss counts completion tokens). evaluate(prepared model) returns eval metrics.
+    setup_metrics (e.g. the seconds a one-off reference pass took) are added to the first logged record.
+    state, an object with state_dict() / load_state_dict() (e.g. a loss's running statistics), is saved in
+    every checkpoint as it was at the end of that step and restored on resume, so a resumed run repeats
+    the uninterrupted one exactly. lengths (one per training example) makes every step draw rows of
+    similar length (`group_by_length`). summarise(record) derives the logged metrics from a step's
+    averaged ones (e.g. a class's mean reward from the mean of reward x indicator and the class's share).
     """
     output_dir = Path(cfg.output_dir)
     order = data_order(cfg, len(train_examples), accelerator, lengths)
@@ -301,15 +379,18 @@ def fit(
     model, optimizer = accelerator.prepare(model, optimizer)
     checkpointer = Checkpointer(output_dir, cfg.save_total_limit)
 
+    def named(loop_state=None) -> dict:
+        out = {"model": accelerator.unwrap_model(model), "optimizer": optimizer, "scheduler": scheduler}
+        if state is not None:
+            out["loop_state"] = loop_state if loop_state is not None else state
+        return out
+
     start = 0
     latest = checkpointer.latest() if cfg.resume else None
     if cfg.resume and latest is None and accelerator.is_main_process:
         print(f"resume=true but no checkpoint in {checkpointer.root}; starting from step 0")
     if latest is not None:
-        loaded = checkpointer.load(latest, accelerator.unwrap_model(model), optimizer, scheduler)
-        start = loaded["step"]
-        if state is not None and "loop_state" in loaded:
-            state.load_state_dict(loaded["loop_state"])
+        start = checkpointer.load(latest, named())["step"]
         if accelerator.is_main_process:
             print(f"resumed from {latest} at step {start}")
     logger = MetricsLogger(output_dir, accelerator.is_main_process, start if latest is not None else None)
@@ -325,51 +406,41 @@ def fit(
     last: dict = {}
     step = start
     snapshot = state.state_dict() if state is not None else None  # as at the end of step `step`
+
+    def save() -> Path | None:
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            return None
+        return checkpointer.save(step, named(Frozen(snapshot) if state is not None else None))
+
     try:
         while step < steps:
             model.train()
             t0 = time.perf_counter()
             micro = [[train_examples[i] for i in idx] for idx in order.micro_batches(step)]
-            scales = loss_scale(micro) if loss_scale else [1.0 / len(micro)] * len(micro)
-            records, tokens = [], 0
-            for m, (examples, scale) in enumerate(zip(micro, scales)):
-                batch = {k: v.to(accelerator.device) for k, v in collate(examples).items()}
-                tokens += int(batch["attention_mask"].sum())
-                sync = m == len(micro) - 1
-                ctx = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
-                with ctx, accelerator.autocast():
-                    loss, metrics = loss_fn(batch)
-                    accelerator.backward(loss * scale)
-                records.append(metrics)
-            grad_norm = (
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                if cfg.max_grad_norm > 0
-                else torch.sqrt(
-                    sum((p.grad.float() ** 2).sum() for p in model.parameters() if p.grad is not None)
-                )
+            batches = [{k: v.to(accelerator.device) for k, v in collate(mb).items()} for mb in micro]
+            tokens = sum(b["attention_mask"].sum() for b in batches)
+            record = optimizer_step(
+                accelerator,
+                model,
+                optimizer,
+                scheduler,
+                batches,
+                loss_fn,
+                units=[units(mb) if units else len(mb) for mb in micro],
+                max_grad_norm=cfg.max_grad_norm,
             )
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            record["tokens"] = (
+                accelerator.reduce(tokens.float(), "sum") if accelerator.num_processes > 1 else tokens
+            )
+            record = as_numbers(record)  # the step's one host sync
             step += 1
             if state is not None:
                 snapshot = state.state_dict()
             elapsed = time.perf_counter() - t0
-            record = _mean_metrics(records)
-            record = {
-                k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean"))
-                for k, v in record.items()
-            }
             if summarise is not None:
                 record = summarise(record)
-            record.update(
-                grad_norm=float(grad_norm),
-                lr=lr,
-                tokens=tokens * accelerator.num_processes,
-                step_time=elapsed,
-                **{"tokens/s": tokens * accelerator.num_processes / elapsed},
-            )
+            record.update(step_time=elapsed, **{"tokens/s": record["tokens"] / elapsed})
             if step == start + 1 and setup_metrics:
                 record.update(setup_metrics)
             bar.update(1)
@@ -380,48 +451,45 @@ def fit(
             if evaluate is not None and (step % cfg.eval_steps == 0 or step == steps):
                 model.eval()
                 with torch.no_grad(), accelerator.autocast():
-                    logger.log({"step": step, "split": "eval", **evaluate()})
+                    logger.log({"step": step, "split": "eval", **evaluate(model)})
             if cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < steps:
-                _save(checkpointer, accelerator, step, model, optimizer, scheduler, snapshot)
+                save()
     except KeyboardInterrupt:
         bar.close()
-        if accelerator.is_main_process:
-            path = _save(checkpointer, accelerator, step, model, optimizer, scheduler, snapshot)
+        path = save()
+        if path is not None:
             print(f"\ninterrupted: checkpoint written to {path}; continue with resume=true")
         raise SystemExit(130) from None
     bar.close()
-    return last
+    return model, last
 
 
 def evaluate_in_batches(
-    examples: list[dict], batch_size: int, collate: Callable, loss_fn: Callable, device
+    model, examples: list[dict], batch_size: int, collate: Callable, loss_fn: Callable, device
 ) -> dict:
-    """Every metric of `loss_fn` over `examples`, in batches, each batch weighted by its rows."""
-    totals: dict[str, float] = {}
+    """Every metric of `loss_fn(model, batch)` over `examples`, in batches, each batch weighted by its rows."""
+    totals: dict[str, torch.Tensor] = {}
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         batch = {k: v.to(device) for k, v in collate(chunk).items()}
-        _, metrics = loss_fn(batch)
+        _, metrics = loss_fn(model, batch)
         for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + v * len(chunk)
-    return {k: v / len(examples) for k, v in totals.items()}
+            totals[k] = totals.get(k, 0.0) + _as_tensor(v, device) * len(chunk)
+    return {k: v / len(examples) for k, v in as_numbers(totals).items()}
 
 
 def save_final(accelerator, model, tokenizer, output_dir: Path, merge_lora: bool, log=print) -> Path:
-    """Save the trained model (save_pretrained, safetensors) to output_dir/final on the main process."""
-    from alignkit.models import save_model
+    """Save the trained model (save_pretrained, safetensors) to output_dir/final on the main process.
+
+    model: the prepared module `fit` returned (a BatchForward around the model) or the model itself."""
+    from alignkit.models import BatchForward, save_model
 
     final = Path(output_dir) / "final"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, final, merge_lora=merge_lora)
+        inner = accelerator.unwrap_model(model)
+        inner = inner.model if isinstance(inner, BatchForward) else inner
+        save_model(inner, tokenizer, final, merge_lora=merge_lora)
         log(f"final model saved to {final}")
-    return final
-
-
-def _save(checkpointer, accelerator, step, model, optimizer, scheduler, loop_state=None) -> Path | None:
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        extra = {"loop_state": loop_state} if loop_state is not None else None
-        return checkpointer.save(step, accelerator.unwrap_model(model), optimizer, scheduler, extra)
-    return None
+    return final

@@ -11,7 +11,7 @@ import torch
 
 from alignkit.algorithms import kto
 from alignkit.cli import main
-from alignkit.config import KTOConfig
+from alignkit.config import KTOConfig, ReferenceSettings
 from alignkit.data.collate import collate_unpaired, mismatched_partners
 from alignkit.data.prepare import prepare_unpaired_data
 from alignkit.data.rows import DataError, load_unpaired_rows
@@ -229,7 +229,7 @@ def test_kl_estimate_in_a_batch_of_two_is_the_hand_computed_one(tmp_path, tiny_m
     data = write_jsonl(tmp_path / "rows.jsonl", unpaired_rows(8))
     cfg = KTOConfig(
         model=str(tiny_model_dir),
-        reference_model=str(reference_dir),
+        reference=ReferenceSettings(model=str(reference_dir)),
         data=data,
         output_dir=str(tmp_path / "out"),
         batch_size=2,
@@ -284,7 +284,7 @@ def test_a_tiny_unpaired_run_separates_desirable_from_undesirable(tmp_path, tiny
     final = metrics(out, "eval")[-1]
     assert final["rewards/desirable"] > 0.3 and final["rewards/undesirable"] < -0.3
     assert final["rewards/margins"] > 0.8  # 0 before training
-    assert final["count/desirable"] + final["count/undesirable"] == pytest.approx(16 / 8)  # per eval batch
+    assert final["frac/desirable"] + final["frac/undesirable"] == pytest.approx(1.0)  # shares of the rows
 
 
 @pytest.mark.parametrize("name", sorted(UNPAIRED_LOSSES))
@@ -299,14 +299,14 @@ def test_every_unpaired_objective_lowers_its_loss_through_the_cli(tmp_path, tiny
 
 
 def test_precomputed_reference_of_the_mismatched_pairs_equals_the_on_the_fly_one(tmp_path, tiny_model_dir):
-    """reference=precomputed computes the reference log-probs of every mismatched pair the run's batches
-    will form before training (from the seeded data order); reference=copy computes them as it goes."""
+    """reference.mode=precomputed computes the reference log-probs of every mismatched pair the run's batches
+    will form before training (from the seeded data order); reference.mode=copy computes them as it goes."""
     data = write_jsonl(tmp_path / "rows.jsonl", unpaired_rows(12))
     runs = {}
     for mode in ("precomputed", "copy"):
         out = tmp_path / mode
         args = cli_args(
-            tiny_model_dir, data, out, f"reference={mode}", "batch_size=3", "epochs=2", "grad_accum=2"
+            tiny_model_dir, data, out, f"reference.mode={mode}", "batch_size=3", "epochs=2", "grad_accum=2"
         )
         assert main(args) == 0
         runs[mode] = [(m["loss"], m["kl"]) for m in metrics(out)]

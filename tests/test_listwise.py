@@ -293,7 +293,9 @@ def test_precomputed_reference_equals_the_on_the_fly_one_for_lists_of_unequal_le
         out = tmp_path / mode
         assert (
             main(
-                cli_args(tiny_model_dir, data, out, "loss=plackett_luce", f"reference={mode}", "max_steps=4")
+                cli_args(
+                    tiny_model_dir, data, out, "loss=plackett_luce", f"reference.mode={mode}", "max_steps=4"
+                )
             )
             == 0
         )

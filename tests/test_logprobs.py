@@ -120,7 +120,8 @@ def test_shared_prompt_layout_equals_plain_padded(tiny_model_dir, attn):
         collate_pairs_shared_prompt,
     ):
         model.zero_grad()
-        c, r, nc, nr = pair_logps(model, collate(examples, 0), chunk_size=4)
+        out = pair_logps(model, collate(examples, 0), chunk_size=4)
+        c, r, nc, nr = (out[k] for k in ("chosen", "rejected", "n_chosen", "n_rejected"))
         (c.sum() - 2 * r.sum()).backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters()])
         results.append((c.detach(), r.detach(), nc, nr, grads))
@@ -130,3 +131,47 @@ def test_shared_prompt_layout_equals_plain_padded(tiny_model_dir, attn):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
         assert shared[3].tolist() == [6, 1, 3, 2]
         torch.testing.assert_close(plain[4], shared[4], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_temperature_and_entropy_match_naive(model, temperature):
+    """Log-probs under softmax(logits / τ) (the distribution a sampler at τ drew from) and the entropy of
+    that distribution at every scored position, against the full (B, T, V) computation; gradients too."""
+    batch = ragged_batch()
+    mask = batch["completion_mask"].clone()
+    mask[:, 0] = 0
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    logp_all = F.log_softmax(logits[:, :-1] / temperature, dim=-1)  # (B, T-1, V)
+    naive = torch.zeros(batch["input_ids"].shape)
+    naive[:, 1:] = logp_all.gather(-1, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1) * mask[:, 1:]
+    naive_entropy = torch.zeros(batch["input_ids"].shape)
+    naive_entropy[:, 1:] = -(logp_all.exp() * logp_all).sum(-1) * mask[:, 1:]
+
+    out = completion_logps(model, **batch, chunk_size=3, temperature=temperature, with_entropy=True)
+    torch.testing.assert_close(out.token_logps, naive, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.token_entropy, naive_entropy, atol=1e-4, rtol=0)
+    assert (out.token_entropy[mask == 1] > 0).all()
+
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    model.zero_grad()
+    ((out.sum * weights).sum() + out.token_entropy.sum()).backward()
+    fast = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ((naive.sum(-1) * weights).sum() + naive_entropy.sum()).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(fast[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    model.zero_grad()
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        completion_logps(model, **batch, temperature=0.0)
+
+
+def test_a_ddp_wrapper_is_refused_rather_than_bypassed(model):
+    """Reaching past a DDP wrapper to the backbone would skip its gradient all-reduce: an error."""
+
+    class Wrapper(torch.nn.Module):  # what DistributedDataParallel looks like from outside
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    with pytest.raises(TypeError, match="BatchForward"):
+        completion_logps(Wrapper(model), **ragged_batch())

@@ -7,7 +7,9 @@ import math
 import random
 
 import pytest
+import torch
 
+import alignkit.reference
 import alignkit.runtime
 from alignkit.algorithms import dpo
 from alignkit.cli import main
@@ -109,9 +111,9 @@ def test_every_objective_lowers_its_loss_through_the_cli(tmp_path, tiny_model_di
         ("gamma=1.0", "sigmoid", "gamma=1.0 is not used by loss 'sigmoid' (it uses beta, label_smoothing)"),
         ("nll_weight=0.5", "simpo", "nll_weight=0.5 is not used by loss 'simpo'"),
         (
-            "reference=copy",
+            "reference.mode=copy",
             "orpo",
-            "reference='copy' is not used by loss 'orpo' (it uses beta and no reference)",
+            "reference=ReferenceSettings(mode='copy', model=None) is not used by loss 'orpo' (it uses beta and no reference)",
         ),
         (
             "label_smoothing=0.5",
@@ -169,15 +171,15 @@ def test_reference_free_objectives_never_compute_or_load_a_reference(
         loaded.append(a[0])
         return real_load(*a, **k)
 
-    # The policy loads through models.load_policy, a reference through dpo's own import: count both.
+    # The policy loads through models.load_policy, a reference through reference.py's import: count both.
     monkeypatch.setattr(alignkit.models, "load_causal_lm", counting_load)
-    monkeypatch.setattr(dpo, "load_causal_lm", counting_load)
+    monkeypatch.setattr(alignkit.reference, "load_causal_lm", counting_load)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a reference-free objective computed reference log-probs")
 
     monkeypatch.setattr(dpo, "attach_precomputed_reference", forbidden)
-    monkeypatch.setattr(dpo, "reference_logps", forbidden)
+    monkeypatch.setattr(alignkit.reference, "reference_logps", forbidden)
     cache = tmp_path / "cache"
     out = tmp_path / "o"
     assert main(cli_args(tiny_model_dir, shared["data"], out, f"loss={name}", f"cache_dir={cache}")) == 0
@@ -221,9 +223,48 @@ def test_bco_pair_running_mean_is_checkpointed_and_resumes_exactly(tmp_path, tin
     monkeypatch.setattr(alignkit.runtime.DataOrder, "micro_batches", interrupt_at_step_3)
     with pytest.raises(SystemExit):
         dpo.train(cut)
-    state = json.loads((tmp_path / "b" / "checkpoints" / "checkpoint-3" / "state.json").read_text())
-    assert state["loop_state"]["count"] == 3 * 2 * 4  # 3 steps of 4 pairs, chosen and rejected rewards
+    state = torch.load(tmp_path / "b" / "checkpoints" / "checkpoint-3" / "loop_state.pt", weights_only=True)
+    assert state["count"] == 3 * 2 * 4  # 3 steps of 4 pairs, chosen and rejected rewards
     monkeypatch.setattr(alignkit.runtime.DataOrder, "micro_batches", original)
     cut.resume = True
     dpo.train(cut)
     assert [(m["loss"], m["delta"]) for m in train_metrics(tmp_path / "b")] == expected
+
+
+def test_paired_loss_and_its_running_delta_on_tensors():
+    """dpo.paired_loss is the objective on tensors: sigmoid DPO by hand, h = (−1 − −2) − (−3 − −2) = 2,
+    loss = −log σ(β·h) = log(1 + e^−0.2) at β = 0.1; and PairedObjective moves bco_pair's δ by the mean
+    of the batch's implicit rewards, only in training mode."""
+    from alignkit.config import DPOConfig
+    from alignkit.losses import get_loss
+
+    policy = {
+        "chosen": torch.tensor([-1.0]),
+        "rejected": torch.tensor([-3.0]),
+        "n_chosen": torch.tensor([2]),
+        "n_rejected": torch.tensor([2]),
+    }
+    ref = {"chosen": torch.tensor([-2.0]), "rejected": torch.tensor([-2.0])}
+    batch = {"preference": torch.tensor([1.0])}
+    cfg = DPOConfig(beta=0.1)
+    loss, metrics, _ = dpo.paired_loss(cfg, get_loss("sigmoid"), policy, ref, batch)
+    assert float(loss) == pytest.approx(math.log1p(math.exp(-0.2)), rel=1e-6)
+    assert float(metrics["rewards/margins"]) == pytest.approx(0.2, rel=1e-6)
+    assert float(metrics["rewards/accuracies"]) == 1.0
+
+    moved = {**policy, "rejected": torch.tensor([-2.5])}
+
+    class Model(torch.nn.Module):  # stands in for the prepared policy: returns the batch function's output
+        def forward(self, batch):
+            return moved
+
+    cfg = DPOConfig(beta=0.1, loss="bco_pair")
+    reference = alignkit.reference.Reference("precomputed", ("chosen", "rejected"))
+    objective = dpo.PairedObjective(cfg, get_loss("bco_pair"), reference)
+    batch = {**batch, "ref_chosen": ref["chosen"], "ref_rejected": ref["rejected"]}
+    model = Model().eval()
+    objective(model, batch)
+    assert objective.reward_mean.count == 0  # evaluation does not move δ
+    objective(model.train(), batch)
+    # rewards β·(−1 − −2) = 0.1 and β·(−2.5 − −2) = −0.05: their mean is 0.025
+    assert objective.reward_mean.count == 2 and objective.reward_mean.mean == pytest.approx(0.025, rel=1e-6)

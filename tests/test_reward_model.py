@@ -168,7 +168,7 @@ def test_length_grouped_order_is_a_permutation_of_similar_lengths_and_repeats():
     assert grouped.permutation(0) != grouped.permutation(1)
 
     def padded_tokens(order: DataOrder) -> int:  # tokens of the micro-batches, each padded to its longest
-        steps = range(order.steps_per_epoch)
+        steps = range(order.n_examples // order.rows_per_step)  # the full steps of epoch 0
         return sum(len(mb) * max(lengths[i] for i in mb) for s in steps for mb in order.micro_batches(s))
 
     assert padded_tokens(grouped) < 0.7 * padded_tokens(plain)
@@ -222,7 +222,8 @@ def check_saved_model(final, eval_rows, logged: dict) -> None:
     examples, _ = classifier_pairs(tokenize_preference_rows(parsed, tokenizer, 64, 32)[0], tokenizer, 64, 32)
     for share in (False, True) if model.config.model_type == "llama" else (False,):
         with torch.no_grad():
-            c, r = pair_rewards(model, make_collate(tokenizer.pad_token_id, share)(examples))
+            out = pair_rewards(model, make_collate(tokenizer.pad_token_id, share)(examples))
+            c, r = out["chosen"], out["rejected"]
         torch.testing.assert_close(c, chosen, atol=1e-5, rtol=0)
         torch.testing.assert_close(r, rejected, atol=1e-5, rtol=0)
 

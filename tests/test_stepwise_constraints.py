@@ -6,12 +6,13 @@ import json
 import math
 import random
 import re
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from alignkit.algorithms import dpo
+from alignkit.algorithms import dpo, sdpo
 from alignkit.cli import main
 from alignkit.config import ConstraintSettings, DPOConfig
 from alignkit.data.collate import collate_pairs
@@ -77,7 +78,8 @@ def config(tmp_path, model, data, name, **overrides) -> DPOConfig:
 def sequence_logps(model_dir, examples) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) log-prob sums under the saved model, with the plain 2B-row layout."""
     model = load_causal_lm(str(model_dir), "float32").eval()
-    chosen, rejected, _, _ = dpo.pair_logps(model, collate_pairs(examples, pad_id=0), 1024)
+    out = dpo.pair_logps(model, collate_pairs(examples, pad_id=0), 1024)
+    chosen, rejected = out["chosen"], out["rejected"]
     return chosen, rejected
 
 
@@ -177,11 +179,11 @@ def test_stepwise_dpo_stage_two_is_measured_against_stage_one(tmp_path, tiny_mod
 
     def spy(cfg, model, splits, *args, **kwargs):
         real(cfg, model, splits, *args, **kwargs)
-        refs[cfg.stage] = [dict(e) for e in splits["train"]]
+        refs[int(Path(cfg.output_dir).name.split("-")[1])] = [dict(e) for e in splits["train"]]
 
     monkeypatch.setattr(dpo, "attach_precomputed_reference", spy)
     cfg = config(tmp_path, tiny_model_dir, data, "sdpo", stages=2)
-    final = dpo.train(cfg)
+    final = sdpo.train(cfg)
     root = tmp_path / "sdpo"
     assert final == root / "stage-2" / "final" and (root / "final").resolve() == final.resolve()
     # file order: stage 1 trains on lines 1-8, stage 2 on lines 9-16
@@ -197,7 +199,7 @@ def test_stepwise_dpo_stage_two_is_measured_against_stage_one(tmp_path, tiny_mod
             torch.tensor([e["ref_rejected"] for e in refs[stage]]), rejected, atol=1e-4, rtol=0
         )
     stage_2_config = (root / "stage-2" / "config.yaml").read_text()
-    assert f"model: {root / 'stage-1' / 'final'}" in stage_2_config and "stage: 2" in stage_2_config
+    assert f"model: {root / 'stage-1' / 'final'}" in stage_2_config
     # and stage 2 moved on from stage 1
     one, two = (load_file(str(root / f"stage-{k}" / "final" / "model.safetensors")) for k in (1, 2))
     assert any(not torch.equal(one[name], two[name]) for name in one)
@@ -211,8 +213,10 @@ def test_stepwise_settings_are_checked(tmp_path, capsys):
     args = ["dpo", f"model={tmp_path}/m", f"data={tmp_path}/d.jsonl", f"output_dir={tmp_path}/o"]
     assert main([*args, "stages=2", "lora.enabled=true"]) == 1
     assert "stages > 1 with LoRA needs lora.merge=true" in capsys.readouterr().err
-    assert main([*args, "stages=2", "stage=3"]) == 1
-    assert "need stages >= 1 and 0 <= stage <= stages" in capsys.readouterr().err
+    assert main([*args, "stages=0"]) == 1
+    assert "stages=0: need stages >= 1" in capsys.readouterr().err
+    assert main([*args, "stage=2"]) == 2  # the stage runner's own business, not a user setting
+    assert "unknown config key 'stage'" in capsys.readouterr().err
     assert dpo.stage_examples(list(range(10)), 1, 3) == [0, 1, 2]
     assert dpo.stage_examples(list(range(10)), 2, 3) == [3, 4, 5, 6]
     assert dpo.stage_examples(list(range(10)), 3, 3) == [7, 8, 9]

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from alignkit.algorithms import dpo, sft
-from alignkit.config import DPOConfig, SFTConfig
+from alignkit.config import DPOConfig, ReferenceSettings, SFTConfig
 
 GOOD = ["happy", "kind", "sunny", "warm", "smiled", "love", "friends", "fun"]
 BAD = ["sad", "angry", "cold", "cried", "dark", "lost", "broke", "mean"]
@@ -115,7 +115,9 @@ def test_precomputed_reference_equals_on_the_fly(tmp_path, tiny_model_dir, lora)
     modes = ["precomputed", "adapter" if lora else "copy"]
     losses = {}
     for mode in modes:
-        cfg = dpo_config(tmp_path / mode, tiny_model_dir, data, max_steps=4, reference=mode)
+        cfg = dpo_config(
+            tmp_path / mode, tiny_model_dir, data, max_steps=4, reference=ReferenceSettings(mode=mode)
+        )
         cfg.lora.enabled = lora
         cfg.lora.dropout = 0.0
         dpo.train(cfg)
@@ -250,7 +252,12 @@ def test_lora_run_saves_adapter_or_merged_model(tmp_path, tiny_model_dir, merge)
 
     data = write_jsonl(tmp_path / "train.jsonl", sentiment_pairs(16, seed=5))
     cfg = dpo_config(
-        tmp_path, tiny_model_dir, data, max_steps=3, reference="adapter", gradient_checkpointing=True
+        tmp_path,
+        tiny_model_dir,
+        data,
+        max_steps=3,
+        reference=ReferenceSettings(mode="adapter"),
+        gradient_checkpointing=True,
     )
     cfg.lora.enabled, cfg.lora.merge, cfg.lora.r = True, merge, 4
     final = dpo.train(cfg)

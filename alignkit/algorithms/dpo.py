@@ -3,37 +3,40 @@
     alignkit dpo model=PATH data=pairs.jsonl output_dir=out max_steps=20
 
 Reads top to bottom: data -> policy -> reference log-probs -> loss (+ constraints) -> fit -> save.
-The reference helpers here (`setup_reference`, `attach_precomputed_reference`, `reference_forward`) are
-shared with the unpaired (kto.py) and listwise (listwise.py) trainers; `stages > 1` hands the run to
-sdpo.py, which calls `train` once per stage.
+`pair_logps` is the batch function the prepared policy runs (one forward for chosen and rejected);
+`paired_loss` is the objective on its outputs, a pure function of tensors; `PairedObjective` binds the
+two, the reference and bco_pair's running δ into the `loss_fn` that `fit` calls. Stepwise DPO
+(`stages > 1`) is sdpo.py, which calls `train` once per stage (the CLI routes it there).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from alignkit.config import ConfigError, ConstraintSettings, DPOConfig
 from alignkit.data.collate import additive_mask, collate_pairs, collate_pairs_shared_prompt
-from alignkit.data.prepare import cache_dir, prepare_preference_data
-from alignkit.data.tokenize import fingerprint, source_fingerprint
+from alignkit.data.prepare import prepare_preference_data
 from alignkit.logprobs import completion_logps
 from alignkit.losses import LOSSES, LossSpec, RunningMean, check_params, get_loss, preference_loss
 from alignkit.losses.constraints import check_constraints, constraint_losses, implicit_rewards
-from alignkit.models import add_lora, freeze, load_causal_lm, load_policy, load_tokenizer
+from alignkit.models import BatchForward, add_lora, load_policy, load_tokenizer
+from alignkit.reference import (
+    Reference,
+    attach_precomputed_reference,
+    check_reference_settings,
+    setup_reference,
+)
 from alignkit.runtime import evaluate_in_batches, fit, save_final, start_run, used_indices
 
-REFERENCE_MODES = ("copy", "adapter", "precomputed")
 PAIR_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
-def pair_logps(model, batch: dict, chunk_size: int) -> tuple[torch.Tensor, ...]:
-    """One forward for the whole batch -> (chosen sums, rejected sums, chosen counts, rejected counts),
-    each (B,).
+def pair_logps(model, batch: dict, chunk_size: int = 1024) -> dict[str, torch.Tensor]:
+    """One forward for the whole batch -> {"chosen", "rejected": log-prob sums, "n_chosen", "n_rejected":
+    completion token counts}, each (B,). The batch function the prepared policy runs (`BatchForward`).
 
     Two layouts (alignkit.data.collate): rows of packed [prompt | chosen | rejected] segments with a 4D
     mask (`share_prompt`, each prompt computed once), or 2B rows, chosen then rejected.
@@ -47,9 +50,9 @@ def pair_logps(model, batch: dict, chunk_size: int) -> tuple[torch.Tensor, ...]:
             batch["input_ids"],
             mask,
             chosen_mask + rejected_mask,
-            batch["position_ids"],
-            chunk_size,
-            batch["source_index"],
+            position_ids=batch["position_ids"],
+            chunk_size=chunk_size,
+            source_index=batch["source_index"],
         )
         B = batch["preference"].shape[0]
         segment = batch["segment"]  # (R, T) pair index of each completion token
@@ -58,17 +61,22 @@ def pair_logps(model, batch: dict, chunk_size: int) -> tuple[torch.Tensor, ...]:
             picked = mask.bool()
             return values.new_zeros(B).index_add(0, segment[picked], values[picked])
 
-        return (
-            per_pair(chosen_mask, out.token_logps),
-            per_pair(rejected_mask, out.token_logps),
-            per_pair(chosen_mask, chosen_mask).long(),
-            per_pair(rejected_mask, rejected_mask).long(),
-        )
+        return {
+            "chosen": per_pair(chosen_mask, out.token_logps),
+            "rejected": per_pair(rejected_mask, out.token_logps),
+            "n_chosen": per_pair(chosen_mask, chosen_mask).long(),
+            "n_rejected": per_pair(rejected_mask, rejected_mask).long(),
+        }
     out = completion_logps(
         model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], chunk_size=chunk_size
     )
     B = batch["input_ids"].shape[0] // 2
-    return out.sum[:B], out.sum[B:], out.count[:B], out.count[B:]
+    return {
+        "chosen": out.sum[:B],
+        "rejected": out.sum[B:],
+        "n_chosen": out.count[:B],
+        "n_rejected": out.count[B:],
+    }
 
 
 def make_collate(pad_id: int, share_prompt: bool):
@@ -87,120 +95,13 @@ def make_collate(pad_id: int, share_prompt: bool):
     return collate
 
 
-@torch.no_grad()
-def reference_logps(model, examples: list[dict], collate, logps: Callable, batch_size: int, device) -> dict:
-    """`logps(model, batch)` -> {name: (B,) or (B, K) tensor} over every example, in one pass, concatenated
-    per name (on the CPU, float32)."""
-    model.eval()
-    out: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        for name, value in logps(model, batch).items():
-            out.setdefault(name, []).append(value.float().cpu())
-    return {name: torch.cat(values) for name, values in out.items()}
-
-
-def _model_fingerprint(name_or_path: str) -> str:
-    """Identity of model weights: file sizes and times for a local folder, else the hub name."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        return fingerprint(
-            [source_fingerprint(str(p)) for p in sorted(path.glob("*.safetensors"))], str(path)
-        )
-    return fingerprint(name_or_path)
-
-
-def attach_precomputed_reference(
-    cfg,
-    model,
-    splits: dict,
-    accelerator,
-    collate,
-    logps: Callable,
-    fields: tuple[str, ...] = PAIR_FIELDS,
-    log=print,
-) -> None:
-    """Compute the reference log-probs of every split once (or load them from the cache) and store them on
-    the examples, so no reference model is held during training.
-
-    `logps(model, batch)` returns {name: (B,) or (B, K)}; each example gets e[f"ref_{name}"] (a float, or a
-    list for (B, K)). The cache key is the reference weights, the dtype and each example's `fields`.
-    """
-    for name, examples in splits.items():
-        if not examples:
-            continue
-        key = fingerprint(
-            _model_fingerprint(cfg.reference_model or cfg.model),
-            cfg.dtype,
-            fields,
-            [[e[f] for f in fields] for e in examples],
-        )
-        path = cache_dir(cfg) / f"reference-{name}-{key}.safetensors"
-        if path.exists():
-            ref = load_file(str(path))
-            log(f"reference log-probs for {name} loaded from {path}")
-        else:
-            ref = reference_logps(model, examples, collate, logps, cfg.batch_size * 2, accelerator.device)
-            if accelerator.is_main_process:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                save_file(ref, str(tmp))
-                tmp.replace(path)
-            log(f"reference log-probs for {len(examples)} {name} examples computed and cached in {path}")
-        for column, values in ref.items():
-            for e, v in zip(examples, values.tolist()):
-                e[f"ref_{column}"] = v
-
-
-def check_reference_settings(cfg) -> None:
-    """The `reference` mode is known, and `adapter` has an adapter to switch off."""
-    if cfg.reference not in REFERENCE_MODES:
-        raise ValueError(f"reference '{cfg.reference}' is not one of {', '.join(REFERENCE_MODES)}")
-    if cfg.reference == "adapter" and not cfg.lora.enabled:
-        raise ValueError("reference=adapter needs lora.enabled=true (the reference is the base without it)")
-
-
-def _frozen(cfg, name_or_path: str, accelerator):
-    model = load_causal_lm(name_or_path, cfg.dtype, cfg.attn_implementation, cfg.trust_remote_code)
-    return freeze(model).to(accelerator.device)
-
-
-def setup_reference(cfg, model, accelerator, precompute: Callable) -> tuple[torch.nn.Module | None, dict]:
-    """Set up the reference for `cfg.reference`, before training (and before LoRA is added).
-
-    precomputed: calls `precompute(reference_model)` once, with `cfg.reference_model` when it names other
-    weights than `cfg.model`, else the policy itself (before training it is the reference: no second copy),
-    and returns (None, {"reference_time": seconds}). copy: (a frozen copy, {}). adapter: (None, {}), the
-    LoRA base with the adapter switched off being the reference (`reference_forward`).
-    """
-    if cfg.reference == "precomputed":
-        separate = cfg.reference_model and cfg.reference_model != cfg.model
-        ref_model = _frozen(cfg, cfg.reference_model, accelerator) if separate else model
-        t0 = time.perf_counter()
-        precompute(ref_model)
-        return None, {"reference_time": time.perf_counter() - t0}
-    if cfg.reference == "copy":
-        return _frozen(cfg, cfg.reference_model or cfg.model, accelerator), {}
-    return None, {}
-
-
-def reference_forward(cfg, model, reference, accelerator, logps: Callable, batch: dict):
-    """`logps(reference, batch)` computed now, without gradient (copy and adapter modes)."""
-    with torch.no_grad():
-        if cfg.reference == "adapter":
-            with accelerator.unwrap_model(model).disable_adapter():
-                return logps(model, batch)
-        return logps(reference, batch)
-
-
 def check_loss_settings(cfg: DPOConfig, spec: LossSpec) -> None:
     """Settings are never silently ignored: a loss parameter (or reference setting) that the chosen
     objective does not use, set to a non-default value, is an error; the ones it uses are range-checked."""
     defaults = DPOConfig()
     unused = sorted({p for s in LOSSES.values() for p in s.params} - set(spec.params))
     if not spec.needs_reference:
-        unused += ["reference", "reference_model"]
+        unused += ["reference"]
     for name in unused:
         if getattr(cfg, name) != getattr(defaults, name):
             uses = f"it uses {', '.join(spec.params)}" + ("" if spec.needs_reference else " and no reference")
@@ -213,10 +114,8 @@ def check_loss_settings(cfg: DPOConfig, spec: LossSpec) -> None:
         check_constraints(cfg.constraints, ConstraintSettings())
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if cfg.stages < 1 or not 0 <= cfg.stage <= cfg.stages:
-        raise ConfigError(
-            f"stages={cfg.stages}, stage={cfg.stage}: need stages >= 1 and 0 <= stage <= stages"
-        )
+    if cfg.stages < 1:
+        raise ConfigError(f"stages={cfg.stages}: need stages >= 1")
 
 
 def check_row_columns(cfg: DPOConfig, spec: LossSpec, train: list[dict], held_out: list[dict]) -> None:
@@ -303,12 +202,94 @@ def stage_examples(examples: list[dict], stage: int, stages: int) -> list[dict]:
     return examples[round((stage - 1) * n / stages) : round(stage * n / stages)]
 
 
-def train(cfg: DPOConfig) -> Path:
-    """Train a policy on preference pairs; returns the folder of the saved final model."""
-    if cfg.stages > 1 and cfg.stage == 0:
-        from alignkit.algorithms import sdpo
+def paired_loss(
+    cfg: DPOConfig,
+    spec: LossSpec,
+    policy: dict[str, torch.Tensor],
+    ref: dict[str, torch.Tensor],
+    batch: dict,
+    *,
+    delta: float | None = None,
+):
+    """The objective `cfg.loss` plus its constraints on one batch -> (loss, metrics, LossOutput).
 
-        return sdpo.train(cfg)  # one `train` per stage, each against the previous stage's model
+    policy: `pair_logps` of the policy ({"chosen", "rejected", "n_chosen", "n_rejected"}, each (B,));
+    ref: the reference's {"chosen", "rejected"} ({} for reference-free objectives); batch: its per-row
+    columns (preference, margin, flagged); delta: bco_pair's running mean reward. loss is the mean over
+    the B pairs; metrics are detached 0-dim tensors, each a mean over the pairs.
+    """
+    chosen, rejected = policy["chosen"], policy["rejected"]
+    n_chosen, n_rejected = policy["n_chosen"], policy["n_rejected"]
+    ref_chosen, ref_rejected = ref.get("chosen"), ref.get("rejected")
+    # Exactly the settings and columns the objective uses (check_loss_settings rejected the others).
+    params = {p: getattr(cfg, p) for p in spec.params}
+    params.update({k: batch[k] for k in ("preference", "margin") if k in spec.inputs and k in batch})
+    if "delta" in spec.inputs:
+        params["delta"] = delta if delta is not None else 0.0
+    out = preference_loss(
+        cfg.loss, chosen, rejected, ref_chosen, ref_rejected, n_chosen, n_rejected, **params
+    )
+    losses, constraint_metrics = out.losses, {}
+    if cfg.constraints:
+        # The constraint judges the same implicit reward as the objective, with its gradient.
+        def reward(logps, reference_logps, n):
+            norm = spec.length_normalised
+            return implicit_rewards(logps, reference_logps, n, beta=cfg.beta, length_normalised=norm)
+
+        extra, constraint_metrics = constraint_losses(
+            cfg.constraints,
+            chosen_rewards=reward(chosen, ref_chosen, n_chosen),
+            rejected_rewards=reward(rejected, ref_rejected, n_rejected),
+            chosen_logps=chosen,
+            chosen_lengths=n_chosen,
+            flagged=batch.get("flagged"),
+        )
+        losses = losses + extra
+    margins = (out.chosen_rewards - out.rejected_rewards).detach()
+    metrics = {
+        "loss": losses.detach().mean(),
+        "rewards/chosen": out.chosen_rewards.detach().mean(),
+        "rewards/rejected": out.rejected_rewards.detach().mean(),
+        "rewards/accuracies": (margins > 0).float().mean(),
+        "rewards/margins": margins.mean(),
+        "logps/chosen": chosen.detach().mean(),
+        "logps/rejected": rejected.detach().mean(),
+        **out.metrics,
+        **constraint_metrics,
+    }
+    return losses.mean(), metrics, out
+
+
+@dataclass
+class PairedObjective:
+    """`loss_fn(model, batch)` for `fit`: the prepared policy's `pair_logps`, the reference's, then
+    `paired_loss`; it keeps bco_pair's δ, the mean implicit reward of all previous training batches over
+    every process (`gather`), which a checkpoint saves through state_dict()."""
+
+    cfg: DPOConfig
+    spec: LossSpec
+    reference: Reference | None
+    gather: object = lambda t: t
+    reward_mean: RunningMean = field(default_factory=RunningMean)
+
+    def __call__(self, model, batch: dict):
+        policy = model(batch)
+        ref = self.reference(model, batch) if self.spec.needs_reference else {}
+        loss, metrics, out = paired_loss(self.cfg, self.spec, policy, ref, batch, delta=self.reward_mean.mean)
+        if "delta" in self.spec.inputs and model.training:  # evaluation does not move δ
+            self.reward_mean.update(self.gather(torch.cat([out.chosen_rewards, out.rejected_rewards])))
+        return loss, metrics
+
+
+def train(cfg: DPOConfig, *, part: tuple[int, int] | None = None) -> Path:
+    """Train a policy on preference pairs; returns the folder of the saved final model.
+
+    part=(k, n) trains on the k-th of n contiguous parts of the rows (a stage of sdpo.py)."""
+    if cfg.stages > 1 and part is None:
+        raise ConfigError(
+            "stages > 1 is stepwise DPO: run it with `alignkit dpo ... stages=N` or "
+            "alignkit.algorithms.sdpo.train(cfg)"
+        )
     check_reference_settings(cfg)
     if cfg.share_prompt and "flash" in (cfg.attn_implementation or ""):
         raise ValueError(
@@ -322,99 +303,50 @@ def train(cfg: DPOConfig) -> Path:
     # Data: validated and tokenised before any model is loaded, so bad rows fail fast.
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
     train_examples, eval_examples = prepare_preference_data(cfg, tokenizer, log)
-    if cfg.stage > 0:
-        train_examples = stage_examples(train_examples, cfg.stage, cfg.stages)
-        log(f"stage {cfg.stage} of {cfg.stages}: {len(train_examples)} training pairs")
+    if part is not None:
+        train_examples = stage_examples(train_examples, *part)
+        log(f"stage {part[0]} of {part[1]}: {len(train_examples)} training pairs")
     check_row_columns(cfg, spec, train_examples, eval_examples)
     attach_flags(cfg, tokenizer, [train_examples, eval_examples], log)
 
     model = load_policy(cfg, tokenizer.pad_token_id, accelerator.device)
     collate = make_collate(tokenizer.pad_token_id, cfg.share_prompt)
 
-    def sums(m, batch: dict) -> dict:
-        chosen, rejected, _, _ = pair_logps(m, batch, cfg.logprob_chunk_size)
-        return {"chosen": chosen, "rejected": rejected}
+    def logps(m, batch: dict) -> dict:
+        return pair_logps(m, batch, cfg.logprob_chunk_size)
 
-    def precompute(ref_model) -> None:
+    def precompute(forward) -> None:
         # Only rows the run will train on (all of them unless max_steps ends it within the first epoch).
         used = [train_examples[i] for i in used_indices(cfg, len(train_examples), accelerator)]
         splits = {"train": used, "eval": eval_examples}
-        attach_precomputed_reference(cfg, ref_model, splits, accelerator, collate, sums, PAIR_FIELDS, log)
+        attach_precomputed_reference(cfg, forward, splits, accelerator, collate, PAIR_FIELDS, log)
 
-    # The reference: log-probs of the frozen starting point (or of `reference_model`).
+    # The reference: log-probs of the frozen starting point (or of `reference.model`).
     reference, setup_metrics = None, {}
     if spec.needs_reference:
-        reference, setup_metrics = setup_reference(cfg, model, accelerator, precompute)
+        reference, setup_metrics = setup_reference(
+            cfg, model, accelerator, logps, ("chosen", "rejected"), precompute
+        )
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora)
     model.train()
+    objective = PairedObjective(cfg, spec, reference, accelerator.gather)
 
-    def reference_for(batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if not spec.needs_reference:
-            return None, None
-        if "ref_chosen" in batch:
-            return batch["ref_chosen"], batch["ref_rejected"]
-        ref = reference_forward(cfg, model, reference, accelerator, sums, batch)
-        return ref["chosen"], ref["rejected"]
-
-    reward_mean = RunningMean()  # bco_pair's δ: mean implicit reward of all previous training batches
-
-    def loss_fn(batch: dict) -> tuple[torch.Tensor, dict]:
-        chosen, rejected, n_chosen, n_rejected = pair_logps(model, batch, cfg.logprob_chunk_size)
-        ref_chosen, ref_rejected = reference_for(batch)
-        # Exactly the settings and columns the objective uses (check_loss_settings rejected the others).
-        params = {p: getattr(cfg, p) for p in spec.params}
-        params.update({k: batch[k] for k in ("preference", "margin") if k in spec.inputs and k in batch})
-        if "delta" in spec.inputs:
-            params["delta"] = reward_mean.mean
-        out = preference_loss(
-            cfg.loss, chosen, rejected, ref_chosen, ref_rejected, n_chosen, n_rejected, **params
+    def evaluate(prepared) -> dict:
+        return evaluate_in_batches(
+            prepared, eval_examples, cfg.batch_size, collate, objective, accelerator.device
         )
-        if "delta" in spec.inputs and model.training:  # evaluation does not move δ
-            reward_mean.update(accelerator.gather(torch.cat([out.chosen_rewards, out.rejected_rewards])))
-        losses, constraint_metrics = out.losses, {}
-        if cfg.constraints:
-            # The constraint judges the same implicit reward as the objective, with its gradient.
-            def reward(logps, ref, n):
-                norm = spec.length_normalised
-                return implicit_rewards(logps, ref, n, beta=cfg.beta, length_normalised=norm)
 
-            extra, constraint_metrics = constraint_losses(
-                cfg.constraints,
-                chosen_rewards=reward(chosen, ref_chosen, n_chosen),
-                rejected_rewards=reward(rejected, ref_rejected, n_rejected),
-                chosen_logps=chosen,
-                chosen_lengths=n_chosen,
-                flagged=batch.get("flagged"),
-            )
-            losses = losses + extra
-        margins = out.chosen_rewards - out.rejected_rewards
-        metrics = {
-            "loss": float(losses.detach().mean()),
-            "rewards/chosen": float(out.chosen_rewards.mean()),
-            "rewards/rejected": float(out.rejected_rewards.mean()),
-            "rewards/accuracies": float((margins > 0).float().mean()),
-            "rewards/margins": float(margins.mean()),
-            "logps/chosen": float(chosen.detach().mean()),
-            "logps/rejected": float(rejected.detach().mean()),
-            **out.metrics,
-            **constraint_metrics,
-        }
-        return losses.mean(), metrics
-
-    def evaluate() -> dict:
-        return evaluate_in_batches(eval_examples, cfg.batch_size, collate, loss_fn, accelerator.device)
-
-    fit(
+    prepared, _ = fit(
         cfg,
         accelerator,
-        model,
+        BatchForward(model, logps),
         train_examples,
         collate,
-        loss_fn,
-        evaluate if eval_examples else None,
+        objective,
+        evaluate=evaluate if eval_examples else None,
         setup_metrics=setup_metrics,
-        state=reward_mean if "delta" in spec.inputs else None,
+        state=objective.reward_mean if "delta" in spec.inputs else None,
     )
 
-    return save_final(accelerator, model, tokenizer, output_dir, cfg.lora.merge, log)
+    return save_final(accelerator, prepared, tokenizer, output_dir, cfg.lora.merge, log)

@@ -15,36 +15,30 @@ micro-batches will form is known in advance.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from alignkit.algorithms.dpo import (
-    attach_precomputed_reference,
-    check_reference_settings,
-    reference_forward,
-    setup_reference,
-)
 from alignkit.config import ConfigError, KTOConfig
 from alignkit.data.collate import collate_unpaired, mismatched_partners
 from alignkit.data.prepare import prepare_unpaired_data
 from alignkit.logprobs import completion_logps
-from alignkit.losses import RunningMean, check_params, get_unpaired_loss
+from alignkit.losses import LossSpec, RunningMean, check_params, get_unpaired_loss
 from alignkit.losses.unpaired import UNPAIRED_LOSSES, kto_reference_point
-from alignkit.models import add_lora, load_policy, load_tokenizer
-from alignkit.runtime import (
-    data_order,
-    fit,
-    save_final,
-    start_run,
-    total_steps,
-    used_indices,
+from alignkit.models import BatchForward, add_lora, load_policy, load_tokenizer
+from alignkit.reference import (
+    Reference,
+    attach_precomputed_reference,
+    check_reference_settings,
+    setup_reference,
 )
+from alignkit.runtime import as_numbers, data_order, fit, save_final, start_run, total_steps, used_indices
 
 FIELDS = ("prompt_ids", "completion_ids")
 
 
-def completion_sums(model, batch: dict, chunk_size: int) -> dict:
+def completion_sums(model, batch: dict, chunk_size: int = 1024) -> dict:
     """{"completion": (B,) log-prob sums of the batch's completions, and "mismatched": (B,) of its
     mismatched pairs when the batch holds them} (rows [B:] of the batch, computed without gradient:
     z0 is a constant in the loss)."""
@@ -91,26 +85,61 @@ def mismatched_examples(examples: list[dict], batches: list[list[int]]) -> list[
     ]
 
 
-def class_sums(rewards: torch.Tensor, desirable: torch.Tensor) -> dict[str, float]:
-    """Sums and counts of the implicit rewards of each class; `summarise` turns them into means."""
+def class_shares(rewards: torch.Tensor, desirable: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-row means that stay exact when averaged over batches of any size: each class's share of the
+    rows and the mean of reward x (row in class); `summarise` divides one by the other."""
+    d = desirable.float()
+    r = rewards.detach()
     return {
-        "rewards/desirable_sum": float(rewards[desirable].sum()),
-        "rewards/undesirable_sum": float(rewards[~desirable].sum()),
-        "count/desirable": float(desirable.sum()),
-        "count/undesirable": float((~desirable).sum()),
+        "rewards/desirable_share": (r * d).mean(),
+        "rewards/undesirable_share": (r * (1 - d)).mean(),
+        "frac/desirable": d.mean(),
+        "frac/undesirable": (1 - d).mean(),
     }
 
 
 def summarise(record: dict) -> dict:
-    """Each class's mean implicit reward (where the step saw the class) and their difference, the
-    desirable-vs-undesirable separation."""
+    """Each class's mean implicit reward (where the rows averaged held the class) and their difference,
+    the desirable-vs-undesirable separation."""
     out = dict(record)
     for c in ("desirable", "undesirable"):
-        if record[f"count/{c}"] > 0:
-            out[f"rewards/{c}"] = record[f"rewards/{c}_sum"] / record[f"count/{c}"]
+        if record[f"frac/{c}"] > 0:
+            out[f"rewards/{c}"] = record[f"rewards/{c}_share"] / record[f"frac/{c}"]
     if "rewards/desirable" in out and "rewards/undesirable" in out:
         out["rewards/margins"] = out["rewards/desirable"] - out["rewards/undesirable"]
     return out
+
+
+@dataclass
+class UnpairedObjective:
+    """`loss_fn(model, batch)` for `fit`: the prepared policy's `completion_sums`, the reference's, KTO's
+    reference point z0 (averaged over processes by `reduce`) or BCO's running δ, then the objective."""
+
+    cfg: KTOConfig
+    spec: LossSpec
+    reference: Reference
+    reduce: object = lambda t: t
+    gather: object = lambda t: t
+    reward_mean: RunningMean = field(default_factory=RunningMean)
+
+    def __call__(self, model, batch: dict):
+        policy = model(batch)
+        ref = self.reference(model, batch)
+        params = {p: getattr(self.cfg, p) for p in self.spec.params}
+        if "kl" in self.spec.inputs:  # z0: detached, averaged over processes, clamped at 0
+            params["kl"] = kto_reference_point(policy["mismatched"], ref["mismatched"], self.reduce)
+        if "delta" in self.spec.inputs:
+            params["delta"] = self.reward_mean.mean
+        out = self.spec.fn(policy["completion"], ref["completion"], batch["label"], **params)
+        if "delta" in self.spec.inputs and model.training:  # evaluation does not move δ
+            self.reward_mean.update(self.gather(out.rewards))
+        metrics = {
+            "loss": out.losses.detach().mean(),
+            **class_shares(out.rewards, batch["label"]),
+            "logps/completion": policy["completion"].detach().mean(),
+            **out.metrics,
+        }
+        return out.losses.mean(), metrics
 
 
 def train(cfg: KTOConfig) -> Path:
@@ -146,9 +175,15 @@ def train(cfg: KTOConfig) -> Path:
 
     model = load_policy(cfg, tokenizer.pad_token_id, accelerator.device)
 
-    # The micro-batches `fit` will draw (the same seeded order: no `lengths`), for the mismatched pairs.
+    # The micro-batches `fit` will draw on every process (the same seeded order: no `lengths`), for the
+    # mismatched pairs.
     order = data_order(cfg, len(train_examples), accelerator)
-    train_batches = [mb for s in range(total_steps(cfg, order)) for mb in order.micro_batches(s)]
+    train_batches = [
+        mb
+        for s in range(total_steps(cfg, order))
+        for r in range(order.world)
+        for mb in order.rank_micro_batches(s, r)
+    ]
     kl_reference = {"train": {}, "eval": {}}  # (prompt row, completion row) -> reference log-prob sum
 
     def sums(m, batch: dict) -> dict:
@@ -158,7 +193,7 @@ def train(cfg: KTOConfig) -> Path:
         def collate(examples: list[dict]) -> dict:
             batch = collate_unpaired(examples, tokenizer.pad_token_id, mismatched)
             if "ref_completion" in examples[0]:
-                batch["ref"] = torch.tensor([e["ref_completion"] for e in examples])
+                batch["ref_completion"] = torch.tensor([e["ref_completion"] for e in examples])
                 if mismatched:
                     partners = mismatched_partners(len(examples))
                     pairs = [(e["index"], examples[j]["index"]) for e, j in zip(examples, partners)]
@@ -167,82 +202,51 @@ def train(cfg: KTOConfig) -> Path:
 
         return collate
 
-    def precompute(ref_model) -> None:
+    def precompute(forward) -> None:
         used = [train_examples[i] for i in used_indices(cfg, len(train_examples), accelerator)]
         splits = {"train": used, "eval": eval_examples}
         plain = make_collate("train", mismatched=False)
-        attach_precomputed_reference(cfg, ref_model, splits, accelerator, plain, sums, FIELDS, log)
+        attach_precomputed_reference(cfg, forward, splits, accelerator, plain, FIELDS, log)
         if not needs_kl:
             return
         batches = {"train": train_batches, "eval": eval_batches(len(eval_examples), cfg.batch_size)}
         for split, examples in (("train", train_examples), ("eval", eval_examples)):
             pairs = mismatched_examples(examples, batches[split]) if examples else []
             attach_precomputed_reference(
-                cfg, ref_model, {f"{split}-mismatched": pairs}, accelerator, plain, sums, FIELDS, log
+                cfg, forward, {f"{split}-mismatched": pairs}, accelerator, plain, FIELDS, log
             )
             kl_reference[split] = {p["pair"]: p["ref_completion"] for p in pairs}
 
-    reference, setup_metrics = setup_reference(cfg, model, accelerator, precompute)
+    names = ("completion", "mismatched") if needs_kl else ("completion",)
+    reference, setup_metrics = setup_reference(cfg, model, accelerator, sums, names, precompute)
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora)
     model.train()
+    reduce_mean = lambda t: accelerator.reduce(t, "mean")  # noqa: E731
+    objective = UnpairedObjective(cfg, spec, reference, reduce_mean, accelerator.gather)
 
-    def reference_for(batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if "ref" in batch:
-            return batch["ref"], batch.get("ref_mismatched")
-        ref = reference_forward(cfg, model, reference, accelerator, sums, batch)
-        return ref["completion"], ref.get("mismatched")
-
-    reward_mean = RunningMean()  # bco's δ: mean implicit reward of all previous training batches
-
-    def loss_fn(batch: dict) -> tuple[torch.Tensor, dict]:
-        policy = sums(model, batch)
-        ref, ref_mismatched = reference_for(batch)
-        params = {p: getattr(cfg, p) for p in spec.params}
-        if needs_kl:  # z0: detached, averaged over processes, clamped at 0
-            params["kl"] = kto_reference_point(
-                policy["mismatched"], ref_mismatched, lambda t: accelerator.reduce(t, "mean")
-            )
-        if "delta" in spec.inputs:
-            params["delta"] = reward_mean.mean
-        out = spec.fn(policy["completion"], ref, batch["label"], **params)
-        if "delta" in spec.inputs and model.training:  # evaluation does not move δ
-            reward_mean.update(accelerator.gather(out.rewards))
-        metrics = {
-            "loss": float(out.losses.detach().mean()),
-            **class_sums(out.rewards, batch["label"]),
-            "logps/completion": float(policy["completion"].detach().mean()),
-            **out.metrics,
-        }
-        return out.losses.mean(), metrics
-
-    def evaluate() -> dict:
-        # Per-row means are weighted by the batch's rows; class sums and counts are averaged per batch,
-        # as in training, so that `summarise` gives each class's mean over the whole set.
+    def evaluate(prepared) -> dict:
+        # Every metric is a per-row mean, so batches are weighted by their rows.
         collate, totals = make_collate("eval", needs_kl), {}
-        batches = eval_batches(len(eval_examples), cfg.batch_size)
-        for idx in batches:
+        for idx in eval_batches(len(eval_examples), cfg.batch_size):
             examples = [eval_examples[i] for i in idx]
             batch = {k: v.to(accelerator.device) for k, v in collate(examples).items()}
-            _, metrics = loss_fn(batch)
+            _, metrics = objective(prepared, batch)
             for k, v in metrics.items():
-                per_row = not (k.endswith("_sum") or k.startswith("count/"))
-                totals[k] = totals.get(k, 0.0) + (
-                    v * len(idx) / len(eval_examples) if per_row else v / len(batches)
-                )
-        return summarise(totals)
+                totals[k] = totals.get(k, 0.0) + v * len(idx) / len(eval_examples)
+        return summarise(as_numbers(totals))
 
-    fit(
+    prepared, _ = fit(
         cfg,
         accelerator,
-        model,
+        BatchForward(model, sums),
         train_examples,
         make_collate("train", needs_kl),
-        loss_fn,
-        evaluate if eval_examples else None,
+        objective,
+        evaluate=evaluate if eval_examples else None,
         setup_metrics=setup_metrics,
-        state=reward_mean if "delta" in spec.inputs else None,
+        state=objective.reward_mean if "delta" in spec.inputs else None,
         summarise=summarise,
     )
 
-    return save_final(accelerator, model, tokenizer, output_dir, cfg.lora.merge, log)
+    return save_final(accelerator, prepared, tokenizer, output_dir, cfg.lora.merge, log)

@@ -13,30 +13,31 @@ model in one forward. Reads top to bottom: data -> targets -> policy -> referenc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from alignkit.algorithms.dpo import (
-    attach_precomputed_reference,
-    check_reference_settings,
-    reference_forward,
-    setup_reference,
-)
 from alignkit.config import ConfigError, ListwiseConfig
 from alignkit.data.collate import collate_lists
 from alignkit.data.prepare import prepare_listwise_data
 from alignkit.logprobs import completion_logps
-from alignkit.losses import check_params, get_listwise_loss
+from alignkit.losses import LossSpec, check_params, get_listwise_loss
 from alignkit.losses.listwise import LISTWISE_LOSSES, soft_targets
-from alignkit.models import add_lora, load_policy, load_tokenizer
+from alignkit.models import BatchForward, add_lora, load_policy, load_tokenizer
+from alignkit.reference import (
+    Reference,
+    attach_precomputed_reference,
+    check_reference_settings,
+    setup_reference,
+)
 from alignkit.runtime import evaluate_in_batches, fit, save_final, start_run, used_indices
 
 FIELDS = ("prompt_ids", "responses_ids")
 
 
-def list_logps(model, batch: dict, chunk_size: int, width: int | None = None) -> dict:
+def list_logps(model, batch: dict, chunk_size: int = 1024, width: int | None = None) -> dict:
     """{"responses": (B, K) log-prob sums of every list's responses}, 0 in empty slots; K is the batch's
     longest list, or `width` (≥ it) so that passes over batches of different lists line up."""
     out = completion_logps(
@@ -76,6 +77,30 @@ def attach_targets(cfg: ListwiseConfig, examples: list[dict], source: str) -> No
                     "plackett_luce; give the row a 'ranking' or use loss=soft"
                 )
             e["order"] = sorted(range(len(values)), key=lambda k: -values[k])
+
+
+@dataclass
+class ListwiseObjective:
+    """`loss_fn(model, batch)` for `fit`: the (B, K) log-prob sums of every list's responses under the
+    prepared policy and the reference, then the listwise objective on them."""
+
+    cfg: ListwiseConfig
+    spec: LossSpec
+    reference: Reference
+
+    def __call__(self, model, batch: dict):
+        mask = batch["list_mask"]  # (B, K)
+        K = mask.shape[1]
+        policy = model(batch)["responses"][:, :K]
+        ref = self.reference(model, batch)["responses"][:, :K]
+        inputs = {k: batch[k] for k in self.spec.inputs}  # target (soft) or order (plackett_luce)
+        out = self.spec.fn(policy, ref, mask, beta=self.cfg.beta, **inputs)
+        metrics = {
+            "loss": out.losses.detach().mean(),
+            **out.metrics,
+            "logps/responses": policy.detach()[mask].mean(),
+        }
+        return out.losses.mean(), metrics
 
 
 def train(cfg: ListwiseConfig) -> Path:
@@ -119,51 +144,36 @@ def train(cfg: ListwiseConfig) -> Path:
                 [e["order"] + list(range(len(e["order"]), K)) for e in examples], dtype=torch.long
             )
         if "ref_responses" in examples[0]:
-            batch["ref"] = padded("ref_responses", 0.0)
+            batch["ref_responses"] = padded("ref_responses", 0.0)
         return batch
 
     def logps(m, batch: dict) -> dict:
         return list_logps(m, batch, cfg.logprob_chunk_size, width)
 
-    def precompute(ref_model) -> None:
+    def precompute(forward) -> None:
         used = [train_examples[i] for i in used_indices(cfg, len(train_examples), accelerator)]
         splits = {"train": used, "eval": eval_examples}
-        attach_precomputed_reference(cfg, ref_model, splits, accelerator, collate, logps, FIELDS, log)
+        attach_precomputed_reference(cfg, forward, splits, accelerator, collate, FIELDS, log)
 
-    reference, setup_metrics = setup_reference(cfg, model, accelerator, precompute)
+    reference, setup_metrics = setup_reference(cfg, model, accelerator, logps, ("responses",), precompute)
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora)
     model.train()
+    objective = ListwiseObjective(cfg, spec, reference)
 
-    def loss_fn(batch: dict) -> tuple[torch.Tensor, dict]:
-        mask = batch["list_mask"]
-        policy = list_logps(model, batch, cfg.logprob_chunk_size)["responses"]  # (B, K)
-        if "ref" in batch:
-            ref = batch["ref"]
-        else:
-            ref = reference_forward(cfg, model, reference, accelerator, logps, batch)["responses"][
-                :, : mask.shape[1]
-            ]
-        inputs = {k: batch[k] for k in spec.inputs}  # target (soft) or order (plackett_luce)
-        out = spec.fn(policy, ref, mask, beta=cfg.beta, **inputs)
-        metrics = {
-            "loss": float(out.losses.detach().mean()),
-            **out.metrics,
-            "logps/responses": float(policy.detach()[mask].mean()),
-        }
-        return out.losses.mean(), metrics
+    def evaluate(prepared) -> dict:
+        return evaluate_in_batches(
+            prepared, eval_examples, cfg.batch_size, collate, objective, accelerator.device
+        )
 
-    def evaluate() -> dict:
-        return evaluate_in_batches(eval_examples, cfg.batch_size, collate, loss_fn, accelerator.device)
-
-    fit(
+    prepared, _ = fit(
         cfg,
         accelerator,
-        model,
+        BatchForward(model, logps),
         train_examples,
         collate,
-        loss_fn,
-        evaluate if eval_examples else None,
+        objective,
+        evaluate=evaluate if eval_examples else None,
         setup_metrics=setup_metrics,
     )
 

@@ -23,6 +23,7 @@ what follows it).
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from alignkit.data.collate import additive_mask, collate_pairs, collate_pairs_sh
 from alignkit.data.prepare import prepare_preference_data
 from alignkit.losses.reward import bradley_terry_loss
 from alignkit.models import (
+    BatchForward,
     add_lora,
     disable_dropout,
     is_encoder,
@@ -131,15 +133,16 @@ def make_collate(pad_id: int, share_prompt: bool):
 
 
 def _backbone_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(backbone, score head) of a decoder classifier, looking through DDP and peft wrappers (peft puts
-    LoRA layers in place and the trainable head copy behind `score`, so both still apply)."""
-    inner = getattr(model, "module", model)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    """(backbone, score head) of a decoder classifier, looking through a peft wrapper (peft puts LoRA
+    layers in place and the trainable head copy behind `score`, so both still apply). Runs inside the
+    prepared BatchForward's forward, so DDP / FSDP hooks run around it."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(inner, inner.base_model_prefix), inner.score
 
 
-def pair_rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward for the whole batch -> (chosen rewards, rejected rewards), each (B,) float32."""
+def pair_rewards(model, batch: dict) -> dict[str, torch.Tensor]:
+    """One forward for the whole batch -> {"chosen", "rejected": rewards, each (B,) float32}; the batch
+    function the prepared reward model runs (`BatchForward`)."""
     if "allowed" in batch:
         backbone, head = _backbone_and_head(model)
         dtype = next(model.parameters()).dtype
@@ -156,7 +159,29 @@ def pair_rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         rewards = logits.squeeze(-1).float()  # (2B,)
     B = rewards.shape[0] // 2
-    return rewards[:B], rewards[B:]
+    return {"chosen": rewards[:B], "rejected": rewards[B:]}
+
+
+def reward_loss(model, batch: dict, *, center_rewards_coefficient: float = 0.0):
+    """Bradley–Terry loss of the prepared reward model on a batch -> (mean loss over pairs, metrics)."""
+    rewards = model(batch)
+    out = bradley_terry_loss(
+        rewards["chosen"],
+        rewards["rejected"],
+        margin=batch.get("margin"),
+        preference=batch["preference"],
+        center_rewards_coefficient=center_rewards_coefficient,
+    )
+    margins = (out.chosen_rewards - out.rejected_rewards).detach()
+    metrics = {
+        "loss": out.losses.detach().mean(),
+        "rewards/accuracies": (margins > 0).float().mean(),
+        "rewards/margins": margins.mean(),
+        "rewards/chosen": out.chosen_rewards.detach().mean(),
+        "rewards/rejected": out.rejected_rewards.detach().mean(),
+        **out.metrics,
+    }
+    return out.losses.mean(), metrics
 
 
 def check_settings(cfg: RewardConfig, encoder: bool) -> bool:
@@ -239,39 +264,20 @@ def train(cfg: RewardConfig) -> Path:
 
     collate = make_collate(tokenizer.pad_token_id, share_prompt)
 
-    def loss_fn(batch: dict) -> tuple[torch.Tensor, dict]:
-        chosen, rejected = pair_rewards(model, batch)  # (B,), (B,)
-        out = bradley_terry_loss(
-            chosen,
-            rejected,
-            margin=batch.get("margin"),
-            preference=batch["preference"],
-            center_rewards_coefficient=cfg.center_rewards_coefficient,
-        )
-        margins = out.chosen_rewards - out.rejected_rewards
-        metrics = {
-            "loss": float(out.losses.detach().mean()),
-            "rewards/accuracies": float((margins > 0).float().mean()),
-            "rewards/margins": float(margins.mean()),
-            "rewards/chosen": float(out.chosen_rewards.mean()),
-            "rewards/rejected": float(out.rejected_rewards.mean()),
-            **out.metrics,
-        }
-        return out.losses.mean(), metrics
-
+    loss_fn = partial(reward_loss, center_rewards_coefficient=cfg.center_rewards_coefficient)
     eval_order = sorted(eval_examples, key=length)  # similar lengths batched together; order-free metrics
 
-    def evaluate() -> dict:
-        return evaluate_in_batches(eval_order, cfg.batch_size, collate, loss_fn, accelerator.device)
+    def evaluate(prepared) -> dict:
+        return evaluate_in_batches(prepared, eval_order, cfg.batch_size, collate, loss_fn, accelerator.device)
 
-    fit(
+    prepared, _ = fit(
         cfg,
         accelerator,
-        model,
+        BatchForward(model, pair_rewards),
         train_examples,
         collate,
         loss_fn,
-        evaluate if eval_examples else None,
+        evaluate=evaluate if eval_examples else None,
         lengths=[length(e) for e in train_examples] if cfg.group_by_length else None,
     )
 
@@ -279,9 +285,10 @@ def train(cfg: RewardConfig) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         tokenizer.truncation_side = "left"  # over max_length, users' texts lose prompt, not response
-        save_model(accelerator.unwrap_model(model), tokenizer, final, merge_lora=cfg.lora.merge)
+        save_model(accelerator.unwrap_model(prepared).model, tokenizer, final, merge_lora=cfg.lora.merge)
         log(
             f"reward model saved to {final}; score with {{type: classifier, model: {final}, "
             f'text: "{{prompt}}{{response}}", max_length: {cfg.max_length}}}'
         )
+    accelerator.wait_for_everyone()
     return final

@@ -4,9 +4,9 @@ against the previous stage's model as its reference.
     alignkit dpo model=PATH data=pairs.jsonl stages=3 output_dir=out
 
 The training rows are split, in file order, into `stages` contiguous parts (`dpo.stage_examples`), so
-put easier pairs first for a curriculum, as the paper does. Stage k is an ordinary `dpo.train` run on
+put easier pairs first for a curriculum, as the paper does. Stage k is an ordinary `dpo.train(part=(k, stages))` run on
 part k that starts from, and is measured against, the final model of stage k−1 (stage 1: `model`,
-against `reference_model` or `model`): the reference gets better aligned from stage to stage, so each
+against `reference.model` or `model`): the reference gets better aligned from stage to stage, so each
 stage's implicit rewards are relative to a stronger, not the initial, model. Every stage has its own
 learning-rate schedule (max_steps / epochs are per stage) and writes output_dir/stage-k/ (resolved config,
 metrics, checkpoints, final model); output_dir/final links to the last stage's final model. With
@@ -23,14 +23,15 @@ from alignkit.config import DPOConfig, save_config
 
 
 def stage_config(cfg: DPOConfig, k: int, previous_final: Path | None) -> DPOConfig:
-    """Stage k's config: the k-th part of the rows, output in stage-k/, policy and reference = the
-    previous stage's final model (stage 1 keeps `model` and `reference_model`); one shared cache."""
+    """Stage k's config: output in stage-k/, policy and reference = the previous stage's final model
+    (stage 1 keeps `model` and `reference.model`); one shared cache."""
     root = Path(cfg.output_dir)
     stage = dataclasses.replace(
-        cfg, stage=k, output_dir=str(root / f"stage-{k}"), cache_dir=cfg.cache_dir or str(root / "cache")
+        cfg, output_dir=str(root / f"stage-{k}"), cache_dir=cfg.cache_dir or str(root / "cache")
     )
     if previous_final is not None:
-        stage.model = stage.reference_model = str(previous_final)
+        stage.model = str(previous_final)
+        stage.reference = dataclasses.replace(cfg.reference, model=str(previous_final))
     return stage
 
 
@@ -57,9 +58,9 @@ def train(cfg: DPOConfig) -> Path:
             continue
         if main_process:
             print(
-                f"sDPO stage {k} of {cfg.stages}: from {stage.model}, against {stage.reference_model or stage.model}"
+                f"sDPO stage {k} of {cfg.stages}: from {stage.model}, against {stage.reference.model or stage.model}"
             )
-        final = dpo.train(stage)
+        final = dpo.train(stage, part=(k, cfg.stages))
     link = root / "final"
     if main_process:
         if link.is_symlink():

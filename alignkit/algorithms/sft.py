@@ -17,13 +17,30 @@ from alignkit.config import SFTConfig
 from alignkit.data.collate import collate_sft
 from alignkit.data.prepare import prepare_sft_data
 from alignkit.logprobs import completion_logps
-from alignkit.models import add_lora, load_policy, load_tokenizer
-from alignkit.runtime import fit, save_final, start_run
+from alignkit.models import BatchForward, add_lora, load_policy, load_tokenizer
+from alignkit.runtime import as_numbers, fit, save_final, start_run
 
 
 def completion_tokens(examples: list[dict]) -> int:
     """Number of completion tokens the loss is taken over."""
     return sum(len(e["completion_ids"]) for e in examples)
+
+
+def completion_nll(model, batch: dict, chunk_size: int = 1024) -> dict[str, torch.Tensor]:
+    """{"nll": summed negative log-likelihood of the batch's completion tokens, "tokens": their number};
+    the batch function the prepared policy runs."""
+    out = completion_logps(
+        model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], chunk_size=chunk_size
+    )
+    return {"nll": -out.sum.sum(), "tokens": out.count.sum()}
+
+
+def sft_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
+    """The token-mean NLL of a micro-batch (`fit` weights it by its tokens: `units=completion_tokens`),
+    so the step's loss is the mean over all its completion tokens on all processes."""
+    out = model(batch)
+    loss = out["nll"] / out["tokens"].clamp(min=1)
+    return loss, {"loss": loss.detach()}
 
 
 def train(cfg: SFTConfig) -> Path:
@@ -41,46 +58,29 @@ def train(cfg: SFTConfig) -> Path:
     def collate(examples: list[dict]) -> dict:
         return collate_sft(examples, tokenizer.pad_token_id)
 
-    def loss_fn(batch: dict) -> tuple[torch.Tensor, dict]:
-        out = completion_logps(
-            model,
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["completion_mask"],
-            chunk_size=cfg.logprob_chunk_size,
-        )
-        n = out.count.sum().clamp(min=1)
-        nll_sum = -out.sum.sum()  # summed here; `loss_scale` divides by the step's token count
-        return nll_sum, {"loss": float(nll_sum.detach() / n), "tokens": float(n)}
+    def nll(m, batch: dict) -> dict:
+        return completion_nll(m, batch, cfg.logprob_chunk_size)
 
-    def loss_scale(micro_batches: list[list[dict]]) -> list[float]:
-        # Token-mean over the whole optimizer step: every micro-batch's summed NLL / the step's tokens
-        # on all processes. Distributed backward averages gradients over processes, hence the W.
-        n_local = completion_tokens([e for mb in micro_batches for e in mb])
-        n = float(accelerator.reduce(torch.tensor(float(n_local), device=accelerator.device), "sum"))
-        return [accelerator.num_processes / max(n, 1.0)] * len(micro_batches)
-
-    def evaluate() -> dict:
-        nll, n = 0.0, 0
+    def evaluate(prepared) -> dict:
+        totals = {"nll": 0.0, "tokens": 0.0}
         for start in range(0, len(eval_examples), cfg.batch_size):
-            batch = {
-                k: v.to(accelerator.device)
-                for k, v in collate(eval_examples[start : start + cfg.batch_size]).items()
-            }
-            loss, metrics = loss_fn(batch)
-            nll += float(loss)
-            n += int(metrics["tokens"])
-        return {"loss": nll / max(n, 1), "perplexity": math.exp(min(nll / max(n, 1), 50))}
+            chunk = eval_examples[start : start + cfg.batch_size]
+            batch = {k: v.to(accelerator.device) for k, v in collate(chunk).items()}
+            for k, v in prepared(batch).items():
+                totals[k] = totals[k] + v.float()
+        totals = as_numbers(totals)
+        loss = totals["nll"] / max(totals["tokens"], 1)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
 
-    fit(
+    prepared, _ = fit(
         cfg,
         accelerator,
-        model,
+        BatchForward(model, nll),
         train_examples,
         collate,
-        loss_fn,
-        evaluate if eval_examples else None,
-        loss_scale,
+        sft_loss,
+        evaluate=evaluate if eval_examples else None,
+        units=completion_tokens,
     )
 
-    return save_final(accelerator, model, tokenizer, output_dir, cfg.lora.merge, log)
+    return save_final(accelerator, prepared, tokenizer, output_dir, cfg.lora.merge, log)

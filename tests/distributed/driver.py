@@ -1,0 +1,53 @@
+"""Runs one alignkit command (as `alignkit <command> key=value ...` would) and, on every process, writes
+that process's trained parameters to DUMP_DIR/rank<r>.safetensors when `fit` returns, so a test can check
+that the processes agree and equal a 1-process run.
+
+    torchrun --standalone --nproc_per_node 2 tests/distributed/driver.py DUMP_DIR dpo model=... ...
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+import alignkit.algorithms.dpo
+import alignkit.algorithms.kto
+import alignkit.algorithms.listwise
+import alignkit.algorithms.reward_model
+import alignkit.algorithms.sft
+from alignkit.cli import main
+
+ALGORITHMS = (
+    alignkit.algorithms.dpo,
+    alignkit.algorithms.kto,
+    alignkit.algorithms.listwise,
+    alignkit.algorithms.reward_model,
+    alignkit.algorithms.sft,
+)
+
+
+def dumping(fit, dump_dir: Path):
+    def fit_and_dump(cfg, accelerator, *args, **kwargs):
+        prepared, last = fit(cfg, accelerator, *args, **kwargs)
+        weights = {
+            name: p.detach().contiguous().cpu()
+            for name, p in accelerator.unwrap_model(prepared).named_parameters()
+            if p.requires_grad
+        }
+        dump_dir.mkdir(parents=True, exist_ok=True)
+        save_file(weights, str(dump_dir / f"rank{accelerator.process_index}.safetensors"))
+        return prepared, last
+
+    return fit_and_dump
+
+
+def run(dump_dir: str, argv: list[str]) -> int:
+    for module in ALGORITHMS:
+        module.fit = dumping(module.fit, Path(dump_dir))
+    return main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1], sys.argv[2:]))

@@ -1,0 +1,175 @@
+"""Many processes, one result: every training command run on 2 CPU processes (gloo, `torchrun`) ends with
+the same parameters on both processes, equal to a 1-process run of the same global batch split
+differently (2 processes x 2 micro-batches vs 1 process x 4), and only the main process writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignkit.runtime import DataOrder
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "distributed"))
+import driver  # noqa: E402
+
+GOOD = ["happy", "kind", "sunny", "warm", "smiled", "love"]
+BAD = ["sad", "angry", "cold", "cried", "dark", "lost"]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def rows_for(command: str, n: int = 20) -> list[dict]:
+    """n rows with a learnable signal, of prompts of different lengths (so padding differs by split)."""
+    rng = random.Random(0)
+    rows = []
+    for i in range(n):
+        prompt = "Tom went out" + " and on" * rng.randint(0, 4) + f" {i}. It was"
+
+        def words(pool):
+            return " " + " ".join(rng.choices(pool, k=rng.randint(2, 5))) + "."
+
+        if command in ("dpo", "reward"):
+            rows.append({"prompt": prompt, "chosen": words(GOOD), "rejected": words(BAD)})
+        elif command == "sft":
+            rows.append({"prompt": prompt, "completion": words(GOOD)})
+        elif command == "kto":
+            rows.append({"prompt": prompt, "completion": words(GOOD if i % 2 else BAD), "label": i % 2 == 1})
+        else:  # listwise
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "responses": [words(GOOD), words(BAD), words(GOOD + BAD)],
+                    "scores": [1.0, -1.0, 0.0],
+                }
+            )
+    return rows
+
+
+def args_for(command: str, model: Path, data: str, out: Path, grad_accum: int, *extra: str) -> list[str]:
+    return [
+        command,
+        f"model={model}",
+        f"data={data}",
+        f"output_dir={out}",
+        "batch_size=2",
+        f"grad_accum={grad_accum}",
+        "epochs=2",  # 20 rows, 8 a step: steps 3 and 5 reach over an epoch's end
+        "lr=1e-3",
+        "warmup_ratio=0.0",
+        "max_length=48",
+        "max_prompt_length=32",
+        "save_steps=0",
+        "progress=false",
+        "mixed_precision=no",
+        "seed=5",
+        *extra,
+    ]
+
+
+def launch(dump: Path, argv: list[str], processes: int = 2) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    done = subprocess.run(
+        [*cmd, str(HERE / "distributed" / "driver.py"), str(dump), *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+def relative_difference(a: dict, b: dict, start: dict) -> float:
+    """||a - b|| / ||b - start|| over all parameters: how far two trainings ended apart, relative to how
+    far training moved. (Per element, Adam turns float-rounding noise in a near-zero gradient into an
+    lr-sized step, so a max-abs-difference test would measure Adam, not the split.)"""
+    assert a.keys() == b.keys()
+    diff = sum(float((a[n] - b[n]).double().pow(2).sum()) for n in a) ** 0.5
+    moved = sum(float((b[n] - start[n]).double().pow(2).sum()) for n in b) ** 0.5
+    return diff / moved
+
+
+COMMANDS = ["sft", "dpo", "kto", "listwise", "reward"]
+# KTO's reference point z0 is estimated per micro-batch and averaged over processes (as the paper and
+# TRL do): 2 processes estimate each z0 from 4 mismatched pairs, 1 process from 2, so the runs differ a
+# little by design (measured: 0.3% of the update). The other objectives have no batch statistic.
+# For the others the difference is float rounding (gradients summed in another order), which Adam's
+# normalisation carries into the weights: measured 6e-7 (sft) to 2e-5 (listwise) of the update.
+TOLERANCE = {"sft": 1e-4, "dpo": 1e-4, "listwise": 1e-4, "reward": 1e-4, "kto": 1e-2}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_two_processes_train_what_one_process_trains(tmp_path, tiny_model_dir, command):
+    data = write_jsonl(tmp_path / "rows.jsonl", rows_for(command))
+    extra = ("beta=0.5",) if command in ("dpo", "kto", "listwise") else ()
+
+    # 1 process, 4 micro-batches of 2 rows a step (in this process, through the same driver)
+    one = tmp_path / "one"
+    assert driver.run(str(one / "dump"), args_for(command, tiny_model_dir, data, one, 4, *extra)) == 0
+    # 2 processes, 2 micro-batches of 2 rows each: the same 8 rows a step
+    two = tmp_path / "two"
+    launch(two / "dump", args_for(command, tiny_model_dir, data, two, 2, *extra))
+
+    rank0, rank1 = (load_file(str(two / "dump" / f"rank{r}.safetensors")) for r in (0, 1))
+    start = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)  # the processes did not drift apart
+    single = load_file(str(one / "dump" / "rank0.safetensors"))
+    # Trained from the same start: the head of a reward model is new, so it starts where 1 process's did.
+    start = {n: start.get(n.removeprefix("model."), single[n]) for n in single}
+    start = {n: v if v.shape == single[n].shape else single[n] for n, v in start.items()}
+    difference = relative_difference(rank0, single, start)
+    print(f"{command}: 2 processes vs 1, relative difference {difference:.1e}")
+    assert difference < TOLERANCE[command]
+
+    # only the main process wrote: one metrics line per step, the same steps and losses as 1 process
+    def train_losses(out: Path) -> list[tuple[int, float]]:
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(m["step"], m["loss"]) for m in lines if m["split"] == "train"]
+
+    one_losses, two_losses = train_losses(one), train_losses(two)
+    assert [s for s, _ in two_losses] == list(range(1, 6))
+    if command != "kto":  # (KTO's logged loss follows its per-micro-batch z0)
+        assert [loss for _, loss in two_losses] == pytest.approx([loss for _, loss in one_losses], rel=1e-4)
+    assert (two / "final" / "config.json").exists()
+
+
+def test_two_process_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "rows.jsonl", rows_for("dpo"))
+    whole = tmp_path / "whole"
+    launch(whole / "dump", args_for("dpo", tiny_model_dir, data, whole, 2, "max_steps=4"))
+    cut = tmp_path / "cut"
+    launch(cut / "dump", args_for("dpo", tiny_model_dir, data, cut, 2, "max_steps=4", "save_steps=2"))
+    for later in ("checkpoint-4",):
+        shutil.rmtree(cut / "checkpoints" / later, ignore_errors=True)
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["checkpoint-2"]
+    launch(cut / "dump", args_for("dpo", tiny_model_dir, data, cut, 2, "max_steps=4", "resume=true"))
+    resumed, uninterrupted = (load_file(str(d / "dump" / "rank1.safetensors")) for d in (cut, whole))
+    assert all(torch.equal(resumed[n], uninterrupted[n]) for n in resumed)
+
+
+def test_data_order_shards_every_row_once_per_epoch_across_processes():
+    """20 rows, 3 processes x 2 micro-batches x 2 rows = 12 a step: steps 1-5 are 60 rows, 3 epochs, each
+    row exactly once per epoch, on exactly one process; each step's rows do not depend on the split."""
+    orders = [DataOrder(20, 2, 2, seed=3, world=3, rank=r) for r in range(3)]
+    seen = [i for s in range(5) for o in orders for mb in o.micro_batches(s) for i in mb]
+    assert len(seen) == 60
+    stream = [i for s in range(5) for i in orders[0].step_rows(s)]
+    for epoch in range(3):
+        assert sorted(stream[20 * epoch : 20 * (epoch + 1)]) == list(range(20))
+    one = DataOrder(20, 2, 6, seed=3)  # 1 process x 6 micro-batches: the same rows every step
+    for s in range(5):
+        split = sorted(i for o in orders for mb in o.micro_batches(s) for i in mb)
+        assert split == sorted(i for mb in one.micro_batches(s) for i in mb)
