@@ -3,28 +3,51 @@
 Three registries of `LossSpec` entries, one per shape of data: `LOSSES` (paired: `alignkit dpo`),
 `UNPAIRED_LOSSES` (labelled single completions: `alignkit kto`) and `LISTWISE_LOSSES` (a list of responses
 per prompt: `alignkit listwise`), built from the machinery in `registry`. `constraints` holds terms any
-paired objective can add.
+paired objective can add. `policy` holds the maths of online RL (clipped surrogate, KL estimators, group
+advantages in the `ADVANTAGES` registry, the one loss aggregation).
 """
 
 from alignkit.losses.listwise import LISTWISE_LOSSES, get_listwise_loss
+from alignkit.losses.policy import (
+    ADVANTAGES,
+    AGGREGATIONS,
+    KL_ESTIMATORS,
+    AdvantageSpec,
+    aggregate,
+    aggregation_units,
+    clipped_surrogate,
+    compute_advantages,
+    get_advantage,
+    kl_estimate,
+)
 from alignkit.losses.preference import GPO_CONVEX, LOSSES, check_params, get_loss, preference_loss
 from alignkit.losses.registry import LossSpec, RunningMean
 from alignkit.losses.types import ListwiseOutput, LossOutput, UnpairedOutput
 from alignkit.losses.unpaired import UNPAIRED_LOSSES, get_unpaired_loss
 
 __all__ = [
+    "ADVANTAGES",
+    "AGGREGATIONS",
     "GPO_CONVEX",
+    "KL_ESTIMATORS",
     "LISTWISE_LOSSES",
     "LOSSES",
     "UNPAIRED_LOSSES",
+    "AdvantageSpec",
     "ListwiseOutput",
     "LossOutput",
     "LossSpec",
     "RunningMean",
     "UnpairedOutput",
+    "aggregate",
+    "aggregation_units",
     "check_params",
+    "clipped_surrogate",
+    "compute_advantages",
+    "get_advantage",
     "get_listwise_loss",
     "get_loss",
     "get_unpaired_loss",
+    "kl_estimate",
     "preference_loss",
 ]

@@ -1,0 +1,393 @@
+"""The maths of online RL on language models: clipped surrogate, KL estimators, group advantages, aggregation.
+
+Pure functions of tensors, no model and no loop: `algorithms/grpo.py` (GRPO, Dr. GRPO, RLOO, REINFORCE++)
+and, later, `algorithms/ppo.py` call them in the order of an online step:
+
+    adv   = compute_advantages(name, rewards, group_size)            # (N·G,) outcome rewards -> (N·G,)
+    units = aggregation_units(mask, mode=...)                        # before the forward: optimizer_step's units
+    per_token, metrics = clipped_surrogate(logps, old_logps, adv, mask)
+    per_token = per_token + beta * kl_estimate(logps, ref_logps)     # when a KL-to-reference term is used
+    loss, _ = aggregate(per_token, mask, mode=...)
+
+Conventions. Per-token tensors are (B, T) and come with a `mask` (B, T), 1 on completion tokens and 0 on
+prompt and padding. Rewards are laid out prompt-major: (N·G,) with the G = `group_size` completions of a
+prompt consecutive (what `generation.sample` with `num_return_sequences=G` produces). Every standard
+deviation is the unbiased one (Bessel's correction, `torch.std`'s default, as TRL computes GRPO's). Metrics
+are detached 0-dim tensors; nothing here turns a tensor into a Python number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from alignkit.losses.registry import lookup
+
+__all__ = [
+    "ADVANTAGES",
+    "AGGREGATIONS",
+    "KL_ESTIMATORS",
+    "AdvantageSpec",
+    "aggregate",
+    "aggregation_units",
+    "clipped_surrogate",
+    "compute_advantages",
+    "dr_grpo_advantages",
+    "frac_reward_zero_std",
+    "get_advantage",
+    "grpo_advantages",
+    "kl_estimate",
+    "reinforce_pp_advantages",
+    "rloo_advantages",
+]
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+AGGREGATIONS = ("token_mean", "sequence_mean", "constant")
+GRPO_SCALES = ("group", "batch", "none")
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` over the tokens where `mask` is 1 (0 when there are none), detached, 0-dim."""
+    mask = mask.to(values.dtype)
+    return ((values * mask).sum() / mask.sum().clamp(min=1)).detach()
+
+
+# --- the clipped surrogate -------------------------------------------------------------------------------
+
+
+def clipped_surrogate(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate objective, per token, as a loss (Schulman et al. 2017, eq. 7).
+
+        ρ_t    = exp(log π(y_t) − log π_old(y_t))
+        loss_t = −min(ρ_t·A_t, clip(ρ_t, 1 − ε_low, 1 + ε_high)·A_t)
+
+    ε_low = `epsilon`; ε_high = `epsilon_high` when given (DAPO's "Clip-Higher", Yu et al. 2025, §3.1:
+    a larger upper bound lets low-probability tokens with A > 0 grow), else `epsilon`. Where the clipped
+    term is the minimum the token has no gradient: that is the clip being active, which happens only for
+    A > 0 with ρ > 1 + ε_high or A < 0 with ρ < 1 − ε_low.
+
+    logps, old_logps: (B, T) per-token log-probs of the sampled tokens under the policy (with gradient)
+    and under the policy that sampled them (no gradient needed); advantages: (B,), one per sequence and
+    broadcast over its tokens (GRPO, RLOO), or (B, T) (GAE); mask: (B, T).
+
+    Returns per_token_loss (B, T), 0 where mask is 0 (so a non-finite log-prob on padding cannot leak in),
+    for `aggregate`; and detached 0-dim metrics, each a mean over this micro-batch's masked tokens:
+    `clip_frac/low`, `clip_frac/high`, `clip_frac` (their sum), `ratio/mean`, and `approx_kl`, the mean of
+    (ρ − 1) − log ρ, Schulman's k3 estimator of KL(π_old ‖ π) on samples from π_old.
+    """
+    if not 0 < epsilon < 1:
+        raise ValueError(f"clipped_surrogate: epsilon={epsilon!r} must be in (0, 1) (PPO uses 0.2)")
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    if eps_high <= 0:
+        raise ValueError(f"clipped_surrogate: epsilon_high={epsilon_high!r} must be > 0 (DAPO uses 0.28)")
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)  # (B, 1), broadcast over tokens
+    advantages = advantages.to(logps.dtype).detach()
+    mask = mask.bool()
+
+    log_ratio = logps - old_logps.detach()  # (B, T)
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - epsilon, 1 + eps_high) * advantages
+    per_token_loss = torch.where(mask, -torch.minimum(unclipped, clipped), torch.zeros_like(logps))
+
+    with torch.no_grad():
+        low = (advantages < 0) & (ratio < 1 - epsilon)
+        high = (advantages > 0) & (ratio > 1 + eps_high)
+        clip_low = _masked_mean(low.to(logps.dtype), mask)
+        clip_high = _masked_mean(high.to(logps.dtype), mask)
+        safe_log_ratio = torch.where(mask, log_ratio, torch.zeros_like(log_ratio))
+        metrics = {
+            "clip_frac/low": clip_low,
+            "clip_frac/high": clip_high,
+            "clip_frac": clip_low + clip_high,
+            "approx_kl": _masked_mean(torch.expm1(safe_log_ratio) - safe_log_ratio, mask),
+            "ratio/mean": _masked_mean(torch.exp(safe_log_ratio), mask),
+        }
+    return per_token_loss, metrics
+
+
+# --- KL estimators ---------------------------------------------------------------------------------------
+
+
+def kl_estimate(
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    *,
+    estimator: str = "k3",
+    old_logps: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A per-token estimate of KL(π ‖ π_ref) (Schulman 2020, "Approximating KL divergence").
+
+    With x = log π(y_t) − log π_ref(y_t) for a token y_t sampled from π:
+
+        k1 = x                     unbiased, often negative
+        k2 = x² / 2                biased, low variance, ≥ 0
+        k3 = exp(−x) − 1 + x       unbiased, low variance, ≥ 0 (GRPO, Shao et al. 2024, eq. 4)
+
+    Under autograd, as a loss term on samples from π, k2's expected gradient is exactly ∇ KL(π ‖ π_ref),
+    k3's is ∇ KL(π_ref ‖ π) and k1's is zero (tests/test_policy_losses.py checks these by enumeration).
+
+    `old_logps`: when the tokens were sampled from π_old rather than π (a second PPO epoch, an off-policy
+    minibatch), each estimate is multiplied by the detached importance ratio exp(log π − log π_old), which
+    keeps it unbiased for KL(π ‖ π_ref) (DeepSeek-V3.2's unbiased KL estimate). All inputs (B, T) ->
+    (B, T); mask the result with `aggregate`.
+    """
+    log_ratio = logps - ref_logps
+    if estimator == "k1":
+        kl = log_ratio
+    elif estimator == "k2":
+        kl = 0.5 * log_ratio.square()
+    elif estimator == "k3":
+        kl = torch.expm1(-log_ratio) + log_ratio
+    else:
+        raise ValueError(f"unknown KL estimator '{estimator}'. Valid: {', '.join(KL_ESTIMATORS)}")
+    if old_logps is not None:
+        kl = kl * torch.exp(logps - old_logps).detach()
+    return kl
+
+
+# --- group advantages ------------------------------------------------------------------------------------
+
+
+def _grouped(rewards: torch.Tensor, group_size: int, what: str, min_group_size: int = 1) -> torch.Tensor:
+    """(N·G,) prompt-major rewards -> (N, G) float, with an actionable error on a bad layout."""
+    if rewards.dim() != 1:
+        raise ValueError(
+            f"{what}: rewards must be 1-D, (N·G,) prompt-major; got shape {tuple(rewards.shape)}"
+        )
+    if group_size < min_group_size:
+        raise ValueError(
+            f"{what}: group_size={group_size} but it needs at least {min_group_size} completions per "
+            "prompt; raise the number of completions sampled per prompt"
+        )
+    if rewards.numel() == 0 or rewards.numel() % group_size:
+        raise ValueError(
+            f"{what}: {rewards.numel()} rewards are not a whole number of groups of {group_size}; "
+            "pass G consecutive rewards for each prompt"
+        )
+    if not rewards.is_floating_point():
+        rewards = rewards.float()
+    return rewards.view(-1, group_size)
+
+
+def _batch_std(values: torch.Tensor, what: str) -> torch.Tensor:
+    if values.numel() < 2:
+        raise ValueError(f"{what}: a batch standard deviation needs at least 2 rewards, got {values.numel()}")
+    return values.std()
+
+
+def grpo_advantages(
+    rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-4
+) -> torch.Tensor:
+    """GRPO's group-relative advantage with outcome supervision (Shao et al. 2024, §4.1.2).
+
+        A_i = (r_i − mean(r_group)) / (std + eps)
+
+    std is the unbiased standard deviation of the group's G rewards (`scale="group"`, the paper), of all
+    N·G rewards (`"batch"`: group mean with batch std, recommended by Liu et al. 2025, "Part I: Tricks
+    or Traps?", and TRL's scale_rewards="batch"; it keeps a nearly unanimous group from being blown up to
+    ±1), or no division at all (`"none"`: Dr. GRPO, Liu et al.
+    2025, "Understanding R1-Zero-Like Training", which removes the question-difficulty bias). eps = 1e-4
+    as in TRL. A group whose rewards are all equal gets A = 0 in every mode.
+
+    rewards: (N·G,) prompt-major; gather them over processes first, since "batch" and the group statistics
+    must see every completion of the step. Returns (N·G,) advantages, one per completion.
+    """
+    if scale not in GRPO_SCALES:
+        raise ValueError(f"grpo_advantages: unknown scale '{scale}'. Valid: {', '.join(GRPO_SCALES)}")
+    grouped = _grouped(rewards, group_size, "grpo_advantages", min_group_size=2)  # (N, G)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        centred = centred / (_batch_std(grouped, "grpo_advantages") + eps)
+    return centred.reshape(-1)
+
+
+def dr_grpo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Dr. GRPO's advantage (Liu et al. 2025): A_i = r_i − mean(r_group), without the std division.
+
+    `grpo_advantages(rewards, group_size, scale="none")`, registered under its own name. (N·G,) -> (N·G,).
+    """
+    return grpo_advantages(rewards, group_size, scale="none")
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024, "Back to Basics"; Kool et al. 2019).
+
+        A_i = r_i − 1/(G−1) · Σ_{j≠i} r_j  =  G/(G−1) · (r_i − mean(r_group))
+
+    Each completion's baseline is the mean reward of the other G − 1 completions of its prompt, which does
+    not depend on the completion itself, so the estimator stays unbiased. Needs G ≥ 2. (Up to the factor
+    G/(G−1) it is Dr. GRPO's advantage.) rewards: (N·G,) prompt-major -> (N·G,).
+    """
+    grouped = _grouped(rewards, group_size, "rloo_advantages", min_group_size=2)  # (N, G)
+    leave_one_out = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - leave_one_out).reshape(-1)
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, group_size: int, *, eps: float = 1e-8) -> torch.Tensor:
+    """REINFORCE++'s globally normalised advantage (Hu 2025, "REINFORCE++"), for outcome rewards.
+
+        c_i = r_i − mean(r_group)    if G > 1   ("REINFORCE++-baseline": the prompt's mean as baseline)
+        c_i = r_i                    if G = 1   (plain REINFORCE++: one completion per prompt)
+        A_i = (c_i − mean(c)) / (std(c) + eps)  mean and unbiased std over all N·G completions
+
+    The global z-score is the paper's advantage normalisation. With G > 1, mean(c) is 0, so it only divides by the batch
+    std of the centred rewards (unlike GRPO, no per-group division); with G = 1 it also subtracts the
+    batch mean, the only baseline plain REINFORCE++ has. The statistics here are over completions, one
+    value each; OpenRLHF whitens per token, which weights a completion by its length. A KL penalty folded
+    into the reward (as the paper does) belongs in `rewards` before this is called. Gather rewards over
+    processes first. rewards: (N·G,) prompt-major -> (N·G,).
+    """
+    grouped = _grouped(rewards, group_size, "reinforce_pp_advantages")  # (N, G)
+    centred = grouped - grouped.mean(dim=1, keepdim=True) if group_size > 1 else grouped
+    centred = centred - centred.mean()
+    return (centred / (_batch_std(centred, "reinforce_pp_advantages") + eps)).reshape(-1)
+
+
+def frac_reward_zero_std(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The fraction of prompts whose G rewards are all exactly equal, a detached 0-dim tensor.
+
+    With G ≥ 2 such a group has zero advantage under every estimator here, so it contributes no policy
+    gradient (with G = 1 every group is trivially equal and the value is 1); a high value says the prompts are too easy or too hard for the policy (DAPO's dynamic sampling filters
+    them). rewards: (N·G,) prompt-major.
+    """
+    grouped = _grouped(rewards, group_size, "frac_reward_zero_std")  # (N, G)
+    return (grouped == grouped[:, :1]).all(dim=1).float().mean().detach()
+
+
+@dataclass(frozen=True)
+class AdvantageSpec:
+    """A registered advantage estimator and the facts the training loop needs about it."""
+
+    fn: Callable[..., torch.Tensor]
+    """`fn(rewards, group_size, **params)`: (N·G,) prompt-major rewards -> (N·G,) advantages."""
+    default_aggregation: str
+    """How its paper turns per-token losses into the loss (one of `AGGREGATIONS`); the default of the
+    training config's aggregation setting for this estimator."""
+    min_group_size: int
+    """The fewest completions per prompt it is defined for."""
+    paper: str
+    """Where it comes from."""
+    params: tuple[str, ...] = ()
+    """The keyword settings `fn` takes (`compute_advantages` refuses any other)."""
+
+
+ADVANTAGES: dict[str, AdvantageSpec] = {
+    # The GRPO paper's objective (eq. 3) averages each completion's tokens, then the G completions.
+    "grpo": AdvantageSpec(
+        grpo_advantages, "sequence_mean", 2, "Shao et al. 2024, DeepSeekMath (arXiv:2402.03300)", ("scale",)
+    ),
+    # Dr. GRPO divides by a constant (the generation budget) so that length does not bias the update.
+    "dr_grpo": AdvantageSpec(
+        dr_grpo_advantages, "constant", 2, "Liu et al. 2025, Understanding R1-Zero-Like Training (2503.20783)"
+    ),
+    # RLOO treats a completion as one action, loss −A·log π(y|x) = −A·Σ_t log π(y_t): every token weighs
+    # the same, which "constant" reproduces exactly (scaled by 1/L); "token_mean" would rescale each step by
+    # the sampled lengths and "sequence_mean" would down-weight the tokens of long completions.
+    "rloo": AdvantageSpec(
+        rloo_advantages, "constant", 2, "Ahmadian et al. 2024, Back to Basics (arXiv:2402.14740)"
+    ),
+    # REINFORCE++ (and OpenRLHF, where it was introduced) averages over all tokens of the batch.
+    "reinforce_pp": AdvantageSpec(
+        reinforce_pp_advantages, "token_mean", 1, "Hu 2025, REINFORCE++ (arXiv:2501.03262)"
+    ),
+}
+
+
+def get_advantage(name: str) -> AdvantageSpec:
+    """`ADVANTAGES[name]`; a ValueError naming the closest valid name and listing them all otherwise."""
+    return lookup(name, ADVANTAGES, "advantage estimator")  # type: ignore[arg-type]
+
+
+def compute_advantages(
+    name: str, rewards: torch.Tensor, group_size: int, *, scale: str | None = None
+) -> torch.Tensor:
+    """The advantages of estimator `name` (a key of `ADVANTAGES`): (N·G,) prompt-major rewards -> (N·G,).
+
+    `scale` is GRPO's (see `grpo_advantages`; None = its default, "group"). Any other estimator given a
+    scale raises a ValueError rather than ignoring it: Dr. GRPO is GRPO with scale="none", and RLOO and
+    REINFORCE++ fix their own normalisation.
+    """
+    spec = get_advantage(name)
+    if group_size < spec.min_group_size:
+        raise ValueError(
+            f"advantage estimator '{name}' needs group_size >= {spec.min_group_size} completions per prompt, "
+            f"got {group_size}"
+        )
+    params = {} if scale is None else {"scale": scale}
+    for key in params:
+        if key not in spec.params:
+            uses = ", ".join(spec.params) or "no settings"
+            raise ValueError(
+                f"advantage estimator '{name}' does not use '{key}' (it takes {uses}); '{key}' is GRPO's "
+                "(for Dr. GRPO's unscaled advantage, use 'dr_grpo' or grpo with scale='none')"
+            )
+    return spec.fn(rewards, group_size, **params)
+
+
+# --- the one loss aggregation ----------------------------------------------------------------------------
+
+
+def aggregation_units(mask: torch.Tensor, *, mode: str) -> torch.Tensor:
+    """What a micro-batch's aggregated loss is a mean over, for `runtime.optimizer_step(units=...)`.
+
+    mask: (B, T). Returns a 0-dim float tensor: the number of completion tokens (`token_mean`) or of
+    sequences, B, padding rows included (`sequence_mean`, `constant`). It depends only on the mask, so the
+    loop can compute it for every micro-batch before the forward passes, as optimizer_step needs.
+    """
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation '{mode}'. Valid: {', '.join(AGGREGATIONS)}")
+    if mode == "token_mean":
+        return mask.sum(dtype=torch.float32)
+    return torch.tensor(float(mask.shape[0]), device=mask.device)
+
+
+def aggregate(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    mode: str,
+    max_completion_length: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A micro-batch's loss from per-token losses, written once for every online method.
+
+    per_token_loss, mask: (B, T), n_b = Σ_t mask[b, t]. Returns (loss, units): the loss is a mean over
+    `units` (`aggregation_units`), so that `runtime.optimizer_step`, which weights micro-batch m by
+    units_m / Σ units over every micro-batch and process, yields the same loss and gradient however the
+    step's batch is split:
+
+        token_mean     Σ_b Σ_t ℓ / Σ_b n_b,     units = Σ n_b  -> the step's token mean (DAPO §3.3)
+        sequence_mean  1/B Σ_b (Σ_t ℓ / n_b),   units = B      -> mean of per-sequence means (GRPO, eq. 3)
+        constant       Σ_b Σ_t ℓ / (L · B),     units = B      -> Σ of all tokens / (L · N) (Dr. GRPO)
+
+    L = `max_completion_length`, the generation budget, required by `constant` (unused by the others, and
+    no completion may be longer). A sequence with no completion token counts as a sequence with loss 0.
+    """
+    units = aggregation_units(mask, mode=mode)
+    mask = mask.to(per_token_loss.dtype)
+    masked = per_token_loss * mask
+    if mode == "token_mean":
+        loss = masked.sum() / units.clamp(min=1)
+    elif mode == "sequence_mean":
+        loss = (masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+    else:
+        if max_completion_length is None or max_completion_length < 1:
+            raise ValueError(
+                f"loss aggregation 'constant' needs max_completion_length (the generation budget, "
+                f"max_new_tokens) >= 1, got {max_completion_length!r}"
+            )
+        loss = masked.sum() / (max_completion_length * per_token_loss.shape[0])
+    return loss, units
