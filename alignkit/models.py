@@ -230,11 +230,19 @@ def freeze(model) -> torch.nn.Module:
     return model
 
 
-def save_model(model, tokenizer, path: str | Path, merge_lora: bool = False) -> Path:
-    """save_pretrained as safetensors: full weights, or the LoRA adapter (merged into the base if asked)."""
+def save_model(
+    model, tokenizer, path: str | Path, merge_lora: bool = False, state_dict: dict | None = None
+) -> Path:
+    """save_pretrained as safetensors: full weights, or the LoRA adapter (merged into the base if asked).
+    `state_dict`: the weights to write when the model's own are sharded (gathered by the caller)."""
     path = Path(path)
     if merge_lora and hasattr(model, "merge_and_unload"):
+        if state_dict is not None:
+            raise ValueError(
+                "lora.merge with sharded weights (FSDP / ZeRO-3) is not supported; save the adapter"
+            )
         model = model.merge_and_unload()
-    model.save_pretrained(path, safe_serialization=True)
+    kwargs = {"state_dict": state_dict} if state_dict is not None else {}
+    model.save_pretrained(path, safe_serialization=True, **kwargs)
     tokenizer.save_pretrained(path)
     return path

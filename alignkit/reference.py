@@ -113,8 +113,18 @@ def attach_precomputed_reference(
             [[e[f] for f in fields] for e in examples],
         )
         path = cache_dir(cfg) / f"reference-{name}-{key}.safetensors"
-        cached = path.exists()
+        # The main process decides, for all: processes that disagreed (no shared filesystem) would wait
+        # for each other's gather forever.
+        from accelerate.utils import broadcast_object_list
+
+        cached = broadcast_object_list([path.exists()])[0] if accelerator.num_processes > 1 else path.exists()
         accelerator.wait_for_everyone()  # every process has looked before the main one writes
+        if cached and not path.exists():
+            raise ValueError(
+                f"{path}: the main process found this reference cache and process "
+                f"{accelerator.process_index} does not; put output_dir (or cache_dir) on a filesystem "
+                "every process shares"
+            )
         if cached:
             ref = load_file(str(path))
             log(f"reference log-probs for {name} loaded from {path}")

@@ -44,11 +44,15 @@ def native_bf16() -> bool:
 
 
 def resolve_mixed_precision(setting: str) -> str:
-    """The accelerate mixed-precision mode for `mixed_precision`: auto is bf16 where the device computes
-    it natively, else no (fp32). An explicit bf16 on a CPU that emulates it warns, naming the flag."""
+    """The accelerate mixed-precision mode for `mixed_precision`: auto is what an `accelerate launch`
+    config asks for, else bf16 where the device computes it natively, else no (fp32). An explicit bf16 on
+    a CPU that emulates it warns, naming the flag."""
     if setting not in MIXED_PRECISION:
         raise ValueError(f"mixed_precision '{setting}' is not one of {', '.join(MIXED_PRECISION)}")
     if setting == "auto":
+        launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "")  # set by `accelerate launch` configs
+        if launcher in ("no", "bf16", "fp16"):
+            return launcher
         return "bf16" if native_bf16() else "no"
     if setting == "bf16" and not torch.cuda.is_available() and not native_bf16():
         warnings.warn(
@@ -299,6 +303,11 @@ def optimizer_step(
     collective for all of them), `grad_norm` (before clipping) and `lr` (of the step just taken); the
     caller turns them into numbers once.
     """
+    if len(micro_batches) > 1 and accelerator.distributed_type.name == "DEEPSPEED":
+        raise ValueError(
+            "under DeepSpeed, accelerate steps the optimizer after every backward: set grad_accum=1 "
+            "(and DeepSpeed's gradient_accumulation_steps=1; docs/distributed.md)"
+        )
     device = accelerator.device
     units = [1.0] * len(micro_batches) if units is None else [float(u) for u in units]
     local_units = torch.tensor(sum(units), dtype=torch.float64, device=device)
@@ -486,10 +495,19 @@ def save_final(accelerator, model, tokenizer, output_dir: Path, merge_lora: bool
 
     final = Path(output_dir) / "final"
     accelerator.wait_for_everyone()
+    state_dict = None
+    if sharded(accelerator):  # FSDP / ZeRO-3: the full weights, gathered on every process (untested here)
+        state_dict = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(model).items()}
     if accelerator.is_main_process:
         inner = accelerator.unwrap_model(model)
         inner = inner.model if isinstance(inner, BatchForward) else inner
-        save_model(inner, tokenizer, final, merge_lora=merge_lora)
+        save_model(inner, tokenizer, final, merge_lora=merge_lora, state_dict=state_dict)
         log(f"final model saved to {final}")
     accelerator.wait_for_everyone()
     return final
+
+
+def sharded(accelerator) -> bool:
+    """Whether parameters are sharded over processes (FSDP or DeepSpeed), so the main process alone
+    does not hold them."""
+    return accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")

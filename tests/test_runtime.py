@@ -139,6 +139,7 @@ def test_a_frozen_snapshot_is_what_gets_saved(tmp_path):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_mixed_precision_auto_follows_the_hardware(monkeypatch, native):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     monkeypatch.setattr(runtime, "native_bf16", lambda: native)
     assert runtime.resolve_mixed_precision("auto") == ("bf16" if native else "no")
     assert runtime.resolve_mixed_precision("no") == "no"
@@ -164,3 +165,13 @@ def test_native_bf16_reads_the_cpu_flags(monkeypatch):
     assert runtime.native_bf16() is False
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert runtime.native_bf16() is True
+
+
+def test_mixed_precision_auto_takes_the_launchers_setting(monkeypatch):
+    """Under `accelerate launch`, auto is what its config asked for; an explicit setting still wins."""
+    monkeypatch.setattr(runtime, "native_bf16", lambda: True)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    assert runtime.resolve_mixed_precision("auto") == "fp16"
+    assert runtime.resolve_mixed_precision("no") == "no"
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    assert runtime.resolve_mixed_precision("auto") == "bf16"
