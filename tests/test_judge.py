@@ -203,7 +203,8 @@ class _Handler(BaseHTTPRequestHandler):
                     "choices": [{"index": 0, "message": message}],
                 }
             else:
-                payload = {"error": {"message": f"rule status {status}"}}
+                echo = self.headers.get("Authorization")  # a server that echoes the key: it must be blanked
+                payload = {"error": {"message": f"rule status {status} (received {echo})"}}
             data = json.dumps(payload).encode()
             self.send_response(status)
             for k, v in {
@@ -285,6 +286,7 @@ def test_http_errors_are_clear_and_keep_the_key_secret(server, monkeypatch):
         judge.score(["Text."], ["[down]"])
     assert server.calls == 1 + 4
     assert KEY not in str(unauthorized.value) and KEY not in str(down.value)
+    assert "(received Bearer ***)" in str(unauthorized.value)
     monkeypatch.delenv(KEY_ENV)
     with pytest.raises(JudgeError, match=f"environment variable {KEY_ENV}, which is not set"):
         build_reward(judge_spec(server))

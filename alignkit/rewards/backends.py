@@ -1,11 +1,13 @@
-"""Where a judge's answers come from: an OpenAI-compatible HTTP endpoint or a local causal LM.
+"""Where a judge's answers come from: an OpenAI-compatible HTTP endpoint or a local causal LM
+(the Anthropic and Bedrock backends, which need their SDKs, are in `backends_cloud`).
 
 A backend turns chat conversations (lists of {"role", "content"} messages) into answer strings:
 
     backend.complete(conversations) -> iterator of (index, answer), in the order answers arrive
 
 and names itself in `backend.identity` (endpoint, model, decoding settings; never a secret), which
-keys the judge cache. The HTTP backend uses only the standard library (urllib, a thread pool).
+keys the judge cache. The HTTP backend uses only the standard library (urllib, a thread pool); its
+retry loop, thread pool and redaction of secrets (`RemoteChatBackend`) serve every remote backend.
 """
 
 from __future__ import annotations
@@ -53,33 +55,38 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-class HTTPChatBackend:
-    """Chat completions from an OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp, TGI, Ollama, ...).
+class Retry(Exception):
+    """One failed attempt that asking again may fix: why (for logs and counters), and the server's
+    Retry-After in seconds, if it sent one. Raised by `RemoteChatBackend.send`, never seen by callers."""
 
-    POSTs `{base_url}/chat/completions` with `{"model", "messages", "temperature", "max_tokens"}` and reads
-    `choices[0].message.content`. The API key is read from the environment variable named by
-    `api_key_env` when the backend is built and sent as `Authorization: Bearer ...`; it is kept out
-    of `repr`, logs and error messages. Requests run `max_concurrency` at a time in a thread pool.
-    Timeouts, dropped connections, HTTP 408/409/429 and 5xx are retried up to `max_retries` times, waiting
-    `backoff * 2**attempt` seconds (with jitter, at most `max_backoff`), or what the server's Retry-After
-    header asks (also at most `max_backoff`); other HTTP errors raise JudgeError at once.
+    def __init__(self, reason: str, retry_after: float | None = None):
+        super().__init__(reason)
+        self.reason, self.retry_after = reason, retry_after
+
+
+class RemoteChatBackend:
+    """Retries, back-off, concurrency and secret-keeping shared by the backends that call a service.
+
+    A subclass sets `target` (where requests go, for messages; no secret) and `identity`, and implements
+    `send(messages) -> answer`: one attempt, raising `Retry(reason, retry_after)` for a failure worth
+    repeating (a timeout, a dropped connection, HTTP 408/409/429/5xx, a malformed answer) and JudgeError
+    for one that is not. `request` retries up to `max_retries` times, waiting `backoff * 2**attempt`
+    seconds (with jitter, at most `max_backoff`), or what the server's Retry-After asks (also at most
+    `max_backoff`); `complete` runs `max_concurrency` requests at a time in a thread pool. Every text in
+    a raised message or a log line passes through `redact`, which blanks the backend's secrets.
     """
+
+    target = "?"
 
     def __init__(
         self,
-        base_url: str,
-        model: str,
-        api_key_env: str | None = None,
-        temperature: float = 0.0,
-        max_tokens: int = 256,
+        *,
         timeout: float = 60.0,
         max_retries: int = 5,
         backoff: float = 1.0,
         max_backoff: float = 60.0,
         max_concurrency: int = 8,
     ):
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.temperature, self.max_tokens = model, temperature, max_tokens
         self.timeout, self.max_retries, self.backoff, self.max_backoff = (
             timeout,
             max_retries,
@@ -87,30 +94,20 @@ class HTTPChatBackend:
             max_backoff,
         )
         self.max_concurrency = max_concurrency
-        self.api_key_env = api_key_env
-        self._api_key = None
-        if api_key_env:
-            self._api_key = os.environ.get(api_key_env)
-            if not self._api_key:
-                raise JudgeError(
-                    f"the judge's API key is read from the environment variable {api_key_env}, which is not "
-                    f"set; export {api_key_env}=... (or set api_key_env: null for an endpoint without a key)"
-                )
-        self.identity = json.dumps(
-            {
-                "backend": "http",
-                "url": self.url,
-                "model": model,
-                "temperature": temperature,
-                "max_tokens": max_tokens,
-            }
-        )
+        self._secrets: tuple[str, ...] = ()
         self.counts: Counter = Counter()
         self._lock = threading.Lock()
 
-    def __repr__(self) -> str:
-        key = f"${self.api_key_env}" if self.api_key_env else "none"
-        return f"HTTPChatBackend(url={self.url!r}, model={self.model!r}, api_key={key})"
+    def send(self, messages: list[dict]) -> str:
+        """One attempt at an answer (see the class docstring for what it raises)."""
+        raise NotImplementedError
+
+    def redact(self, text: str) -> str:
+        """`text` with every secret of this backend replaced by '***' (for messages and logs)."""
+        for secret in self._secrets:
+            if secret and len(secret) >= 8:  # a short value would blank ordinary words
+                text = text.replace(secret, "***")
+        return text
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -123,44 +120,20 @@ class HTTPChatBackend:
         return min(delay * random.uniform(0.5, 1.0), self.max_backoff)  # jitter spreads out retries
 
     def request(self, messages: list[dict]) -> str:
-        """One chat completion (the answer text; '' when the endpoint sent no content), with retries."""
-        body = json.dumps(
-            {
-                "model": self.model,
-                "messages": messages,
-                "temperature": self.temperature,
-                "max_tokens": self.max_tokens,
-            }
-        ).encode()
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
+        """One answer, with retries; JudgeError when the service refuses or keeps failing."""
         for attempt in range(self.max_retries + 1):
-            retry_after = None
             self._count("requests")
             try:
-                req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    data = json.loads(resp.read())
-                content = data["choices"][0]["message"].get("content")
-                return content if isinstance(content, str) else ""
-            except urllib.error.HTTPError as e:
-                detail = e.read(300).decode("utf-8", "replace").strip() if e.fp else ""
-                if e.code not in RETRYABLE_STATUS:
-                    raise JudgeError(
-                        f"judge endpoint {self.url} answered HTTP {e.code} {e.reason}: {detail[:300]} "
-                        "(not retried: check base_url, model and the API key variable)"
-                    ) from None
-                reason, retry_after = f"HTTP {e.code}", _retry_after(e.headers.get("Retry-After"))
-            except (TimeoutError, urllib.error.URLError, http.client.HTTPException, ConnectionError) as e:
-                why = getattr(e, "reason", None) or e
-                reason = "timeout" if isinstance(why, TimeoutError) else f"{type(why).__name__}: {why}"
-            except (json.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
-                reason = "a response that is not a chat completion"
+                return self.send(messages)
+            except JudgeError as e:
+                raise JudgeError(self.redact(str(e))) from None
+            except Retry as e:
+                reason, retry_after = self.redact(e.reason), e.retry_after
             if attempt == self.max_retries:
                 raise JudgeError(
-                    f"judge endpoint {self.url} failed {self.max_retries + 1} times (last: {reason}); answers "
-                    "received so far are in the judge cache, if one is set, and a rerun resumes from them"
+                    f"judge endpoint {self.target} failed {self.max_retries + 1} times (last: {reason}); "
+                    "answers received so far are in the judge cache, if one is set, and a rerun resumes "
+                    "from them"
                 )
             delay = self._wait(attempt, retry_after)
             self._count("retries")
@@ -169,7 +142,7 @@ class HTTPChatBackend:
             )
             log.warning(
                 "judge request to %s failed (%s); retry %d/%d in %.2fs",
-                self.url,
+                self.target,
                 reason,
                 attempt + 1,
                 self.max_retries,
@@ -192,6 +165,99 @@ class HTTPChatBackend:
                     yield i, future.result()  # re-raises a JudgeError here, in the caller's thread
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+class HTTPChatBackend(RemoteChatBackend):
+    """Chat completions from an OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp, TGI, Ollama, ...).
+
+    POSTs `{base_url}/chat/completions` with `{"model", "messages", "temperature", "max_tokens"}` and reads
+    `choices[0].message.content`. The API key is read from the environment variable named by
+    `api_key_env` when the backend is built and sent as `Authorization: Bearer ...`; it is kept out
+    of `repr`, logs and error messages. Timeouts, dropped connections, HTTP 408/409/429 and 5xx are
+    retried (see `RemoteChatBackend`); other HTTP errors raise JudgeError at once.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str | None = None,
+        *,
+        temperature: float = 0.0,
+        max_tokens: int = 256,
+        **retries,
+    ):
+        super().__init__(**retries)
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.target = self.url
+        self.model, self.temperature, self.max_tokens = model, temperature, max_tokens
+        self.api_key_env = api_key_env
+        self._api_key = read_api_key(api_key_env, "or set api_key_env: null for an endpoint without a key")
+        self._secrets = (self._api_key,) if self._api_key else ()
+        self.identity = json.dumps(
+            {
+                "backend": "http",
+                "url": self.url,
+                "model": model,
+                "temperature": temperature,
+                "max_tokens": max_tokens,
+            }
+        )
+
+    def __repr__(self) -> str:
+        key = f"${self.api_key_env}" if self.api_key_env else "none"
+        return f"HTTPChatBackend(url={self.url!r}, model={self.model!r}, api_key={key})"
+
+    def send(self, messages: list[dict]) -> str:
+        """One chat completion (the answer text; '' when the endpoint sent no content)."""
+        body = json.dumps(
+            {
+                "model": self.model,
+                "messages": messages,
+                "temperature": self.temperature,
+                "max_tokens": self.max_tokens,
+            }
+        ).encode()
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        try:
+            req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                data = json.loads(resp.read())
+            content = data["choices"][0]["message"].get("content")
+            return content if isinstance(content, str) else ""
+        except urllib.error.HTTPError as e:
+            detail = e.read(300).decode("utf-8", "replace").strip() if e.fp else ""
+            if e.code not in RETRYABLE_STATUS:
+                raise JudgeError(
+                    f"judge endpoint {self.url} answered HTTP {e.code} {e.reason}: {detail[:300]} "
+                    "(not retried: check base_url, model and the API key variable)"
+                ) from None
+            raise Retry(f"HTTP {e.code}", _retry_after(e.headers.get("Retry-After"))) from None
+        except (TimeoutError, urllib.error.URLError, http.client.HTTPException, ConnectionError) as e:
+            why = getattr(e, "reason", None) or e
+            raise Retry(
+                "timeout" if isinstance(why, TimeoutError) else f"{type(why).__name__}: {why}"
+            ) from None
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
+            raise Retry("a response that is not a chat completion") from None
+
+
+def read_api_key(env: str | None, alternative: str) -> str | None:
+    """The API key in the environment variable `env` (None when `env` is None); JudgeError when unset.
+
+    `alternative` ends the message with the other way out, e.g. "or set api_key_env: null ...".
+    """
+    if not env:
+        return None
+    key = os.environ.get(env)
+    if not key:
+        raise JudgeError(
+            f"the judge's API key is read from the environment variable {env}, which is not set; "
+            f"export {env}=... ({alternative})"
+        )
+    return key
 
 
 class LocalChatBackend:

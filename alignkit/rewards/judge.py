@@ -27,6 +27,7 @@ import torch
 from alignkit.config import ConfigError
 from alignkit.models import DTYPES
 from alignkit.rewards.backends import HTTPChatBackend, LocalChatBackend
+from alignkit.rewards.backends_cloud import SDKS, AnthropicBackend, BedrockBackend, require_sdk
 from alignkit.rewards.base import SourceOptions, as_scores, check_batch, fill
 from alignkit.rewards.cache import JudgeCache, cache_key
 
@@ -190,10 +191,12 @@ def parse_preference(text: str) -> tuple[float | None, str | None]:
 
 @dataclass
 class JudgeOptions(SourceOptions):
-    """An LLM judge: a template, a backend (http or local), parsing with retries, an optional cache."""
+    """An LLM judge: a template, a backend (http, anthropic, bedrock or local), parsing with retries, an
+    optional cache."""
 
     backend: str = "http"
-    """Where answers come from: http (an OpenAI-compatible endpoint) or local (a causal LM)."""
+    """Where answers come from: http (an OpenAI-compatible endpoint), anthropic (the Messages API),
+    bedrock (Amazon Bedrock's Converse API) or local (a causal LM)."""
     template: str = "summary"
     """A built-in template (summary, toxicity, pairwise) or your own text with {prompt} and {response}."""
     system: str | None = None
@@ -209,25 +212,34 @@ class JudgeOptions(SourceOptions):
     cache: str | None = None
     """SQLite file caching answers (a rerun asks nothing again); none = no cache."""
     model: str = ""
-    """http: the model name the endpoint serves; local: a hub name or local directory."""
-    base_url: str = "https://api.openai.com/v1"
-    """http: the endpoint's base URL (…/v1); /chat/completions is appended."""
+    """http: the model name the endpoint serves; anthropic: a Claude model (claude-...); bedrock: a model
+    id or inference profile (anthropic.claude-3-haiku-20240307-v1:0); local: a hub name or directory."""
+    base_url: str | None = None
+    """http: the endpoint's base URL (…/v1; default https://api.openai.com/v1), /chat/completions is
+    appended; anthropic: the API's base URL (default the client's, https://api.anthropic.com)."""
     api_key_env: str | None = None
-    """http: name of the environment variable holding the API key (the key itself is never in configs)."""
-    temperature: float = 0.0
-    """http: sampling temperature (local decoding is always greedy)."""
+    """http, anthropic: name of the environment variable holding the API key (never the key itself);
+    http default: no key; anthropic default: ANTHROPIC_API_KEY."""
+    region: str | None = None
+    """bedrock: AWS region (default: AWS_REGION, AWS_DEFAULT_REGION or the AWS profile's region)."""
+    endpoint_url: str | None = None
+    """bedrock: a bedrock-runtime endpoint other than the region's (a VPC endpoint, a proxy, a test server)."""
+    temperature: float | None = None
+    """Sampling temperature. http: default 0.0; anthropic, bedrock: default none, i.e. not sent (the
+    model's own; Claude models from Opus 4.7 on refuse the parameter); local decoding is always greedy."""
     max_tokens: int = 256
     """Longest answer, in tokens."""
     timeout: float = 60.0
-    """http: seconds to wait for one answer before retrying."""
+    """Remote backends: seconds to wait for one answer before retrying."""
     max_retries: int = 5
-    """http: retries after a timeout, dropped connection, HTTP 429 or 5xx, with exponential back-off."""
+    """Remote backends: retries after a timeout, dropped connection, HTTP 429 or 5xx (throttling on
+    Bedrock), with exponential back-off."""
     backoff: float = 1.0
-    """http: first retry waits about this many seconds; each further one twice as long."""
+    """Remote backends: first retry waits about this many seconds; each further one twice as long."""
     max_backoff: float = 60.0
-    """http: longest wait between retries (also caps the server's Retry-After)."""
+    """Remote backends: longest wait between retries (also caps the server's Retry-After)."""
     max_concurrency: int = 8
-    """http: requests in flight at once."""
+    """Remote backends: requests in flight at once."""
     tokenizer: str | None = None
     """local: tokenizer to load (default: the model's)."""
     device: str = "auto"
@@ -240,9 +252,15 @@ class JudgeOptions(SourceOptions):
     """local: allow the model repository to run its own code. Off unless you trust the source."""
 
 
-HTTP_ONLY = ("base_url", "api_key_env", "temperature", "timeout", "max_retries", "backoff", "max_backoff")
-HTTP_ONLY += ("max_concurrency",)
-LOCAL_ONLY = ("tokenizer", "device", "dtype", "batch_size", "trust_remote_code")
+REMOTE = ("temperature", "timeout", "max_retries", "backoff", "max_backoff", "max_concurrency")
+# backend -> the keys only it (and the others listed with it) reads; a key of another backend set away from
+# its default is an error, not silently ignored.
+BACKEND_KEYS = {
+    "http": ("base_url", "api_key_env", *REMOTE),
+    "anthropic": ("base_url", "api_key_env", *REMOTE),
+    "bedrock": ("region", "endpoint_url", *REMOTE),
+    "local": ("tokenizer", "device", "dtype", "batch_size", "trust_remote_code"),
+}
 
 
 def resolve_template(options: JudgeOptions, where: str = "judge") -> JudgeTemplate:
@@ -264,6 +282,28 @@ def resolve_template(options: JudgeOptions, where: str = "judge") -> JudgeTempla
     return JudgeTemplate(options.system, options.template, options.min_score, options.max_score)
 
 
+def build_backend(o: JudgeOptions):
+    """The backend `o.backend` names, built from the options it reads (see BACKEND_KEYS)."""
+    if o.backend == "local":
+        return LocalChatBackend(
+            o.model, o.tokenizer, o.max_tokens, o.batch_size, o.device, o.dtype, o.trust_remote_code
+        )
+    retries = {
+        "timeout": o.timeout,
+        "max_retries": o.max_retries,
+        "backoff": o.backoff,
+        "max_backoff": o.max_backoff,
+        "max_concurrency": o.max_concurrency,
+    }
+    decoding = {"temperature": o.temperature, "max_tokens": o.max_tokens, **retries}
+    if o.backend == "anthropic":
+        return AnthropicBackend(o.model, base_url=o.base_url, api_key_env=o.api_key_env, **decoding)
+    if o.backend == "bedrock":
+        return BedrockBackend(o.model, region=o.region, endpoint_url=o.endpoint_url, **decoding)
+    decoding["temperature"] = 0.0 if o.temperature is None else o.temperature
+    return HTTPChatBackend(o.base_url or "https://api.openai.com/v1", o.model, o.api_key_env, **decoding)
+
+
 class JudgeReward:
     """An LLM judge as a reward source (`score`) and as a pairwise comparer (`compare`)."""
 
@@ -271,44 +311,34 @@ class JudgeReward:
         self.check(options, f"judge '{options.name}'")
         self.options, self.name, self.weight = options, options.name, options.weight
         self.template = resolve_template(options)
-        o = options
-        if o.backend == "local":
-            self.backend = LocalChatBackend(
-                o.model, o.tokenizer, o.max_tokens, o.batch_size, o.device, o.dtype, o.trust_remote_code
-            )
-        else:
-            self.backend = HTTPChatBackend(
-                o.base_url,
-                o.model,
-                o.api_key_env,
-                o.temperature,
-                o.max_tokens,
-                o.timeout,
-                o.max_retries,
-                o.backoff,
-                o.max_backoff,
-                o.max_concurrency,
-            )
-        self.cache = JudgeCache(o.cache) if o.cache else None
+        self.backend = build_backend(options)
+        self.cache = JudgeCache(options.cache) if options.cache else None
         self.counts: Counter = Counter()
 
     @staticmethod
     def check(options: JudgeOptions, where: str) -> None:
-        if options.backend not in ("http", "local"):
-            raise ConfigError(f"{where}: backend '{options.backend}' is not one of http, local")
+        if options.backend not in BACKEND_KEYS:
+            raise ConfigError(f"{where}: backend '{options.backend}' is not one of {', '.join(BACKEND_KEYS)}")
         if not options.model:
-            raise ConfigError(f"{where}: 'model' is required (the served model name, or a local model)")
-        default = JudgeOptions()
-        unused = LOCAL_ONLY if options.backend == "http" else HTTP_ONLY
-        for key in unused:
+            raise ConfigError(
+                f"{where}: 'model' is required (the served model name, a Claude model, a Bedrock model id, "
+                "or a local model)"
+            )
+        default, used = JudgeOptions(), BACKEND_KEYS[options.backend]
+        for key in dict.fromkeys(k for keys in BACKEND_KEYS.values() for k in keys if k not in used):
             if getattr(options, key) != getattr(default, key):
-                raise ConfigError(f"{where}: '{key}' has no effect with backend {options.backend}; remove it")
+                raise ConfigError(
+                    f"{where}: '{key}' has no effect with backend {options.backend} (which reads "
+                    f"{', '.join(used)}); remove it"
+                )
         if options.dtype not in DTYPES:
             raise ConfigError(f"{where}: dtype '{options.dtype}' is not one of {', '.join(DTYPES)}")
         if min(options.max_concurrency, options.batch_size, options.max_tokens) < 1:
             raise ConfigError(f"{where}: max_concurrency, batch_size and max_tokens must be >= 1")
         if min(options.parse_retries, options.max_retries) < 0 or options.timeout <= 0:
             raise ConfigError(f"{where}: parse_retries and max_retries must be >= 0 and timeout > 0")
+        if options.backend in SDKS:  # a missing SDK stops the run now, before any source is built
+            require_sdk(options.backend, where)
         template = resolve_template(options, where)
         if options.fallback is not None and not template.low <= options.fallback <= template.high:
             raise ConfigError(
