@@ -72,8 +72,15 @@ def _score(cfg):
     return run(cfg)
 
 
+def _eval(cfg):
+    from alignkit.evaluate import run
+
+    return run(cfg)
+
+
 def _commands() -> dict[str, Command]:
     from alignkit.demo import DemoConfig
+    from alignkit.evaluate import EvalConfig
     from alignkit.rewards.score import ScoreConfig
 
     return {
@@ -93,6 +100,9 @@ def _commands() -> dict[str, Command]:
         ),
         "score": Command(
             ScoreConfig, "score prompt/response rows with reward sources (classifiers, judges, rules)", _score
+        ),
+        "eval": Command(
+            EvalConfig, "base vs aligned model on held-out prompts: rewards, win rate, KL, fluency", _eval
         ),
     }
 

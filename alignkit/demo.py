@@ -4,8 +4,10 @@ The policy is the real pretrained TinyStories-656K model shipped with the packag
 (alignkit/assets/demo/pairs.jsonl, built once by scripts/build_demo_pairs.py) are the model's own samples:
 two continuations per story opening, the one the VADER sentiment analyser scores more positive is
 `chosen`. The demo runs DPO against the frozen base, reloads the saved model from disk (evaluate what you
-ship), and compares base and aligned on held-out openings with the same sampling seeds: mean VADER
-sentiment, and the base model's perplexity on each policy's samples (fluency).
+ship), and compares base and aligned on held-out openings with the same sampling seeds through
+`alignkit.evaluate.compare_policies` with a VADER reward set: mean VADER sentiment before and after with the
+paired difference, win rate, KL to the base, the base model's perplexity on each policy's samples
+(fluency), and samples side by side (docs/evaluation.md explains every number).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class DemoConfig:
     """The demo's settings; the defaults are the documented run."""
 
     output_dir: str = "runs/demo"
-    """Where the DPO run, the final model and demo_report.json are written."""
+    """Where the DPO run, the final model and demo_report.json / demo_report.md are written."""
     model: str = str(DEMO_MODEL)
     """Policy to align (default: the shipped TinyStories-656K)."""
     data: str = str(DEMO_PAIRS)
@@ -54,11 +56,13 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    """Train, reload, compare, print; returns the report (also written to output_dir/demo_report.json)."""
+    """Train, reload, compare, print; returns the report (also written to output_dir/demo_report.json
+    and, as Markdown, demo_report.md)."""
     from alignkit.algorithms.dpo import train
     from alignkit.config import DPOConfig
-    from alignkit.evaluate import compare_policies, format_report
+    from alignkit.evaluate import compare_policies, format_markdown, write_reports
     from alignkit.models import load_causal_lm, load_tokenizer
+    from alignkit.rewards import RewardSet
 
     dpo = DPOConfig(
         model=cfg.model,
@@ -90,12 +94,13 @@ def run_demo(cfg: DemoConfig) -> dict:
         aligned,
         tokenizer,
         openings,
-        samples_per_opening=cfg.samples_per_opening,
+        rewards=RewardSet.from_specs([{"type": "vader"}]),
+        num_samples=cfg.samples_per_opening,
         max_new_tokens=cfg.max_new_tokens,
         seed=cfg.seed + 1,
     )
-    print(format_report(report))
-    path = Path(cfg.output_dir) / "demo_report.json"
-    path.write_text(json.dumps(report, indent=2))
-    print(f"report written to {path}")
+    report["models"] = {"base": cfg.model, "aligned": str(final)}
+    print(format_markdown(report))
+    json_path, md_path = write_reports(report, cfg.output_dir, stem="demo_report")
+    print(f"report written to {json_path} and {md_path}")
     return report

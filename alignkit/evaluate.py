@@ -1,25 +1,66 @@
-"""Before/after evaluation of a policy: sentiment of its samples, fluency under the base model, samples.
+"""Before/after evaluation: a base and an aligned policy on held-out prompts, scored by any reward set.
 
-`compare_policies` samples a base and an aligned policy on the same held-out prompts with the same seeds
-(so sample j of both sees the same random noise, see `alignkit.generation`) and reports:
+`compare_policies` samples both policies on the same prompts with the same seeds (sample j of both sees
+the same random noise, see `alignkit.generation`: common random numbers), scores both sample sets with
+every source of a `RewardSet` (which need not be the training reward) and reports, per source:
 
-- the mean VADER compound sentiment of each policy's completions, with standard errors, and the
-  difference with its paired standard error;
-- the base model's perplexity of each policy's completions: a policy that games the scorer with
-  degenerate text shows up as a perplexity far above that of the base model's own samples;
-- a few completions side by side.
+- mean, std and standard error before (base) and after (aligned);
+- the difference (aligned - base) with its *paired* standard error, computed on the per-sample
+  differences: sample j of both policies shares its seed, so the noise common to both cancels;
+- `percent_change` = (after - before) / |before| x 100 (positive = the score went up);
+- the win rate per prompt: the fraction of prompts whose aligned mean over its n samples beats the base
+  mean, ties counting 1/2.
+
+Standard errors are over prompts (the standard deviation of the P per-prompt means over sqrt P): the n
+samples of one prompt share that prompt and are not independent draws of the evaluation distribution.
+
+Besides the rewards: KL(aligned || base) per sequence, estimated on the aligned samples as
+mean_j Σ_t [log p_aligned(y_jt | ...) - log p_base(y_jt | ...)] at temperature 1 (an unbiased Monte-Carlo
+estimate when the samples come from the aligned model's own distribution: temperature 1, no top-k/top-p);
+the base model's perplexity of both sample sets (fluency: text that games the scorer shows up as a
+perplexity far above that of the base model's own samples); mean completion tokens and EOS fraction; and
+a few samples side by side. `alignkit eval` (`run`) writes it all as JSON and Markdown; docs/evaluation.md.
 """
 
 from __future__ import annotations
 
+import json
 import math
-import textwrap
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
-from alignkit.generation import sample
+from alignkit.config import ConfigError
+from alignkit.data.chat import json_type
+from alignkit.data.readers import DataError, Problems, read_records
+from alignkit.generation import _eos_ids, sample
 from alignkit.logprobs import completion_logps
+from alignkit.rewards.compose import RewardSet
+from alignkit.rewards.registry import parse_spec
 from alignkit.rewards.rules import vader_compound
+
+__all__ = [
+    "EvalConfig",
+    "compare_policies",
+    "compare_scores",
+    "completion_nll",
+    "format_markdown",
+    "mean_and_stderr",
+    "percent_change",
+    "perplexity",
+    "read_prompts",
+    "run",
+    "score_stats",
+    "vader_compound",
+    "win_rate",
+    "write_reports",
+]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Statistics: pure functions of scores laid out prompt-major, (P * n,) with prompt i's samples at
+# [i * n, (i + 1) * n), as `alignkit.generation.sample` returns them.
 
 
 def mean_and_stderr(values: list[float]) -> tuple[float, float]:
@@ -34,6 +75,66 @@ def mean_and_stderr(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+def score_stats(scores: torch.Tensor, num_samples: int) -> dict[str, float | None]:
+    """{mean, std, stderr} of (P * n,) prompt-major scores, n = `num_samples`, in float64.
+
+    std is the sample standard deviation (n - 1) over all P * n scores; stderr is the standard error of
+    the mean over prompts: std of the P per-prompt means / sqrt P (None when P < 2).
+    """
+    x = scores.detach().double().reshape(-1).cpu()
+    per_prompt = x.view(-1, num_samples).mean(1)  # (P,)
+    P = per_prompt.numel()
+    return {
+        "mean": float(x.mean()),
+        "std": float(x.std()) if x.numel() > 1 else 0.0,
+        "stderr": float(per_prompt.std() / math.sqrt(P)) if P > 1 else None,
+    }
+
+
+def percent_change(before: float, after: float) -> float | None:
+    """(after - before) / |before| x 100: positive when the score rose, whatever the sign of `before`.
+
+    0 when both are 0; None (undefined) when only `before` is 0.
+    """
+    if before == 0:
+        return 0.0 if after == 0 else None
+    return (after - before) / abs(before) * 100
+
+
+def win_rate(base: torch.Tensor, aligned: torch.Tensor, num_samples: int) -> float:
+    """Fraction of prompts where the aligned mean score over its n samples beats the base's; ties count ½.
+
+    base, aligned: (P * n,) prompt-major scores, n = `num_samples`.
+    """
+    b = base.detach().double().reshape(-1, num_samples).mean(1)  # (P,)
+    a = aligned.detach().double().reshape(-1, num_samples).mean(1)  # (P,)
+    return float(((a > b).double() + 0.5 * (a == b).double()).mean())
+
+
+def compare_scores(base: torch.Tensor, aligned: torch.Tensor, num_samples: int) -> dict:
+    """Before/after statistics of one source's (P * n,) prompt-major scores of the base and aligned samples.
+
+    {base: score_stats, aligned: score_stats, difference, difference_std, difference_stderr (of the
+    per-sample differences aligned_j - base_j: paired, as sample j of both shares its seed),
+    percent_change (of the means), win_rate}.
+    """
+    before, after = score_stats(base, num_samples), score_stats(aligned, num_samples)
+    difference = score_stats(aligned.double() - base.double(), num_samples)
+    return {
+        "base": before,
+        "aligned": after,
+        "difference": difference["mean"],
+        "difference_std": difference["std"],
+        "difference_stderr": difference["stderr"],
+        "percent_change": percent_change(before["mean"], after["mean"]),
+        "win_rate": win_rate(base, aligned, num_samples),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Likelihoods under a model.
+
+
 @torch.no_grad()
 def completion_nll(
     model,
@@ -44,8 +145,8 @@ def completion_nll(
     """Summed negative log-likelihood of each completion given its prompt, and its token count.
 
     Rows are `prompt_ids[i] + completion_ids[i]`, right-padded into batches of `batch_size`; only the
-    completion tokens are scored (through `alignkit.logprobs.completion_logps`). The model is run in
-    eval mode and given back in the mode it was in.
+    completion tokens are scored (through `alignkit.logprobs.completion_logps`, at temperature 1: the
+    model's own distribution). The model is run in eval mode and given back in the mode it was in.
     """
     if len(prompt_ids) != len(completion_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
@@ -84,113 +185,369 @@ def perplexity(
 ) -> float:
     """Token-weighted perplexity of the completions: exp(total NLL / total completion tokens)."""
     sums, counts = completion_nll(model, prompt_ids, completion_ids, batch_size)
+    return _perplexity(sums, counts)
+
+
+def _perplexity(nll_sums: list[float], counts: list[int]) -> float:
     total = sum(counts)
     if total == 0:
         raise ValueError("perplexity of completions with no tokens")
-    return math.exp(sum(sums) / total)
+    return math.exp(sum(nll_sums) / total)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The comparison.
 
 
 def compare_policies(
     base_model,
     aligned_model,
     tokenizer,
-    openings: list[str],
-    samples_per_opening: int = 4,
+    prompts: list[str],
+    *,
+    rewards: RewardSet,
+    num_samples: int = 4,
     max_new_tokens: int = 48,
-    seed: int = 0,
     temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
     batch_size: int = 32,
     num_examples: int = 4,
 ) -> dict:
-    """Samples both policies on `openings` with the same seeds and compares them (see module docstring).
+    """Samples both policies on `prompts` with the same seeds and compares them (see the module docstring).
 
-    Returns a JSON-serialisable dict:
-      settings: num_openings, samples_per_opening, max_new_tokens, temperature, seed;
-      base, aligned: {sentiment_mean, sentiment_stderr, base_model_perplexity, mean_tokens,
-                      eos_fraction};
-      sentiment_difference (aligned - base mean) and sentiment_difference_stderr (paired: the
-      standard error of the per-sample differences, as sample j of both policies shares its seed);
-      examples: the first sample of the first `num_examples` openings, side by side.
+    Both sample sets are scored by every source of `rewards` in one call and composed together (so a
+    normalising RewardSet uses the same statistics for both). Returns a JSON-serialisable dict:
+
+      settings: num_prompts, num_samples, max_new_tokens, temperature, top_k, top_p, seed, sources,
+                kl_of_sampled_distribution (temperature 1 and no truncation: see `kl`);
+      rewards: {source: {base: {mean, std, stderr}, aligned: {...}, difference, difference_std,
+                difference_stderr, percent_change, win_rate}} for every source, costs included;
+      total: the same for the composed reward, present when there are several sources;
+      kl: {mean, std, stderr, per_token}: KL(aligned || base) in nats per sequence, estimated on the
+          aligned samples (per_token: total log-ratio / total aligned completion tokens);
+      base, aligned: {base_model_perplexity, mean_tokens, eos_fraction};
+      examples: the first sample of each of the first `num_examples` prompts, side by side, with scores.
     """
-    kwargs = dict(
-        num_samples=samples_per_opening,
+    if not prompts:
+        raise ValueError("compare_policies of no prompts")
+    n = num_samples
+    sampling = dict(
+        num_samples=n,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
-        seed=seed,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,  # the same seed for both policies: sample j of both shares its noise
         batch_size=batch_size,
     )
-    samples = {
-        "base": sample(base_model, tokenizer, openings, **kwargs),
-        "aligned": sample(aligned_model, tokenizer, openings, **kwargs),
-    }
-    eos_ids = {tokenizer.eos_token_id}
-    scores: dict[str, list[float]] = {}
+    policies = {"base": base_model, "aligned": aligned_model}
+    samples = {name: sample(model, tokenizer, prompts, **sampling) for name, model in policies.items()}
+
+    # Score both sets at once: (2 * P * n,), base first.
+    both = samples["base"] + samples["aligned"]
+    raw = rewards.score_sources([s.prompt for s in both], [s.text for s in both])
+    composed = rewards.compose(raw)
+    half = len(samples["base"])
+    scores = {name: (values[:half], values[half:]) for name, values in raw.items()}
+    names = list(raw)
+    if len(names) > 1:
+        scores["total"] = (composed.total[:half], composed.total[half:])
+
+    # Log-likelihoods: the aligned samples under both models (KL, and the base's fluency of them) and
+    # the base samples under the base model.
+    ids = {name: ([s.prompt_ids for s in ss], [s.completion_ids for s in ss]) for name, ss in samples.items()}
+    nll_aligned, counts_aligned = completion_nll(aligned_model, *ids["aligned"], batch_size)
+    nll_base_of_aligned, _ = completion_nll(base_model, *ids["aligned"], batch_size)
+    nll_base_of_base, counts_base = completion_nll(base_model, *ids["base"], batch_size)
+    # log p_aligned(y) - log p_base(y) per aligned sample y: (P * n,)
+    log_ratio = torch.tensor(nll_base_of_aligned, dtype=torch.float64) - torch.tensor(
+        nll_aligned, dtype=torch.float64
+    )
+    kl = score_stats(log_ratio, n)
+    kl["per_token"] = float(log_ratio.sum()) / max(sum(counts_aligned), 1)
+
     report: dict = {
         "settings": {
-            "num_openings": len(openings),
-            "samples_per_opening": samples_per_opening,
+            "num_prompts": len(prompts),
+            "num_samples": n,
             "max_new_tokens": max_new_tokens,
             "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
             "seed": seed,
-        }
+            "sources": names,
+            "kl_of_sampled_distribution": temperature == 1.0 and not top_k and (top_p is None or top_p >= 1),
+        },
+        "rewards": {name: compare_scores(*scores[name], n) for name in names},
     }
-    for name, policy_samples in samples.items():
-        scores[name] = vader_compound([s.text for s in policy_samples])
-        mean, stderr = mean_and_stderr(scores[name])
-        completions = [s.completion_ids for s in policy_samples]
+    if "total" in scores:
+        report["total"] = compare_scores(*scores["total"], n)
+    report["kl"] = kl
+    for name, nll, counts in (
+        ("base", nll_base_of_base, counts_base),
+        ("aligned", nll_base_of_aligned, counts_aligned),
+    ):
+        completions = ids[name][1]
+        eos_ids = _eos_ids(policies[name], tokenizer)  # the ids sampling stopped at
         report[name] = {
-            "sentiment_mean": mean,
-            "sentiment_stderr": stderr,
-            "base_model_perplexity": perplexity(
-                base_model, [s.prompt_ids for s in policy_samples], completions, batch_size
-            ),
+            "base_model_perplexity": _perplexity(nll, counts),
             "mean_tokens": sum(len(c) for c in completions) / len(completions),
             "eos_fraction": sum(bool(c) and c[-1] in eos_ids for c in completions) / len(completions),
         }
-    differences = [a - b for a, b in zip(scores["aligned"], scores["base"])]
-    report["sentiment_difference"], report["sentiment_difference_stderr"] = mean_and_stderr(differences)
-    report["examples"] = [
-        {
-            "prompt": openings[i],
-            "base": samples["base"][j].text,
-            "base_score": scores["base"][j],
-            "aligned": samples["aligned"][j].text,
-            "aligned_score": scores["aligned"][j],
-        }
-        for i in range(min(num_examples, len(openings)))
-        for j in [i * samples_per_opening]
-    ]
+    report["examples"] = []
+    for i in range(min(num_examples, len(prompts))):
+        j = i * n  # the first sample of prompt i
+        row = {"prompt": prompts[i]}
+        for side, name in enumerate(("base", "aligned")):
+            row[name] = samples[name][j].text
+            row[f"{name}_scores"] = {source: float(pair[side][j]) for source, pair in scores.items()}
+        report["examples"].append(row)
     return report
 
 
-def _clip(text: str, width: int) -> str:
-    text = " ".join(text.split())  # newlines and runs of spaces -> one space
-    return text if len(text) <= width else text[: width - 3] + "..."
+# ---------------------------------------------------------------------------------------------------
+# Reports.
 
 
-def format_report(report: dict, width: int = 100) -> str:
-    """Renders a `compare_policies` report as a plain-text table followed by side-by-side samples."""
-    base, aligned = report["base"], report["aligned"]
+def _cell(text: str, width: int = 240) -> str:
+    """Text for one Markdown table cell: one line, pipes escaped, clipped to `width` characters."""
+    text = " ".join(text.split())
+    text = text if len(text) <= width else text[: width - 3] + "..."
+    return text.replace("|", "\\|") or "(empty)"
+
+
+def _num(x: float | None, spec: str = "+.3f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def format_markdown(report: dict) -> str:
+    """A `compare_policies` report as Markdown: rewards, fluency and KL tables, then samples side by side."""
     s = report["settings"]
-    lines = [
-        f"{s['num_openings']} held-out openings x {s['samples_per_opening']} samples, "
-        f"{s['max_new_tokens']} new tokens, temperature {s['temperature']}, seed {s['seed']}",
+    truncation = [f"top_k {s['top_k']}"] if s["top_k"] else []
+    if s["top_p"] is not None and s["top_p"] < 1:
+        truncation.append(f"top_p {s['top_p']}")
+    lines = ["# Base vs aligned model", ""]
+    if "models" in report:
+        lines += [f"base `{report['models']['base']}`, aligned `{report['models']['aligned']}`", ""]
+    lines += [
+        f"{s['num_prompts']} prompts x {s['num_samples']} samples per policy, the same seeds for both "
+        f"(seed {s['seed']}); {s['max_new_tokens']} new tokens, temperature {s['temperature']}"
+        + (", " + ", ".join(truncation) if truncation else ", no top-k/top-p")
+        + ".",
         "",
-        f"{'':28}{'base':>10}{'aligned':>10}{'difference':>14}",
-        f"{'sentiment (VADER compound)':28}{base['sentiment_mean']:>+10.3f}{aligned['sentiment_mean']:>+10.3f}"
-        f"{report['sentiment_difference']:>+14.3f}",
-        f"{'  standard error':28}{base['sentiment_stderr']:>10.3f}{aligned['sentiment_stderr']:>10.3f}"
-        f"{report['sentiment_difference_stderr']:>14.3f}",
-        f"{'base-model perplexity':28}{base['base_model_perplexity']:>10.2f}"
-        f"{aligned['base_model_perplexity']:>10.2f}"
-        f"{aligned['base_model_perplexity'] - base['base_model_perplexity']:>+14.2f}",
-        f"{'mean completion tokens':28}{base['mean_tokens']:>10.1f}{aligned['mean_tokens']:>10.1f}"
-        f"{aligned['mean_tokens'] - base['mean_tokens']:>+14.1f}",
+        "## Rewards",
+        "",
+        "s.e.: standard error over prompts; difference = aligned - base, with its paired s.e.; "
+        "change = (aligned - base) / |base| x 100; win rate: fraction of prompts where the aligned mean "
+        "beats the base mean (ties ½).",
+        "",
+        "| source | base mean | base std | base s.e. | aligned mean | aligned std | aligned s.e. "
+        "| difference | paired s.e. | change | win rate |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    rows = dict(report["rewards"])
+    if "total" in report:
+        rows["total"] = report["total"]
+    for name, r in rows.items():
+        b, a = r["base"], r["aligned"]
+        change = "n/a" if r["percent_change"] is None else f"{r['percent_change']:+.1f}%"
+        lines.append(
+            f"| {name} | {b['mean']:+.3f} | {b['std']:.3f} | {_num(b['stderr'], '.3f')} "
+            f"| {a['mean']:+.3f} | {a['std']:.3f} | {_num(a['stderr'], '.3f')} "
+            f"| {r['difference']:+.3f} | {_num(r['difference_stderr'], '.3f')} | {change} | {r['win_rate']:.3f} |"
+        )
+    base, aligned, kl = report["base"], report["aligned"], report["kl"]
+    lines += [
+        "",
+        "## Fluency and KL",
+        "",
+        "| | base | aligned | difference |",
+        "| --- | ---: | ---: | ---: |",
+        f"| base-model perplexity | {base['base_model_perplexity']:.2f} | {aligned['base_model_perplexity']:.2f} "
+        f"| {aligned['base_model_perplexity'] - base['base_model_perplexity']:+.2f} |",
+        f"| mean completion tokens | {base['mean_tokens']:.1f} | {aligned['mean_tokens']:.1f} "
+        f"| {aligned['mean_tokens'] - base['mean_tokens']:+.1f} |",
+        f"| EOS fraction | {base['eos_fraction']:.3f} | {aligned['eos_fraction']:.3f} "
+        f"| {aligned['eos_fraction'] - base['eos_fraction']:+.3f} |",
+        "",
+        f"KL(aligned ‖ base): {kl['mean']:.4f} nats per sequence (s.e. {_num(kl['stderr'], '.4f')}, "
+        f"{kl['per_token']:.4f} per token), the mean over the aligned samples of "
+        "Σ_t [log p_aligned(y_t) - log p_base(y_t)] at temperature 1.",
+    ]
+    if not s["kl_of_sampled_distribution"]:
+        lines.append(
+            "The samples were tempered or truncated, so this is the mean log-ratio of the two models on "
+            "the aligned model's warped samples, not KL(aligned ‖ base); it can be negative."
+        )
+    lines += ["", "## Samples", "", "| # | prompt | base | base score | aligned | aligned score |"]
+    lines.append("| ---: | --- | --- | --- | --- | --- |")
     for k, ex in enumerate(report["examples"], 1):
-        lines += ["", f"[{k}] {_clip(ex['prompt'], width)}"]
-        for name in ("base", "aligned"):
-            head = f"  {name:<8}({ex[name + '_score']:+.2f}) "
-            text = _clip(ex[name], 2 * width) or "(empty)"
-            lines += textwrap.wrap(text, width, initial_indent=head, subsequent_indent=" " * len(head))
-    return "\n".join(lines)
+        scored = {
+            name: ", ".join(f"{source} {value:+.3f}" for source, value in ex[f"{name}_scores"].items())
+            for name in ("base", "aligned")
+        }
+        lines.append(
+            f"| {k} | {_cell(ex['prompt'])} | {_cell(ex['base'])} | {scored['base']} "
+            f"| {_cell(ex['aligned'])} | {scored['aligned']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(report: dict, output_dir: str | Path, stem: str = "eval_report") -> tuple[Path, Path]:
+    """Writes `output_dir/<stem>.json` and `output_dir/<stem>.md`; returns both paths."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = out / f"{stem}.json", out / f"{stem}.md"
+    for path, text in zip(
+        paths, (json.dumps(report, indent=2, ensure_ascii=False) + "\n", format_markdown(report))
+    ):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)  # never a half-written report
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------
+# `alignkit eval`.
+
+
+@dataclass
+class EvalConfig:
+    """Compare a base and an aligned model on held-out prompts, scored by one or more reward sources."""
+
+    base_model: str = ""
+    """The model before alignment: a Hugging Face hub name or a local directory."""
+    model: str = ""
+    """The aligned model (e.g. a run's output_dir/final); its tokenizer is used for both."""
+    prompts: str = ""
+    """Held-out prompts: a .jsonl of {"prompt": ...} rows, or a .json list of strings."""
+    num_prompts: int = 0
+    """Use the first this many prompts (0 = all)."""
+    rewards: list[dict] = field(default_factory=lambda: [{"type": "vader"}])
+    """Reward sources scoring both sample sets: [{type: vader|length|regex|classifier|judge, ...}]."""
+    num_samples: int = 4
+    """Samples per prompt and policy (sample j of both policies shares its seed)."""
+    max_new_tokens: int = 48
+    """Longest completion, in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature (0 = greedy); the KL estimate needs 1 and no top_k / top_p."""
+    top_k: int | None = None
+    """Sample among the k most likely tokens only (none = off)."""
+    top_p: float | None = None
+    """Nucleus sampling: the smallest set of tokens with this much probability (none = off)."""
+    seed: int = 0
+    """Seed of the (shared) sampling noise."""
+    batch_size: int = 32
+    """Sequences per generation and scoring batch."""
+    output_dir: str = "runs/eval"
+    """Where eval_report.json and eval_report.md are written."""
+    num_examples: int = 4
+    """Prompts shown side by side in the sample table (the first sample of each)."""
+    dtype: str = "float32"
+    """Weights dtype of both models: float32, bfloat16, float16 or auto."""
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a .jsonl (or .json array) of {"prompt": str} rows, or a .json list of strings.
+
+    Every bad row is reported at once as file:line: field 'prompt': problem (for a list of strings, the
+    line is the 1-based element number).
+    """
+    file = Path(path).expanduser()
+    if file.suffix.lower() == ".json" and file.is_file():
+        try:
+            data = json.loads(file.read_text(encoding="utf-8-sig"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            data = None  # read_records reports where
+        if isinstance(data, list) and not any(isinstance(x, dict) for x in data):
+            problems = Problems(path)
+            for n, prompt in enumerate(data, 1):
+                if not isinstance(prompt, str):
+                    problems.add(n, None, f"found a JSON {json_type(prompt)} (expected a prompt string)")
+                elif not prompt.strip():
+                    problems.add(n, None, "empty prompt (expected text for the models to continue)")
+            problems.raise_if_any()
+            if not data:
+                raise DataError("no prompts (the list is empty)", path)
+            return data
+    records = read_records(path)
+    problems = Problems(path)
+    for line, record in records:
+        prompt = record.get("prompt")
+        if prompt is None:
+            problems.add(line, "prompt", f"missing (expected a string; found keys {sorted(record)})")
+        elif not isinstance(prompt, str):
+            problems.add(line, "prompt", f"found {json_type(prompt)} (expected a string)")
+        elif not prompt.strip():
+            problems.add(line, "prompt", "empty (expected text for the models to continue)")
+    problems.raise_if_any()
+    if not records:
+        raise DataError("no prompts (the file is empty)", path)
+    return [record["prompt"] for _, record in records]
+
+
+def _check(cfg: EvalConfig) -> None:
+    missing = [key for key in ("base_model", "model", "prompts") if not getattr(cfg, key)]
+    if missing:
+        raise ConfigError(f"set {', '.join(f'{k}=...' for k in missing)} (see alignkit eval --help)")
+    for key in ("num_samples", "max_new_tokens", "batch_size"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"'{key}' must be >= 1, got {getattr(cfg, key)}")
+    for key in ("num_prompts", "num_examples"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"'{key}' must be >= 0, got {getattr(cfg, key)}")
+    if cfg.temperature < 0:
+        raise ConfigError(f"'temperature' must be >= 0 (0 = greedy), got {cfg.temperature}")
+    if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
+        raise ConfigError(f"'top_p' must be in (0, 1], got {cfg.top_p}")
+    if not isinstance(cfg.rewards, list) or not cfg.rewards:
+        raise ConfigError("'rewards': expected a non-empty list of reward sources, e.g. [{type: vader}]")
+    for i, spec in enumerate(cfg.rewards):
+        parse_spec(spec, f"rewards[{i}]")  # cheap: a bad spec fails before any model is loaded
+
+
+def run(cfg: EvalConfig) -> dict:
+    """`alignkit eval`: validates, loads, compares, writes output_dir/eval_report.{json,md}, prints the
+    Markdown; returns the report (with the resolved config under "config")."""
+    from alignkit.models import load_causal_lm, load_tokenizer
+
+    _check(cfg)
+    prompts = read_prompts(cfg.prompts)  # bad rows fail before any model is loaded
+    if cfg.num_prompts:
+        prompts = prompts[: cfg.num_prompts]
+    rewards = RewardSet.from_specs(cfg.rewards)
+
+    tokenizer = load_tokenizer(cfg.model)
+    if load_tokenizer(cfg.base_model).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"the tokenizers of base_model ({cfg.base_model}) and model ({cfg.model}) differ: the shared "
+            "sampling noise and the KL need one vocabulary; compare models that share a tokenizer"
+        )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base, aligned = (
+        load_causal_lm(path, cfg.dtype, pad_token_id=tokenizer.pad_token_id).to(device)
+        for path in (cfg.base_model, cfg.model)
+    )
+    report = compare_policies(
+        base,
+        aligned,
+        tokenizer,
+        prompts,
+        rewards=rewards,
+        num_samples=cfg.num_samples,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        num_examples=cfg.num_examples,
+    )
+    report["models"] = {"base": cfg.base_model, "aligned": cfg.model}
+    report["config"] = asdict(cfg)
+    json_path, md_path = write_reports(report, cfg.output_dir)
+    print(md_path.read_text(encoding="utf-8"))
+    print(f"reports written to {json_path} and {md_path}")
+    return report

@@ -9,13 +9,15 @@ def test_demo_raises_sentiment_and_keeps_text_fluent(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", f"output_dir={out}", "progress=false"]) == 0
     printed = capsys.readouterr().out
-    assert "sentiment (VADER compound)" in printed and "base-model perplexity" in printed
+    assert "| vader |" in printed and "base-model perplexity" in printed
 
     report = json.loads((out / "demo_report.json").read_text())
     base, aligned = report["base"], report["aligned"]
-    assert report["settings"]["samples_per_opening"] == 4
-    assert aligned["sentiment_mean"] - base["sentiment_mean"] >= 0.2
+    sentiment = report["rewards"]["vader"]
+    assert report["settings"]["num_samples"] == 4
+    assert sentiment["aligned"]["mean"] - sentiment["base"]["mean"] >= 0.2
     # fluency: the base model finds the aligned samples no less likely than its own
     assert aligned["base_model_perplexity"] <= base["base_model_perplexity"] * 1.05
     # what was evaluated is what was shipped: the saved model folder
     assert (out / "final" / "model.safetensors").exists()
+    assert (out / "demo_report.md").read_text() in printed

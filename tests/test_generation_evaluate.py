@@ -14,13 +14,14 @@ import alignkit
 from alignkit.evaluate import (
     compare_policies,
     completion_nll,
-    format_report,
+    format_markdown,
     mean_and_stderr,
     perplexity,
     vader_compound,
 )
 from alignkit.generation import sample
 from alignkit.models import load_causal_lm, load_tokenizer
+from alignkit.rewards import RewardSet
 
 MODEL = Path(alignkit.__file__).parent / "assets" / "tinystories-656k"
 EOS = 2
@@ -154,12 +155,17 @@ def test_perplexity_is_lower_on_own_greedy_text_than_on_it_shuffled(model, token
 
 
 def test_compare_policies_of_a_model_with_itself_is_a_zero_difference(model, tokenizer):
-    report = compare_policies(model, model, tokenizer, PROMPTS, samples_per_opening=2, seed=4, num_examples=2)
-    assert report["sentiment_difference"] == 0.0 and report["sentiment_difference_stderr"] == 0.0
-    assert report["base"] == report["aligned"]
+    vader = RewardSet.from_specs([{"type": "vader"}])
+    report = compare_policies(
+        model, model, tokenizer, PROMPTS, rewards=vader, num_samples=2, seed=4, num_examples=2
+    )
+    sentiment = report["rewards"]["vader"]
+    assert sentiment["difference"] == 0.0 and sentiment["difference_stderr"] == 0.0
+    assert sentiment["base"] == sentiment["aligned"] and sentiment["win_rate"] == 0.5
+    assert report["base"] == report["aligned"] and report["kl"]["mean"] == 0.0
     assert 1 < report["base"]["base_model_perplexity"] < 100
     assert [e["base"] for e in report["examples"]] == [e["aligned"] for e in report["examples"]]
 
-    text = format_report(report)
-    assert f"{report['base']['sentiment_mean']:+.3f}" in text and "+0.000" in text
+    text = format_markdown(report)
+    assert f"| vader | {sentiment['base']['mean']:+.3f} |" in text and "| +0.000 | 0.000 |" in text
     assert PROMPTS[0].strip() in text and len(report["examples"]) == 2
