@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from alignkit.config import (
     ConfigError,
     DPOConfig,
+    GRPOConfig,
     KTOConfig,
     ListwiseConfig,
     RewardConfig,
+    RLOOConfig,
     SFTConfig,
     describe,
     load_config,
@@ -72,6 +74,12 @@ def _score(cfg):
     return run(cfg)
 
 
+def _grpo(cfg):
+    from alignkit.algorithms.grpo import train
+
+    return train(cfg)
+
+
 def _eval(cfg):
     from alignkit.evaluate import run
 
@@ -91,6 +99,12 @@ def _commands() -> dict[str, Command]:
         ),
         "listwise": Command(
             ListwiseConfig, "listwise preference optimisation on ranked or scored response lists", _listwise
+        ),
+        "grpo": Command(
+            GRPOConfig, "online RL on prompts against a reward set: GRPO, Dr. GRPO, RLOO, REINFORCE++", _grpo
+        ),
+        "rloo": Command(
+            RLOOConfig, "online RL with the RLOO advantage (alignkit grpo advantage=rloo)", _grpo
         ),
         "reward": Command(
             RewardConfig, "a Bradley–Terry reward model (classifier) from preference pairs", _reward
@@ -143,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cmd.run(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        # Data and config problems carry their own actionable message (file:line, field); no traceback.
+    except (ValueError, OSError) as e:
+        # Data, config and file problems (a model folder or hub name that is not there) carry their own
+        # actionable message (file:line, field, path); no traceback.
         print(f"alignkit {name}: error: {e}", file=sys.stderr)
         return 1
     return 0

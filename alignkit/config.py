@@ -272,6 +272,73 @@ class ListwiseConfig(TrainConfig):
     """The frozen reference (reference.mode=precomputed|copy|adapter, reference.model=PATH)."""
 
 
+@dataclass
+class GRPOConfig(TrainConfig):
+    """Online RL without a critic on prompt rows: GRPO, Dr. GRPO, RLOO, REINFORCE++ (docs/online_rl.md)."""
+
+    lr: float = 1e-5
+    """Peak learning rate (AdamW)."""
+    warmup_ratio: float = 0.0
+    """Fraction of the optimizer steps spent warming the learning rate up from 0."""
+    rewards: list[dict] = field(default_factory=list)
+    """Reward sources, as in `alignkit score`: e.g. [{type: vader}, {type: length, weight: -0.1}]."""
+    reward_normalize: bool = False
+    """Normalise each source by its running mean and std before weighting (the state is checkpointed)."""
+    reward_clip: float | None = None
+    """Clip the total reward to [-reward_clip, reward_clip]; none = no clipping."""
+    advantage: str = "grpo"
+    """Advantage estimator: grpo, dr_grpo, rloo or reinforce_pp (docs/online_rl.md)."""
+    num_generations: int = 8
+    """G: completions sampled per prompt (the group each advantage is relative to)."""
+    batch_size: int = 8
+    """Prompts per step on each process (a rollout holds batch_size x num_generations completions)."""
+    max_new_tokens: int = 64
+    """Longest completion, in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are taken at the same temperature."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only (0 = all)."""
+    top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens holding this much probability (1 = all)."""
+    ppo_epochs: int = 1
+    """Passes over each rollout (more than 1 reuses samples, with the clipped ratio)."""
+    minibatch_size: int = 0
+    """Completions per optimizer step on each process (0 = the whole rollout: one step per epoch)."""
+    beta: float = 0.04
+    """Weight of the KL penalty to the reference in the loss (0 = no reference held)."""
+    kl_estimator: str = "k3"
+    """Per-token estimator of KL(policy || reference): k1, k2 or k3 (Schulman 2020)."""
+    kl_importance_correction: bool = False
+    """Weight the KL estimate by the ratio policy / sampling policy (unbiased when samples are reused)."""
+    epsilon: float = 0.2
+    """Clip range of the policy ratio (1 - epsilon, 1 + epsilon_high)."""
+    epsilon_high: float | None = None
+    """Upper clip range (DAPO's clip-higher, e.g. 0.28); default: epsilon."""
+    scale_rewards: str = "group"
+    """grpo: divide advantages by the group's reward std (group), the batch's (batch) or not (none)."""
+    loss_aggregation: str = "auto"
+    """token_mean (DAPO), sequence_mean (GRPO paper), constant (Dr. GRPO) or auto (the estimator's own)."""
+    mask_truncated: bool = False
+    """Leave completions that hit max_new_tokens without an EOS out of the loss (DAPO's overlong filter)."""
+    reference: ReferenceSettings = field(default_factory=lambda: ReferenceSettings(mode="copy"))
+    """The frozen reference: copy (a frozen copy) or adapter (with LoRA: the base, adapter off)."""
+    generation_batch_size: int = 64
+    """Completions generated at once (bounds generation memory)."""
+    eval_steps: int = 20
+    """Score one sample per eval prompt every this many steps (and at the end)."""
+    save_steps: int = 20
+    """Write a checkpoint every this many steps (0 = only on interrupt)."""
+
+
+@dataclass
+class RLOOConfig(GRPOConfig):
+    """GRPOConfig with the RLOO advantage (Ahmadian et al. 2024): each completion's baseline is the mean
+    reward of the other completions of its prompt."""
+
+    advantage: str = "rloo"
+    """Advantage estimator: grpo, dr_grpo, rloo or reinforce_pp (docs/online_rl.md)."""
+
+
 @cache
 def field_docs(cls: type) -> dict[str, str]:
     """Field name -> the docstring written under it, for `cls` and its bases."""

@@ -32,9 +32,8 @@ from pathlib import Path
 import torch
 
 from alignkit.config import ConfigError
-from alignkit.data.chat import json_type
-from alignkit.data.readers import DataError, Problems, read_records
-from alignkit.generation import _eos_ids, sample
+from alignkit.data.prompts import load_prompt_rows
+from alignkit.generation import eos_ids, sample
 from alignkit.logprobs import completion_logps
 from alignkit.rewards.compose import RewardSet
 from alignkit.rewards.registry import parse_spec
@@ -290,11 +289,11 @@ def compare_policies(
         ("aligned", nll_base_of_aligned, counts_aligned),
     ):
         completions = ids[name][1]
-        eos_ids = _eos_ids(policies[name], tokenizer)  # the ids sampling stopped at
+        stop_ids = eos_ids(policies[name], tokenizer)  # the ids sampling stopped at
         report[name] = {
             "base_model_perplexity": _perplexity(nll, counts),
             "mean_tokens": sum(len(c) for c in completions) / len(completions),
-            "eos_fraction": sum(bool(c) and c[-1] in eos_ids for c in completions) / len(completions),
+            "eos_fraction": sum(bool(c) and c[-1] in stop_ids for c in completions) / len(completions),
         }
     report["examples"] = []
     for i in range(min(num_examples, len(prompts))):
@@ -449,43 +448,11 @@ class EvalConfig:
     """Weights dtype of both models: float32, bfloat16, float16 or auto."""
 
 
-def read_prompts(path: str) -> list[str]:
-    """Prompts from a .jsonl (or .json array) of {"prompt": str} rows, or a .json list of strings.
-
-    Every bad row is reported at once as file:line: field 'prompt': problem (for a list of strings, the
-    line is the 1-based element number).
-    """
-    file = Path(path).expanduser()
-    if file.suffix.lower() == ".json" and file.is_file():
-        try:
-            data = json.loads(file.read_text(encoding="utf-8-sig"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            data = None  # read_records reports where
-        if isinstance(data, list) and not any(isinstance(x, dict) for x in data):
-            problems = Problems(path)
-            for n, prompt in enumerate(data, 1):
-                if not isinstance(prompt, str):
-                    problems.add(n, None, f"found a JSON {json_type(prompt)} (expected a prompt string)")
-                elif not prompt.strip():
-                    problems.add(n, None, "empty prompt (expected text for the models to continue)")
-            problems.raise_if_any()
-            if not data:
-                raise DataError("no prompts (the list is empty)", path)
-            return data
-    records = read_records(path)
-    problems = Problems(path)
-    for line, record in records:
-        prompt = record.get("prompt")
-        if prompt is None:
-            problems.add(line, "prompt", f"missing (expected a string; found keys {sorted(record)})")
-        elif not isinstance(prompt, str):
-            problems.add(line, "prompt", f"found {json_type(prompt)} (expected a string)")
-        elif not prompt.strip():
-            problems.add(line, "prompt", "empty (expected text for the models to continue)")
-    problems.raise_if_any()
-    if not records:
-        raise DataError("no prompts (the file is empty)", path)
-    return [record["prompt"] for _, record in records]
+def read_prompts(path: str, tokenizer=None) -> list[str]:
+    """Prompts from a .jsonl (or .json array) of prompt rows ({"prompt": str}, or chat messages rendered
+    with `tokenizer`'s template), or a .json list of strings (alignkit.data.prompts). Every bad row is
+    reported at once as file:line: field 'prompt': problem."""
+    return [row.prompt for row in load_prompt_rows(path, tokenizer=tokenizer)]
 
 
 def _check(cfg: EvalConfig) -> None:
@@ -520,6 +487,7 @@ def run(cfg: EvalConfig) -> dict:
     rewards = RewardSet.from_specs(cfg.rewards)
 
     tokenizer = load_tokenizer(cfg.model)
+    prompts = read_prompts(cfg.prompts, tokenizer)[: cfg.num_prompts or None]  # chat rows: its template
     if load_tokenizer(cfg.base_model).get_vocab() != tokenizer.get_vocab():
         raise ValueError(
             f"the tokenizers of base_model ({cfg.base_model}) and model ({cfg.model}) differ: the shared "

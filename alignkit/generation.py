@@ -92,13 +92,108 @@ def _cut_at_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
     return ids
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def eos_ids(model, tokenizer) -> set[int]:
+    """The token ids that end a completion: the generation config's EOS ids, else the tokenizer's."""
     eos = model.generation_config.eos_token_id
     if eos is None:
         eos = tokenizer.eos_token_id
     if eos is None:
         return set()
     return set(eos) if isinstance(eos, list) else {eos}
+
+
+def _settings(model, tokenizer, max_new_tokens, temperature, top_k, top_p, *, do_sample: bool = False):
+    """(GenerationConfig, logits warpers, EOS ids) for sampling the model's own tempered, truncated
+    softmax: penalties a checkpoint's generation_config may carry are off, so on-policy algorithms can
+    score the samples with the model's log-probs."""
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        raise ValueError(
+            "the tokenizer has no pad token; set one (e.g. tokenizer.pad_token = tokenizer.eos_token) "
+            "before sampling"
+        )
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    eos = eos_ids(model, tokenizer)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample and temperature > 0,
+        num_beams=1,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        min_new_tokens=0,  # takes precedence over any min_length
+        pad_token_id=pad_id,
+        eos_token_id=sorted(eos) or None,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    if config.do_sample:  # generate's own warpers stay off (top_k=0 drops its default 50): ours are passed
+        config.temperature, config.top_k, config.top_p = 1.0, 0, 1.0
+    warpers = []
+    if temperature > 0:
+        if temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(temperature))
+        if top_k is not None and top_k > 0:
+            warpers.append(TopKLogitsWarper(top_k))
+        if top_p is not None and top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p))
+    return config, warpers, eos
+
+
+@torch.no_grad()
+def sample_ids(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    *,
+    num_samples: int = 1,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> list[list[int]]:
+    """Completion ids of `num_samples` samples of every prompt (token ids in, token ids out: no decode /
+    re-encode round trip), prompt-major, each cut after its first EOS (kept when produced).
+
+    The fast path for online RL: one `generate` call (KV cache, left padding) per `batch_size` rows with
+    `do_sample`, its randomness drawn from a torch generator seeded with `seed` inside a forked RNG state
+    (so a call is reproducible from its seed, and the caller's RNG is untouched), rather than one
+    generator per sample as `sample` does (whose samples do not depend on the batch they share). Same
+    contract on the distribution: the model's softmax at `temperature` (0 = greedy), truncated by top_k /
+    top_p when given, nothing else.
+    """
+    if num_samples < 1 or max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(
+            f"num_samples, max_new_tokens and batch_size must be >= 1, got {num_samples}, "
+            f"{max_new_tokens}, {batch_size}"
+        )
+    config, warpers, eos = _settings(
+        model, tokenizer, max_new_tokens, temperature, top_k, top_p, do_sample=True
+    )
+    device = next(model.parameters()).device
+    rows = [ids for ids in prompt_ids for _ in range(num_samples)]
+    was_training = model.training
+    model.eval()
+    out: list[list[int]] = []
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(_sample_seed(seed, 0) % 2**63)
+            for start in range(0, len(rows), batch_size):
+                input_ids, attention_mask = _left_pad(
+                    rows[start : start + batch_size], config.pad_token_id, device
+                )
+                generated = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    generation_config=config,
+                    logits_processor=LogitsProcessorList(warpers),
+                )  # (B, T + new)
+                out += [_cut_at_eos(ids, eos) for ids in generated[:, input_ids.shape[1] :].tolist()]
+    finally:
+        model.train(was_training)
+    return out
 
 
 @torch.no_grad()
@@ -136,42 +231,13 @@ def sample(
             f"num_samples, max_new_tokens and batch_size must be >= 1, got {num_samples}, "
             f"{max_new_tokens}, {batch_size}"
         )
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        raise ValueError(
-            "the tokenizer has no pad token; set one (e.g. tokenizer.pad_token = tokenizer.eos_token) "
-            "before sampling"
-        )
-    eos_ids = _eos_ids(model, tokenizer)
+    config, warpers, eos = _settings(model, tokenizer, max_new_tokens, temperature, top_k, top_p)
+    pad_id = config.pad_token_id
     device = next(model.parameters()).device
     greedy = temperature == 0
 
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     jobs = [(p, ids) for p, ids in zip(prompts, encoded) for _ in range(num_samples)]
-
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,  # sampling is done by _GumbelSampler; generate then takes the argmax
-        num_beams=1,
-        # Sample the model's own (tempered, truncated) softmax: on-policy algorithms score these samples
-        # with the model's log-probs, so penalties a checkpoint's generation_config may carry are off.
-        repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        min_new_tokens=0,  # takes precedence over any min_length
-        pad_token_id=pad_id,
-        eos_token_id=sorted(eos_ids) or None,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    warpers = []
-    if not greedy:
-        if temperature != 1.0:
-            warpers.append(TemperatureLogitsWarper(temperature))
-        if top_k is not None and top_k > 0:
-            warpers.append(TopKLogitsWarper(top_k))
-        if top_p is not None and top_p < 1.0:
-            warpers.append(TopPLogitsWarper(top_p))
 
     was_training = model.training
     model.eval()
@@ -195,7 +261,7 @@ def sample(
             )  # (B, T + new)
             new = out[:, input_ids.shape[1] :].tolist()
             for (prompt, prompt_ids), ids in zip(batch, new):
-                completion_ids = _cut_at_eos(ids, eos_ids)
+                completion_ids = _cut_at_eos(ids, eos)
                 text = tokenizer.decode(completion_ids, skip_special_tokens=True)
                 samples.append(Sample(prompt, list(prompt_ids), completion_ids, text))
         return samples

@@ -219,6 +219,15 @@ def disable_dropout(model) -> torch.nn.Module:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        # Attention dropout is often a float handed to the attention kernel, not a Dropout module
+        # (Llama's `attention_dropout`), and configs keep the rates that new modules read.
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        for name, value in vars(config).items() if config is not None else ():
+            if "dropout" in name and isinstance(value, float):
+                setattr(config, name, 0.0)
     return model
 
 

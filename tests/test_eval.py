@@ -195,8 +195,11 @@ def test_bad_prompt_rows_are_reported_as_file_line_field(tmp_path):
     with pytest.raises(DataError) as err:
         read_prompts(str(rows))
     message = str(err.value)
-    assert f"{rows}:2: field 'prompt': found number (expected a string)" in message
-    assert f"{rows}:4: field 'prompt': missing (expected a string; found keys ['text'])" in message
+    assert f"{rows}:2: field 'prompt': found number (expected a string or a list of messages)" in message
+    assert (
+        f"{rows}:4: field 'prompt': missing (expected a string or a list of messages; found keys ['text'])"
+        in message
+    )
     assert f"{rows}:5: field 'prompt': empty" in message
     assert (err.value.line, err.value.field, err.value.count) == (2, "prompt", 3)
 
@@ -249,7 +252,8 @@ def test_cli_rejects_bad_settings_before_loading_a_model(tmp_path, capsys):
     assert main(["eval", *models, f"prompts={good}", "rewards=[{type: length, unit: lines}]"]) == 1
     assert "rewards[0]" in capsys.readouterr().err
     assert main(["eval", *models, f"prompts={bad}"]) == 1
-    assert f"{bad}:2: field 'prompt': found list (expected a string)" in capsys.readouterr().err
+    message = capsys.readouterr().err  # a list prompt is a conversation: its messages are checked
+    assert f"{bad}:2: field 'prompt[0]': found string (expected a message object" in message
     assert main(["eval", f"prompts={good}"]) == 1
     assert "set base_model=..., model=..." in capsys.readouterr().err
 

@@ -1,0 +1,168 @@
+"""One rollout of an online method: sample -> decode -> score -> log-probs. GRPO, RLOO, REINFORCE++, PPO
+and the iterative methods all collect their experience with `collect`.
+
+The policy writes `num_generations` completions of every prompt, as token ids (never re-tokenised: the
+ids the model sampled are the ids it is trained on). Completions are decoded once, for the reward
+sources, which read text and re-encode it with their own tokenizers. Sequences are laid out right-padded
+as [prompt | completion | pad] with masks built from lengths, never from token values, so a tokenizer
+whose pad id is its EOS id is safe: the EOS a completion ends with is scored, the padding after it is not.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from alignkit.generation import eos_ids, sample_ids
+
+
+@dataclass
+class SamplingSettings:
+    """How completions are drawn."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    batch_size: int = 64
+
+
+@dataclass
+class Rollout:
+    """N = prompts x G completions, prompt-major (completion j of prompt i is row i·G + j)."""
+
+    input_ids: torch.Tensor
+    """(N, T) [prompt | completion | pad], right-padded."""
+    attention_mask: torch.Tensor
+    """(N, T) 1 on prompt and completion tokens."""
+    completion_mask: torch.Tensor
+    """(N, T) 1 on completion tokens (the EOS that ends one included)."""
+    prompt_lengths: list[int]
+    completion_lengths: list[int]
+    ended: torch.Tensor
+    """(N,) bool: the completion ended with an EOS token (else it hit max_new_tokens)."""
+    prompts: list[str]
+    """The N prompt texts (each repeated G times)."""
+    completions: list[str]
+    """The N decoded completions (special tokens skipped)."""
+    scores: torch.Tensor
+    """(N,) the reward set's total."""
+    source_scores: dict[str, torch.Tensor]
+    """(N,) raw score of every reward source."""
+    reward_stats: dict[str, float]
+    """Per-source statistics of the batch, as the reward set reports them."""
+    group_size: int
+    old_logps: torch.Tensor | None = None
+    """(N, T) per-token log-probs of the policy that sampled (at the sampling temperature)."""
+    ref_logps: torch.Tensor | None = None
+    """(N, T) per-token log-probs of the reference."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds spent in generation, scoring and reference log-probs."""
+
+    @property
+    def num_tokens(self) -> int:
+        return int(sum(self.completion_lengths))
+
+    def batch(self, rows: list[int] | torch.Tensor, **extra: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The rows as a batch (trimmed to their longest sequence), with per-row `extra` tensors."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        T = int(self.attention_mask[rows].sum(-1).max())
+        out = {
+            "input_ids": self.input_ids[rows, :T],
+            "attention_mask": self.attention_mask[rows, :T],
+            "completion_mask": self.completion_mask[rows, :T],
+        }
+        for name in ("old_logps", "ref_logps"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value[rows, :T]
+        for name, value in extra.items():
+            out[name] = value[rows] if value.dim() == 1 else value[rows, :T]
+        return out
+
+
+def layout(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int):
+    """(input_ids, attention_mask, completion_mask), each (N, T): [prompt | completion | pad] rows,
+    masks from lengths (so pad == EOS is safe)."""
+    T = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
+    N = len(prompt_ids)
+    input_ids = torch.full((N, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(N, T, dtype=torch.long)
+    completion_mask = torch.zeros(N, T, dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        input_ids[i, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
+        attention_mask[i, : len(p) + len(c)] = 1
+        completion_mask[i, len(p) : len(p) + len(c)] = 1
+    return input_ids, attention_mask, completion_mask
+
+
+@torch.no_grad()
+def token_logps_in_batches(
+    forward: Callable, rollout: Rollout, batches: list[list[int]], device: torch.device
+) -> torch.Tensor:
+    """(N, T) per-token log-probs of `forward(batch)["token_logps"]` over the rollout, computed in the
+    given row batches (the same ones training will use, so that the first ratio is exactly 1)."""
+    out = torch.zeros(rollout.input_ids.shape, dtype=torch.float32)
+    for rows in batches:
+        batch = rollout.batch(rows)
+        device_batch = {k: v.to(device) for k, v in batch.items() if not k.endswith("_logps")}
+        logps = forward(device_batch)["token_logps"].float().cpu()
+        out[torch.as_tensor(rows), : logps.shape[1]] = logps
+    return out
+
+
+def collect(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    prompts: list[str],
+    rewards,
+    *,
+    group_size: int,
+    sampling: SamplingSettings,
+    seed: int,
+) -> Rollout:
+    """Sample `group_size` completions of every prompt from `model` (the unwrapped policy), decode and
+    score them with the reward set `rewards` (an `alignkit.rewards.RewardSet`). Log-probs are added by
+    the caller (`token_logps_in_batches`), which knows the batches training will use."""
+    t0 = time.perf_counter()
+    completion_ids = sample_ids(
+        model,
+        tokenizer,
+        prompt_ids,
+        num_samples=group_size,
+        max_new_tokens=sampling.max_new_tokens,
+        temperature=sampling.temperature,
+        top_k=sampling.top_k,
+        top_p=sampling.top_p,
+        seed=seed,
+        batch_size=sampling.batch_size,
+    )
+    t1 = time.perf_counter()
+    rows_prompt_ids = [p for p in prompt_ids for _ in range(group_size)]
+    rows_prompts = [p for p in prompts for _ in range(group_size)]
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    scored = rewards(rows_prompts, texts)
+    t2 = time.perf_counter()
+    eos = eos_ids(model, tokenizer)
+    input_ids, attention_mask, completion_mask = layout(
+        rows_prompt_ids, completion_ids, tokenizer.pad_token_id
+    )
+    return Rollout(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        completion_mask=completion_mask,
+        prompt_lengths=[len(p) for p in rows_prompt_ids],
+        completion_lengths=[len(c) for c in completion_ids],
+        ended=torch.tensor([bool(c) and c[-1] in eos for c in completion_ids]),
+        prompts=rows_prompts,
+        completions=texts,
+        scores=scored.total.float(),
+        source_scores={k: v.float() for k, v in scored.scores.items()},
+        reward_stats=scored.stats,
+        group_size=group_size,
+        timings={"generation": t1 - t0, "scoring": t2 - t1},
+    )

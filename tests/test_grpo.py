@@ -1,0 +1,170 @@
+"""alignkit grpo (GRPO, Dr. GRPO, RLOO, REINFORCE++): the first ratio is exactly 1, a tiny policy learns an
+easy reward with every estimator, resume is bit-for-bit, masks come from lengths (pad == EOS is safe),
+and bad prompts or reward sources fail before training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import alignkit.algorithms.grpo as grpo
+from alignkit.cli import main
+from alignkit.config import ConfigError, GRPOConfig
+from alignkit.data.readers import DataError
+from alignkit.rollout import layout
+
+# The easy reward: how many times the letter "e" appears in the completion. A random tiny policy writes
+# random pieces of the TinyStories vocabulary; pieces with an "e" in them are easy to prefer.
+E_COUNT = [{"type": "regex", "pattern": "e", "mode": "count"}]
+
+
+def write_prompts(path, n: int = 16) -> str:
+    path.write_text("".join(json.dumps({"prompt": f"Tom went out {i}. It was"}) + "\n" for i in range(n)))
+    return str(path)
+
+
+def config(tmp_path, model, data, **overrides) -> GRPOConfig:
+    base = dict(
+        model=str(model),
+        data=data,
+        output_dir=str(tmp_path / "out"),
+        rewards=E_COUNT,
+        batch_size=4,
+        num_generations=4,
+        max_new_tokens=8,
+        lr=1e-2,
+        beta=0.0,
+        save_steps=0,
+        eval_steps=1000,
+        progress=False,
+        seed=1,
+    )
+    base.update(overrides)
+    return GRPOConfig(**base)
+
+
+def train_metrics(cfg) -> list[dict]:
+    lines = [json.loads(line) for line in open(f"{cfg.output_dir}/metrics.jsonl")]
+    return [m for m in lines if m["split"] == "train"]
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "dr_grpo", "rloo", "reinforce_pp"])
+def test_a_tiny_policy_learns_an_easy_reward(tmp_path, tiny_model_dir, advantage):
+    data = write_prompts(tmp_path / "prompts.jsonl")
+    cfg = config(tmp_path, tiny_model_dir, data, advantage=advantage, max_steps=30)
+    grpo.train(cfg)
+    rewards = [m["reward"] for m in train_metrics(cfg)]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.8, (advantage, rewards)  # more "e"s per 8-token completion (measured +1.3..1.5)
+
+
+def test_the_first_ratio_is_exactly_one_with_dropout_in_the_config(tmp_path, monkeypatch):
+    """The checkpoint's config asks for dropout; the trainer turns it off, and log-probs of the sampling
+    policy are taken in the training micro-batches, so before the first update π/π_old is exactly 1 —
+    even with several epochs and minibatches, and with the KL term on."""
+    from conftest import build_tiny_llama
+    from transformers import AutoConfig
+
+    model_dir = build_tiny_llama(tmp_path / "m")
+    cfg_json = AutoConfig.from_pretrained(model_dir)
+    cfg_json.attention_dropout = 0.3
+    cfg_json.save_pretrained(model_dir)
+    data = write_prompts(tmp_path / "prompts.jsonl", 8)
+    seen = []
+    real = grpo.clipped_surrogate
+
+    def spy(logps, old_logps, advantages, mask, **kwargs):
+        seen.append((logps.detach().clone(), old_logps.clone(), mask.clone()))
+        return real(logps, old_logps, advantages, mask, **kwargs)
+
+    monkeypatch.setattr(grpo, "clipped_surrogate", spy)
+    cfg = config(
+        tmp_path, model_dir, data, max_steps=1, ppo_epochs=2, minibatch_size=8, grad_accum=2, beta=0.1
+    )
+    grpo.train(cfg)
+    assert len(seen) == 2 * 2 * 2  # 2 epochs x 2 minibatches of 8 x 2 micro-batches
+    logps, old, mask = seen[0]
+    assert torch.equal(logps[mask.bool()], old[mask.bool()])  # ratio exactly 1: same bits
+    logps, old, mask = seen[-1]
+    assert not torch.equal(logps[mask.bool()], old[mask.bool()])  # and after updates it moves
+
+
+def test_an_interrupted_run_resumes_bit_for_bit(tmp_path, tiny_model_dir, monkeypatch):
+    data = write_prompts(tmp_path / "prompts.jsonl")
+    whole = config(tmp_path / "a", tiny_model_dir, data, max_steps=6, beta=0.05, reward_normalize=True)
+    grpo.train(whole)
+    expected = train_metrics(whole)
+
+    cut = config(tmp_path / "b", tiny_model_dir, data, max_steps=6, beta=0.05, reward_normalize=True)
+    calls = {"n": 0}
+    real = grpo.collect
+
+    def interrupt_at_step_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(grpo, "collect", interrupt_at_step_5)
+    with pytest.raises(SystemExit):
+        grpo.train(cut)
+    monkeypatch.setattr(grpo, "collect", real)
+    cut.resume = True
+    grpo.train(cut)
+    resumed = train_metrics(cut)
+    assert [m["step"] for m in resumed] == list(range(1, 7))
+    for a, b in zip(expected, resumed):
+        same = {k: a[k] for k in a if not k.startswith(("time/", "tokens/s"))}
+        assert same == {k: b[k] for k in same}, a["step"]
+
+
+def test_masks_come_from_lengths_so_pad_equal_to_eos_is_safe():
+    """pad id = EOS id = 2: the EOS that ends a completion is scored, the padding after it is not."""
+    input_ids, attention_mask, completion_mask = layout(
+        [[1, 5, 6], [1, 5]], [[7, 2], [8, 9, 10, 2]], pad_id=2
+    )
+    assert input_ids.tolist() == [[1, 5, 6, 7, 2, 2], [1, 5, 8, 9, 10, 2]]
+    assert attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
+    assert completion_mask.tolist() == [[0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+
+
+def test_bad_prompts_and_reward_sources_fail_before_training(tmp_path, tiny_model_dir, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": ""}\n{"question": "x"}\n')
+    with pytest.raises(DataError) as err:
+        grpo.train(config(tmp_path, tiny_model_dir, str(bad), max_steps=1))
+    message = str(err.value)
+    assert (
+        f"{bad}:2: field 'prompt': empty prompt" in message and f"{bad}:3: field 'prompt': missing" in message
+    )
+    data = write_prompts(tmp_path / "prompts.jsonl")
+    args = ["grpo", f"model={tiny_model_dir}", f"data={data}", f"output_dir={tmp_path}/o"]
+    assert main([*args, "rewards=[{type: vadr}]"]) != 0
+    assert "vadr" in capsys.readouterr().err
+    assert main([*args, "rewards=[{type: classifier, model: /nowhere/clf}]"]) != 0
+    assert "/nowhere/clf" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()  # nothing trained
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"rewards": []}, "rewards is empty"),
+        ({"minibatch_size": 5}, "minibatch_size=5 must divide the rollout"),
+        ({"reference": {"mode": "precomputed"}}, "does not apply to online training"),
+        ({"advantage": "rloo", "num_generations": 1}, "needs at least 2 completions"),
+        ({"advantage": "rloo", "scale_rewards": "batch"}, "scale_rewards is used by advantage=grpo only"),
+        ({"max_length": 99}, "max_length is not used by grpo"),
+        ({"loss_aggregation": "mean"}, "loss_aggregation 'mean' is not auto or one of"),
+    ],
+)
+def test_settings_are_checked_before_anything_loads(tmp_path, overrides, message):
+    from alignkit.config import ReferenceSettings
+
+    if "reference" in overrides:
+        overrides = {**overrides, "reference": ReferenceSettings(**overrides["reference"])}
+    cfg = config(tmp_path, "/nowhere", "/nowhere.jsonl", beta=0.1, **overrides)
+    with pytest.raises(ConfigError, match=message):
+        grpo.check_settings(cfg)
