@@ -13,6 +13,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 import alignkit.algorithms.dpo
+import alignkit.algorithms.grpo
 import alignkit.algorithms.kto
 import alignkit.algorithms.listwise
 import alignkit.algorithms.reward_model
@@ -28,24 +29,40 @@ ALGORITHMS = (
 )
 
 
+def dump(accelerator, prepared, dump_dir: Path) -> None:
+    weights = {
+        name: p.detach().contiguous().cpu()
+        for name, p in accelerator.unwrap_model(prepared).named_parameters()
+        if p.requires_grad
+    }
+    dump_dir.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(dump_dir / f"rank{accelerator.process_index}.safetensors"))
+
+
 def dumping(fit, dump_dir: Path):
     def fit_and_dump(cfg, accelerator, *args, **kwargs):
         prepared, last = fit(cfg, accelerator, *args, **kwargs)
-        weights = {
-            name: p.detach().contiguous().cpu()
-            for name, p in accelerator.unwrap_model(prepared).named_parameters()
-            if p.requires_grad
-        }
-        dump_dir.mkdir(parents=True, exist_ok=True)
-        save_file(weights, str(dump_dir / f"rank{accelerator.process_index}.safetensors"))
+        dump(accelerator, prepared, dump_dir)
         return prepared, last
 
     return fit_and_dump
 
 
+def dumping_before_save(save_final, dump_dir: Path):
+    """For the online loops, which own their loop: dump when the final model is saved."""
+
+    def dump_and_save(accelerator, prepared, *args, **kwargs):
+        dump(accelerator, prepared, dump_dir)
+        return save_final(accelerator, prepared, *args, **kwargs)
+
+    return dump_and_save
+
+
 def run(dump_dir: str, argv: list[str]) -> int:
     for module in ALGORITHMS:
         module.fit = dumping(module.fit, Path(dump_dir))
+    grpo = alignkit.algorithms.grpo
+    grpo.save_final = dumping_before_save(grpo.save_final, Path(dump_dir))
     return main(argv)
 
 
