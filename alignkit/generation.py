@@ -102,6 +102,14 @@ def eos_ids(model, tokenizer) -> set[int]:
     return set(eos) if isinstance(eos, list) else {eos}
 
 
+def _check_counts(num_samples: int, max_new_tokens: int, batch_size: int) -> None:
+    if num_samples < 1 or max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(
+            f"num_samples, max_new_tokens and batch_size must be >= 1, got {num_samples}, "
+            f"{max_new_tokens}, {batch_size}"
+        )
+
+
 def _settings(model, tokenizer, max_new_tokens, temperature, top_k, top_p, *, do_sample: bool = False):
     """(GenerationConfig, logits warpers, EOS ids) for sampling the model's own tempered, truncated
     softmax: penalties a checkpoint's generation_config may carry are off, so on-policy algorithms can
@@ -163,11 +171,7 @@ def sample_ids(
     contract on the distribution: the model's softmax at `temperature` (0 = greedy), truncated by top_k /
     top_p when given, nothing else.
     """
-    if num_samples < 1 or max_new_tokens < 1 or batch_size < 1:
-        raise ValueError(
-            f"num_samples, max_new_tokens and batch_size must be >= 1, got {num_samples}, "
-            f"{max_new_tokens}, {batch_size}"
-        )
+    _check_counts(num_samples, max_new_tokens, batch_size)
     config, warpers, eos = _settings(
         model, tokenizer, max_new_tokens, temperature, top_k, top_p, do_sample=True
     )
@@ -226,11 +230,7 @@ def sample(
     The model is put in eval mode for sampling and given back in the mode it was in. The tokenizer
     must have a pad token (its id only fills positions the attention mask hides).
     """
-    if num_samples < 1 or max_new_tokens < 1 or batch_size < 1:
-        raise ValueError(
-            f"num_samples, max_new_tokens and batch_size must be >= 1, got {num_samples}, "
-            f"{max_new_tokens}, {batch_size}"
-        )
+    _check_counts(num_samples, max_new_tokens, batch_size)
     config, warpers, eos = _settings(model, tokenizer, max_new_tokens, temperature, top_k, top_p)
     pad_id = config.pad_token_id
     device = next(model.parameters()).device

@@ -145,6 +145,9 @@ def test_bad_prompts_and_reward_sources_fail_before_training(tmp_path, tiny_mode
     assert "vadr" in capsys.readouterr().err
     assert main([*args, "rewards=[{type: classifier, model: /nowhere/clf}]"]) != 0
     assert "/nowhere/clf" in capsys.readouterr().err
+    cost = "rewards=[{type: vader}, {type: length, cost_threshold: 10}]"
+    assert main([*args, cost]) != 0
+    assert "length set cost_threshold" in capsys.readouterr().err
     assert not (tmp_path / "o" / "metrics.jsonl").exists()  # nothing trained
 
 

@@ -208,6 +208,11 @@ def train(cfg: GRPOConfig) -> Path:
     """Train a policy online on prompt rows against a reward set; returns the saved final model's folder."""
     aggregation = check_settings(cfg)
     rewards = RewardSet.from_specs(cfg.rewards, normalize=cfg.reward_normalize, clip=cfg.reward_clip)
+    if rewards.cost_thresholds:  # a constraint cost would otherwise drop out of the total unseen
+        raise ConfigError(
+            f"rewards: {', '.join(rewards.cost_thresholds)} set cost_threshold, and grpo does not train "
+            "against constraint costs yet; give the source a negative weight instead"
+        )
     accelerator, log, output_dir = start_run(cfg)
     G = cfg.num_generations
 

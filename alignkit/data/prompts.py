@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.data.chat import Issues, json_type, messages_problems, render_messages
-from alignkit.data.readers import DataError, Problems, read_records
+from alignkit.data.readers import DataError, Problems
+from alignkit.data.rows import _load_rows
 
 PROMPT_FORMATS = "{prompt: string}; {prompt: [messages]}; or {messages: [messages]}"
 
@@ -76,16 +77,4 @@ def load_prompt_rows(source: str, split: str | None = None, tokenizer: Any = Non
             if not data:
                 raise DataError("no prompts (the list is empty)", source)
             return [PromptRow(p, source, n) for n, p in enumerate(data, 1)]
-    problems, rows = Problems(source), []
-    for line, record in read_records(source, split):
-        issues: Issues = []
-        row = _prompt_row(record, tokenizer, issues)
-        for key, reason in issues:
-            problems.add(line, key, reason)
-        if row is not None:
-            row.source, row.line = source, line
-            rows.append(row)
-    problems.raise_if_any()
-    if not rows:
-        raise DataError("no usable prompt rows (the source is empty)", source)
-    return rows
+    return _load_rows(source, split, tokenizer, _prompt_row, "prompt")
