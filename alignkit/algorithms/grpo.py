@@ -135,16 +135,18 @@ class GRPOObjective:
     def __call__(self, model, batch: dict):
         out = model(batch)
         logps, mask = out["token_logps"], batch["loss_mask"]
+        # Fully on-policy (one epoch, one minibatch): the sampling policy is this very forward.
+        old_logps = batch["old_logps"] if "old_logps" in batch else logps.detach()
         per_token, metrics = clipped_surrogate(
             logps,
-            batch["old_logps"],
+            old_logps,
             batch["advantages"],
             mask,
             epsilon=self.cfg.epsilon,
             epsilon_high=self.cfg.epsilon_high,
         )
         if self.cfg.beta > 0:
-            old = batch["old_logps"] if self.cfg.kl_importance_correction else None
+            old = old_logps if self.cfg.kl_importance_correction else None
             kl = kl_estimate(logps, batch["ref_logps"], estimator=self.cfg.kl_estimator, old_logps=old)
             per_token = per_token + self.cfg.beta * kl
             metrics["kl"] = masked_mean(kl.detach(), mask)
@@ -233,8 +235,8 @@ def train(cfg: GRPOConfig) -> Path:
     model = disable_dropout(load_policy(cfg, tokenizer.pad_token_id, accelerator.device))
     fn_kwargs = {"chunk_size": cfg.logprob_chunk_size, "temperature": cfg.temperature}
 
-    def policy_fn(m, batch: dict) -> dict:
-        return token_logps(m, batch, **fn_kwargs, with_entropy=True)
+    def policy_fn(m, batch: dict, with_entropy: bool = True) -> dict:
+        return token_logps(m, batch, **fn_kwargs, with_entropy=with_entropy)
 
     def reference_fn(m, batch: dict) -> dict:
         return token_logps(m, batch, **fn_kwargs, with_entropy=False)
@@ -258,6 +260,7 @@ def train(cfg: GRPOConfig) -> Path:
     steps = total_steps(cfg, order)
     n_rows = cfg.batch_size * G
     updates_per_step = cfg.ppo_epochs * (n_rows // (cfg.minibatch_size or n_rows))
+    on_policy = updates_per_step == 1  # one update per rollout: no separate pass for the old log-probs
     optimizer, scheduler = make_optimizer(model, cfg, steps * updates_per_step)
     policy, optimizer = accelerator.prepare(BatchForward(model, policy_fn), optimizer)
     sampling = SamplingSettings(
@@ -350,7 +353,13 @@ def train(cfg: GRPOConfig) -> Path:
                 rows_ for update in plan[: n_rows // (cfg.minibatch_size or n_rows)] for rows_ in update
             ]
             policy.eval()  # (no dropout either way; eval skips DDP's forward bookkeeping)
-            rollout.old_logps = token_logps_in_batches(policy, rollout, micro_rows, accelerator.device)
+            if not on_policy:
+                rollout.old_logps = token_logps_in_batches(
+                    lambda b: policy(b, with_entropy=False),  # noqa: B023
+                    rollout,
+                    micro_rows,
+                    accelerator.device,
+                )
             if reference is not None:
                 rollout.ref_logps = token_logps_in_batches(
                     lambda b: reference(policy, b),  # noqa: B023
