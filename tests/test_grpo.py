@@ -171,3 +171,16 @@ def test_settings_are_checked_before_anything_loads(tmp_path, overrides, message
     cfg = config(tmp_path, "/nowhere", "/nowhere.jsonl", beta=0.1, **overrides)
     with pytest.raises(ConfigError, match=message):
         grpo.check_settings(cfg)
+
+
+def test_lora_with_the_adapter_off_as_the_reference(tmp_path, tiny_model_dir):
+    """LoRA: only the adapter trains, the reference is the base with the adapter switched off (KL 0 at
+    the first step, > 0 once the adapter moved), and the saved model is the adapter."""
+    data = write_prompts(tmp_path / "prompts.jsonl")
+    cfg = config(tmp_path, tiny_model_dir, data, max_steps=4, beta=0.1, lr=3e-2)
+    cfg.lora.enabled = True
+    cfg.reference.mode = "adapter"
+    grpo.train(cfg)
+    metrics = train_metrics(cfg)
+    assert metrics[0]["kl"] == 0.0 and metrics[-1]["kl"] > 0.0
+    assert (tmp_path / "out" / "final" / "adapter_config.json").exists()
