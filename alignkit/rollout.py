@@ -124,10 +124,12 @@ def collect(
     group_size: int,
     sampling: SamplingSettings,
     seed: int,
+    update_rewards: bool = True,
 ) -> Rollout:
     """Sample `group_size` completions of every prompt from `model` (the unwrapped policy), decode and
     score them with the reward set `rewards` (an `alignkit.rewards.RewardSet`). Log-probs are added by
-    the caller (`token_logps_in_batches`), which knows the batches training will use."""
+    the caller (`token_logps_in_batches`), which knows the batches training will use.
+    update_rewards=False leaves the reward set's running normaliser as it is (evaluation)."""
     t0 = time.perf_counter()
     completion_ids = sample_ids(
         model,
@@ -145,7 +147,7 @@ def collect(
     rows_prompt_ids = [p for p in prompt_ids for _ in range(group_size)]
     rows_prompts = [p for p in prompts for _ in range(group_size)]
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    scored = rewards(rows_prompts, texts)
+    scored = rewards(rows_prompts, texts, update=update_rewards)
     t2 = time.perf_counter()
     eos = eos_ids(model, tokenizer)
     input_ids, attention_mask, completion_mask = layout(

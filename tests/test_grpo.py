@@ -177,10 +177,15 @@ def test_lora_with_the_adapter_off_as_the_reference(tmp_path, tiny_model_dir):
     """LoRA: only the adapter trains, the reference is the base with the adapter switched off (KL 0 at
     the first step, > 0 once the adapter moved), and the saved model is the adapter."""
     data = write_prompts(tmp_path / "prompts.jsonl")
-    cfg = config(tmp_path, tiny_model_dir, data, max_steps=4, beta=0.1, lr=3e-2)
+    cfg = config(
+        tmp_path, tiny_model_dir, data, max_steps=4, beta=0.1, lr=3e-2, eval_fraction=0.25, eval_steps=2
+    )
     cfg.lora.enabled = True
     cfg.reference.mode = "adapter"
     grpo.train(cfg)
     metrics = train_metrics(cfg)
     assert metrics[0]["kl"] == 0.0 and metrics[-1]["kl"] > 0.0
     assert (tmp_path / "out" / "final" / "adapter_config.json").exists()
+    lines = [json.loads(line) for line in open(f"{cfg.output_dir}/metrics.jsonl")]
+    evals = [m for m in lines if m["split"] == "eval"]  # one sample of each of the 4 held-out prompts
+    assert [m["step"] for m in evals] == [2, 4] and all(0 < m["completion_length"] <= 8 for m in evals)

@@ -293,27 +293,23 @@ def train(cfg: GRPOConfig) -> Path:
         return checkpointer.save(step, named()) if accelerator.is_main_process else None
 
     def evaluate(step: int) -> dict:
-        texts_ids = [eval_ids[i] for i in range(len(eval_ids))]
-        from alignkit.generation import sample_ids
-
-        completions = sample_ids(
+        # One sample per eval prompt, the same seed every time, the normaliser left as it is.
+        rollout = collect(
             accelerator.unwrap_model(policy).model,
             tokenizer,
-            texts_ids,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
+            eval_ids,
+            [r.prompt for r in eval_rows],
+            rewards,
+            group_size=1,
+            sampling=sampling,
             seed=cfg.seed + 1,
-            batch_size=cfg.generation_batch_size,
+            update_rewards=False,
         )
-        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-        scored = rewards([r.prompt for r in eval_rows], texts, update=False)
         out = {
-            "reward": float(scored.total.mean()),
-            "completion_length": sum(map(len, completions)) / len(completions),
+            "reward": float(rollout.scores.mean()),
+            "completion_length": sum(rollout.completion_lengths) / len(rollout.completion_lengths),
         }
-        out.update({f"rewards/{n}/mean": float(s.mean()) for n, s in scored.scores.items()})
+        out.update({f"rewards/{n}/mean": float(v.mean()) for n, v in rollout.source_scores.items()})
         return {"step": step, "split": "eval", **out}
 
     from tqdm.auto import tqdm
