@@ -259,7 +259,8 @@ def train(cfg: GRPOConfig) -> Path:
     )
     steps = total_steps(cfg, order)
     n_rows = cfg.batch_size * G
-    updates_per_step = cfg.ppo_epochs * (n_rows // (cfg.minibatch_size or n_rows))
+    minibatches_per_epoch = n_rows // (cfg.minibatch_size or n_rows)
+    updates_per_step = cfg.ppo_epochs * minibatches_per_epoch
     on_policy = updates_per_step == 1  # one update per rollout: no separate pass for the old log-probs
     optimizer, scheduler = make_optimizer(model, cfg, steps * updates_per_step)
     policy, optimizer = accelerator.prepare(BatchForward(model, policy_fn), optimizer)
@@ -345,9 +346,7 @@ def train(cfg: GRPOConfig) -> Path:
             # Log-probs of the sampling policy and the reference, in the micro-batches of the first
             # minibatches, so that before the first update the ratio is exactly 1.
             t1 = time.perf_counter()
-            micro_rows = [
-                rows_ for update in plan[: n_rows // (cfg.minibatch_size or n_rows)] for rows_ in update
-            ]
+            micro_rows = [rows_ for update in plan[:minibatches_per_epoch] for rows_ in update]
             policy.eval()  # (no dropout either way; eval skips DDP's forward bookkeeping)
             if not on_policy:
                 rollout.old_logps = token_logps_in_batches(
