@@ -194,7 +194,10 @@ def sample_ids(
                     generation_config=config,
                     logits_processor=LogitsProcessorList(warpers),
                 )  # (B, T + new)
-                out += [_cut_at_eos(ids, eos) for ids in generated[:, input_ids.shape[1] :].tolist()]
+                # A decoder-only model continues the prompt; an encoder-decoder writes a new sequence
+                # that starts with its decoder start token.
+                start_at = 1 if model.config.is_encoder_decoder else input_ids.shape[1]
+                out += [_cut_at_eos(ids, eos) for ids in generated[:, start_at:].tolist()]
     finally:
         model.train(was_training)
     return out

@@ -159,10 +159,35 @@ def completion_logps(
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
     hidden = backbone(**kwargs).last_hidden_state  # (B, T, H)
+    return _logps_of_hidden(
+        hidden,
+        input_ids,
+        completion_mask,
+        head,
+        softcap,
+        chunk_size=chunk_size,
+        source_index=source_index,
+        temperature=temperature,
+        with_entropy=with_entropy,
+    )
 
-    # The hidden state at t - 1 (or source_index[b, t]) predicts token t.
+
+def _logps_of_hidden(
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    head,
+    softcap: float | None,
+    *,
+    chunk_size: int,
+    source_index: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> CompletionLogProbs:
+    """`CompletionLogProbs` from the (B, T, H) hidden states of a sequence whose position t - 1 (or
+    source_index[b, t]) predicts token t: only completion positions are projected by `head`."""
     target_mask = completion_mask.bool().clone()
-    target_mask[:, 0] = False  # (B, T)
+    target_mask[:, 0] = False  # (B, T): nothing predicts token 0
     rows, cols = target_mask.nonzero(as_tuple=True)  # N completion tokens
     sources = cols - 1 if source_index is None else source_index[rows, cols]
     selected = hidden[rows, sources]  # (N, H)
@@ -184,4 +209,98 @@ def completion_logps(
         sum=token_logps.sum(-1),
         count=count,
         token_entropy=scatter(entropy) if entropy is not None else None,
+    )
+
+
+class _Seq2SeqHead(torch.nn.Module):
+    """An encoder-decoder's output head as its forward applies it: T5 scales the decoder output by
+    d_model^-0.5 first (when its config says so), BART-style models add `final_logits_bias` after."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        config = model.config
+        scale = getattr(config, "scale_decoder_outputs", None)
+        if scale is None:  # transformers 4: T5 scaled when the head was tied to the embedding
+            scale = config.model_type in ("t5", "mt5", "umt5", "longt5") and config.tie_word_embeddings
+        self.scale = config.d_model**-0.5 if scale else None
+        self.head = model.get_output_embeddings()
+        self.bias = getattr(model, "final_logits_bias", None)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.scale is not None:
+            hidden = hidden * self.scale
+        logits = self.head(hidden)
+        return logits if self.bias is None else logits + self.bias.to(logits.dtype)
+
+
+def encoder_decoder_states(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """(B, T, H) decoder hidden states of an encoder-decoder model (T5, BART, ...; through a peft
+    wrapper) for a batch with `encoder_input_ids` / `encoder_attention_mask` (the source) and
+    `input_ids` / `attention_mask` (the decoder sequence, starting with the decoder start token)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    encoder_mask = batch["encoder_attention_mask"]
+    encoded = inner.get_encoder()(input_ids=batch["encoder_input_ids"], attention_mask=encoder_mask)
+    return inner.get_decoder()(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        encoder_hidden_states=encoded.last_hidden_state,
+        encoder_attention_mask=encoder_mask,
+        use_cache=False,
+    ).last_hidden_state
+
+
+def seq2seq_completion_logps(
+    model: torch.nn.Module,
+    batch: dict,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> CompletionLogProbs:
+    """`completion_logps` for an encoder-decoder model: log-probs of the decoder's completion tokens given
+    the source. batch: `encoder_input_ids`, `encoder_attention_mask` (B, S); `input_ids`,
+    `attention_mask`, `completion_mask` (B, T), the decoder sequence [start | completion | pad] with the
+    completion marked. The decoder state at t - 1 predicts token t, as in a causal LM, and only completion
+    positions are projected to the vocabulary."""
+    if hasattr(model, "module") and not hasattr(model, "get_base_model"):
+        raise TypeError(
+            f"seq2seq_completion_logps got a {type(model).__name__} wrapper; run it inside the wrapped "
+            "module's forward (alignkit.models.BatchForward)"
+        )
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = encoder_decoder_states(model, batch)  # (B, T, H)
+    return _logps_of_hidden(
+        hidden,
+        batch["input_ids"],
+        batch["completion_mask"],
+        _Seq2SeqHead(inner),
+        None,
+        chunk_size=chunk_size,
+        temperature=temperature,
+        with_entropy=with_entropy,
+    )
+
+
+def sequence_logps(
+    model: torch.nn.Module,
+    batch: dict,
+    *,
+    chunk_size: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> CompletionLogProbs:
+    """Completion log-probs of a rollout batch under a causal LM (`input_ids` hold prompt and completion)
+    or, when the batch has `encoder_input_ids`, an encoder-decoder (`seq2seq_completion_logps`)."""
+    if "encoder_input_ids" in batch:
+        return seq2seq_completion_logps(
+            model, batch, chunk_size=chunk_size, temperature=temperature, with_entropy=with_entropy
+        )
+    return completion_logps(
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["completion_mask"],
+        chunk_size=chunk_size,
+        temperature=temperature,
+        with_entropy=with_entropy,
     )

@@ -54,12 +54,65 @@ def load_causal_lm(
     """A causal LM from a hub name or local directory, safetensors weights only."""
     from transformers import AutoModelForCausalLM
 
+    return _load_lm(
+        AutoModelForCausalLM,
+        name_or_path,
+        dtype,
+        attn_implementation,
+        trust_remote_code,
+        gradient_checkpointing,
+        pad_token_id,
+    )
+
+
+def is_encoder_decoder(name_or_path: str, trust_remote_code: bool = False) -> bool:
+    """Whether the checkpoint is an encoder-decoder (T5, FLAN-T5, BART, ...) rather than a causal LM."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
+def load_language_model(
+    name_or_path: str,
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    gradient_checkpointing: bool = False,
+    pad_token_id: int | None = None,
+):
+    """A causal LM, or an encoder-decoder LM (AutoModelForSeq2SeqLM) when the checkpoint is one."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    seq2seq = is_encoder_decoder(name_or_path, trust_remote_code)
+    return _load_lm(
+        AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM,
+        name_or_path,
+        dtype,
+        attn_implementation,
+        trust_remote_code,
+        gradient_checkpointing,
+        pad_token_id,
+    )
+
+
+def _load_lm(
+    auto_class,
+    name_or_path: str,
+    dtype: str,
+    attn_implementation: str | None,
+    trust_remote_code: bool,
+    gradient_checkpointing: bool,
+    pad_token_id: int | None,
+):
+    """`auto_class.from_pretrained` with alignkit's settings: safetensors only, dtype, attention kernel,
+    the pad id written into the config when it has none, activation checkpointing when asked."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
     kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    model = auto_class.from_pretrained(name_or_path, **kwargs)
     if pad_token_id is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
         if model.generation_config is not None:
@@ -164,10 +217,13 @@ def load_reward_model(
     return model
 
 
-def load_policy(cfg, pad_token_id: int | None, device) -> torch.nn.Module:
+def load_policy(
+    cfg, pad_token_id: int | None, device, *, encoder_decoder_ok: bool = False
+) -> torch.nn.Module:
     """The policy a training config names (`model`, `dtype`, `attn_implementation`, `trust_remote_code`,
-    `gradient_checkpointing`), on `device`."""
-    model = load_causal_lm(
+    `gradient_checkpointing`), on `device`: a causal LM, or with `encoder_decoder_ok` (algorithms that
+    support them, e.g. PPO) an encoder-decoder LM when the checkpoint is one."""
+    model = (load_language_model if encoder_decoder_ok else load_causal_lm)(
         cfg.model,
         cfg.dtype,
         cfg.attn_implementation,
@@ -255,3 +311,68 @@ def save_model(
     model.save_pretrained(path, safe_serialization=True, **kwargs)
     tokenizer.save_pretrained(path)
     return path
+
+
+class ValueModel(torch.nn.Module):
+    """A critic: a scalar head on a transformer's hidden states, giving V(s_t) for every token position.
+
+    values[:, t] is read from the hidden state at t - 1, the state in which token t is chosen (the same
+    state whose logits give log π(token t)), so per-token values line up with per-token log-probs; a
+    causal backbone reads the sequence, an encoder-decoder one reads the decoder states given the source
+    (`encoder_input_ids` in the batch). Built from a copy of the policy's backbone with a new head, or from
+    a trained reward model's backbone and head (`value_model_from`).
+    """
+
+    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Linear, encoder_decoder: bool):
+        super().__init__()
+        self.backbone, self.head, self.encoder_decoder = backbone, head, encoder_decoder
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """(B, T) values of the batch's sequence positions (0 at position 0, which nothing predicts)."""
+        if self.encoder_decoder:
+            from alignkit.logprobs import encoder_decoder_states
+
+            hidden = encoder_decoder_states(self.backbone, batch)
+        else:
+            hidden = self.backbone(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            ).last_hidden_state  # (B, T, H)
+        values = self.head(hidden).squeeze(-1).float()  # (B, T)
+        return torch.cat([values.new_zeros(values.shape[0], 1), values[:, :-1]], dim=1)
+
+
+def _hidden_size(config) -> int:
+    size = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
+    if size is None:
+        raise TypeError(f"{type(config).__name__} has neither hidden_size nor d_model")
+    return int(size)
+
+
+def value_model_from(policy: torch.nn.Module, source: str, cfg, device) -> ValueModel:
+    """The critic for PPO. source "policy": a deep copy of the policy's backbone (its weights as loaded,
+    before any adapter) with a new zero-initialised head, so every value starts at 0; any other value
+    is a trained reward model (a hub name or folder, e.g. `alignkit reward` output) whose backbone and
+    scalar head initialise the critic (InstructGPT's choice), for causal policies."""
+    import copy
+
+    encoder_decoder = bool(getattr(policy.config, "is_encoder_decoder", False))
+    if source == "policy":
+        backbone = copy.deepcopy(policy if encoder_decoder else getattr(policy, policy.base_model_prefix))
+        head = torch.nn.Linear(_hidden_size(policy.config), 1, device=device, dtype=policy.dtype)
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+    else:
+        if encoder_decoder:
+            raise ValueError(
+                f"value_model={source}: a reward-model critic is for causal policies; use value_model=policy "
+                "with an encoder-decoder policy"
+            )
+        rm = load_reward_model(source, cfg.dtype, cfg.attn_implementation, cfg.trust_remote_code)
+        head = getattr(rm, "score", None)
+        if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
+            raise ValueError(
+                f"value_model={source}: not a decoder reward model with a one-output linear `score` head "
+                "(as `alignkit reward` saves for causal LMs)"
+            )
+        backbone = getattr(rm, rm.base_model_prefix)
+    return disable_dropout(ValueModel(backbone, head, encoder_decoder)).to(device)

@@ -61,6 +61,12 @@ class Rollout:
     """(N, T) per-token log-probs of the reference."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds spent in generation, scoring and reference log-probs."""
+    encoder_input_ids: torch.Tensor | None = None
+    """(N, S) the prompt as an encoder-decoder policy's source, right-padded; None for a causal policy,
+    whose `input_ids` hold the prompt. With an encoder-decoder, `input_ids` is the decoder sequence
+    [decoder start | completion | pad] and the per-token tensors are laid out on it."""
+    encoder_attention_mask: torch.Tensor | None = None
+    """(N, S) 1 on source tokens (encoder-decoder policies only)."""
 
     @property
     def num_tokens(self) -> int:
@@ -75,6 +81,10 @@ class Rollout:
             "attention_mask": self.attention_mask[rows, :T],
             "completion_mask": self.completion_mask[rows, :T],
         }
+        if self.encoder_input_ids is not None:
+            S = int(self.encoder_attention_mask[rows].sum(-1).max())
+            out["encoder_input_ids"] = self.encoder_input_ids[rows, :S]
+            out["encoder_attention_mask"] = self.encoder_attention_mask[rows, :S]
         for name in ("old_logps", "ref_logps"):
             value = getattr(self, name)
             if value is not None:
@@ -101,15 +111,20 @@ def layout(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id:
 
 @torch.no_grad()
 def token_logps_in_batches(
-    forward: Callable, rollout: Rollout, batches: list[list[int]], device: torch.device
+    forward: Callable,
+    rollout: Rollout,
+    batches: list[list[int]],
+    device: torch.device,
+    key: str = "token_logps",
 ) -> torch.Tensor:
-    """(N, T) per-token log-probs of `forward(batch)["token_logps"]` over the rollout, computed in the
-    given row batches (the same ones training will use, so that the first ratio is exactly 1)."""
+    """(N, T) per-token `forward(batch)[key]` over the rollout (log-probs by default; a critic's
+    "values"), computed in the given row batches (the same ones training will use, so that the first
+    ratio is exactly 1)."""
     out = torch.zeros(rollout.input_ids.shape, dtype=torch.float32)
     for rows in batches:
         batch = rollout.batch(rows)
         device_batch = {k: v.to(device) for k, v in batch.items() if not k.endswith("_logps")}
-        logps = forward(device_batch)["token_logps"].float().cpu()
+        logps = forward(device_batch)[key].float().cpu()
         out[torch.as_tensor(rows), : logps.shape[1]] = logps
     return out
 
@@ -150,9 +165,17 @@ def collect(
     scored = rewards(rows_prompts, texts, update=update_rewards)
     t2 = time.perf_counter()
     eos = eos_ids(model, tokenizer)
-    input_ids, attention_mask, completion_mask = layout(
-        rows_prompt_ids, completion_ids, tokenizer.pad_token_id
-    )
+    pad_id = tokenizer.pad_token_id
+    encoder: dict[str, torch.Tensor] = {}
+    if model.config.is_encoder_decoder:  # the prompt is the source; the decoder writes from its start token
+        start = [model.config.decoder_start_token_id]
+        input_ids, attention_mask, completion_mask = layout(
+            [start] * len(completion_ids), completion_ids, pad_id
+        )
+        source_ids, source_mask, _ = layout(rows_prompt_ids, [[] for _ in rows_prompt_ids], pad_id)
+        encoder = {"encoder_input_ids": source_ids, "encoder_attention_mask": source_mask}
+    else:
+        input_ids, attention_mask, completion_mask = layout(rows_prompt_ids, completion_ids, pad_id)
     return Rollout(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -167,4 +190,5 @@ def collect(
         reward_stats=scored.stats,
         group_size=group_size,
         timings={"generation": t1 - t0, "scoring": t2 - t1},
+        **encoder,
     )

@@ -41,6 +41,39 @@ def build_tiny_llama(path: Path, seed: int = 0, hidden: int = 32, layers: int = 
     return path
 
 
+def build_tiny_t5(path: Path, seed: int = 0, d_model: int = 32, tie: bool = False) -> Path:
+    """A randomly initialised tiny T5 (encoder-decoder) with the TinyStories tokenizer, saved like a hub
+    checkpoint. tie=False is FLAN-T5's layout (separate output head, unscaled decoder output)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=2048,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        pad_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=0,
+        tie_word_embeddings=tie,
+        feed_forward_proj="gated-gelu",
+    )
+    model = T5ForConditionalGeneration(config)
+    model.save_pretrained(path, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(TINYSTORIES / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory) -> Path:
+    """Path of a tiny random T5 (d_model 32, 2+2 layers, vocab 2048) with a real tokenizer."""
+    return build_tiny_t5(tmp_path_factory.mktemp("tiny-t5"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """Path of a tiny random Llama (hidden 32, 2 layers, vocab 2048) with a real tokenizer."""

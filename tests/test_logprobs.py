@@ -175,3 +175,40 @@ def test_a_ddp_wrapper_is_refused_rather_than_bypassed(model):
 
     with pytest.raises(TypeError, match="BatchForward"):
         completion_logps(Wrapper(model), **ragged_batch())
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_seq2seq_logps_equal_the_full_forward(tmp_path, tie):
+    """Decoder log-probs given the source equal log_softmax of the model's own logits (FLAN-T5's untied
+    head and T5's tied, scaled one), at temperature 1 and 0.7, with padding on both sides."""
+    from conftest import build_tiny_t5
+    from transformers import AutoModelForSeq2SeqLM
+
+    from alignkit.logprobs import seq2seq_completion_logps
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(build_tiny_t5(tmp_path / "t5", tie=tie)).eval()
+    g = torch.Generator().manual_seed(0)
+    enc = torch.randint(3, 2048, (2, 6), generator=g)
+    enc_mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    dec = torch.cat([torch.zeros(2, 1, dtype=torch.long), torch.randint(3, 2048, (2, 4), generator=g)], 1)
+    dec_mask = torch.tensor([[1] * 5, [1] * 3 + [0] * 2])
+    completion = dec_mask.clone()
+    completion[:, 0] = 0  # the decoder start token is not a completion token
+    batch = {
+        "encoder_input_ids": enc,
+        "encoder_attention_mask": enc_mask,
+        "input_ids": dec,
+        "attention_mask": dec_mask,
+        "completion_mask": completion,
+    }
+    for temperature in (1.0, 0.7):
+        out = seq2seq_completion_logps(model, batch, chunk_size=3, temperature=temperature)
+        logits = model(
+            input_ids=enc, attention_mask=enc_mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask
+        ).logits  # (B, T, V)
+        naive = torch.log_softmax(logits[:, :-1].float() / temperature, -1).gather(-1, dec[:, 1:, None])[
+            ..., 0
+        ]
+        expected = torch.cat([torch.zeros(2, 1), naive], 1) * completion
+        torch.testing.assert_close(out.token_logps, expected, atol=1e-5, rtol=1e-5)
+        assert out.count.tolist() == [4, 2]

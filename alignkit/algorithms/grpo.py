@@ -23,7 +23,7 @@ from alignkit.checkpoint import Checkpointer
 from alignkit.config import ConfigError, GRPOConfig, TrainConfig
 from alignkit.data.prepare import _split_eval
 from alignkit.data.prompts import load_prompt_rows
-from alignkit.logprobs import completion_logps
+from alignkit.logprobs import sequence_logps
 from alignkit.losses.policy import (
     AGGREGATIONS,
     KL_ESTIMATORS,
@@ -95,15 +95,10 @@ def check_settings(cfg: GRPOConfig) -> str:
 
 def token_logps(model, batch: dict, *, chunk_size: int, temperature: float, with_entropy: bool) -> dict:
     """{"token_logps": (B, T) log-probs of the completion tokens at the sampling temperature, and
-    "token_entropy" (B, T) when asked}; the batch function the prepared policy runs."""
-    out = completion_logps(
-        model,
-        batch["input_ids"],
-        batch["attention_mask"],
-        batch["completion_mask"],
-        chunk_size=chunk_size,
-        temperature=temperature,
-        with_entropy=with_entropy,
+    "token_entropy" (B, T) when asked}; the batch function the prepared policy runs (a causal or, for
+    batches with `encoder_input_ids`, an encoder-decoder policy)."""
+    out = sequence_logps(
+        model, batch, chunk_size=chunk_size, temperature=temperature, with_entropy=with_entropy
     )
     logps = {"token_logps": out.token_logps}
     if out.token_entropy is not None:
