@@ -273,8 +273,9 @@ class ListwiseConfig(TrainConfig):
 
 
 @dataclass
-class GRPOConfig(TrainConfig):
-    """Online RL without a critic on prompt rows: GRPO, Dr. GRPO, RLOO, REINFORCE++ (docs/online_rl.md)."""
+class OnlineConfig(TrainConfig):
+    """Fields every online method (GRPO, RLOO, PPO) shares: prompts in, sampled completions scored by a
+    reward set, clipped policy updates (docs/online_rl.md)."""
 
     lr: float = 1e-5
     """Peak learning rate (AdamW)."""
@@ -286,10 +287,8 @@ class GRPOConfig(TrainConfig):
     """Normalise each source by its running mean and std before weighting (the state is checkpointed)."""
     reward_clip: float | None = None
     """Clip the total reward to [-reward_clip, reward_clip]; none = no clipping."""
-    advantage: str = "grpo"
-    """Advantage estimator: grpo, dr_grpo, rloo or reinforce_pp (docs/online_rl.md)."""
     num_generations: int = 8
-    """G: completions sampled per prompt (the group each advantage is relative to)."""
+    """G: completions sampled per prompt."""
     batch_size: int = 8
     """Prompts per step on each process (a rollout holds batch_size x num_generations completions)."""
     max_new_tokens: int = 64
@@ -304,20 +303,10 @@ class GRPOConfig(TrainConfig):
     """Passes over each rollout (more than 1 reuses samples, with the clipped ratio)."""
     minibatch_size: int = 0
     """Completions per optimizer step on each process (0 = the whole rollout: one step per epoch)."""
-    beta: float = 0.04
-    """Weight of the KL penalty to the reference in the loss (0 = no reference held)."""
-    kl_estimator: str = "k3"
-    """Per-token estimator of KL(policy || reference): k1, k2 or k3 (Schulman 2020)."""
-    kl_importance_correction: bool = False
-    """Weight the KL estimate by the ratio policy / sampling policy (unbiased when samples are reused)."""
     epsilon: float = 0.2
     """Clip range of the policy ratio (1 - epsilon, 1 + epsilon_high)."""
     epsilon_high: float | None = None
     """Upper clip range (DAPO's clip-higher, e.g. 0.28); default: epsilon."""
-    scale_rewards: str = "group"
-    """grpo: divide advantages by the group's reward std (group), the batch's (batch) or not (none)."""
-    loss_aggregation: str = "auto"
-    """token_mean (DAPO), sequence_mean (GRPO paper), constant (Dr. GRPO) or auto (the estimator's own)."""
     mask_truncated: bool = False
     """Leave completions that hit max_new_tokens without an EOS out of the loss (DAPO's overlong filter)."""
     reference: ReferenceSettings = field(default_factory=lambda: ReferenceSettings(mode="copy"))
@@ -328,6 +317,65 @@ class GRPOConfig(TrainConfig):
     """Score one sample per eval prompt every this many steps (and at the end)."""
     save_steps: int = 20
     """Write a checkpoint every this many steps (0 = only on interrupt)."""
+
+
+@dataclass
+class GRPOConfig(OnlineConfig):
+    """Online RL without a critic on prompt rows: GRPO, Dr. GRPO, RLOO, REINFORCE++ (docs/online_rl.md)."""
+
+    advantage: str = "grpo"
+    """Advantage estimator: grpo, dr_grpo, rloo or reinforce_pp (docs/online_rl.md)."""
+    num_generations: int = 8
+    """G: completions sampled per prompt (the group each advantage is relative to)."""
+    beta: float = 0.04
+    """Weight of the KL penalty to the reference in the loss (0 = no reference held)."""
+    kl_estimator: str = "k3"
+    """Per-token estimator of KL(policy || reference): k1, k2 or k3 (Schulman 2020)."""
+    kl_importance_correction: bool = False
+    """Weight the KL estimate by the ratio policy / sampling policy (unbiased when samples are reused)."""
+    scale_rewards: str = "group"
+    """grpo: divide advantages by the group's reward std (group), the batch's (batch) or not (none)."""
+    loss_aggregation: str = "auto"
+    """token_mean (DAPO), sequence_mean (GRPO paper), constant (Dr. GRPO) or auto (the estimator's own)."""
+
+
+@dataclass
+class PPOConfig(OnlineConfig):
+    """PPO with a critic and a KL-penalised reward (Ziegler et al. 2019, InstructGPT), for causal and
+    encoder-decoder (T5, FLAN-T5) policies (docs/ppo.md)."""
+
+    num_generations: int = 1
+    """Completions sampled per prompt (PPO's baseline is the critic, so 1 is the usual choice)."""
+    batch_size: int = 16
+    """Prompts per step on each process (a rollout holds batch_size x num_generations completions)."""
+    ppo_epochs: int = 4
+    """Passes over each rollout, in shuffled minibatches."""
+    kl_coef: float = 0.05
+    """β of the per-token KL penalty in the reward, -β·(log π_old - log π_ref) (0 = no reference held);
+    the starting value when target_kl is set."""
+    target_kl: float | None = None
+    """Adaptive KL control (Ziegler et al. 2019): steer β so that the KL to the reference per completion
+    (nats) stays near this; none = a fixed β."""
+    kl_horizon: int = 10000
+    """Adaptive KL: completions over which a full correction of β is spread."""
+    vf_coef: float = 0.1
+    """Weight of the value loss beside the policy loss."""
+    cliprange_value: float = 0.2
+    """Clip range of the value update around the rollout's values (0 = no clipping)."""
+    gamma: float = 1.0
+    """Discount of GAE."""
+    lam: float = 0.95
+    """λ of GAE."""
+    whiten_rewards: bool = False
+    """Rescale the per-token rewards of a rollout to unit std (mean kept) before GAE."""
+    missing_eos_penalty: float | None = None
+    """Subtract this from the score of a completion that never produced an EOS (none = no penalty)."""
+    early_stop_kl: float = 0.0
+    """Stop a rollout's epochs early once a minibatch's approx KL to the sampling policy exceeds this
+    (0 = never)."""
+    value_model: str = "policy"
+    """The critic: policy (a copy of the policy's backbone, new head) or a trained reward model (hub name
+    or folder, e.g. `alignkit reward` output; causal policies) whose backbone and head start the critic."""
 
 
 @dataclass

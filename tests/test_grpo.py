@@ -159,7 +159,7 @@ def test_bad_prompts_and_reward_sources_fail_before_training(tmp_path, tiny_mode
         ({"reference": {"mode": "precomputed"}}, "does not apply to online training"),
         ({"advantage": "rloo", "num_generations": 1}, "needs at least 2 completions"),
         ({"advantage": "rloo", "scale_rewards": "batch"}, "scale_rewards is used by advantage=grpo only"),
-        ({"max_length": 99}, "max_length is not used by grpo"),
+        ({"max_length": 99}, "max_length is not used online"),
         ({"loss_aggregation": "mean"}, "loss_aggregation 'mean' is not auto or one of"),
     ],
 )

@@ -19,11 +19,19 @@ from pathlib import Path
 
 import torch
 
+from alignkit.algorithms.online import (
+    check_online_settings,
+    evaluate_policy,
+    load_prompts,
+    masked_mean,
+    minibatches,
+    online_rewards,
+    rollout_metrics,
+    sampling_settings,
+    token_logps,
+)
 from alignkit.checkpoint import Checkpointer
-from alignkit.config import ConfigError, GRPOConfig, TrainConfig
-from alignkit.data.prepare import _split_eval
-from alignkit.data.prompts import load_prompt_rows
-from alignkit.logprobs import sequence_logps
+from alignkit.config import ConfigError, GRPOConfig
 from alignkit.losses.policy import (
     AGGREGATIONS,
     KL_ESTIMATORS,
@@ -31,14 +39,12 @@ from alignkit.losses.policy import (
     aggregation_units,
     clipped_surrogate,
     compute_advantages,
-    frac_reward_zero_std,
     get_advantage,
     kl_estimate,
 )
 from alignkit.models import BatchForward, add_lora, disable_dropout, load_policy, load_tokenizer
-from alignkit.reference import Reference, check_reference_settings, setup_reference
-from alignkit.rewards import RewardSet
-from alignkit.rollout import Rollout, SamplingSettings, collect, token_logps_in_batches
+from alignkit.reference import Reference, setup_reference
+from alignkit.rollout import collect, token_logps_in_batches
 from alignkit.runtime import (
     DataOrder,
     MetricsLogger,
@@ -54,8 +60,7 @@ from alignkit.runtime import (
 def check_settings(cfg: GRPOConfig) -> str:
     """Validate the online settings before anything loads; returns the loss aggregation to use."""
     spec = get_advantage(cfg.advantage)
-    if not cfg.rewards:
-        raise ConfigError("rewards is empty: give at least one reward source, e.g. 'rewards=[{type: vader}]'")
+    check_online_settings(cfg, cfg.beta)
     if cfg.num_generations < spec.min_group_size:
         raise ConfigError(
             f"num_generations={cfg.num_generations}: advantage '{cfg.advantage}' needs at least "
@@ -70,46 +75,9 @@ def check_settings(cfg: GRPOConfig) -> str:
         )
     if cfg.scale_rewards != GRPOConfig.scale_rewards and cfg.advantage != "grpo":
         raise ConfigError(f"scale_rewards is used by advantage=grpo only (got advantage={cfg.advantage})")
-    if cfg.max_length != TrainConfig.max_length:
-        raise ConfigError("max_length is not used by grpo: completions are max_new_tokens long")
-    rollout = cfg.batch_size * cfg.num_generations
-    minibatch = cfg.minibatch_size or rollout
-    if rollout % minibatch or minibatch % cfg.grad_accum:
-        raise ConfigError(
-            f"minibatch_size={minibatch} must divide the rollout (batch_size x num_generations = {rollout}) "
-            f"and be a multiple of grad_accum={cfg.grad_accum}"
-        )
-    if cfg.ppo_epochs < 1 or cfg.epsilon <= 0 or (cfg.epsilon_high is not None and cfg.epsilon_high <= 0):
-        raise ConfigError("ppo_epochs must be >= 1 and epsilon, epsilon_high > 0")
     if cfg.beta < 0:
         raise ConfigError(f"beta={cfg.beta} must be >= 0 (0 = no KL penalty and no reference)")
-    if cfg.beta > 0:
-        if cfg.reference.mode == "precomputed":
-            raise ConfigError(
-                "reference.mode=precomputed does not apply to online training (every rollout is new); "
-                "use reference.mode=copy, or adapter with lora.enabled=true"
-            )
-        check_reference_settings(cfg)
     return aggregation
-
-
-def token_logps(model, batch: dict, *, chunk_size: int, temperature: float, with_entropy: bool) -> dict:
-    """{"token_logps": (B, T) log-probs of the completion tokens at the sampling temperature, and
-    "token_entropy" (B, T) when asked}; the batch function the prepared policy runs (a causal or, for
-    batches with `encoder_input_ids`, an encoder-decoder policy)."""
-    out = sequence_logps(
-        model, batch, chunk_size=chunk_size, temperature=temperature, with_entropy=with_entropy
-    )
-    logps = {"token_logps": out.token_logps}
-    if out.token_entropy is not None:
-        logps["token_entropy"] = out.token_entropy
-    return logps
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` over the positions where `mask` is 1 (0 when there are none)."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
 @dataclass
@@ -151,80 +119,16 @@ class GRPOObjective:
         return loss, metrics
 
 
-def minibatches(n: int, cfg: GRPOConfig, seed: int) -> list[list[list[int]]]:
-    """Every optimizer step of one rollout of n rows: `ppo_epochs` passes, each a seeded shuffle cut into
-    minibatches of `minibatch_size` rows, each cut into `grad_accum` micro-batches (lists of rows)."""
-    size = cfg.minibatch_size or n
-    micro = size // cfg.grad_accum
-    steps = []
-    for epoch in range(cfg.ppo_epochs):
-        if cfg.ppo_epochs == 1 and size == n:
-            order = list(range(n))
-        else:
-            order = torch.randperm(
-                n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            ).tolist()
-        for start in range(0, n, size):
-            rows = order[start : start + size]
-            steps.append([rows[m : m + micro] for m in range(0, size, micro)])
-    return steps
-
-
-def encode_prompts(rows, tokenizer, max_prompt_length: int) -> tuple[list[list[int]], int]:
-    """Token ids of each prompt, cut from the left to its last `max_prompt_length` tokens (the end, where
-    the completion starts, is kept); returns them and how many were cut."""
-    ids, cut = [], 0
-    for row in rows:
-        encoded = tokenizer(row.prompt)["input_ids"]
-        if len(encoded) > max_prompt_length:
-            encoded, cut = encoded[-max_prompt_length:], cut + 1
-        ids.append(encoded)
-    return ids, cut
-
-
-def rollout_metrics(rollout: Rollout, advantages: torch.Tensor) -> dict[str, float]:
-    """What an expert reads first about a rollout: reward per source, zero-std groups, lengths, EOS."""
-    lengths = torch.tensor(rollout.completion_lengths, dtype=torch.float32)
-    out = {
-        "reward": float(rollout.scores.mean()),
-        "reward_std": float(rollout.scores.std(unbiased=False)),
-        "frac_reward_zero_std": float(frac_reward_zero_std(rollout.scores, rollout.group_size)),
-        "completion_length": float(lengths.mean()),
-        "frac_eos": float(rollout.ended.float().mean()),
-        "advantages/mean": float(advantages.mean()),
-        "advantages/std": float(advantages.std(unbiased=False)),
-    }
-    for name, scores in rollout.source_scores.items():
-        out[f"rewards/{name}/mean"] = float(scores.mean())
-        out[f"rewards/{name}/std"] = float(scores.std(unbiased=False))
-    out.update({f"rewards/{k}": v for k, v in rollout.reward_stats.items() if not k.startswith("reward/")})
-    return out
-
-
 def train(cfg: GRPOConfig) -> Path:
     """Train a policy online on prompt rows against a reward set; returns the saved final model's folder."""
     aggregation = check_settings(cfg)
-    rewards = RewardSet.from_specs(cfg.rewards, normalize=cfg.reward_normalize, clip=cfg.reward_clip)
-    if rewards.cost_thresholds:  # a constraint cost would otherwise drop out of the total unseen
-        raise ConfigError(
-            f"rewards: {', '.join(rewards.cost_thresholds)} set cost_threshold, and grpo does not train "
-            "against constraint costs yet; give the source a negative weight instead"
-        )
+    rewards = online_rewards(cfg, "grpo")
     accelerator, log, output_dir = start_run(cfg)
     G = cfg.num_generations
 
     # Prompts: validated (file:line:field) and tokenised before any model loads.
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
-    rows = load_prompt_rows(cfg.data, cfg.data_split, tokenizer)
-    if cfg.eval_data:
-        train_rows, eval_rows = rows, load_prompt_rows(cfg.eval_data, cfg.eval_split, tokenizer)
-    else:
-        train_rows, eval_rows = _split_eval(rows, cfg.eval_fraction, cfg.seed)
-    prompt_ids, cut = encode_prompts(train_rows, tokenizer, cfg.max_prompt_length)
-    eval_ids, eval_cut = encode_prompts(eval_rows, tokenizer, cfg.max_prompt_length)
-    log(
-        f"{len(train_rows)} training and {len(eval_rows)} eval prompts; {cut + eval_cut} cut to max_prompt_length"
-    )
+    prompts = load_prompts(cfg, tokenizer, log)
 
     # The policy (dropout off: the first ratio must be exactly 1) and the frozen reference.
     model = disable_dropout(load_policy(cfg, tokenizer.pad_token_id, accelerator.device))
@@ -244,7 +148,7 @@ def train(cfg: GRPOConfig) -> Path:
     objective = GRPOObjective(cfg, aggregation)
 
     order = DataOrder(
-        len(train_rows),
+        len(prompts.train_rows),
         cfg.batch_size,
         1,
         cfg.seed,
@@ -259,13 +163,7 @@ def train(cfg: GRPOConfig) -> Path:
     on_policy = updates_per_step == 1  # one update per rollout: no separate pass for the old log-probs
     optimizer, scheduler = make_optimizer(model, cfg, steps * updates_per_step)
     policy, optimizer = accelerator.prepare(BatchForward(model, policy_fn), optimizer)
-    sampling = SamplingSettings(
-        cfg.max_new_tokens,
-        cfg.temperature,
-        cfg.top_k or None,
-        cfg.top_p if cfg.top_p < 1 else None,
-        cfg.generation_batch_size,
-    )
+    sampling = sampling_settings(cfg)
 
     checkpointer = Checkpointer(output_dir, cfg.save_total_limit)
 
@@ -289,24 +187,12 @@ def train(cfg: GRPOConfig) -> Path:
         return checkpointer.save(step, named()) if accelerator.is_main_process else None
 
     def evaluate(step: int) -> dict:
-        # One sample per eval prompt, the same seed every time, the normaliser left as it is.
-        rollout = collect(
-            accelerator.unwrap_model(policy).model,
-            tokenizer,
-            eval_ids,
-            [r.prompt for r in eval_rows],
-            rewards,
-            group_size=1,
-            sampling=sampling,
-            seed=cfg.seed + 1,
-            update_rewards=False,
-        )
-        out = {
-            "reward": float(rollout.scores.mean()),
-            "completion_length": sum(rollout.completion_lengths) / len(rollout.completion_lengths),
+        model = accelerator.unwrap_model(policy).model
+        return {
+            "step": step,
+            "split": "eval",
+            **evaluate_policy(model, tokenizer, prompts, rewards, sampling, cfg.seed + 1),
         }
-        out.update({f"rewards/{n}/mean": float(v.mean()) for n, v in rollout.source_scores.items()})
-        return {"step": step, "split": "eval", **out}
 
     from tqdm.auto import tqdm
 
@@ -325,8 +211,8 @@ def train(cfg: GRPOConfig) -> Path:
             rollout = collect(
                 accelerator.unwrap_model(policy).model,
                 tokenizer,
-                [prompt_ids[i] for i in idx],
-                [train_rows[i].prompt for i in idx],
+                [prompts.train_ids[i] for i in idx],
+                [prompts.train_rows[i].prompt for i in idx],
                 rewards,
                 group_size=G,
                 sampling=sampling,
@@ -401,7 +287,7 @@ def train(cfg: GRPOConfig) -> Path:
             bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record.get('kl', 0.0):.4f}")
             if step % cfg.logging_steps == 0 or step == steps:
                 logger.log({"step": step, "split": "train", **record})
-            if eval_rows and (step % cfg.eval_steps == 0 or step == steps):
+            if prompts.eval_rows and (step % cfg.eval_steps == 0 or step == steps):
                 logger.log(evaluate(step))
             if cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < steps:
                 save(step)

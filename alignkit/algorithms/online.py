@@ -1,0 +1,185 @@
+"""What every online method (GRPO, RLOO, REINFORCE++, PPO) does the same way, written once: settings
+checks, prompts, the policy's batch function, sampling settings, rollout minibatches, rollout metrics and
+evaluation on held-out prompts. The loops themselves stay in their own files (`grpo.py`, `ppo.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from alignkit.config import ConfigError, OnlineConfig, TrainConfig
+from alignkit.data.prepare import _split_eval
+from alignkit.data.prompts import PromptRow, load_prompt_rows
+from alignkit.logprobs import sequence_logps
+from alignkit.losses.policy import frac_reward_zero_std
+from alignkit.reference import check_reference_settings
+from alignkit.rewards import RewardSet
+from alignkit.rollout import Rollout, SamplingSettings, collect
+
+
+def check_online_settings(cfg: OnlineConfig, kl_weight: float) -> None:
+    """The checks every online method needs before anything loads: rewards given, the rollout cut into
+    whole minibatches and micro-batches, clip ranges, and a reference mode that applies online (when
+    `kl_weight` > 0 a reference is held)."""
+    if not cfg.rewards:
+        raise ConfigError("rewards is empty: give at least one reward source, e.g. 'rewards=[{type: vader}]'")
+    if cfg.max_length != TrainConfig.max_length:
+        raise ConfigError("max_length is not used online: completions are max_new_tokens long")
+    rollout = cfg.batch_size * cfg.num_generations
+    minibatch = cfg.minibatch_size or rollout
+    if rollout % minibatch or minibatch % cfg.grad_accum:
+        raise ConfigError(
+            f"minibatch_size={minibatch} must divide the rollout (batch_size x num_generations = {rollout}) "
+            f"and be a multiple of grad_accum={cfg.grad_accum}"
+        )
+    if cfg.ppo_epochs < 1 or cfg.epsilon <= 0 or (cfg.epsilon_high is not None and cfg.epsilon_high <= 0):
+        raise ConfigError("ppo_epochs must be >= 1 and epsilon, epsilon_high > 0")
+    if kl_weight > 0:
+        if cfg.reference.mode == "precomputed":
+            raise ConfigError(
+                "reference.mode=precomputed does not apply to online training (every rollout is new); "
+                "use reference.mode=copy, or adapter with lora.enabled=true"
+            )
+        check_reference_settings(cfg)
+
+
+def token_logps(model, batch: dict, *, chunk_size: int, temperature: float, with_entropy: bool) -> dict:
+    """{"token_logps": (B, T) log-probs of the completion tokens at the sampling temperature, and
+    "token_entropy" (B, T) when asked}; the batch function the prepared policy runs (a causal or, for
+    batches with `encoder_input_ids`, an encoder-decoder policy)."""
+    out = sequence_logps(
+        model, batch, chunk_size=chunk_size, temperature=temperature, with_entropy=with_entropy
+    )
+    logps = {"token_logps": out.token_logps}
+    if out.token_entropy is not None:
+        logps["token_entropy"] = out.token_entropy
+    return logps
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` over the positions where `mask` is 1 (0 when there are none)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def minibatches(n: int, cfg: OnlineConfig, seed: int) -> list[list[list[int]]]:
+    """Every optimizer step of one rollout of n rows: `ppo_epochs` passes, each a seeded shuffle cut into
+    minibatches of `minibatch_size` rows, each cut into `grad_accum` micro-batches (lists of rows)."""
+    size = cfg.minibatch_size or n
+    micro = size // cfg.grad_accum
+    steps = []
+    for epoch in range(cfg.ppo_epochs):
+        if cfg.ppo_epochs == 1 and size == n:
+            order = list(range(n))
+        else:
+            order = torch.randperm(
+                n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            ).tolist()
+        for start in range(0, n, size):
+            rows = order[start : start + size]
+            steps.append([rows[m : m + micro] for m in range(0, size, micro)])
+    return steps
+
+
+def encode_prompts(rows, tokenizer, max_prompt_length: int) -> tuple[list[list[int]], int]:
+    """Token ids of each prompt, cut from the left to its last `max_prompt_length` tokens (the end, where
+    the completion starts, is kept); returns them and how many were cut."""
+    ids, cut = [], 0
+    for row in rows:
+        encoded = tokenizer(row.prompt)["input_ids"]
+        if len(encoded) > max_prompt_length:
+            encoded, cut = encoded[-max_prompt_length:], cut + 1
+        ids.append(encoded)
+    return ids, cut
+
+
+def rollout_metrics(rollout: Rollout, advantages: torch.Tensor) -> dict[str, float]:
+    """What an expert reads first about a rollout: reward per source, zero-std groups, lengths, EOS."""
+    lengths = torch.tensor(rollout.completion_lengths, dtype=torch.float32)
+    out = {
+        "reward": float(rollout.scores.mean()),
+        "reward_std": float(rollout.scores.std(unbiased=False)),
+        "frac_reward_zero_std": float(frac_reward_zero_std(rollout.scores, rollout.group_size)),
+        "completion_length": float(lengths.mean()),
+        "frac_eos": float(rollout.ended.float().mean()),
+        "advantages/mean": float(advantages.mean()),
+        "advantages/std": float(advantages.std(unbiased=False)),
+    }
+    for name, scores in rollout.source_scores.items():
+        out[f"rewards/{name}/mean"] = float(scores.mean())
+        out[f"rewards/{name}/std"] = float(scores.std(unbiased=False))
+    out.update({f"rewards/{k}": v for k, v in rollout.reward_stats.items() if not k.startswith("reward/")})
+    return out
+
+
+@dataclass
+class Prompts:
+    """A run's training and eval prompts, as rows (text, where they came from) and token ids."""
+
+    train_rows: list[PromptRow]
+    eval_rows: list[PromptRow]
+    train_ids: list[list[int]]
+    eval_ids: list[list[int]]
+
+
+def load_prompts(cfg: OnlineConfig, tokenizer, log=print) -> Prompts:
+    """The config's prompt rows, validated (file:line:field) and tokenised before any model loads; the
+    eval prompts are `eval_data` or an `eval_fraction` of `data`."""
+    rows = load_prompt_rows(cfg.data, cfg.data_split, tokenizer)
+    if cfg.eval_data:
+        train_rows, eval_rows = rows, load_prompt_rows(cfg.eval_data, cfg.eval_split, tokenizer)
+    else:
+        train_rows, eval_rows = _split_eval(rows, cfg.eval_fraction, cfg.seed)
+    train_ids, cut = encode_prompts(train_rows, tokenizer, cfg.max_prompt_length)
+    eval_ids, eval_cut = encode_prompts(eval_rows, tokenizer, cfg.max_prompt_length)
+    log(
+        f"{len(train_rows)} training and {len(eval_rows)} eval prompts; {cut + eval_cut} cut to max_prompt_length"
+    )
+    return Prompts(train_rows, eval_rows, train_ids, eval_ids)
+
+
+def online_rewards(cfg: OnlineConfig, command: str) -> RewardSet:
+    """The config's reward set; sources with a constraint cost are refused (they would drop out of the
+    total unseen: no online method trains against costs yet)."""
+    rewards = RewardSet.from_specs(cfg.rewards, normalize=cfg.reward_normalize, clip=cfg.reward_clip)
+    if rewards.cost_thresholds:
+        raise ConfigError(
+            f"rewards: {', '.join(rewards.cost_thresholds)} set cost_threshold, and {command} does not train "
+            "against constraint costs yet; give the source a negative weight instead"
+        )
+    return rewards
+
+
+def sampling_settings(cfg: OnlineConfig) -> SamplingSettings:
+    """How the config samples completions (top_k 0 and top_p 1 mean no truncation)."""
+    return SamplingSettings(
+        cfg.max_new_tokens,
+        cfg.temperature,
+        cfg.top_k or None,
+        cfg.top_p if cfg.top_p < 1 else None,
+        cfg.generation_batch_size,
+    )
+
+
+def evaluate_policy(model, tokenizer, prompts: Prompts, rewards: RewardSet, sampling, seed: int) -> dict:
+    """One sample per eval prompt from `model` (the unwrapped policy), the same seed every time and the
+    reward normaliser left as it is: mean reward (total and per source) and completion length."""
+    rollout = collect(
+        model,
+        tokenizer,
+        prompts.eval_ids,
+        [r.prompt for r in prompts.eval_rows],
+        rewards,
+        group_size=1,
+        sampling=sampling,
+        seed=seed,
+        update_rewards=False,
+    )
+    out = {
+        "reward": float(rollout.scores.mean()),
+        "completion_length": sum(rollout.completion_lengths) / len(rollout.completion_lengths),
+    }
+    out.update({f"rewards/{n}/mean": float(v.mean()) for n, v in rollout.source_scores.items()})
+    return out
