@@ -12,6 +12,7 @@ from alignkit.config import (
     GRPOConfig,
     KTOConfig,
     ListwiseConfig,
+    PPOConfig,
     RewardConfig,
     RLOOConfig,
     SFTConfig,
@@ -80,6 +81,12 @@ def _grpo(cfg):
     return train(cfg)
 
 
+def _ppo(cfg):
+    from alignkit.algorithms.ppo import train
+
+    return train(cfg)
+
+
 def _eval(cfg):
     from alignkit.evaluate import run
 
@@ -105,6 +112,9 @@ def _commands() -> dict[str, Command]:
         ),
         "rloo": Command(
             RLOOConfig, "online RL with the RLOO advantage (alignkit grpo advantage=rloo)", _grpo
+        ),
+        "ppo": Command(
+            PPOConfig, "online RL with a critic and a KL-penalised reward (PPO), causal or T5 policies", _ppo
         ),
         "reward": Command(
             RewardConfig, "a Bradley–Terry reward model (classifier) from preference pairs", _reward

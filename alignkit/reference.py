@@ -101,7 +101,7 @@ def attach_precomputed_reference(
     the examples, so no reference model is held during training.
 
     forward(batch) returns {name: (B,) or (B, K)}; each example gets e[f"ref_{name}"] (a float, or a list
-    for (B, K)). The cache key is the reference weights, the dtype and each example's `fields`.
+    for (B, K)). The cache key is the reference weights, the dtype, the mixed precision and each example's `fields`.
     """
     for name, examples in splits.items():
         if not examples:
@@ -109,6 +109,7 @@ def attach_precomputed_reference(
         key = fingerprint(
             model_fingerprint(cfg.reference.model or cfg.model),
             cfg.dtype,
+            accelerator.mixed_precision,
             fields,
             [[e[f] for f in fields] for e in examples],
         )
@@ -149,13 +150,23 @@ class Reference:
     prepared policy is called with its adapter switched off.
     """
 
-    def __init__(self, mode: str, names: tuple[str, ...], frozen=None, unwrap: Callable = lambda m: m):
+    def __init__(
+        self,
+        mode: str,
+        names: tuple[str, ...],
+        frozen=None,
+        unwrap: Callable = lambda m: m,
+        autocast: Callable = contextlib.nullcontext,
+    ):
         self.mode, self.names, self.frozen, self.unwrap = mode, names, frozen, unwrap
+        self.autocast = autocast
 
     def __call__(self, model, batch: dict) -> dict[str, torch.Tensor]:
         if self.mode == "precomputed" or f"ref_{self.names[0]}" in batch:
             return {n: batch[f"ref_{n}"] for n in self.names if f"ref_{n}" in batch}
-        with torch.no_grad():
+        # Under the run's autocast, as the policy's forward is (accelerate wraps the prepared model's), so
+        # that the reference and the policy agree to the bit where their weights do.
+        with torch.no_grad(), self.autocast():
             if self.mode == "copy":
                 return self.frozen(batch)
             with adapter_disabled(self.unwrap(model)):
@@ -191,8 +202,9 @@ def setup_reference(
     if mode == "precomputed":
         ref_model = frozen_model(cfg, cfg.reference.model, accelerator.device) if other else model
         t0 = time.perf_counter()
-        precompute(BatchForward(ref_model, fn))
+        with accelerator.autocast():  # the policy's precision, so that both agree where their weights do
+            precompute(BatchForward(ref_model, fn))
         setup_metrics = {"reference_time": time.perf_counter() - t0}
     elif mode == "copy":
         frozen = BatchForward(frozen_model(cfg, cfg.reference.model or cfg.model, accelerator.device), fn)
-    return Reference(mode, names, frozen, accelerator.unwrap_model), setup_metrics
+    return Reference(mode, names, frozen, accelerator.unwrap_model, accelerator.autocast), setup_metrics

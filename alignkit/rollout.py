@@ -59,6 +59,8 @@ class Rollout:
     """(N, T) per-token log-probs of the policy that sampled (at the sampling temperature)."""
     ref_logps: torch.Tensor | None = None
     """(N, T) per-token log-probs of the reference."""
+    old_values: torch.Tensor | None = None
+    """(N, T) the critic's values when the rollout was taken (PPO)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds spent in generation, scoring and reference log-probs."""
     encoder_input_ids: torch.Tensor | None = None
@@ -85,7 +87,7 @@ class Rollout:
             S = int(self.encoder_attention_mask[rows].sum(-1).max())
             out["encoder_input_ids"] = self.encoder_input_ids[rows, :S]
             out["encoder_attention_mask"] = self.encoder_attention_mask[rows, :S]
-        for name in ("old_logps", "ref_logps"):
+        for name in ("old_logps", "ref_logps", "old_values"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value[rows, :T]
@@ -115,17 +117,19 @@ def token_logps_in_batches(
     rollout: Rollout,
     batches: list[list[int]],
     device: torch.device,
-    key: str = "token_logps",
-) -> torch.Tensor:
-    """(N, T) per-token `forward(batch)[key]` over the rollout (log-probs by default; a critic's
-    "values"), computed in the given row batches (the same ones training will use, so that the first
-    ratio is exactly 1)."""
-    out = torch.zeros(rollout.input_ids.shape, dtype=torch.float32)
+    keys: tuple[str, ...] = ("token_logps",),
+) -> dict[str, torch.Tensor]:
+    """{key: (N, T) float32} of the per-token outputs `forward(batch)[key]` over the rollout (log-probs
+    by default; a critic's "values" too), computed in the given row batches (the same ones training will
+    use, so that the first ratio is exactly 1)."""
+    out = {key: torch.zeros(rollout.input_ids.shape, dtype=torch.float32) for key in keys}
     for rows in batches:
         batch = rollout.batch(rows)
-        device_batch = {k: v.to(device) for k, v in batch.items() if not k.endswith("_logps")}
-        logps = forward(device_batch)[key].float().cpu()
-        out[torch.as_tensor(rows), : logps.shape[1]] = logps
+        device_batch = {k: v.to(device) for k, v in batch.items() if not k.startswith(("old_", "ref_"))}
+        result = forward(device_batch)
+        for key in keys:
+            value = result[key].float().cpu()
+            out[key][torch.as_tensor(rows), : value.shape[1]] = value
     return out
 
 

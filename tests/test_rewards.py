@@ -27,7 +27,7 @@ from alignkit.rewards.base import RewardSource, SourceOptions
 from alignkit.rewards.classifier import resolve_label
 from alignkit.rewards.registry import REWARD_TYPES, reward_types
 from alignkit.rewards.score import ScoreConfig
-from tests.conftest import REPO, TINYSTORIES
+from tests.conftest import REPO, TINYSTORIES, build_tiny_classifier
 
 WORDS = "the a good bad happy sad movie story dog cat was is very not great awful i love hate it".split()
 POSITIVE = ["What a wonderful, happy day! I love it.", "Thank you so much, this is great and kind."]
@@ -42,37 +42,9 @@ OFFENSIVE = ["Shut up, you stupid fucking idiot.", "You are a worthless piece of
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny-bert")
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
+    return build_tiny_classifier(
+        tmp_path_factory.mktemp("tiny-bert"), ["NEGATIVE", "POSITIVE", "NEUTRAL"], WORDS
     )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
-    )
-    fast.save_pretrained(path)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-        num_labels=3,
-        id2label={0: "NEGATIVE", 1: "POSITIVE", 2: "NEUTRAL"},
-        label2id={"NEGATIVE": 0, "POSITIVE": 1, "NEUTRAL": 2},
-    )
-    BertForSequenceClassification(config).save_pretrained(path, safe_serialization=True)
-    return path
 
 
 def _direct_logits(path, texts, pairs=None, max_length=512):

@@ -235,14 +235,14 @@ def train(cfg: GRPOConfig) -> Path:
                     rollout,
                     micro_rows,
                     accelerator.device,
-                )
+                )["token_logps"]
             if reference is not None:
                 rollout.ref_logps = token_logps_in_batches(
                     lambda b: reference(policy, b),  # noqa: B023
                     rollout,
                     micro_rows,
                     accelerator.device,
-                )
+                )["token_logps"]
             t2 = time.perf_counter()
 
             policy.train()

@@ -101,12 +101,13 @@ def rollout_metrics(rollout: Rollout, advantages: torch.Tensor) -> dict[str, flo
     out = {
         "reward": float(rollout.scores.mean()),
         "reward_std": float(rollout.scores.std(unbiased=False)),
-        "frac_reward_zero_std": float(frac_reward_zero_std(rollout.scores, rollout.group_size)),
         "completion_length": float(lengths.mean()),
         "frac_eos": float(rollout.ended.float().mean()),
         "advantages/mean": float(advantages.mean()),
         "advantages/std": float(advantages.std(unbiased=False)),
     }
+    if rollout.group_size > 1:  # (with one completion per prompt every group is trivially unanimous)
+        out["frac_reward_zero_std"] = float(frac_reward_zero_std(rollout.scores, rollout.group_size))
     for name, scores in rollout.source_scores.items():
         out[f"rewards/{name}/mean"] = float(scores.mean())
         out[f"rewards/{name}/std"] = float(scores.std(unbiased=False))

@@ -1,0 +1,388 @@
+"""PPO with a critic and a KL leash to a frozen reference: RLHF as Ziegler et al. 2019 and InstructGPT
+(Ouyang et al. 2022) ran it, for causal LMs and encoder-decoder policies (T5, FLAN-T5).
+
+    alignkit ppo model=PATH data=prompts.jsonl 'rewards=[{type: vader}]'
+    alignkit ppo examples/ppo/flan_t5_summaries.yaml
+
+Reads top to bottom: prompts -> policy, critic (+ reference) -> for each step: rollout (sample, score,
+log-probs of the sampling policy and the reference, the critic's values) -> per-token reward (the score
+on the last token, −β·KL on every token) -> GAE -> whitened advantages -> `ppo_epochs` x shuffled
+minibatches of the shared optimizer step on the clipped surrogate + vf_coef · clipped value loss (early
+stop at a target approx KL) -> adapt β -> metrics -> checkpoint. The maths is in alignkit.losses.ppo and
+alignkit.losses.policy; the rollout in alignkit.rollout; what every online method shares in
+alignkit.algorithms.online.
+
+Policy and critic are one module (`PolicyAndValue`) trained by one optimizer on the summed loss, as
+TRL's PPOv2 and the InstructGPT recipe do: one prepared module, one gradient sync, one step per minibatch.
+An encoder-decoder policy differs only in its layout (the prompt is the encoder's source, the completion
+the decoder's sequence: `rollout.collect`) and its forward (`logprobs.sequence_logps`, `ValueModel`);
+the loop is the same.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from alignkit.algorithms.online import (
+    check_online_settings,
+    evaluate_policy,
+    load_prompts,
+    masked_mean,
+    minibatches,
+    online_rewards,
+    rollout_metrics,
+    sampling_settings,
+    token_logps,
+)
+from alignkit.checkpoint import Checkpointer
+from alignkit.config import ConfigError, PPOConfig
+from alignkit.losses.policy import aggregate, aggregation_units, clipped_surrogate
+from alignkit.losses.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    clipped_value_loss,
+    explained_variance,
+    gae,
+    kl_penalised_rewards,
+    whiten,
+)
+from alignkit.models import (
+    BatchForward,
+    ValueModel,
+    add_lora,
+    disable_dropout,
+    load_policy,
+    load_tokenizer,
+    value_model_from,
+)
+from alignkit.reference import Reference, setup_reference
+from alignkit.rollout import collect, token_logps_in_batches
+from alignkit.runtime import (
+    DataOrder,
+    MetricsLogger,
+    as_numbers,
+    make_optimizer,
+    optimizer_step,
+    save_final,
+    start_run,
+    total_steps,
+)
+
+
+def check_settings(cfg: PPOConfig) -> None:
+    """Validate the PPO settings before anything loads."""
+    check_online_settings(cfg, cfg.kl_coef)
+    if cfg.kl_coef < 0:
+        raise ConfigError(f"kl_coef={cfg.kl_coef} must be >= 0 (0 = no KL penalty and no reference)")
+    if cfg.target_kl is not None and (cfg.target_kl <= 0 or cfg.kl_coef <= 0 or cfg.kl_horizon < 1):
+        raise ConfigError(
+            "target_kl (adaptive KL control) needs target_kl > 0, a starting kl_coef > 0 and kl_horizon >= 1"
+        )
+    if not 0 <= cfg.gamma <= 1 or not 0 <= cfg.lam <= 1:
+        raise ConfigError(f"gamma={cfg.gamma} and lam={cfg.lam} must be in [0, 1]")
+    if cfg.vf_coef <= 0 or cfg.cliprange_value < 0 or cfg.early_stop_kl < 0:
+        raise ConfigError("vf_coef must be > 0, cliprange_value and early_stop_kl >= 0")
+
+
+class PolicyAndValue(torch.nn.Module):
+    """The policy LM and its critic as one module: `forward(batch)` -> {"token_logps", "token_entropy",
+    "values"}, each (B, T) on the batch's sequence positions (what accelerate prepares and the loss calls)."""
+
+    def __init__(self, policy: torch.nn.Module, value: ValueModel, *, chunk_size: int, temperature: float):
+        super().__init__()
+        self.policy, self.value = policy, value
+        self.chunk_size, self.temperature = chunk_size, temperature
+
+    def forward(self, batch: dict, with_entropy: bool = True) -> dict:
+        out = token_logps(
+            self.policy,
+            batch,
+            chunk_size=self.chunk_size,
+            temperature=self.temperature,
+            with_entropy=with_entropy,
+        )
+        out["values"] = self.value(batch)
+        return out
+
+
+@dataclass
+class PPOObjective:
+    """`loss_fn(model, batch)` for `optimizer_step`: clipped surrogate on the batch's per-token advantages
+    plus vf_coef x clipped value loss, both a token mean over the batch's `loss_mask`."""
+
+    cfg: PPOConfig
+
+    def units(self, batch: dict) -> float:
+        """Completion tokens in the micro-batch (the loss is a token mean over the minibatch)."""
+        return float(aggregation_units(batch["loss_mask"], mode="token_mean"))
+
+    def __call__(self, model, batch: dict):
+        out = model(batch)
+        mask = batch["loss_mask"]
+        policy_loss, metrics = clipped_surrogate(
+            out["token_logps"],
+            batch["old_logps"],
+            batch["advantages"],
+            mask,
+            epsilon=self.cfg.epsilon,
+            epsilon_high=self.cfg.epsilon_high,
+        )
+        value_loss, value_metrics = clipped_value_loss(
+            out["values"],
+            batch["old_values"],
+            batch["returns"],
+            mask,
+            cliprange_value=self.cfg.cliprange_value,
+        )
+        loss, _ = aggregate(policy_loss + self.cfg.vf_coef * value_loss, mask, mode="token_mean")
+        metrics.update(value_metrics)
+        metrics["policy_loss"] = aggregate(policy_loss.detach(), mask, mode="token_mean")[0]
+        metrics["value_loss"] = aggregate(value_loss.detach(), mask, mode="token_mean")[0]
+        metrics["entropy"] = masked_mean(out["token_entropy"].detach(), mask)
+        metrics["loss"] = loss.detach()
+        return loss, metrics
+
+
+def shape_rewards(cfg: PPOConfig, rollout, kl_coef: float) -> dict[str, torch.Tensor]:
+    """The rollout's per-token rewards, advantages and returns (all (N, T)), from its scores, log-probs
+    and values: missing-EOS penalty -> −β·KL per token + score on the last token -> optional reward
+    whitening -> GAE -> whitened advantages."""
+    mask = rollout.completion_mask
+    scores = rollout.scores.clone()
+    if cfg.missing_eos_penalty is not None:
+        scores = scores - cfg.missing_eos_penalty * (~rollout.ended).float()
+    rewards, kl = kl_penalised_rewards(scores, rollout.old_logps, rollout.ref_logps, mask, kl_coef=kl_coef)
+    if cfg.whiten_rewards:
+        rewards = whiten(rewards, mask, shift_mean=False)
+    advantages, returns = gae(rewards, rollout.old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
+    return {
+        "scores": scores,
+        "rewards": rewards,
+        "kl": kl,
+        "advantages": whiten(advantages, mask),
+        "raw_advantages": advantages,
+        "returns": returns,
+    }
+
+
+def train(cfg: PPOConfig) -> Path:
+    """Train a policy with PPO on prompt rows against a reward set; returns the saved final model's folder."""
+    check_settings(cfg)
+    rewards = online_rewards(cfg, "ppo")
+    accelerator, log, output_dir = start_run(cfg)
+
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
+    prompts = load_prompts(cfg, tokenizer, log)
+
+    # Policy, critic (built from the policy's weights before any adapter) and reference; dropout off in
+    # all three, so the first ratio is exactly 1 and the values are deterministic.
+    lm = disable_dropout(
+        load_policy(cfg, tokenizer.pad_token_id, accelerator.device, encoder_decoder_ok=True)
+    )
+    value = value_model_from(lm, cfg.value_model, cfg, accelerator.device)
+    fn_kwargs = {"chunk_size": cfg.logprob_chunk_size, "temperature": cfg.temperature}
+
+    def reference_fn(m, batch: dict) -> dict:
+        return token_logps(m, batch, **fn_kwargs, with_entropy=False)
+
+    reference: Reference | None = None
+    if cfg.kl_coef > 0:
+        reference, _ = setup_reference(cfg, lm, accelerator, reference_fn, ("token_logps",), None)
+    if cfg.lora.enabled:
+        lm = disable_dropout(add_lora(lm, cfg.lora))
+        value.backbone = disable_dropout(add_lora(value.backbone, cfg.lora, task_type="FEATURE_EXTRACTION"))
+        value.head.requires_grad_(True)
+    reference_forward = BatchForward(lm, reference_fn)  # adapter mode: the policy with its adapter off
+    kl_ctl = (
+        AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+        if cfg.target_kl is not None
+        else FixedKLController(cfg.kl_coef)
+    )
+    objective = PPOObjective(cfg)
+
+    order = DataOrder(
+        len(prompts.train_rows),
+        cfg.batch_size,
+        1,
+        cfg.seed,
+        accelerator.num_processes,
+        accelerator.process_index,
+        cfg.shuffle,
+    )
+    steps = total_steps(cfg, order)
+    n_rows = cfg.batch_size * cfg.num_generations
+    minibatches_per_epoch = n_rows // (cfg.minibatch_size or n_rows)
+    module = PolicyAndValue(lm, value, **fn_kwargs)
+    optimizer, scheduler = make_optimizer(module, cfg, steps * cfg.ppo_epochs * minibatches_per_epoch)
+    model, optimizer = accelerator.prepare(module, optimizer)
+    sampling = sampling_settings(cfg)
+    checkpointer = Checkpointer(output_dir, cfg.save_total_limit)
+
+    def named() -> dict:
+        return {
+            "model": accelerator.unwrap_model(model),
+            "optimizer": optimizer,
+            "scheduler": scheduler,
+            "rewards": rewards,
+            "kl_controller": kl_ctl,
+        }
+
+    start = 0
+    latest = checkpointer.latest() if cfg.resume else None
+    if latest is not None:
+        start = checkpointer.load(latest, named())["step"]
+        log(f"resumed from {latest} at step {start}")
+    logger = MetricsLogger(output_dir, accelerator.is_main_process, start if latest is not None else None)
+
+    def save(step: int) -> Path | None:
+        accelerator.wait_for_everyone()
+        return checkpointer.save(step, named()) if accelerator.is_main_process else None
+
+    def evaluate(step: int) -> dict:
+        policy = accelerator.unwrap_model(model).policy
+        return {
+            "step": step,
+            "split": "eval",
+            **evaluate_policy(policy, tokenizer, prompts, rewards, sampling, cfg.seed + 1),
+        }
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=steps,
+        initial=start,
+        disable=not (cfg.progress and accelerator.is_main_process),
+        dynamic_ncols=True,
+    )
+    step = start
+    try:
+        while step < steps:
+            t0 = time.perf_counter()
+            idx = order.micro_batches(step)[0]
+            seed = (cfg.seed * 1_000_003 + step) * 1009 + accelerator.process_index
+            rollout = collect(
+                accelerator.unwrap_model(model).policy,
+                tokenizer,
+                [prompts.train_ids[i] for i in idx],
+                [prompts.train_rows[i].prompt for i in idx],
+                rewards,
+                group_size=cfg.num_generations,
+                sampling=sampling,
+                seed=seed,
+            )
+            plan = minibatches(n_rows, cfg, seed)
+
+            # The sampling policy's log-probs and the critic's values in the micro-batches of the first
+            # epoch (so that before the first update the ratio is exactly 1), then the reference's.
+            t1 = time.perf_counter()
+            micro_rows = [rows for update in plan[:minibatches_per_epoch] for rows in update]
+            model.eval()
+            device = accelerator.device
+            old = token_logps_in_batches(
+                lambda b: model(b, with_entropy=False),
+                rollout,
+                micro_rows,
+                device,
+                keys=("token_logps", "values"),  # noqa: B023
+            )
+            rollout.old_logps, rollout.old_values = old["token_logps"], old["values"]
+            if reference is not None:
+                rollout.ref_logps = token_logps_in_batches(
+                    lambda b: reference(reference_forward, b),
+                    rollout,
+                    micro_rows,
+                    device,  # noqa: B023
+                )["token_logps"]
+            shaped = shape_rewards(cfg, rollout, kl_ctl.value)
+            keep = rollout.ended | (not cfg.mask_truncated)
+            loss_mask = rollout.completion_mask * keep.unsqueeze(-1)
+            t2 = time.perf_counter()
+
+            model.train()
+            records = []
+            for update in plan:
+                batches = [
+                    {
+                        k: v.to(device)
+                        for k, v in rollout.batch(
+                            rows,
+                            advantages=shaped["advantages"],
+                            returns=shaped["returns"],
+                            old_values=rollout.old_values,
+                            loss_mask=loss_mask,
+                        ).items()
+                    }
+                    for rows in update
+                ]
+                records.append(
+                    optimizer_step(
+                        accelerator,
+                        model,
+                        optimizer,
+                        scheduler,
+                        batches,
+                        objective,
+                        units=[objective.units(b) for b in batches],
+                        max_grad_norm=cfg.max_grad_norm,
+                    )
+                )
+                if cfg.early_stop_kl and records[-1]["approx_kl"].item() > cfg.early_stop_kl:
+                    break  # the same on every process: approx_kl is reduced over them
+            t3 = time.perf_counter()
+
+            # β follows the KL per completion of this rollout (over every process).
+            sequence_kl = shaped["kl"].sum(-1).mean().to(device)
+            if accelerator.num_processes > 1:
+                sequence_kl = accelerator.reduce(sequence_kl, "mean")
+            kl_coef = kl_ctl.value
+            kl_ctl.update(float(sequence_kl), n_rows * accelerator.num_processes)
+
+            step += 1
+            trained = {k: torch.stack([r[k] for r in records]).mean() for k in records[0]}
+            mask = rollout.completion_mask.bool()
+            record = {**as_numbers(trained), **rollout_metrics(rollout, shaped["raw_advantages"][mask])}
+            record.update(
+                {
+                    "kl_ref": float(sequence_kl),
+                    "kl_coef": kl_coef,
+                    "score": float(shaped["scores"].mean()),
+                    "reward_penalised": float(shaped["rewards"].sum(-1).mean()),
+                    "returns/mean": float(shaped["returns"][mask].mean()),
+                    "values/mean": float(rollout.old_values[mask].mean()),
+                    "explained_variance": float(
+                        explained_variance(rollout.old_values, shaped["returns"], rollout.completion_mask)
+                    ),
+                    "updates": len(records),
+                    "time/generation": rollout.timings["generation"],
+                    "time/scoring": rollout.timings["scoring"],
+                    "time/logprobs": t2 - t1,
+                    "time/training": t3 - t2,
+                    "time/step": t3 - t0,
+                    "tokens/s/generation": rollout.num_tokens / max(rollout.timings["generation"], 1e-9),
+                    "tokens/s/training": float(rollout.attention_mask.sum())
+                    * len(records)
+                    / max(t3 - t2, 1e-9),
+                }
+            )
+            bar.update(1)
+            bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl_ref']:.3f}")
+            if step % cfg.logging_steps == 0 or step == steps:
+                logger.log({"step": step, "split": "train", **record})
+            if prompts.eval_rows and (step % cfg.eval_steps == 0 or step == steps):
+                logger.log(evaluate(step))
+            if cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < steps:
+                save(step)
+    except KeyboardInterrupt:
+        bar.close()
+        path = save(step)
+        if path is not None:
+            print(f"\ninterrupted: checkpoint written to {path}; continue with resume=true")
+        raise SystemExit(130) from None
+    bar.close()
+    return save_final(
+        accelerator, accelerator.unwrap_model(model).policy, tokenizer, output_dir, cfg.lora.merge, log
+    )
