@@ -74,6 +74,13 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate.utils import set_seed
 
     mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
+    # accelerate keeps one process-wide AcceleratorState and refuses a second Accelerator with another
+    # mixed precision; a process that runs several trainings (a notebook, sDPO's stages, the tests) starts
+    # each from a fresh one. The distributed PartialState (the process group) is kept.
+    from accelerate.state import AcceleratorState
+
+    if hasattr(AcceleratorState, "_reset_state"):
+        AcceleratorState._reset_state(reset_partial_state=False)
     distributed_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=distributed_cpu)
     set_seed(cfg.seed)

@@ -215,3 +215,19 @@ def test_settings_are_checked_before_anything_loads(tmp_path, overrides, message
     cfg = config(tmp_path, "/nowhere", "/nowhere.jsonl", kl_coef=overrides.pop("kl_coef", 0.1), **overrides)
     with pytest.raises(ConfigError, match=message):
         ppo.check_settings(cfg)
+
+
+@pytest.mark.skipif(
+    not __import__("alignkit.runtime").runtime.native_bf16(), reason="this CPU has no native bf16"
+)
+def test_under_bf16_autocast_the_adapter_off_reference_equals_the_untrained_policy(tmp_path, tiny_model_dir):
+    """mixed_precision=bf16 (what auto picks on a CPU with AVX512-BF16): the reference runs under the same
+    autocast as the policy, so with a fresh (zero) LoRA adapter the KL at the first rollout is exactly 0,
+    and the policy still learns."""
+    data = write_prompts(tmp_path / "prompts.jsonl")
+    cfg = config(tmp_path, tiny_model_dir, data, max_steps=3, kl_coef=0.1, lr=3e-2, mixed_precision="bf16")
+    cfg.lora.enabled = True
+    cfg.reference.mode = "adapter"
+    ppo.train(cfg)
+    metrics = train_metrics(cfg)
+    assert metrics[0]["kl_ref"] == 0.0 and metrics[-1]["kl_ref"] != 0.0
