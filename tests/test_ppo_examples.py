@@ -53,3 +53,39 @@ def test_happy_stories_config_runs_on_the_shipped_model(tmp_path):
     ppo.train(cfg)
     train = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
     assert [m["step"] for m in train] == [1, 2] and -1 <= train[-1]["rewards/vader/mean"] <= 1
+
+
+def test_less_offensive_case_study_builds_its_dialogue_model_and_runs(tmp_path):
+    """scripts/build_dialogue_model.py (tokenizer trained on the HH sample, random Llama, alignkit sft on
+    both replies of 1,395 rows, the unseen prompts of the last 200), shrunk to a 1-layer model and 2 SFT steps, then
+    examples/ppo/less_offensive.yaml on it with the profanity reward."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "build_dialogue_model", REPO / "scripts" / "build_dialogue_model.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    root = tmp_path / "dialogue"
+    final = script.build(root, hidden=32, layers=1, sft_args=["max_steps=2", "progress=false"])
+    assert (final / "model.safetensors").exists() and (final / "tokenizer.json").exists()
+    sft_rows = (root / "sft_rows.jsonl").read_text().splitlines()
+    held_out = (root / "heldout_prompts.jsonl").read_text().splitlines()
+    assert len(sft_rows) == 2 * 1395  # 1,595 clean pairs: both replies of all but the last 200
+    assert 150 < len(held_out) <= 200 and len(set(held_out)) == len(held_out)
+    train = {json.loads(line)["prompt"] for line in (root / "train_prompts.jsonl").read_text().splitlines()}
+    assert train.isdisjoint(json.loads(line)["prompt"] for line in held_out)
+
+    path = REPO / "examples" / "ppo" / "less_offensive.yaml"
+    overrides = [
+        f"model={final}",
+        f"data={root / 'train_prompts.jsonl'}",
+        f"output_dir={tmp_path / 'out'}",
+        *SMALL,
+        "minibatch_size=0",
+    ]
+    cfg = load_config(PPOConfig, str(path), overrides)
+    assert cfg.rewards == [{"type": "profanity"}] and cfg.max_prompt_length == 192
+    ppo.train(cfg)
+    train_lines = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    assert [m["step"] for m in train_lines] == [1, 2] and 0 <= train_lines[-1]["rewards/profanity/mean"] <= 1
