@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from alignkit.algorithms.online import (
+    OnlineRun,
     check_online_settings,
     evaluate_policy,
     load_prompts,
@@ -28,9 +29,9 @@ from alignkit.algorithms.online import (
     online_rewards,
     rollout_metrics,
     sampling_settings,
+    timing_metrics,
     token_logps,
 )
-from alignkit.checkpoint import Checkpointer
 from alignkit.config import ConfigError, GRPOConfig
 from alignkit.losses.policy import (
     AGGREGATIONS,
@@ -46,14 +47,11 @@ from alignkit.models import BatchForward, add_lora, disable_dropout, load_policy
 from alignkit.reference import Reference, setup_reference
 from alignkit.rollout import collect, token_logps_in_batches
 from alignkit.runtime import (
-    DataOrder,
-    MetricsLogger,
     as_numbers,
     make_optimizer,
     optimizer_step,
     save_final,
     start_run,
-    total_steps,
 )
 
 
@@ -147,26 +145,6 @@ def train(cfg: GRPOConfig) -> Path:
         model = disable_dropout(add_lora(model, cfg.lora))
     objective = GRPOObjective(cfg, aggregation)
 
-    order = DataOrder(
-        len(prompts.train_rows),
-        cfg.batch_size,
-        1,
-        cfg.seed,
-        accelerator.num_processes,
-        accelerator.process_index,
-        cfg.shuffle,
-    )
-    steps = total_steps(cfg, order)
-    n_rows = cfg.batch_size * G
-    minibatches_per_epoch = n_rows // (cfg.minibatch_size or n_rows)
-    updates_per_step = cfg.ppo_epochs * minibatches_per_epoch
-    on_policy = updates_per_step == 1  # one update per rollout: no separate pass for the old log-probs
-    optimizer, scheduler = make_optimizer(model, cfg, steps * updates_per_step)
-    policy, optimizer = accelerator.prepare(BatchForward(model, policy_fn), optimizer)
-    sampling = sampling_settings(cfg)
-
-    checkpointer = Checkpointer(output_dir, cfg.save_total_limit)
-
     def named() -> dict:
         return {
             "model": accelerator.unwrap_model(policy),
@@ -175,39 +153,24 @@ def train(cfg: GRPOConfig) -> Path:
             "rewards": rewards,
         }
 
-    start = 0
-    latest = checkpointer.latest() if cfg.resume else None
-    if latest is not None:
-        start = checkpointer.load(latest, named())["step"]
-        log(f"resumed from {latest} at step {start}")
-    logger = MetricsLogger(output_dir, accelerator.is_main_process, start if latest is not None else None)
+    run = OnlineRun(cfg, accelerator, output_dir, len(prompts.train_rows), named, log)
+    n_rows = cfg.batch_size * G
+    minibatches_per_epoch = n_rows // (cfg.minibatch_size or n_rows)
+    updates_per_step = cfg.ppo_epochs * minibatches_per_epoch
+    on_policy = updates_per_step == 1  # one update per rollout: no separate pass for the old log-probs
+    optimizer, scheduler = make_optimizer(model, cfg, run.steps * updates_per_step)
+    policy, optimizer = accelerator.prepare(BatchForward(model, policy_fn), optimizer)
+    sampling = sampling_settings(cfg)
+    run.resume()
 
-    def save(step: int) -> Path | None:
-        accelerator.wait_for_everyone()
-        return checkpointer.save(step, named()) if accelerator.is_main_process else None
-
-    def evaluate(step: int) -> dict:
+    def evaluate() -> dict:
         model = accelerator.unwrap_model(policy).model
-        return {
-            "step": step,
-            "split": "eval",
-            **evaluate_policy(model, tokenizer, prompts, rewards, sampling, cfg.seed + 1),
-        }
+        return evaluate_policy(model, tokenizer, prompts, rewards, sampling, cfg.seed + 1)
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=steps,
-        initial=start,
-        disable=not (cfg.progress and accelerator.is_main_process),
-        dynamic_ncols=True,
-    )
-    step = start
-    try:
-        while step < steps:
+    with run.interruptible():
+        while run.step < run.steps:
             t0 = time.perf_counter()
-            idx = order.micro_batches(step)[0]
-            seed = (cfg.seed * 1_000_003 + step) * 1009 + accelerator.process_index
+            idx, seed = run.step_prompts()
             rollout = collect(
                 accelerator.unwrap_model(policy).model,
                 tokenizer,
@@ -268,34 +231,9 @@ def train(cfg: GRPOConfig) -> Path:
                     )
                 )
             t3 = time.perf_counter()
-            step += 1
             trained = {k: torch.stack([r[k] for r in records]).mean() for k in records[0]}
             record = {**as_numbers(trained), **rollout_metrics(rollout, advantages)}
-            tokens = float(rollout.attention_mask.sum())
-            record.update(
-                {
-                    "time/generation": rollout.timings["generation"],
-                    "time/scoring": rollout.timings["scoring"],
-                    "time/logprobs": t2 - t1,
-                    "time/training": t3 - t2,
-                    "time/step": t3 - t0,
-                    "tokens/s/generation": rollout.num_tokens / max(rollout.timings["generation"], 1e-9),
-                    "tokens/s/training": tokens * cfg.ppo_epochs / max(t3 - t2, 1e-9),
-                }
-            )
-            bar.update(1)
-            bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record.get('kl', 0.0):.4f}")
-            if step % cfg.logging_steps == 0 or step == steps:
-                logger.log({"step": step, "split": "train", **record})
-            if prompts.eval_rows and (step % cfg.eval_steps == 0 or step == steps):
-                logger.log(evaluate(step))
-            if cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < steps:
-                save(step)
-    except KeyboardInterrupt:
-        bar.close()
-        path = save(step)
-        if path is not None:
-            print(f"\ninterrupted: checkpoint written to {path}; continue with resume=true")
-        raise SystemExit(130) from None
-    bar.close()
+            record.update(timing_metrics(rollout, (t0, t1, t2, t3), passes=cfg.ppo_epochs))
+            postfix = {"reward": record["reward"], "kl": record.get("kl", 0.0)}
+            run.finish_step(record, evaluate if prompts.eval_rows else None, postfix)
     return save_final(accelerator, policy, tokenizer, output_dir, cfg.lora.merge, log)

@@ -5,10 +5,12 @@ evaluation on held-out prompts. The loops themselves stay in their own files (`g
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
+from alignkit.checkpoint import Checkpointer
 from alignkit.config import ConfigError, OnlineConfig, TrainConfig
 from alignkit.data.prepare import _split_eval
 from alignkit.data.prompts import PromptRow, load_prompt_rows
@@ -17,6 +19,7 @@ from alignkit.losses.policy import frac_reward_zero_std
 from alignkit.reference import check_reference_settings
 from alignkit.rewards import RewardSet
 from alignkit.rollout import Rollout, SamplingSettings, collect
+from alignkit.runtime import DataOrder, MetricsLogger, total_steps
 
 
 def check_online_settings(cfg: OnlineConfig, kl_weight: float) -> None:
@@ -184,3 +187,107 @@ def evaluate_policy(model, tokenizer, prompts: Prompts, rewards: RewardSet, samp
     }
     out.update({f"rewards/{n}/mean": float(v.mean()) for n, v in rollout.source_scores.items()})
     return out
+
+
+def timing_metrics(rollout: Rollout, times: tuple[float, float, float, float], *, passes: float) -> dict:
+    """Where a step's time went: generation and scoring (from the rollout), log-probs (t1 -> t2) and
+    training (t2 -> t3) of a step that started at t0, with tokens/s of generation and of training
+    (`passes` over the rollout's tokens)."""
+    t0, t1, t2, t3 = times
+    return {
+        "time/generation": rollout.timings["generation"],
+        "time/scoring": rollout.timings["scoring"],
+        "time/logprobs": t2 - t1,
+        "time/training": t3 - t2,
+        "time/step": t3 - t0,
+        "tokens/s/generation": rollout.num_tokens / max(rollout.timings["generation"], 1e-9),
+        "tokens/s/training": float(rollout.attention_mask.sum()) * passes / max(t3 - t2, 1e-9),
+    }
+
+
+class OnlineRun:
+    """The bookkeeping every online loop shares, around the algorithm's own step: which prompts and seed a
+    step uses (`DataOrder`, functions of the seed and step), resuming from the newest checkpoint, metrics
+    lines, eval and checkpoint intervals, the progress bar, and a checkpoint on Ctrl-C.
+
+        run = OnlineRun(cfg, accelerator, output_dir, len(prompts.train_rows), named, log)
+        with run.interruptible():
+            while run.step < run.steps:
+                rows, seed = run.step_prompts()
+                ...                                     # rollout, advantages, updates
+                run.finish_step(record, evaluate)
+
+    `named()` returns the named state a checkpoint holds (models, optimizer, scheduler, reward normaliser,
+    ...); it is restored here when `cfg.resume` finds a checkpoint.
+    """
+
+    def __init__(self, cfg: OnlineConfig, accelerator, output_dir, n_prompts: int, named, log=print):
+        self.cfg, self.accelerator, self.named = cfg, accelerator, named
+        self.order = DataOrder(
+            n_prompts,
+            cfg.batch_size,
+            1,
+            cfg.seed,
+            accelerator.num_processes,
+            accelerator.process_index,
+            cfg.shuffle,
+        )
+        self.steps = total_steps(cfg, self.order)
+        self.checkpointer = Checkpointer(output_dir, cfg.save_total_limit)
+        self.output_dir, self.log = output_dir, log
+        self.step = 0
+        self.logger: MetricsLogger | None = None
+
+    def resume(self) -> None:
+        """Restore the newest checkpoint's state when `cfg.resume` (after the optimizer is prepared)."""
+        latest = self.checkpointer.latest() if self.cfg.resume else None
+        if latest is not None:
+            self.step = self.checkpointer.load(latest, self.named())["step"]
+            self.log(f"resumed from {latest} at step {self.step}")
+        resumed = self.step if latest is not None else None
+        self.logger = MetricsLogger(self.output_dir, self.accelerator.is_main_process, resumed)
+
+    def step_prompts(self) -> tuple[list[int], int]:
+        """(prompt indices, sampling seed) of this process for the current step."""
+        seed = (self.cfg.seed * 1_000_003 + self.step) * 1009 + self.accelerator.process_index
+        return self.order.micro_batches(self.step)[0], seed
+
+    def save(self):
+        """Write a checkpoint of the current step (main process); returns its folder or None."""
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        return self.checkpointer.save(self.step, self.named())
+
+    def finish_step(self, record: dict, evaluate=None, postfix: dict | None = None) -> None:
+        """Count the step done; log its record, evaluate (`evaluate(step) -> dict`) and checkpoint when
+        the intervals say so."""
+        cfg = self.cfg
+        self.step += 1
+        self._bar.update(1)
+        if postfix:
+            self._bar.set_postfix({k: f"{v:.3f}" for k, v in postfix.items()})
+        if self.step % cfg.logging_steps == 0 or self.step == self.steps:
+            self.logger.log({"step": self.step, "split": "train", **record})
+        if evaluate is not None and (self.step % cfg.eval_steps == 0 or self.step == self.steps):
+            self.logger.log({"step": self.step, "split": "eval", **evaluate()})
+        if cfg.save_steps > 0 and self.step % cfg.save_steps == 0 and self.step < self.steps:
+            self.save()
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """The loop's body runs inside: a progress bar, and on Ctrl-C a checkpoint of the last finished
+        step and exit status 130 (continue with resume=true)."""
+        from tqdm.auto import tqdm
+
+        show = self.cfg.progress and self.accelerator.is_main_process
+        self._bar = tqdm(total=self.steps, initial=self.step, disable=not show, dynamic_ncols=True)
+        try:
+            yield self
+        except KeyboardInterrupt:
+            self._bar.close()
+            path = self.save()
+            if path is not None:
+                print(f"\ninterrupted: checkpoint written to {path}; continue with resume=true")
+            raise SystemExit(130) from None
+        self._bar.close()
