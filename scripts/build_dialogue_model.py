@@ -5,7 +5,7 @@ then aligned with PPO against an offensive-language classifier. Everything comes
 in examples/data (red-teaming dialogues: both the chosen and the rejected replies contain offensive text):
 
 1. a 4,096-token byte-level BPE tokenizer trained on the sample's transcripts;
-2. a randomly initialised Llama (hidden 256, 4 layers: 5.3M parameters by default);
+2. a randomly initialised Llama (hidden 128, 4 layers: 1.8M parameters by default);
 3. `alignkit sft` on the first 1,400 rows' prompts with BOTH replies as completions (2 x 1,400 rows),
    so the model imitates what the red-teamed assistants said, offensive replies included;
 4. the distinct prompts of the last 200 rows that no training row shares, as held-out prompts.
@@ -84,7 +84,7 @@ def write_rows(root: Path) -> None:
         (root / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": r.prompt}) + "\n" for r in part))
 
 
-def build(root: Path, *, hidden: int = 256, layers: int = 4, sft_args: list[str] | None = None) -> Path:
+def build(root: Path, *, hidden: int = 128, layers: int = 4, sft_args: list[str] | None = None) -> Path:
     """Steps 1-4 of the module docstring; returns the dialogue model's folder (root/sft/final)."""
     from alignkit.cli import main as alignkit
 
@@ -115,7 +115,7 @@ def build(root: Path, *, hidden: int = 256, layers: int = 4, sft_args: list[str]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=REPO / "runs" / "dialogue")
-    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("sft_args", nargs="*", help="extra key=value settings for alignkit sft")
     args = parser.parse_args()
