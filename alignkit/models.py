@@ -358,6 +358,10 @@ def value_model_from(policy: torch.nn.Module, source: str, cfg, device) -> Value
     encoder_decoder = bool(getattr(policy.config, "is_encoder_decoder", False))
     if source == "policy":
         backbone = copy.deepcopy(policy if encoder_decoder else getattr(policy, policy.base_model_prefix))
+        if encoder_decoder:  # the copy's LM head is unused: frozen, so DDP does not wait for its gradient
+            lm_head = backbone.get_output_embeddings()
+            if lm_head is not None and lm_head.weight is not backbone.get_input_embeddings().weight:
+                lm_head.requires_grad_(False)
         head = torch.nn.Linear(_hidden_size(policy.config), 1, device=device, dtype=policy.dtype)
         torch.nn.init.zeros_(head.weight)
         torch.nn.init.zeros_(head.bias)

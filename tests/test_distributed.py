@@ -206,3 +206,36 @@ def test_data_order_shards_every_row_once_per_epoch_across_processes():
     for s in range(5):
         split = sorted(i for o in orders for mb in o.micro_batches(s) for i in mb)
         assert split == sorted(i for mb in one.micro_batches(s) for i in mb)
+
+
+def test_two_process_ppo_on_an_encoder_decoder_keeps_the_processes_in_step(tmp_path, tiny_t5_dir):
+    """PPO with a T5 policy and its critic as one DDP module on 2 processes: after the updates both
+    processes hold the same policy (every trainable parameter of policy and critic took part in the
+    loss, or DDP would have failed), and the main process alone logs."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Tom went out {i}. It was"}) + "\n" for i in range(16)))
+    out = tmp_path / "ppo"
+    argv = [
+        "ppo",
+        f"model={tiny_t5_dir}",
+        f"data={data}",
+        f"output_dir={out}",
+        "rewards=[{type: regex, pattern: e, mode: count}]",
+        "batch_size=4",
+        "max_new_tokens=6",
+        "max_steps=2",
+        "lr=1e-2",
+        "kl_coef=0.1",
+        "ppo_epochs=2",
+        "minibatch_size=2",
+        "save_steps=0",
+        "progress=false",
+        "mixed_precision=no",
+    ]
+    launch(out / "dump", argv)
+    rank0, rank1 = (load_file(str(out / "dump" / f"rank{r}.safetensors")) for r in (0, 1))
+    start = load_file(str(tiny_t5_dir / "model.safetensors"))
+    assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)
+    assert any(n in start and not torch.equal(rank0[n], start[n]) for n in rank0)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
