@@ -97,7 +97,7 @@ def build(root: Path, *, hidden: int = 128, layers: int = 4, sft_args: list[str]
         f"model={root / 'init'}",
         f"data={root / 'sft_rows.jsonl'}",
         f"output_dir={root / 'sft'}",
-        "epochs=2",
+        "epochs=1",
         "lr=1e-3",
         "batch_size=16",
         "max_length=320",

@@ -231,3 +231,28 @@ def test_under_bf16_autocast_the_adapter_off_reference_equals_the_untrained_poli
     ppo.train(cfg)
     metrics = train_metrics(cfg)
     assert metrics[0]["kl_ref"] == 0.0 and metrics[-1]["kl_ref"] != 0.0
+
+
+def test_a_critic_from_a_reward_model_starts_at_its_scores(tmp_path, tiny_model_dir):
+    """value_model=PATH: the critic is the reward model's backbone and head, so its value at position t
+    is the reward model's score read at t - 1 (the state in which token t is chosen), 0 at position 0."""
+    from alignkit.models import load_causal_lm, load_reward_model, value_model_from
+
+    rm = load_reward_model(str(tiny_model_dir), pad_token_id=0)
+    torch.nn.init.normal_(rm.score.weight)  # a head that is not all zeros
+    rm.save_pretrained(tmp_path / "rm", safe_serialization=True)
+    policy = load_causal_lm(str(tiny_model_dir))
+    cfg = PPOConfig(model=str(tiny_model_dir))
+    critic = value_model_from(policy, str(tmp_path / "rm"), cfg, "cpu").eval()
+    ids = torch.tensor([[1, 50, 60, 70, 80]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        values = critic(batch)
+        per_position = rm.score(rm.model(input_ids=ids).last_hidden_state).squeeze(-1)  # (1, T)
+    torch.testing.assert_close(values[:, 1:], per_position[:, :-1])
+    assert values[0, 0] == 0
+    # The default critic starts at 0 everywhere and does not share weights with the policy.
+    fresh = value_model_from(policy, "policy", cfg, "cpu")
+    with torch.no_grad():
+        assert torch.equal(fresh(batch), torch.zeros(1, 5))
+    assert fresh.backbone.embed_tokens.weight is not policy.model.embed_tokens.weight
