@@ -83,8 +83,10 @@ def before_after(title: str, sources: list[str], base: list[tuple], aligned: lis
     for offset, name, values in ((-0.2, "base", base), (0.2, "aligned", aligned)):
         means = [m for m, _ in values]
         errors = [e or 0.0 for _, e in values]
-        ax.bar([x + offset for x in xs], means, width=0.4, yerr=errors, capsize=3, label=name)
+        ax.bar([x + offset for x in xs], means, width=0.35, yerr=errors, capsize=3, label=name)
     ax.set_xticks(list(xs), sources, fontsize=8)
+    pad = 0.5 / len(sources)  # one source: two bars, not two wide slabs
+    ax.set_xlim(-0.5 - pad, len(sources) - 0.5 + pad)
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_title(title, fontsize=10)
     ax.tick_params(labelsize=7)

@@ -2,6 +2,7 @@
 end-of-run hook, `alignkit report`, experiment trackers, and the page as headless Chromium renders it."""
 
 import html
+import importlib.util
 import json
 import re
 import shutil
@@ -16,6 +17,7 @@ from alignkit.cli import main
 from alignkit.config import DPOConfig, SFTConfig
 from alignkit.demo import DEMO_MODEL
 
+TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 needs_matplotlib = pytest.mark.skipif(not plots.available(), reason="matplotlib is not installed")
 CHROMIUM = next(
     (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None
@@ -172,7 +174,6 @@ def test_a_failing_report_does_not_lose_the_trained_model(tmp_path, tiny_model_d
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_model_dir):
-    pytest.importorskip("tensorboard")
     root = tmp_path_factory.mktemp("report-run")
     words = ["happy", "kind", "sad", "cold"]
     rows = [
@@ -199,7 +200,7 @@ def trained_run(tmp_path_factory, tiny_model_dir):
         warmup_ratio=0.0,
         progress=False,
         save_steps=0,
-        report_to="tensorboard",
+        report_to="tensorboard" if TENSORBOARD else "none",
     )
     dpo.train(cfg)
     first_page = (out / "report.html").read_text()
@@ -211,6 +212,7 @@ def trained_run(tmp_path_factory, tiny_model_dir):
     return out, first_page
 
 
+@needs_matplotlib
 def test_a_training_run_ends_with_its_report(trained_run):
     out, first_page = trained_run
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -231,6 +233,7 @@ def test_a_training_run_ends_with_its_report(trained_run):
     assert data_stats["train"]["rows"] == 18 and data_stats["eval"]["rows"] == 6
 
 
+@needs_matplotlib
 def test_eval_rewrites_the_report_with_before_and_after(trained_run):
     out, _ = trained_run
     page = (out / "report.html").read_text()
@@ -241,6 +244,7 @@ def test_eval_rewrites_the_report_with_before_and_after(trained_run):
     assert "eval_report: mean reward" in page and (out / "report_plots" / "run-eval_report.png").exists()
 
 
+@pytest.mark.skipif(not TENSORBOARD, reason="tensorboard is not installed (pip install tensorboard)")
 def test_tensorboard_holds_the_metrics_jsonl_values(trained_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -289,8 +293,40 @@ def test_wandb_offline_run_writes_its_files_without_network(tmp_path, tiny_model
         report=False,
     )
     sft.train(cfg)
-    runs = list((tmp_path / "o" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    (path,) = (tmp_path / "o" / "wandb").glob("offline-run-*/*.wandb")
+    history = wandb_history(path)
+    metrics = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert [int(h["_step"]) for h in history] == [m["step"] for m in metrics] == [1, 2]
+    for name in ("loss", "grad_norm", "lr", "tokens/s"):
+        assert [float(h[f"train/{name}"]) for h in history] == [m[name] for m in metrics]
+
+
+def wandb_history(path) -> list[dict]:
+    """The history rows ({name: JSON text}) of an offline W&B run file: a 7-byte W&B header, then
+    LevelDB-log records (7-byte header: crc, length, type; FULL=1 / FIRST, MIDDLE, LAST=4) in 32 KiB
+    blocks, each record a wandb_internal_pb2.Record."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B"
+    pos, records, pending = 7, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            records.append(pending)
+            pending = b""
+    rows = []
+    for raw in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({i.key or "/".join(i.nested_key): i.value_json for i in record.history.item})
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -313,6 +349,7 @@ def chromium(*args, timeout=90) -> str:
     return proc.stdout
 
 
+@needs_matplotlib
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not found on PATH (apt-get install chromium)")
 def test_headless_chromium_renders_the_plots_and_tables(trained_run, tmp_path):
     import numpy as np
