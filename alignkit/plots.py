@@ -1,4 +1,4 @@
-"""The report's figures, drawn with matplotlib's Agg backend (no display needed) into PNG bytes.
+"""The report's figures, drawn with matplotlib's Agg renderer (no display needed) into PNG bytes.
 
 matplotlib is an optional extra (`pip install 'alignkit[report]'`); `available()` says whether it is there
 and the report leaves the figures out, with that message, when it is not.
@@ -23,18 +23,16 @@ def available() -> bool:
     return True
 
 
-def _pyplot():
-    import matplotlib
+def _axes():
+    """A figure drawn on its own Agg canvas. Not pyplot: no global backend is switched or figure kept,
+    so a training run inside a notebook leaves the notebook's plotting alone."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # before pyplot is imported anywhere: a file-only backend, no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _axes(plt):
+    fig = Figure(figsize=(WIDTH / DPI, HEIGHT / DPI), dpi=DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     # Fixed margins, not tight_layout: that would measure every tick label, half the cost of a figure.
-    fig, ax = plt.subplots(figsize=(WIDTH / DPI, HEIGHT / DPI), dpi=DPI)
     fig.subplots_adjust(left=0.14, right=0.97, top=0.9, bottom=0.15)
     return fig, ax
 
@@ -42,7 +40,6 @@ def _axes(plt):
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
-    _pyplot().close(fig)
     return buf.getvalue()
 
 
@@ -53,9 +50,10 @@ def curve(title: str, lines: list[dict]) -> bytes:
     are solid lines, eval values dashed with dots, so several runs and both splits share one set of axes.
     Non-finite values (a NaN loss) are left out of the line.
     """
-    plt = _pyplot()
-    fig, ax = _axes(plt)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    from matplotlib import rcParams
+
+    fig, ax = _axes()
+    colors = rcParams["axes.prop_cycle"].by_key()["color"]
     for line in lines:
         points = [(s, v) for s, v in zip(line["steps"], line["values"]) if math.isfinite(v)]
         if not points:
@@ -77,8 +75,7 @@ def curve(title: str, lines: list[dict]) -> bytes:
 def before_after(title: str, sources: list[str], base: list[tuple], aligned: list[tuple]) -> bytes:
     """Mean reward of the base and the aligned model per reward source, with ±1 s.e. bars, as a WIDTH x
     HEIGHT PNG. base / aligned: (mean, stderr or None) per source."""
-    plt = _pyplot()
-    fig, ax = _axes(plt)
+    fig, ax = _axes()
     xs = range(len(sources))
     for offset, name, values in ((-0.2, "base", base), (0.2, "aligned", aligned)):
         means = [m for m, _ in values]

@@ -35,9 +35,11 @@ EVAL_REPORTS = ("eval_report", "demo_report")
 METRIC_ORDER = (
     "loss",
     "reward",
-    "rewards/",
     "kl",
+    "approx_kl",
+    "clip",
     "entropy",
+    "explained_variance",
     "logps/",
     "lr",
     "grad_norm",
@@ -180,9 +182,7 @@ def metric_names(runs: list[Run]) -> tuple[list[str], list[str]]:
                     seen.setdefault(k, len(seen))
 
     def rank(name: str) -> tuple[int, int]:
-        hits = [
-            i for i, p in enumerate(METRIC_ORDER) if name == p or (p.endswith("/") and name.startswith(p))
-        ]
+        hits = [i for i, prefix in enumerate(METRIC_ORDER) if name.startswith(prefix)]
         return (hits[0] if hits else len(METRIC_ORDER), seen[name])
 
     curves, one_offs = [], []

@@ -86,6 +86,31 @@ def test_metrics_are_ordered_for_reading_and_one_offs_set_apart(tmp_path):
     assert row["status"] == "finished (final model saved)"
 
 
+def test_online_metrics_read_reward_and_kl_first(tmp_path):
+    logged = [
+        "step_time",
+        "frac_eos",
+        "time/step",
+        "kl_ref",
+        "rewards/vader/mean",
+        "entropy",
+        "loss",
+        "reward",
+    ]
+    records = [{"step": s, "split": "train", **dict.fromkeys(logged, 0.5)} for s in (1, 2)]
+    curves, _ = report.metric_names([report.Run(tmp_path, "grpo", records=records)])
+    assert curves == [
+        "loss",
+        "rewards/vader/mean",
+        "reward",
+        "kl_ref",
+        "entropy",
+        "time/step",
+        "step_time",
+        "frac_eos",
+    ]
+
+
 @needs_matplotlib
 def test_two_runs_overlay_and_the_page_holds_every_table(tmp_path):
     a = fake_run(tmp_path, "beta-0.1", 0.1, [0.7, 0.6, 0.5, 0.4])
@@ -149,22 +174,19 @@ def test_the_hook_respects_report_false_and_never_raises(tmp_path, monkeypatch):
         assert report.report_after_run(run, force=True) is None
 
 
-def test_a_failing_report_does_not_lose_the_trained_model(tmp_path, tiny_model_dir, monkeypatch):
+def two_step_sft(tmp_path, model, **overrides) -> SFTConfig:
+    """Two SFT steps on four rows into tmp_path/o."""
     data = write_jsonl(
         tmp_path / "sft.jsonl", [{"prompt": f"{n} said", "completion": " hi."} for n in "abcd"]
     )
+    settings = dict(batch_size=2, max_steps=2, progress=False, save_steps=0, **overrides)
+    return SFTConfig(model=str(model), data=str(data), output_dir=str(tmp_path / "o"), **settings)
+
+
+def test_a_failing_report_does_not_lose_the_trained_model(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setattr(report, "write_report", lambda *a, **k: 1 / 0)
-    cfg = SFTConfig(
-        model=str(tiny_model_dir),
-        data=str(data),
-        output_dir=str(tmp_path / "o"),
-        batch_size=2,
-        max_steps=2,
-        progress=False,
-        save_steps=0,
-    )
     with pytest.warns(UserWarning, match="ZeroDivisionError"):
-        final = sft.train(cfg)
+        final = sft.train(two_step_sft(tmp_path, tiny_model_dir))
     assert (final / "model.safetensors").exists() and not (tmp_path / "o" / "report.html").exists()
 
 
@@ -278,21 +300,7 @@ def test_wandb_offline_run_writes_its_files_without_network(tmp_path, tiny_model
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    data = write_jsonl(
-        tmp_path / "sft.jsonl", [{"prompt": f"{n} said", "completion": " hi."} for n in "abcd"]
-    )
-    cfg = SFTConfig(
-        model=str(tiny_model_dir),
-        data=str(data),
-        output_dir=str(tmp_path / "o"),
-        batch_size=2,
-        max_steps=2,
-        progress=False,
-        save_steps=0,
-        report_to="wandb",
-        report=False,
-    )
-    sft.train(cfg)
+    sft.train(two_step_sft(tmp_path, tiny_model_dir, report_to="wandb", report=False))
     (path,) = (tmp_path / "o" / "wandb").glob("offline-run-*/*.wandb")
     history = wandb_history(path)
     metrics = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
