@@ -71,6 +71,7 @@ class Run:
     config: dict | None = None
     """config.yaml, parsed."""
     config_text: str = ""
+    """config.yaml as written (shown verbatim)."""
     evals: dict[str, dict] = field(default_factory=dict)
     """{'eval_report': {...}, 'demo_report': {...}}: the before/after reports present."""
     dropped: list[dict] = field(default_factory=list)
@@ -118,24 +119,36 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
     if (path / "config.yaml").is_file():
         run.config_text = (path / "config.yaml").read_text(encoding="utf-8")
         try:
-            run.config = yaml.safe_load(run.config_text) or {}
+            config = yaml.safe_load(run.config_text) or {}
         except yaml.YAMLError as e:
-            run.notes.append(f"{path / 'config.yaml'}: not valid YAML ({e}); shown as text")
+            config = f"not valid YAML ({e})"
+        if isinstance(config, dict):
+            run.config = config
+        else:
+            run.notes.append(f"{path / 'config.yaml'}: not a mapping of settings; shown as text only")
     for stem in EVAL_REPORTS:
         file = path / f"{stem}.json"
         if file.is_file():
             try:
-                run.evals[stem] = json.loads(file.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                run.notes.append(f"{file}: not valid JSON ({e}); left out")
+                evaluation = json.loads(file.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                evaluation = None  # e.g. being rewritten: eval writes it whole, via a temporary file
+            if isinstance(evaluation, dict):
+                run.evals[stem] = evaluation
+            else:
+                run.notes.append(f"{file}: not a JSON object; left out")
     if (path / "dropped_rows.jsonl").is_file():
         run.dropped, notes = read_jsonl(path / "dropped_rows.jsonl")
         run.notes += notes
     if (path / "data_stats.json").is_file():
         try:
-            run.data_stats = json.loads((path / "data_stats.json").read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            run.notes.append(f"{path / 'data_stats.json'}: not valid JSON ({e}); left out")
+            stats = json.loads((path / "data_stats.json").read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            stats = None
+        if isinstance(stats, dict):
+            run.data_stats = stats
+        else:
+            run.notes.append(f"{path / 'data_stats.json'}: not a JSON object; left out")
     if not run.config_text:  # an `alignkit eval` folder: its settings are in its report
         settings = next((r["config"] for r in run.evals.values() if isinstance(r.get("config"), dict)), None)
         if settings is not None:

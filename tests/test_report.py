@@ -74,6 +74,23 @@ def test_a_half_written_last_line_is_skipped_and_named(tmp_path):
     assert got == [{"step": 1}, {"step": 2}] and notes == [f"{path}:2: not a JSON object, skipped"]
 
 
+def test_unreadable_files_become_notes_not_errors(tmp_path):
+    run = fake_run(tmp_path, "run", 0.1, [0.7, 0.6])
+    (run / "eval_report.json").write_text('{"rewards": {')  # cut short
+    (run / "data_stats.json").write_text("[1, 2]")
+    (run / "config.yaml").write_text("- not\n- a mapping\n")
+    loaded = report.load_run(run)
+    assert loaded.evals == {} and loaded.data_stats is None and loaded.config is None
+    assert loaded.notes == [
+        f"{run / 'config.yaml'}: not a mapping of settings; shown as text only",
+        f"{run / 'eval_report.json'}: not a JSON object; left out",
+        f"{run / 'data_stats.json'}: not a JSON object; left out",
+    ]
+    path, notes = report.write_report([run], tmp_path / "page")
+    assert notes == loaded.notes or notes == [*loaded.notes, plots.MISSING]
+    assert "- a mapping" in path.read_text()  # the config is still shown as written
+
+
 def test_metrics_are_ordered_for_reading_and_one_offs_set_apart(tmp_path):
     run = report.load_run(fake_run(tmp_path, "a", 0.1, [0.7, 0.6, 0.5, 0.4]))
     curves, one_offs = report.metric_names([run])
