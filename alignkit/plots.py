@@ -51,6 +51,7 @@ def curve(title: str, lines: list[dict]) -> bytes:
     Non-finite values (a NaN loss) are left out of the line.
     """
     from matplotlib import rcParams
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = _axes()
     colors = rcParams["axes.prop_cycle"].by_key()["color"]
@@ -63,6 +64,7 @@ def curve(title: str, lines: list[dict]) -> bytes:
         if len(xs) == 1:
             style = {**style, "marker": "o", "markersize": 4}
         ax.plot(xs, ys, color=colors[line["color"] % len(colors)], label=line["label"], **style)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("step", fontsize=8)
     ax.tick_params(labelsize=7)

@@ -220,12 +220,10 @@ def summary(run: Run, one_offs: list[str]) -> dict[str, str]:
     step_times = [r[k] for r in train for k in STEP_TIME if is_number(r.get(k))]
     row["mean step time"] = f"{sum(step_times) / len(step_times):.3g} s" if step_times else "-"
     metrics, config = run.path / "metrics.jsonl", run.path / "config.yaml"
-    if metrics.is_file() and config.is_file() and train:
-        # From the resolved config (written at the start) to the last metrics line: the run's wall time
-        # including loading and set-up, for a crashed run too.
-        row["wall time"] = duration(metrics.stat().st_mtime - config.stat().st_mtime)
-    else:
-        row["wall time"] = "-"
+    # From the resolved config (written at the start) to the last metrics line: the run's wall time
+    # including loading and set-up, for a crashed run too (not for files copied without their times).
+    wall = metrics.stat().st_mtime - config.stat().st_mtime if metrics.is_file() and config.is_file() else -1
+    row["wall time"] = duration(wall) if train and wall > 0 else "-"
     rates = [r["tokens/s"] for r in train if is_number(r.get("tokens/s"))]
     row["tokens/s"] = f"{sum(rates) / len(rates):,.0f}" if rates else "-"
     for split, rows in (("train", train), ("eval", evals)):
