@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ class Command:
     config: type
     summary: str
     run: Callable
+    positional: str | None = None
+    """The list field that bare (not key=value) arguments fill, e.g. `alignkit report RUN_DIR ...`."""
 
 
 def _sft(cfg):
@@ -93,9 +96,16 @@ def _eval(cfg):
     return run(cfg)
 
 
+def _report(cfg):
+    from alignkit.report import run
+
+    return run(cfg)
+
+
 def _commands() -> dict[str, Command]:
     from alignkit.demo import DemoConfig
     from alignkit.evaluate import EvalConfig
+    from alignkit.report import ReportConfig
     from alignkit.rewards.score import ScoreConfig
 
     return {
@@ -128,6 +138,12 @@ def _commands() -> dict[str, Command]:
         "eval": Command(
             EvalConfig, "base vs aligned model on held-out prompts: rewards, win rate, KL, fluency", _eval
         ),
+        "report": Command(
+            ReportConfig,
+            "an HTML report (curves, tables, config) of one or more run directories",
+            _report,
+            "runs",
+        ),
     }
 
 
@@ -154,11 +170,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cmd = commands[name]
     if any(a in ("-h", "--help") for a in args):
-        print(f"usage: alignkit {name} [CONFIG.yaml] [key=value ...]\n\n{cmd.summary}\n\nfields:")
+        shape = f"{cmd.positional.upper()}..." if cmd.positional else "[CONFIG.yaml]"
+        print(f"usage: alignkit {name} {shape} [key=value ...]\n\n{cmd.summary}\n\nfields:")
         print(describe(cmd.config))
         return 0
     path = None
-    if args and "=" not in args[0]:
+    if cmd.positional:  # alignkit report RUN_DIR [RUN_DIR ...] [key=value ...]
+        bare = [a for a in args if "=" not in a]
+        args = [a for a in args if "=" in a] + ([f"{cmd.positional}={json.dumps(bare)}"] if bare else [])
+    elif args and "=" not in args[0]:
         path, args = args[0], args[1:]
     try:
         cfg = load_config(cmd.config, path, args)

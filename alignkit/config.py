@@ -152,6 +152,10 @@ class TrainConfig:
     """Where tokenised data and reference log-probs are cached (default: output_dir/cache)."""
     progress: bool = True
     """Show a console progress bar."""
+    report: bool = True
+    """Write output_dir/report.html (curves, tables, config; docs/reports.md) when the run ends."""
+    report_to: str = "none"
+    """Also log metrics to an experiment tracker through accelerate: none, tensorboard or wandb."""
 
 
 @dataclass

@@ -28,7 +28,7 @@ class DemoConfig:
     """The demo's settings; the defaults are the documented run."""
 
     output_dir: str = "runs/demo"
-    """Where the DPO run, the final model and demo_report.json / demo_report.md are written."""
+    """Where the DPO run, the final model, demo_report.json / demo_report.md and report.html are written."""
     model: str = str(DEMO_MODEL)
     """Policy to align (default: the shipped TinyStories-656K)."""
     data: str = str(DEMO_PAIRS)
@@ -62,6 +62,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from alignkit.config import DPOConfig
     from alignkit.evaluate import compare_policies, format_markdown, write_reports
     from alignkit.models import load_causal_lm, load_tokenizer
+    from alignkit.report import report_after_run
     from alignkit.rewards import RewardSet
 
     dpo = DPOConfig(
@@ -80,6 +81,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         eval_steps=10**9,
         save_steps=50,
         progress=cfg.progress,
+        report=False,  # written below, once the evaluation is on disk too
     )
     print(f"alignkit demo: DPO on {cfg.data} with {cfg.model}")
     final = train(dpo)
@@ -103,4 +105,5 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(format_markdown(report))
     json_path, md_path = write_reports(report, cfg.output_dir, stem="demo_report")
     print(f"report written to {json_path} and {md_path}")
+    report_after_run(cfg.output_dir, force=True)  # prints "report written to .../report.html"
     return report

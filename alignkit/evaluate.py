@@ -476,8 +476,8 @@ def _check(cfg: EvalConfig) -> None:
 
 
 def run(cfg: EvalConfig) -> dict:
-    """`alignkit eval`: validates, loads, compares, writes output_dir/eval_report.{json,md}, prints the
-    Markdown; returns the report (with the resolved config under "config")."""
+    """`alignkit eval`: validates, loads, compares, writes output_dir/eval_report.{json,md} and report.html,
+    prints the Markdown; returns the report (with the resolved config under "config")."""
     from alignkit.models import load_causal_lm, load_tokenizer
 
     _check(cfg)
@@ -518,4 +518,7 @@ def run(cfg: EvalConfig) -> dict:
     json_path, md_path = write_reports(report, cfg.output_dir)
     print(md_path.read_text(encoding="utf-8"))
     print(f"reports written to {json_path} and {md_path}")
+    from alignkit.report import report_after_run
+
+    report_after_run(cfg.output_dir)  # the HTML page, with the before/after chart
     return report

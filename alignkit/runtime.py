@@ -29,6 +29,7 @@ import torch
 
 from alignkit.checkpoint import Checkpointer, Frozen
 from alignkit.config import TrainConfig
+from alignkit.tracking import check_report_to, finish_trackers, log_record, start_trackers
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 
@@ -64,7 +65,7 @@ def resolve_mixed_precision(setting: str) -> str:
 
 
 def make_accelerator(cfg: TrainConfig):
-    """An accelerate Accelerator for the config (mixed precision, seeding).
+    """An accelerate Accelerator for the config (mixed precision, seeding, `report_to` trackers).
 
     Launched as several processes (`torchrun`, `accelerate launch`) on a machine without CUDA, the
     processes join one gloo process group (accelerate's `cpu=True`); without it each process would
@@ -82,7 +83,13 @@ def make_accelerator(cfg: TrainConfig):
     if hasattr(AcceleratorState, "_reset_state"):
         AcceleratorState._reset_state(reset_partial_state=False)
     distributed_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=distributed_cpu)
+    tracked = check_report_to(cfg.report_to)
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        cpu=distributed_cpu,
+        log_with=cfg.report_to if tracked else None,
+        project_dir=cfg.output_dir if tracked else None,
+    )
     set_seed(cfg.seed)
     return accelerator
 
@@ -99,6 +106,7 @@ def start_run(cfg: TrainConfig):
     output_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
         save_config(cfg, output_dir)
+    start_trackers(accelerator, cfg)
     return accelerator, log, output_dir
 
 
@@ -255,7 +263,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps: int):
 
 
 class MetricsLogger:
-    """Appends one JSON object per line to output_dir/metrics.jsonl (main process only)."""
+    """Appends one JSON object per line to output_dir/metrics.jsonl (main process only), and sends the same
+    numbers to the run's `report_to` tracker (`tracking.log_record`) when start_run started one."""
 
     def __init__(self, output_dir: Path, enabled: bool = True, resume_step: int | None = None):
         self.path = Path(output_dir) / "metrics.jsonl"
@@ -276,6 +285,7 @@ class MetricsLogger:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            log_record(self.path.parent, record)
 
 
 def _as_tensor(value, device) -> torch.Tensor:
@@ -495,7 +505,8 @@ def evaluate_in_batches(
 
 
 def save_final(accelerator, model, tokenizer, output_dir: Path, merge_lora: bool, log=print) -> Path:
-    """Save the trained model (save_pretrained, safetensors) to output_dir/final on the main process.
+    """Save the trained model (save_pretrained, safetensors) to output_dir/final on the main process, then
+    end the run (`finish_run`: trackers closed, report written). Every training command ends here.
 
     model: the prepared module `fit` returned (a BatchForward around the model) or the model itself."""
     from alignkit.models import BatchForward, save_model
@@ -511,7 +522,18 @@ def save_final(accelerator, model, tokenizer, output_dir: Path, merge_lora: bool
         save_model(inner, tokenizer, final, merge_lora=merge_lora, state_dict=state_dict)
         log(f"final model saved to {final}")
     accelerator.wait_for_everyone()
+    finish_run(accelerator, output_dir, log)
     return final
+
+
+def finish_run(accelerator, output_dir: Path, log=print) -> None:
+    """Close the run's trackers and, on the main process, write output_dir/report.html unless the run's
+    saved config says report=false. A report that fails warns and returns: the saved run is never lost."""
+    finish_trackers(accelerator)
+    if accelerator.is_main_process:
+        from alignkit.report import report_after_run
+
+        report_after_run(output_dir, log)
 
 
 def sharded(accelerator) -> bool:

@@ -21,3 +21,10 @@ def test_demo_raises_sentiment_and_keeps_text_fluent(tmp_path, capsys):
     # what was evaluated is what was shipped: the saved model folder
     assert (out / "final" / "model.safetensors").exists()
     assert (out / "demo_report.md").read_text() in printed
+    # it ends with the HTML report (curves, the before/after table) and says where it is
+    assert printed.rstrip().endswith(f"report written to {out / 'report.html'}")
+    page = (out / "report.html").read_text()
+    assert (
+        f'<td class="num">{sentiment["base"]["mean"]:+.3f} ± {sentiment["base"]["stderr"]:.3f}</td>' in page
+    )
+    assert "finished (final model saved)" in page

@@ -39,9 +39,8 @@ from alignkit.models import (
     is_encoder,
     load_reward_model,
     load_tokenizer,
-    save_model,
 )
-from alignkit.runtime import evaluate_in_batches, fit, start_run
+from alignkit.runtime import evaluate_in_batches, fit, save_final, start_run
 
 BACKBONES = ("auto", "causal", "encoder")
 
@@ -281,14 +280,10 @@ def train(cfg: RewardConfig) -> Path:
         lengths=[length(e) for e in train_examples] if cfg.group_by_length else None,
     )
 
-    final = output_dir / "final"
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        tokenizer.truncation_side = "left"  # over max_length, users' texts lose prompt, not response
-        save_model(accelerator.unwrap_model(prepared).model, tokenizer, final, merge_lora=cfg.lora.merge)
-        log(
-            f"reward model saved to {final}; score with {{type: classifier, model: {final}, "
-            f'text: "{{prompt}}{{response}}", max_length: {cfg.max_length}}}'
-        )
-    accelerator.wait_for_everyone()
+    tokenizer.truncation_side = "left"  # over max_length, users' texts lose prompt, not response
+    final = save_final(accelerator, prepared, tokenizer, output_dir, cfg.lora.merge, log)
+    log(
+        f"score with the reward model as {{type: classifier, model: {final}, "
+        f'text: "{{prompt}}{{response}}", max_length: {cfg.max_length}}}'
+    )
     return final

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -64,6 +66,7 @@ def _prepare(cfg, tokenizer, load_rows, tokenize_rows, kind: str, log=print) -> 
         return out
 
     data = cached(cache_dir(cfg) / f"{kind}-{key}.json", build)
+    write_data_stats(cfg.output_dir, data)
     if data["dropped"]:
         shown = "\n  ".join(data["dropped"][:10])
         more = f"\n  ... and {len(data['dropped']) - 10} more" if len(data["dropped"]) > 10 else ""
@@ -79,6 +82,18 @@ def _prepare(cfg, tokenizer, load_rows, tokenize_rows, kind: str, log=print) -> 
     if not data["train"]:
         raise ValueError(f"{cfg.data}: no training examples left after tokenisation and truncation")
     return data["train"], data["eval"]
+
+
+def write_data_stats(output_dir: str | Path, data: dict) -> None:
+    """output_dir/data_stats.json: rows per split, rows dropped, prompts and completions truncated (the
+    run's report shows it)."""
+    stats = {name: data[f"{name}_stats"] for name in ("train", "eval")}
+    stats["unusable rows"] = len(data["dropped"])
+    path = Path(output_dir) / "data_stats.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".data_stats.{os.getpid()}.tmp")  # every process writes the same numbers
+    tmp.write_text(json.dumps(stats, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def prepare_preference_data(cfg, tokenizer, log=print) -> tuple[list[dict], list[dict]]:
