@@ -53,6 +53,8 @@ class DemoConfig:
     """How many held-out openings to evaluate on (at most the file's count)."""
     progress: bool = True
     """Show a progress bar while training."""
+    overwrite: bool = False
+    """Replace an earlier demo run in output_dir (without it, a used output_dir is an error)."""
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -80,6 +82,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         eval_steps=10**9,
         save_steps=50,
         progress=cfg.progress,
+        overwrite=cfg.overwrite,
     )
     print(f"alignkit demo: DPO on {cfg.data} with {cfg.model}")
     final = train(dpo)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from alignkit.checkpoint import Checkpointer
-from alignkit.config import ConfigError, GRPOConfig, TrainConfig
+from alignkit.config import ConfigError, GRPOConfig, TrainConfig, validate
 from alignkit.data.prepare import _split_eval
 from alignkit.data.prompts import load_prompt_rows
 from alignkit.logprobs import completion_logps
@@ -79,10 +79,7 @@ def check_settings(cfg: GRPOConfig) -> str:
             f"minibatch_size={minibatch} must divide the rollout (batch_size x num_generations = {rollout}) "
             f"and be a multiple of grad_accum={cfg.grad_accum}"
         )
-    if cfg.ppo_epochs < 1 or cfg.epsilon <= 0 or (cfg.epsilon_high is not None and cfg.epsilon_high <= 0):
-        raise ConfigError("ppo_epochs must be >= 1 and epsilon, epsilon_high > 0")
-    if cfg.beta < 0:
-        raise ConfigError(f"beta={cfg.beta} must be >= 0 (0 = no KL penalty and no reference)")
+    validate(cfg)  # the ranges of every field (config.RANGES), also when built in Python
     if cfg.beta > 0:
         if cfg.reference.mode == "precomputed":
             raise ConfigError(
@@ -272,7 +269,7 @@ def train(cfg: GRPOConfig) -> Path:
         cfg.generation_batch_size,
     )
 
-    checkpointer = Checkpointer(output_dir, cfg.save_total_limit)
+    checkpointer = Checkpointer.for_run(cfg)
 
     def named() -> dict:
         return {

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config import ConfigError
+from alignkit.config import RANGES, ConfigError, above, at_least, validate
 from alignkit.data.chat import json_type
 from alignkit.data.readers import DataError, Problems, read_records
 from alignkit.rewards.compose import RewardSet
@@ -49,6 +49,18 @@ class ScoreConfig:
     """Rows handed to the reward sources at once (each source batches within it as it needs)."""
     progress: bool = True
     """Show a console progress bar."""
+    overwrite: bool = False
+    """Replace `output` and its summary when they exist (without it, that is an error)."""
+
+
+RANGES[ScoreConfig] = {"batch_size": at_least(1), "clip": above(0)}
+
+
+def summary_path(output: str | Path) -> Path:
+    """Where the summary of `output` goes: beside it, `.summary.json` for its suffix (scored.jsonl ->
+    scored.summary.json)."""
+    output = Path(output)
+    return output.with_name(output.stem + ".summary.json")
 
 
 def read_pairs(cfg: ScoreConfig) -> tuple[list[dict], list[str], list[str]]:
@@ -103,8 +115,13 @@ def run(cfg: ScoreConfig) -> dict:
         )
     if not cfg.data or not cfg.output:
         raise ConfigError("set data=<rows to score> and output=<scored .jsonl>")
-    if cfg.batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    validate(cfg)
+    existing = [str(p) for p in (Path(cfg.output), summary_path(cfg.output)) if p.exists()]
+    if existing and not cfg.overwrite:
+        raise ConfigError(
+            f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: set overwrite=true "
+            "to replace, or choose another output"
+        )
     for i, spec in enumerate(cfg.rewards):
         parse_spec(spec, f"rewards[{i}]")  # cheap: a typo in the config fails before the data is read
     rows, prompts, responses = read_pairs(cfg)  # bad rows fail before any model is loaded
@@ -159,6 +176,7 @@ def run(cfg: ScoreConfig) -> dict:
         "counters": counters,
         "config": asdict(cfg),
     }
-    summary_path = output.with_name(output.stem + ".summary.json")
-    summary_path.write_text(json.dumps(report, indent=2) + "\n")
+    summary_file = summary_path(output)
+    summary_file.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nsummary written to {summary_file}")
     return report
