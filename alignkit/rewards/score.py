@@ -2,8 +2,8 @@
 
     alignkit score examples/rewards.yaml data=examples/responses.jsonl output=scored.jsonl
 
-writes every input row with a `score_<name>` column per source, `reward` (the composed total) and a
-`violated_<name>` flag per constraint cost, then prints per-source statistics (mean, std, quantiles)
+writes every input row with a `score_<name>` column per source, `reward` (the composed total), a
+`violated_<name>` flag per constraint cost and a `fallback_<name>` flag per judge (the row got its fallback), then prints per-source statistics (mean, std, quantiles)
 and writes them, with the resolved config and the sources' counters, to `<output>.summary.json`.
 """
 
@@ -132,10 +132,14 @@ def run(cfg: ScoreConfig) -> dict:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="scoring", unit="batch")
-    batches = [
-        reward_set.score_sources(prompts[i : i + cfg.batch_size], responses[i : i + cfg.batch_size])
-        for i in starts
-    ]
+    batches, fallbacks = [], {}
+    for i in starts:
+        batches.append(
+            reward_set.score_sources(prompts[i : i + cfg.batch_size], responses[i : i + cfg.batch_size])
+        )
+        for source in reward_set.sources:  # judges say which rows got their fallback score
+            if hasattr(source, "last_fallbacks"):
+                fallbacks.setdefault(source.name, []).extend(source.last_fallbacks)
     scores = {name: torch.cat([b[name] for b in batches]) for name in batches[0]}
     # Composed over all rows at once, so that normalisation uses the statistics of the whole file.
     out = reward_set.compose(scores)
@@ -151,6 +155,8 @@ def run(cfg: ScoreConfig) -> dict:
             scored["reward"] = _json_number(float(out.total[i]))
             for name, flags in out.violated.items():
                 scored[f"violated_{name}"] = bool(flags[i])
+            for name, flags in fallbacks.items():
+                scored[f"fallback_{name}"] = flags[i]
             f.write(json.dumps(scored, ensure_ascii=False) + "\n")
     tmp.replace(output)  # a crash never leaves a half-written output behind
 
@@ -168,7 +174,12 @@ def run(cfg: ScoreConfig) -> dict:
     for name, counts in counters.items():
         print(f"\n{name}: " + ", ".join(f"{k} {v:g}" for k, v in sorted(counts.items())))
         if counts.get("fallbacks"):
-            print(f"  warning: {counts['fallbacks']:g} rows got the fallback score (no valid score parsed)")
+            errors = counts.get("fallbacks_error", 0)
+            print(
+                f"  warning: {counts['fallbacks']:g} of {len(rows)} rows got the fallback score "
+                f"({counts['fallbacks'] - errors:g} without a valid score, {errors:g} after judge errors); "
+                f"they are marked fallback_{name}: true in {output}"
+            )
     report = {
         "rows": len(rows),
         "sources": summary,
