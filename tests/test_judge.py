@@ -474,6 +474,7 @@ def test_on_error_fallback_finishes_the_file_and_marks_the_rows(server, tmp_path
     assert (counters["fallbacks"], counters["fallbacks_error"]) == (2, 2)
     # the default stops at such a row; a bad key stops even with on_error=fallback: every row would fail
     config.write_text(json.dumps({"rewards": [judge_spec(server, max_retries=0)]}))
+    data.write_text("".join(json.dumps({"prompt": "Text.", "response": r}) + "\n" for r in responses[:2]))
     assert main(["score", str(config), f"data={data}", f"output={output}", "overwrite=true"]) == 1
     assert "failed 1 times" in capsys.readouterr().err
     data.write_text(json.dumps({"prompt": "Text.", "response": "[401]"}) + "\n")
