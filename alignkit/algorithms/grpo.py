@@ -21,7 +21,8 @@ import torch
 
 from alignkit.checkpoint import Checkpointer
 from alignkit.config import ConfigError, GRPOConfig, TrainConfig, validate
-from alignkit.data.prepare import _split_eval
+from alignkit.data.checks import unknown_text_rows
+from alignkit.data.prepare import _split_eval, bad_rows_list, report_dropped
 from alignkit.data.prompts import load_prompt_rows
 from alignkit.logprobs import completion_logps
 from alignkit.losses.policy import (
@@ -217,11 +218,15 @@ def train(cfg: GRPOConfig) -> Path:
 
     # Prompts: validated (file:line:field) and tokenised before any model loads.
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
-    rows = load_prompt_rows(cfg.data, cfg.data_split, tokenizer)
+    skipped = bad_rows_list(cfg)
+    rows = load_prompt_rows(cfg.data, cfg.data_split, tokenizer, skipped)
     if cfg.eval_data:
-        train_rows, eval_rows = rows, load_prompt_rows(cfg.eval_data, cfg.eval_split, tokenizer)
+        train_rows, eval_rows = rows, load_prompt_rows(cfg.eval_data, cfg.eval_split, tokenizer, skipped)
     else:
         train_rows, eval_rows = _split_eval(rows, cfg.eval_fraction, cfg.seed)
+    report_dropped(cfg, skipped or [], log)
+    for warning in unknown_text_rows(rows, tokenizer):
+        log(warning)
     prompt_ids, cut = encode_prompts(train_rows, tokenizer, cfg.max_prompt_length)
     eval_ids, eval_cut = encode_prompts(eval_rows, tokenizer, cfg.max_prompt_length)
     log(

@@ -18,7 +18,7 @@ import torch
 
 from alignkit.config import RANGES, ConfigError, above, at_least, validate
 from alignkit.data.chat import json_type
-from alignkit.data.readers import DataError, Problems, read_records
+from alignkit.data.readers import DataError, Problems, line_ranges, read_records
 from alignkit.rewards.compose import RewardSet
 from alignkit.rewards.registry import parse_spec
 
@@ -65,8 +65,8 @@ def summary_path(output: str | Path) -> Path:
 
 def read_pairs(cfg: ScoreConfig) -> tuple[list[dict], list[str], list[str]]:
     """(records, prompts, responses); every bad row is reported at once as file:line: field: problem."""
-    records = read_records(cfg.data, cfg.data_split)
     problems = Problems(cfg.data)
+    records = read_records(cfg.data, cfg.data_split, problems)
     for line, record in records:
         for key in (cfg.prompt_field, cfg.response_field):
             value = record.get(key)
@@ -77,6 +77,17 @@ def read_pairs(cfg: ScoreConfig) -> tuple[list[dict], list[str], list[str]]:
     problems.raise_if_any()
     if not records:
         raise DataError("no rows to score (the source is empty)", cfg.data)
+    empty = [n for n, r in records if not r[cfg.response_field].strip()]
+    if empty:
+        print(
+            f"warning: {len(empty)} rows have an empty '{cfg.response_field}' ({cfg.data}:{line_ranges(empty)})"
+        )
+    seen: dict[tuple[str, str], int] = {}
+    repeats = [n for n, r in records if seen.setdefault((r[cfg.prompt_field], r[cfg.response_field]), n) != n]
+    if repeats:
+        print(
+            f"warning: {len(repeats)} rows repeat an earlier row's prompt and response ({cfg.data}:{line_ranges(repeats)})"
+        )
     rows = [r for _, r in records]
     return rows, [r[cfg.prompt_field] for r in rows], [r[cfg.response_field] for r in rows]
 
