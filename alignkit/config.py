@@ -370,13 +370,17 @@ class Range:
         return above and below and not (isinstance(value, float) and math.isnan(value))
 
     def __str__(self) -> str:
+        def num(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
         if self.high == math.inf:
-            text = f"{'>' if self.low_open else '>='} {self.low:g}"
+            text = f"{'>' if self.low_open else '>='} {num(self.low)}"
         elif self.low == -math.inf:
-            text = f"{'<' if self.high_open else '<='} {self.high:g}"
+            text = f"{'<' if self.high_open else '<='} {num(self.high)}"
         else:
-            text = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-        return text + "".join(f" or {v:g}" for v in self.also)
+            brackets = ("(" if self.low_open else "[", ")" if self.high_open else "]")
+            text = f"in {brackets[0]}{num(self.low)}, {num(self.high)}{brackets[1]}"
+        return text + "".join(f" or {num(v)}" for v in self.also)
 
 
 def at_least(low: float, *also) -> Range:

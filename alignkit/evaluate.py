@@ -35,7 +35,7 @@ from alignkit.config import RANGES, ConfigError, at_least, between, validate
 from alignkit.data.prompts import load_prompt_rows
 from alignkit.generation import eos_ids, sample
 from alignkit.logprobs import completion_logps
-from alignkit.models import DTYPES
+from alignkit.models import DTYPES, check_model_source
 from alignkit.rewards.compose import RewardSet
 from alignkit.rewards.registry import parse_spec
 from alignkit.rewards.rules import vader_compound
@@ -477,7 +477,6 @@ def _check(cfg: EvalConfig) -> None:
     if missing:
         raise ConfigError(f"set {', '.join(f'{k}=...' for k in missing)} (see alignkit eval --help)")
     validate(cfg)
-    claim_output_dir(cfg.output_dir, overwrite=cfg.overwrite, patterns=("eval_report.json", "eval_report.md"))
     if not isinstance(cfg.rewards, list) or not cfg.rewards:
         raise ConfigError("'rewards': expected a non-empty list of reward sources, e.g. [{type: vader}]")
     for i, spec in enumerate(cfg.rewards):
@@ -491,6 +490,9 @@ def run(cfg: EvalConfig) -> dict:
 
     _check(cfg)
     prompts = read_prompts(cfg.prompts)  # bad rows fail before any model is loaded
+    for key in ("base_model", "model"):
+        check_model_source(getattr(cfg, key), key)
+    claim_output_dir(cfg.output_dir, overwrite=cfg.overwrite, patterns=("eval_report.json", "eval_report.md"))
     if cfg.num_prompts:
         prompts = prompts[: cfg.num_prompts]
     rewards = RewardSet.from_specs(cfg.rewards)

@@ -72,3 +72,16 @@ def test_ctrl_c_during_set_up_is_one_line_and_exit_130(tmp_path, rows, tiny_mode
     monkeypatch.setattr(sft, "load_policy", interrupted)  # Ctrl-C while the model loads
     argv = ["sft", f"model={tiny_model_dir}", f"data={rows}", f"output_dir={tmp_path}/o", "progress=false"]
     assert one_line_error(capsys, argv, code=130) == "alignkit sft: interrupted"
+
+
+def test_eval_names_the_missing_model_and_keeps_an_earlier_report(tmp_path, tiny_model_dir, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Once"}\n')
+    args = ["eval", f"prompts={prompts}", f"output_dir={tmp_path}"]
+    line = one_line_error(capsys, [*args, f"base_model={tmp_path}/base", f"model={tiny_model_dir}"])
+    assert line.startswith(f"alignkit eval: error: base_model: {tmp_path}/base does not exist")
+    (tmp_path / "eval_report.json").write_text("{}")
+    line = one_line_error(capsys, [*args, f"base_model={tiny_model_dir}", f"model={tiny_model_dir}"])
+    assert (
+        f"output_dir {tmp_path} already holds a run (eval_report.json)" in line and "overwrite=true" in line
+    )
