@@ -86,6 +86,8 @@ def test_score_warns_about_empty_and_repeated_responses(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"warning: 2 rows have an empty 'response' ({data}:2, 4)" in printed
     assert f"warning: 1 rows repeat an earlier row's prompt and response ({data}:3)" in printed
+    assert f"summary written to {tmp_path / 's.summary.json'}" in printed  # where docs/rewards.md says
+    assert (tmp_path / "s.summary.json").is_file()
 
 
 def test_prompt_rows_can_be_skipped(tmp_path):
