@@ -14,8 +14,9 @@ Layout of checkpoints/checkpoint-<step>/:
     state.json           the step, Python's random state, the run's fingerprint and the caller's JSON `extra`
 
 The fingerprint (`run_fingerprint`) is every setting that shapes what is trained (model, data, loss and its
-parameters, learning rate, batch sizes, seed, ...), so that resuming under different ones is an error
-naming them, not a run spliced from two.
+parameters, learning rate, batch sizes, seed, ...), read from the run's output_dir/config.yaml (which
+`runtime.start_run` writes), so that resuming under different ones is an error naming them, not a run
+spliced from two; every loop that checkpoints through a Checkpointer gets this without doing anything.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from alignkit.config import _load_yaml as load_yaml
 from alignkit.config import config_to_dict
 
 # Settings that do not change what a run trains: where and how often it writes, how long it runs (a resumed
@@ -58,7 +60,8 @@ NOT_FINGERPRINTED = frozenset(
 
 
 def run_fingerprint(cfg) -> dict:
-    """{dotted key: value} of every setting of the config `cfg` that shapes training (see NOT_FINGERPRINTED)."""
+    """{dotted key: value} of every setting that shapes training (see NOT_FINGERPRINTED), of a config or of
+    its mapping as config.yaml holds it."""
     flat: dict = {}
 
     def walk(mapping: dict, prefix: str) -> None:
@@ -68,7 +71,7 @@ def run_fingerprint(cfg) -> dict:
             elif prefix + key not in NOT_FINGERPRINTED:
                 flat[prefix + key] = value
 
-    walk(config_to_dict(cfg), "")
+    walk(cfg if isinstance(cfg, dict) else config_to_dict(cfg), "")
     return json.loads(json.dumps(flat))  # as it reads back from state.json (tuples become lists)
 
 
@@ -81,6 +84,14 @@ def fingerprint_differences(saved: dict, current: dict) -> list[str]:
         for k in keys
         if saved.get(k, missing) != current.get(k, missing)
     ]
+
+
+def saved_fingerprint(output_dir: Path) -> dict | None:
+    """The fingerprint of the run whose resolved config is output_dir/config.yaml (None without one)."""
+    path = Path(output_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    return run_fingerprint(load_yaml(path.read_text()) or {})
 
 
 def check_fingerprint(path: Path, current: dict | None) -> None:
@@ -131,17 +142,9 @@ def sorted_checkpoints(root: Path) -> list[Path]:
 class Checkpointer:
     """Writes and restores checkpoints of named state under output_dir/checkpoints (see module doc)."""
 
-    def __init__(self, output_dir: Path, keep: int, fingerprint: dict | None = None):
+    def __init__(self, output_dir: Path, keep: int):
         self.root = Path(output_dir) / "checkpoints"
         self.keep = max(keep, 1)
-        self.fingerprint = (
-            fingerprint  # the run's `run_fingerprint`: saved in each checkpoint, checked by load
-        )
-
-    @classmethod
-    def for_run(cls, cfg) -> Checkpointer:
-        """The checkpointer of a training config: output_dir/checkpoints, save_total_limit, its fingerprint."""
-        return cls(cfg.output_dir, cfg.save_total_limit, run_fingerprint(cfg))
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or None."""
@@ -167,8 +170,9 @@ class Checkpointer:
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
         record = {"step": step, "python_random": random.getstate(), **(extra or {})}
-        if self.fingerprint is not None:
-            record["fingerprint"] = self.fingerprint
+        fingerprint = saved_fingerprint(self.root.parent)  # the run's config.yaml, written by start_run
+        if fingerprint is not None:
+            record["fingerprint"] = fingerprint
         (tmp / "state.json").write_text(json.dumps(record))
         follow_umask(tmp)
         shutil.rmtree(final, ignore_errors=True)
@@ -184,7 +188,7 @@ class Checkpointer:
         An object the checkpoint lacks, a model weight the model lacks, or settings that shape training other
         than this run's fingerprint, is an error: a checkpoint of another run or model must not be half-loaded.
         """
-        check_fingerprint(path, self.fingerprint)
+        check_fingerprint(path, saved_fingerprint(self.root.parent))
         for name, obj in state.items():
             if _is_model(obj):
                 file = path / f"{name}.safetensors"

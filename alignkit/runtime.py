@@ -84,10 +84,14 @@ def start_run(cfg: TrainConfig):
     Before anything loads: the settings are range-checked, the model folders checked, and output_dir
     claimed (`claim_run_dir`). `log` prints on the main process only.
     """
-    from alignkit.config import save_config, validate
+    from alignkit.config import ConfigError, save_config, validate
     from alignkit.models import check_run_sources
 
     validate(cfg)
+    if cfg.on_bad_rows == "skip" and hasattr(cfg, "max_new_tokens"):  # until online prompts pass `skipped`
+        raise ConfigError(
+            "on_bad_rows=skip is not available for online training yet: fix the prompt rows listed"
+        )
     check_run_sources(cfg)
     accelerator = make_accelerator(cfg)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
@@ -411,7 +415,7 @@ def fit(
     steps = total_steps(cfg, order)
     optimizer, scheduler = make_optimizer(model, cfg, steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    checkpointer = Checkpointer.for_run(cfg)
+    checkpointer = Checkpointer(output_dir, cfg.save_total_limit)
 
     def named(loop_state=None) -> dict:
         out = {"model": accelerator.unwrap_model(model), "optimizer": optimizer, "scheduler": scheduler}

@@ -102,3 +102,16 @@ def test_prompt_rows_can_be_skipped(tmp_path):
     skipped = []
     assert [r.line for r in load_prompt_rows(str(listed), skipped=skipped)] == [1, 3]
     assert [d.line for d in skipped] == [2]
+
+
+def test_online_training_refuses_skip_rather_than_ignoring_it(tmp_path, tiny_model_dir, capsys):
+    prompts = write_lines(tmp_path / "prompts.jsonl", [{"prompt": "A"}])
+    args = [
+        "grpo",
+        f"model={tiny_model_dir}",
+        f"data={prompts}",
+        "rewards=[{type: vader}]",
+        "on_bad_rows=skip",
+    ]
+    assert main([*args, f"output_dir={tmp_path}/o"]) == 1
+    assert "on_bad_rows=skip is not available for online training yet" in capsys.readouterr().err

@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 
 from alignkit.checkpoint import Checkpointer
-from alignkit.config import ConfigError, GRPOConfig, TrainConfig, validate
-from alignkit.data.checks import unknown_text_rows
-from alignkit.data.prepare import _split_eval, bad_rows_list, report_dropped
+from alignkit.config import ConfigError, GRPOConfig, TrainConfig
+from alignkit.data.prepare import _split_eval
 from alignkit.data.prompts import load_prompt_rows
 from alignkit.logprobs import completion_logps
 from alignkit.losses.policy import (
@@ -80,7 +79,10 @@ def check_settings(cfg: GRPOConfig) -> str:
             f"minibatch_size={minibatch} must divide the rollout (batch_size x num_generations = {rollout}) "
             f"and be a multiple of grad_accum={cfg.grad_accum}"
         )
-    validate(cfg)  # the ranges of every field (config.RANGES), also when built in Python
+    if cfg.ppo_epochs < 1 or cfg.epsilon <= 0 or (cfg.epsilon_high is not None and cfg.epsilon_high <= 0):
+        raise ConfigError("ppo_epochs must be >= 1 and epsilon, epsilon_high > 0")
+    if cfg.beta < 0:
+        raise ConfigError(f"beta={cfg.beta} must be >= 0 (0 = no KL penalty and no reference)")
     if cfg.beta > 0:
         if cfg.reference.mode == "precomputed":
             raise ConfigError(
@@ -218,15 +220,11 @@ def train(cfg: GRPOConfig) -> Path:
 
     # Prompts: validated (file:line:field) and tokenised before any model loads.
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
-    skipped = bad_rows_list(cfg)
-    rows = load_prompt_rows(cfg.data, cfg.data_split, tokenizer, skipped)
+    rows = load_prompt_rows(cfg.data, cfg.data_split, tokenizer)
     if cfg.eval_data:
-        train_rows, eval_rows = rows, load_prompt_rows(cfg.eval_data, cfg.eval_split, tokenizer, skipped)
+        train_rows, eval_rows = rows, load_prompt_rows(cfg.eval_data, cfg.eval_split, tokenizer)
     else:
         train_rows, eval_rows = _split_eval(rows, cfg.eval_fraction, cfg.seed)
-    report_dropped(cfg, skipped or [], log)
-    for warning in unknown_text_rows(rows, tokenizer):
-        log(warning)
     prompt_ids, cut = encode_prompts(train_rows, tokenizer, cfg.max_prompt_length)
     eval_ids, eval_cut = encode_prompts(eval_rows, tokenizer, cfg.max_prompt_length)
     log(
@@ -274,7 +272,7 @@ def train(cfg: GRPOConfig) -> Path:
         cfg.generation_batch_size,
     )
 
-    checkpointer = Checkpointer.for_run(cfg)
+    checkpointer = Checkpointer(output_dir, cfg.save_total_limit)
 
     def named() -> dict:
         return {
