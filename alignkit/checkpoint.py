@@ -11,18 +11,102 @@ Layout of checkpoints/checkpoint-<step>/:
     <name>.safetensors   a model's trainable parameters (frozen ones come from the model's own weights)
     <name>.pt            any other object's state_dict (loaded with weights_only=True)
     rng.pt               torch (and CUDA) generator states
-    state.json           the step, Python's random state, and the caller's JSON `extra`
+    state.json           the step, Python's random state, the run's fingerprint and the caller's JSON `extra`
+
+The fingerprint (`run_fingerprint`) is every setting that shapes what is trained (model, data, loss and its
+parameters, learning rate, batch sizes, seed, ...), read from the run's output_dir/config.yaml (which
+`runtime.start_run` writes), so that resuming under different ones is an error naming them, not a run
+spliced from two; every loop that checkpoints through a Checkpointer gets this without doing anything.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from alignkit.config import _load_yaml as load_yaml
+from alignkit.config import config_to_dict
+
+# Settings that do not change what a run trains: where and how often it writes, how long it runs (a resumed
+# run may extend max_steps or epochs), the progress bar and memory-only knobs. Everything else is in the
+# fingerprint; a new setting is in it unless named here.
+NOT_FINGERPRINTED = frozenset(
+    {
+        "output_dir",
+        "cache_dir",
+        "resume",
+        "overwrite",
+        "progress",
+        "logging_steps",
+        "eval_steps",
+        "save_steps",
+        "save_total_limit",
+        "max_steps",
+        "epochs",
+        "logprob_chunk_size",
+        "generation_batch_size",
+        "gradient_checkpointing",
+        "on_bad_rows",
+        "report",
+        "report_to",
+    }
+)
+
+
+def run_fingerprint(cfg) -> dict:
+    """{dotted key: value} of every setting that shapes training (see NOT_FINGERPRINTED), of a config or of
+    its mapping as config.yaml holds it."""
+    flat: dict = {}
+
+    def walk(mapping: dict, prefix: str) -> None:
+        for key, value in mapping.items():
+            if isinstance(value, dict) and value and prefix + key not in NOT_FINGERPRINTED:
+                walk(value, f"{prefix}{key}.")
+            elif prefix + key not in NOT_FINGERPRINTED:
+                flat[prefix + key] = value
+
+    walk(cfg if isinstance(cfg, dict) else config_to_dict(cfg), "")
+    return json.loads(json.dumps(flat))  # as it reads back from state.json (tuples become lists)
+
+
+def fingerprint_differences(saved: dict, current: dict) -> list[str]:
+    """'key (checkpoint: A, now: B)' for every setting that differs between two fingerprints."""
+    keys = [*saved, *(k for k in current if k not in saved)]
+    missing = object()
+    return [
+        f"{k} (checkpoint: {json.dumps(saved.get(k))}, now: {json.dumps(current.get(k))})"
+        for k in keys
+        if saved.get(k, missing) != current.get(k, missing)
+    ]
+
+
+def saved_fingerprint(output_dir: Path) -> dict | None:
+    """The fingerprint of the run whose resolved config is output_dir/config.yaml (None without one)."""
+    path = Path(output_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    return run_fingerprint(load_yaml(path.read_text()) or {})
+
+
+def check_fingerprint(path: Path, current: dict | None) -> None:
+    """ValueError naming the differing settings when checkpoint `path` was written under other settings
+    that shape training than `current` (checkpoints without a fingerprint, and current=None, pass)."""
+    saved = json.loads((Path(path) / "state.json").read_text()).get("fingerprint")
+    if saved is None or current is None:
+        return
+    differences = fingerprint_differences(saved, current)
+    if differences:
+        raise ValueError(
+            f"{path} was written with other settings than this run's: {'; '.join(differences)}. Resume "
+            "with the run's own settings (its config.yaml), or start a new run in another output_dir "
+            "(or overwrite=true to replace this one)"
+        )
 
 
 class Frozen:
@@ -36,11 +120,22 @@ class Frozen:
         return self.state
 
 
+def follow_umask(folder: Path) -> None:
+    """Give every file under `folder` the permissions of a new file under the process umask (safetensors
+    writes its files 0600, where everything else is created 0666 & ~umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in Path(folder).rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            file.chmod(0o666 & ~umask)
+
+
 def _is_model(obj) -> bool:
     return isinstance(obj, torch.nn.Module)
 
 
-def _sorted_checkpoints(root: Path) -> list[Path]:
+def sorted_checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoint-<step> folders under `root`, oldest first."""
     return sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
@@ -53,7 +148,7 @@ class Checkpointer:
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or None."""
-        found = _sorted_checkpoints(self.root)
+        found = sorted_checkpoints(self.root)
         return found[-1] if found else None
 
     def save(self, step: int, state: dict[str, object], extra: dict | None = None) -> Path:
@@ -75,10 +170,14 @@ class Checkpointer:
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
         record = {"step": step, "python_random": random.getstate(), **(extra or {})}
+        fingerprint = saved_fingerprint(self.root.parent)  # the run's config.yaml, written by start_run
+        if fingerprint is not None:
+            record["fingerprint"] = fingerprint
         (tmp / "state.json").write_text(json.dumps(record))
+        follow_umask(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        for old in _sorted_checkpoints(self.root)[: -self.keep]:
+        for old in sorted_checkpoints(self.root)[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
@@ -86,9 +185,10 @@ class Checkpointer:
         """Restore every object of `state` from checkpoint `path` (and the RNG states); returns the
         checkpoint's state.json record (its `step` and the `extra` it was saved with).
 
-        An object the checkpoint lacks, or a model weight the model lacks, is an error: a checkpoint of
-        another run or another model must not be half-loaded.
+        An object the checkpoint lacks, a model weight the model lacks, or settings that shape training other
+        than this run's fingerprint, is an error: a checkpoint of another run or model must not be half-loaded.
         """
+        check_fingerprint(path, saved_fingerprint(self.root.parent))
         for name, obj in state.items():
             if _is_model(obj):
                 file = path / f"{name}.safetensors"

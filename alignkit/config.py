@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
 import re
 import textwrap
 import types
@@ -25,6 +26,7 @@ import yaml
 # Organisational sections a YAML file may group top-level keys under (`train: {lr: ...}` or
 # `train.lr=...` on the command line both set `lr`).
 SECTION_ALIASES = ("train",)
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 
 
 class _YAML12Loader(yaml.SafeLoader):
@@ -98,7 +100,7 @@ class TrainConfig:
     output_dir: str = "runs/out"
     """Where metrics, checkpoints, the resolved config and the final model are written."""
     max_steps: int = -1
-    """Optimizer steps to run; -1 = derive from `epochs`."""
+    """Optimizer steps to run; -1 (or 0) = derive from `epochs`."""
     epochs: float = 1.0
     """Passes over the training rows (used when max_steps is -1)."""
     batch_size: int = 8
@@ -146,6 +148,10 @@ class TrainConfig:
     """Checkpoints to keep (older ones are deleted)."""
     resume: bool = False
     """Continue from the last checkpoint in output_dir with the same data order."""
+    overwrite: bool = False
+    """Replace a run already in output_dir (its files are deleted first); without it, or resume, that is an error."""
+    on_bad_rows: str = "refuse"
+    """refuse (stop, listing every bad row) or skip (drop them, listed in the log and output_dir/dropped_rows.jsonl)."""
     logprob_chunk_size: int = 1024
     """Completion tokens projected to the vocabulary at once (bounds the logits memory)."""
     cache_dir: str | None = None
@@ -391,6 +397,176 @@ class RLOOConfig(GRPOConfig):
     """Advantage estimator: grpo, dr_grpo, rloo or reinforce_pp (docs/online_rl.md)."""
 
 
+# ---------------------------------------------------------------------------------------------------
+# Ranges: checked when a config loads (and again when a run starts), so a bad value fails at once, naming
+# its key. One table per config class; a class is checked against its own table and its bases'. A new
+# config class adds its row: `RANGES[MyConfig] = {"field": at_least(1), ...}` (None values are skipped).
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a field accepts: an interval (either end open or closed), plus special values."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    also: tuple = ()
+    """Values accepted outside the interval, e.g. -1 meaning "derive from epochs"."""
+
+    def accepts(self, value) -> bool:
+        if value in self.also:
+            return True
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below and not (isinstance(value, float) and math.isnan(value))
+
+    def __str__(self) -> str:
+        def num(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+        if self.high == math.inf:
+            text = f"{'>' if self.low_open else '>='} {num(self.low)}"
+        elif self.low == -math.inf:
+            text = f"{'<' if self.high_open else '<='} {num(self.high)}"
+        else:
+            brackets = ("(" if self.low_open else "[", ")" if self.high_open else "]")
+            text = f"in {brackets[0]}{num(self.low)}, {num(self.high)}{brackets[1]}"
+        return text + "".join(f" or {num(v)}" for v in self.also)
+
+
+def at_least(low: float, *also) -> Range:
+    """value >= low (or one of `also`)."""
+    return Range(low, also=also)
+
+
+def above(low: float, *also) -> Range:
+    """value > low (or one of `also`)."""
+    return Range(low, low_open=True, also=also)
+
+
+def between(low: float, high: float, *, high_open: bool = False, low_open: bool = False) -> Range:
+    """low <= value <= high (either end open on request)."""
+    return Range(low, high, low_open=low_open, high_open=high_open)
+
+
+FRACTION = between(0, 1)
+
+
+def max_length_above_prompt(cfg) -> str | None:
+    """A max_prompt_length that is set must leave max_length room for a completion. (Left at its default
+    with a short max_length, prompts are still cut to max_prompt_length and completions to the rest; online
+    configs, which have max_new_tokens, do not use max_length.)"""
+    default = {f.name: f.default for f in dataclasses.fields(cfg)}["max_prompt_length"]
+    if hasattr(cfg, "max_new_tokens") or cfg.max_prompt_length == default:
+        return None
+    if cfg.max_length > cfg.max_prompt_length:
+        return None
+    return (
+        f"'max_length' ({cfg.max_length}) must be greater than 'max_prompt_length' ({cfg.max_prompt_length}), "
+        "leaving room for the completion"
+    )
+
+
+# class -> {field: Range or a tuple of the accepted values}; RELATIONS: class -> checks across fields.
+RANGES: dict[type, dict[str, Range | tuple]] = {
+    LoraSettings: {"r": at_least(1), "alpha": above(0), "dropout": between(0, 1, high_open=True)},
+    ReferenceSettings: {"mode": ("precomputed", "copy", "adapter")},
+    TrainConfig: {
+        "eval_fraction": between(0, 1, high_open=True),
+        "max_steps": at_least(0, -1),
+        "epochs": above(0),
+        "batch_size": at_least(1),
+        "grad_accum": at_least(1),
+        "lr": above(0),
+        "lr_scheduler": ("linear", "cosine", "constant"),
+        "warmup_ratio": FRACTION,
+        "weight_decay": at_least(0),
+        "max_grad_norm": at_least(0),
+        "max_length": at_least(1),
+        "max_prompt_length": at_least(1),
+        "seed": between(0, 2**32 - 1),
+        "dtype": ("float32", "bfloat16", "float16", "auto"),
+        "mixed_precision": MIXED_PRECISION,
+        "logging_steps": at_least(1),
+        "eval_steps": at_least(1),
+        "save_steps": at_least(0),
+        "save_total_limit": at_least(1),
+        "logprob_chunk_size": at_least(1),
+        "on_bad_rows": ("refuse", "skip"),
+    },
+    RewardConfig: {"backbone": ("auto", "causal", "encoder"), "center_rewards_coefficient": at_least(0)},
+    # The objectives' own parameters (beta, label_smoothing, gamma, nll_weight, the KTO weights) and the
+    # constraints are checked by their registries (losses.check_params, check_constraints) before a run starts.
+    DPOConfig: {"stages": at_least(1)},
+    ListwiseConfig: {"temperature": above(0)},
+    OnlineConfig: {
+        "reward_clip": above(0),
+        "num_generations": at_least(1),
+        "max_new_tokens": at_least(1),
+        "temperature": above(0),
+        "top_k": at_least(0),
+        "top_p": between(0, 1, low_open=True),
+        "ppo_epochs": at_least(1),
+        "minibatch_size": at_least(0),
+        "epsilon": above(0),
+        "epsilon_high": above(0),
+        "generation_batch_size": at_least(1),
+    },
+    GRPOConfig: {
+        "advantage": ("grpo", "dr_grpo", "rloo", "reinforce_pp"),
+        "beta": at_least(0),
+        "scale_rewards": ("group", "batch", "none"),
+    },
+    PPOConfig: {
+        "kl_coef": at_least(0),
+        "target_kl": above(0),
+        "kl_horizon": at_least(1),
+        "vf_coef": above(0),
+        "cliprange_value": at_least(0),
+        "gamma": FRACTION,
+        "lam": FRACTION,
+        "early_stop_kl": at_least(0),
+    },
+}
+RELATIONS: dict[type, list] = {TrainConfig: [max_length_above_prompt]}
+
+
+def range_problems(cfg: Any, prefix: str = "") -> list[str]:
+    """Every value of `cfg` (and of its nested settings) outside its RANGES entry, as one message each."""
+    problems = []
+    for klass in type(cfg).__mro__:
+        for name, rule in RANGES.get(klass, {}).items():
+            value = getattr(cfg, name, None)
+            if value is None or isinstance(value, bool):
+                continue
+            key = prefix + name
+            if isinstance(rule, tuple):
+                if value not in rule:
+                    problems.append(f"'{key}' must be one of {', '.join(map(str, rule))}, got {value!r}")
+            elif not rule.accepts(value):
+                problems.append(f"'{key}' must be {rule}, got {value!r}")
+        problems += [p for check in RELATIONS.get(klass, []) if (p := check(cfg))]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            problems += range_problems(value, f"{prefix}{f.name}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    problems += range_problems(item, f"{prefix}{f.name}[{i}].")
+    return problems
+
+
+def validate(cfg: Any, where: str = "") -> Any:
+    """`cfg` itself if every value is in range (see RANGES); else ConfigError listing every one that is not
+    (`where` prefixes the keys, e.g. 'rewards[1]')."""
+    problems = list(dict.fromkeys(range_problems(cfg, f"{where}." if where else "")))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return cfg
+
+
 @cache
 def field_docs(cls: type) -> dict[str, str]:
     """Field name -> the docstring written under it, for `cls` and its bases."""
@@ -497,7 +673,7 @@ def from_mapping(cls: type, mapping: dict, where: str = ""):
                 f"{prefix}unknown key '{key}' for {cls.__name__}.{hint} Valid keys: {', '.join(names)}."
             )
         setattr(cfg, key, _coerce(value, hints[key], f"{where}.{key}" if where else key))
-    return cfg
+    return validate(cfg, where)
 
 
 def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
@@ -568,7 +744,7 @@ def load_config(cls: type, path: str | None = None, overrides: list[str] | None 
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         _set(cfg, key.strip(), _load_yaml(raw) if raw.strip() else "")
-    return cfg
+    return validate(cfg)
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from alignkit.config import RANGES, above, at_least
+
 ASSETS = Path(str(resources.files("alignkit") / "assets"))
 DEMO_MODEL = ASSETS / "tinystories-656k"
 DEMO_PAIRS = ASSETS / "demo" / "pairs.jsonl"
@@ -53,6 +55,20 @@ class DemoConfig:
     """How many held-out openings to evaluate on (at most the file's count)."""
     progress: bool = True
     """Show a progress bar while training."""
+    overwrite: bool = False
+    """Replace an earlier demo run in output_dir (without it, a used output_dir is an error)."""
+
+
+RANGES[DemoConfig] = {
+    "epochs": above(0),
+    "batch_size": at_least(1),
+    "lr": above(0),
+    "beta": above(0),
+    "seed": at_least(0),
+    "samples_per_opening": at_least(1),
+    "max_new_tokens": at_least(1),
+    "num_heldout": at_least(1),
+}
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -82,6 +98,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         save_steps=50,
         progress=cfg.progress,
         report=False,  # written below, once the evaluation is on disk too
+        overwrite=cfg.overwrite,
     )
     print(f"alignkit demo: DPO on {cfg.data} with {cfg.model}")
     final = train(dpo)

@@ -31,13 +31,15 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config import ConfigError
+from alignkit.config import RANGES, ConfigError, at_least, between, validate
 from alignkit.data.prompts import load_prompt_rows
 from alignkit.generation import eos_ids, sample
 from alignkit.logprobs import completion_logps
+from alignkit.models import DTYPES, check_model_source
 from alignkit.rewards.compose import RewardSet
 from alignkit.rewards.registry import parse_spec
 from alignkit.rewards.rules import vader_compound
+from alignkit.rundir import claim_output_dir
 
 __all__ = [
     "EvalConfig",
@@ -446,6 +448,21 @@ class EvalConfig:
     """Prompts shown side by side in the sample table (the first sample of each)."""
     dtype: str = "float32"
     """Weights dtype of both models: float32, bfloat16, float16 or auto."""
+    overwrite: bool = False
+    """Replace the eval_report.json / .md already in output_dir (without it, they are an error)."""
+
+
+RANGES[EvalConfig] = {
+    "num_prompts": at_least(0),
+    "num_samples": at_least(1),
+    "max_new_tokens": at_least(1),
+    "temperature": at_least(0),
+    "top_k": at_least(1),
+    "top_p": between(0, 1, low_open=True),
+    "batch_size": at_least(1),
+    "num_examples": at_least(0),
+    "dtype": tuple(DTYPES),
+}
 
 
 def read_prompts(path: str, tokenizer=None) -> list[str]:
@@ -459,16 +476,7 @@ def _check(cfg: EvalConfig) -> None:
     missing = [key for key in ("base_model", "model", "prompts") if not getattr(cfg, key)]
     if missing:
         raise ConfigError(f"set {', '.join(f'{k}=...' for k in missing)} (see alignkit eval --help)")
-    for key in ("num_samples", "max_new_tokens", "batch_size"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"'{key}' must be >= 1, got {getattr(cfg, key)}")
-    for key in ("num_prompts", "num_examples"):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"'{key}' must be >= 0, got {getattr(cfg, key)}")
-    if cfg.temperature < 0:
-        raise ConfigError(f"'temperature' must be >= 0 (0 = greedy), got {cfg.temperature}")
-    if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
-        raise ConfigError(f"'top_p' must be in (0, 1], got {cfg.top_p}")
+    validate(cfg)
     if not isinstance(cfg.rewards, list) or not cfg.rewards:
         raise ConfigError("'rewards': expected a non-empty list of reward sources, e.g. [{type: vader}]")
     for i, spec in enumerate(cfg.rewards):
@@ -482,6 +490,9 @@ def run(cfg: EvalConfig) -> dict:
 
     _check(cfg)
     prompts = read_prompts(cfg.prompts)  # bad rows fail before any model is loaded
+    for key in ("base_model", "model"):
+        check_model_source(getattr(cfg, key), key)
+    claim_output_dir(cfg.output_dir, overwrite=cfg.overwrite, patterns=("eval_report.json", "eval_report.md"))
     if cfg.num_prompts:
         prompts = prompts[: cfg.num_prompts]
     rewards = RewardSet.from_specs(cfg.rewards)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from alignkit.checkpoint import follow_umask
+
 
 class BatchForward(torch.nn.Module):
     """A model whose forward is one of alignkit's batch functions: `fn(model, batch, **kwargs)`, e.g.
@@ -29,12 +31,81 @@ class BatchForward(torch.nn.Module):
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def _local(name_or_path: str) -> Path | None:
+    """The local folder `name_or_path` names, or None for a hub name ('gpt2', 'org/name')."""
+    path = Path(name_or_path).expanduser()
+    looks_local = (
+        name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
+    )
+    return path if path.exists() or looks_local else None
+
+
+def check_model_source(name_or_path: str, key: str = "model", *, weights: bool = True) -> None:
+    """ValueError, naming `key`, when a local model folder cannot be loaded: it does not exist, is not a
+    transformers folder, or (with `weights`) holds only pickle weights, which alignkit does not load (they
+    can run code). Hub names pass (transformers reports those)."""
+    path = _local(name_or_path)
+    if path is None:
+        return
+    if not path.exists():
+        raise ValueError(
+            f"{key}: {name_or_path} does not exist (expected a local model folder or a Hugging Face hub "
+            "name such as org/name)"
+        )
+    if not path.is_dir():
+        raise ValueError(
+            f"{key}: {name_or_path} is a file (expected a model folder, as save_pretrained writes)"
+        )
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        raise ValueError(
+            f"{key}: {name_or_path} has no config.json (expected a folder save_pretrained wrote)"
+        )
+    if weights and not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
+        found = f"only pickle weights ({', '.join(pickles)})" if pickles else "no weights"
+        raise ValueError(
+            f"{key}: {name_or_path} holds {found}; alignkit loads safetensors only (pickle files can run code "
+            "when loaded). Convert them once, where you trust the file: "
+            "AutoModelForCausalLM.from_pretrained(path).save_pretrained(path, safe_serialization=True)"
+        )
+
+
+def check_tokenizer_source(name_or_path: str, key: str = "tokenizer") -> None:
+    """ValueError, naming `key`, when a local folder has no tokenizer files (transformers would suggest
+    installing sentencepiece, which is not the problem)."""
+    path = _local(name_or_path)
+    if path is None:
+        return
+    if not path.is_dir():
+        check_model_source(name_or_path, key, weights=False)  # does not exist, or is a file: says which
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(
+            f"{key}: {name_or_path} has no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}); set "
+            "tokenizer=PATH to a folder that has them (e.g. the base model's), or save the tokenizer there"
+        )
+
+
+def check_run_sources(cfg) -> None:
+    """The model, tokenizer and reference.model folders a training config names can be loaded (see
+    `check_model_source`); checked when the run starts, before data or weights are read."""
+    if not cfg.model:
+        raise ValueError("model is not set: give model=<hub name or local folder>")
+    check_model_source(cfg.model, "model")
+    check_tokenizer_source(cfg.tokenizer or cfg.model, "tokenizer" if cfg.tokenizer else "model")
+    reference = getattr(cfg, "reference", None)
+    if reference is not None and reference.model:
+        check_model_source(reference.model, "reference.model")
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """A tokenizer with a pad token (the EOS or UNK token when it has none of its own)."""
     from transformers import AutoTokenizer
 
+    check_tokenizer_source(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -109,6 +180,7 @@ def _load_lm(
     the pad id written into the config when it has none, activation checkpointing when asked."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+    check_model_source(name_or_path)
     kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -310,6 +382,7 @@ def save_model(
     kwargs = {"state_dict": state_dict} if state_dict is not None else {}
     model.save_pretrained(path, safe_serialization=True, **kwargs)
     tokenizer.save_pretrained(path)
+    follow_umask(path)
     return path
 
 

@@ -75,7 +75,7 @@ class Run:
     evals: dict[str, dict] = field(default_factory=dict)
     """{'eval_report': {...}, 'demo_report': {...}}: the before/after reports present."""
     dropped: list[dict] = field(default_factory=list)
-    """dropped_rows.jsonl: {file, line, why, ...} per row that could not be used."""
+    """dropped_rows.jsonl: {source, line, reason} per row left out of the run (data.prepare.report_dropped)."""
     data_stats: dict | None = None
     """data_stats.json: {train: {rows, dropped_empty, truncated_prompts, truncated_completions}, eval: ...}."""
     notes: list[str] = field(default_factory=list)

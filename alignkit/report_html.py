@@ -173,14 +173,14 @@ def data_section(run) -> str:
     if others:
         parts.append(table(["", "value"], others, {1}))
     if run.dropped:
-        why = Counter(str(r.get("why", "?")) for r in run.dropped)
+        why = Counter(str(r.get("reason", "?")) for r in run.dropped)
         parts.append(f"<p>{len(run.dropped)} rows dropped (dropped_rows.jsonl):</p>")
         parts.append(table(["why", "rows"], why.most_common(), {1}, "dropped-why"))
         shown = run.dropped[:MAX_DROPPED_SHOWN]
         parts.append(
             table(
                 ["file", "line", "why"],
-                [[r.get("file", ""), r.get("line", ""), r.get("why", "")] for r in shown],
+                [[r.get("source", ""), r.get("line", ""), r.get("reason", "")] for r in shown],
                 {1},
                 "dropped",
             )

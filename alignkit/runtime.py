@@ -28,10 +28,8 @@ from pathlib import Path
 import torch
 
 from alignkit.checkpoint import Checkpointer, Frozen
-from alignkit.config import TrainConfig
+from alignkit.config import MIXED_PRECISION, TrainConfig
 from alignkit.tracking import check_report_to, finish_trackers, log_record, start_trackers
-
-MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 
 
 def native_bf16() -> bool:
@@ -97,17 +95,39 @@ def make_accelerator(cfg: TrainConfig):
 def start_run(cfg: TrainConfig):
     """(accelerator, log, output_dir) for a training command; the resolved config is saved first.
 
-    `log` prints on the main process only.
+    Before anything loads: the settings are range-checked, the model folders checked, and output_dir
+    claimed (`claim_run_dir`). `log` prints on the main process only.
     """
-    from alignkit.config import save_config
+    from alignkit.config import save_config, validate
+    from alignkit.models import check_run_sources
 
+    validate(cfg)
+    check_run_sources(cfg)
     accelerator = make_accelerator(cfg)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
     output_dir = Path(cfg.output_dir)
+    claim_run_dir(cfg, accelerator)
     if accelerator.is_main_process:
         save_config(cfg, output_dir)
     start_trackers(accelerator, cfg)
     return accelerator, log, output_dir
+
+
+def claim_run_dir(cfg: TrainConfig, accelerator) -> None:
+    """A fresh run never destroys or splices another: output_dir holding a run is an error unless
+    resume=true (under the same settings: the checkpoint's fingerprint) or overwrite=true (the main
+    process deletes that run's files first). See alignkit.rundir."""
+    from alignkit.checkpoint import run_fingerprint
+    from alignkit.rundir import claim_output_dir
+
+    claim_output_dir(
+        cfg.output_dir,
+        resume=cfg.resume,
+        overwrite=cfg.overwrite,
+        fingerprint=run_fingerprint(cfg),
+        remove=accelerator.is_main_process,
+    )
+    accelerator.wait_for_everyone()
 
 
 @dataclass
@@ -270,12 +290,17 @@ class MetricsLogger:
         self.path = Path(output_dir) / "metrics.jsonl"
         self.enabled = enabled
         if enabled and resume_step is not None and self.path.exists():
-            # Drop lines from steps after the checkpoint: the resumed run writes them again.
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
+            # Drop lines from steps after the checkpoint: the resumed run writes them again. A line torn by
+            # a kill mid-write is dropped too, and said.
+            kept = []
+            for n, line in enumerate(self.path.read_text().splitlines(), 1):
+                try:
+                    record = json.loads(line) if line.strip() else None
+                except json.JSONDecodeError:
+                    print(f"{self.path}:{n}: not a complete JSON line (a write cut short); dropped")
+                    continue
+                if isinstance(record, dict) and record.get("step", 0) <= resume_step:
+                    kept.append(line)
             self.path.write_text("".join(line + "\n" for line in kept))
         elif enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)

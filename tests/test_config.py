@@ -90,3 +90,52 @@ def test_yaml_no_is_a_string_not_a_boolean(tmp_path):
     cfg = load_config(DPOConfig, str(path), ["lora.enabled=false"])
     assert cfg.mixed_precision == "no" and cfg.gradient_checkpointing is True and cfg.lora.enabled is False
     assert load_config(DPOConfig, None, ["mixed_precision=no"]).mixed_precision == "no"
+
+
+def test_every_range_is_checked_at_load_time_naming_the_key():
+    from alignkit.config import GRPOConfig
+
+    with pytest.raises(ConfigError) as err:
+        load_config(
+            SFTConfig, None, ["lora.r=-1", "lr=-1", "batch_size=0", "grad_accum=0", "warmup_ratio=1.5"]
+        )
+    message = str(err.value)
+    for part in (
+        "'lora.r' must be >= 1, got -1",
+        "'lr' must be > 0, got -1.0",
+        "'batch_size' must be >= 1, got 0",
+        "'grad_accum' must be >= 1, got 0",
+        "'warmup_ratio' must be in [0, 1], got 1.5",
+    ):
+        assert part in message
+    with pytest.raises(
+        ConfigError, match=r"'max_length' \(128\) must be greater than 'max_prompt_length' \(200\)"
+    ):
+        load_config(DPOConfig, None, ["max_length=128", "max_prompt_length=200"])
+    with pytest.raises(
+        ConfigError, match="'lr_scheduler' must be one of linear, cosine, constant, got 'cosin'"
+    ):
+        load_config(SFTConfig, None, ["lr_scheduler=cosin"])
+    with pytest.raises(ConfigError, match=r"'top_p' must be in \(0, 1\], got 0.0"):
+        load_config(GRPOConfig, None, ["top_p=0"])
+    with pytest.raises(ConfigError, match="'on_bad_rows' must be one of refuse, skip"):
+        load_config(SFTConfig, None, ["on_bad_rows=drop"])
+    # documented special values stay valid: 0 = off / never / all, -1 = from epochs
+    cfg = load_config(
+        GRPOConfig, None, ["top_k=0", "beta=0", "minibatch_size=0", "save_steps=0", "max_steps=-1"]
+    )
+    assert (cfg.top_k, cfg.beta, cfg.minibatch_size, cfg.save_steps, cfg.max_steps) == (0, 0, 0, 0, -1)
+    assert load_config(SFTConfig, None, ["max_steps=0", "max_grad_norm=0", "eval_fraction=0"]).max_steps == 0
+
+
+def test_range_errors_are_one_line_before_anything_loads(capsys):
+    assert main(["sft", "model=/nowhere", "data=/nowhere.jsonl", "batch_size=0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "alignkit sft: 'batch_size' must be >= 1, got 0"
+
+
+def test_dtype_choices_match_the_models_table():
+    from alignkit.config import RANGES, TrainConfig
+    from alignkit.models import DTYPES
+
+    assert RANGES[TrainConfig]["dtype"] == tuple(DTYPES)

@@ -343,7 +343,9 @@ def test_hh_rows_that_do_not_split_are_dropped_and_listed(tmp_path):
         ("\n\nHuman: Q\n\nAssistant:", " yes", " no", 1),
         ("\n\nHuman: Q\n\nAssistant:", " yes", " no", 3),
     ]
-    assert data.dropped == [f"{path}:2: the chosen transcript's last assistant reply is empty"]
+    assert [str(d) for d in data.dropped] == [
+        f"{path}:2: the chosen transcript's last assistant reply is empty"
+    ]
 
     only_bad = write_jsonl(tmp_path / "bad.jsonl", [empty])
     err = data_error(load_preference_rows, only_bad)
@@ -353,10 +355,12 @@ def test_hh_rows_that_do_not_split_are_dropped_and_listed(tmp_path):
 def test_real_hh_file_loads_1595_rows_and_drops_exactly_five():
     data = load_preference_rows(str(HH_FILE))
     assert len(data.rows) == 1595
-    dropped_lines = [int(re.match(rf"{re.escape(str(HH_FILE))}:(\d+): ", d).group(1)) for d in data.dropped]
+    dropped_lines = [
+        int(re.match(rf"{re.escape(str(HH_FILE))}:(\d+): ", str(d)).group(1)) for d in data.dropped
+    ]
     assert dropped_lines == [87, 517, 926, 1104, 1255]
-    assert all("reply is empty" in d for d in data.dropped[:4])
-    assert "differ at character" in data.dropped[4]
+    assert all("reply is empty" in d.reason for d in data.dropped[:4])
+    assert "differ at character" in data.dropped[4].reason
     # prompt + completion reproduces the original transcript exactly
     first = json.loads(HH_FILE.read_text(encoding="utf-8").splitlines()[0])
     row = data.rows[0]
@@ -464,14 +468,54 @@ def test_all_problems_are_collected_before_raising(tmp_path):
     ]
 
 
-def test_at_most_twenty_problems_are_listed_with_the_total(tmp_path):
-    path = write_jsonl(tmp_path / P, [{"prompt": "p", "chosen": "c", "rejected": "r", "preference": 2}] * 25)
+def test_at_most_fifty_distinct_problems_are_listed_with_the_total(tmp_path):
+    rows = [{"prompt": "p", "chosen": "c", "rejected": "r", "preference": 2 + i} for i in range(60)]
+    path = write_jsonl(tmp_path / P, rows)
     err = data_error(load_preference_rows, path)
     lines = str(err).splitlines()
-    assert lines[0] == f"{path}: 25 problems in 25 rows; fix them and rerun:"
-    assert len(lines) == 22 and len(err.errors) == 20
-    assert lines[20] == f"  {path}:20: field 'preference': 2 is out of range (expected a number in [0, 1])"
-    assert lines[21] == "  ... and 5 more"
+    assert lines[0] == f"{path}: 60 problems in 60 rows; fix them and rerun:"
+    assert len(lines) == 52 and len(err.errors) == 50
+    assert lines[50] == f"  {path}:50: field 'preference': 51 is out of range (expected a number in [0, 1])"
+    assert lines[51] == "  ... and 10 more distinct problems"
+
+
+def test_a_problem_met_on_many_rows_is_listed_once_with_its_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "pairs.parquet"  # wrong columns: every row has the same problem
+    pq.write_table(pa.table({"question": ["q"] * 20, "answer": ["a"] * 20}), path)
+    err = data_error(load_sft_rows, str(path))
+    lines = str(err).splitlines()
+    assert lines[0] == f"{path}: 20 problems in 20 rows; fix them and rerun:"
+    assert len(lines) == 2 and lines[1].startswith(f"  {path}:1-20: unknown row format: found keys")
+    assert lines[1].endswith("(20 rows)")
+
+
+def test_invalid_json_does_not_hide_the_other_rows_problems(tmp_path):
+    good = {"prompt": "p", "chosen": "c", "rejected": "r"}
+    path = write_jsonl(
+        tmp_path / P, [good, '{"prompt": "p", "chosen": "c', {"prompt": "p", "chosen": " "}, good]
+    )
+    err = data_error(load_preference_rows, path)
+    assert str(err).splitlines() == [
+        f"{path}: 3 problems in 2 rows; fix them and rerun:",
+        f"  {path}:2: invalid JSON: Unterminated string starting at column 27 (expected one JSON object per line)",
+        f"  {path}:3: field 'chosen': empty completion (expected non-whitespace text)",
+        f"  {path}:3: field 'rejected': missing (expected a string, as 'prompt' is a string)",
+    ]
+
+
+def test_on_bad_rows_skip_leaves_bad_rows_out_and_lists_them(tmp_path):
+    good = {"prompt": "p", "chosen": "c", "rejected": "r"}
+    path = write_jsonl(tmp_path / P, [good, {"prompt": "p", "chosen": "", "rejected": "r"}, "{oops", good])
+    skipped = []
+    data = load_preference_rows(path, skipped=skipped)
+    assert [r.line for r in data.rows] == [1, 4]
+    assert [(d.line, d.reason.split(":")[0]) for d in skipped] == [(2, "field 'chosen'"), (3, "invalid JSON")]
+    assert str(skipped[0]) == f"{path}:2: field 'chosen': empty completion (expected non-whitespace text)"
+    with pytest.raises(DataError, match="file not found"):  # a problem of the whole source is still an error
+        load_sft_rows(str(tmp_path / "missing.jsonl"), skipped=[])
 
 
 def test_data_error_formats_its_location():

@@ -157,6 +157,10 @@ class ChatServer(ThreadingHTTPServer):
             return 200, f"Verdict: {'A' if '[better]' in first else 'B'}", {}, 0
         if "[401]" in user:
             return 401, "", {}, 0
+        if "[400]" in user:  # the endpoint refuses this row's content (e.g. a content filter)
+            return 400, "", {}, 0
+        if "[echo]" in user:  # a long error body that quotes the key, JSON-escaped, across the 300-char cut
+            return 401, "x" * 262, {"X-Escape": "1"}, 0
         if "[down]" in user:
             return 500, "", {}, 0
         if "[slow]" in user:  # too slow the first time (the client times out), then quick
@@ -204,8 +208,10 @@ class _Handler(BaseHTTPRequestHandler):
                 }
             else:
                 echo = self.headers.get("Authorization")  # a server that echoes the key: it must be blanked
-                payload = {"error": {"message": f"rule status {status} (received {echo})"}}
+                payload = {"error": {"message": f"{answer}rule status {status} (received {echo})"}}
             data = json.dumps(payload).encode()
+            if headers.pop("X-Escape", None):  # as PHP's json_encode writes it: slashes escaped
+                data = data.replace(b"/", b"\\/")
             self.send_response(status)
             for k, v in {
                 **headers,
@@ -423,7 +429,57 @@ def test_score_command_with_a_judge(server, tmp_path, capsys):
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert [r["score_judge"] for r in rows] == [r["reward"] for r in rows] == [5.0, 3.0, 2.0]
     printed = capsys.readouterr().out
-    assert "1 rows got the fallback score" in printed
+    assert "1 of 3 rows got the fallback score (1 without a valid score, 0 after judge errors)" in printed
+    assert [r["fallback_judge"] for r in rows] == [False, True, False]
     summary_text = (tmp_path / "scored.summary.json").read_text()
     assert json.loads(summary_text)["counters"]["judge"]["fallbacks"] == 1
     assert KEY not in summary_text and KEY not in printed and KEY_ENV in summary_text
+
+
+def test_the_key_is_blanked_however_the_endpoint_echoes_it(server, monkeypatch, caplog):
+    """A 401 body quoting the key JSON-escaped ('/' as '\\/'), across the 300-character cut of the message;
+    a key pasted with a newline; an error of the HTTP library itself: no part of the key anywhere."""
+    key = "sk-proj/abcDEF0123456789/xyz"
+    monkeypatch.setenv(KEY_ENV, key + "\n")
+    judge = build_reward(judge_spec(server))
+    with caplog.at_level(logging.DEBUG), pytest.raises(JudgeError) as err:
+        judge.score(["Text."], ["[echo]"])
+    assert server.auth[-1] == f"Bearer {key}"  # the newline was not sent: it is not part of the key
+    message = str(err.value)
+    assert "answered HTTP 401" in message
+    for part in (key, key[:12], "abcDEF0123", "sk-proj"):
+        assert part not in message and part not in caplog.text
+    monkeypatch.setenv(KEY_ENV, "sk-in\nside-0123456789")  # refused by http.client, which quotes the header
+    judge = build_reward(judge_spec(server))
+    with pytest.raises(JudgeError) as err:
+        judge.score(["Text."], ["[good:4]"])
+    assert "0123456789" not in str(err.value) and "Invalid header" in str(err.value)
+
+
+def test_on_error_fallback_finishes_the_file_and_marks_the_rows(server, tmp_path, capsys):
+    data = tmp_path / "rows.jsonl"
+    responses = ["[good:5]", "[down]", "[400]", "[good:2]"]
+    data.write_text("".join(json.dumps({"prompt": "Text.", "response": r}) + "\n" for r in responses))
+    config = tmp_path / "judge.yaml"
+    config.write_text(json.dumps({"rewards": [judge_spec(server, max_retries=1, on_error="fallback")]}))
+    output = tmp_path / "scored.jsonl"
+    assert main(["score", str(config), f"data={data}", f"output={output}"]) == 0
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["score_judge"] for r in rows] == [5.0, 3.0, 3.0, 2.0]  # the middle of 1-5, never 0
+    assert [r["fallback_judge"] for r in rows] == [False, True, True, False]
+    assert "2 of 4 rows got the fallback score (0 without a valid score, 2 after judge errors)" in (
+        capsys.readouterr().out
+    )
+    counters = json.loads((tmp_path / "scored.summary.json").read_text())["counters"]["judge"]
+    assert (counters["fallbacks"], counters["fallbacks_error"]) == (2, 2)
+    # the default stops at such a row; a bad key stops even with on_error=fallback: every row would fail
+    config.write_text(json.dumps({"rewards": [judge_spec(server, max_retries=0)]}))
+    data.write_text("".join(json.dumps({"prompt": "Text.", "response": r}) + "\n" for r in responses[:2]))
+    assert main(["score", str(config), f"data={data}", f"output={output}", "overwrite=true"]) == 1
+    assert "failed 1 times" in capsys.readouterr().err
+    data.write_text(json.dumps({"prompt": "Text.", "response": "[401]"}) + "\n")
+    config.write_text(json.dumps({"rewards": [judge_spec(server, on_error="fallback")]}))
+    assert main(["score", str(config), f"data={data}", f"output={output}", "overwrite=true"]) == 1
+    assert "answered HTTP 401" in capsys.readouterr().err
+    assert main(["score", str(config), f"data={data}", f"output={output}"]) == 1
+    assert "scored.jsonl and" in capsys.readouterr().err  # an existing output is not replaced silently

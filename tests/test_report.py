@@ -54,9 +54,9 @@ def fake_run(root, name, beta, losses, *, eval_every=2, final=True):
     (run / "data_stats.json").write_text(
         json.dumps({"train": {"rows": 30, "truncated_prompts": 2}, "eval": {"rows": 5}})
     )
-    dropped = [{"file": "pairs.jsonl", "line": 3, "why": "chosen equals rejected"}] * 2
+    dropped = [{"source": "pairs.jsonl", "line": 3, "reason": "chosen equals rejected"}] * 2
     write_jsonl(
-        run / "dropped_rows.jsonl", dropped + [{"file": "pairs.jsonl", "line": 9, "why": "empty prompt"}]
+        run / "dropped_rows.jsonl", dropped + [{"source": "pairs.jsonl", "line": 9, "reason": "empty prompt"}]
     )
     if final:
         (run / "final").mkdir()

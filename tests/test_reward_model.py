@@ -355,8 +355,8 @@ def test_settings_that_cannot_apply_are_errors(bert_dir, tmp_path, capsys):
     base = ["reward", f"model={bert_dir}", f"data={data}", f"output_dir={tmp_path / 'out'}"]
     assert main([*base, "share_prompt=true"]) == 1
     assert "share_prompt needs a causal backbone" in capsys.readouterr().err
-    assert main([*base, "backbone=decoder"]) == 1
-    assert "backbone 'decoder' is not one of auto, causal, encoder" in capsys.readouterr().err
+    assert main([*base, "backbone=decoder"]) == 2  # refused when the config loads
+    assert "'backbone' must be one of auto, causal, encoder, got 'decoder'" in capsys.readouterr().err
     assert main([*base, "shuffle=false"]) == 1
     assert "group_by_length reorders the rows" in capsys.readouterr().err
     assert main([*base, "lora.enabled=true", "lora.dropout=0.1"]) == 1

@@ -213,8 +213,8 @@ def test_stepwise_settings_are_checked(tmp_path, capsys):
     args = ["dpo", f"model={tmp_path}/m", f"data={tmp_path}/d.jsonl", f"output_dir={tmp_path}/o"]
     assert main([*args, "stages=2", "lora.enabled=true"]) == 1
     assert "stages > 1 with LoRA needs lora.merge=true" in capsys.readouterr().err
-    assert main([*args, "stages=0"]) == 1
-    assert "stages=0: need stages >= 1" in capsys.readouterr().err
+    assert main([*args, "stages=0"]) == 2  # a range: refused when the config loads
+    assert "'stages' must be >= 1, got 0" in capsys.readouterr().err
     assert main([*args, "stage=2"]) == 2  # the stage runner's own business, not a user setting
     assert "unknown config key 'stage'" in capsys.readouterr().err
     assert dpo.stage_examples(list(range(10)), 1, 3) == [0, 1, 2]

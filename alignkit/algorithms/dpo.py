@@ -114,8 +114,6 @@ def check_loss_settings(cfg: DPOConfig, spec: LossSpec) -> None:
         check_constraints(cfg.constraints, ConstraintSettings())
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if cfg.stages < 1:
-        raise ConfigError(f"stages={cfg.stages}: need stages >= 1")
 
 
 def check_row_columns(cfg: DPOConfig, spec: LossSpec, train: list[dict], held_out: list[dict]) -> None:

@@ -12,7 +12,8 @@ import torch
 
 from alignkit.checkpoint import Checkpointer
 from alignkit.config import ConfigError, OnlineConfig, TrainConfig
-from alignkit.data.prepare import _split_eval
+from alignkit.data.checks import unknown_text_rows
+from alignkit.data.prepare import _split_eval, bad_rows_list, report_dropped
 from alignkit.data.prompts import PromptRow, load_prompt_rows
 from alignkit.logprobs import sequence_logps
 from alignkit.losses.policy import frac_reward_zero_std
@@ -37,8 +38,6 @@ def check_online_settings(cfg: OnlineConfig, kl_weight: float) -> None:
             f"minibatch_size={minibatch} must divide the rollout (batch_size x num_generations = {rollout}) "
             f"and be a multiple of grad_accum={cfg.grad_accum}"
         )
-    if cfg.ppo_epochs < 1 or cfg.epsilon <= 0 or (cfg.epsilon_high is not None and cfg.epsilon_high <= 0):
-        raise ConfigError("ppo_epochs must be >= 1 and epsilon, epsilon_high > 0")
     if kl_weight > 0:
         if cfg.reference.mode == "precomputed":
             raise ConfigError(
@@ -130,12 +129,17 @@ class Prompts:
 
 def load_prompts(cfg: OnlineConfig, tokenizer, log=print) -> Prompts:
     """The config's prompt rows, validated (file:line:field) and tokenised before any model loads; the
-    eval prompts are `eval_data` or an `eval_fraction` of `data`."""
-    rows = load_prompt_rows(cfg.data, cfg.data_split, tokenizer)
+    eval prompts are `eval_data` or an `eval_fraction` of `data`. With on_bad_rows=skip bad rows are left
+    out, listed in the log and in output_dir/dropped_rows.jsonl."""
+    skipped = bad_rows_list(cfg)  # on_bad_rows=skip collects the bad rows here instead of refusing
+    rows = load_prompt_rows(cfg.data, cfg.data_split, tokenizer, skipped)
     if cfg.eval_data:
-        train_rows, eval_rows = rows, load_prompt_rows(cfg.eval_data, cfg.eval_split, tokenizer)
+        train_rows, eval_rows = rows, load_prompt_rows(cfg.eval_data, cfg.eval_split, tokenizer, skipped)
     else:
         train_rows, eval_rows = _split_eval(rows, cfg.eval_fraction, cfg.seed)
+    report_dropped(cfg, skipped or [], log)
+    for warning in unknown_text_rows(train_rows + eval_rows, tokenizer):
+        log(warning)
     train_ids, cut = encode_prompts(train_rows, tokenizer, cfg.max_prompt_length)
     eval_ids, eval_cut = encode_prompts(eval_rows, tokenizer, cfg.max_prompt_length)
     log(

@@ -40,7 +40,7 @@ from alignkit.algorithms.online import (
     timing_metrics,
     token_logps,
 )
-from alignkit.config import ConfigError, PPOConfig
+from alignkit.config import ConfigError, PPOConfig, validate
 from alignkit.losses.policy import aggregate, aggregation_units, clipped_surrogate
 from alignkit.losses.ppo import (
     AdaptiveKLController,
@@ -72,18 +72,12 @@ from alignkit.runtime import (
 
 
 def check_settings(cfg: PPOConfig) -> None:
-    """Validate the PPO settings before anything loads."""
+    """Validate the PPO settings before anything loads: every field's range (config.RANGES), then what
+    needs several fields at once."""
+    validate(cfg)
     check_online_settings(cfg, cfg.kl_coef)
-    if cfg.kl_coef < 0:
-        raise ConfigError(f"kl_coef={cfg.kl_coef} must be >= 0 (0 = no KL penalty and no reference)")
-    if cfg.target_kl is not None and (cfg.target_kl <= 0 or cfg.kl_coef <= 0 or cfg.kl_horizon < 1):
-        raise ConfigError(
-            "target_kl (adaptive KL control) needs target_kl > 0, a starting kl_coef > 0 and kl_horizon >= 1"
-        )
-    if not 0 <= cfg.gamma <= 1 or not 0 <= cfg.lam <= 1:
-        raise ConfigError(f"gamma={cfg.gamma} and lam={cfg.lam} must be in [0, 1]")
-    if cfg.vf_coef <= 0 or cfg.cliprange_value < 0 or cfg.early_stop_kl < 0:
-        raise ConfigError("vf_coef must be > 0, cliprange_value and early_stop_kl >= 0")
+    if cfg.target_kl is not None and cfg.kl_coef == 0:
+        raise ConfigError("target_kl (adaptive KL control) needs a starting kl_coef > 0")
 
 
 class PolicyAndValue(torch.nn.Module):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from alignkit.algorithms import dpo
 from alignkit.config import DPOConfig, save_config
+from alignkit.rundir import claim_output_dir
 
 
 def stage_config(cfg: DPOConfig, k: int, previous_final: Path | None) -> DPOConfig:
@@ -44,8 +45,13 @@ def train(cfg: DPOConfig) -> Path:
         )
     from accelerate import PartialState
 
-    main_process = PartialState().is_main_process
+    state = PartialState()
+    main_process = state.is_main_process
     root = Path(cfg.output_dir)
+    # The stages' own folders are claimed by their runs; the root's config.yaml, final link and stage-*
+    # folders are this run's: another sDPO run there is refused, continued or replaced as a whole.
+    claim_output_dir(root, resume=cfg.resume, overwrite=cfg.overwrite, remove=main_process)
+    state.wait_for_everyone()
     if main_process:
         save_config(cfg, root)
     final = None

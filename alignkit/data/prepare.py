@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from alignkit.data.checks import duplicate_rows, unknown_text_rows
+from alignkit.data.readers import DroppedRow
 from alignkit.data.rows import load_listwise_rows, load_preference_rows, load_sft_rows, load_unpaired_rows
 from alignkit.data.tokenize import (
     cached,
@@ -37,6 +40,25 @@ def _split_eval(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     return [r for i, r in enumerate(rows) if i not in eval_idx], [rows[i] for i in sorted(eval_idx)]
 
 
+def bad_rows_list(cfg) -> list[DroppedRow] | None:
+    """The list bad rows are collected in with on_bad_rows=skip (the loaders' `skipped`); None to refuse."""
+    return [] if cfg.on_bad_rows == "skip" else None
+
+
+def report_dropped(cfg, dropped: list[DroppedRow], log=print) -> None:
+    """List every row left out of the run in the log and in output_dir/dropped_rows.jsonl (one JSON object
+    per row: source, line, reason), and say how many."""
+    if not dropped:
+        return
+    path = Path(cfg.output_dir) / "dropped_rows.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text("".join(json.dumps(asdict(d), ensure_ascii=False) + "\n" for d in dropped))
+    tmp.replace(path)
+    listed = "\n  ".join(str(d) for d in dropped)
+    log(f"{len(dropped)} rows left out of the run (listed in {path}):\n  {listed}")
+
+
 def _prepare(cfg, tokenizer, load_rows, tokenize_rows, kind: str, log=print) -> tuple[list[dict], list[dict]]:
     key = fingerprint(
         kind,
@@ -49,16 +71,22 @@ def _prepare(cfg, tokenizer, load_rows, tokenize_rows, kind: str, log=print) -> 
         tokenizer_fingerprint(tokenizer),
         cfg.max_length,
         cfg.max_prompt_length,
+        cfg.on_bad_rows,
     )
 
     def build() -> dict:
-        train_rows, dropped = load_rows(cfg.data, cfg.data_split)
+        skipped = bad_rows_list(cfg)
+        train_rows, dropped = load_rows(cfg.data, cfg.data_split, skipped)
         if cfg.eval_data:
-            eval_rows, eval_dropped = load_rows(cfg.eval_data, cfg.eval_split)
+            eval_rows, eval_dropped = load_rows(cfg.eval_data, cfg.eval_split, skipped)
             dropped = dropped + eval_dropped
         else:
             train_rows, eval_rows = _split_eval(train_rows, cfg.eval_fraction, cfg.seed)
-        out = {"dropped": dropped}
+        loaded = train_rows + eval_rows
+        out = {
+            "dropped": [asdict(d) for d in (skipped or []) + dropped],
+            "warnings": duplicate_rows(loaded) + unknown_text_rows(loaded, tokenizer),
+        }
         for name, rows in (("train", train_rows), ("eval", eval_rows)):
             examples, stats = tokenize_rows(rows, tokenizer, cfg.max_length, cfg.max_prompt_length)
             out[name] = examples
@@ -67,10 +95,9 @@ def _prepare(cfg, tokenizer, load_rows, tokenize_rows, kind: str, log=print) -> 
 
     data = cached(cache_dir(cfg) / f"{kind}-{key}.json", build)
     write_data_stats(cfg.output_dir, data)
-    if data["dropped"]:
-        shown = "\n  ".join(data["dropped"][:10])
-        more = f"\n  ... and {len(data['dropped']) - 10} more" if len(data["dropped"]) > 10 else ""
-        log(f"{len(data['dropped'])} rows could not be used and were dropped:\n  {shown}{more}")
+    report_dropped(cfg, [DroppedRow(**d) for d in data["dropped"]], log)
+    for warning in data["warnings"]:
+        log(warning)
     for name in ("train", "eval"):
         s = data[f"{name}_stats"]
         if s["rows"] or s["dropped_empty"]:
@@ -78,6 +105,11 @@ def _prepare(cfg, tokenizer, load_rows, tokenize_rows, kind: str, log=print) -> 
                 f"{name}: {s['rows']} examples; {s['dropped_empty']} dropped (no completion tokens left "
                 f"after truncation); {s['truncated_prompts']} prompts and {s['truncated_completions']} "
                 "completions truncated"
+                + (
+                    f"; {len(data['dropped'])} rows left out (see above)"
+                    if name == "train" and data["dropped"]
+                    else ""
+                )
             )
     if not data["train"]:
         raise ValueError(f"{cfg.data}: no training examples left after tokenisation and truncation")
@@ -99,8 +131,8 @@ def write_data_stats(output_dir: str | Path, data: dict) -> None:
 def prepare_preference_data(cfg, tokenizer, log=print) -> tuple[list[dict], list[dict]]:
     """Tokenised (train, eval) preference examples for `cfg`; dropped HH rows are reported."""
 
-    def load(source: str, split: str):
-        data = load_preference_rows(source, split, tokenizer)
+    def load(source: str, split: str, skipped):
+        data = load_preference_rows(source, split, tokenizer, skipped)
         return data.rows, data.dropped
 
     return _prepare(cfg, tokenizer, load, tokenize_preference_rows, "preference", log)
@@ -111,7 +143,7 @@ def prepare_sft_data(cfg, tokenizer, log=print) -> tuple[list[dict], list[dict]]
     return _prepare(
         cfg,
         tokenizer,
-        lambda s, split: (load_sft_rows(s, split, tokenizer), []),
+        lambda s, split, skipped: (load_sft_rows(s, split, tokenizer, skipped), []),
         tokenize_sft_rows,
         "sft",
         log,
@@ -123,7 +155,7 @@ def prepare_unpaired_data(cfg, tokenizer, log=print) -> tuple[list[dict], list[d
     return _prepare(
         cfg,
         tokenizer,
-        lambda s, split: (load_unpaired_rows(s, split, tokenizer), []),
+        lambda s, split, skipped: (load_unpaired_rows(s, split, tokenizer, skipped), []),
         tokenize_sft_rows,
         "unpaired",
         log,
@@ -135,7 +167,7 @@ def prepare_listwise_data(cfg, tokenizer, log=print) -> tuple[list[dict], list[d
     return _prepare(
         cfg,
         tokenizer,
-        lambda s, split: (load_listwise_rows(s, split, tokenizer), []),
+        lambda s, split, skipped: (load_listwise_rows(s, split, tokenizer, skipped), []),
         tokenize_listwise_rows,
         "listwise",
         log,

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.data.chat import Issues, json_type, messages_problems, render_messages
-from alignkit.data.readers import DataError, Problems
-from alignkit.data.rows import _load_rows
+from alignkit.data.readers import DataError, DroppedRow, Problems
+from alignkit.data.rows import _load_rows, _raise_or_skip
 
 PROMPT_FORMATS = "{prompt: string}; {prompt: [messages]}; or {messages: [messages]}"
 
@@ -56,10 +56,12 @@ def _prompt_row(record: dict, tokenizer: Any, issues: Issues) -> PromptRow | Non
     return PromptRow(text)
 
 
-def load_prompt_rows(source: str, split: str | None = None, tokenizer: Any = None) -> list[PromptRow]:
+def load_prompt_rows(
+    source: str, split: str | None = None, tokenizer: Any = None, skipped: list[DroppedRow] | None = None
+) -> list[PromptRow]:
     """Read and validate prompt rows from ``source`` (a .jsonl/.json/.parquet file, a saved dataset or a
     hub dataset name; or a .json list of strings). All problems are raised as one DataError, as is an
-    empty source."""
+    empty source; given ``skipped`` (on_bad_rows=skip), bad rows are left out and appended to it."""
     path = Path(source).expanduser()
     if path.suffix.lower() == ".json" and path.is_file():
         try:
@@ -73,8 +75,9 @@ def load_prompt_rows(source: str, split: str | None = None, tokenizer: Any = Non
                     problems.add(n, None, f"found a JSON {json_type(prompt)} (expected a prompt string)")
                 elif not prompt.strip():
                     problems.add(n, None, "empty prompt (expected non-whitespace text)")
-            problems.raise_if_any()
-            if not data:
-                raise DataError("no prompts (the list is empty)", source)
-            return [PromptRow(p, source, n) for n, p in enumerate(data, 1)]
-    return _load_rows(source, split, tokenizer, _prompt_row, "prompt")
+            _raise_or_skip(problems, skipped)
+            good = [PromptRow(p, source, n) for n, p in enumerate(data, 1) if n not in problems.lines]
+            if not good:
+                raise DataError("no prompts (the list is empty)" if not data else "no usable prompts", source)
+            return good
+    return _load_rows(source, split, tokenizer, _prompt_row, "prompt", skipped)

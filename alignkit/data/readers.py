@@ -8,11 +8,12 @@ Validation of the records' fields lives in alignkit.data.rows.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from alignkit.data.chat import json_type
 
-MAX_REPORTED = 20  # problems listed in one DataError; the total count is always given
+MAX_REPORTED = 50  # distinct problems listed in one DataError; the total count is always given
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
@@ -20,51 +21,115 @@ class DataError(ValueError):
     """Bad input data. ``str(err)`` names source:line, the field, what was wrong and what was expected.
 
     Attributes: ``source`` (file or dataset name), ``line`` (1-based, or None when the whole source is
-    at fault), ``field`` (or None). An error collected over a file lists up to ``MAX_REPORTED``
-    problems; its ``line``/``field`` are those of the first, ``errors`` holds the listed ones and
-    ``count`` the total.
+    at fault), ``field`` (or None). An error collected over a file lists up to ``MAX_REPORTED`` distinct
+    problems (one problem met on many rows is listed once, with its rows); its ``line``/``field`` are those
+    of the first, ``errors`` holds the listed ones and ``count`` the total.
     """
 
-    def __init__(self, problem: str, source: str = "", line: int | None = None, field: str | None = None):
+    def __init__(
+        self,
+        problem: str,
+        source: str = "",
+        line: int | None = None,
+        field: str | None = None,
+        lines: list[int] | None = None,
+    ):
         self.problem, self.source, self.line, self.field = problem, source, line, field
         self.errors: list[DataError] = [self]
         self.count = 1
-        where = f"{source}:{line}" if line is not None else source
+        where = f"{source}:{line_ranges(lines)}" if lines and len(lines) > 1 else source
+        if line is not None and not (lines and len(lines) > 1):
+            where = f"{source}:{line}"
         what = f"field '{field}': {problem}" if field else problem
+        if lines and len(lines) > 1:
+            what += f" ({len(lines)} rows)"
         super().__init__(f"{where}: {what}" if where else what)
 
 
+def line_ranges(lines: list[int], most: int = 10) -> str:
+    """'1-20' or '3, 7, 12-14' (at most `most` runs, then '...') for sorted line numbers."""
+    runs: list[list[int]] = []
+    for n in lines:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    text = ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in runs[:most])
+    return text + (", ..." if len(runs) > most else "")
+
+
+@dataclass(frozen=True)
+class DroppedRow:
+    """A row left out of a run (on_bad_rows=skip, or an HH transcript that does not split): where and why."""
+
+    source: str
+    line: int | None
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}: {self.reason}"
+
+
 class Problems:
-    """Collects problems over a whole source so that one error can report them all."""
+    """Collects problems over a whole source so that one error can report them all; the same problem on
+    many rows is reported once, with its rows."""
 
     def __init__(self, source: str):
         self.source = source
-        self.shown: list[DataError] = []
+        self.groups: dict[tuple[str | None, str], list[int | None]] = {}
+        self.by_line: dict[int | None, list[str]] = {}
         self.count = 0
-        self.lines: set[int | None] = set()
+
+    @property
+    def lines(self) -> set[int | None]:
+        """The rows (None: the whole source) with a problem."""
+        return set(self.by_line)
 
     def add(self, line: int | None, field: str | None, problem: str) -> None:
         self.count += 1
-        self.lines.add(line)
-        if len(self.shown) < MAX_REPORTED:
-            self.shown.append(DataError(problem, self.source, line, field))
+        self.groups.setdefault((field, problem), []).append(line)
+        self.by_line.setdefault(line, []).append(f"field '{field}': {problem}" if field else problem)
 
-    def raise_if_any(self) -> None:
-        if not self.count:
+    @property
+    def shown(self) -> list[DataError]:
+        """The first MAX_REPORTED distinct problems, each with the rows it was met on."""
+        out = []
+        in_file_order = sorted(self.groups.items(), key=lambda g: (g[1][0] is not None, g[1][0] or 0))
+        for (field, problem), lines in in_file_order[:MAX_REPORTED]:
+            numbered = [n for n in lines if n is not None]
+            out.append(
+                DataError(problem, self.source, lines[0], field, numbered if len(numbered) > 1 else None)
+            )
+        return out
+
+    def dropped(self) -> list[DroppedRow]:
+        """One DroppedRow per row with a problem, its reasons joined (for on_bad_rows=skip)."""
+        return [
+            DroppedRow(self.source, n, "; ".join(r)) for n, r in sorted(self.by_line.items()) if n is not None
+        ]
+
+    def raise_if_any(self, skip: bool = False) -> None:
+        """DataError listing the problems, if any; with `skip`, only for problems of the whole source."""
+        if not self.count or (skip and None not in self.by_line):
             return
-        listed = "\n".join(f"  {e}" for e in self.shown)
-        more = f"\n  ... and {self.count - len(self.shown)} more" if self.count > len(self.shown) else ""
+        shown = self.shown
+        listed = "\n".join(f"  {e}" for e in shown)
+        more = len(self.groups) - len(shown)
+        more = f"\n  ... and {more} more distinct problems" if more > 0 else ""
+        n_rows = len(self.by_line)
         header = (
-            f"{self.count} problem{'s' if self.count > 1 else ''} in {len(self.lines)} "
-            f"row{'s' if len(self.lines) > 1 else ''}; fix them and rerun:"
+            f"{self.count} problem{'s' if self.count > 1 else ''} in {n_rows} "
+            f"row{'s' if n_rows > 1 else ''}; fix them and rerun:"
         )
         err = DataError(f"{header}\n{listed}{more}", self.source)
-        err.line, err.field = self.shown[0].line, self.shown[0].field
-        err.errors, err.count = self.shown, self.count
+        err.line, err.field = shown[0].line, shown[0].field
+        err.errors, err.count = shown, self.count
         raise err
 
 
-def read_records(source: str, split: str | None = None) -> list[tuple[int, dict]]:
+def read_records(
+    source: str, split: str | None = None, problems: Problems | None = None
+) -> list[tuple[int, dict]]:
     """``(line, record)`` pairs from a ``.jsonl``/``.json``/``.parquet`` file or a Hugging Face dataset.
 
     JSONL: ``line`` is the file line (blank lines skipped). A ``.json`` file holding an array: the
@@ -73,7 +138,9 @@ def read_records(source: str, split: str | None = None) -> list[tuple[int, dict]
     any other directory or a name that is not a local path goes to ``datasets.load_dataset(source,
     split=split or "train")``. ``split`` only applies to datasets: a file is one split, so it is
     not consulted for files (configs carry a default split for both).
-    Raises DataError for a missing or unreadable file and, listing them all, for invalid JSON lines.
+    Raises DataError for a missing or unreadable file and, listing them all, for invalid JSON lines;
+    given `problems`, those lines are added to it instead (and left out), so that the caller reports them
+    with the other rows' problems, in one pass.
     """
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
@@ -97,14 +164,14 @@ def read_records(source: str, split: str | None = None) -> list[tuple[int, dict]
         except UnicodeDecodeError as e:
             raise DataError(f"not valid UTF-8 ({e.reason} at byte {e.start})", source) from None
         if text.lstrip().startswith("["):
-            return _read_json_array(text, source)
+            return _read_json_array(text, source, problems)
         if text.strip().count("\n") and _is_one_object(text):
             # A pretty-printed object would otherwise be reported line by line as invalid JSON.
             raise DataError(
                 "the file is one JSON object (expected a JSON array of row objects, or one object per line)",
                 source,
             )
-    return _read_jsonl(path, source)
+    return _read_jsonl(path, source, problems)
 
 
 def _is_one_object(text: str) -> bool:
@@ -114,8 +181,8 @@ def _is_one_object(text: str) -> bool:
         return False
 
 
-def _read_jsonl(path: Path, source: str) -> list[tuple[int, dict]]:
-    records, problems = [], Problems(source)
+def _read_jsonl(path: Path, source: str, collect: Problems | None = None) -> list[tuple[int, dict]]:
+    records, problems = [], collect if collect is not None else Problems(source)
     with open(path, "rb") as f:  # bytes, so a bad encoding is reported at its line
         for n, raw in enumerate(f, 1):
             try:
@@ -128,29 +195,34 @@ def _read_jsonl(path: Path, source: str) -> list[tuple[int, dict]]:
             try:
                 record = json.loads(text.rstrip())  # so an error column stays on this line
             except json.JSONDecodeError as e:
-                problems.add(
-                    n, None, f"invalid JSON: {e.msg} at column {e.colno} (expected one JSON object per line)"
-                )
+                problems.add(n, None, f"{_json_error(e)} (expected one JSON object per line)")
                 continue
             if isinstance(record, dict):
                 records.append((n, record))
             else:
                 problems.add(n, None, f"found a JSON {json_type(record)} (expected one JSON object per line)")
-    problems.raise_if_any()
+    if collect is None:
+        problems.raise_if_any()
     return records
 
 
-def _read_json_array(text: str, source: str) -> list[tuple[int, dict]]:
+def _json_error(e: json.JSONDecodeError) -> str:
+    """'invalid JSON: <why> at column N', without json's own trailing 'at' ('... starting at')."""
+    return f"invalid JSON: {e.msg.removesuffix(' at')} at column {e.colno}"
+
+
+def _read_json_array(text: str, source: str, collect: Problems | None = None) -> list[tuple[int, dict]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"invalid JSON: {e.msg} at column {e.colno}", source, e.lineno) from None
-    problems = Problems(source)
+        raise DataError(_json_error(e), source, e.lineno) from None
+    problems = collect if collect is not None else Problems(source)
     for n, record in enumerate(data, 1):
         if not isinstance(record, dict):
             problems.add(n, None, f"found a JSON {json_type(record)} (expected an array of JSON objects)")
-    problems.raise_if_any()
-    return list(enumerate(data, 1))
+    if collect is None:
+        problems.raise_if_any()
+    return [(n, r) for n, r in enumerate(data, 1) if isinstance(r, dict)]
 
 
 def _read_parquet(path: Path, source: str) -> list[tuple[int, dict]]:

@@ -38,10 +38,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from alignkit.data.chat import Issues, conversation_texts, json_type, render_messages, split_hh
-from alignkit.data.readers import DataError, Problems, read_records
+from alignkit.data.readers import DataError, DroppedRow, Problems, read_records
 
 __all__ = [
     "DataError",
+    "DroppedRow",
     "PreferenceData",
     "PreferenceRow",
     "ListwiseRow",
@@ -125,10 +126,11 @@ class ListwiseRow:
 
 @dataclass
 class PreferenceData:
-    """Validated preference rows, plus one ``"file:line: reason"`` per HH row that did not split."""
+    """Validated preference rows, plus a DroppedRow (``str()``: "file:line: reason") per HH row that did
+    not split."""
 
     rows: list[PreferenceRow]
-    dropped: list[str] = field(default_factory=list)
+    dropped: list[DroppedRow] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,38 +377,52 @@ def _listwise_row(record: dict, tokenizer: Any, issues: Issues) -> ListwiseRow |
 # loading
 
 
-def load_preference_rows(source: str, split: str | None = None, tokenizer: Any = None) -> PreferenceData:
+def load_preference_rows(
+    source: str, split: str | None = None, tokenizer: Any = None, skipped: list[DroppedRow] | None = None
+) -> PreferenceData:
     """Read and validate preference rows from ``source`` (see :func:`read_records`).
 
     Conversational rows are rendered with ``tokenizer``'s chat template, or the plain default when
     it has none or is None. HH rows that do not split are dropped and listed in ``dropped``; every
     other problem is collected over the whole source and raised as one DataError, as is a source
-    with no usable rows.
+    with no usable rows. Given a ``skipped`` list (on_bad_rows=skip), bad rows are left out and each is
+    appended to it instead.
     """
-    records = read_records(source, split)
     problems, rows, dropped = Problems(source), [], []
+    records = read_records(source, split, problems)
     for line, record in records:
         issues: Issues = []
         row = _preference_row(record, tokenizer, issues)
         for key, reason in issues:
             problems.add(line, key, reason)
         if isinstance(row, str):
-            dropped.append(f"{source}:{line}: {row}")
+            dropped.append(DroppedRow(source, line, row))
         elif row is not None:
             row.source, row.line = source, line
             rows.append(row)
-    problems.raise_if_any()
+    _raise_or_skip(problems, skipped)
     if not rows:
         why = f"all {len(dropped)} rows were dropped, e.g. {dropped[0]}" if dropped else "the source is empty"
         raise DataError(f"no usable preference rows ({why})", source)
     return PreferenceData(rows, dropped)
 
 
-def _load_rows(source: str, split: str | None, tokenizer: Any, parse, kind: str) -> list:
+def _raise_or_skip(problems: Problems, skipped: list[DroppedRow] | None) -> None:
+    """Raise every problem at once; or, given a `skipped` list, record the bad rows there (the whole
+    source's problems, such as an unreadable file, are still raised)."""
+    problems.raise_if_any(skip=skipped is not None)
+    if skipped is not None:
+        skipped.extend(problems.dropped())
+
+
+def _load_rows(
+    source: str, split: str | None, tokenizer: Any, parse, kind: str, skipped: list[DroppedRow] | None = None
+) -> list:
     """Rows of ``source`` parsed by ``parse(record, tokenizer, issues)``; every problem collected and
-    raised as one DataError, as is an empty source."""
-    records = read_records(source, split)
+    raised as one DataError (or, given ``skipped``, the bad rows left out and appended to it), as is an
+    empty source."""
     problems, rows = Problems(source), []
+    records = read_records(source, split, problems)
     for line, record in records:
         issues: Issues = []
         row = parse(record, tokenizer, issues)
@@ -415,29 +431,36 @@ def _load_rows(source: str, split: str | None, tokenizer: Any, parse, kind: str)
         if row is not None:
             row.source, row.line = source, line
             rows.append(row)
-    problems.raise_if_any()
+    _raise_or_skip(problems, skipped)
     if not rows:
-        raise DataError(f"no usable {kind} rows (the source is empty)", source)
+        why = f"all {len(problems.lines)} rows are bad" if problems.count else "the source is empty"
+        raise DataError(f"no usable {kind} rows ({why})", source)
     return rows
 
 
-def load_sft_rows(source: str, split: str | None = None, tokenizer: Any = None) -> list[SFTRow]:
+def load_sft_rows(
+    source: str, split: str | None = None, tokenizer: Any = None, skipped: list[DroppedRow] | None = None
+) -> list[SFTRow]:
     """Read and validate SFT rows from ``source`` (see :func:`read_records`).
 
     For ``messages`` rows only the final assistant reply is the completion; earlier turns (assistant
     ones included) are prompt. All problems are collected and raised as one DataError, as is an
-    empty source.
+    empty source; given ``skipped`` (on_bad_rows=skip), bad rows are left out and appended to it.
     """
-    return _load_rows(source, split, tokenizer, _sft_row, "SFT")
+    return _load_rows(source, split, tokenizer, _sft_row, "SFT", skipped)
 
 
-def load_unpaired_rows(source: str, split: str | None = None, tokenizer: Any = None) -> list[UnpairedRow]:
+def load_unpaired_rows(
+    source: str, split: str | None = None, tokenizer: Any = None, skipped: list[DroppedRow] | None = None
+) -> list[UnpairedRow]:
     """Read and validate unpaired (KTO) rows: any SFT format plus a boolean ``label``. All problems are
     collected and raised as one DataError, as is an empty source."""
-    return _load_rows(source, split, tokenizer, _unpaired_row, "unpaired")
+    return _load_rows(source, split, tokenizer, _unpaired_row, "unpaired", skipped)
 
 
-def load_listwise_rows(source: str, split: str | None = None, tokenizer: Any = None) -> list[ListwiseRow]:
+def load_listwise_rows(
+    source: str, split: str | None = None, tokenizer: Any = None, skipped: list[DroppedRow] | None = None
+) -> list[ListwiseRow]:
     """Read and validate list rows (see the module docstring). All problems are collected and raised as
     one DataError, as is an empty source."""
-    return _load_rows(source, split, tokenizer, _listwise_row, "listwise")
+    return _load_rows(source, split, tokenizer, _listwise_row, "listwise", skipped)

@@ -18,9 +18,11 @@ import json
 import logging
 import os
 import random
+import re
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -37,7 +39,34 @@ class JudgeError(ValueError):
     """The judge cannot be used: an endpoint that refuses the request, or keeps failing after retries.
 
     A ValueError, so that the CLI prints its message (which never holds the API key) without a traceback.
+    `row_level`: the failure is about this one request (it kept failing after the retries, or the endpoint
+    refused its content: HTTP 400, 413, 422), so a judge with on_error=fallback gives that row the fallback
+    and goes on; otherwise (a bad key, URL or model) every request would fail the same way, and the run stops.
     """
+
+    def __init__(self, message: str, row_level: bool = False):
+        super().__init__(message)
+        self.row_level = row_level
+
+
+ROW_LEVEL_STATUS = {400, 413, 422}  # the request's content was refused, not the key, URL or model
+# Header values that carry a credential, in any message: `Authorization: Bearer sk-...`, `x-api-key: ...`.
+SECRET_HEADER = re.compile(
+    r"(?i)((?:authorization|x-api-key|api[-_]key)[\"']?\s*[:=]\s*[\"']?(?:bearer\s+)?|\bbearer\s+)[^\s\"',;})]+"
+)
+
+
+def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """`text` with every secret blanked to '***', also as it appears JSON-escaped, URL-quoted or repr'd
+    (a server may echo it so), and the value of every credential header, whatever the secret."""
+    for secret in secrets:
+        if not secret or len(secret) < 4:  # a shorter value would blank ordinary words
+            continue
+        forms = {secret, json.dumps(secret)[1:-1], json.dumps(secret)[1:-1].replace("/", "\\/")}
+        forms |= {urllib.parse.quote(secret, safe=""), repr(secret)[1:-1]}
+        for form in sorted(forms, key=len, reverse=True):
+            text = text.replace(form, "***")
+    return SECRET_HEADER.sub(lambda m: m.group(1) + "***", text)
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -103,11 +132,8 @@ class RemoteChatBackend:
         raise NotImplementedError
 
     def redact(self, text: str) -> str:
-        """`text` with every secret of this backend replaced by '***' (for messages and logs)."""
-        for secret in self._secrets:
-            if secret and len(secret) >= 8:  # a short value would blank ordinary words
-                text = text.replace(secret, "***")
-        return text
+        """`text` with every secret of this backend, and any credential header, blanked (see `redact`)."""
+        return redact(text, self._secrets)
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -124,16 +150,21 @@ class RemoteChatBackend:
         for attempt in range(self.max_retries + 1):
             self._count("requests")
             try:
-                return self.send(messages)
+                return self.redact(self.send(messages))
             except JudgeError as e:
-                raise JudgeError(self.redact(str(e))) from None
+                raise JudgeError(self.redact(str(e)), e.row_level) from None
             except Retry as e:
                 reason, retry_after = self.redact(e.reason), e.retry_after
+            except Exception as e:  # anything else (e.g. a key the HTTP library refuses) may quote the key
+                raise JudgeError(
+                    self.redact(f"judge endpoint {self.target}: {type(e).__name__}: {e}")
+                ) from None
             if attempt == self.max_retries:
                 raise JudgeError(
                     f"judge endpoint {self.target} failed {self.max_retries + 1} times (last: {reason}); "
                     "answers received so far are in the judge cache, if one is set, and a rerun resumes "
-                    "from them"
+                    "from them (or set on_error: fallback to score such rows with the fallback, marked)",
+                    row_level=True,
                 )
             delay = self._wait(attempt, retry_after)
             self._count("retries")
@@ -151,8 +182,12 @@ class RemoteChatBackend:
             time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def complete(self, conversations: list[list[dict]]) -> Iterator[tuple[int, str]]:
-        """(index, answer) for every conversation, as answers arrive; at most max_concurrency in flight."""
+    def complete(
+        self, conversations: list[list[dict]], row_errors: bool = False
+    ) -> Iterator[tuple[int, str | JudgeError]]:
+        """(index, answer) for every conversation, as answers arrive; at most max_concurrency in flight.
+        A JudgeError is raised, or with `row_errors` one about that row alone (`row_level`) is yielded
+        in place of its answer."""
         if not conversations:
             return
         pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="judge")
@@ -162,7 +197,13 @@ class RemoteChatBackend:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     i = pending.pop(future)
-                    yield i, future.result()  # re-raises a JudgeError here, in the caller's thread
+                    error = future.exception()
+                    if error is None:
+                        yield i, future.result()
+                    elif row_errors and isinstance(error, JudgeError) and error.row_level:
+                        yield i, error
+                    else:
+                        raise error  # here, in the caller's thread
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -228,11 +269,13 @@ class HTTPChatBackend(RemoteChatBackend):
             content = data["choices"][0]["message"].get("content")
             return content if isinstance(content, str) else ""
         except urllib.error.HTTPError as e:
-            detail = e.read(300).decode("utf-8", "replace").strip() if e.fp else ""
+            # Blanked before it is cut, so that a key echoed across the cut cannot leak in part.
+            detail = self.redact(e.read(8192).decode("utf-8", "replace").strip()) if e.fp else ""
             if e.code not in RETRYABLE_STATUS:
                 raise JudgeError(
                     f"judge endpoint {self.url} answered HTTP {e.code} {e.reason}: {detail[:300]} "
-                    "(not retried: check base_url, model and the API key variable)"
+                    "(not retried: check base_url, model and the API key variable)",
+                    row_level=e.code in ROW_LEVEL_STATUS,
                 ) from None
             raise Retry(f"HTTP {e.code}", _retry_after(e.headers.get("Retry-After"))) from None
         except (TimeoutError, urllib.error.URLError, http.client.HTTPException, ConnectionError) as e:
@@ -251,7 +294,7 @@ def read_api_key(env: str | None, alternative: str) -> str | None:
     """
     if not env:
         return None
-    key = os.environ.get(env)
+    key = (os.environ.get(env) or "").strip()  # a newline pasted with the key is never part of it
     if not key:
         raise JudgeError(
             f"the judge's API key is read from the environment variable {env}, which is not set; "
@@ -303,8 +346,10 @@ class LocalChatBackend:
     def __repr__(self) -> str:
         return f"LocalChatBackend({self.identity})"
 
-    def complete(self, conversations: list[list[dict]]) -> Iterator[tuple[int, str]]:
-        """(index, answer) for every conversation, in order, generated in batches."""
+    def complete(
+        self, conversations: list[list[dict]], row_errors: bool = False
+    ) -> Iterator[tuple[int, str]]:
+        """(index, answer) for every conversation, in order, generated in batches (no row errors here)."""
         from alignkit.data.chat import render_messages
         from alignkit.generation import sample
 

@@ -26,7 +26,7 @@ import torch
 
 from alignkit.config import ConfigError
 from alignkit.models import DTYPES
-from alignkit.rewards.backends import HTTPChatBackend, LocalChatBackend
+from alignkit.rewards.backends import HTTPChatBackend, JudgeError, LocalChatBackend, log
 from alignkit.rewards.backends_cloud import SDKS, AnthropicBackend, BedrockBackend, require_sdk
 from alignkit.rewards.base import SourceOptions, as_scores, check_batch, fill
 from alignkit.rewards.cache import JudgeCache, cache_key
@@ -207,6 +207,9 @@ class JudgeOptions(SourceOptions):
     """Highest valid score of your own template."""
     fallback: float | None = None
     """Score given when no valid score could be parsed (default: the middle of the range); counted."""
+    on_error: str = "raise"
+    """raise (a row the endpoint keeps failing on, or refuses, stops the run) or fallback (that row gets
+    `fallback`, counted as fallbacks_error and marked per row by `alignkit score`)."""
     parse_retries: int = 2
     """Times an unparseable or out-of-range answer is asked again, with a request for the format."""
     cache: str | None = None
@@ -314,6 +317,7 @@ class JudgeReward:
         self.backend = build_backend(options)
         self.cache = JudgeCache(options.cache) if options.cache else None
         self.counts: Counter = Counter()
+        self.last_fallbacks: list[bool] = []  # per row of the last score(): it got the fallback score
 
     @staticmethod
     def check(options: JudgeOptions, where: str) -> None:
@@ -331,6 +335,8 @@ class JudgeReward:
                     f"{where}: '{key}' has no effect with backend {options.backend} (which reads "
                     f"{', '.join(used)}); remove it"
                 )
+        if options.on_error not in ("raise", "fallback"):
+            raise ConfigError(f"{where}: on_error '{options.on_error}' is not raise or fallback")
         if options.dtype not in DTYPES:
             raise ConfigError(f"{where}: dtype '{options.dtype}' is not one of {', '.join(DTYPES)}")
         if min(options.max_concurrency, options.batch_size, options.max_tokens) < 1:
@@ -391,8 +397,13 @@ class JudgeReward:
         for attempt in range(self.options.parse_retries + 1):
             retry = []
             pending = list(conversations)
-            for j, answer in self.backend.complete([conversations[i] for i in pending]):
+            row_errors = self.options.on_error == "fallback"
+            for j, answer in self.backend.complete([conversations[i] for i in pending], row_errors):
                 i = pending[j]
+                if isinstance(answer, JudgeError):  # this row kept failing: the fallback, counted
+                    results[i], reasons[i] = None, "error"
+                    log.warning("judge '%s': %s; the row gets the fallback score", self.name, answer)
+                    continue
                 self.counts["answers"] += 1
                 value, reason = self._parse(answer)
                 if value is None and attempt < self.options.parse_retries:
@@ -425,6 +436,7 @@ class JudgeReward:
         items = [(p, r, fill(self.template.user, p, r)) for p, r in zip(prompts, responses)]
         values = self.ask(items)
         self.counts["scored"] += len(values)
+        self.last_fallbacks = [v is None for v in values]
         return as_scores([self.fallback if v is None else v for v in values], len(values), self.name)
 
     def compare(

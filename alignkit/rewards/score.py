@@ -2,8 +2,8 @@
 
     alignkit score examples/rewards.yaml data=examples/responses.jsonl output=scored.jsonl
 
-writes every input row with a `score_<name>` column per source, `reward` (the composed total) and a
-`violated_<name>` flag per constraint cost, then prints per-source statistics (mean, std, quantiles)
+writes every input row with a `score_<name>` column per source, `reward` (the composed total), a
+`violated_<name>` flag per constraint cost and a `fallback_<name>` flag per judge (the row got its fallback), then prints per-source statistics (mean, std, quantiles)
 and writes them, with the resolved config and the sources' counters, to `<output>.summary.json`.
 """
 
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config import ConfigError
+from alignkit.config import RANGES, ConfigError, above, at_least, validate
 from alignkit.data.chat import json_type
-from alignkit.data.readers import DataError, Problems, read_records
+from alignkit.data.readers import DataError, Problems, line_ranges, read_records
 from alignkit.rewards.compose import RewardSet
 from alignkit.rewards.registry import parse_spec
 
@@ -49,12 +49,24 @@ class ScoreConfig:
     """Rows handed to the reward sources at once (each source batches within it as it needs)."""
     progress: bool = True
     """Show a console progress bar."""
+    overwrite: bool = False
+    """Replace `output` and its summary when they exist (without it, that is an error)."""
+
+
+RANGES[ScoreConfig] = {"batch_size": at_least(1), "clip": above(0)}
+
+
+def summary_path(output: str | Path) -> Path:
+    """Where the summary of `output` goes: beside it, `.summary.json` for its suffix (scored.jsonl ->
+    scored.summary.json)."""
+    output = Path(output)
+    return output.with_name(output.stem + ".summary.json")
 
 
 def read_pairs(cfg: ScoreConfig) -> tuple[list[dict], list[str], list[str]]:
     """(records, prompts, responses); every bad row is reported at once as file:line: field: problem."""
-    records = read_records(cfg.data, cfg.data_split)
     problems = Problems(cfg.data)
+    records = read_records(cfg.data, cfg.data_split, problems)
     for line, record in records:
         for key in (cfg.prompt_field, cfg.response_field):
             value = record.get(key)
@@ -65,6 +77,17 @@ def read_pairs(cfg: ScoreConfig) -> tuple[list[dict], list[str], list[str]]:
     problems.raise_if_any()
     if not records:
         raise DataError("no rows to score (the source is empty)", cfg.data)
+    empty = [n for n, r in records if not r[cfg.response_field].strip()]
+    if empty:
+        print(
+            f"warning: {len(empty)} rows have an empty '{cfg.response_field}' ({cfg.data}:{line_ranges(empty)})"
+        )
+    seen: dict[tuple[str, str], int] = {}
+    repeats = [n for n, r in records if seen.setdefault((r[cfg.prompt_field], r[cfg.response_field]), n) != n]
+    if repeats:
+        print(
+            f"warning: {len(repeats)} rows repeat an earlier row's prompt and response ({cfg.data}:{line_ranges(repeats)})"
+        )
     rows = [r for _, r in records]
     return rows, [r[cfg.prompt_field] for r in rows], [r[cfg.response_field] for r in rows]
 
@@ -103,8 +126,13 @@ def run(cfg: ScoreConfig) -> dict:
         )
     if not cfg.data or not cfg.output:
         raise ConfigError("set data=<rows to score> and output=<scored .jsonl>")
-    if cfg.batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    validate(cfg)
+    existing = [str(p) for p in (Path(cfg.output), summary_path(cfg.output)) if p.exists()]
+    if existing and not cfg.overwrite:
+        raise ConfigError(
+            f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: set overwrite=true "
+            "to replace, or choose another output"
+        )
     for i, spec in enumerate(cfg.rewards):
         parse_spec(spec, f"rewards[{i}]")  # cheap: a typo in the config fails before the data is read
     rows, prompts, responses = read_pairs(cfg)  # bad rows fail before any model is loaded
@@ -115,10 +143,14 @@ def run(cfg: ScoreConfig) -> dict:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="scoring", unit="batch")
-    batches = [
-        reward_set.score_sources(prompts[i : i + cfg.batch_size], responses[i : i + cfg.batch_size])
-        for i in starts
-    ]
+    batches, fallbacks = [], {}
+    for i in starts:
+        batches.append(
+            reward_set.score_sources(prompts[i : i + cfg.batch_size], responses[i : i + cfg.batch_size])
+        )
+        for source in reward_set.sources:  # judges say which rows got their fallback score
+            if hasattr(source, "last_fallbacks"):
+                fallbacks.setdefault(source.name, []).extend(source.last_fallbacks)
     scores = {name: torch.cat([b[name] for b in batches]) for name in batches[0]}
     # Composed over all rows at once, so that normalisation uses the statistics of the whole file.
     out = reward_set.compose(scores)
@@ -134,6 +166,8 @@ def run(cfg: ScoreConfig) -> dict:
             scored["reward"] = _json_number(float(out.total[i]))
             for name, flags in out.violated.items():
                 scored[f"violated_{name}"] = bool(flags[i])
+            for name, flags in fallbacks.items():
+                scored[f"fallback_{name}"] = flags[i]
             f.write(json.dumps(scored, ensure_ascii=False) + "\n")
     tmp.replace(output)  # a crash never leaves a half-written output behind
 
@@ -151,7 +185,12 @@ def run(cfg: ScoreConfig) -> dict:
     for name, counts in counters.items():
         print(f"\n{name}: " + ", ".join(f"{k} {v:g}" for k, v in sorted(counts.items())))
         if counts.get("fallbacks"):
-            print(f"  warning: {counts['fallbacks']:g} rows got the fallback score (no valid score parsed)")
+            errors = counts.get("fallbacks_error", 0)
+            print(
+                f"  warning: {counts['fallbacks']:g} of {len(rows)} rows got the fallback score "
+                f"({counts['fallbacks'] - errors:g} without a valid score, {errors:g} after judge errors); "
+                f"they are marked fallback_{name}: true in {output}"
+            )
     report = {
         "rows": len(rows),
         "sources": summary,
@@ -159,6 +198,7 @@ def run(cfg: ScoreConfig) -> dict:
         "counters": counters,
         "config": asdict(cfg),
     }
-    summary_path = output.with_name(output.stem + ".summary.json")
-    summary_path.write_text(json.dumps(report, indent=2) + "\n")
+    summary_file = summary_path(output)
+    summary_file.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nsummary written to {summary_file}")
     return report
