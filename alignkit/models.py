@@ -121,19 +121,30 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     gradient_checkpointing: bool = False,
     pad_token_id: int | None = None,
+    *,
+    encoder_decoder_ok: bool = False,
 ):
-    """A causal LM from a hub name or local directory, safetensors weights only."""
-    from transformers import AutoModelForCausalLM
+    """A causal LM from a hub name or local directory, safetensors weights only; with `encoder_decoder_ok`
+    (algorithms that support them, e.g. PPO) an encoder-decoder LM (AutoModelForSeq2SeqLM: T5, BART, ...)
+    when the checkpoint is one. The pad id is written into the config when it has none."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    return _load_lm(
-        AutoModelForCausalLM,
-        name_or_path,
-        dtype,
-        attn_implementation,
-        trust_remote_code,
-        gradient_checkpointing,
-        pad_token_id,
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+    seq2seq = encoder_decoder_ok and is_encoder_decoder(name_or_path, trust_remote_code)
+    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code, "use_safetensors": True}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(
+        name_or_path, **kwargs
     )
+    if pad_token_id is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+        if model.generation_config is not None:
+            model.generation_config.pad_token_id = pad_token_id
+    if gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    return model
 
 
 def is_encoder_decoder(name_or_path: str, trust_remote_code: bool = False) -> bool:
@@ -142,56 +153,6 @@ def is_encoder_decoder(name_or_path: str, trust_remote_code: bool = False) -> bo
 
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     return bool(getattr(config, "is_encoder_decoder", False))
-
-
-def load_language_model(
-    name_or_path: str,
-    dtype: str = "float32",
-    attn_implementation: str | None = None,
-    trust_remote_code: bool = False,
-    gradient_checkpointing: bool = False,
-    pad_token_id: int | None = None,
-):
-    """A causal LM, or an encoder-decoder LM (AutoModelForSeq2SeqLM) when the checkpoint is one."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    seq2seq = is_encoder_decoder(name_or_path, trust_remote_code)
-    return _load_lm(
-        AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM,
-        name_or_path,
-        dtype,
-        attn_implementation,
-        trust_remote_code,
-        gradient_checkpointing,
-        pad_token_id,
-    )
-
-
-def _load_lm(
-    auto_class,
-    name_or_path: str,
-    dtype: str,
-    attn_implementation: str | None,
-    trust_remote_code: bool,
-    gradient_checkpointing: bool,
-    pad_token_id: int | None,
-):
-    """`auto_class.from_pretrained` with alignkit's settings: safetensors only, dtype, attention kernel,
-    the pad id written into the config when it has none, activation checkpointing when asked."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
-    check_model_source(name_or_path)
-    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code, "use_safetensors": True}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    model = auto_class.from_pretrained(name_or_path, **kwargs)
-    if pad_token_id is not None and model.config.pad_token_id is None:
-        model.config.pad_token_id = pad_token_id
-        if model.generation_config is not None:
-            model.generation_config.pad_token_id = pad_token_id
-    if gradient_checkpointing:
-        enable_activation_checkpointing(model)
-    return model
 
 
 def enable_activation_checkpointing(model) -> None:
@@ -295,13 +256,14 @@ def load_policy(
     """The policy a training config names (`model`, `dtype`, `attn_implementation`, `trust_remote_code`,
     `gradient_checkpointing`), on `device`: a causal LM, or with `encoder_decoder_ok` (algorithms that
     support them, e.g. PPO) an encoder-decoder LM when the checkpoint is one."""
-    model = (load_language_model if encoder_decoder_ok else load_causal_lm)(
+    model = load_causal_lm(
         cfg.model,
         cfg.dtype,
         cfg.attn_implementation,
         cfg.trust_remote_code,
         cfg.gradient_checkpointing,
         pad_token_id,
+        encoder_decoder_ok=encoder_decoder_ok,
     )
     return model.to(device)
 

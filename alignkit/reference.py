@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from alignkit.config import ConfigError
 from alignkit.data.prepare import cache_dir
 from alignkit.data.tokenize import fingerprint, source_fingerprint
-from alignkit.models import BatchForward, freeze, load_language_model
+from alignkit.models import BatchForward, freeze, load_causal_lm
 
 REFERENCE_MODES = ("precomputed", "copy", "adapter")
 
@@ -183,7 +183,9 @@ def adapter_disabled(module):
 
 def frozen_model(cfg, name_or_path: str, device) -> torch.nn.Module:
     """The reference weights, frozen, on `device`."""
-    model = load_language_model(name_or_path, cfg.dtype, cfg.attn_implementation, cfg.trust_remote_code)
+    model = load_causal_lm(
+        name_or_path, cfg.dtype, cfg.attn_implementation, cfg.trust_remote_code, encoder_decoder_ok=True
+    )
     return freeze(model).to(device)
 
 

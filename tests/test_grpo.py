@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import alignkit.algorithms.grpo as grpo
+import alignkit.algorithms.online as online
 from alignkit.cli import main
 from alignkit.config import ConfigError, GRPOConfig
 from alignkit.data.readers import DataError
@@ -99,7 +100,7 @@ def test_an_interrupted_run_resumes_bit_for_bit(tmp_path, tiny_model_dir, monkey
 
     cut = config(tmp_path / "b", tiny_model_dir, data, max_steps=6, beta=0.05, reward_normalize=True)
     calls = {"n": 0}
-    real = grpo.collect
+    real = online.collect
 
     def interrupt_at_step_5(*args, **kwargs):
         calls["n"] += 1
@@ -107,10 +108,10 @@ def test_an_interrupted_run_resumes_bit_for_bit(tmp_path, tiny_model_dir, monkey
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(grpo, "collect", interrupt_at_step_5)
+    monkeypatch.setattr(online, "collect", interrupt_at_step_5)
     with pytest.raises(SystemExit):
         grpo.train(cut)
-    monkeypatch.setattr(grpo, "collect", real)
+    monkeypatch.setattr(online, "collect", real)
     cut.resume = True
     grpo.train(cut)
     resumed = train_metrics(cut)

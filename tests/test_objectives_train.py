@@ -173,7 +173,7 @@ def test_reference_free_objectives_never_compute_or_load_a_reference(
 
     # The policy loads through models.load_policy, a reference through reference.py's import: count both.
     monkeypatch.setattr(alignkit.models, "load_causal_lm", counting_load)
-    monkeypatch.setattr(alignkit.reference, "load_language_model", counting_load)
+    monkeypatch.setattr(alignkit.reference, "load_causal_lm", counting_load)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a reference-free objective computed reference log-probs")

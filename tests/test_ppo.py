@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+import alignkit.algorithms.online as online
 import alignkit.algorithms.ppo as ppo
 from alignkit.config import ConfigError, PPOConfig
 
@@ -133,7 +134,7 @@ def test_an_interrupted_run_resumes_bit_for_bit(tmp_path, tiny_model_dir, monkey
 
     cut = config(tmp_path / "b", tiny_model_dir, data, **settings)
     calls = {"n": 0}
-    real = ppo.collect
+    real = online.collect
 
     def interrupt_at_step_4(*args, **kwargs):
         calls["n"] += 1
@@ -141,10 +142,10 @@ def test_an_interrupted_run_resumes_bit_for_bit(tmp_path, tiny_model_dir, monkey
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ppo, "collect", interrupt_at_step_4)
+    monkeypatch.setattr(online, "collect", interrupt_at_step_4)
     with pytest.raises(SystemExit):
         ppo.train(cut)
-    monkeypatch.setattr(ppo, "collect", real)
+    monkeypatch.setattr(online, "collect", real)
     cut.resume = True
     ppo.train(cut)
     resumed = train_metrics(cut)

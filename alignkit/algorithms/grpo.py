@@ -45,7 +45,7 @@ from alignkit.losses.policy import (
 )
 from alignkit.models import BatchForward, add_lora, disable_dropout, load_policy, load_tokenizer
 from alignkit.reference import Reference, setup_reference
-from alignkit.rollout import collect, token_logps_in_batches
+from alignkit.rollout import token_logps_in_batches
 from alignkit.runtime import (
     as_numbers,
     make_optimizer,
@@ -170,16 +170,8 @@ def train(cfg: GRPOConfig) -> Path:
     with run.interruptible():
         while run.step < run.steps:
             t0 = time.perf_counter()
-            idx, seed = run.step_prompts()
-            rollout = collect(
-                accelerator.unwrap_model(policy).model,
-                tokenizer,
-                [prompts.train_ids[i] for i in idx],
-                [prompts.train_rows[i].prompt for i in idx],
-                rewards,
-                group_size=G,
-                sampling=sampling,
-                seed=seed,
+            rollout, seed = run.collect(
+                accelerator.unwrap_model(policy).model, tokenizer, prompts, rewards, sampling, G
             )
             scale = cfg.scale_rewards if cfg.advantage == "grpo" else None
             advantages = compute_advantages(cfg.advantage, rollout.scores, G, scale=scale)

@@ -217,8 +217,8 @@ class OnlineRun:
         run = OnlineRun(cfg, accelerator, output_dir, len(prompts.train_rows), named, log)
         with run.interruptible():
             while run.step < run.steps:
-                rows, seed = run.step_prompts()
-                ...                                     # rollout, advantages, updates
+                rollout, seed = run.collect(policy, tokenizer, prompts, rewards, sampling, G)
+                ...                                     # advantages, updates
                 run.finish_step(record, evaluate)
 
     `named()` returns the named state a checkpoint holds (models, optimizer, scheduler, reward normaliser,
@@ -255,6 +255,22 @@ class OnlineRun:
         """(prompt indices, sampling seed) of this process for the current step."""
         seed = (self.cfg.seed * 1_000_003 + self.step) * 1009 + self.accelerator.process_index
         return self.order.micro_batches(self.step)[0], seed
+
+    def collect(self, policy, tokenizer, prompts: Prompts, rewards: RewardSet, sampling, group_size: int):
+        """(rollout, seed): this process's rollout of the current step, `group_size` completions of each
+        of its prompts from `policy` (the unwrapped model), sampled with the step's seed."""
+        idx, seed = self.step_prompts()
+        rollout = collect(
+            policy,
+            tokenizer,
+            [prompts.train_ids[i] for i in idx],
+            [prompts.train_rows[i].prompt for i in idx],
+            rewards,
+            group_size=group_size,
+            sampling=sampling,
+            seed=seed,
+        )
+        return rollout, seed
 
     def save(self):
         """Write a checkpoint of the current step (main process); returns its folder or None."""

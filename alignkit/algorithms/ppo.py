@@ -61,7 +61,7 @@ from alignkit.models import (
     value_model_from,
 )
 from alignkit.reference import Reference, setup_reference
-from alignkit.rollout import collect, token_logps_in_batches
+from alignkit.rollout import token_logps_in_batches
 from alignkit.runtime import (
     as_numbers,
     make_optimizer,
@@ -221,16 +221,13 @@ def train(cfg: PPOConfig) -> Path:
     with run.interruptible():
         while run.step < run.steps:
             t0 = time.perf_counter()
-            idx, seed = run.step_prompts()
-            rollout = collect(
+            rollout, seed = run.collect(
                 accelerator.unwrap_model(model).policy,
                 tokenizer,
-                [prompts.train_ids[i] for i in idx],
-                [prompts.train_rows[i].prompt for i in idx],
+                prompts,
                 rewards,
-                group_size=cfg.num_generations,
-                sampling=sampling,
-                seed=seed,
+                sampling,
+                cfg.num_generations,
             )
             plan = minibatches(n_rows, cfg, seed)
 
