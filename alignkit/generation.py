@@ -16,6 +16,7 @@ the ids the model produced, so training on re-tokenised text would train on sequ
 from __future__ import annotations
 
 import hashlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -147,6 +148,120 @@ def _settings(model, tokenizer, max_new_tokens, temperature, top_k, top_p, *, do
     return config, warpers, eos
 
 
+def draw_tokens(scores: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One draw per row from `softmax(scores)` by inversion of its CDF: (B, V) scores (already tempered and
+    truncated; -inf = never drawn) and (B,) uniforms in [0, 1) -> (B,) token ids.
+
+    Token i is drawn when `cdf[i-1] <= u * cdf[V-1] < cdf[i]` (searchsorted with right=True), an interval of
+    width p_i, so a token with p_i = 0 (a flat step of the CDF) is never drawn. The CDF is summed in
+    float64, so the frequencies are exact to ~1e-16 plus the resolution of the uniforms (2^-24 for float32,
+    2^-53 for float64). One uniform per row instead of V Gumbel or exponential variates: on CPU this draw
+    costs a tenth of `torch.multinomial` on a (64, 2048) batch.
+    """
+    cdf = scores.float().softmax(-1).double().cumsum(-1)  # (B, V), non-decreasing
+    total = cdf[:, -1:].contiguous()  # (B, 1), 1 up to rounding
+    ids = torch.searchsorted(cdf, uniforms.double().unsqueeze(-1) * total, right=True)  # (B, 1)
+    # u * total can round up to total; the first index where the CDF reaches total is the last token
+    # with positive probability, never a zero-probability one after it.
+    return torch.minimum(ids, torch.searchsorted(cdf, total, right=False)).squeeze(-1)
+
+
+def _cache_keyword(model) -> str | None:
+    """The keyword `model.forward` takes its KV cache by ("cache" from transformers 5.x, "past_key_values"
+    before), or None when the lean decode loop cannot drive this model and `generate` must: an
+    encoder-decoder, a model whose class prepares its own generation inputs (recurrent state,
+    multimodal position ids, ...), or a forward without position ids or attention mask."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return None
+    from transformers import GenerationMixin
+
+    own = getattr(type(model), "prepare_inputs_for_generation", None)
+    if own is not GenerationMixin.prepare_inputs_for_generation:
+        return None
+    params = inspect.signature(model.forward).parameters
+    if not {"input_ids", "attention_mask", "position_ids", "use_cache"} <= params.keys():
+        return None
+    return next((k for k in ("cache", "past_key_values") if k in params), None)
+
+
+def _decoder(model):
+    """(module to call, its cache keyword) for the lean decode loop, or None (use `generate`). A LoRA
+    PeftModel is decoded through its base model, whose layers carry the adapters; prompt-learning
+    adapters (prefix tuning, ...) change the inputs and are left to `generate`."""
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        if getattr(model.active_peft_config, "is_prompt_learning", False):
+            return None
+        model = model.get_base_model()
+    key = _cache_keyword(model)
+    return None if key is None else (model, key)
+
+
+def _decode(
+    model,
+    cache_key: str,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    warpers: list,
+    eos: torch.Tensor,
+    pad_id: int,
+    generator: torch.Generator | None,
+    repeats: int = 1,
+) -> list[list[int]]:
+    """The lean decode loop: one forward per new token on the KV cache, rows cut after their first EOS.
+
+    input_ids, attention_mask: (P, T), left-padded. With `repeats` > 1 the P prompts are encoded once and
+    their cache is repeated so that rows [i * repeats, (i + 1) * repeats) continue prompt i. Position ids
+    count real tokens only (`cumsum(mask) - 1`, as `generate` makes them), so left padding changes nothing.
+    Each step samples every live row from its warped scores with one uniform from `generator` (greedy when
+    None). A row that emits an EOS id stops: it leaves the batch (and the cache) at the next step, and the
+    loop ends when no row is live. Returns (P * repeats) id lists.
+    """
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (P, T)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    out = model(**inputs, use_cache=True, **({"logits_to_keep": 1} if _keeps_logits(model) else {}))
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    logits = out.logits[:, -1]  # (P, V)
+    B = input_ids.shape[0] * repeats
+    mask, last = attention_mask, position_ids[:, -1:]  # (P, T), (P, 1)
+    if repeats > 1:
+        cache.batch_repeat_interleave(repeats)
+        logits, mask, last = (x.repeat_interleave(repeats, dim=0) for x in (logits, mask, last))
+    live = torch.arange(B, device=input_ids.device)  # original row of each batch row
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=input_ids.device)
+    for t in range(max_new_tokens):
+        scores = logits.float()  # (b, V)
+        for warp in warpers:
+            scores = warp(None, scores)
+        if generator is None:
+            new = scores.argmax(-1)  # (b,)
+        else:
+            u = torch.rand(len(live), generator=generator, device=scores.device, dtype=torch.float64)
+            new = draw_tokens(scores, u)
+        tokens[live, t] = new
+        ended = torch.isin(new, eos)  # (b,)
+        if t == max_new_tokens - 1:
+            break
+        if ended.any():  # one host sync per step, as generate's stopping check
+            keep = (~ended).nonzero().squeeze(-1)
+            if len(keep) == 0:
+                break
+            cache.batch_select_indices(keep)
+            live, new, mask, last = live[keep], new[keep], mask[keep], last[keep]
+        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=-1)  # (b, T + t + 1)
+        last = last + 1
+        inputs = {"input_ids": new.unsqueeze(-1), "attention_mask": mask, "position_ids": last}
+        logits = model(**inputs, use_cache=True, **{cache_key: cache}).logits[:, -1]
+    eos_set = set(eos.tolist())
+    return [_cut_at_eos(ids, eos_set) for ids in tokens.tolist()]
+
+
+def _keeps_logits(model) -> bool:
+    """Whether `model.forward` can compute the logits of the last position only (`logits_to_keep`)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 @torch.no_grad()
 def sample_ids(
     model,
@@ -160,46 +275,101 @@ def sample_ids(
     top_p: float | None = None,
     seed: int = 0,
     batch_size: int = 64,
+    backend: str = "auto",
 ) -> list[list[int]]:
     """Completion ids of `num_samples` samples of every prompt (token ids in, token ids out: no decode /
     re-encode round trip), prompt-major, each cut after its first EOS (kept when produced).
 
-    The fast path for online RL: one `generate` call (KV cache, left padding) per `batch_size` rows with
-    `do_sample`, its randomness drawn from a torch generator seeded with `seed` inside a forked RNG state
-    (so a call is reproducible from its seed, and the caller's RNG is untouched), rather than one
-    generator per sample as `sample` does (whose samples do not depend on the batch they share). Same
-    contract on the distribution: the model's softmax at `temperature` (0 = greedy), truncated by top_k /
-    top_p when given, nothing else.
+    The fast path for online RL. Contract on the distribution: the model's softmax at `temperature`
+    (0 = greedy), truncated by top_k / top_p when given, nothing else. A call is reproducible from its
+    `seed`, and the caller's RNG is untouched. Rows are decoded `batch_size` at a time (left-padded).
+
+    For a standard decoder (see `_cache_keyword`) this is `_decode`, a lean loop on the KV cache: each
+    prompt is encoded once for its `num_samples` rows when `batch_size` is a multiple of `num_samples`,
+    every token is drawn by `draw_tokens` with one uniform per row from a generator seeded with `seed`,
+    and rows that end leave the batch. Other models (encoder-decoders, recurrent or multimodal ones, prompt-
+    learning adapters) go through `model.generate` with `do_sample`, seeded inside a forked RNG state;
+    `backend="generate"` sends every model there (benchmarks/generation_speed.py compares the two). The two
+    paths draw different samples for the same seed; each is reproducible.
     """
     _check_counts(num_samples, max_new_tokens, batch_size)
+    if backend not in ("auto", "generate"):
+        raise ValueError(
+            f"backend must be 'auto' (the lean loop when it can drive the model) or 'generate', got {backend!r}"
+        )
     config, warpers, eos = _settings(
         model, tokenizer, max_new_tokens, temperature, top_k, top_p, do_sample=True
     )
     device = next(model.parameters()).device
-    rows = [ids for ids in prompt_ids for _ in range(num_samples)]
     was_training = model.training
     model.eval()
-    out: list[list[int]] = []
-    devices = [device] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(_sample_seed(seed, 0) % 2**63)
-            for start in range(0, len(rows), batch_size):
-                input_ids, attention_mask = _left_pad(
-                    rows[start : start + batch_size], config.pad_token_id, device
-                )
-                generated = model.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    generation_config=config,
-                    logits_processor=LogitsProcessorList(warpers),
-                )  # (B, T + new)
-                # A decoder-only model continues the prompt; an encoder-decoder writes a new sequence
-                # that starts with its decoder start token.
-                start_at = 1 if model.config.is_encoder_decoder else input_ids.shape[1]
-                out += [_cut_at_eos(ids, eos) for ids in generated[:, start_at:].tolist()]
+        decoder = _decoder(model) if backend == "auto" else None
+        if decoder is None:
+            return _sample_ids_with_generate(
+                model,
+                prompt_ids,
+                num_samples=num_samples,
+                config=config,
+                warpers=warpers,
+                eos=eos,
+                seed=seed,
+                batch_size=batch_size,
+                device=device,
+            )
+        module, cache_key = decoder
+        generator = None
+        if temperature > 0:
+            generator = torch.Generator(device=device).manual_seed(_sample_seed(seed, 0) % 2**63)
+        eos_tensor = torch.tensor(sorted(eos), dtype=torch.long, device=device)
+        # Share each prompt's encoding among its samples when a batch holds whole groups.
+        repeats = num_samples if batch_size % num_samples == 0 else 1
+        rows = prompt_ids if repeats > 1 else [ids for ids in prompt_ids for _ in range(num_samples)]
+        out: list[list[int]] = []
+        for start in range(0, len(rows), batch_size // repeats):
+            input_ids, attention_mask = _left_pad(
+                rows[start : start + batch_size // repeats], config.pad_token_id, device
+            )
+            out += _decode(
+                module,
+                cache_key,
+                input_ids,
+                attention_mask,
+                max_new_tokens=max_new_tokens,
+                warpers=warpers,
+                eos=eos_tensor,
+                pad_id=config.pad_token_id,
+                generator=generator,
+                repeats=repeats,
+            )
+        return out
     finally:
         model.train(was_training)
+
+
+def _sample_ids_with_generate(
+    model, prompt_ids, *, num_samples, config, warpers, eos, seed, batch_size, device
+) -> list[list[int]]:
+    """`sample_ids` through `model.generate` (do_sample), for models the lean loop does not drive."""
+    rows = [ids for ids in prompt_ids for _ in range(num_samples)]
+    out: list[list[int]] = []
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(_sample_seed(seed, 0) % 2**63)
+        for start in range(0, len(rows), batch_size):
+            input_ids, attention_mask = _left_pad(
+                rows[start : start + batch_size], config.pad_token_id, device
+            )
+            generated = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=config,
+                logits_processor=LogitsProcessorList(warpers),
+            )  # (B, T + new)
+            # A decoder-only model continues the prompt; an encoder-decoder writes a new sequence that
+            # starts with its decoder start token.
+            start_at = 1 if model.config.is_encoder_decoder else input_ids.shape[1]
+            out += [_cut_at_eos(ids, eos) for ids in generated[:, start_at:].tolist()]
     return out
 
 

@@ -54,11 +54,13 @@ def train_metrics(cfg) -> list[dict]:
 @pytest.mark.parametrize("advantage", ["grpo", "dr_grpo", "rloo", "reinforce_pp"])
 def test_a_tiny_policy_learns_an_easy_reward(tmp_path, tiny_model_dir, advantage):
     data = write_prompts(tmp_path / "prompts.jsonl")
-    cfg = config(tmp_path, tiny_model_dir, data, advantage=advantage, max_steps=30)
+    # lr 3e-2: at 1e-2 the gain over 30 steps was within the sampling noise of the seed (measured -0.2..+1.4
+    # over seeds 1-2); at 3e-2 it was +2.5..+19.6 over seeds 1-3 for all four estimators.
+    cfg = config(tmp_path, tiny_model_dir, data, advantage=advantage, max_steps=30, lr=3e-2)
     grpo.train(cfg)
     rewards = [m["reward"] for m in train_metrics(cfg)]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
-    assert last > first + 0.8, (advantage, rewards)  # more "e"s per 8-token completion (measured +1.3..1.5)
+    assert last > first + 0.8, (advantage, rewards)  # more "e"s per 8-token completion
 
 
 def test_the_first_ratio_is_exactly_one_with_dropout_in_the_config(tmp_path, monkeypatch):

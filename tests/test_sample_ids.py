@@ -1,0 +1,180 @@
+"""generation.sample_ids, the sampler of online RL: its lean decode loop against transformers' generate
+(greedy, left padding, EOS, LoRA), its draws against the model's softmax, seeds, and top-k / top-p."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import alignkit
+from alignkit.generation import _decoder, draw_tokens, sample_ids
+from alignkit.models import load_causal_lm, load_tokenizer
+
+MODEL = Path(alignkit.__file__).parent / "assets" / "tinystories-656k"
+EOS = 2
+# Different lengths (so batches are left-padded); the last one makes the model end its story (EOS)
+# within a few tokens, so rows stop at different steps and leave the batch early.
+PROMPTS = [
+    "Once upon a time, there was a little dog named Max. One day, he ",
+    "Lily ",
+    "Once upon a time, in a big forest, there lived a small rabbit named Ben. Every day, he went to the "
+    "river. One morning, he ",
+    "Tom and Sue played all day. They were very happy. The end.",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(str(MODEL))
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return load_causal_lm(str(MODEL), pad_token_id=tokenizer.pad_token_id)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tokenizer):
+    return [tokenizer(p)["input_ids"] for p in PROMPTS]
+
+
+def test_draw_tokens_inverts_the_cdf_exactly():
+    """With N evenly spaced uniforms u_k = (k + 1/2) / N the inverse-CDF draw gives token i exactly
+    #{k : cdf[i-1] <= u_k < cdf[i]} times, i.e. N * p_i rounded up or down: |count_i - N p_i| <= 1. Tokens
+    of probability 0 (-inf scores) are never drawn, even at the ends u = 0 and u -> 1."""
+    p = torch.tensor([0.0, 0.1, 0.0, 0.25, 0.4, 0.0, 0.25, 0.0])
+    scores = p.log().expand(1000, -1)  # log 0 = -inf
+    N = 1000
+    u = (torch.arange(N, dtype=torch.float64) + 0.5) / N
+    counts = torch.bincount(draw_tokens(scores, u), minlength=len(p)).double()
+    assert (counts - N * p.double()).abs().max() <= 1
+    assert counts[p == 0].sum() == 0
+    edges = torch.tensor([0.0, 1 - 2**-53, 1 - 2**-24])
+    assert draw_tokens(p.log().expand(3, -1), edges).tolist() == [1, 6, 6]
+
+
+@pytest.mark.parametrize("shipped", [True, False], ids=["shipped model", "tiny random llama"])
+def test_greedy_decoding_equals_generate(shipped, model, tokenizer, prompt_ids, tiny_model_dir):
+    """Greedy output of the lean loop == transformers' generate, with left padding of four lengths, rows
+    ending (EOS) at different steps, and prompts shared by 2 samples each (encoded once) or not."""
+    m = model if shipped else load_causal_lm(str(tiny_model_dir), pad_token_id=tokenizer.pad_token_id)
+    assert _decoder(m) is not None  # the lean loop drives it
+    for n, batch_size in [(1, 4), (2, 4), (2, 3)]:
+        kwargs = dict(num_samples=n, max_new_tokens=24, temperature=0.0, batch_size=batch_size)
+        lean = sample_ids(m, tokenizer, prompt_ids, **kwargs)
+        assert lean == sample_ids(m, tokenizer, prompt_ids, **kwargs, backend="generate")
+    if shipped:  # the ending prompt's rows stopped early: the loop dropped them from the batch
+        assert lean[-1][-1] == EOS and len(lean[-1]) < 24 and len(lean[0]) == 24
+
+
+def test_greedy_decoding_with_a_lora_adapter_equals_generate(tokenizer, prompt_ids, tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    base = load_causal_lm(str(tiny_model_dir), pad_token_id=tokenizer.pad_token_id)
+    peft = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    assert _decoder(peft) is not None
+    kwargs = dict(num_samples=1, max_new_tokens=12, temperature=0.0)
+    with_adapter = sample_ids(peft, tokenizer, prompt_ids, **kwargs)
+    assert with_adapter == sample_ids(peft, tokenizer, prompt_ids, **kwargs, backend="generate")
+    with peft.disable_adapter():  # the adapter is what changed the output
+        assert with_adapter != sample_ids(peft, tokenizer, prompt_ids, **kwargs)
+
+
+def test_a_model_that_prepares_its_own_inputs_goes_through_generate(model, tokenizer, prompt_ids):
+    """A class that overrides prepare_inputs_for_generation (recurrent or multimodal models do) is left to
+    generate: the same ids as backend='generate' for the same seed."""
+
+    class Custom(type(model)):
+        def prepare_inputs_for_generation(self, *args, **kwargs):
+            return super().prepare_inputs_for_generation(*args, **kwargs)
+
+    custom = Custom(model.config)
+    custom.load_state_dict(model.state_dict())
+    assert _decoder(custom) is None
+    kwargs = dict(num_samples=2, max_new_tokens=8, seed=4)
+    assert sample_ids(custom, tokenizer, prompt_ids, **kwargs) == sample_ids(
+        model, tokenizer, prompt_ids, **kwargs, backend="generate"
+    )
+
+
+def test_seeds_reproduce_and_the_callers_rng_is_untouched(model, tokenizer, prompt_ids):
+    kwargs = dict(num_samples=3, max_new_tokens=16)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    a = sample_ids(model, tokenizer, prompt_ids, **kwargs, seed=5)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = sample_ids(model, tokenizer, prompt_ids, **kwargs, seed=5)
+    c = sample_ids(model, tokenizer, prompt_ids, **kwargs, seed=6)
+    assert a == b
+    # 16 tokens from a 2048-word softmax: a repeat across seeds or within a group would be a seeding bug
+    # (the ending prompt's rows can legitimately agree on a short ending, so it is left out).
+    assert all(x != y for x, y in zip(a[:9], c[:9]))
+    assert all(a[3 * i] != a[3 * i + 1] for i in range(3))
+    assert len(a) == 12 and all(len(x) == 16 for x in a[:9])
+
+
+def test_sampled_frequencies_match_the_tempered_truncated_softmax(model, tokenizer, prompt_ids):
+    """First-token frequencies over n = 4000 samples of one prompt, at temperature 0.8 with top_p 0.95,
+    against q = softmax(logits / 0.8) restricted to the smallest most-likely set holding 0.95 of it,
+    renormalised. Each count is Binomial(n, q_i): |freq_i - q_i| < 4 sqrt(q_i (1 - q_i) / n) fails with
+    probability 6e-5 per token for a correct sampler (the seed is fixed, so the test is deterministic);
+    a sampler that ignored the temperature or the truncation is off by many standard errors. Over all
+    tokens with expected count >= 5, Pearson's chi-square (df = k - 1) must be below df + 4 sqrt(2 df)."""
+    n, T, top_p = 4000, 0.8, 0.95
+    ids = prompt_ids[1]
+    draws = sample_ids(
+        model,
+        tokenizer,
+        [ids],
+        num_samples=n,
+        max_new_tokens=1,
+        temperature=T,
+        top_p=top_p,
+        seed=3,
+        batch_size=n,
+    )
+    counts = torch.bincount(torch.tensor([d[0] for d in draws]), minlength=2048).double()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1].double()
+    p = (logits / T).softmax(-1)
+    sorted_p, order = p.sort(descending=True)
+    keep = (sorted_p.cumsum(0) - sorted_p) < top_p  # mass strictly above this token < top_p
+    q = torch.zeros_like(p)
+    q[order[keep]] = sorted_p[keep] / sorted_p[keep].sum()
+    assert counts[q == 0].sum() == 0  # nothing outside the nucleus
+    freq = counts / n
+    for i in q.topk(8).indices.tolist():  # the nucleus holds more than 8 tokens here
+        se = math.sqrt(q[i] * (1 - q[i]) / n)
+        assert abs(freq[i] - q[i]) < 4 * se, (i, float(freq[i]), float(q[i]))
+    expected = n * q
+    big = expected >= 5
+    chi2 = float(((counts[big] - expected[big]) ** 2 / expected[big]).sum())
+    df = int(big.sum()) - 1
+    assert df > 10 and chi2 < df + 4 * math.sqrt(2 * df), (chi2, df)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(5, None), (None, 0.5)])
+def test_no_token_outside_top_k_or_top_p_is_ever_sampled(model, tokenizer, prompt_ids, top_k, top_p):
+    """Every sampled token of every step, checked against the model's own logits recomputed by one full
+    forward over prompt + completion (so the KV cache and position ids of the loop are checked too): its
+    rank is below top_k, or the probability mass of the tokens more likely than it is below top_p."""
+    samples = sample_ids(
+        model, tokenizer, prompt_ids, num_samples=4, max_new_tokens=20, top_k=top_k, top_p=top_p, seed=11
+    )
+    rows = [p for p in prompt_ids for _ in range(4)]
+    checked = 0
+    for prompt, completion in zip(rows, samples):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + completion])).logits[0]
+        probs = logits[len(prompt) - 1 : -1].double().softmax(-1)  # (len(completion), V)
+        chosen = probs[torch.arange(len(completion)), torch.tensor(completion)]  # (len(completion),)
+        above = probs > chosen[:, None] * (1 + 1e-6)  # tokens more likely than the sampled one
+        if top_k is not None:
+            assert (above.sum(-1) < top_k).all()
+        else:
+            assert ((probs * above).sum(-1) < top_p + 1e-6).all()
+        checked += len(completion)
+    assert checked > 200
