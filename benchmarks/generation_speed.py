@@ -19,15 +19,18 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from alignkit.generation import sample_ids
-from alignkit.models import load_causal_lm, load_tokenizer
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # measure the alignkit of this checkout, whatever is installed
+
+from alignkit.generation import sample_ids  # noqa: E402
+from alignkit.models import load_causal_lm, load_tokenizer  # noqa: E402
+
 MODEL = REPO / "alignkit" / "assets" / "tinystories-656k"
 PROMPTS = REPO / "alignkit" / "assets" / "demo" / "pairs.jsonl"
 BACKENDS = {"generate": "generate", "lean loop": "auto"}
@@ -84,7 +87,9 @@ def main() -> None:
         print(f"{b:>10} {median:>9.3f} {min(seconds[b]):>7.3f} {max(seconds[b]):>7.3f} {rate:>9.0f}")
     speedup = rows_out["generate"]["median_s"] / rows_out["lean loop"]["median_s"]
     print(f"speed-up of the lean loop (ratio of medians): {speedup:.2f}x")
-    print(json.dumps({"args": vars(args), "threads": torch.get_num_threads(), **rows_out, "speedup": speedup}))
+    print(
+        json.dumps({"args": vars(args), "threads": torch.get_num_threads(), **rows_out, "speedup": speedup})
+    )
 
 
 if __name__ == "__main__":
