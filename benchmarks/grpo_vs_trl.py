@@ -43,11 +43,12 @@ Settings, and how each library spells them (one step = one rollout = one optimiz
     at the end               the final model is saved              trainer.save_model() (both write one)
 
 What is not the same: the random draws (each library seeds its own sampler, so the two reward curves are
-two samples of the same process, not the same completions), and the work each library chooses to do. With
-one update per rollout TRL takes the sampling policy's log-probs from the training forward (detached)
-instead of a separate pass; alignkit computes them in a separate no-grad pass, entropies included, which
-it then discards (`time/logprobs` holds that pass and the reference's). Both log the entropy of every
-completion token, computed in the training forward.
+two samples of the same process, not the same completions), and the work each library chooses to do.
+TRL samples with transformers' `generate`; alignkit with its own decode loop on the KV cache
+(`generation.sample_ids`: each prompt encoded once for its G samples, one uniform per row per token;
+benchmarks/generation_speed.py times it against `generate` in one process). With one update per rollout
+both take the sampling policy's log-probs from the training forward (detached), so `time/logprobs` is the
+reference's pass. Both log the entropy of every completion token, computed in the training forward.
 
 Reward curves come from alignkit's output_dir/metrics.jsonl (`reward` on each train line) and from TRL's
 log history (`reward` with logging_steps=1). Per-step time splits: alignkit logs time/generation,
