@@ -1,13 +1,15 @@
 """Rollout generation time: `generation.sample_ids`'s lean decode loop vs the same call through
-transformers' `generate` (backend="generate"), on the shipped model, in one process.
+transformers' `generate` (backend="generate"), on the shipped model, in one process; and, for its cost,
+`generation.sample`, the evaluation sampler (one seeded generator per sample, so a sample does not depend
+on its batch; `generate` with Gumbel noise; decodes text too).
 
     python benchmarks/generation_speed.py              # 8 prompts x 8 samples x 48 new tokens, 7 rounds
     python benchmarks/generation_speed.py --rounds 11 --threads 1
 
 The setting is one rollout of benchmarks/grpo_vs_trl.py: the first `--prompts` prompts of
 alignkit/assets/demo/pairs.jsonl, `--samples` completions each (64 rows in one batch), `--max-new-tokens`
-tokens, temperature 1, no truncation, fp32 on CPU. The two backends alternate within each round (which goes
-first alternates too), so load from other processes on a shared machine falls on both alike; the medians
+tokens, temperature 1, no truncation, fp32 on CPU. The samplers alternate within each round (which goes
+first rotates too), so load from other processes on a shared machine falls on all alike; the medians
 over rounds are reported. A warm-up call of each comes first and is not counted. Each round uses a
 different seed, the same for both backends (the two draw different samples for a seed, so lengths can
 differ when completions end early: tokens/s is printed beside the seconds).
@@ -28,12 +30,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # measure the alignkit of this checkout, whatever is installed
 
-from alignkit.generation import sample_ids  # noqa: E402
+from alignkit.generation import sample, sample_ids  # noqa: E402
 from alignkit.models import load_causal_lm, load_tokenizer  # noqa: E402
 
 MODEL = REPO / "alignkit" / "assets" / "tinystories-656k"
 PROMPTS = REPO / "alignkit" / "assets" / "demo" / "pairs.jsonl"
-BACKENDS = {"generate": "generate", "lean loop": "auto"}
+BACKENDS = {"generate": "generate", "lean loop": "auto", "sample": None}
 
 
 def main() -> None:
@@ -59,7 +61,10 @@ def main() -> None:
 
     def timed(backend: str, seed: int) -> tuple[float, int]:
         t = time.perf_counter()
-        out = sample_ids(model, tokenizer, prompt_ids, seed=seed, backend=BACKENDS[backend], **kwargs)
+        if BACKENDS[backend] is None:  # the evaluation sampler
+            out = [s.completion_ids for s in sample(model, tokenizer, rows, seed=seed, **kwargs)]
+        else:
+            out = sample_ids(model, tokenizer, prompt_ids, seed=seed, backend=BACKENDS[backend], **kwargs)
         return time.perf_counter() - t, sum(len(c) for c in out)
 
     for backend in BACKENDS:  # warm-up
@@ -68,7 +73,7 @@ def main() -> None:
     tokens = {b: [] for b in BACKENDS}
     order = list(BACKENDS)
     for r in range(args.rounds):
-        for backend in order if r % 2 == 0 else order[::-1]:
+        for backend in order[r % len(order) :] + order[: r % len(order)]:
             s, n = timed(backend, r)
             seconds[backend].append(s)
             tokens[backend].append(n)
