@@ -220,9 +220,10 @@ def _decode(
     """
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (P, T)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-    out = model(**inputs, use_cache=True, **({"logits_to_keep": 1} if _keeps_logits(model) else {}))
-    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-    logits = out.logits[:, -1]  # (P, V)
+    cache = _new_cache(model)  # filled in place by every forward
+    if _keeps_logits(model):
+        inputs["logits_to_keep"] = 1
+    logits = model(**inputs, use_cache=True, **{cache_key: cache}).logits[:, -1]  # (P, V)
     B = input_ids.shape[0] * repeats
     mask, last = attention_mask, position_ids[:, -1:]  # (P, T), (P, 1)
     if repeats > 1:
@@ -255,6 +256,18 @@ def _decode(
         logits = model(**inputs, use_cache=True, **{cache_key: cache}).logits[:, -1]
     eos_set = set(eos.tolist())
     return [_cut_at_eos(ids, eos_set) for ids in tokens.tolist()]
+
+
+def _new_cache(model):
+    """An empty DynamicCache laid out for `model` (sliding-window layers where its config has them; older
+    transformers take no config). Passing one in, rather than letting the forward make its own, gives
+    the same object back on every version (transformers 4.x returns a legacy tuple otherwise)."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:
+        return DynamicCache()
 
 
 def _keeps_logits(model) -> bool:
