@@ -32,16 +32,15 @@ def test_default_lr_by_hand():
 
 @pytest.mark.slow
 def test_defaults_only_grpo_makes_the_shipped_model_write_more_dialogue(tmp_path):
-    """`alignkit grpo model=... data=... rewards=...` with every other field at its default but max_steps=16
+    """`alignkit grpo model=... data=... rewards=...` with every other field at its default but max_steps=24
     (one epoch would be 46 steps): the learning rate resolves to 1.03e-4 and the trained model writes more
-    double quotes than the base on the 64 held-out openings (4 samples each, 48 tokens, the same seeds for
+    double quotes than the base on the 64 held-out openings (8 samples each, 48 tokens, the same seeds for
     both models, so the difference is paired).
 
-    Measured: +0.254 quotes per story, paired standard error 0.069 (base 1.215); the same run with the
-    previous default lr 1e-5 gave +0.039 (s.e. 0.028), and a model that did not change gives exactly 0.
-    The bar: a gain of at least 2.5 paired s.e. (one-sided p < 0.01) and above 0.12, which is the old
-    default's gain plus 3 of its standard errors, so the test fails for a learning rate that barely moves
-    the model."""
+    Measured (fp32): +0.232 quotes per story, paired standard error 0.050 (base 1.295); the same run at
+    the previous default lr 1e-5 gave +0.014 (s.e. 0.017), and a model that did not change gives exactly
+    0. The bar: a gain of at least 3 paired s.e. and above 0.1, which is the old default's gain plus 5 of
+    its standard errors and under half the measured gain."""
     out = tmp_path / "run"
     main(
         [
@@ -50,12 +49,12 @@ def test_defaults_only_grpo_makes_the_shipped_model_write_more_dialogue(tmp_path
             f"data={ASSETS / 'demo' / 'pairs.jsonl'}",
             f"rewards={json.dumps(QUOTES)}",
             f"output_dir={out}",
-            "max_steps=16",
+            "max_steps=24",
             "progress=false",
         ]
     )
     train = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert len(train) == 16 and train[0]["lr"] == pytest.approx(1.033e-4, rel=1e-3)
+    assert len(train) == 24 and train[0]["lr"] == pytest.approx(1.033e-4, rel=1e-3)
 
     tokenizer = load_tokenizer(str(MODEL))
     base = load_causal_lm(str(MODEL), pad_token_id=tokenizer.pad_token_id)
@@ -66,10 +65,10 @@ def test_defaults_only_grpo_makes_the_shipped_model_write_more_dialogue(tmp_path
         tokenizer,
         read_prompts(str(ASSETS / "demo" / "heldout_openings.json")),
         rewards=RewardSet.from_specs(QUOTES),
-        num_samples=4,
+        num_samples=8,
     )
     (quotes,) = report["rewards"].values()
     difference, stderr = quotes["difference"], quotes["difference_stderr"]
     print(f"quotes per story: {quotes['base']['mean']:.3f} -> {quotes['aligned']['mean']:.3f}")
     print(f"difference {difference:+.3f} (paired s.e. {stderr:.3f})")
-    assert difference > max(2.5 * stderr, 0.12), (difference, stderr)
+    assert difference > max(3 * stderr, 0.1), (difference, stderr)

@@ -4,36 +4,26 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINYSTORIES
+from test_generation_evaluate import ENDING
+from test_generation_evaluate import PROMPTS as STORIES
 
-import alignkit
 from alignkit.generation import _decoder, draw_tokens, sample_ids
-from alignkit.models import load_causal_lm, load_tokenizer
+from alignkit.models import load_causal_lm
 
-MODEL = Path(alignkit.__file__).parent / "assets" / "tinystories-656k"
 EOS = 2
 # Different lengths (so batches are left-padded); the last one makes the model end its story (EOS)
 # within a few tokens, so rows stop at different steps and leave the batch early.
-PROMPTS = [
-    "Once upon a time, there was a little dog named Max. One day, he ",
-    "Lily ",
-    "Once upon a time, in a big forest, there lived a small rabbit named Ben. Every day, he went to the "
-    "river. One morning, he ",
-    "Tom and Sue played all day. They were very happy. The end.",
-]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(str(MODEL))
+PROMPTS = [*STORIES, ENDING]
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    return load_causal_lm(str(MODEL), pad_token_id=tokenizer.pad_token_id)
+    """The shipped TinyStories-656K model (`tokenizer` is conftest's, the same model's)."""
+    return load_causal_lm(str(TINYSTORIES), pad_token_id=tokenizer.pad_token_id)
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +88,18 @@ def test_a_model_that_prepares_its_own_inputs_goes_through_generate(model, token
     assert sample_ids(custom, tokenizer, prompt_ids, **kwargs) == sample_ids(
         model, tokenizer, prompt_ids, **kwargs, backend="generate"
     )
+
+
+def test_an_encoder_decoder_goes_through_generate(tokenizer, prompt_ids, tiny_t5_dir):
+    """T5 writes a new sequence from its decoder start token: the decode loop leaves it to generate."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    t5 = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir)
+    assert _decoder(t5) is None
+    kwargs = dict(num_samples=2, max_new_tokens=6, seed=2)
+    out = sample_ids(t5, tokenizer, prompt_ids, **kwargs)
+    assert out == sample_ids(t5, tokenizer, prompt_ids, **kwargs, backend="generate")
+    assert len(out) == 8 and all(0 < len(c) <= 6 for c in out)
 
 
 def test_seeds_reproduce_and_the_callers_rng_is_untouched(model, tokenizer, prompt_ids):
