@@ -109,9 +109,12 @@ def test_the_first_ratio_is_exactly_one_with_dropout_in_the_config(tmp_path, mon
 
 def test_the_adaptive_kl_coefficient_moves_toward_its_target(tmp_path, tiny_model_dir):
     """β follows the controller's rule every step: down while the KL per completion is under the tiny
-    target (step 1: the policy is the reference, KL 0), up by 1.1x a step once the policy moved away."""
+    target (step 1: the policy is the reference, KL 0), up by 1.1x a step once the policy moved away.
+    The per-completion KL estimate is noisy while the policy is still near the reference (measured: its
+    sign alternates over steps 2-5 with one sampling stream and not with another), so the rise is checked
+    over the last two of 8 steps."""
     data = write_prompts(tmp_path / "prompts.jsonl")
-    cfg = config(tmp_path, tiny_model_dir, data, max_steps=6, kl_coef=0.05, target_kl=1e-4, kl_horizon=16)
+    cfg = config(tmp_path, tiny_model_dir, data, max_steps=8, kl_coef=0.05, target_kl=1e-4, kl_horizon=16)
     ppo.train(cfg)
     metrics = train_metrics(cfg)
     coefs = [m["kl_coef"] for m in metrics]  # β used by each step's rollout
@@ -120,7 +123,9 @@ def test_the_adaptive_kl_coefficient_moves_toward_its_target(tmp_path, tiny_mode
         error = min(max(m["kl_ref"] / 1e-4 - 1, -0.2), 0.2)
         assert after == pytest.approx(before * (1 + error * 8 / 16))
         assert (after > before) == (m["kl_ref"] > 1e-4)  # up while the KL is above target, else down
-    assert coefs[-1] > min(coefs) * 1.3  # the KL rose above target once the policy moved: 1.1x a step
+    # The policy has moved: the KL is far above target (the error clips at 0.2), so β rose 1.1x each step.
+    assert all(m["kl_ref"] > 1.2e-4 for m in metrics[-3:-1])
+    assert coefs[-1] == pytest.approx(coefs[-3] * 1.1**2)
 
 
 def test_an_interrupted_run_resumes_bit_for_bit(tmp_path, tiny_model_dir, monkeypatch):
