@@ -287,8 +287,9 @@ class OnlineConfig(TrainConfig):
     """Fields every online method (GRPO, RLOO, PPO) shares: prompts in, sampled completions scored by a
     reward set, clipped policy updates (docs/online_rl.md)."""
 
-    lr: float = 1e-5
-    """Peak learning rate (AdamW)."""
+    lr: float | None = None
+    """Peak learning rate (AdamW); none = scaled to the policy, 1e-6 x sqrt(7e9 / its parameters), x10 with
+    LoRA: 1e-6 at 7B, 2.6e-6 at 1B, 1e-4 for the shipped 656K model (docs/online_rl.md)."""
     warmup_ratio: float = 0.0
     """Fraction of the optimizer steps spent warming the learning rate up from 0."""
     rewards: list[dict] = field(default_factory=list)
@@ -333,9 +334,6 @@ class OnlineConfig(TrainConfig):
 class GRPOConfig(OnlineConfig):
     """Online RL without a critic on prompt rows: GRPO, Dr. GRPO, RLOO, REINFORCE++ (docs/online_rl.md)."""
 
-    lr: float | None = None
-    """Peak learning rate (AdamW); none = scaled to the policy, 1e-6 x sqrt(7e9 / its parameters), x10 with
-    LoRA: 1e-6 at 7B, 2.6e-6 at 1B, 1e-4 for the shipped 656K model (docs/online_rl.md)."""
     advantage: str = "grpo"
     """Advantage estimator: grpo, dr_grpo, rloo or reinforce_pp (docs/online_rl.md)."""
     num_generations: int = 8

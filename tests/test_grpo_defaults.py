@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import alignkit
-from alignkit.algorithms.grpo import default_lr
+from alignkit.algorithms.online import default_lr
 from alignkit.cli import main
 from alignkit.evaluate import compare_policies, read_prompts
 from alignkit.models import load_causal_lm, load_tokenizer

@@ -85,7 +85,7 @@ def test_less_offensive_case_study_builds_its_dialogue_model_and_runs(tmp_path):
         "minibatch_size=0",
     ]
     cfg = load_config(PPOConfig, str(path), overrides)
-    assert cfg.rewards == [{"type": "profanity"}] and cfg.max_prompt_length == 192
+    assert cfg.rewards == [{"type": "profanity"}] and cfg.max_prompt_length == 64
     ppo.train(cfg)
     train_lines = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
     assert [m["step"] for m in train_lines] == [1, 2] and 0 <= train_lines[-1]["rewards/profanity/mean"] <= 1

@@ -14,7 +14,7 @@ and checkpoints are the offline trainers' own (alignkit.runtime, alignkit.checkp
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from alignkit.algorithms.online import (
     sampling_settings,
     timing_metrics,
     token_logps,
+    with_default_lr,
 )
 from alignkit.config import ConfigError, GRPOConfig
 from alignkit.losses.policy import (
@@ -117,18 +118,6 @@ class GRPOObjective:
         return loss, metrics
 
 
-def default_lr(num_parameters: int, lora: bool = False) -> float:
-    """The learning rate `lr=none` resolves to: 1e-6 x sqrt(7e9 / num_parameters), x10 for a LoRA adapter.
-
-    One constant cannot serve every model: GRPO recipes for 7B policies use 1e-6 (DeepSeekMath, Dr. GRPO,
-    TRL's default), GPT-2-sized PPO ~1e-5 (TRL's sentiment example: 1.41e-5), and the shipped 656K-parameter
-    model barely moves at 1e-5 in an epoch (+0.02 reward) but learns at 1e-4. An inverse square root of the
-    size through the 7B anchor gives 2.6e-6 at 1B, 7.5e-6 at 124M and 1.03e-4 at 656K. LoRA's best rate is
-    about 10x full fine-tuning's (Schulman et al. 2025, "LoRA Without Regret"), hence the factor.
-    """
-    return 1e-6 * (7e9 / num_parameters) ** 0.5 * (10.0 if lora else 1.0)
-
-
 def train(cfg: GRPOConfig) -> Path:
     """Train a policy online on prompt rows against a reward set; returns the saved final model's folder."""
     aggregation = check_settings(cfg)
@@ -142,9 +131,7 @@ def train(cfg: GRPOConfig) -> Path:
 
     # The policy (dropout off: the first ratio must be exactly 1) and the frozen reference.
     model = disable_dropout(load_policy(cfg, tokenizer.pad_token_id, accelerator.device))
-    if cfg.lr is None:  # scaled to the policy (GRPOConfig.lr)
-        cfg = replace(cfg, lr=default_lr(sum(p.numel() for p in model.parameters()), cfg.lora.enabled))
-        log(f"lr {cfg.lr:.3g} (scaled to the policy's size; set lr= to choose one)")
+    cfg = with_default_lr(cfg, model, log)
     fn_kwargs = {"chunk_size": cfg.logprob_chunk_size, "temperature": cfg.temperature}
 
     def policy_fn(m, batch: dict, with_entropy: bool = True) -> dict:

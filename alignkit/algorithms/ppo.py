@@ -39,6 +39,7 @@ from alignkit.algorithms.online import (
     sampling_settings,
     timing_metrics,
     token_logps,
+    with_default_lr,
 )
 from alignkit.config import ConfigError, PPOConfig, validate
 from alignkit.losses.policy import aggregate, aggregation_units, clipped_surrogate
@@ -175,6 +176,7 @@ def train(cfg: PPOConfig) -> Path:
     lm = disable_dropout(
         load_policy(cfg, tokenizer.pad_token_id, accelerator.device, encoder_decoder_ok=True)
     )
+    cfg = with_default_lr(cfg, lm, log)
     value = value_model_from(lm, cfg.value_model, cfg, accelerator.device)
     fn_kwargs = {"chunk_size": cfg.logprob_chunk_size, "temperature": cfg.temperature}
 
