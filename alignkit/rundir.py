@@ -72,8 +72,8 @@ def claim_output_dir(
     """Check that a run may write into `output_dir`, and with overwrite=true delete the run there.
 
     Nothing there, or nothing a run produced (a config.yaml alone: the run stopped before its first step):
-    go. resume=true: go, but a last checkpoint written under other settings than
-    `fingerprint` is an error naming them. overwrite=true: the files of the run there are deleted first (when
+    go. resume=true: go from the last checkpoint, but one written under other settings than `fingerprint`
+    is an error naming them, and so is a run there with no checkpoint (resuming would start it again). overwrite=true: the files of the run there are deleted first (when
     `remove`; in a multi-process run only the main process removes). Otherwise: ConfigError naming what is
     there and the ways on.
     """
@@ -87,8 +87,12 @@ def claim_output_dir(
         return  # nothing to lose: the run replaces what is there
     if resume:
         latest = Checkpointer(root, 1).latest()
-        if latest is not None:
-            check_fingerprint(latest, fingerprint)
+        if latest is None:  # resuming would start again from step 0 over the run that is there
+            raise ConfigError(
+                f"resume=true, but output_dir {root} holds a run with no checkpoint to continue from "
+                f"({_describe(root, found)}); replace it with overwrite=true, or choose another output_dir"
+            )
+        check_fingerprint(latest, fingerprint)
         return
     if overwrite:
         if remove:

@@ -114,6 +114,11 @@ def test_resume_with_nothing_to_resume_starts_and_contradictions_are_refused(tmp
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(ConfigError, match=r"holds a run \(config.yaml, metrics.jsonl, checkpoints/ \(none"):
         claim_output_dir(tmp_path)
+    # resume=true with a run there but no checkpoint would restart it from step 0 over its files
+    with pytest.raises(
+        ConfigError, match="resume=true, but .* holds a run with no checkpoint to continue from"
+    ):
+        claim_output_dir(tmp_path, resume=True)
     claim_output_dir(tmp_path, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # only the run's files go
 
