@@ -385,8 +385,9 @@ class PPOConfig(OnlineConfig):
     """Stop a rollout's epochs early once a minibatch's approx KL to the sampling policy exceeds this
     (0 = never)."""
     value_model: str = "policy"
-    """The critic: policy (a copy of the policy's backbone, new head) or a trained reward model (hub name
-    or folder, e.g. `alignkit reward` output; causal policies) whose backbone and head start the critic."""
+    """The critic: policy (a copy of the policy's backbone, new head), adapter (with lora.enabled: a second
+    LoRA adapter with its own head on the policy's shared frozen base, no copy) or a trained reward model
+    (hub name or folder, e.g. `alignkit reward` output; causal policies) whose backbone and head start it."""
 
 
 @dataclass

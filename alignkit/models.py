@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 
@@ -358,22 +359,81 @@ class ValueModel(torch.nn.Module):
     a trained reward model's backbone and head (`value_model_from`).
     """
 
-    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Linear, encoder_decoder: bool):
+    def __init__(
+        self,
+        backbone: torch.nn.Module,
+        head: torch.nn.Linear,
+        encoder_decoder: bool,
+        adapter: str | None = None,
+    ):
         super().__init__()
         self.backbone, self.head, self.encoder_decoder = backbone, head, encoder_decoder
+        self.adapter = adapter  # the LoRA adapter it runs with on a base shared with the policy, or None
 
     def forward(self, batch: dict) -> torch.Tensor:
         """(B, T) values of the batch's sequence positions (0 at position 0, which nothing predicts)."""
-        if self.encoder_decoder:
-            from alignkit.logprobs import encoder_decoder_states
+        with only_adapter(self.backbone, self.adapter):
+            if self.encoder_decoder:
+                from alignkit.logprobs import encoder_decoder_states
 
-            hidden = encoder_decoder_states(self.backbone, batch)
-        else:
-            hidden = self.backbone(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-            ).last_hidden_state  # (B, T, H)
+                hidden = encoder_decoder_states(self.backbone, batch)
+            else:
+                hidden = self.backbone(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+                ).last_hidden_state  # (B, T, H)
         values = self.head(hidden).squeeze(-1).float()  # (B, T)
         return torch.cat([values.new_zeros(values.shape[0], 1), values[:, :-1]], dim=1)
+
+
+@contextlib.contextmanager
+def only_adapter(module: torch.nn.Module, name: str | None):
+    """Run `module`'s LoRA layers with adapter `name` alone active (nothing changes for None).
+
+    peft's own `set_adapter` also turns requires_grad off for every other adapter, which would freeze the
+    policy's adapter while the critic runs; this switches only which adapter the layers apply, so both
+    adapters train from one backward through the shared base."""
+    if name is None:
+        yield
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    before = [layer._active_adapter for layer in layers]
+    for layer in layers:
+        layer._active_adapter = [name]
+    try:
+        yield
+    finally:
+        for layer, active in zip(layers, before):
+            layer._active_adapter = active
+
+
+def _zero_head(config, device, dtype) -> torch.nn.Linear:
+    """A scalar head (hidden -> 1) initialised to zero, so every value starts at 0."""
+    head = torch.nn.Linear(_hidden_size(config), 1, device=device, dtype=dtype)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    return head
+
+
+VALUE_ADAPTER = "value"
+
+
+def value_adapter_on(policy, lora_config, device) -> ValueModel:
+    """The critic as a second LoRA adapter (`VALUE_ADAPTER`) with its own zero head on the policy's own
+    frozen base: `policy` is the peft-wrapped policy, which gets the adapter added (trainable, not active
+    for the policy's forward). No copy of the base weights is made."""
+    import copy
+
+    policy.add_adapter(VALUE_ADAPTER, copy.deepcopy(lora_config))
+    for name, p in policy.named_parameters():
+        if f".{VALUE_ADAPTER}." in name:
+            p.requires_grad_(True)
+    inner = policy.get_base_model()
+    encoder_decoder = bool(getattr(inner.config, "is_encoder_decoder", False))
+    backbone = inner if encoder_decoder else getattr(inner, inner.base_model_prefix)
+    head = _zero_head(inner.config, device, inner.dtype)
+    return disable_dropout(ValueModel(backbone, head, encoder_decoder, adapter=VALUE_ADAPTER))
 
 
 def _hidden_size(config) -> int:
@@ -397,9 +457,7 @@ def value_model_from(policy: torch.nn.Module, source: str, cfg, device) -> Value
             lm_head = backbone.get_output_embeddings()
             if lm_head is not None and lm_head.weight is not backbone.get_input_embeddings().weight:
                 lm_head.requires_grad_(False)
-        head = torch.nn.Linear(_hidden_size(policy.config), 1, device=device, dtype=policy.dtype)
-        torch.nn.init.zeros_(head.weight)
-        torch.nn.init.zeros_(head.bias)
+        head = _zero_head(policy.config, device, policy.dtype)
     else:
         if encoder_decoder:
             raise ValueError(

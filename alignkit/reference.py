@@ -177,8 +177,15 @@ class Reference:
 def adapter_disabled(module):
     """The LoRA adapter of the model inside `module` (a BatchForward, or the peft model) switched off."""
     inner = module.model if isinstance(module, BatchForward) else module
-    with inner.disable_adapter():
-        yield
+    # Re-enabling runs peft's set_adapter, which freezes every adapter but the active one (e.g. PPO's
+    # critic adapter on the same base): what trained before must train after.
+    trainable = [p for p in inner.parameters() if p.requires_grad]
+    try:
+        with inner.disable_adapter():
+            yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
 
 
 def frozen_model(cfg, name_or_path: str, device) -> torch.nn.Module:

@@ -263,3 +263,55 @@ def test_a_critic_from_a_reward_model_starts_at_its_scores(tmp_path, tiny_model_
     with torch.no_grad():
         assert torch.equal(fresh(batch), torch.zeros(1, 5))
     assert fresh.backbone.embed_tokens.weight is not policy.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("tiny", ["tiny_model_dir", "tiny_t5_dir"])
+def test_the_critic_as_a_second_adapter_on_the_shared_base(tmp_path, tiny, request):
+    """value_model=adapter: policy and critic are two LoRA adapters on ONE frozen base (no copy of the
+    base weights), both train from one backward, the base does not move, the reference is the base with
+    every adapter off (KL 0 at the first rollout), and the saved model is the policy's adapter alone."""
+    from safetensors.torch import load_file
+
+    import alignkit.models as models
+
+    model_dir = request.getfixturevalue(tiny)
+    seen = {}
+    real = models.value_adapter_on
+
+    def spy(policy, lora_config, device):
+        value = real(policy, lora_config, device)
+        seen["policy"], seen["value"] = policy, value
+        seen["start"] = {n: p.detach().clone() for n, p in policy.named_parameters()}
+        return value
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(ppo, "value_adapter_on", spy)
+    data = write_prompts(tmp_path / "prompts.jsonl")
+    cfg = config(
+        tmp_path, model_dir, data, max_steps=3, kl_coef=0.1, lr=3e-2, value_model="adapter", save_steps=2
+    )
+    cfg.lora.enabled = True
+    cfg.reference.mode = "adapter"
+    try:
+        ppo.train(cfg)
+    finally:
+        monkeypatch.undo()
+    policy, value = seen["policy"], seen["value"]
+    base = policy.get_base_model()
+    assert any(value.backbone is m for m in base.modules())  # the critic runs on the policy's own modules
+    moved = {n for n, p in seen["start"].items() if n in dict(policy.named_parameters())}
+    moved = {n for n in moved if not torch.equal(seen["start"][n], dict(policy.named_parameters())[n])}
+    assert any(".lora_A.default." in n or ".lora_B.default." in n for n in moved)  # the policy's adapter
+    assert not any("lora_" not in n for n in moved)  # the base never moves
+    metrics = train_metrics(cfg)
+    assert metrics[0]["kl_ref"] == 0.0 and metrics[-1]["values/mean"] != 0.0  # the critic's head learned
+    # The critic's adapter trained too (its lora_B starts at zero), as the step-2 checkpoint holds it.
+    checkpoint = load_file(str(tmp_path / "out" / "checkpoints" / "checkpoint-2" / "model.safetensors"))
+    value_b = [t for n, t in checkpoint.items() if ".lora_B.value." in n]
+    assert value_b and any(t.abs().sum() > 0 for t in value_b)
+    saved = load_file(str(tmp_path / "out" / "final" / "adapter_model.safetensors"))
+    assert (
+        saved
+        and not any(".value." in n for n in saved)
+        and not (tmp_path / "out" / "final" / "value").exists()
+    )

@@ -53,12 +53,14 @@ from alignkit.losses.ppo import (
     whiten,
 )
 from alignkit.models import (
+    VALUE_ADAPTER,
     BatchForward,
     ValueModel,
     add_lora,
     disable_dropout,
     load_policy,
     load_tokenizer,
+    value_adapter_on,
     value_model_from,
 )
 from alignkit.reference import Reference, setup_reference
@@ -79,6 +81,8 @@ def check_settings(cfg: PPOConfig) -> None:
     check_online_settings(cfg, cfg.kl_coef)
     if cfg.target_kl is not None and cfg.kl_coef == 0:
         raise ConfigError("target_kl (adaptive KL control) needs a starting kl_coef > 0")
+    if cfg.value_model == "adapter" and not cfg.lora.enabled:
+        raise ConfigError("value_model=adapter (the critic as a second LoRA adapter) needs lora.enabled=true")
 
 
 class PolicyAndValue(torch.nn.Module):
@@ -177,7 +181,8 @@ def train(cfg: PPOConfig) -> Path:
         load_policy(cfg, tokenizer.pad_token_id, accelerator.device, encoder_decoder_ok=True)
     )
     cfg = with_default_lr(cfg, lm, log)
-    value = value_model_from(lm, cfg.value_model, cfg, accelerator.device)
+    shared_base = cfg.value_model == "adapter"  # the critic: a second adapter on the policy's base
+    value = None if shared_base else value_model_from(lm, cfg.value_model, cfg, accelerator.device)
     fn_kwargs = {"chunk_size": cfg.logprob_chunk_size, "temperature": cfg.temperature}
 
     def reference_fn(m, batch: dict) -> dict:
@@ -188,8 +193,13 @@ def train(cfg: PPOConfig) -> Path:
         reference, _ = setup_reference(cfg, lm, accelerator, reference_fn, ("token_logps",), None)
     if cfg.lora.enabled:
         lm = disable_dropout(add_lora(lm, cfg.lora))
-        value.backbone = disable_dropout(add_lora(value.backbone, cfg.lora, task_type="FEATURE_EXTRACTION"))
-        value.head.requires_grad_(True)
+        if shared_base:
+            value = value_adapter_on(lm, lm.peft_config["default"], accelerator.device)
+        else:
+            value.backbone = disable_dropout(
+                add_lora(value.backbone, cfg.lora, task_type="FEATURE_EXTRACTION")
+            )
+            value.head.requires_grad_(True)
     reference_forward = BatchForward(lm, reference_fn)  # adapter mode: the policy with its adapter off
     kl_ctl = (
         AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
@@ -318,6 +328,7 @@ def train(cfg: PPOConfig) -> Path:
             )
             postfix = {"reward": record["reward"], "kl": record["kl_ref"]}
             run.finish_step(record, evaluate if prompts.eval_rows else None, postfix)
-    return save_final(
-        accelerator, accelerator.unwrap_model(model).policy, tokenizer, output_dir, cfg.lora.merge, log
-    )
+    policy = accelerator.unwrap_model(model).policy
+    if shared_base:  # the saved model is the policy: its adapter alone
+        policy.delete_adapter(VALUE_ADAPTER)
+    return save_final(accelerator, policy, tokenizer, output_dir, cfg.lora.merge, log)
