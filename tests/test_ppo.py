@@ -315,3 +315,16 @@ def test_the_critic_as_a_second_adapter_on_the_shared_base(tmp_path, tiny, reque
         and not any(".value." in n for n in saved)
         and not (tmp_path / "out" / "final" / "value").exists()
     )
+
+
+def test_early_stop_at_an_approx_kl_ends_the_rollouts_epochs(tmp_path, tiny_model_dir):
+    """early_stop_kl: the first minibatch of a rollout is always taken (its approx KL to the sampling
+    policy is exactly 0: ratio 1); once a minibatch's approx KL exceeds the threshold the rollout's
+    remaining epochs are skipped. With a tiny threshold and a large lr, every step stops after 2 of its
+    4 epochs x 2 minibatches; without it, all 8 run."""
+    data = write_prompts(tmp_path / "prompts.jsonl")
+    common = dict(max_steps=2, ppo_epochs=4, minibatch_size=4, lr=5e-2)
+    ppo.train(config(tmp_path / "a", tiny_model_dir, data, early_stop_kl=1e-9, **common))
+    assert [m["updates"] for m in train_metrics(config(tmp_path / "a", tiny_model_dir, data))] == [2, 2]
+    ppo.train(config(tmp_path / "b", tiny_model_dir, data, **common))
+    assert [m["updates"] for m in train_metrics(config(tmp_path / "b", tiny_model_dir, data))] == [8, 8]
