@@ -116,6 +116,22 @@ def build_tiny_classifier(path: Path, labels: list[str], words: list[str], seed:
     return path
 
 
+def write_prompts(path: Path, n: int = 16) -> str:
+    """A prompt file of n short story openings (the online-RL tests' data)."""
+    import json
+
+    path.write_text("".join(json.dumps({"prompt": f"Tom went out {i}. It was"}) + "\n" for i in range(n)))
+    return str(path)
+
+
+def train_metrics(cfg) -> list[dict]:
+    """The train lines of a run's metrics.jsonl."""
+    import json
+
+    lines = [json.loads(line) for line in open(f"{cfg.output_dir}/metrics.jsonl")]
+    return [m for m in lines if m["split"] == "train"]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """Path of a tiny random Llama (hidden 32, 2 layers, vocab 2048) with a real tokenizer."""

@@ -18,12 +18,9 @@ from alignkit.rollout import layout
 
 # The easy reward: how many times the letter "e" appears in the completion. A random tiny policy writes
 # random pieces of the TinyStories vocabulary; pieces with an "e" in them are easy to prefer.
+from tests.conftest import train_metrics, write_prompts
+
 E_COUNT = [{"type": "regex", "pattern": "e", "mode": "count"}]
-
-
-def write_prompts(path, n: int = 16) -> str:
-    path.write_text("".join(json.dumps({"prompt": f"Tom went out {i}. It was"}) + "\n" for i in range(n)))
-    return str(path)
 
 
 def config(tmp_path, model, data, **overrides) -> GRPOConfig:
@@ -44,11 +41,6 @@ def config(tmp_path, model, data, **overrides) -> GRPOConfig:
     )
     base.update(overrides)
     return GRPOConfig(**base)
-
-
-def train_metrics(cfg) -> list[dict]:
-    lines = [json.loads(line) for line in open(f"{cfg.output_dir}/metrics.jsonl")]
-    return [m for m in lines if m["split"] == "train"]
 
 
 @pytest.mark.parametrize("advantage", ["grpo", "dr_grpo", "rloo", "reinforce_pp"])

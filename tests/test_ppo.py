@@ -12,13 +12,9 @@ import torch
 import alignkit.algorithms.online as online
 import alignkit.algorithms.ppo as ppo
 from alignkit.config import ConfigError, PPOConfig
+from tests.conftest import train_metrics, write_prompts
 
 E_COUNT = [{"type": "regex", "pattern": "e", "mode": "count"}]
-
-
-def write_prompts(path, n: int = 16) -> str:
-    path.write_text("".join(json.dumps({"prompt": f"Tom went out {i}. It was"}) + "\n" for i in range(n)))
-    return str(path)
 
 
 def config(tmp_path, model, data, **overrides) -> PPOConfig:
@@ -38,11 +34,6 @@ def config(tmp_path, model, data, **overrides) -> PPOConfig:
     )
     base.update(overrides)
     return PPOConfig(**base)
-
-
-def train_metrics(cfg) -> list[dict]:
-    lines = [json.loads(line) for line in open(f"{cfg.output_dir}/metrics.jsonl")]
-    return [m for m in lines if m["split"] == "train"]
 
 
 def test_a_tiny_causal_policy_learns_an_easy_reward(tmp_path, tiny_model_dir):

@@ -26,6 +26,7 @@ from alignkit.algorithms.online import (
     load_prompts,
     masked_mean,
     minibatches,
+    online_reference,
     online_rewards,
     rollout_metrics,
     sampling_settings,
@@ -45,7 +46,6 @@ from alignkit.losses.policy import (
     kl_estimate,
 )
 from alignkit.models import BatchForward, add_lora, disable_dropout, load_policy, load_tokenizer
-from alignkit.reference import Reference, setup_reference
 from alignkit.rollout import token_logps_in_batches
 from alignkit.runtime import (
     as_numbers,
@@ -137,12 +137,7 @@ def train(cfg: GRPOConfig) -> Path:
     def policy_fn(m, batch: dict, with_entropy: bool = True) -> dict:
         return token_logps(m, batch, **fn_kwargs, with_entropy=with_entropy)
 
-    def reference_fn(m, batch: dict) -> dict:
-        return token_logps(m, batch, **fn_kwargs, with_entropy=False)
-
-    reference: Reference | None = None
-    if cfg.beta > 0:
-        reference, _ = setup_reference(cfg, model, accelerator, reference_fn, ("token_logps",), None)
+    reference, _ = online_reference(cfg, model, accelerator, cfg.beta)
     if cfg.lora.enabled:
         model = disable_dropout(add_lora(model, cfg.lora))
     objective = GRPOObjective(cfg, aggregation)

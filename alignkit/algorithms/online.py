@@ -18,7 +18,7 @@ from alignkit.data.prepare import _split_eval, bad_rows_list, report_dropped
 from alignkit.data.prompts import PromptRow, load_prompt_rows
 from alignkit.logprobs import sequence_logps
 from alignkit.losses.policy import frac_reward_zero_std
-from alignkit.reference import check_reference_settings
+from alignkit.reference import check_reference_settings, setup_reference
 from alignkit.rewards import RewardSet
 from alignkit.rollout import Rollout, SamplingSettings, collect
 from alignkit.runtime import DataOrder, MetricsLogger, total_steps
@@ -171,6 +171,22 @@ def default_lr(num_parameters: int, lora: bool = False) -> float:
     about 10x full fine-tuning's (Schulman et al. 2025, "LoRA Without Regret"), hence the factor.
     """
     return 1e-6 * (7e9 / num_parameters) ** 0.5 * (10.0 if lora else 1.0)
+
+
+def online_reference(cfg: OnlineConfig, model, accelerator, kl_weight: float):
+    """(reference or None, reference_fn): the frozen reference of an online run, set up before LoRA wraps
+    `model`, whose batch function `reference_fn` gives per-token log-probs at the sampling temperature;
+    no reference is held when `kl_weight` is 0."""
+
+    def reference_fn(m, batch: dict) -> dict:
+        return token_logps(
+            m, batch, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature, with_entropy=False
+        )
+
+    if kl_weight <= 0:
+        return None, reference_fn
+    reference, _ = setup_reference(cfg, model, accelerator, reference_fn, ("token_logps",), None)
+    return reference, reference_fn
 
 
 def with_default_lr(cfg: OnlineConfig, model, log=print) -> OnlineConfig:

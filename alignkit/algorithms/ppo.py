@@ -34,6 +34,7 @@ from alignkit.algorithms.online import (
     load_prompts,
     masked_mean,
     minibatches,
+    online_reference,
     online_rewards,
     rollout_metrics,
     sampling_settings,
@@ -63,7 +64,6 @@ from alignkit.models import (
     value_adapter_on,
     value_model_from,
 )
-from alignkit.reference import Reference, setup_reference
 from alignkit.rollout import token_logps_in_batches
 from alignkit.runtime import (
     as_numbers,
@@ -185,12 +185,7 @@ def train(cfg: PPOConfig) -> Path:
     value = None if shared_base else value_model_from(lm, cfg.value_model, cfg, accelerator.device)
     fn_kwargs = {"chunk_size": cfg.logprob_chunk_size, "temperature": cfg.temperature}
 
-    def reference_fn(m, batch: dict) -> dict:
-        return token_logps(m, batch, **fn_kwargs, with_entropy=False)
-
-    reference: Reference | None = None
-    if cfg.kl_coef > 0:
-        reference, _ = setup_reference(cfg, lm, accelerator, reference_fn, ("token_logps",), None)
+    reference, reference_fn = online_reference(cfg, lm, accelerator, cfg.kl_coef)
     if cfg.lora.enabled:
         lm = disable_dropout(add_lora(lm, cfg.lora))
         if shared_base:
