@@ -215,6 +215,9 @@ def alignkit_argv(args, out: Path) -> list[str]:
         f"seed={args.seed}",
         "save_steps=0",
         "progress=false",
+        # TRL writes no run report (report_to="none" on its side); alignkit's report.html (matplotlib
+        # figures, ~2 s after training) is left out the same way.
+        "report=false",
     ]
 
 
