@@ -156,6 +156,7 @@ def test_bad_prompts_and_reward_sources_fail_before_training(tmp_path, tiny_mode
         ({"advantage": "rloo", "scale_rewards": "batch"}, "scale_rewards is used by advantage=grpo only"),
         ({"max_length": 99}, "max_length is not used online"),
         ({"loss_aggregation": "mean"}, "loss_aggregation 'mean' is not auto or one of"),
+        ({"beta": -1.0}, "'beta' must be >= 0"),
     ],
 )
 def test_settings_are_checked_before_anything_loads(tmp_path, overrides, message):
@@ -163,7 +164,7 @@ def test_settings_are_checked_before_anything_loads(tmp_path, overrides, message
 
     if "reference" in overrides:
         overrides = {**overrides, "reference": ReferenceSettings(**overrides["reference"])}
-    cfg = config(tmp_path, "/nowhere", "/nowhere.jsonl", beta=0.1, **overrides)
+    cfg = config(tmp_path, "/nowhere", "/nowhere.jsonl", **{"beta": 0.1, **overrides})
     with pytest.raises(ConfigError, match=message):
         grpo.check_settings(cfg)
 

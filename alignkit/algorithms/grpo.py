@@ -34,7 +34,7 @@ from alignkit.algorithms.online import (
     token_logps,
     with_default_lr,
 )
-from alignkit.config import ConfigError, GRPOConfig
+from alignkit.config import ConfigError, GRPOConfig, validate
 from alignkit.losses.policy import (
     AGGREGATIONS,
     KL_ESTIMATORS,
@@ -58,6 +58,7 @@ from alignkit.runtime import (
 
 def check_settings(cfg: GRPOConfig) -> str:
     """Validate the online settings before anything loads; returns the loss aggregation to use."""
+    validate(cfg)  # every field's range (config.RANGES), beta >= 0 included
     spec = get_advantage(cfg.advantage)
     check_online_settings(cfg, cfg.beta)
     if cfg.num_generations < spec.min_group_size:
@@ -74,8 +75,6 @@ def check_settings(cfg: GRPOConfig) -> str:
         )
     if cfg.scale_rewards != GRPOConfig.scale_rewards and cfg.advantage != "grpo":
         raise ConfigError(f"scale_rewards is used by advantage=grpo only (got advantage={cfg.advantage})")
-    if cfg.beta < 0:
-        raise ConfigError(f"beta={cfg.beta} must be >= 0 (0 = no KL penalty and no reference)")
     return aggregation
 
 
