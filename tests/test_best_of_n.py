@@ -218,3 +218,15 @@ def test_read_finished_refuses_a_bad_line_before_the_last(tmp_path):
         read_finished(path)
     path.write_text(good + "\n" + good[:10])
     assert len(read_finished(path)) == 1 and path.read_text() == good + "\n"  # the torn line is cut off
+
+
+@pytest.mark.parametrize("name", ["best_of_n.yaml", "icdpo.yaml"])
+def test_the_example_configs_load_and_name_shipped_files(name):
+    from alignkit.best_of_n import check_config
+    from alignkit.config import load_config
+
+    cfg = load_config(GenerateConfig, str(REPO / "examples" / "inference" / name))
+    check_config(cfg)
+    for path in (cfg.model, cfg.prompts, cfg.demos):
+        assert not path or (REPO / path).exists(), path
+    assert cfg.method == {"best_of_n.yaml": "reward", "icdpo.yaml": "icdpo"}[name]
