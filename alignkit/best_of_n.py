@@ -62,10 +62,24 @@ class Candidates:
 
 
 def sample_candidates(
-    model, tokenizer, prompts: list[str], prompt_ids: list[list[int]], *, n: int, seed: int = 0, **sampling
+    model,
+    tokenizer,
+    prompts: list[str],
+    prompt_ids: list[list[int]] | None = None,
+    *,
+    n: int,
+    seed: int = 0,
+    **sampling,
 ) -> list[Candidates]:
     """n samples of every prompt (`generation.sample_ids`, seeded by `seed`; `sampling`: max_new_tokens,
-    temperature, top_k, top_p, batch_size), unscored."""
+    temperature, top_k, top_p, batch_size), unscored. `prompt_ids` default to the tokenizer's encoding
+    of `prompts` (with its special tokens). One call draws from one seeded stream: the same prompts,
+    settings and seed give the same candidates, but a prompt's candidates also depend on which prompts
+    share the call (`alignkit generate` fixes that with seeded chunks)."""
+    if prompt_ids is None:
+        prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    if len(prompt_ids) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(prompt_ids)} prompt_ids")
     ids = sample_ids(model, tokenizer, prompt_ids, num_samples=n, seed=seed, **sampling)
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
     return [
@@ -93,7 +107,12 @@ def score_candidates(candidates: list[Candidates], rewards: RewardSet) -> list[C
 
 
 def sample_and_score(
-    model, tokenizer, prompts: list[str], prompt_ids: list[list[int]], rewards: RewardSet, **sampling
+    model,
+    tokenizer,
+    prompts: list[str],
+    prompt_ids: list[list[int]] | None,
+    rewards: RewardSet,
+    **sampling,
 ) -> list[Candidates]:
     """Prompts -> per-prompt candidates (token ids as sampled, text) with per-source scores and totals:
     `sample_candidates` then `score_candidates` (keywords: n, seed, max_new_tokens, temperature, top_k,
@@ -446,8 +465,8 @@ def run(cfg: GenerateConfig) -> dict:
             todo = score_candidates(chunk[first - start :], rewards)
             extras = chooser(model, todo, range(first, stop)) if chooser else [{} for _ in todo]
             for i, (c, extra) in enumerate(zip(todo, extras)):
-                key = extra.get("candidates", {}).get("icdpo", c.totals)
-                append_record(f, candidate_record(first + i, c, choose_best(key), extra))
+                by = extra["candidates"]["icdpo"] if chooser else c.totals
+                append_record(f, candidate_record(first + i, c, choose_best(by), extra))
     records = read_finished(path)
     summary = summarize(records)
     summary["resumed_at"] = done

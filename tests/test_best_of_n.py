@@ -113,7 +113,7 @@ def test_generate_keeps_the_argmax_of_the_reward(tiny_model_dir, tmp_path, token
         model,
         tokenizer,
         [r["prompt"] for r in lines[2:4]],
-        [tokenizer(r["prompt"])["input_ids"] for r in lines[2:4]],
+        None,  # the tokenizer's encoding, as the command's
         rewards,
         n=4,
         max_new_tokens=8,
