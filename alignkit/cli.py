@@ -96,6 +96,12 @@ def _eval(cfg):
     return run(cfg)
 
 
+def _generate(cfg):
+    from alignkit.best_of_n import run
+
+    return run(cfg)
+
+
 def _report(cfg):
     from alignkit.report import run
 
@@ -103,6 +109,7 @@ def _report(cfg):
 
 
 def _commands() -> dict[str, Command]:
+    from alignkit.best_of_n import GenerateConfig
     from alignkit.demo import DemoConfig
     from alignkit.evaluate import EvalConfig
     from alignkit.report import ReportConfig
@@ -137,6 +144,11 @@ def _commands() -> dict[str, Command]:
         ),
         "eval": Command(
             EvalConfig, "base vs aligned model on held-out prompts: rewards, win rate, KL, fluency", _eval
+        ),
+        "generate": Command(
+            GenerateConfig,
+            "best-of-n (or ICDPO) sampling: n candidates per prompt, scored, the best kept",
+            _generate,
         ),
         "report": Command(
             ReportConfig,

