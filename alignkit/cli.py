@@ -90,6 +90,12 @@ def _ppo(cfg):
     return train(cfg)
 
 
+def _iterative_dpo(cfg):
+    from alignkit.algorithms.iterative import train
+
+    return train(cfg)
+
+
 def _eval(cfg):
     from alignkit.evaluate import run
 
@@ -103,6 +109,7 @@ def _report(cfg):
 
 
 def _commands() -> dict[str, Command]:
+    from alignkit.algorithms.iterative import IterativeDPOConfig
     from alignkit.demo import DemoConfig
     from alignkit.evaluate import EvalConfig
     from alignkit.report import ReportConfig
@@ -125,6 +132,11 @@ def _commands() -> dict[str, Command]:
         ),
         "ppo": Command(
             PPOConfig, "online RL with a critic and a KL-penalised reward (PPO), causal or T5 policies", _ppo
+        ),
+        "iterative-dpo": Command(
+            IterativeDPOConfig,
+            "rounds of sample -> score -> pair -> DPO: rejection-sampling (RS-DPO) and iterative DPO",
+            _iterative_dpo,
         ),
         "reward": Command(
             RewardConfig, "a Bradley–Terry reward model (classifier) from preference pairs", _reward
