@@ -111,3 +111,13 @@ def claim_output_dir(
         f"output_dir {root} already holds a run ({_describe(root, found)}); continue it with resume=true, "
         "replace it with overwrite=true (deletes those files first), or choose another output_dir"
     )
+
+
+def part_resume_flags(output_dir: str | Path) -> tuple[bool, bool]:
+    """(resume, overwrite) for continuing one part of a run in parts (an sDPO stage, an iterative-DPO
+    round): resume from the part's last checkpoint when it left one, else start the part again over whatever
+    it wrote before it was cut short."""
+    root = Path(output_dir)
+    if Checkpointer(root, 1).latest() is not None:
+        return True, False
+    return False, root.exists()

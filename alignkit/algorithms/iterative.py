@@ -36,7 +36,7 @@ from alignkit.models import load_causal_lm, load_tokenizer
 from alignkit.rewards import RewardSet
 from alignkit.rewards.registry import build_reward
 from alignkit.rollout import SamplingSettings, collect
-from alignkit.rundir import claim_output_dir
+from alignkit.rundir import claim_output_dir, part_resume_flags
 from alignkit.runtime import MetricsLogger
 
 
@@ -234,9 +234,7 @@ def round_config(cfg: IterativeDPOConfig, k: int, policy: str, pairs_path: Path)
         run.reference = dataclasses.replace(cfg.reference, model=cfg.reference.model if k == 1 else None)
     else:
         run.reference = dataclasses.replace(cfg.reference, model=cfg.reference.model or cfg.model)
-    has_checkpoint = any((train_dir / "checkpoints").glob("step-*"))
-    run.resume = has_checkpoint
-    run.overwrite = not has_checkpoint and train_dir.exists()
+    run.resume, run.overwrite = part_resume_flags(train_dir)
     return run
 
 
