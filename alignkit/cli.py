@@ -96,6 +96,12 @@ def _iterative_dpo(cfg):
     return train(cfg)
 
 
+def _online_dpo(cfg):
+    from alignkit.algorithms.online_dpo import train
+
+    return train(cfg)
+
+
 def _eval(cfg):
     from alignkit.evaluate import run
 
@@ -110,6 +116,7 @@ def _report(cfg):
 
 def _commands() -> dict[str, Command]:
     from alignkit.algorithms.iterative import IterativeDPOConfig
+    from alignkit.algorithms.online_dpo import OnlineDPOConfig
     from alignkit.demo import DemoConfig
     from alignkit.evaluate import EvalConfig
     from alignkit.report import ReportConfig
@@ -137,6 +144,9 @@ def _commands() -> dict[str, Command]:
             IterativeDPOConfig,
             "rounds of sample -> score -> pair -> DPO: rejection-sampling (RS-DPO) and iterative DPO",
             _iterative_dpo,
+        ),
+        "online-dpo": Command(
+            OnlineDPOConfig, "online DPO: every step, pairs of the policy's own samples, judged", _online_dpo
         ),
         "reward": Command(
             RewardConfig, "a Bradley–Terry reward model (classifier) from preference pairs", _reward
