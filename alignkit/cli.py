@@ -102,6 +102,12 @@ def _online_dpo(cfg):
     return train(cfg)
 
 
+def _sweep(cfg):
+    from alignkit.sweep import run
+
+    return run(cfg)
+
+
 def _eval(cfg):
     from alignkit.evaluate import run
 
@@ -121,6 +127,7 @@ def _commands() -> dict[str, Command]:
     from alignkit.evaluate import EvalConfig
     from alignkit.report import ReportConfig
     from alignkit.rewards.score import ScoreConfig
+    from alignkit.sweep import SweepConfig
 
     return {
         "sft": Command(SFTConfig, "supervised fine-tuning on prompt/completion rows", _sft),
@@ -159,6 +166,9 @@ def _commands() -> dict[str, Command]:
         ),
         "eval": Command(
             EvalConfig, "base vs aligned model on held-out prompts: rewards, win rate, KL, fluency", _eval
+        ),
+        "sweep": Command(
+            SweepConfig, "one training command at several settings, each evaluated: the Pareto front", _sweep
         ),
         "report": Command(
             ReportConfig,
