@@ -29,13 +29,13 @@ from pathlib import Path
 import torch
 
 from alignkit.algorithms import dpo
-from alignkit.algorithms.online import Prompts, evaluate_policy, load_prompts
+from alignkit.algorithms.online import Prompts, evaluate_policy, load_prompts, sampling_settings
 from alignkit.config import RANGES, ConfigError, DPOConfig, above, at_least, between, save_config, validate
 from alignkit.data.pairs import GAP_USES, STRATEGIES, JudgeRanking, build_pairs, pair_columns
 from alignkit.models import load_causal_lm, load_tokenizer
 from alignkit.rewards import RewardSet
 from alignkit.rewards.registry import build_reward
-from alignkit.rollout import SamplingSettings, collect
+from alignkit.rollout import collect
 from alignkit.rundir import claim_output_dir, part_resume_flags
 from alignkit.runtime import MetricsLogger
 
@@ -145,13 +145,6 @@ def sample_round(policy, tokenizer, prompts: Prompts, idx: list[int], scorer, cf
     """One row per prompt: its token ids and its k completions (text, token ids as sampled, per-source
     scores, total)."""
     K = cfg.num_generations
-    sampling = SamplingSettings(
-        cfg.max_new_tokens,
-        cfg.temperature,
-        cfg.top_k or None,
-        cfg.top_p if cfg.top_p < 1 else None,
-        cfg.generation_batch_size,
-    )
     rollout = collect(
         policy,
         tokenizer,
@@ -159,7 +152,7 @@ def sample_round(policy, tokenizer, prompts: Prompts, idx: list[int], scorer, cf
         [prompts.train_rows[i].prompt for i in idx],
         scorer,
         group_size=K,
-        sampling=sampling,
+        sampling=sampling_settings(cfg),  # (the fields OnlineConfig has, under the same names)
         seed=seed,
         update_rewards=False,
     )
@@ -299,13 +292,8 @@ def train(cfg: IterativeDPOConfig) -> Path:
         return model.to(state.device).eval()
 
     def held_out(model) -> dict:
-        sampling = SamplingSettings(
-            cfg.max_new_tokens, cfg.temperature, None, None, cfg.generation_batch_size
-        )
-        return {
-            f"eval/{k}": v
-            for k, v in evaluate_policy(model, tokenizer, prompts, evaluator, sampling, cfg.seed + 1).items()
-        }
+        scores = evaluate_policy(model, tokenizer, prompts, evaluator, sampling_settings(cfg), cfg.seed + 1)
+        return {f"eval/{k}": v for k, v in scores.items()}
 
     policy = load(policy_path)
     if not start_logged and evaluator is not None:
