@@ -90,6 +90,24 @@ def _ppo(cfg):
     return train(cfg)
 
 
+def _iterative_dpo(cfg):
+    from alignkit.algorithms.iterative import train
+
+    return train(cfg)
+
+
+def _online_dpo(cfg):
+    from alignkit.algorithms.online_dpo import train
+
+    return train(cfg)
+
+
+def _sweep(cfg):
+    from alignkit.sweep import run
+
+    return run(cfg)
+
+
 def _eval(cfg):
     from alignkit.evaluate import run
 
@@ -109,11 +127,14 @@ def _report(cfg):
 
 
 def _commands() -> dict[str, Command]:
+    from alignkit.algorithms.iterative import IterativeDPOConfig
+    from alignkit.algorithms.online_dpo import OnlineDPOConfig
     from alignkit.best_of_n import GenerateConfig
     from alignkit.demo import DemoConfig
     from alignkit.evaluate import EvalConfig
     from alignkit.report import ReportConfig
     from alignkit.rewards.score import ScoreConfig
+    from alignkit.sweep import SweepConfig
 
     return {
         "sft": Command(SFTConfig, "supervised fine-tuning on prompt/completion rows", _sft),
@@ -133,6 +154,14 @@ def _commands() -> dict[str, Command]:
         "ppo": Command(
             PPOConfig, "online RL with a critic and a KL-penalised reward (PPO), causal or T5 policies", _ppo
         ),
+        "iterative-dpo": Command(
+            IterativeDPOConfig,
+            "rounds of sample -> score -> pair -> DPO: rejection-sampling (RS-DPO) and iterative DPO",
+            _iterative_dpo,
+        ),
+        "online-dpo": Command(
+            OnlineDPOConfig, "online DPO: every step, pairs of the policy's own samples, judged", _online_dpo
+        ),
         "reward": Command(
             RewardConfig, "a Bradley–Terry reward model (classifier) from preference pairs", _reward
         ),
@@ -149,6 +178,9 @@ def _commands() -> dict[str, Command]:
             GenerateConfig,
             "best-of-n (or ICDPO) sampling: n candidates per prompt, scored, the best kept",
             _generate,
+        ),
+        "sweep": Command(
+            SweepConfig, "one training command at several settings, each evaluated: the Pareto front", _sweep
         ),
         "report": Command(
             ReportConfig,
@@ -168,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = _commands()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE + "\n\ncommands:")
+        width = max(map(len, commands))
         for name, cmd in commands.items():
-            print(f"  {name:<8} {cmd.summary}")
+            print(f"  {name:<{width}} {cmd.summary}")
         print("\nSettings come from an optional YAML file, then key=value overrides (dotted for sections).")
         return 0
     name, args = argv[0], argv[1:]

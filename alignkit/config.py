@@ -707,10 +707,30 @@ def _set(cfg: Any, dotted: str, value: Any, prefix: str = "") -> None:
         for k, v in value.items():
             _set(current, str(k), v, prefix + head + ".")
         return None
+    annotation = _field_types(type(cfg))[head]
+    if rest and _takes_mapping(annotation):  # a free-form mapping field (e.g. a judge spec): key by key
+        mapping = dict(current or {})
+        inner = mapping
+        *path, last = rest.split(".")
+        for key in path:
+            inner[key] = dict(inner.get(key) or {}) if isinstance(inner.get(key), dict | None) else {}
+            inner = inner[key]
+        inner[last] = value
+        setattr(cfg, head, mapping)
+        return None
     if rest:
         raise ConfigError(f"'{prefix}{head}' is not a section; '{prefix}{dotted}' is not a valid key")
-    setattr(cfg, head, _coerce(value, _field_types(type(cfg))[head], prefix + head))
+    setattr(cfg, head, _coerce(value, annotation, prefix + head))
     return None
+
+
+def _takes_mapping(annotation: Any) -> bool:
+    """Whether a field's type is a dict (or a dict or None)."""
+    if annotation is dict or typing.get_origin(annotation) is dict:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_takes_mapping(a) for a in typing.get_args(annotation))
+    return False
 
 
 def _flatten(mapping: dict, prefix: str = "") -> list[tuple[str, Any]]:

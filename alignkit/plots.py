@@ -91,3 +91,32 @@ def before_after(title: str, sources: list[str], base: list[tuple], aligned: lis
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=7, frameon=False)
     return _png(fig)
+
+
+def frontier(
+    title: str,
+    xs: list[float],
+    ys: list[float],
+    labels: list[str],
+    on_front: list[bool],
+    *,
+    axis_labels: tuple[str, str],
+    errors: tuple[list[float | None], list[float | None]] | None = None,
+) -> bytes:
+    """A sweep's points as a scatter (±1 s.e. bars when given), each labelled, the Pareto-optimal ones
+    joined by a line in x order, as a WIDTH x HEIGHT PNG."""
+    fig, ax = _axes()
+    x_err, y_err = errors or ([None] * len(xs), [None] * len(ys))
+    for x, y, xe, ye, label, front in zip(xs, ys, x_err, y_err, labels, on_front):
+        ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", color="C1" if front else "C0", capsize=2, markersize=5)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    front = sorted((x, y) for x, y, f in zip(xs, ys, on_front) if f)
+    if len(front) > 1:
+        ax.plot(*zip(*front), color="C1", linewidth=1.2, label="Pareto front")
+        ax.legend(fontsize=7, frameon=False)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(axis_labels[0], fontsize=8)
+    ax.set_ylabel(axis_labels[1], fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    return _png(fig)

@@ -22,6 +22,7 @@ RUN_FILES = (
     "checkpoints",
     "final",
     "stage-*",
+    "round-*",
     "dropped_rows.jsonl",
     "demo_report.json",
     "demo_report.md",
@@ -46,6 +47,8 @@ def _has_results(path: Path) -> bool:
         return Checkpointer(path.parent, 1).latest() is not None
     if path.name.startswith("stage-"):
         return any(_has_results(p) for p in existing_outputs(path))
+    if path.name.startswith("round-"):  # samples, pairs and a DPO run (iterative DPO)
+        return any(path.iterdir())
     return path.is_dir() and any(path.iterdir())
 
 
@@ -87,6 +90,8 @@ def claim_output_dir(
         return  # nothing to lose: the run replaces what is there
     if resume:
         latest = Checkpointer(root, 1).latest()
+        if latest is None and any(p.name.startswith(("stage-", "round-")) for p in found):
+            return  # a run in stages (sDPO) or rounds (iterative DPO): each resumes its own part
         if latest is None:  # resuming would start again from step 0 over the run that is there
             raise ConfigError(
                 f"resume=true, but output_dir {root} holds a run with no checkpoint to continue from "
@@ -106,3 +111,13 @@ def claim_output_dir(
         f"output_dir {root} already holds a run ({_describe(root, found)}); continue it with resume=true, "
         "replace it with overwrite=true (deletes those files first), or choose another output_dir"
     )
+
+
+def part_resume_flags(output_dir: str | Path) -> tuple[bool, bool]:
+    """(resume, overwrite) for continuing one part of a run in parts (an sDPO stage, an iterative-DPO
+    round): resume from the part's last checkpoint when it left one, else start the part again over whatever
+    it wrote before it was cut short."""
+    root = Path(output_dir)
+    if Checkpointer(root, 1).latest() is not None:
+        return True, False
+    return False, root.exists()

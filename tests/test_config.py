@@ -139,3 +139,22 @@ def test_dtype_choices_match_the_models_table():
     from alignkit.models import DTYPES
 
     assert RANGES[TrainConfig]["dtype"] == tuple(DTYPES)
+
+
+def test_mapping_fields_load_from_yaml_sections_and_dotted_overrides(tmp_path):
+    """A free-form dict field (a judge spec, a sweep's eval settings) is not a config section: YAML nesting
+    and key.sub=value overrides fill the mapping key by key, nested keys included."""
+    from alignkit.algorithms.online_dpo import OnlineDPOConfig
+    from alignkit.sweep import SweepConfig
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text("eval:\n  prompts: p.jsonl\n  num_samples: 2\nsettings:\n  lora: {enabled: true, r: 4}\n")
+    cfg = load_config(
+        SweepConfig, str(path), ["eval.num_samples=8", "settings.lora.r=16", "settings.beta=0.1"]
+    )
+    assert cfg.eval == {"prompts": "p.jsonl", "num_samples": 8}
+    assert cfg.settings == {"lora": {"enabled": True, "r": 16}, "beta": 0.1}
+    online = load_config(OnlineDPOConfig, None, ["judge.type=judge", "judge.model=m"])
+    assert online.judge == {"type": "judge", "model": "m"}
+    with pytest.raises(ConfigError, match="'lr' is not a section"):
+        load_config(OnlineDPOConfig, None, ["lr.peak=1"])

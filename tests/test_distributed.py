@@ -193,6 +193,39 @@ def test_two_process_grpo_keeps_the_processes_in_step(tmp_path, tiny_model_dir):
     assert steps == [1, 2, 3]
 
 
+def test_two_process_online_dpo_keeps_the_processes_in_step(tmp_path, tiny_model_dir):
+    """Online DPO on 2 processes: each pairs its own samples; min_gap 2 leaves some prompts (and, in some
+    steps, a whole process) without a pair, which must still join the all-reduce with weight 0."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Tom went out {i}. It was"}) + "\n" for i in range(16)))
+    out = tmp_path / "online-dpo"
+    argv = [
+        "online-dpo",
+        f"model={tiny_model_dir}",
+        f"data={data}",
+        f"output_dir={out}",
+        "rewards=[{type: regex, pattern: e, mode: count}]",
+        "batch_size=2",
+        "num_generations=2",
+        "max_new_tokens=6",
+        "max_steps=4",
+        "min_gap=2",
+        "lr=1e-2",
+        "save_steps=0",
+        "progress=false",
+        "report=false",
+        "mixed_precision=no",
+    ]
+    launch(out / "dump", argv)
+    rank0, rank1 = (load_file(str(out / "dump" / f"rank{r}.safetensors")) for r in (0, 1))
+    start = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)
+    assert any(not torch.equal(rank0[n], start[n.removeprefix("model.")]) for n in rank0)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert any(r["pairs/below_gap"] > 0 for r in records)  # (rank 0's own count) the tie path ran
+
+
 def test_data_order_shards_every_row_once_per_epoch_across_processes():
     """20 rows, 3 processes x 2 micro-batches x 2 rows = 12 a step: steps 1-5 are 60 rows, 3 epochs, each
     row exactly once per epoch, on exactly one process; each step's rows do not depend on the split."""

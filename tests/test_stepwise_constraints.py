@@ -209,6 +209,47 @@ def test_stepwise_dpo_stage_two_is_measured_against_stage_one(tmp_path, tiny_mod
     assert first_step["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy = its reference at the start
 
 
+def test_stepwise_dpo_resumes_in_the_stage_that_was_cut_short(tmp_path, tiny_model_dir, monkeypatch):
+    """A crash in stage 2 before its first checkpoint: resume=true skips stage 1 and runs stage 2 again, to the
+    metrics of an uninterrupted run."""
+    import alignkit.runtime as runtime
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs(16))
+    whole = config(tmp_path, tiny_model_dir, data, "whole", stages=2, report=False)
+    sdpo.train(whole)
+    real_step, calls = runtime.optimizer_step, []
+
+    def crash_in_stage_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == whole_steps(tmp_path / "whole" / "stage-1") + 2:
+            raise RuntimeError("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "optimizer_step", crash_in_stage_two)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        sdpo.train(config(tmp_path, tiny_model_dir, data, "cut", stages=2, report=False))
+    monkeypatch.setattr(runtime, "optimizer_step", real_step)
+    trained = []
+    real_train = dpo.train
+    monkeypatch.setattr(
+        dpo, "train", lambda cfg, **kw: trained.append(cfg.output_dir) or real_train(cfg, **kw)
+    )
+    sdpo.train(config(tmp_path, tiny_model_dir, data, "cut", stages=2, resume=True, report=False))
+    assert trained == [str(tmp_path / "cut" / "stage-2")]
+
+    def losses(run):
+        lines = (tmp_path / run / "stage-2" / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x)["loss"] for x in lines if '"train"' in x]
+
+    assert losses("cut") == losses("whole")
+
+
+def whole_steps(stage_dir) -> int:
+    """Optimizer steps a finished stage ran (its last train line's step)."""
+    lines = [json.loads(x) for x in (stage_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return max(r["step"] for r in lines if r.get("split") == "train")
+
+
 def test_stepwise_settings_are_checked(tmp_path, capsys):
     args = ["dpo", f"model={tmp_path}/m", f"data={tmp_path}/d.jsonl", f"output_dir={tmp_path}/o"]
     assert main([*args, "stages=2", "lora.enabled=true"]) == 1

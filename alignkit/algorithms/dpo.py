@@ -95,10 +95,11 @@ def make_collate(pad_id: int, share_prompt: bool):
     return collate
 
 
-def check_loss_settings(cfg: DPOConfig, spec: LossSpec) -> None:
+def check_loss_settings(cfg: DPOConfig, spec: LossSpec, defaults=None) -> None:
     """Settings are never silently ignored: a loss parameter (or reference setting) that the chosen
-    objective does not use, set to a non-default value, is an error; the ones it uses are range-checked."""
-    defaults = DPOConfig()
+    objective does not use, set away from its default (in `defaults`, a config of cfg's kind; DPOConfig()
+    by default), is an error; the ones it uses are range-checked."""
+    defaults = defaults or DPOConfig()
     unused = sorted({p for s in LOSSES.values() for p in s.params} - set(spec.params))
     if not spec.needs_reference:
         unused += ["reference"]
@@ -111,7 +112,7 @@ def check_loss_settings(cfg: DPOConfig, spec: LossSpec) -> None:
             )
     try:
         check_params(cfg.loss, {p: getattr(cfg, p) for p in spec.params})
-        check_constraints(cfg.constraints, ConstraintSettings())
+        check_constraints(getattr(cfg, "constraints", []), ConstraintSettings())
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -228,7 +229,7 @@ def paired_loss(
         cfg.loss, chosen, rejected, ref_chosen, ref_rejected, n_chosen, n_rejected, **params
     )
     losses, constraint_metrics = out.losses, {}
-    if cfg.constraints:
+    if getattr(cfg, "constraints", None):  # (online DPO has none)
         # The constraint judges the same implicit reward as the objective, with its gradient.
         def reward(logps, reference_logps, n):
             norm = spec.length_normalised

@@ -28,7 +28,7 @@ def check_online_settings(cfg: OnlineConfig, kl_weight: float) -> None:
     """The checks every online method needs before anything loads: rewards given, the rollout cut into
     whole minibatches and micro-batches, clip ranges, and a reference mode that applies online (when
     `kl_weight` > 0 a reference is held)."""
-    if not cfg.rewards:
+    if not cfg.rewards and not getattr(cfg, "judge", None):  # (online DPO may rank with a judge instead)
         raise ConfigError("rewards is empty: give at least one reward source, e.g. 'rewards=[{type: vader}]'")
     if cfg.max_length != TrainConfig.max_length:
         raise ConfigError("max_length is not used online: completions are max_new_tokens long")

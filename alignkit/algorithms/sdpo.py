@@ -20,7 +20,7 @@ from pathlib import Path
 
 from alignkit.algorithms import dpo
 from alignkit.config import DPOConfig, save_config
-from alignkit.rundir import claim_output_dir
+from alignkit.rundir import claim_output_dir, part_resume_flags
 
 
 def stage_config(cfg: DPOConfig, k: int, previous_final: Path | None) -> DPOConfig:
@@ -62,6 +62,8 @@ def train(cfg: DPOConfig) -> Path:
             print(f"sDPO stage {k} of {cfg.stages}: already trained ({done.parent}); skipped")
             final = done.parent
             continue
+        if cfg.resume:  # the stage cut short: from its checkpoint, or again when it left none
+            stage.resume, stage.overwrite = part_resume_flags(stage.output_dir)
         if main_process:
             print(
                 f"sDPO stage {k} of {cfg.stages}: from {stage.model}, against {stage.reference.model or stage.model}"

@@ -16,6 +16,7 @@ import alignkit.algorithms.dpo
 import alignkit.algorithms.grpo
 import alignkit.algorithms.kto
 import alignkit.algorithms.listwise
+import alignkit.algorithms.online_dpo
 import alignkit.algorithms.ppo
 import alignkit.algorithms.reward_model
 import alignkit.algorithms.sft
@@ -62,7 +63,7 @@ def dumping_before_save(save_final, dump_dir: Path):
 def run(dump_dir: str, argv: list[str]) -> int:
     for module in ALGORITHMS:
         module.fit = dumping(module.fit, Path(dump_dir))
-    for online in (alignkit.algorithms.grpo, alignkit.algorithms.ppo):
+    for online in (alignkit.algorithms.grpo, alignkit.algorithms.ppo, alignkit.algorithms.online_dpo):
         online.save_final = dumping_before_save(online.save_final, Path(dump_dir))
     return main(argv)
 

@@ -1,0 +1,361 @@
+"""Rejection-sampling DPO (RS-DPO, Khaki et al. 2024) and iterative DPO (Xiong et al. 2024; Snorkel's
+"iterative DPO"): rounds of sample -> score -> pair -> DPO.
+
+    alignkit iterative-dpo model=PATH data=prompts.jsonl 'rewards=[{type: vader}]' rounds=2 output_dir=out
+
+Round k (output_dir/round-k/):
+  1. samples.jsonl: `num_generations` completions of each of the round's prompts from the current policy
+     (round 1: `model`), sampled on token ids, each scored by the reward set (per source and total) or
+     ranked by a pairwise LLM judge (`judge:`; `pairs.JudgeRanking`);
+  2. pairs.jsonl: `data.pairs.build_pairs` keeps pairs whose score gap exceeds `min_gap` (best vs worst of
+     each prompt, or every such pair: RS-DPO), with the gap as the sigmoid loss's margin or soft label when
+     `gap_as` says so; rows carry the token ids as sampled, so DPO trains on exactly those ids;
+  3. train/: an ordinary `dpo.train` on those pairs (any paired objective), from the current policy, against
+     that policy (`update_reference=true`, the usual iterative DPO) or against `model` throughout.
+output_dir/metrics.jsonl has one line per round (step = round): the samples' reward, the pairs, the round's
+last DPO metrics and, with eval prompts, the new policy's held-out reward (step 0: the starting model's).
+With resume=true, finished rounds are skipped, a round's saved samples and pairs are reused (nothing is
+sampled or scored twice) and its DPO run resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from alignkit.algorithms import dpo
+from alignkit.algorithms.online import Prompts, evaluate_policy, load_prompts, sampling_settings
+from alignkit.config import RANGES, ConfigError, DPOConfig, above, at_least, between, save_config, validate
+from alignkit.data.pairs import GAP_USES, STRATEGIES, JudgeRanking, build_pairs, pair_columns
+from alignkit.models import load_causal_lm, load_tokenizer
+from alignkit.rewards import RewardSet
+from alignkit.rewards.registry import build_reward
+from alignkit.rollout import collect
+from alignkit.rundir import claim_output_dir, part_resume_flags
+from alignkit.runtime import MetricsLogger
+
+
+@dataclass
+class IterativeDPOConfig(DPOConfig):
+    """Rejection-sampling / iterative DPO: rounds of sampling the policy, scoring, pairing and DPO
+    (docs/iterative.md). `data` holds prompt rows; every DPO setting applies to each round's training."""
+
+    data: str = ""
+    """Prompt rows ({"prompt": ...} or chat messages), a .jsonl/.json/.parquet file or dataset name."""
+    rounds: int = 2
+    """Rounds of sample -> score -> pair -> train."""
+    prompts_per_round: int = 0
+    """Prompts sampled in each round: consecutive slices of one seeded shuffle, so rounds see new prompts
+    until they run out (0 = every prompt, every round)."""
+    num_generations: int = 4
+    """k: completions sampled per prompt."""
+    max_new_tokens: int = 64
+    """Longest completion, in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only (0 = all)."""
+    top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens holding this much probability (1 = all)."""
+    generation_batch_size: int = 64
+    """Completions generated at once (bounds generation memory)."""
+    rewards: list[dict] = field(default_factory=list)
+    """Reward sources scoring each completion, as in `alignkit score`; also score the eval prompts."""
+    judge: dict | None = None
+    """A pairwise LLM judge ({type: judge, template: pairwise, backend: ...}) ranking each prompt's
+    completions by a round robin (each one's mean win probability) instead of `rewards`."""
+    pairs: str = "best_worst"
+    """best_worst (each prompt's best against its worst completion) or all (every pair whose gap exceeds
+    min_gap: RS-DPO)."""
+    min_gap: float = 0.0
+    """A pair is kept when its score gap exceeds this (RS-DPO's threshold η); ties are never pairs."""
+    max_pairs_per_prompt: int = 0
+    """pairs=all: at most this many pairs per prompt, the largest gaps (0 = all)."""
+    gap_as: str = "none"
+    """none, margin (the gap as the sigmoid loss's margin) or soft_label (σ(gap / soft_label_temperature)
+    as the pair's preference probability); both need loss=sigmoid."""
+    soft_label_temperature: float = 1.0
+    """gap_as=soft_label: the temperature of σ(gap / temperature)."""
+    update_reference: bool = True
+    """Each round is measured against its starting policy (iterative DPO); false: against `model` (or
+    `reference.model`) in every round."""
+
+
+RANGES[IterativeDPOConfig] = {
+    "rounds": at_least(1),
+    "prompts_per_round": at_least(0),
+    "num_generations": at_least(2),
+    "max_new_tokens": at_least(1),
+    "temperature": above(0),
+    "top_k": at_least(0),
+    "top_p": between(0, 1, low_open=True),
+    "generation_batch_size": at_least(1),
+    "max_pairs_per_prompt": at_least(0),
+    "soft_label_temperature": above(0),
+    "pairs": STRATEGIES,
+    "gap_as": GAP_USES,
+}
+
+
+def check_settings(cfg: IterativeDPOConfig) -> None:
+    """What must hold before anything loads."""
+    validate(cfg)
+    if bool(cfg.rewards) == bool(cfg.judge):
+        raise ConfigError(
+            "give either rewards (a reward set scoring each completion) or judge (a pairwise judge)"
+        )
+    if cfg.gap_as != "none" and cfg.loss != "sigmoid":
+        raise ConfigError(
+            f"gap_as={cfg.gap_as} feeds the pairs' gaps to the loss, which only loss=sigmoid reads"
+        )
+    if cfg.max_pairs_per_prompt and cfg.pairs != "all":
+        raise ConfigError("max_pairs_per_prompt caps pairs=all; best_worst makes one pair per prompt")
+    if cfg.stages != 1:
+        raise ConfigError("stages (stepwise DPO) does not combine with rounds; use rounds")
+    if cfg.rounds > 1 and cfg.lora.enabled and not cfg.lora.merge:
+        raise ConfigError(
+            "rounds > 1 with LoRA needs lora.merge=true: each round starts from the last one's weights"
+        )
+    dpo.check_loss_settings(cfg, dpo.get_loss(cfg.loss))
+
+
+def round_prompts(n: int, per_round: int, k: int, seed: int) -> list[int]:
+    """Indices of round k's (1-based) prompts: all n, or the k-th slice of `per_round` of one seeded shuffle
+    (wrapping around)."""
+    if not per_round or per_round >= n:
+        return list(range(n))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    start = (k - 1) * per_round
+    return [perm[(start + i) % n] for i in range(per_round)]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """All rows, or nothing: written beside `path` and renamed over it."""
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
+def sample_round(policy, tokenizer, prompts: Prompts, idx: list[int], scorer, cfg, seed: int) -> list[dict]:
+    """One row per prompt: its token ids and its k completions (text, token ids as sampled, per-source
+    scores, total)."""
+    K = cfg.num_generations
+    rollout = collect(
+        policy,
+        tokenizer,
+        [prompts.train_ids[i] for i in idx],
+        [prompts.train_rows[i].prompt for i in idx],
+        scorer,
+        group_size=K,
+        sampling=sampling_settings(cfg),  # (the fields OnlineConfig has, under the same names)
+        seed=seed,
+        update_rewards=False,
+    )
+    rows = []
+    for n, i in enumerate(idx):
+        candidates = []
+        for r in range(n * K, (n + 1) * K):
+            start = rollout.prompt_lengths[r]
+            ids = rollout.input_ids[r, start : start + rollout.completion_lengths[r]].tolist()
+            scores = {name: float(s[r]) for name, s in rollout.source_scores.items()}
+            candidates.append(
+                {
+                    "text": rollout.completions[r],
+                    "ids": ids,
+                    "scores": scores,
+                    "total": float(rollout.scores[r]),
+                }
+            )
+        row = prompts.train_rows[i]
+        rows.append(
+            {"index": i, "prompt": row.prompt, "prompt_ids": prompts.train_ids[i], "candidates": candidates}
+        )
+    return rows
+
+
+def pair_rows(samples: list[dict], cfg: IterativeDPOConfig) -> tuple[list[dict], dict]:
+    """Preference rows (texts, token ids, scores, gap, and margin / preference per `gap_as`) from a round's
+    samples, and the pair statistics."""
+    scores = torch.tensor([[c["total"] for c in s["candidates"]] for s in samples], dtype=torch.float64)
+    ids = [[c["ids"] for c in s["candidates"]] for s in samples]
+    pairs, stats = build_pairs(
+        scores,
+        strategy=cfg.pairs,
+        min_gap=cfg.min_gap,
+        max_pairs_per_prompt=cfg.max_pairs_per_prompt,
+        completions=ids,
+    )
+    rows = []
+    for p in pairs:
+        s = samples[p.prompt]
+        chosen, rejected = s["candidates"][p.chosen], s["candidates"][p.rejected]
+        rows.append(
+            {
+                "prompt": s["prompt"],
+                "chosen": chosen["text"],
+                "rejected": rejected["text"],
+                "prompt_ids": s["prompt_ids"],
+                "chosen_ids": chosen["ids"],
+                "rejected_ids": rejected["ids"],
+                "chosen_score": chosen["total"],
+                "rejected_score": rejected["total"],
+                "gap": p.gap,
+                **pair_columns(p.gap, cfg.gap_as, cfg.soft_label_temperature),
+            }
+        )
+    out = stats.as_dict()
+    if pairs:
+        out["pairs/gap_mean"] = sum(p.gap for p in pairs) / len(pairs)
+    return rows, out
+
+
+def round_config(cfg: IterativeDPOConfig, k: int, policy: str, pairs_path: Path) -> DPOConfig:
+    """Round k's DPO run: from `policy` on the round's pairs, in round-k/train, resumed when it left a
+    checkpoint (a round cut short before its first checkpoint starts again)."""
+    train_dir = Path(cfg.output_dir) / f"round-{k}" / "train"
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(DPOConfig)}
+    run = DPOConfig(**shared)
+    run.model, run.data, run.output_dir = policy, str(pairs_path), str(train_dir)
+    run.eval_data, run.eval_fraction = None, 0.0
+    run.cache_dir = str(train_dir / "cache")
+    if cfg.update_reference:  # the round's own starting policy (round 1: `reference.model`, if given)
+        run.reference = dataclasses.replace(cfg.reference, model=cfg.reference.model if k == 1 else None)
+    else:
+        run.reference = dataclasses.replace(cfg.reference, model=cfg.reference.model or cfg.model)
+    run.resume, run.overwrite = part_resume_flags(train_dir)
+    return run
+
+
+def metric_lines(run_dir: Path) -> list[dict]:
+    """The complete lines of a run's metrics.jsonl (none when it has none)."""
+    path, out = run_dir / "metrics.jsonl", []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line torn by a kill
+            pass
+    return out
+
+
+def last_train_metrics(train_dir: Path) -> dict:
+    """The last train line of a round's DPO metrics, its keys prefixed with dpo/."""
+    train = [r for r in metric_lines(train_dir) if r.get("split") == "train"]
+    if not train:
+        return {}
+    skip = ("step", "split", "epoch", "step_time", "tokens/s")  # (timings of one step say little of a round)
+    return {f"dpo/{k}": v for k, v in train[-1].items() if k not in skip}
+
+
+def train(cfg: IterativeDPOConfig) -> Path:
+    """Run the rounds; returns the last round's final model folder (also linked as output_dir/final)."""
+    from accelerate import PartialState
+
+    check_settings(cfg)
+    state = PartialState()
+    main = state.is_main_process
+    log = print if main else (lambda *a, **k: None)
+    root = Path(cfg.output_dir)
+    # The rounds' DPO folders are claimed by their runs; the root (config, metrics, round-* samples and
+    # pairs, final link) is this run's, refused, continued or replaced as a whole.
+    claim_output_dir(root, resume=cfg.resume, overwrite=cfg.overwrite, remove=main)
+    state.wait_for_everyone()
+    if main:
+        save_config(cfg, root)
+
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
+    prompts = load_prompts(cfg, tokenizer, log)
+    K = cfg.num_generations
+    scorer = (
+        JudgeRanking(build_reward(cfg.judge, "judge"), K) if cfg.judge else RewardSet.from_specs(cfg.rewards)
+    )
+    evaluator = RewardSet.from_specs(cfg.rewards) if cfg.rewards and prompts.eval_rows else None
+    if prompts.eval_rows and evaluator is None:
+        log(
+            "eval prompts are not scored: a pairwise judge ranks completions of one prompt, and no rewards are given"
+        )
+
+    done = [k for k in range(1, cfg.rounds + 1) if (root / f"round-{k}" / "round.json").exists()]
+    resumed = max(done) if cfg.resume and done else 0  # rounds finished before
+    start_logged = cfg.resume and any(r.get("step") == 0 for r in metric_lines(root))
+    logger = MetricsLogger(root, main, resume_step=resumed if cfg.resume else None)
+    policy_path = Path(cfg.model) if not resumed else root / f"round-{resumed}" / "train" / "final"
+    if resumed:
+        log(f"resuming after round {resumed} of {cfg.rounds}")
+
+    def load(path):
+        model = load_causal_lm(str(path), cfg.dtype, cfg.attn_implementation, cfg.trust_remote_code)
+        return model.to(state.device).eval()
+
+    def held_out(model) -> dict:
+        scores = evaluate_policy(model, tokenizer, prompts, evaluator, sampling_settings(cfg), cfg.seed + 1)
+        return {f"eval/{k}": v for k, v in scores.items()}
+
+    policy = load(policy_path)
+    if not start_logged and evaluator is not None:
+        logger.log({"step": 0, "round": 0, **held_out(policy)})
+    for k in range(resumed + 1, cfg.rounds + 1):
+        rdir = root / f"round-{k}"
+        rdir.mkdir(parents=True, exist_ok=True)
+        samples_path, pairs_path = rdir / "samples.jsonl", rdir / "pairs.jsonl"
+        if samples_path.exists():  # (saved whole, so present means complete)
+            samples = [
+                json.loads(x) for x in samples_path.read_text(encoding="utf-8").splitlines() if x.strip()
+            ]
+            log(f"round {k}: {len(samples)} prompts' samples read back from {samples_path}")
+        else:
+            if main:
+                idx = round_prompts(len(prompts.train_rows), cfg.prompts_per_round, k, cfg.seed)
+                log(
+                    f"round {k} of {cfg.rounds}: sampling {K} completions of {len(idx)} prompts from {policy_path}"
+                )
+                samples = sample_round(policy, tokenizer, prompts, idx, scorer, cfg, seed=cfg.seed * 1000 + k)
+                write_jsonl(samples_path, samples)
+            state.wait_for_everyone()
+            samples = [
+                json.loads(x) for x in samples_path.read_text(encoding="utf-8").splitlines() if x.strip()
+            ]
+        rows, pair_stats = pair_rows(samples, cfg)
+        if not rows:
+            raise RuntimeError(
+                f"round {k}: no pair's score gap exceeds min_gap={cfg.min_gap} ({pair_stats}); sample more "
+                "completions (num_generations), raise the temperature or lower min_gap"
+            )
+        if main:
+            write_jsonl(pairs_path, rows)
+        state.wait_for_everyone()
+        totals = torch.tensor([c["total"] for s in samples for c in s["candidates"]])
+        log(f"round {k}: mean score {float(totals.mean()):.4f}; {len(rows)} pairs")
+        final = dpo.train(round_config(cfg, k, str(policy_path), pairs_path))
+        record = {
+            "step": k,
+            "round": k,
+            "reward": float(totals.mean()),
+            "reward_std": float(totals.std(unbiased=False)),
+            "best_of_k": float(
+                torch.tensor([max(c["total"] for c in s["candidates"]) for s in samples]).mean()
+            ),
+            **pair_stats,
+            **last_train_metrics(rdir / "train"),
+        }
+        policy_path, policy = final, load(final)
+        if evaluator is not None:
+            record.update(held_out(policy))
+        logger.log(record)
+        if main:
+            (rdir / "round.json").write_text(json.dumps(record, indent=1))
+    link = root / "final"
+    if main:
+        if link.is_symlink():
+            link.unlink()
+        if not link.exists():
+            link.symlink_to(Path(policy_path).relative_to(root), target_is_directory=True)
+        if cfg.report:
+            from alignkit.report import report_after_run
+
+            report_after_run(root, log)
+    return Path(policy_path)

@@ -1,0 +1,260 @@
+"""Online DPO (Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback"): every step,
+fresh completions of the step's prompts from the current policy, judged, and one DPO update on the pairs.
+
+    alignkit online-dpo model=PATH data=prompts.jsonl 'rewards=[{type: vader}]'
+
+Reads top to bottom: prompts -> policy + frozen reference -> for each step: rollout (`num_generations`
+completions of each prompt on token ids, scored by the reward set or ranked by a pairwise judge's round robin)
+-> `data.pairs.build_pairs` (best vs worst of each prompt whose gap exceeds `min_gap`) -> reference
+log-probs of the pairs -> one optimizer step of the paired objective (`dpo.PairedObjective`, any loss of
+the registry) -> metrics -> checkpoint. Unlike offline DPO, the pairs are always the current policy's own
+samples, so the objective never trains on stale, off-policy data; unlike iterative DPO (`iterative.py`),
+there are no rounds: the reference stays the starting model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from alignkit.algorithms import dpo
+from alignkit.algorithms.online import (
+    OnlineRun,
+    check_online_settings,
+    evaluate_policy,
+    load_prompts,
+    online_reference,
+    online_rewards,
+    rollout_metrics,
+    sampling_settings,
+    timing_metrics,
+    token_logps,
+    with_default_lr,
+)
+from alignkit.config import RANGES, ConfigError, OnlineConfig, above, at_least, validate
+from alignkit.data.pairs import GAP_USES, JudgeRanking, build_pairs, pair_columns
+from alignkit.losses import get_loss
+from alignkit.models import BatchForward, add_lora, disable_dropout, load_policy, load_tokenizer
+from alignkit.rewards.registry import build_reward
+from alignkit.rollout import Rollout, token_logps_in_batches
+from alignkit.runtime import as_numbers, make_optimizer, optimizer_step, save_final, start_run
+
+
+@dataclass
+class OnlineDPOConfig(OnlineConfig):
+    """Online DPO: each step's pairs are the current policy's own samples, judged by a reward set or a
+    pairwise LLM judge (docs/iterative.md)."""
+
+    num_generations: int = 2
+    """Completions sampled per prompt; the best and the worst make its pair (Guo et al.: 2)."""
+    beta: float = 0.1
+    """Strength of the KL tie to the reference (DPO's β); for orpo, λ (docs/objectives.md)."""
+    loss: str = "sigmoid"
+    """Paired objective by name, as for `alignkit dpo`: sigmoid, ipo, hinge, robust, simpo, ..."""
+    label_smoothing: float = 0.0
+    """Conservative DPO (sigmoid) / robust DPO (robust): probability ε in [0, 0.5) a label is flipped."""
+    gamma: float = 0.5
+    """SimPO's target reward margin γ."""
+    nll_weight: float = 1.0
+    """Weight α of the per-token NLL on the chosen completion that cpo and rpo add."""
+    judge: dict | None = None
+    """A pairwise LLM judge ({type: judge, template: pairwise, backend: ...}) ranking each prompt's
+    completions by a round robin instead of `rewards` (which then only score the eval prompts)."""
+    min_gap: float = 0.0
+    """A prompt's pair is trained on when its score gap exceeds this; ties are never pairs."""
+    gap_as: str = "none"
+    """none, margin (the gap as the sigmoid loss's margin) or soft_label (σ(gap / soft_label_temperature)
+    as the preference probability); both need loss=sigmoid."""
+    soft_label_temperature: float = 1.0
+    """gap_as=soft_label: the temperature of σ(gap / temperature)."""
+    lr: float | None = 5e-7
+    """Peak learning rate (AdamW); none = scaled to the policy as for grpo (docs/online_rl.md)."""
+
+
+RANGES[OnlineDPOConfig] = {
+    "num_generations": at_least(2),
+    "beta": above(0),
+    "soft_label_temperature": above(0),
+    "gap_as": GAP_USES,
+}
+
+
+def check_settings(cfg: OnlineDPOConfig):
+    """What must hold before anything loads; returns the objective's LossSpec."""
+    validate(cfg)
+    if cfg.judge and cfg.rewards and not (cfg.eval_data or cfg.eval_fraction):
+        raise ConfigError(
+            "with a judge, rewards only score eval prompts: set eval_data or eval_fraction, or drop rewards"
+        )
+    check_online_settings(cfg, cfg.beta)
+    if cfg.ppo_epochs != 1 or cfg.minibatch_size:
+        raise ConfigError("online DPO takes one update per rollout: ppo_epochs=1 and minibatch_size=0")
+    if cfg.gap_as != "none" and cfg.loss != "sigmoid":
+        raise ConfigError(
+            f"gap_as={cfg.gap_as} feeds the pairs' gaps to the loss, which only loss=sigmoid reads"
+        )
+    if cfg.epsilon != OnlineConfig.epsilon or cfg.epsilon_high is not None or cfg.mask_truncated:
+        raise ConfigError(
+            "epsilon, epsilon_high and mask_truncated are clipped-ratio settings, which DPO has none of"
+        )
+    spec = get_loss(cfg.loss)
+    dpo.check_loss_settings(cfg, spec, defaults=OnlineDPOConfig())
+    return spec
+
+
+def pair_batch(rollout: Rollout, pairs, columns: list[dict]) -> dict[str, torch.Tensor]:
+    """B pairs as one batch of 2B rollout rows, [chosen_1..B | rejected_1..B], with their reference log-probs
+    and per-pair columns (margin / preference)."""
+    G = rollout.group_size
+    rows = [p.prompt * G + p.chosen for p in pairs] + [p.prompt * G + p.rejected for p in pairs]
+    batch = rollout.batch(rows)
+    for key in columns[0] if columns else ():
+        batch[key] = torch.tensor([c[key] for c in columns], dtype=torch.float32)
+    return batch
+
+
+def pair_sums(token_values: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"chosen", "rejected", "n_chosen", "n_rejected"} (each (B,)) from (2B, T) per-token values laid out
+    [chosen | rejected]: the completion sums `dpo.paired_loss` reads."""
+    sums, counts = (token_values * mask).sum(-1), mask.sum(-1).to(token_values.dtype)
+    B = sums.shape[0] // 2
+    return {"chosen": sums[:B], "rejected": sums[B:], "n_chosen": counts[:B], "n_rejected": counts[B:]}
+
+
+def train(cfg: OnlineDPOConfig) -> Path:
+    """Train a policy by online DPO on prompt rows; returns the saved final model's folder."""
+    spec = check_settings(cfg)
+    G = cfg.num_generations
+    scorer = JudgeRanking(build_reward(cfg.judge, "judge"), G) if cfg.judge else None
+    rewards = online_rewards(cfg, "online-dpo") if cfg.rewards else None
+    scorer = scorer or rewards
+    accelerator, log, output_dir = start_run(cfg)
+
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
+    prompts = load_prompts(cfg, tokenizer, log)
+    model = disable_dropout(load_policy(cfg, tokenizer.pad_token_id, accelerator.device))
+    cfg = with_default_lr(cfg, model, log)
+    fn_kwargs = {"chunk_size": cfg.logprob_chunk_size, "temperature": cfg.temperature, "with_entropy": False}
+
+    def policy_fn(m, batch: dict) -> dict:
+        return pair_sums(token_logps(m, batch, **fn_kwargs)["token_logps"], batch["completion_mask"])
+
+    reference, reference_fn = online_reference(cfg, model, accelerator, 1.0 if spec.needs_reference else 0.0)
+    if cfg.lora.enabled:
+        model = disable_dropout(add_lora(model, cfg.lora))
+
+    def precomputed_reference(m, batch: dict) -> dict:  # the reference's sums, taken before the update
+        return pair_sums(batch["ref_logps"], batch["completion_mask"])
+
+    objective = dpo.PairedObjective(cfg, spec, precomputed_reference, accelerator.gather)
+
+    def named() -> dict:
+        return {
+            "model": accelerator.unwrap_model(policy),
+            "optimizer": optimizer,
+            "scheduler": scheduler,
+            "rewards": scorer,
+            "objective": objective.reward_mean,
+        }
+
+    run = OnlineRun(cfg, accelerator, output_dir, len(prompts.train_rows), named, log)
+    optimizer, scheduler = make_optimizer(model, cfg, run.steps)
+    policy, optimizer = accelerator.prepare(BatchForward(model, policy_fn), optimizer)
+    sampling = sampling_settings(cfg)
+    run.resume()
+
+    def evaluate() -> dict:
+        return evaluate_policy(
+            accelerator.unwrap_model(policy).model, tokenizer, prompts, rewards, sampling, cfg.seed + 1
+        )
+
+    with run.interruptible():
+        while run.step < run.steps:
+            t0 = time.perf_counter()
+            rollout, _ = run.collect(
+                accelerator.unwrap_model(policy).model, tokenizer, prompts, scorer, sampling, G
+            )
+            scores = rollout.scores.view(-1, G)
+            completion_ids = [
+                [
+                    rollout.input_ids[r, rollout.prompt_lengths[r] :][
+                        : rollout.completion_lengths[r]
+                    ].tolist()
+                    for r in range(p * G, (p + 1) * G)
+                ]
+                for p in range(scores.shape[0])
+            ]
+            pairs, stats = build_pairs(
+                scores, strategy="best_worst", min_gap=cfg.min_gap, completions=completion_ids
+            )
+            # Every process takes part in every step (DDP); one with no pair of its own trains on its first
+            # prompt's pair with weight 0, and a step with no pair anywhere is not taken.
+            n_pairs = torch.tensor(float(len(pairs)), device=accelerator.device)
+            total_pairs = (
+                float(accelerator.reduce(n_pairs, "sum")) if accelerator.num_processes > 1 else float(n_pairs)
+            )
+            weight = 1.0 if pairs else 0.0
+            if not pairs:
+                pairs = build_pairs(scores[:1], min_gap=-1.0)[0]
+            columns = [pair_columns(p.gap, cfg.gap_as, cfg.soft_label_temperature) for p in pairs]
+
+            t1 = time.perf_counter()
+            policy.eval()
+            micro = -(-len(pairs) // cfg.grad_accum)
+            groups = [list(range(s, min(s + micro, len(pairs)))) for s in range(0, len(pairs), micro)]
+            if reference is not None:
+                rows = [
+                    [pairs[i].prompt * G + pairs[i].chosen for i in g]
+                    + [pairs[i].prompt * G + pairs[i].rejected for i in g]
+                    for g in groups
+                ]
+                rollout.ref_logps = token_logps_in_batches(
+                    lambda b: reference(policy, b),  # noqa: B023
+                    rollout,
+                    rows,
+                    accelerator.device,
+                )["token_logps"]
+            t2 = time.perf_counter()
+            policy.train()
+            record = {}
+            if total_pairs > 0:
+                batches = [
+                    {
+                        k: v.to(accelerator.device)
+                        for k, v in pair_batch(
+                            rollout, [pairs[i] for i in g], [columns[i] for i in g]
+                        ).items()
+                    }
+                    for g in groups
+                ]
+                trained = optimizer_step(
+                    accelerator,
+                    policy,
+                    optimizer,
+                    scheduler,
+                    batches,
+                    objective,
+                    units=[weight * len(g) for g in groups],
+                    max_grad_norm=cfg.max_grad_norm,
+                )
+                record.update(as_numbers(trained))
+            t3 = time.perf_counter()
+            record.update(step_metrics(rollout, stats.as_dict(), pairs if weight else []))
+            record.update(timing_metrics(rollout, (t0, t1, t2, t3), passes=1.0))
+            postfix = {"reward": record["reward"], "pairs": record["pairs/pairs"]}
+            run.finish_step(record, evaluate if prompts.eval_rows and rewards is not None else None, postfix)
+    return save_final(accelerator, policy, tokenizer, output_dir, cfg.lora.merge, log)
+
+
+def step_metrics(rollout: Rollout, pair_stats: dict, pairs) -> dict:
+    """The rollout's reward and lengths (rollout_metrics without advantages) and the pairs' gaps."""
+    out = {
+        k: v for k, v in rollout_metrics(rollout, torch.zeros(1)).items() if not k.startswith("advantages/")
+    }
+    out.update(pair_stats)
+    if pairs:
+        out["pairs/gap_mean"] = sum(p.gap for p in pairs) / len(pairs)
+    return out

@@ -1,0 +1,168 @@
+"""Preference pairs from scored samples: the step rejection-sampling DPO (RS-DPO, Khaki et al. 2024),
+iterative DPO and online DPO (Guo et al. 2024) share.
+
+Every prompt has K sampled completions with scores (a reward set's totals, or a pairwise judge's win rates
+from `round_robin_scores`). `build_pairs` turns a (P, K) score table into (chosen, rejected) pairs:
+
+- ``best_worst``: one pair per prompt, its highest-scored completion against its lowest (iterative DPO,
+  Xiong et al. 2024; online DPO with K = 2);
+- ``all``: every (i, j) with s_i − s_j > min_gap (RS-DPO's reward-gap filter), largest gaps first when
+  `max_pairs_per_prompt` caps them.
+
+A pair is kept only when its gap exceeds `min_gap` (so ties, gap 0, are never trained on as wins), and never
+when the two completions are the same token ids (a duplicate sample is not a preference). Ties in the
+argmax / argmin go to the lowest index, so the pairs are a deterministic function of the table.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+STRATEGIES = ("best_worst", "all")
+GAP_USES = ("none", "margin", "soft_label")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Completions `chosen` and `rejected` (indices 0..K-1 within prompt `prompt`) and their score gap."""
+
+    prompt: int
+    chosen: int
+    rejected: int
+    gap: float
+
+
+@dataclass
+class PairStats:
+    """What happened to the candidate pairs of one table."""
+
+    prompts: int = 0
+    pairs: int = 0
+    below_gap: int = 0
+    """Candidate pairs dropped because their gap did not exceed min_gap (ties included)."""
+    duplicates: int = 0
+    """Candidate pairs dropped because both completions are the same token ids."""
+
+    def as_dict(self) -> dict[str, float]:
+        return {f"pairs/{k}": float(v) for k, v in vars(self).items()}
+
+
+def build_pairs(
+    scores: torch.Tensor,
+    *,
+    strategy: str = "best_worst",
+    min_gap: float = 0.0,
+    max_pairs_per_prompt: int = 0,
+    completions: list[list[list[int]]] | None = None,
+) -> tuple[list[Pair], PairStats]:
+    """(pairs, stats) from `scores` (P, K): row p holds the scores of prompt p's K completions.
+
+    strategy: best_worst or all (see the module docstring); min_gap: a pair needs s_chosen − s_rejected
+    > min_gap; max_pairs_per_prompt (all only): keep at most this many pairs of a prompt, the largest gaps
+    (0 = no cap); completions: the (P, K) token ids, to drop pairs of identical completions.
+    Pairs come prompt by prompt; within a prompt in the order the strategy finds them.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown pair strategy '{strategy}' (expected one of {', '.join(STRATEGIES)})")
+    if scores.dim() != 2 or scores.shape[1] < 2:
+        raise ValueError(f"scores must be (prompts, K >= 2), got shape {tuple(scores.shape)}")
+    table = scores.double().tolist()
+    pairs: list[Pair] = []
+    stats = PairStats(prompts=len(table))
+    for p, row in enumerate(table):
+        if strategy == "best_worst":
+            best = max(range(len(row)), key=lambda i: (row[i], -i))  # ties: the lowest index
+            worst = min(range(len(row)), key=lambda i: (row[i], i))
+            candidates = [(best, worst)]
+        else:
+            candidates = [(i, j) for i in range(len(row)) for j in range(len(row)) if row[i] > row[j]]
+            candidates.sort(key=lambda c: -(row[c[0]] - row[c[1]]))  # stable: ties keep (i, j) order
+        kept = []
+        for i, j in candidates:
+            gap = row[i] - row[j]
+            if not gap > min_gap:
+                stats.below_gap += 1
+            elif completions is not None and completions[p][i] == completions[p][j]:
+                stats.duplicates += 1
+            elif strategy == "all" and 0 < max_pairs_per_prompt <= len(kept):
+                break
+            else:
+                kept.append(Pair(p, i, j, gap))
+        pairs.extend(kept)
+    stats.pairs = len(pairs)
+    return pairs, stats
+
+
+def pair_columns(gap: float, gap_as: str, temperature: float = 1.0) -> dict[str, float]:
+    """The per-row columns a pair with score gap `gap` carries into the loss: none (a hard label),
+    margin (the sigmoid loss's margin: −log σ(β·Δlogratio − gap)) or soft_label (the Bradley-Terry
+    probability σ(gap / temperature) that chosen is better, as the preference label)."""
+    if gap_as == "none":
+        return {}
+    if gap_as == "margin":
+        return {"margin": float(gap)}
+    if gap_as == "soft_label":
+        return {"preference": 1.0 / (1.0 + math.exp(-gap / temperature))}
+    raise ValueError(f"unknown gap_as '{gap_as}' (expected one of {', '.join(GAP_USES)})")
+
+
+def round_robin_scores(
+    compare: Callable[[list[str], list[str], list[str]], torch.Tensor],
+    prompts: list[str],
+    completions: list[list[str]],
+) -> torch.Tensor:
+    """(P, K) scores from a pairwise judge: each completion's mean probability of beating the other K−1
+    completions of its prompt (a Borda count over a round robin), so that `build_pairs` reads a pairwise
+    judge's verdicts the way it reads rewards.
+
+    compare(prompts, a, b) -> (n,) P(a better than b) (`JudgeReward.compare`, which asks both orders); it is
+    called once, with all K(K−1)/2 pairs of every prompt. P(b beats a) is taken as 1 − P(a beats b).
+    """
+    K = len(completions[0]) if completions else 0
+    if any(len(c) != K for c in completions) or K < 2:
+        raise ValueError("every prompt needs the same number (>= 2) of completions")
+    index = [(p, i, j) for p in range(len(prompts)) for i in range(K) for j in range(i + 1, K)]
+    wins = compare(
+        [prompts[p] for p, _, _ in index],
+        [completions[p][i] for p, i, _ in index],
+        [completions[p][j] for p, _, j in index],
+    ).double()
+    scores = torch.zeros(len(prompts), K, dtype=torch.float64)
+    for (p, i, j), w in zip(index, wins.tolist()):
+        scores[p, i] += w
+        scores[p, j] += 1.0 - w
+    return scores / (K - 1)
+
+
+class JudgeRanking:
+    """A pairwise judge where a reward set is expected by `rollout.collect`: the completions come prompt-major in
+    groups of `group_size`, and each one's score is its round-robin win rate within its group
+    (`round_robin_scores`). Per-row scores exist only relative to the group, so it cannot score lone
+    completions (evaluation needs a pointwise reward)."""
+
+    def __init__(self, judge, group_size: int):
+        self.judge, self.group_size = judge, group_size
+
+    def __call__(self, prompts: list[str], responses: list[str], update: bool = True):
+        from alignkit.rewards.compose import RewardOutput, _describe
+
+        K = self.group_size
+        if len(responses) % K:
+            raise ValueError(f"{len(responses)} completions do not split into groups of {K}")
+        groups = [responses[g : g + K] for g in range(0, len(responses), K)]
+        total = round_robin_scores(self.judge.compare, prompts[::K], groups).flatten().float()
+        stats = {
+            **_describe(total, "judge_win_rate"),
+            **{f"judge/{k}": v for k, v in self.judge.metrics().items()},
+        }
+        return RewardOutput(total, {"judge_win_rate": total}, stats=stats)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
