@@ -107,13 +107,19 @@ def frontier(
     joined by a line in x order, as a WIDTH x HEIGHT PNG."""
     fig, ax = _axes()
     x_err, y_err = errors or ([None] * len(xs), [None] * len(ys))
+    named = set()
     for x, y, xe, ye, label, front in zip(xs, ys, x_err, y_err, labels, on_front):
-        ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", color="C1" if front else "C0", capsize=2, markersize=5)
+        kind = "Pareto-optimal" if front else "dominated"
+        ax.errorbar(
+            x, y, xerr=xe, yerr=ye, fmt="o", color="C1" if front else "C0", capsize=2, markersize=5,
+            label=None if kind in named else kind,
+        )  # fmt: skip
+        named.add(kind)
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     front = sorted((x, y) for x, y, f in zip(xs, ys, on_front) if f)
     if len(front) > 1:
-        ax.plot(*zip(*front), color="C1", linewidth=1.2, label="Pareto front")
-        ax.legend(fontsize=7, frameon=False)
+        ax.plot(*zip(*front), color="C1", linewidth=1.2)
+    ax.legend(fontsize=7, frameon=False)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(axis_labels[0], fontsize=8)
     ax.set_ylabel(axis_labels[1], fontsize=8)

@@ -180,6 +180,10 @@ def write_frontier(cfg: SweepConfig, rows: list[dict], root: Path) -> None:
         table.append(
             f"| {r['label']} | `{settings}` | {num(r['x'], r['x_se'])} | {num(r['y'], r['y_se'])} | {mark} |"
         )
+    table.append(
+        "\nOn the front by the means; ± is the standard error over prompts (`alignkit eval`), and points whose "
+        "intervals overlap on both axes are not told apart by this evaluation."
+    )
     (root / "sweep.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
     if plots.available():
