@@ -103,6 +103,7 @@ def _report(cfg):
 
 
 def _commands() -> dict[str, Command]:
+    from alignkit.algorithms import diffusion_dpo
     from alignkit.demo import DemoConfig
     from alignkit.evaluate import EvalConfig
     from alignkit.report import ReportConfig
@@ -125,6 +126,11 @@ def _commands() -> dict[str, Command]:
         ),
         "ppo": Command(
             PPOConfig, "online RL with a critic and a KL-penalised reward (PPO), causal or T5 policies", _ppo
+        ),
+        "diffusion-dpo": Command(
+            diffusion_dpo.DiffusionDPOConfig,
+            "Diffusion-DPO: align a text-to-image model (Stable Diffusion 1.x/2.x) with image preference pairs",
+            diffusion_dpo.train,
         ),
         "reward": Command(
             RewardConfig, "a Bradley–Terry reward model (classifier) from preference pairs", _reward
