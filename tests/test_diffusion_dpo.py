@@ -88,7 +88,7 @@ def write_colour_pairs(folder: Path, n: int, seed: int = 0, size: int = 16) -> l
     for i in range(n):
         names = []
         for colour, channel in (("red", 0), ("blue", 2)):
-            pixels = torch.randint(0, 60, (size, size, 3), generator=g)
+            pixels = torch.randint(0, 20, (size, size, 3), generator=g)
             pixels[..., channel] += 180
             names.append(f"images/{i}-{colour}.png")
             Image.fromarray(pixels.to(torch.uint8).numpy()).save(folder / names[-1])
@@ -344,7 +344,7 @@ def test_lora_saved_for_diffusers_reproduces_the_unet(tmp_path, pipeline_dir):
 
 
 def test_learns_a_colour_preference(tmp_path, pipeline_dir, colour_data):
-    """Red squares preferred to blue ones: after training, the held-out pairs' implicit accuracy (fixed
+    """Red squares preferred to blue ones (the whole UNet trained, 20 steps of 8 pairs): after training, the held-out pairs' implicit accuracy (fixed
     t and ε per eval batch, so step 0 would be exactly 0.5) is well above chance and the eval loss below ln 2."""
     train, held_out = colour_data
     cfg = config(
@@ -354,8 +354,8 @@ def test_learns_a_colour_preference(tmp_path, pipeline_dir, colour_data):
         eval_data=held_out,
         max_steps=20,
         batch_size=8,
-        lr=1e-3,
-        beta=1000.0,
+        lr=2e-3,
+        beta=100.0,
         eval_steps=100,
         cache_latents=True,
         lora=LoraSettings(enabled=False),
@@ -363,9 +363,11 @@ def test_learns_a_colour_preference(tmp_path, pipeline_dir, colour_data):
     diffusion_dpo.train(cfg)
     lines = [json.loads(line) for line in open(f"{cfg.output_dir}/metrics.jsonl")]
     final = [m for m in lines if m["split"] == "eval"][-1]
-    print(final)
-    assert final["rewards/accuracies"] >= 0.65
-    assert final["loss"] < math.log(2) - 0.03
+    # Measured (this CPU, fp32): accuracy 29/32 = 0.906, loss 0.281. By chance (p = 0.5 per pair) 24 or more of
+    # 32 has probability 0.0035; the loss bound leaves 0.22 of room under the measured value.
+    assert final["rewards/accuracies"] >= 0.75
+    assert final["loss"] < 0.5
+    assert final["rewards/margins"] > 0
 
 
 def test_interrupted_run_resumes_with_identical_metrics(tmp_path, pipeline_dir, colour_data, monkeypatch):
@@ -403,8 +405,8 @@ def test_settings_that_would_be_ignored_are_errors(tmp_path, pipeline_dir, colou
         diffusion_dpo.train(
             config(tmp_path / "b", pipeline_dir, colour_data[0], lora=LoraSettings(enabled=True))
         )
-    with pytest.raises(ConfigError, match="resolution=20 must be a multiple of 4"):
-        diffusion_dpo.train(config(tmp_path / "c", pipeline_dir, colour_data[0], resolution=20))
+    with pytest.raises(ConfigError, match="resolution=18 must be a multiple of 4"):
+        diffusion_dpo.train(config(tmp_path / "c", pipeline_dir, colour_data[0], resolution=18))
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "unet").mkdir()
     with pytest.raises(ValueError, match="lacks vae/, text_encoder/, tokenizer/, scheduler/"):
