@@ -6,6 +6,7 @@ LoRA loaded back through diffusers."""
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from conftest import train_metrics  # noqa: E402
+from conftest import REPO, train_metrics  # noqa: E402
 
 from alignkit.algorithms import diffusion_dpo  # noqa: E402
 from alignkit.algorithms.diffusion_dpo import DenoisingPairs, DiffusionDPOConfig, NoiseDraws  # noqa: E402
@@ -24,76 +25,14 @@ from alignkit.data.images import load_image_pairs, pixel_values  # noqa: E402
 from alignkit.data.readers import DataError  # noqa: E402
 from alignkit.losses.diffusion import denoising_mse, diffusion_dpo_loss  # noqa: E402
 
-WORDS = ["a", "photo", "of", "red", "blue", "square"]
-
-
-def build_tiny_pipeline(path: Path, seed: int = 0) -> Path:
-    """A random tiny text-to-image pipeline saved in the SD 1.x folder layout. The VAE's scaling factor is 1
-    and the schedule 100 steps long, so that an image's latent is not drowned by the noise at most t (with
-    SD's 0.18215 and 1000 steps a random VAE's latents carry almost no colour into x_t)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<bos>", "<eos>", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
-    special = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>"}
-    PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=8, **special).save_pretrained(
-        path / "tokenizer"
-    )
-    torch.manual_seed(seed)
-    text = CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=8,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-    )
-    CLIPTextModel(text).save_pretrained(path / "text_encoder")
-    blocks = {"block_out_channels": (4, 8), "layers_per_block": 1, "norm_num_groups": 2}
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        sample_size=16,
-        scaling_factor=1.0,
-        **blocks,
-    )
-    vae.save_pretrained(path / "vae")
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8,
-        attention_head_dim=2,
-        **blocks,
-    )
-    unet.save_pretrained(path / "unet")
-    DDPMScheduler(num_train_timesteps=100).save_pretrained(path / "scheduler")
-    return path
-
-
-def write_colour_pairs(folder: Path, n: int, seed: int = 0, size: int = 16) -> list[dict]:
-    """n pairs of noisy 16-px squares, the red one preferred to the blue one (images/*.png)."""
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(seed)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n):
-        names = []
-        for colour, channel in (("red", 0), ("blue", 2)):
-            pixels = torch.randint(0, 20, (size, size, 3), generator=g)
-            pixels[..., channel] += 180
-            names.append(f"images/{i}-{colour}.png")
-            Image.fromarray(pixels.to(torch.uint8).numpy()).save(folder / names[-1])
-        rows.append({"prompt": "a photo of a square", "chosen_image": names[0], "rejected_image": names[1]})
-    return rows
+# The tiny pipeline and the colour pairs are the example's (examples/diffusion_dpo/synthetic.py), so that the
+# offline smoke run the docs show and these tests use one builder.
+_spec = importlib.util.spec_from_file_location(
+    "synthetic", REPO / "examples" / "diffusion_dpo" / "synthetic.py"
+)
+synthetic = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(synthetic)
+build_tiny_pipeline, write_colour_pairs = synthetic.build_tiny_pipeline, synthetic.write_colour_pairs
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:

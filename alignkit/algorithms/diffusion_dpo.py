@@ -76,7 +76,15 @@ RANGES[DiffusionDPOConfig] = {
     "vae_batch_size": at_least(1),
 }
 # TrainConfig settings with no meaning for a diffusion pipeline: set to anything but their default, an error.
-UNUSED = ("tokenizer", "max_length", "max_prompt_length", "attn_implementation", "logprob_chunk_size")
+UNUSED = (
+    "tokenizer",
+    "max_length",
+    "max_prompt_length",
+    "attn_implementation",
+    "logprob_chunk_size",
+    "trust_remote_code",
+    "cache_dir",
+)
 
 
 def check_settings(cfg: DiffusionDPOConfig) -> None:
@@ -195,7 +203,9 @@ def save_unet(unet, final: Path, lora: bool) -> Path:
         from peft.utils import get_peft_model_state_dict
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        StableDiffusionLoraLoaderMixin.save_lora_weights(final, unet_lora_layers=layers, safe_serialization=True)
+        StableDiffusionLoraLoaderMixin.save_lora_weights(
+            final, unet_lora_layers=layers, safe_serialization=True
+        )
     else:
         unet.save_pretrained(final / "unet", safe_serialization=True)
     follow_umask(final)
@@ -221,7 +231,9 @@ def tokenize_pairs(pairs: list[ImagePair], tokenizer, start: int = 0, log=print)
             }
         )
     if cut:
-        log(f"{cut} of {len(pairs)} prompts are longer than the text encoder's {length} tokens; their ends are cut")
+        log(
+            f"{cut} of {len(pairs)} prompts are longer than the text encoder's {length} tokens; their ends are cut"
+        )
     return examples
 
 
@@ -309,7 +321,9 @@ class DenoisingPairs:
         """{"noisy", "target": (2B, C, h, w), "timesteps": (2B,), "context": (2B, L, D)}, preferred first."""
         with torch.no_grad():
             latents = [
-                batch[f"{s}_latents"] if f"{s}_latents" in batch else encode_images(self.vae, batch[f"{s}_pixels"])
+                batch[f"{s}_latents"]
+                if f"{s}_latents" in batch
+                else encode_images(self.vae, batch[f"{s}_pixels"])
                 for s in ("chosen", "rejected")
             ]
             context = self.text_encoder(batch["input_ids"])[0]  # (B, L, D), no mask: as the SD pipeline
@@ -324,7 +338,12 @@ class DenoisingPairs:
         else:
             target = eps
         dtype = next(self.text_encoder.parameters()).dtype
-        return {"noisy": noisy.to(dtype), "timesteps": t, "context": context.repeat(2, 1, 1), "target": target}
+        return {
+            "noisy": noisy.to(dtype),
+            "timesteps": t,
+            "context": context.repeat(2, 1, 1),
+            "target": target,
+        }
 
     def __call__(self, model, batch: dict):
         if model.training:
@@ -335,7 +354,12 @@ class DenoisingPairs:
         policy = model(inputs)
         ref = self.reference(model, inputs)
         out = diffusion_dpo_loss(
-            policy["chosen"], policy["rejected"], ref["chosen"], ref["rejected"], beta=self.cfg.beta, loss=self.cfg.loss
+            policy["chosen"],
+            policy["rejected"],
+            ref["chosen"],
+            ref["rejected"],
+            beta=self.cfg.beta,
+            loss=self.cfg.loss,
         )
         margins = (out.chosen_rewards - out.rejected_rewards).detach()
         metrics = {
@@ -384,7 +408,9 @@ def train(cfg: DiffusionDPOConfig) -> Path:
     eval_examples = tokenize_pairs(eval_pairs, tokenizer, len(train_pairs), log)
     if cfg.cache_latents:
         with torch.no_grad():
-            cache_latents(train_examples + eval_examples, vae, cfg.resolution, cfg.vae_batch_size, accelerator.autocast)
+            cache_latents(
+                train_examples + eval_examples, vae, cfg.resolution, cfg.vae_batch_size, accelerator.autocast
+            )
         log(f"latents of {2 * (len(train_examples) + len(eval_examples))} images cached")
 
     # The reference: the UNet with its adapter switched off, or (full fine-tuning) a frozen copy.
@@ -393,13 +419,17 @@ def train(cfg: DiffusionDPOConfig) -> Path:
         unet = add_unet_lora(unet, cfg.lora)
     unet.train()
     mode = "adapter" if cfg.lora.enabled else "copy"
-    reference = Reference(mode, ("chosen", "rejected"), frozen, accelerator.unwrap_model, accelerator.autocast)
+    reference = Reference(
+        mode, ("chosen", "rejected"), frozen, accelerator.unwrap_model, accelerator.autocast
+    )
     noise = NoiseDraws(cfg.seed, accelerator.process_index)
     objective = DenoisingPairs(cfg, vae, parts["text_encoder"], parts["scheduler"], reference, noise)
     collate = make_collate(cfg.resolution)
 
     def evaluate(prepared) -> dict:
-        return evaluate_in_batches(prepared, eval_examples, cfg.batch_size, collate, objective, accelerator.device)
+        return evaluate_in_batches(
+            prepared, eval_examples, cfg.batch_size, collate, objective, accelerator.device
+        )
 
     prepared, _ = fit(
         cfg,
@@ -420,4 +450,3 @@ def train(cfg: DiffusionDPOConfig) -> Path:
     accelerator.wait_for_everyone()
     finish_run(accelerator, output_dir, log)
     return final
-

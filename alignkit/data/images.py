@@ -128,7 +128,9 @@ def parse_pair(record: dict, base: Path | None) -> tuple[ImagePair | None, list[
         prompt = _text(record, "caption", problems)
         label = record.get("label_0")
         if isinstance(label, bool) or not isinstance(label, int | float) or label not in (0, 1, TIE):
-            problems.append(("label_0", f"expected 1 (jpg_0 preferred), 0 (jpg_1) or 0.5 (tie), got {label!r}"))
+            problems.append(
+                ("label_0", f"expected 1 (jpg_0 preferred), 0 (jpg_1) or 0.5 (tie), got {label!r}")
+            )
         keys = ("jpg_0", "jpg_1") if label != 0 else ("jpg_1", "jpg_0")
     else:
         prompt = _text(record, "prompt", problems)
@@ -170,7 +172,11 @@ def load_image_pairs(
     if skipped is not None:
         skipped.extend(problems.dropped())
     if not rows:
-        why = f"{len(problems.lines)} bad rows, {ties} ties" if problems.count or ties else "the source is empty"
+        why = (
+            f"{len(problems.lines)} bad rows, {ties} ties"
+            if problems.count or ties
+            else "the source is empty"
+        )
         raise DataError(f"no usable image pairs ({why})", source)
     return ImagePairs(rows, problems.dropped() if skipped is not None else [], ties)
 
