@@ -21,8 +21,9 @@ from conftest import REPO, train_metrics  # noqa: E402
 from alignkit.algorithms import diffusion_dpo  # noqa: E402
 from alignkit.algorithms.diffusion_dpo import DenoisingPairs, DiffusionDPOConfig, NoiseDraws  # noqa: E402
 from alignkit.config import ConfigError, LoraSettings  # noqa: E402
-from alignkit.data.images import load_image_pairs, pixel_values  # noqa: E402
+from alignkit.data.images import load_image_pairs, pixel_values, size_time_ids  # noqa: E402
 from alignkit.data.readers import DataError  # noqa: E402
+from alignkit.diffusion_models import Pipeline, add_unet_lora, save_unet  # noqa: E402
 from alignkit.losses.diffusion import denoising_mse, diffusion_dpo_loss  # noqa: E402
 
 # The tiny pipeline and the colour pairs are the example's (examples/diffusion_dpo/synthetic.py), so that the
@@ -121,7 +122,8 @@ def test_pairs_share_one_t_and_noise_and_v_targets_follow_the_scheduler():
     }
     for prediction in ("epsilon", "v_prediction"):
         scheduler = DDPMScheduler(num_train_timesteps=50, prediction_type=prediction)
-        objective = DenoisingPairs(DiffusionDPOConfig(), None, Text(), scheduler, None, NoiseDraws(0))
+        pipeline = Pipeline(None, None, [Text()], [], scheduler)
+        objective = DenoisingPairs(DiffusionDPOConfig(), pipeline, None, NoiseDraws(0))
         inputs = objective.inputs(batch, torch.Generator().manual_seed(0))
         t = inputs["timesteps"]
         assert torch.equal(t[:B], t[B:]) and inputs["noisy"].shape == (2 * B, 4, 2, 2)
@@ -212,6 +214,8 @@ def test_image_pixels_resize_crop_and_scale(tmp_path):
     assert pixels.shape == (3, 8, 8)
     assert pixels.min() >= -1.0 and pixels.max() <= 1.0
     assert pixels[:, :, 0].mean() > 0.9 and pixels[:, :, -1].mean() < -0.9  # white left, black right
+    # SDXL's time ids: original (h, w) = (2, 4); resized to 16x8, the 8x8 centre starts at top 0, left 4.
+    assert size_time_ids(tmp_path / "half.png", 8) == [2, 4, 0, 4, 8, 8]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,13 +272,13 @@ def test_lora_saved_for_diffusers_reproduces_the_unet(tmp_path, pipeline_dir):
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
-    unet = diffusion_dpo.add_unet_lora(unet, DiffusionDPOConfig().lora)
+    unet = add_unet_lora(unet, DiffusionDPOConfig().lora)
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in unet.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)  # a non-trivial adapter (it starts at B = 0)
-    final = diffusion_dpo.save_unet(unet, tmp_path / "final", lora=True)
+    final = save_unet(unet, tmp_path / "final", lora=True)
     pipe = load_pipeline_with_lora(pipeline_dir, final)
     expected = unet_outputs(unet)
     base = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")

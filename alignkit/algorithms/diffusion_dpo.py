@@ -7,10 +7,11 @@ reference (the UNet with its adapter off, or a frozen copy) -> optional latent c
 where diffusers loads it (`pipe.load_lora_weights(output_dir/final)`). The maths is
 alignkit.losses.diffusion; `denoising_errors` is the batch function the prepared UNet runs;
 `DenoisingPairs` turns a batch into the noised inputs (one t and one ε per pair, shared by both images) and
-the loss. diffusers is an optional extra (`pip install alignkit[diffusion]`), imported only here.
+the loss. diffusers is an optional extra (`pip install alignkit[diffusion]`), imported only when a run
+loads a pipeline (alignkit.diffusion_models).
 
-The model is a folder in the Stable Diffusion 1.x / 2.x layout (unet/, vae/, text_encoder/, tokenizer/,
-scheduler/), local or a hub name. The VAE and the text encoder are frozen; latents are the VAE posterior's
+The model is a folder in the Stable Diffusion 1.x / 2.x or the SDXL layout (see alignkit.diffusion_models),
+local or a hub name. The VAE and the text encoder(s) are frozen; latents are the VAE posterior's
 mean times its scaling factor (deterministic, so cached and on-the-fly latents are the same numbers).
 Training noise comes from a generator seeded by (seed, process, draw count), the count saved in every
 checkpoint, so a resumed run draws exactly the noise of the uninterrupted one; evaluation noise is fixed per
@@ -26,15 +27,23 @@ from pathlib import Path
 import torch
 
 from alignkit.config import RANGES, ConfigError, LoraSettings, TrainConfig, above, at_least
-from alignkit.data.images import ImagePair, load_image_pairs, pixel_values
+from alignkit.data.images import ImagePair, load_image_pairs, pixel_values, size_time_ids
 from alignkit.data.prepare import _split_eval, bad_rows_list, report_dropped
+from alignkit.diffusion_models import (
+    UNET_ATTENTION,
+    Pipeline,
+    add_unet_lora,
+    check_pipeline_source,
+    check_resolution,
+    encode_images,
+    encode_prompts,
+    load_pipeline,
+    save_unet,
+)
 from alignkit.losses.diffusion import DIFFUSION_LOSSES, denoising_mse, diffusion_dpo_loss
-from alignkit.models import DTYPES, BatchForward, check_model_source, check_tokenizer_source, freeze
+from alignkit.models import BatchForward, freeze
 from alignkit.reference import Reference
 from alignkit.runtime import evaluate_in_batches, finish_run, fit, start_run
-
-PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-UNET_ATTENTION = "to_k,to_q,to_v,to_out.0"
 
 
 @dataclass
@@ -105,132 +114,28 @@ def check_settings(cfg: DiffusionDPOConfig) -> None:
         )
 
 
-def check_pipeline_source(cfg) -> None:
-    """A local pipeline folder has every part, each loadable (configs, safetensors weights, tokenizer files);
-    checked before anything is read. Hub names pass (diffusers reports those)."""
-    if not cfg.model:
-        raise ValueError("model is not set: give model=<hub name or local pipeline folder>")
-    path = Path(cfg.model).expanduser()
-    if not path.is_dir():
-        check_model_source(cfg.model, "model")  # a local path that is missing or a file: says which
-        return
-    missing = [p for p in PIPELINE_PARTS if not (path / p).is_dir()]
-    if missing:
-        raise ValueError(
-            f"model: {cfg.model} lacks {', '.join(f'{p}/' for p in missing)} (expected a Stable Diffusion "
-            "1.x/2.x pipeline folder: unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
-        )
-    for part in ("unet", "vae", "text_encoder"):
-        check_model_source(str(path / part), f"model ({part}/)")
-    check_tokenizer_source(str(path / "tokenizer"), "model (tokenizer/)")
-    if not (path / "scheduler" / "scheduler_config.json").is_file():
-        raise ValueError(f"model: {cfg.model}/scheduler has no scheduler_config.json")
-
-
-def load_pipeline_parts(cfg: DiffusionDPOConfig, device) -> dict:
-    """{"unet", "vae", "text_encoder", "tokenizer", "scheduler"} from `cfg.model` (safetensors only); the VAE
-    and the text encoder frozen; the scheduler a DDPMScheduler with the pipeline's noise schedule and
-    prediction type (the training-time forward process, whatever sampler the pipeline ships)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
-
-    dtype = None if cfg.dtype == "auto" else DTYPES[cfg.dtype]
-    kwargs = {"use_safetensors": True, "torch_dtype": dtype}
-    unet = UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", **kwargs).to(device)
-    vae = AutoencoderKL.from_pretrained(cfg.model, subfolder="vae", **kwargs).to(device)
-    text_encoder = CLIPTextModel.from_pretrained(cfg.model, subfolder="text_encoder", **kwargs).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model, subfolder="tokenizer")
-    scheduler = DDPMScheduler.from_pretrained(cfg.model, subfolder="scheduler")
-    if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(
-            f"model: the scheduler predicts '{scheduler.config.prediction_type}'; diffusion-dpo trains "
-            "epsilon or v_prediction models"
-        )
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    return {
-        "unet": unet,
-        "vae": freeze(vae),
-        "text_encoder": freeze(text_encoder),
-        "tokenizer": tokenizer,
-        "scheduler": scheduler,
-    }
-
-
-def check_resolution(cfg: DiffusionDPOConfig, vae, unet) -> None:
-    """The latents of a resolution x resolution image must halve cleanly through every UNet down block."""
-    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    unet_factor = 2 ** (len(unet.config.block_out_channels) - 1)
-    if cfg.resolution % (vae_factor * unet_factor):
-        raise ConfigError(
-            f"resolution={cfg.resolution} must be a multiple of {vae_factor * unet_factor} for this pipeline "
-            f"(VAE downsamples by {vae_factor}, the UNet by {unet_factor}); e.g. 512 for SD 1.5"
-        )
-
-
-def add_unet_lora(unet, lora: LoraSettings):
-    """Freeze the UNet and add a trainable LoRA adapter through peft (diffusers' `add_adapter`); the adapter
-    starts as a no-op (B = 0), so at step 0 the policy is the reference. Trainable weights in float32."""
-    from peft import LoraConfig
-
-    unet.requires_grad_(False)
-    targets = [t.strip() for t in lora.target_modules.split(",") if t.strip()]
-    unet.add_adapter(
-        LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            init_lora_weights="gaussian",
-            target_modules=targets,
-        )
-    )
-    for p in unet.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    return unet
-
-
-def save_unet(unet, final: Path, lora: bool) -> Path:
-    """The trained UNet where diffusers loads it: the LoRA as final/pytorch_lora_weights.safetensors
-    (`pipe.load_lora_weights(final)`), or the whole UNet as final/unet (`UNet2DConditionModel.from_pretrained
-    (final, subfolder="unet")`)."""
-    from alignkit.checkpoint import follow_umask
-
-    final.mkdir(parents=True, exist_ok=True)
-    if lora:
-        from diffusers.loaders import StableDiffusionLoraLoaderMixin
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        StableDiffusionLoraLoaderMixin.save_lora_weights(
-            final, unet_lora_layers=layers, safe_serialization=True
-        )
-    else:
-        unet.save_pretrained(final / "unet", safe_serialization=True)
-    follow_umask(final)
-    return final
-
-
-def tokenize_pairs(pairs: list[ImagePair], tokenizer, start: int = 0, log=print) -> list[dict]:
-    """Examples {"input_ids", "attention_mask", "chosen", "rejected", "index"}: each prompt padded to the text encoder's length
-    (tokenizer.model_max_length, 77 for CLIP) as the pipeline does; prompts cut there are counted."""
-    length = tokenizer.model_max_length
+def tokenize_pairs(
+    pairs: list[ImagePair], pipeline: Pipeline, resolution: int, start: int = 0, log=print
+) -> list[dict]:
+    """Examples {"input_ids" (and "input_ids_2" for SDXL), "attention_mask", "chosen", "rejected", "index"},
+    plus SDXL's "chosen_time_ids" / "rejected_time_ids": each prompt padded to its text encoder's length
+    (tokenizer.model_max_length, 77 for CLIP) as the pipelines do; prompts cut there are counted."""
     examples, cut = [], 0
     for i, pair in enumerate(pairs):
-        ids = tokenizer(pair.prompt, truncation=False)["input_ids"]
-        cut += len(ids) > length
-        encoded = tokenizer(pair.prompt, padding="max_length", max_length=length, truncation=True)
-        examples.append(
-            {
-                "input_ids": encoded["input_ids"],
-                "attention_mask": encoded["attention_mask"],
-                "chosen": pair.chosen,
-                "rejected": pair.rejected,
-                "index": start + i,
-            }
-        )
+        example = {"chosen": pair.chosen, "rejected": pair.rejected, "index": start + i}
+        for k, tokenizer in enumerate(pipeline.tokenizers):
+            length = tokenizer.model_max_length
+            encoded = tokenizer(pair.prompt, padding="max_length", max_length=length, truncation=True)
+            example["input_ids" if k == 0 else f"input_ids_{k + 1}"] = encoded["input_ids"]
+            if k == 0:
+                example["attention_mask"] = encoded["attention_mask"]
+                cut += len(tokenizer(pair.prompt)["input_ids"]) > length
+        if pipeline.sdxl:
+            for side in ("chosen", "rejected"):
+                example[f"{side}_time_ids"] = size_time_ids(example[side], resolution)
+        examples.append(example)
     if cut:
+        length = pipeline.tokenizers[0].model_max_length
         log(
             f"{cut} of {len(pairs)} prompts are longer than the text encoder's {length} tokens; their ends are cut"
         )
@@ -238,11 +143,12 @@ def tokenize_pairs(pairs: list[ImagePair], tokenizer, start: int = 0, log=print)
 
 
 def make_collate(resolution: int):
-    """Batch: input_ids and attention_mask (B, L) of the prompts, index (B,), and per image either cached
-    latents (B, 4, h, w) or pixels (B, 3, R, R) in [-1, 1]."""
+    """Batch: the examples' token ids, attention_mask (B, L), index (B,) and SDXL time ids (B, 6) as tensors,
+    and per image either its cached latents (B, 4, h, w) or its pixels (B, 3, R, R) in [-1, 1]."""
 
     def collate(examples: list[dict]) -> dict:
-        batch = {k: torch.tensor([e[k] for e in examples]) for k in ("input_ids", "attention_mask", "index")}
+        columns = [k for k in examples[0] if k not in ("chosen", "rejected") and not k.endswith("_latents")]
+        batch = {k: torch.tensor([e[k] for e in examples]) for k in columns}
         for side in ("chosen", "rejected"):
             if f"{side}_latents" in examples[0]:
                 batch[f"{side}_latents"] = torch.stack([e[f"{side}_latents"] for e in examples])
@@ -251,13 +157,6 @@ def make_collate(resolution: int):
         return batch
 
     return collate
-
-
-@torch.no_grad()
-def encode_images(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """(N, 3, R, R) pixels in [-1, 1] -> (N, 4, R/f, R/f) latents: the VAE posterior's mean, scaled."""
-    pixels = pixels.to(vae.device, vae.dtype)
-    return vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
 
 
 def cache_latents(examples: list[dict], vae, resolution: int, batch_size: int, autocast) -> None:
@@ -274,7 +173,10 @@ def cache_latents(examples: list[dict], vae, resolution: int, batch_size: int, a
 def denoising_errors(unet, inputs: dict) -> dict[str, torch.Tensor]:
     """The batch function the prepared UNet runs: one forward over the 2B noised latents (preferred images
     first) -> {"chosen", "rejected": (B,) per-sample denoising MSE against the target}."""
-    prediction = unet(inputs["noisy"], inputs["timesteps"], encoder_hidden_states=inputs["context"]).sample
+    added = inputs.get("added")  # SDXL: {"text_embeds": (2B, P), "time_ids": (2B, 6)}
+    prediction = unet(
+        inputs["noisy"], inputs["timesteps"], encoder_hidden_states=inputs["context"], added_cond_kwargs=added
+    ).sample
     chosen, rejected = denoising_mse(prediction, inputs["target"]).chunk(2)
     return {"chosen": chosen, "rejected": rejected}
 
@@ -311,39 +213,43 @@ class DenoisingPairs:
     prepared UNet (policy) and the reference on them, and return the Diffusion-DPO loss and its metrics."""
 
     cfg: DiffusionDPOConfig
-    vae: torch.nn.Module
-    text_encoder: torch.nn.Module
-    scheduler: object
+    pipeline: Pipeline
     reference: Reference
     noise: NoiseDraws
 
     def inputs(self, batch: dict, generator: torch.Generator) -> dict:
-        """{"noisy", "target": (2B, C, h, w), "timesteps": (2B,), "context": (2B, L, D)}, preferred first."""
+        """{"noisy", "target": (2B, C, h, w), "timesteps": (2B,), "context": (2B, L, D)}, preferred images
+        first; for SDXL also "added": {"text_embeds": (2B, P), "time_ids": (2B, 6)}."""
+        pipe = self.pipeline
         with torch.no_grad():
             latents = [
                 batch[f"{s}_latents"]
                 if f"{s}_latents" in batch
-                else encode_images(self.vae, batch[f"{s}_pixels"])
+                else encode_images(pipe.vae, batch[f"{s}_pixels"])
                 for s in ("chosen", "rejected")
             ]
-            context = self.text_encoder(batch["input_ids"])[0]  # (B, L, D), no mask: as the SD pipeline
+            ids = [batch["input_ids"]] + ([batch["input_ids_2"]] if pipe.sdxl else [])
+            context, pooled = encode_prompts(pipe, ids)  # (B, L, D), (B, P) or None
         x0 = torch.cat(latents).float()  # (2B, C, h, w)
         B = x0.shape[0] // 2
         eps = torch.randn(x0[:B].shape, generator=generator).to(x0.device)  # one ε per pair ...
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (B,), generator=generator)
+        t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (B,), generator=generator)
         eps, t = eps.repeat(2, 1, 1, 1), t.to(x0.device).repeat(2)  # ... shared by both of its images
-        noisy = self.scheduler.add_noise(x0, eps, t)
-        if self.scheduler.config.prediction_type == "v_prediction":
-            target = self.scheduler.get_velocity(x0, eps, t)
+        noisy = pipe.scheduler.add_noise(x0, eps, t)
+        if pipe.scheduler.config.prediction_type == "v_prediction":
+            target = pipe.scheduler.get_velocity(x0, eps, t)
         else:
             target = eps
-        dtype = next(self.text_encoder.parameters()).dtype
-        return {
-            "noisy": noisy.to(dtype),
+        inputs = {
+            "noisy": noisy.to(context.dtype),
             "timesteps": t,
             "context": context.repeat(2, 1, 1),
             "target": target,
         }
+        if pooled is not None:
+            time_ids = torch.cat([batch["chosen_time_ids"], batch["rejected_time_ids"]])
+            inputs["added"] = {"text_embeds": pooled.repeat(2, 1), "time_ids": time_ids.to(context.dtype)}
+        return inputs
 
     def __call__(self, model, batch: dict):
         if model.training:
@@ -401,19 +307,18 @@ def train(cfg: DiffusionDPOConfig) -> Path:
 
     # Data: every image opened before any weights load, so bad rows fail fast.
     train_pairs, eval_pairs = read_pairs(cfg, log)
-    parts = load_pipeline_parts(cfg, accelerator.device)
-    unet, vae, tokenizer = parts["unet"], parts["vae"], parts["tokenizer"]
-    check_resolution(cfg, vae, unet)
-    train_examples = tokenize_pairs(train_pairs, tokenizer, 0, log)
-    eval_examples = tokenize_pairs(eval_pairs, tokenizer, len(train_pairs), log)
+    pipe = load_pipeline(cfg.model, cfg.dtype, accelerator.device, cfg.gradient_checkpointing)
+    check_resolution(cfg.resolution, pipe.vae, pipe.unet)
+    train_examples = tokenize_pairs(train_pairs, pipe, cfg.resolution, 0, log)
+    eval_examples = tokenize_pairs(eval_pairs, pipe, cfg.resolution, len(train_pairs), log)
     if cfg.cache_latents:
         with torch.no_grad():
-            cache_latents(
-                train_examples + eval_examples, vae, cfg.resolution, cfg.vae_batch_size, accelerator.autocast
-            )
+            examples = train_examples + eval_examples
+            cache_latents(examples, pipe.vae, cfg.resolution, cfg.vae_batch_size, accelerator.autocast)
         log(f"latents of {2 * (len(train_examples) + len(eval_examples))} images cached")
 
     # The reference: the UNet with its adapter switched off, or (full fine-tuning) a frozen copy.
+    unet = pipe.unet
     frozen = None if cfg.lora.enabled else BatchForward(freeze(copy.deepcopy(unet)), denoising_errors)
     if cfg.lora.enabled:
         unet = add_unet_lora(unet, cfg.lora)
@@ -423,7 +328,7 @@ def train(cfg: DiffusionDPOConfig) -> Path:
         mode, ("chosen", "rejected"), frozen, accelerator.unwrap_model, accelerator.autocast
     )
     noise = NoiseDraws(cfg.seed, accelerator.process_index)
-    objective = DenoisingPairs(cfg, vae, parts["text_encoder"], parts["scheduler"], reference, noise)
+    objective = DenoisingPairs(cfg, pipe, reference, noise)
     collate = make_collate(cfg.resolution)
 
     def evaluate(prepared) -> dict:
@@ -445,7 +350,7 @@ def train(cfg: DiffusionDPOConfig) -> Path:
     final = output_dir / "final"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_unet(accelerator.unwrap_model(prepared).model, final, cfg.lora.enabled)
+        save_unet(accelerator.unwrap_model(prepared).model, final, lora=cfg.lora.enabled, sdxl=pipe.sdxl)
         log(f"final {'LoRA' if cfg.lora.enabled else 'UNet'} saved to {final}")
     accelerator.wait_for_everyone()
     finish_run(accelerator, output_dir, log)

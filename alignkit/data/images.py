@@ -181,17 +181,35 @@ def load_image_pairs(
     return ImagePairs(rows, problems.dropped() if skipped is not None else [], ties)
 
 
+def crop_box(width: int, height: int, resolution: int) -> tuple[int, int, int, int]:
+    """How `pixel_values` fits an image: (resized width, resized height, crop top, crop left), the shorter
+    side resized to `resolution` and the centre `resolution` square cut out."""
+    scale = resolution / min(width, height)
+    resized_w = max(resolution, math.ceil(width * scale))
+    resized_h = max(resolution, math.ceil(height * scale))
+    return resized_w, resized_h, (resized_h - resolution) // 2, (resized_w - resolution) // 2
+
+
 def pixel_values(data: Path | bytes, resolution: int) -> torch.Tensor:
     """The image as the VAE takes it: RGB, the shorter side resized to `resolution` (bicubic), the centre
-    `resolution` x `resolution` crop, scaled to [-1, 1]. -> (3, resolution, resolution) float32."""
+    `resolution` x `resolution` crop (`crop_box`), scaled to [-1, 1]. -> (3, resolution, resolution) float32."""
     from PIL import Image
 
     image = open_image(data).convert("RGB")
-    scale = resolution / min(image.size)
-    size = (max(resolution, math.ceil(image.width * scale)), max(resolution, math.ceil(image.height * scale)))
-    image = image.resize(size, Image.Resampling.BICUBIC)
-    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    resized_w, resized_h, top, left = crop_box(image.width, image.height, resolution)
+    image = image.resize((resized_w, resized_h), Image.Resampling.BICUBIC)
     image = image.crop((left, top, left + resolution, top + resolution))
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     pixels = pixels.view(resolution, resolution, 3).permute(2, 0, 1).float()  # (3, R, R) in [0, 255]
     return pixels / 127.5 - 1.0
+
+
+def size_time_ids(data: Path | bytes, resolution: int) -> list[int]:
+    """SDXL's micro-conditioning for the image as `pixel_values` crops it: [original height, width, crop top,
+    crop left, target height, width] (only the image's header is read)."""
+    from PIL import Image
+
+    with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as image:
+        width, height = image.size
+    _, _, top, left = crop_box(width, height, resolution)
+    return [height, width, top, left, resolution, resolution]

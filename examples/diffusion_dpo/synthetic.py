@@ -22,21 +22,28 @@ import torch
 WORDS = ["a", "photo", "of", "red", "blue", "square"]
 
 
-def build_tiny_pipeline(path: Path, seed: int = 0) -> Path:
-    """A random tiny text-to-image pipeline saved in the SD 1.x folder layout. The VAE's scaling factor is 1
-    and the schedule 100 steps long, so that an image's latent is not drowned by the noise at most t (with
-    SD's 0.18215 and 1000 steps a random VAE's latents carry almost no colour into x_t)."""
+def build_tiny_pipeline(path: Path, seed: int = 0, sdxl: bool = False) -> Path:
+    """A random tiny text-to-image pipeline saved in the SD 1.x folder layout, or with `sdxl` in SDXL's (a
+    second, projecting text encoder and tokenizer; a UNet conditioned on both encoders, the pooled text
+    embedding and the size/crop time ids). The VAE's scaling factor is 1 and the schedule 100 steps long, so
+    that an image's latent is not drowned by the noise at most t (with SD's 0.18215 and 1000 steps a random
+    VAE's latents carry almost no colour into x_t)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        PreTrainedTokenizerFast,
+    )
 
     vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<bos>", "<eos>", *WORDS])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
     special = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>"}
-    PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=8, **special).save_pretrained(
-        path / "tokenizer"
-    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=8, **special)
+    for name in ("tokenizer", "tokenizer_2") if sdxl else ("tokenizer",):
+        tokenizer.save_pretrained(path / name)
     torch.manual_seed(seed)
     text = CLIPTextConfig(
         vocab_size=len(vocab),
@@ -48,6 +55,7 @@ def build_tiny_pipeline(path: Path, seed: int = 0) -> Path:
         pad_token_id=0,
         bos_token_id=2,
         eos_token_id=3,
+        projection_dim=8,
     )
     CLIPTextModel(text).save_pretrained(path / "text_encoder")
     blocks = {"block_out_channels": (4, 8), "layers_per_block": 1, "norm_num_groups": 2}
@@ -60,15 +68,21 @@ def build_tiny_pipeline(path: Path, seed: int = 0) -> Path:
         **blocks,
     )
     vae.save_pretrained(path / "vae")
+    # SDXL: cross-attention over both encoders' states (8 + 8); the added embedding takes the pooled text
+    # embedding (8) and the 6 time ids, each embedded in 4 dimensions.
+    xl = {"addition_embed_type": "text_time", "addition_time_embed_dim": 4}
     unet = UNet2DConditionModel(
         sample_size=8,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8,
+        cross_attention_dim=16 if sdxl else 8,
         attention_head_dim=2,
+        **(dict(xl, projection_class_embeddings_input_dim=8 + 6 * 4) if sdxl else {}),
         **blocks,
     )
     unet.save_pretrained(path / "unet")
+    if sdxl:
+        CLIPTextModelWithProjection(text).save_pretrained(path / "text_encoder_2")
     DDPMScheduler(num_train_timesteps=100).save_pretrained(path / "scheduler")
     return path
 
