@@ -129,7 +129,7 @@ def _commands() -> dict[str, Command]:
         ),
         "diffusion-dpo": Command(
             diffusion_dpo.DiffusionDPOConfig,
-            "Diffusion-DPO: align a text-to-image model (Stable Diffusion 1.x/2.x) with image preference pairs",
+            "Diffusion-DPO: align a text-to-image model (Stable Diffusion 1.x/2.x, SDXL) with image preference pairs",
             diffusion_dpo.train,
         ),
         "reward": Command(

@@ -47,6 +47,11 @@ def pipeline_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory) -> Path:
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sdxl"), sdxl=True)
+
+
+@pytest.fixture(scope="module")
 def colour_data(tmp_path_factory) -> tuple[str, str]:
     folder = tmp_path_factory.mktemp("colours")
     rows = write_colour_pairs(folder, 64)
@@ -222,31 +227,47 @@ def test_image_pixels_resize_crop_and_scale(tmp_path):
 # training runs on the tiny pipeline
 
 
-def load_pipeline_with_lora(pipeline_dir: Path, lora_dir: Path):
-    """A diffusers StableDiffusionPipeline of the tiny parts (no VAE or scheduler needed here) with the LoRA
-    loaded as users load one: `pipe.load_lora_weights(folder)`."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
+def load_pipeline_with_lora(pipeline_dir: Path, lora_dir: Path, sdxl: bool = False):
+    """A diffusers StableDiffusion(XL)Pipeline of the tiny parts (no VAE or scheduler needed here) with the
+    LoRA loaded as users load one: `pipe.load_lora_weights(folder)`."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-    pipe = StableDiffusionPipeline(
-        vae=None,
-        text_encoder=CLIPTextModel.from_pretrained(pipeline_dir, subfolder="text_encoder"),
-        tokenizer=AutoTokenizer.from_pretrained(pipeline_dir, subfolder="tokenizer"),
-        unet=UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet"),
-        scheduler=None,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    parts = {
+        "text_encoder": CLIPTextModel.from_pretrained(pipeline_dir, subfolder="text_encoder"),
+        "tokenizer": AutoTokenizer.from_pretrained(pipeline_dir, subfolder="tokenizer"),
+        "unet": UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet"),
+        "vae": None,
+        "scheduler": None,
+    }
+    if sdxl:
+        parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+            pipeline_dir, subfolder="text_encoder_2"
+        )
+        parts["tokenizer_2"] = AutoTokenizer.from_pretrained(pipeline_dir, subfolder="tokenizer_2")
+        pipe = StableDiffusionXLPipeline(**parts)
+    else:
+        pipe = StableDiffusionPipeline(
+            **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
     pipe.load_lora_weights(lora_dir)
     return pipe
 
 
 def unet_outputs(unet) -> torch.Tensor:
     g = torch.Generator().manual_seed(3)
-    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    x, context = (
+        torch.randn(2, 4, 8, 8, generator=g),
+        torch.randn(2, 3, unet.config.cross_attention_dim, generator=g),
+    )
+    added = None
+    if unet.config.addition_embed_type == "text_time":
+        added = {
+            "text_embeds": torch.randn(2, 8, generator=g),
+            "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2),
+        }
     with torch.no_grad():
-        return unet(x, torch.tensor([10, 60]), encoder_hidden_states=context).sample
+        return unet(x, torch.tensor([10, 60]), encoder_hidden_states=context, added_cond_kwargs=added).sample
 
 
 def test_step_zero_is_ln2_and_the_trained_lora_loads_in_diffusers(tmp_path, pipeline_dir, colour_data):
@@ -267,23 +288,46 @@ def test_step_zero_is_ln2_and_the_trained_lora_loads_in_diffusers(tmp_path, pipe
     assert (unet_outputs(pipe.unet) - unet_outputs(base)).abs().max() > 1e-5
 
 
-def test_lora_saved_for_diffusers_reproduces_the_unet(tmp_path, pipeline_dir):
-    """save_unet's file, loaded with pipe.load_lora_weights, gives the UNet that was saved, output for output."""
+@pytest.mark.parametrize("sdxl", [False, True])
+def test_lora_saved_for_diffusers_reproduces_the_unet(tmp_path, pipeline_dir, sdxl_dir, sdxl):
+    """save_unet's file, loaded with pipe.load_lora_weights (SD and SDXL pipelines), gives the UNet that was
+    saved, output for output."""
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
+    folder = sdxl_dir if sdxl else pipeline_dir
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
     unet = add_unet_lora(unet, DiffusionDPOConfig().lora)
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in unet.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)  # a non-trivial adapter (it starts at B = 0)
-    final = save_unet(unet, tmp_path / "final", lora=True)
-    pipe = load_pipeline_with_lora(pipeline_dir, final)
+    final = save_unet(unet, tmp_path / "final", lora=True, sdxl=sdxl)
+    pipe = load_pipeline_with_lora(folder, final, sdxl)
     expected = unet_outputs(unet)
-    base = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
+    base = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
     assert (expected - unet_outputs(base)).abs().max() > 1e-3
     torch.testing.assert_close(unet_outputs(pipe.unet), expected, atol=1e-6, rtol=0)
+
+
+def test_sdxl_step_zero_is_ln2_and_its_lora_loads_in_diffusers(tmp_path, sdxl_dir):
+    """The SDXL layout trains end to end (Pick-a-Pic rows, time ids from each image's size and crop): step 0
+    is ln 2 with accuracy 0.5, and the saved LoRA loads into a StableDiffusionXLPipeline and changes its UNet."""
+    from diffusers import UNet2DConditionModel
+
+    rows = write_colour_pairs(tmp_path, 8)
+    pick = [
+        {"caption": r["prompt"], "jpg_0": r["rejected_image"], "jpg_1": r["chosen_image"], "label_0": 0}
+        for r in rows
+    ]
+    cfg = config(tmp_path / "out", sdxl_dir, write_jsonl(tmp_path / "pick.jsonl", pick), max_steps=2)
+    final = diffusion_dpo.train(cfg)
+    first, second = train_metrics(cfg)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["rewards/accuracies"] == 0.5
+    assert second["loss"] != pytest.approx(math.log(2), abs=1e-4)
+    pipe = load_pipeline_with_lora(sdxl_dir, final, sdxl=True)
+    base = UNet2DConditionModel.from_pretrained(sdxl_dir, subfolder="unet")
+    assert (unet_outputs(pipe.unet) - unet_outputs(base)).abs().max() > 1e-5
 
 
 def test_learns_a_colour_preference(tmp_path, pipeline_dir, colour_data):

@@ -52,7 +52,7 @@ class DiffusionDPOConfig(TrainConfig):
 
     model: str = ""
     """Pipeline: a hub name or local folder in the Stable Diffusion 1.x/2.x layout (unet/, vae/,
-    text_encoder/, tokenizer/, scheduler/)."""
+    text_encoder/, tokenizer/, scheduler/) or SDXL's (plus text_encoder_2/, tokenizer_2/)."""
     data: str = ""
     """Pairs: rows {prompt, chosen_image, rejected_image} or Pick-a-Pic {caption, jpg_0, jpg_1, label_0}
     (.jsonl/.json/.parquet or a dataset name)."""
