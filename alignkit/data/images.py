@@ -21,7 +21,7 @@ import base64
 import binascii
 import io
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +48,10 @@ class ImagePair:
 
 @dataclass
 class ImagePairs:
-    """The usable pairs of a source, the rows left out (on_bad_rows=skip), and the ties dropped."""
+    """The usable pairs of a source and the number of ties dropped (rows left out by on_bad_rows=skip are
+    appended to the loader's `skipped` list)."""
 
     rows: list[ImagePair]
-    dropped: list[DroppedRow] = field(default_factory=list)
     ties: int = 0
 
 
@@ -178,7 +178,7 @@ def load_image_pairs(
             else "the source is empty"
         )
         raise DataError(f"no usable image pairs ({why})", source)
-    return ImagePairs(rows, problems.dropped() if skipped is not None else [], ties)
+    return ImagePairs(rows, ties)
 
 
 def crop_box(width: int, height: int, resolution: int) -> tuple[int, int, int, int]:
