@@ -127,6 +127,7 @@ def _report(cfg):
 
 
 def _commands() -> dict[str, Command]:
+    from alignkit.algorithms import diffusion_dpo
     from alignkit.algorithms.iterative import IterativeDPOConfig
     from alignkit.algorithms.online_dpo import OnlineDPOConfig
     from alignkit.best_of_n import GenerateConfig
@@ -161,6 +162,11 @@ def _commands() -> dict[str, Command]:
         ),
         "online-dpo": Command(
             OnlineDPOConfig, "online DPO: every step, pairs of the policy's own samples, judged", _online_dpo
+        ),
+        "diffusion-dpo": Command(
+            diffusion_dpo.DiffusionDPOConfig,
+            "Diffusion-DPO: align a text-to-image model (Stable Diffusion 1.x/2.x, SDXL) with image preference pairs",
+            diffusion_dpo.train,
         ),
         "reward": Command(
             RewardConfig, "a Bradley–Terry reward model (classifier) from preference pairs", _reward

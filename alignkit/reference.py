@@ -181,8 +181,15 @@ def adapter_disabled(module):
     # critic adapter on the same base): what trained before must train after.
     trainable = [p for p in inner.parameters() if p.requires_grad]
     try:
-        with inner.disable_adapter():
-            yield
+        if hasattr(inner, "disable_adapter"):  # a peft PeftModel
+            with inner.disable_adapter():
+                yield
+        else:  # a diffusers model carrying a peft adapter (`add_adapter`), e.g. Diffusion-DPO's UNet
+            inner.disable_adapters()
+            try:
+                yield
+            finally:
+                inner.enable_adapters()
     finally:
         for p in trainable:
             p.requires_grad_(True)

@@ -92,17 +92,18 @@ def make_accelerator(cfg: TrainConfig):
     return accelerator
 
 
-def start_run(cfg: TrainConfig):
+def start_run(cfg: TrainConfig, *, check_sources: Callable | None = None):
     """(accelerator, log, output_dir) for a training command; the resolved config is saved first.
 
-    Before anything loads: the settings are range-checked, the model folders checked, and output_dir
-    claimed (`claim_run_dir`). `log` prints on the main process only.
+    Before anything loads: the settings are range-checked, the model folders checked (`check_sources(cfg)`,
+    default `models.check_run_sources`; a diffusion pipeline has other folders), and output_dir claimed
+    (`claim_run_dir`). `log` prints on the main process only.
     """
     from alignkit.config import save_config, validate
     from alignkit.models import check_run_sources
 
     validate(cfg)
-    check_run_sources(cfg)
+    (check_sources or check_run_sources)(cfg)
     accelerator = make_accelerator(cfg)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
     output_dir = Path(cfg.output_dir)
