@@ -206,8 +206,18 @@ def run(cfg: SweepConfig) -> list[dict]:
 
     validate(cfg)
     commands = _commands()
-    if cfg.command not in commands or cfg.command in ("sweep", "eval", "score", "report", "demo", "generate", "diffusion-dpo"):
-        raise ConfigError(f"command '{cfg.command}' is not a training command whose model alignkit eval can compare")
+    if cfg.command not in commands or cfg.command in (
+        "sweep",
+        "eval",
+        "score",
+        "report",
+        "demo",
+        "generate",
+        "diffusion-dpo",
+    ):
+        raise ConfigError(
+            f"command '{cfg.command}' is not a training command whose model alignkit eval can compare"
+        )
     command = commands[cfg.command]
     points = sweep_points(cfg)
     root = Path(cfg.output_dir)
