@@ -102,7 +102,21 @@ def _report(cfg):
     return run(cfg)
 
 
+def _offline_rl(cfg):
+    from alignkit.algorithms.offline_rl import train
+
+    return train(cfg)
+
+
+def _distill(cfg):
+    from alignkit.algorithms.distill import train
+
+    return train(cfg)
+
+
 def _commands() -> dict[str, Command]:
+    from alignkit.algorithms.distill import DistillConfig
+    from alignkit.algorithms.offline_rl import OfflineRLConfig
     from alignkit.demo import DemoConfig
     from alignkit.evaluate import EvalConfig
     from alignkit.report import ReportConfig
@@ -125,6 +139,14 @@ def _commands() -> dict[str, Command]:
         ),
         "ppo": Command(
             PPOConfig, "online RL with a critic and a KL-penalised reward (PPO), causal or T5 policies", _ppo
+        ),
+        "offline-rl": Command(
+            OfflineRLConfig,
+            "offline RL on logged rewarded responses: AWR, RAFT, with an optional KL",
+            _offline_rl,
+        ),
+        "distill": Command(
+            DistillConfig, "distil an aligned teacher into a student (GKD: forward/reverse KL, JSD)", _distill
         ),
         "reward": Command(
             RewardConfig, "a Bradley–Terry reward model (classifier) from preference pairs", _reward
