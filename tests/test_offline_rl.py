@@ -12,7 +12,7 @@ from conftest import train_metrics
 
 from alignkit.algorithms import offline_rl
 from alignkit.algorithms.offline_rl import OfflineRLConfig, row_weights
-from alignkit.config import ConfigError, ReferenceSettings
+from alignkit.config import ConfigError, LoraSettings, ReferenceSettings
 from alignkit.data.rows import DataError, load_logged_rows
 from alignkit.losses.weighted import (
     advantages,
@@ -180,6 +180,18 @@ def test_kl_penalty_is_zero_at_the_start_and_holds_the_policy_closer(tmp_path, t
         assert lines[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
         kls[coef] = lines[-1]["kl"]
     assert kls[10.0] < 0.5 * kls[0.01], kls
+
+
+def test_kl_penalty_against_the_adapter_off_base_with_lora(tmp_path, tiny_model_dir):
+    """reference.mode=adapter: the reference is the LoRA policy's base, so the KL starts at exactly 0
+    (LoRA's B starts at 0) and grows as the adapter trains."""
+    data = write_logged(tmp_path / "logged.jsonl")
+    lora = LoraSettings(enabled=True, r=4, alpha=8, dropout=0.0)
+    cfg = config(tmp_path / "lora", tiny_model_dir, data, kl_coef=0.1, lr=1e-2, max_steps=4, lora=lora)
+    cfg.reference = ReferenceSettings("adapter")
+    offline_rl.train(cfg)
+    kls = [m["kl"] for m in train_metrics(cfg)]
+    assert kls[0] == pytest.approx(0.0, abs=1e-7) and kls[-1] > 1e-4, kls
 
 
 def test_settings_a_method_would_ignore_are_refused():

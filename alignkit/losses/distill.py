@@ -45,15 +45,16 @@ def generalized_jsd(
 ) -> torch.Tensor:
     """JSD(β) between teacher P and student Q at every position (module docstring for the convention).
 
-    student_logits, teacher_logits: (..., V), any float dtype (computed in float32). Returns (...,)
-    float32 divergences in nats: forward KL(P ‖ Q) at β = 0, reverse KL(Q ‖ P) at β = 1.
+    student_logits, teacher_logits: (..., V), any float dtype (computed in float32, or float64 when
+    given). Returns (...,) divergences in nats: forward KL(P ‖ Q) at β = 0, reverse KL(Q ‖ P) at β = 1.
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # float32, or float64 when given
+    log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
 
     def kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:  # KL(a ‖ b), summed over V
         return (log_a.exp() * (log_a - log_b)).sum(-1)
