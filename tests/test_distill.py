@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINYSTORIES, build_tiny_llama, train_metrics, write_prompts
+from conftest import TINYSTORIES, build_tiny_llama, interrupt_then_resume, train_metrics, write_prompts
 
 from alignkit.algorithms import distill
 from alignkit.algorithms.distill import (
@@ -210,21 +210,7 @@ def test_an_interrupted_run_resumes_bit_for_bit(tmp_path, tiny_model_dir, monkey
     expected = train_metrics(whole)
 
     cut = config(tmp_path / "b", tiny_model_dir, data, **settings)
-    real, calls = distill.sample_ids, {"n": 0}
-
-    def interrupt_at_step_4(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(distill, "sample_ids", interrupt_at_step_4)
-    with pytest.raises(SystemExit):
-        distill.train(cut)
-    monkeypatch.setattr(distill, "sample_ids", real)
-    cut.resume = True
-    distill.train(cut)
-    resumed = train_metrics(cut)
+    resumed = interrupt_then_resume(distill.train, cut, monkeypatch, distill, "sample_ids", 4)
     assert [m["step"] for m in resumed] == list(range(1, 6))
     for a, b in zip(expected, resumed):
         same = {k: a[k] for k in a if not k.startswith(("time/", "tokens/s"))}

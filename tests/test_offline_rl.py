@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import train_metrics
+from conftest import interrupt_then_resume, train_metrics
 
 from alignkit.algorithms import offline_rl
 from alignkit.algorithms.offline_rl import OfflineRLConfig, row_weights
@@ -204,8 +204,11 @@ def test_settings_a_method_would_ignore_are_refused():
         )
 
 
-def test_raft_filters_before_the_data_order(tmp_path, tiny_model_dir):
-    examples = [{"prompt_ids": [1, 5], "completion_ids": [7], "reward": r} for r in (0.2, 0.9, 0.4, 0.9)]
+def test_raft_groups_responses_by_prompt_text(tmp_path, tiny_model_dir):
+    examples = [
+        {"prompt": "a", "prompt_ids": [1, 5 + i], "completion_ids": [7], "reward": r}
+        for i, r in enumerate((0.2, 0.9, 0.4, 0.9))
+    ]  # one prompt whose ids end differently with each response: still one group
     cfg = config(tmp_path, tiny_model_dir, "d", method="raft", top_fraction=0.5)
     kept, stats = row_weights(cfg, examples)
     assert [e["reward"] for e in kept] == [0.9, 0.9] and stats["data/ess"] == pytest.approx(2.0)
@@ -218,22 +221,8 @@ def test_an_interrupted_run_resumes_bit_for_bit(tmp_path, tiny_model_dir, monkey
     expected = train_metrics(whole)
 
     cut = config(tmp_path / "b", tiny_model_dir, data, max_steps=6, kl_coef=0.1, grad_accum=2, batch_size=2)
-    real, calls = offline_rl.collate_weighted, {"n": 0}
-
-    def interrupt_in_step_4(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 7:  # two micro-batches a step: the first of step 4
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(offline_rl, "collate_weighted", interrupt_in_step_4)
-    with pytest.raises(SystemExit):
-        offline_rl.train(cut)
-    assert [m["step"] for m in train_metrics(cut)] == [1, 2, 3]
-    monkeypatch.setattr(offline_rl, "collate_weighted", real)
-    cut.resume = True
-    offline_rl.train(cut)
-    resumed = train_metrics(cut)
+    # Two micro-batches a step: the 7th collate is the first of step 4.
+    resumed = interrupt_then_resume(offline_rl.train, cut, monkeypatch, offline_rl, "collate_weighted", 7)
     assert [m["step"] for m in resumed] == list(range(1, 7))
     for a, b in zip(expected, resumed):
         same = {k: a[k] for k in a if not k.startswith(("step_time", "tokens/s", "data/"))}

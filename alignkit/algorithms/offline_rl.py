@@ -113,7 +113,8 @@ def row_weights(cfg: OfflineRLConfig, examples: list[dict]) -> tuple[list[dict],
     run logs: effective sample size of the weights, their max, mean reward of all rows and of the rows
     trained on (weighted by w̃ for awr)."""
     rewards = torch.tensor([e["reward"] for e in examples], dtype=torch.float64)
-    groups = [tuple(e["prompt_ids"]) for e in examples]
+    # By prompt text: a prompt's ids can end differently with each response (tokenize.py's boundary rule).
+    groups = [e["prompt"] for e in examples]
     if cfg.method == "raft":
         scope = groups if cfg.rank_within == "prompt" else [0] * len(examples)
         kept = raft_keep(rewards.tolist(), scope, cfg.top_fraction)
