@@ -152,7 +152,7 @@ def test_awr_and_raft_raise_the_high_reward_responses_likelihood(tmp_path, tiny_
     before = logp_gap(tiny_model_dir, tokenizer)
     gaps = {}
     for name, extra in {
-        "awr": {"temperature": 0.1},
+        "awr": {"temperature": 0.1, "eval_data": data},
         "raft": {"method": "raft", "top_fraction": 0.5},
         "sft": {"temperature": 1e9},
     }.items():
@@ -166,6 +166,9 @@ def test_awr_and_raft_raise_the_high_reward_responses_likelihood(tmp_path, tiny_
             a, b = 20.0, math.exp(-5)
             assert first["data/ess"] == pytest.approx(8 * (a + b) ** 2 / (a * a + b * b), rel=1e-6)
             assert first["data/weight_max"] == pytest.approx(2 * a / (a + b), rel=1e-6)
+            # Evaluated on the same rows: the high-reward responses are now likelier per token.
+            evals = [json.loads(line) for line in open(f"{cfg.output_dir}/metrics.jsonl")]
+            assert [e["logp_gap"] for e in evals if e["split"] == "eval"][-1] > 0.5
     assert gaps["awr"] > 0.5 and gaps["raft"] > 0.5, gaps  # measured: 0.87 and 1.10 nats per token
     assert abs(gaps["sft"]) < 0.25 * min(gaps["awr"], gaps["raft"]), gaps  # measured: -0.09
 
