@@ -126,9 +126,23 @@ def _report(cfg):
     return run(cfg)
 
 
+def _offline_rl(cfg):
+    from alignkit.algorithms.offline_rl import train
+
+    return train(cfg)
+
+
+def _distill(cfg):
+    from alignkit.algorithms.distill import train
+
+    return train(cfg)
+
+
 def _commands() -> dict[str, Command]:
     from alignkit.algorithms import diffusion_dpo
+    from alignkit.algorithms.distill import DistillConfig
     from alignkit.algorithms.iterative import IterativeDPOConfig
+    from alignkit.algorithms.offline_rl import OfflineRLConfig
     from alignkit.algorithms.online_dpo import OnlineDPOConfig
     from alignkit.best_of_n import GenerateConfig
     from alignkit.demo import DemoConfig
@@ -167,6 +181,14 @@ def _commands() -> dict[str, Command]:
             diffusion_dpo.DiffusionDPOConfig,
             "Diffusion-DPO: align a text-to-image model (Stable Diffusion 1.x/2.x, SDXL) with image preference pairs",
             diffusion_dpo.train,
+        ),
+        "offline-rl": Command(
+            OfflineRLConfig,
+            "offline RL on logged rewarded responses: AWR, RAFT, with an optional KL",
+            _offline_rl,
+        ),
+        "distill": Command(
+            DistillConfig, "distil an aligned teacher into a student (GKD: forward/reverse KL, JSD)", _distill
         ),
         "reward": Command(
             RewardConfig, "a Bradley–Terry reward model (classifier) from preference pairs", _reward

@@ -172,6 +172,52 @@ def completion_logps(
     )
 
 
+def _completion_positions(completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """((B, T) bool mask of the scored tokens, (N,) their rows, (N,) their columns), row-major; token 0
+    is never scored (nothing predicts it)."""
+    target_mask = completion_mask.bool().clone()
+    target_mask[:, 0] = False
+    rows, cols = target_mask.nonzero(as_tuple=True)
+    return target_mask, rows, cols
+
+
+@dataclass
+class CompletionStates:
+    """What predicts the completion tokens of a batch, before the projection to the vocabulary."""
+
+    hidden: torch.Tensor
+    """(N, H) hidden states of the positions that predict the N completion tokens (row-major)."""
+    targets: torch.Tensor
+    """(N,) the completion tokens they predict."""
+    rows: torch.Tensor
+    """(N,) the batch row of each."""
+    head: torch.nn.Module
+    """The output projection (H -> V)."""
+    softcap: float | None
+    """The model's final logit softcap (None: none)."""
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(C, V) float32 logits of (C, H) hidden states, softcapped as the model's forward does."""
+        logits = self.head(hidden).float()
+        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
+
+
+def completion_states(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+) -> CompletionStates:
+    """The hidden states that predict a batch's completion tokens (one backbone pass, no projection), for
+    losses over the full next-token distribution (distillation: `alignkit.losses.distill`). The same
+    positions, in the same order, as `completion_logps` scores. Call it inside a wrapped module's forward
+    (`alignkit.models.BatchForward`), as `completion_logps`."""
+    backbone, head, softcap = _split_causal_lm(model)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    _, rows, cols = _completion_positions(completion_mask)
+    return CompletionStates(hidden[rows, cols - 1], input_ids[rows, cols], rows, head, softcap)
+
+
 def _logps_of_hidden(
     hidden: torch.Tensor,
     input_ids: torch.Tensor,
@@ -186,9 +232,7 @@ def _logps_of_hidden(
 ) -> CompletionLogProbs:
     """`CompletionLogProbs` from the (B, T, H) hidden states of a sequence whose position t - 1 (or
     source_index[b, t]) predicts token t: only completion positions are projected by `head`."""
-    target_mask = completion_mask.bool().clone()
-    target_mask[:, 0] = False  # (B, T): nothing predicts token 0
-    rows, cols = target_mask.nonzero(as_tuple=True)  # N completion tokens
+    target_mask, rows, cols = _completion_positions(completion_mask)
     sources = cols - 1 if source_index is None else source_index[rows, cols]
     selected = hidden[rows, sources]  # (N, H)
     targets = input_ids[rows, cols]  # (N,)

@@ -189,3 +189,23 @@ def pytest_make_collect_report(collector):
     report = yield
     _fail_missing_file_skip(report)  # a module-level pytest.skip(...) / skipif at collection time
     return report
+
+
+def interrupt_then_resume(train, cfg, monkeypatch, module, name: str, call: int) -> list[dict]:
+    """Run `train(cfg)` with Ctrl-C raised at the `call`-th call of `module.name` (the loop checkpoints
+    and exits 130), then again with resume=true; returns the resumed run's train metrics lines."""
+    real, calls = getattr(module, name), {"n": 0}
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, interrupting)
+    with pytest.raises(SystemExit):
+        train(cfg)
+    monkeypatch.setattr(module, name, real)
+    cfg.resume = True
+    train(cfg)
+    return train_metrics(cfg)

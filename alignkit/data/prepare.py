@@ -11,7 +11,13 @@ import torch
 
 from alignkit.data.checks import duplicate_rows, unknown_text_rows
 from alignkit.data.readers import DroppedRow
-from alignkit.data.rows import load_listwise_rows, load_preference_rows, load_sft_rows, load_unpaired_rows
+from alignkit.data.rows import (
+    load_listwise_rows,
+    load_logged_rows,
+    load_preference_rows,
+    load_sft_rows,
+    load_unpaired_rows,
+)
 from alignkit.data.tokenize import (
     cached,
     fingerprint,
@@ -158,6 +164,18 @@ def prepare_unpaired_data(cfg, tokenizer, log=print) -> tuple[list[dict], list[d
         lambda s, split, skipped: (load_unpaired_rows(s, split, tokenizer, skipped), []),
         tokenize_sft_rows,
         "unpaired",
+        log,
+    )
+
+
+def prepare_logged_data(cfg, tokenizer, log=print) -> tuple[list[dict], list[dict]]:
+    """Tokenised (train, eval) logged examples {prompt_ids, completion_ids, reward, line} (offline RL)."""
+    return _prepare(
+        cfg,
+        tokenizer,
+        lambda s, split, skipped: (load_logged_rows(s, split, tokenizer, skipped), []),
+        tokenize_sft_rows,
+        "logged",
         log,
     )
 

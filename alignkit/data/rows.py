@@ -24,6 +24,9 @@ assistant's reply (the completion; everything before it is the prompt); or
 
 Unpaired rows (KTO): an SFT row plus ``"label": true`` (a desirable completion) or ``false``.
 
+Logged rows (offline RL): ``{"prompt": str | [messages], "response": str | assistant message, "reward":
+number}``, the reward a finite number (a logged score of that response).
+
 Listwise rows: ``{"prompt": str | [messages], "responses": [str | assistant message, ...]}`` (two or
 more) with exactly one of ``scores`` (a finite number per response, higher is better), ``probs`` (a
 target probability per response, summing to 1) or ``ranking`` (the response indices, best first:
@@ -48,6 +51,8 @@ __all__ = [
     "ListwiseRow",
     "SFTRow",
     "UnpairedRow",
+    "LoggedRow",
+    "load_logged_rows",
     "load_listwise_rows",
     "load_preference_rows",
     "load_sft_rows",
@@ -109,6 +114,13 @@ class UnpairedRow(SFTRow):
     """One validated unpaired example (KTO): a completion labelled desirable (True) or undesirable."""
 
     label: bool = True
+
+
+@dataclass
+class LoggedRow(SFTRow):
+    """One validated logged example (offline RL): a response and the reward it was given."""
+
+    reward: float = 0.0
 
 
 @dataclass
@@ -293,6 +305,27 @@ def _unpaired_row(record: dict, tokenizer: Any, issues: Issues) -> UnpairedRow |
     return UnpairedRow(row.prompt, row.completion, label=label)
 
 
+def _logged_row(record: dict, tokenizer: Any, issues: Issues) -> LoggedRow | None:
+    """A {prompt, response, reward} row, or None with the problems appended to ``issues``."""
+    n_issues = len(issues)
+    reward, prompt = record.get("reward"), record.get("prompt")
+    if not _is_number(reward):
+        found = "missing" if reward is None else f"found {json_type(reward)} {reward!r}"
+        issues.append(("reward", f"{found} (expected a finite number)"))
+    texts = None
+    if isinstance(prompt, str):
+        response = _text(record, "response", issues, "a string, as 'prompt' is a string", completion=True)
+        texts = (prompt, response)
+    elif isinstance(prompt, list):
+        texts = conversation_texts(tokenizer, prompt, [("response", record.get("response"))], issues)
+    else:
+        found = "missing" if prompt is None else f"found {json_type(prompt)}"
+        issues.append(("prompt", f"{found} (expected a string or a list of messages)"))
+    if len(issues) > n_issues:
+        return None
+    return LoggedRow(*texts, reward=float(reward))
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -456,6 +489,14 @@ def load_unpaired_rows(
     """Read and validate unpaired (KTO) rows: any SFT format plus a boolean ``label``. All problems are
     collected and raised as one DataError, as is an empty source."""
     return _load_rows(source, split, tokenizer, _unpaired_row, "unpaired", skipped)
+
+
+def load_logged_rows(
+    source: str, split: str | None = None, tokenizer: Any = None, skipped: list[DroppedRow] | None = None
+) -> list[LoggedRow]:
+    """Read and validate logged {prompt, response, reward} rows (offline RL). All problems are collected
+    and raised as one DataError, as is an empty source."""
+    return _load_rows(source, split, tokenizer, _logged_row, "logged", skipped)
 
 
 def load_listwise_rows(

@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignkit.data.rows import ListwiseRow, PreferenceRow, SFTRow, UnpairedRow
+from alignkit.data.rows import ListwiseRow, LoggedRow, PreferenceRow, SFTRow, UnpairedRow
 
 
 @dataclass
@@ -150,8 +150,8 @@ def tokenize_preference_rows(
 def tokenize_sft_rows(
     rows: list[SFTRow], tokenizer, max_length: int, max_prompt_length: int
 ) -> tuple[list[dict], TokenStats]:
-    """Rows -> examples {prompt_ids, completion_ids, line}, plus `label` for unpaired (KTO) rows; rows with no
-    completion tokens dropped."""
+    """Rows -> examples {prompt_ids, completion_ids, line}, plus `label` for unpaired (KTO) rows and `reward`
+    and `prompt` (the text) for logged (offline RL) rows; rows with no completion tokens dropped."""
     stats = TokenStats()
     examples = []
     for row in rows:
@@ -165,6 +165,8 @@ def tokenize_sft_rows(
         example = {"prompt_ids": prompt_ids, "completion_ids": completion, "line": row.line}
         if isinstance(row, UnpairedRow):
             example["label"] = row.label
+        if isinstance(row, LoggedRow):  # the prompt text groups a prompt's responses (its ids can differ)
+            example["reward"], example["prompt"] = row.reward, row.prompt
         examples.append(example)
     stats.rows = len(examples)
     return examples, stats

@@ -1,0 +1,337 @@
+"""Alignment transfer by distillation: generalised knowledge distillation (GKD, Agarwal et al. 2024).
+
+    alignkit distill model=STUDENT teacher=ALIGNED_TEACHER data=prompts.jsonl output_dir=out
+
+A student learns an aligned teacher's next-token distributions, token by token over the full vocabulary,
+on completions of the training prompts. Every step (GKD's Algorithm 1) draws u ~ U(0, 1) from the run's
+seed and step: with probability λ = `student_fraction` the step's completions are sampled from the
+student (on-policy: it learns on its own mistakes), else from the teacher. The loss is the per-token
+divergence (`alignkit.losses.distill`: forward KL, reverse KL or JSD(β)) averaged over every completion
+token of the step, so it does not depend on how the step is split into micro-batches or processes.
+
+Teacher and student may differ in size but must share the vocabulary (`vocabulary_mismatch`). Held-out
+prompts (`eval_data` / `eval_fraction`) get one fixed teacher sample each, drawn once; the eval metric is
+the per-token divergence on them, logged before the first step (step 0) and every `eval_steps`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from alignkit.algorithms.online import OnlineRun, load_prompts
+from alignkit.algorithms.sft import completion_tokens
+from alignkit.config import RANGES, ConfigError, TrainConfig, above, at_least, between, validate
+from alignkit.data.collate import collate_sft
+from alignkit.generation import sample_ids
+from alignkit.logprobs import CompletionStates, completion_states
+from alignkit.losses.distill import DIVERGENCES, chunked_divergence, divergence_beta
+from alignkit.models import BatchForward, add_lora, check_model_source, load_policy, load_tokenizer
+from alignkit.reference import adapter_disabled, frozen_model
+from alignkit.runtime import as_numbers, make_optimizer, optimizer_step, save_final, start_run
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    """Distil an aligned teacher into a student on prompt rows (GKD; docs/distillation.md)."""
+
+    teacher: str = ""
+    """The aligned teacher: a hub name or local folder; must share the student's vocabulary."""
+    lr: float = 5e-5
+    """Peak learning rate (AdamW)."""
+    warmup_ratio: float = 0.0
+    """Fraction of the steps spent warming the learning rate up from 0."""
+    batch_size: int = 8
+    """Prompts per step on each process (cut into `grad_accum` micro-batches)."""
+    divergence: str = "jsd"
+    """forward_kl (KL(teacher ‖ student)), reverse_kl (KL(student ‖ teacher)) or jsd (generalised JSD(β))."""
+    beta: float = 0.5
+    """jsd: β of JSD(β) = β·KL(P ‖ M) + (1 − β)·KL(Q ‖ M), M = β·P + (1 − β)·Q (P teacher, Q student)."""
+    distill_temperature: float = 1.0
+    """τ: both distributions are softmax(logits / τ) in the divergence (no τ² factor)."""
+    student_fraction: float = 0.5
+    """λ: the probability that a step trains on student samples (on-policy) rather than teacher samples."""
+    max_new_tokens: int = 48
+    """Longest sampled completion, in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature of the completions (teacher's and student's)."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only (0 = all)."""
+    top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens holding this much probability (1 = all)."""
+    generation_batch_size: int = 64
+    """Completions generated at once (bounds generation memory)."""
+    eval_steps: int = 20
+    """Evaluate the divergence on the held-out prompts every this many steps (and at the end)."""
+    save_steps: int = 20
+    """Write a checkpoint every this many steps (0 = only on interrupt)."""
+
+
+RANGES[DistillConfig] = {
+    "divergence": tuple(DIVERGENCES),
+    "beta": between(0, 1),
+    "distill_temperature": above(0),
+    "student_fraction": between(0, 1),
+    "max_new_tokens": at_least(1),
+    "temperature": above(0),
+    "top_k": at_least(0),
+    "top_p": between(0, 1, low_open=True),
+    "generation_batch_size": at_least(1),
+}
+
+
+def check_distill_settings(cfg: DistillConfig) -> None:
+    """Settings that cannot work, refused before anything loads."""
+    validate(cfg)
+    if not cfg.teacher:
+        raise ConfigError("teacher is not set: give teacher=<the aligned model's hub name or folder>")
+    if cfg.beta != DistillConfig.beta and cfg.divergence != "jsd":
+        raise ConfigError(f"beta is used by divergence=jsd only (got divergence={cfg.divergence})")
+    if cfg.max_length != TrainConfig.max_length:
+        raise ConfigError("max_length is not used by distill: completions are max_new_tokens long")
+    if cfg.batch_size % cfg.grad_accum:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of grad_accum={cfg.grad_accum}")
+    check_model_source(cfg.teacher, "teacher")
+
+
+def vocabulary_mismatch(student: tuple[str, object, int], teacher: tuple[str, object, int]) -> str | None:
+    """What keeps two models from being compared token by token, or None.
+
+    student, teacher: (name, tokenizer, output vocabulary size of the model's head). Checks the head
+    sizes, the tokenizers' token -> id maps and their BOS / EOS ids; the message names both models.
+    """
+    (s_name, s_tok, s_size), (t_name, t_tok, t_size) = student, teacher
+    problems = []
+    if s_size != t_size:
+        problems.append(f"output vocabulary sizes differ (student {s_size}, teacher {t_size})")
+    s_vocab, t_vocab = s_tok.get_vocab(), t_tok.get_vocab()
+    if s_vocab != t_vocab:
+        only_t = sorted(set(t_vocab) - set(s_vocab))
+        moved = sorted(k for k in set(s_vocab) & set(t_vocab) if s_vocab[k] != t_vocab[k])
+        what = f"tokenizer vocabularies differ ({len(s_vocab)} vs {len(t_vocab)} tokens"
+        if only_t:
+            what += f"; {len(only_t)} only in the teacher's, e.g. {only_t[0]!r}"
+        if moved:
+            what += f"; {moved[0]!r} is id {s_vocab[moved[0]]} in the student's, {t_vocab[moved[0]]} in the teacher's"
+        problems.append(what + ")")
+    for special in ("bos_token_id", "eos_token_id"):
+        if getattr(s_tok, special) != getattr(t_tok, special):
+            problems.append(
+                f"{special} differs (student {getattr(s_tok, special)}, teacher {getattr(t_tok, special)})"
+            )
+    if not problems:
+        return None
+    return (
+        f"student {s_name} and teacher {t_name} do not share a vocabulary: {'; '.join(problems)}. "
+        "Distillation compares their next-token distributions token by token: use a student built on the "
+        "teacher's tokenizer"
+    )
+
+
+# The teacher of a batch: (student model as the batch function got it, batch) -> its CompletionStates.
+Teacher = Callable[[torch.nn.Module, dict], CompletionStates]
+
+
+def frozen_teacher(teacher: torch.nn.Module) -> Teacher:
+    """The states of a separate frozen model (a distillation teacher, or offline RL's reference copy)."""
+
+    def states(model, batch: dict) -> CompletionStates:
+        with torch.no_grad():
+            return completion_states(
+                teacher, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+            )
+
+    return states
+
+
+def base_model_teacher(model, batch: dict) -> CompletionStates:
+    """The states of the LoRA policy's own base, adapter off (reference.mode=adapter); its head is the
+    base layer when the adapter wraps the head too."""
+    with torch.no_grad(), adapter_disabled(model):
+        states = completion_states(
+            model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+        )
+    return dataclasses.replace(states, head=getattr(states.head, "base_layer", states.head))
+
+
+def completion_divergence(
+    model,
+    batch: dict,
+    teacher: Teacher,
+    *,
+    beta: float,
+    temperature: float,
+    chunk_size: int,
+    with_logps: bool = False,
+) -> dict[str, torch.Tensor]:
+    """{"divergence": (B,) the per-token JSD(β) of student `model` from `teacher` summed over each row's
+    completion tokens, "tokens": (B,) their number, and with `with_logps` "logps": (B,) the student's
+    log-prob sums of those tokens}: one backbone pass per model, the vocabulary projected a chunk at a
+    time. The batch function the prepared student runs."""
+    student = completion_states(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    target = teacher(model, batch)
+    div, logps = chunked_divergence(
+        student.hidden,
+        target.hidden,
+        student.logits,
+        target.logits,
+        beta=beta,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        targets=student.targets if with_logps else None,
+    )  # (N,), (N,) or None
+
+    def per_row(values: torch.Tensor) -> torch.Tensor:  # (N,) -> (B,)
+        zeros = torch.zeros(batch["input_ids"].shape[0], dtype=torch.float32, device=values.device)
+        return zeros.index_add(0, student.rows, values)
+
+    out = {"divergence": per_row(div), "tokens": per_row(torch.ones_like(div))}
+    if logps is not None:
+        out["logps"] = per_row(logps)
+    return out
+
+
+def distill_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
+    """The token-mean divergence of a micro-batch (`optimizer_step` weights it by its completion tokens)."""
+    out = model(batch)
+    loss = out["divergence"].sum() / out["tokens"].sum().clamp(min=1)
+    return loss, {"loss": loss.detach()}
+
+
+def on_policy_step(seed: int, step: int, student_fraction: float) -> bool:
+    """Whether step `step` samples from the student: u < λ for u ~ U(0, 1) drawn from (seed, step), the
+    same on every process and in a resumed run."""
+    u = torch.rand((), generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
+    return bool(u < student_fraction)
+
+
+def train(cfg: DistillConfig) -> Path:
+    """Distil `teacher` into the student `model` on prompt rows; returns the saved final model's folder."""
+    check_distill_settings(cfg)
+    accelerator, log, output_dir = start_run(cfg)
+
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
+    teacher_tokenizer = load_tokenizer(cfg.teacher, cfg.trust_remote_code)
+    prompts = load_prompts(cfg, tokenizer, log)
+
+    student = load_policy(cfg, tokenizer.pad_token_id, accelerator.device)
+    teacher = frozen_model(cfg, cfg.teacher, accelerator.device)
+    size = lambda m: m.get_output_embeddings().weight.shape[0]  # noqa: E731
+    problem = vocabulary_mismatch(
+        (cfg.model, tokenizer, size(student)), (cfg.teacher, teacher_tokenizer, size(teacher))
+    )
+    if problem:
+        raise ValueError(problem)
+    log(
+        f"teacher {sum(p.numel() for p in teacher.parameters()):,} parameters, student "
+        f"{sum(p.numel() for p in student.parameters()):,}"
+    )
+    if cfg.lora.enabled:
+        student = add_lora(student, cfg.lora)
+    student.train()
+    beta = divergence_beta(cfg.divergence, cfg.beta)
+    teacher_states = frozen_teacher(teacher)
+
+    def divergence_of(m, batch: dict) -> dict:
+        return completion_divergence(
+            m,
+            batch,
+            teacher_states,
+            beta=beta,
+            temperature=cfg.distill_temperature,
+            chunk_size=cfg.logprob_chunk_size,
+        )
+
+    def named() -> dict:
+        return {
+            "model": accelerator.unwrap_model(policy).model,
+            "optimizer": optimizer,
+            "scheduler": scheduler,
+        }
+
+    run = OnlineRun(cfg, accelerator, output_dir, len(prompts.train_rows), named, log)
+    optimizer, scheduler = make_optimizer(student, cfg, run.steps)
+    policy, optimizer = accelerator.prepare(BatchForward(student, divergence_of), optimizer)
+    run.resume()
+    sampling = {
+        "max_new_tokens": cfg.max_new_tokens,
+        "temperature": cfg.temperature,
+        "top_k": cfg.top_k or None,
+        "top_p": cfg.top_p if cfg.top_p < 1 else None,
+        "batch_size": cfg.generation_batch_size,
+    }
+
+    def examples_of(prompt_ids: list[list[int]], completions: list[list[int]]) -> list[dict]:
+        return [{"prompt_ids": p, "completion_ids": c} for p, c in zip(prompt_ids, completions)]
+
+    def to_device(batch: dict) -> dict:
+        return {k: v.to(accelerator.device) for k, v in batch.items()}
+
+    # Held-out prompts: one teacher sample each, drawn once, the same for every evaluation.
+    eval_examples = (
+        examples_of(
+            prompts.eval_ids, sample_ids(teacher, tokenizer, prompts.eval_ids, seed=cfg.seed + 1, **sampling)
+        )
+        if prompts.eval_ids
+        else []
+    )
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        policy.eval()
+        totals = {"divergence": 0.0, "tokens": 0.0}
+        for start in range(0, len(eval_examples), cfg.batch_size):
+            batch = to_device(
+                collate_sft(eval_examples[start : start + cfg.batch_size], tokenizer.pad_token_id)
+            )
+            with accelerator.autocast():
+                out = policy(batch)
+            for k in totals:
+                totals[k] = totals[k] + out[k].sum()
+        policy.train()
+        totals = as_numbers(totals)
+        return {"divergence": totals["divergence"] / max(totals["tokens"], 1.0)}
+
+    if eval_examples and run.step == 0:
+        run.logger.log({"step": 0, "split": "eval", **evaluate()})
+
+    with run.interruptible():
+        while run.step < run.steps:
+            t0 = time.perf_counter()
+            idx, seed = run.step_prompts()
+            prompt_ids = [prompts.train_ids[i] for i in idx]
+            on_policy = on_policy_step(cfg.seed, run.step, cfg.student_fraction)
+            sampler = accelerator.unwrap_model(policy).model if on_policy else teacher
+            examples = examples_of(
+                prompt_ids, sample_ids(sampler, tokenizer, prompt_ids, seed=seed, **sampling)
+            )
+            t1 = time.perf_counter()
+            micro = len(examples) // cfg.grad_accum
+            groups = [examples[m : m + micro] for m in range(0, len(examples), micro)]
+            record = optimizer_step(
+                accelerator,
+                policy,
+                optimizer,
+                scheduler,
+                [to_device(collate_sft(g, tokenizer.pad_token_id)) for g in groups],
+                distill_loss,
+                units=[completion_tokens(g) for g in groups],
+                max_grad_norm=cfg.max_grad_norm,
+            )
+            record = as_numbers(record)
+            t2 = time.perf_counter()
+            record.update(
+                {
+                    "on_policy": float(on_policy),
+                    "completion_length": completion_tokens(examples) / len(examples),
+                    "time/generation": t1 - t0,
+                    "time/training": t2 - t1,
+                }
+            )
+            run.finish_step(record, evaluate if eval_examples else None, {"loss": record["loss"]})
+    return save_final(accelerator, policy, tokenizer, output_dir, cfg.lora.merge, log)

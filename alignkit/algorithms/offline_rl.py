@@ -1,0 +1,251 @@
+"""Offline RL from logged rewards: advantage-weighted fine-tuning (AWR) and filter-then-SFT (RAFT), with an
+optional KL penalty to the reference.
+
+    alignkit offline-rl model=PATH data=logged.jsonl output_dir=out method=awr
+
+Rows are {prompt, response, reward} (alignkit.data.rows), e.g. a deployed model's responses scored by
+`alignkit score`. Reads top to bottom: rows -> weights (or the RAFT filter), computed once over the
+training rows (`alignkit.losses.weighted`) -> policy (and reference) -> weighted NLL -> fit -> save.
+
+With kl_coef = β > 0 the loss adds β·KL(π ‖ π_ref) at every position of the logged responses, exact over
+the full vocabulary (`alignkit.losses.distill` with β_JSD = 1, computed a chunk at a time), against the
+frozen reference (reference.mode=copy, or adapter with LoRA). The logged responses were not sampled from
+π, so a sampled-token estimate of the KL on them would be biased; the full-vocabulary KL at the states they
+visit is not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from alignkit.algorithms.distill import base_model_teacher, completion_divergence, frozen_teacher
+from alignkit.algorithms.sft import completion_tokens
+from alignkit.config import (
+    RANGES,
+    ConfigError,
+    ReferenceSettings,
+    TrainConfig,
+    above,
+    at_least,
+    between,
+    validate,
+)
+from alignkit.data.collate import collate_sft
+from alignkit.data.prepare import prepare_logged_data
+from alignkit.logprobs import completion_logps
+from alignkit.losses.weighted import (
+    BASELINES,
+    advantages,
+    awr_weights,
+    effective_sample_size,
+    raft_keep,
+    weighted_nll,
+)
+from alignkit.models import BatchForward, add_lora, load_policy, load_tokenizer
+from alignkit.reference import check_reference_settings, frozen_model
+from alignkit.runtime import as_numbers, fit, save_final, start_run
+
+METHODS = ("awr", "raft")
+AWR_ONLY = ("baseline", "temperature", "max_weight")
+RAFT_ONLY = ("top_fraction", "rank_within")
+
+
+@dataclass
+class OfflineRLConfig(TrainConfig):
+    """Offline RL on logged {prompt, response, reward} rows (docs/offline_rl.md)."""
+
+    lr: float = 2e-5
+    """Peak learning rate (AdamW)."""
+    method: str = "awr"
+    """awr (advantage-weighted fine-tuning: weights exp(A/τ), clipped, self-normalised) or raft (fine-tune
+    on the top `top_fraction` rows by reward)."""
+    baseline: str = "mean"
+    """awr: b in A = r − b: mean (over the training rows), prompt (the prompt's mean reward where it has
+    several responses, else the overall mean) or none."""
+    temperature: float = 1.0
+    """awr: τ in exp(A/τ); small τ weights the best rows most, τ -> ∞ is plain SFT."""
+    max_weight: float = 20.0
+    """awr: exp(A/τ) is clipped at this before the weights are normalised to mean 1 (AWR's clip)."""
+    top_fraction: float = 0.25
+    """raft: the fraction of rows kept, ceil(top_fraction·n) of each group of n (at least 1)."""
+    rank_within: str = "prompt"
+    """raft: rank rows within their prompt's responses (prompt) or over all rows (all)."""
+    kl_coef: float = 0.0
+    """β of the penalty β·KL(π ‖ π_ref) per token of the logged responses (0 = none, no reference held)."""
+    reference: ReferenceSettings = field(default_factory=lambda: ReferenceSettings(mode="copy"))
+    """The frozen reference of the KL penalty: copy (a frozen copy) or adapter (with LoRA: the base)."""
+
+
+RANGES[OfflineRLConfig] = {
+    "method": METHODS,
+    "baseline": BASELINES,
+    "temperature": above(0),
+    "max_weight": above(0),
+    "top_fraction": between(0, 1, low_open=True),
+    "rank_within": ("prompt", "all"),
+    "kl_coef": at_least(0),
+}
+
+
+def check_offline_settings(cfg: OfflineRLConfig) -> None:
+    """Refuse settings the chosen method would ignore, and a reference mode the KL penalty cannot use."""
+    validate(cfg)
+    unused = RAFT_ONLY if cfg.method == "awr" else AWR_ONLY
+    changed = [k for k in unused if getattr(cfg, k) != getattr(OfflineRLConfig, k)]
+    if changed:
+        raise ConfigError(f"{', '.join(changed)} not used by method={cfg.method}; remove it")
+    if cfg.kl_coef > 0:
+        if cfg.reference.mode == "precomputed":
+            raise ConfigError(
+                "kl_coef > 0 needs the reference's full next-token distributions, which are not precomputed: "
+                "use reference.mode=copy, or adapter with lora.enabled=true"
+            )
+        check_reference_settings(cfg)
+    elif cfg.reference != ReferenceSettings(mode="copy"):
+        raise ConfigError("reference is used by the KL penalty only: set kl_coef > 0 or remove it")
+
+
+def row_weights(cfg: OfflineRLConfig, examples: list[dict]) -> tuple[list[dict], dict]:
+    """(the training examples, each with its `weight`; RAFT keeps only its rows) and the statistics the
+    run logs: effective sample size of the weights, their max, mean reward of all rows and of the rows
+    trained on (weighted by w̃ for awr)."""
+    rewards = torch.tensor([e["reward"] for e in examples], dtype=torch.float64)
+    # By prompt text: a prompt's ids can end differently with each response (tokenize.py's boundary rule).
+    groups = [e["prompt"] for e in examples]
+    if cfg.method == "raft":
+        scope = groups if cfg.rank_within == "prompt" else [0] * len(examples)
+        kept = raft_keep(rewards.tolist(), scope, cfg.top_fraction)
+        examples = [{**examples[i], "weight": 1.0} for i in kept]
+        weights = torch.ones(len(kept), dtype=torch.float64)
+        kept_reward = float(rewards[kept].mean())
+    else:
+        weights = awr_weights(advantages(rewards, groups, cfg.baseline), cfg.temperature, cfg.max_weight)
+        examples = [{**e, "weight": float(w)} for e, w in zip(examples, weights)]
+        kept_reward = float((weights * rewards).mean())
+    stats = {
+        "data/rows": float(len(examples)),
+        "data/ess": effective_sample_size(weights),
+        "data/ess_fraction": effective_sample_size(weights) / len(weights),
+        "data/weight_max": float(weights.max()),
+        "data/reward_mean": float(rewards.mean()),
+        "data/reward_mean_trained": kept_reward,
+    }
+    return examples, stats
+
+
+def collate_weighted(examples: list[dict], pad_id: int) -> dict:
+    """Logged examples -> an SFT batch plus `weight` (B,) and `reward` (B,)."""
+    batch = collate_sft(examples, pad_id)
+    batch["weight"] = torch.tensor([e.get("weight", 1.0) for e in examples], dtype=torch.float32)
+    batch["reward"] = torch.tensor([e["reward"] for e in examples], dtype=torch.float32)
+    return batch
+
+
+@dataclass
+class WeightedObjective:
+    """`loss_fn(model, batch)` for `fit`: `weighted_nll` of the prepared policy's log-prob sums (and KL
+    sums); every metric is a mean over completion tokens, as the loss."""
+
+    kl_coef: float
+
+    def __call__(self, model, batch: dict):
+        out = model(batch)
+        kl = out.get("divergence")
+        loss = weighted_nll(out["logps"], batch["weight"], out["tokens"], kl, self.kl_coef)
+        n = out["tokens"].sum().clamp(min=1)
+        metrics = {"loss": loss.detach(), "nll": -out["logps"].detach().sum() / n}
+        if kl is not None:
+            metrics["kl"] = kl.detach().sum() / n
+        return loss, metrics
+
+
+def train(cfg: OfflineRLConfig) -> Path:
+    """Train a policy on logged rewarded responses; returns the folder of the saved final model."""
+    check_offline_settings(cfg)
+    accelerator, log, output_dir = start_run(cfg)
+
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
+    train_examples, eval_examples = prepare_logged_data(cfg, tokenizer, log)
+    train_examples, stats = row_weights(cfg, train_examples)
+    log(
+        f"{cfg.method}: {len(train_examples)} rows trained on, effective sample size {stats['data/ess']:.1f} "
+        f"({stats['data/ess_fraction']:.0%}), max weight {stats['data/weight_max']:.3g}, mean reward "
+        f"{stats['data/reward_mean']:.4g} overall, {stats['data/reward_mean_trained']:.4g} as trained on"
+    )
+
+    model = load_policy(cfg, tokenizer.pad_token_id, accelerator.device)
+    teacher = None
+    if cfg.kl_coef > 0 and cfg.reference.mode == "copy":
+        teacher = frozen_teacher(frozen_model(cfg, cfg.reference.model or cfg.model, accelerator.device))
+    elif cfg.kl_coef > 0:
+        teacher = base_model_teacher
+    if cfg.lora.enabled:
+        model = add_lora(model, cfg.lora)
+    model.train()
+
+    def sums(m, batch: dict) -> dict:
+        if teacher is not None:  # reverse KL(π ‖ π_ref): JSD(β = 1)
+            return completion_divergence(
+                m,
+                batch,
+                teacher,
+                beta=1.0,
+                temperature=1.0,
+                chunk_size=cfg.logprob_chunk_size,
+                with_logps=True,
+            )
+        out = completion_logps(
+            m,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["completion_mask"],
+            chunk_size=cfg.logprob_chunk_size,
+        )
+        return {"logps": out.sum, "tokens": out.count.float()}
+
+    def collate(examples: list[dict]) -> dict:
+        return collate_weighted(examples, tokenizer.pad_token_id)
+
+    def evaluate(prepared) -> dict:
+        """Per-token NLL of the eval rows, and the gap in per-token log-prob between the rows whose reward
+        is above the eval median and the rest (it grows as the policy favours high-reward responses)."""
+        median = float(torch.tensor([e["reward"] for e in eval_examples]).median())
+        totals = {
+            k: torch.zeros((), dtype=torch.float64)
+            for k in ("nll", "tokens", "high", "low", "n_high", "n_low")
+        }
+        for start in range(0, len(eval_examples), cfg.batch_size):
+            batch = {
+                k: v.to(accelerator.device)
+                for k, v in collate(eval_examples[start : start + cfg.batch_size]).items()
+            }
+            out = prepared(batch)
+            per_token = (out["logps"] / out["tokens"].clamp(min=1)).double().cpu()
+            high = batch["reward"].cpu() > median
+            totals["nll"] -= out["logps"].double().sum().cpu()
+            totals["tokens"] += out["tokens"].double().sum().cpu()
+            totals["high"] += per_token[high].sum()
+            totals["low"] += per_token[~high].sum()
+            totals["n_high"] += high.sum()
+            totals["n_low"] += (~high).sum()
+        t = as_numbers(totals)
+        out = {"nll": t["nll"] / max(t["tokens"], 1.0)}
+        if t["n_high"] and t["n_low"]:
+            out["logp_gap"] = t["high"] / t["n_high"] - t["low"] / t["n_low"]
+        return out
+
+    prepared, _ = fit(
+        cfg,
+        accelerator,
+        BatchForward(model, sums),
+        train_examples,
+        collate,
+        WeightedObjective(cfg.kl_coef),
+        evaluate=evaluate if eval_examples else None,
+        units=completion_tokens,
+        setup_metrics=stats,
+    )
+    return save_final(accelerator, prepared, tokenizer, output_dir, cfg.lora.merge, log)
