@@ -1,0 +1,133 @@
+"""Vision-language models in `alignkit dpo`: telling them apart, freezing the vision side, and encoding each
+pair's images once.
+
+A VLM (LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration, ...) is a causal LM whose backbone
+also takes image inputs: `logprobs.completion_logps` runs it as it runs a text model, with the keyword inputs
+`image_inputs` builds. The batch layout (`data.vision.collate_vision_pairs`) has one row per sequence; a
+pair's chosen and rejected rows show the same images, so the vision tower runs once per pair and its
+features are handed to both rows (the backbones take precomputed `mm_encoder_outputs`), never twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+# Submodules that make up a VLM's vision side (tower, projector), by their attribute names in transformers.
+VISION_MODULES = (
+    "vision_tower",
+    "multi_modal_projector",
+    "visual",
+    "vision_model",
+    "image_newline",
+    "mm_projector",
+)
+# Per-image inputs an image processor returns, passed to the backbone's get_image_features.
+IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask")
+PER_TOKEN_KEYS = ("token_type_ids", "mm_token_type_ids")
+
+
+def is_vision_language(name_or_path: str, trust_remote_code: bool = False) -> bool:
+    """Whether the checkpoint is a vision-language model (its config has a `vision_config`)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    return getattr(config, "vision_config", None) is not None
+
+
+def vision_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of every parameter in the vision tower and the projector (LoRA layers there too)."""
+    return [
+        (n, p) for n, p in model.named_parameters() if any(part in VISION_MODULES for part in n.split("."))
+    ]
+
+
+def freeze_vision(model: torch.nn.Module) -> int:
+    """Stop gradients to the vision tower and the projector; returns how many parameters were frozen."""
+    params = vision_parameters(model)
+    if not params:
+        raise TypeError(
+            f"{type(model).__name__}: found no vision tower or projector (looked for {', '.join(VISION_MODULES)})"
+            "; set freeze_vision=false"
+        )
+    for _, p in params:
+        p.requires_grad_(False)
+    return sum(p.numel() for _, p in params)
+
+
+def image_inputs(backbone: torch.nn.Module, batch: dict) -> dict:
+    """Keyword inputs for a VLM backbone's forward on a `collate_vision_pairs` batch: the batch's images
+    encoded once (`get_image_features`) and their features repeated in the rows' order (`image_order`), as
+    `mm_encoder_outputs`; Qwen2-VL's `image_grid_thw` in the rows' order (its M-RoPE positions need one per
+    placeholder run); the per-token type columns. {} for a batch without images (text rows)."""
+    extra = {k: batch[k] for k in PER_TOKEN_KEYS if k in batch}
+    if "pixel_values" not in batch:
+        return extra
+    encoder_inputs = {k: batch[k] for k in IMAGE_KEYS if k in batch}
+    trainable = any(p.requires_grad for _, p in vision_parameters(backbone))
+    with contextlib.nullcontext() if trainable else torch.no_grad():
+        encoded = backbone.get_image_features(**encoder_inputs, return_dict=True)
+    order = batch["image_order"]
+    features = encoded.pooler_output  # one (tokens_i, H) tensor per encoded image
+    encoded.pooler_output = [features[i] for i in order.tolist()]
+    extra["mm_encoder_outputs"] = {"image": encoded}
+    if "image_grid_thw" in batch:
+        extra["image_grid_thw"] = batch["image_grid_thw"][order]
+    return extra
+
+
+@dataclass
+class VisionRun:
+    """What `alignkit dpo` does differently for a vision-language model: the processor, how examples are
+    prepared (`prepare(cfg, tokenizer, log)`, as `prepare_preference_data`), and the batch layout
+    (`layout(examples, pad_id)`, as `collate_pairs`)."""
+
+    processor: object
+    prepare: Callable
+    layout: Callable
+
+
+def vision_setup(cfg, spec, log=print) -> VisionRun | None:
+    """A `VisionRun` when `cfg.model` is a vision-language model, else None; the VLM-only settings
+    (freeze_vision=false, mdpo*) are errors on a text model, as is mdpo with a reference-free loss."""
+    from alignkit.config import ConfigError, DPOConfig
+    from alignkit.data.vision import Corruption, collate_vision_pairs, load_processor, prepare_vision_data
+
+    defaults = DPOConfig()
+    if not is_vision_language(cfg.model, cfg.trust_remote_code):
+        for name in ("freeze_vision", "mdpo", "mdpo_corruption", "mdpo_keep"):
+            if getattr(cfg, name) != getattr(defaults, name):
+                raise ConfigError(
+                    f"{name}={getattr(cfg, name)!r} is for vision-language models, and {cfg.model} is a text "
+                    "model (its config has no vision_config); remove the setting"
+                )
+        return None
+    if cfg.mdpo and not spec.needs_reference:
+        raise ConfigError(
+            f"mdpo=true compares log-ratios to the reference, and loss '{cfg.loss}' has none; use a loss with "
+            "a reference (e.g. sigmoid)"
+        )
+    for name in ("mdpo_corruption", "mdpo_keep"):
+        if not cfg.mdpo and getattr(cfg, name) != getattr(defaults, name):
+            raise ConfigError(f"{name} is used by mdpo=true only; set mdpo=true or remove it")
+    processor = load_processor(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
+    corruption = Corruption(cfg.mdpo_corruption, cfg.mdpo_keep, cfg.seed) if cfg.mdpo else None
+    log(
+        "vision-language model: one row per sequence, each pair's images encoded once for its chosen and "
+        "rejected rows"
+        + (" (share_prompt's packed layout is for text models)" if cfg.share_prompt else "")
+        + (
+            f"; mDPO with {cfg.mdpo_corruption}-corrupted images (keep <= {cfg.mdpo_keep})"
+            if cfg.mdpo
+            else ""
+        )
+    )
+    return VisionRun(
+        processor,
+        lambda c, _tokenizer, log=print: prepare_vision_data(c, processor, log),
+        partial(collate_vision_pairs, processor=processor, corruption=corruption),
+    )
