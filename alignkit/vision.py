@@ -72,8 +72,11 @@ def image_inputs(backbone: torch.nn.Module, batch: dict) -> dict:
     with contextlib.nullcontext() if trainable else torch.no_grad():
         encoded = backbone.get_image_features(**encoder_inputs, return_dict=True)
     order = batch["image_order"]
-    features = encoded.pooler_output  # one (tokens_i, H) tensor per encoded image
-    encoded.pooler_output = [features[i] for i in order.tolist()]
+    features = encoded.pooler_output  # per encoded image: a list of (tokens_i, H), or one (N, tokens, H)
+    if isinstance(features, torch.Tensor):
+        encoded.pooler_output = features[order.to(features.device)]
+    else:
+        encoded.pooler_output = [features[i] for i in order.tolist()]
     extra["mm_encoder_outputs"] = {"image": encoded}
     if "image_grid_thw" in batch:
         extra["image_grid_thw"] = batch["image_grid_thw"][order]

@@ -411,3 +411,26 @@ def test_vision_settings_on_a_text_model_are_errors(tiny_model_dir, tmp_path):
     cfg = DPOConfig(model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / "o"), mdpo=True)
     with pytest.raises(ConfigError, match="mdpo=True is for vision-language models"):
         train(cfg)
+
+
+def test_lora_adapter_off_reference_equals_precomputed(tmp_path_factory, tmp_path):
+    """With LoRA, reference.mode=adapter (the base with the adapter switched off) gives the losses of the
+    precomputed reference; LoRA layers that "all-linear" put in the vision tower stay frozen."""
+    model_dir = build_qwen2vl(tmp_path_factory.mktemp("qwen-lora"), seed=3)
+    data = write_colour_pairs(tmp_path / "data", n=12)
+    runs = {}
+    for mode in ("precomputed", "adapter"):
+        cfg = vlm_config(model_dir, data, tmp_path / mode, max_steps=3)
+        cfg.lora.enabled, cfg.lora.dropout, cfg.reference.mode = True, 0.0, mode
+        runs[mode] = train_losses(cfg)
+    for a, b in zip(runs["precomputed"], runs["adapter"]):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)
+    assert runs["adapter"][-1]["loss"] < math.log(2)
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(tmp_path / "adapter" / "final" / "adapter_model.safetensors"))
+    vision_b = [v for k, v in adapter.items() if ".visual." in k and "lora_B" in k]
+    text_b = [v for k, v in adapter.items() if ".language_model." in k and "lora_B" in k]
+    assert vision_b and all(not v.any() for v in vision_b)  # still at LoRA's zero start: frozen
+    assert text_b and any(v.any() for v in text_b)
