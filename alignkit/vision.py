@@ -11,6 +11,7 @@ features are handed to both rows (the backbones take precomputed `mm_encoder_out
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -98,7 +99,13 @@ def vision_setup(cfg, spec, log=print) -> VisionRun | None:
     """A `VisionRun` when `cfg.model` is a vision-language model, else None; the VLM-only settings
     (freeze_vision=false, mdpo*) are errors on a text model, as is mdpo with a reference-free loss."""
     from alignkit.config import ConfigError, DPOConfig
-    from alignkit.data.vision import Corruption, collate_vision_pairs, load_processor, prepare_vision_data
+    from alignkit.data.vision import (
+        Corruption,
+        collate_vision_pairs,
+        collate_vision_shared_prompt,
+        load_processor,
+        prepare_vision_data,
+    )
 
     defaults = DPOConfig()
     if not is_vision_language(cfg.model, cfg.trust_remote_code):
@@ -118,19 +125,39 @@ def vision_setup(cfg, spec, log=print) -> VisionRun | None:
         if not cfg.mdpo and getattr(cfg, name) != getattr(defaults, name):
             raise ConfigError(f"{name} is used by mdpo=true only; set mdpo=true or remove it")
     processor = load_processor(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
-    corruption = Corruption(cfg.mdpo_corruption, cfg.mdpo_keep, cfg.seed) if cfg.mdpo else None
-    log(
-        "vision-language model: one row per sequence, each pair's images encoded once for its chosen and "
-        "rejected rows"
-        + (" (share_prompt's packed layout is for text models)" if cfg.share_prompt else "")
-        + (
+    why_two_rows = None
+    if cfg.mdpo:
+        why_two_rows = "mdpo adds rows of the chosen response under corrupted images"
+    elif uses_mrope(cfg.model, cfg.trust_remote_code):
+        why_two_rows = "the model's multimodal RoPE positions are computed per row"
+    if cfg.share_prompt and why_two_rows is None:
+        layout = partial(collate_vision_shared_prompt, processor=processor)
+        log(
+            "vision-language model, share_prompt: one [prompt | chosen | rejected] row per pair, images encoded once"
+        )
+    else:
+        corruption = Corruption(cfg.mdpo_corruption, cfg.mdpo_keep, cfg.seed) if cfg.mdpo else None
+        layout = partial(collate_vision_pairs, processor=processor, corruption=corruption)
+        mdpo = (
             f"; mDPO with {cfg.mdpo_corruption}-corrupted images (keep <= {cfg.mdpo_keep})"
             if cfg.mdpo
             else ""
         )
-    )
+        log(
+            "vision-language model: one row per sequence, each pair's images encoded once for its chosen and "
+            "rejected rows"
+            + (f" (not share_prompt's one row per pair: {why_two_rows})" if cfg.share_prompt else "")
+            + mdpo
+        )
     return VisionRun(
-        processor,
-        lambda c, _tokenizer, log=print: prepare_vision_data(c, processor, log),
-        partial(collate_vision_pairs, processor=processor, corruption=corruption),
+        processor, lambda c, _tokenizer, log=print: prepare_vision_data(c, processor, log), layout
     )
+
+
+def uses_mrope(name_or_path: str, trust_remote_code: bool = False) -> bool:
+    """Whether the model places tokens with multimodal RoPE (Qwen2-VL and its successors: three position
+    ids per token, computed from the image grid), which share_prompt's per-segment positions cannot give."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    return "mrope" in json.dumps(config.to_dict(), default=str)

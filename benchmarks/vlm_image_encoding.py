@@ -1,6 +1,7 @@
-"""How much encoding each pair's images once saves in VLM DPO: `dpo.pair_logps` (the vision tower runs on
-B images, its features serve the chosen and the rejected row) against the same forward with every row's
-image encoded (2B images), forward + backward, vision tower frozen (freeze_vision's default).
+"""What the VLM DPO layouts cost, forward + backward of `dpo.pair_logps` with the vision tower frozen
+(freeze_vision's default): share_prompt's one [prompt | chosen | rejected] row per pair (images encoded
+once, image and prompt tokens through the language model once), two rows per pair with the images encoded
+once (what mDPO and multimodal-RoPE models use), and two rows with every row's image encoded (2B images).
 
     OMP_NUM_THREADS=1 python benchmarks/vlm_image_encoding.py [--device cuda] [--repeats 5]
 
@@ -33,7 +34,7 @@ def main() -> None:
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     from alignkit.algorithms.dpo import pair_logps
-    from alignkit.data.vision import collate_vision_pairs, expand_prompt
+    from alignkit.data.vision import collate_vision_pairs, collate_vision_shared_prompt, expand_prompt
     from alignkit.logprobs import completion_logps
     from alignkit.vision import freeze_vision
     from tests.test_vlm_dpo import LLAVA_TEMPLATE, WORDS, word_tokenizer
@@ -97,7 +98,12 @@ def main() -> None:
                 }
             )
         batch = collate_vision_pairs(examples, tok.pad_token_id, processor=processor)
+        shared = collate_vision_shared_prompt(examples, tok.pad_token_id, processor=processor)
     batch = {k: v.to(args.device) for k, v in batch.items()}
+    shared = {k: v.to(args.device) for k, v in shared.items()}
+
+    def one_row():
+        return pair_logps(model, shared)["chosen"].sum()
 
     def once():
         return pair_logps(model, batch)["chosen"].sum()
@@ -113,7 +119,12 @@ def main() -> None:
         )
         return out.sum[:4].sum()
 
-    for name, fn in (("images encoded once per pair", once), ("every row's image encoded", every_row)):
+    variants = (
+        ("share_prompt: one row per pair", one_row),
+        ("two rows, images encoded once", once),
+        ("two rows, every row's image encoded", every_row),
+    )
+    for name, fn in variants:
         times = []
         for _ in range(args.repeats + 1):
             if args.device == "cuda":
@@ -126,7 +137,7 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
         best = sorted(times[1:])[len(times[1:]) // 2]
         print(
-            f"{name:<32} median {best * 1000:8.1f} ms per batch (forward + backward, {args.repeats} repeats)"
+            f"{name:<36} median {best * 1000:8.1f} ms per batch (forward + backward, {args.repeats} repeats)"
         )
 
 

@@ -416,6 +416,8 @@ def test_vision_settings_on_a_text_model_are_errors(tiny_model_dir, tmp_path):
 def test_lora_adapter_off_reference_equals_precomputed(tmp_path_factory, tmp_path):
     """With LoRA, reference.mode=adapter (the base with the adapter switched off) gives the losses of the
     precomputed reference; LoRA layers that "all-linear" put in the vision tower stay frozen."""
+    from alignkit.vision import uses_mrope
+
     model_dir = build_qwen2vl(tmp_path_factory.mktemp("qwen-lora"), seed=3)
     data = write_colour_pairs(tmp_path / "data", n=12)
     runs = {}
@@ -427,6 +429,7 @@ def test_lora_adapter_off_reference_equals_precomputed(tmp_path_factory, tmp_pat
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)
     assert runs["adapter"][-1]["loss"] < math.log(2)
+    assert uses_mrope(str(model_dir))  # so both runs used the two-row layout
     from safetensors.torch import load_file
 
     adapter = load_file(str(tmp_path / "adapter" / "final" / "adapter_model.safetensors"))
@@ -434,3 +437,36 @@ def test_lora_adapter_off_reference_equals_precomputed(tmp_path_factory, tmp_pat
     text_b = [v for k, v in adapter.items() if ".language_model." in k and "lora_B" in k]
     assert vision_b and all(not v.any() for v in vision_b)  # still at LoRA's zero start: frozen
     assert text_b and any(v.any() for v in text_b)
+
+
+def test_share_prompt_row_gives_the_two_row_log_probs(tmp_path_factory, tmp_path):
+    """LLaVA with share_prompt: one [prompt | chosen | rejected] row per pair (the image tokens computed once)
+    gives the log-probs of the two-row layout; Qwen2-VL (multimodal RoPE) keeps two rows."""
+    from alignkit.algorithms.dpo import pair_logps
+    from alignkit.data.vision import (
+        collate_vision_pairs,
+        collate_vision_shared_prompt,
+        load_processor,
+        prepare_vision_data,
+    )
+    from alignkit.models import load_causal_lm
+    from alignkit.vision import uses_mrope
+
+    model_dir = build_llava(tmp_path_factory.mktemp("llava-share"), seed=4)
+    processor = load_processor(str(model_dir))
+    data = write_colour_pairs(tmp_path / "data", n=4)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    rows[1]["chosen"]["content"] = " it is blue . it is a picture ."  # completions of different lengths
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = vlm_config(model_dir, data, tmp_path / "out")
+    examples, _ = prepare_vision_data(cfg, processor, log=lambda *a: None)
+    pad = processor.tokenizer.pad_token_id
+    one_row = collate_vision_shared_prompt(examples, pad, processor=processor)
+    two_rows = collate_vision_pairs(examples, pad, processor=processor)
+    assert one_row["input_ids"].shape[0] == 4 and two_rows["input_ids"].shape[0] == 8
+    model = load_causal_lm(str(model_dir)).eval()
+    with torch.no_grad():
+        a, b = pair_logps(model, one_row), pair_logps(model, two_rows)
+    for key in ("chosen", "rejected", "n_chosen", "n_rejected"):
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
+    assert not uses_mrope(str(model_dir))

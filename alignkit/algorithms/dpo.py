@@ -42,8 +42,8 @@ def pair_logps(model, batch: dict, chunk_size: int = 1024) -> dict[str, torch.Te
 
     Two layouts (alignkit.data.collate): rows of packed [prompt | chosen | rejected] segments with a 4D
     mask (`share_prompt`, each prompt computed once), or 2B rows, chosen then rejected. With images
-    (alignkit.data.vision) the rows' images are encoded once per pair, and mDPO batches add B rows of the
-    chosen response under corrupted images ("corrupt_chosen", "n_corrupt_chosen").
+    (alignkit.data.vision) each pair's images are encoded once in either layout, and mDPO batches (two-row)
+    add B rows of the chosen response under corrupted images ("corrupt_chosen", "n_corrupt_chosen").
     """
     if "allowed" in batch:
         dtype = next(model.parameters()).dtype
@@ -57,6 +57,7 @@ def pair_logps(model, batch: dict, chunk_size: int = 1024) -> dict[str, torch.Te
             position_ids=batch["position_ids"],
             chunk_size=chunk_size,
             source_index=batch["source_index"],
+            model_inputs=lambda backbone: image_inputs(backbone, batch),
         )
         B = batch["preference"].shape[0]
         segment = batch["segment"]  # (R, T) pair index of each completion token

@@ -36,7 +36,7 @@ from alignkit.data.chat import (
     render_prompt_and_completion,
     reply_message,
 )
-from alignkit.data.collate import pad_sequences, pair_columns
+from alignkit.data.collate import collate_pairs_shared_prompt, pad_sequences, pair_columns
 from alignkit.data.readers import DataError, Problems, read_records
 from alignkit.data.rows import PreferenceData, PreferenceRow, _margin, _preference, _raise_or_skip
 from alignkit.data.tokenize import TokenStats, encode_prompt_completions, fingerprint, truncate
@@ -425,14 +425,42 @@ def collate_vision_pairs(
     real = [read_image(ref) for e in examples for ref in e["images"]]
     if not real:
         return batch
-    encoded = list(real)
     n = len(real)
     order = list(range(n)) * 2
     if corruption:
         seeds = [corruption.seed + e["line"] * 1000 + k for e in examples for k in range(len(e["images"]))]
-        encoded += [corrupt_image(im, s, corruption.mode, corruption.keep) for im, s in zip(real, seeds)]
+        real += [corrupt_image(im, s, corruption.mode, corruption.keep) for im, s in zip(real, seeds)]
         order += list(range(n, 2 * n))
-    pixels = processor.image_processor(images=encoded, return_tensors="pt")
-    batch.update({k: torch.as_tensor(v) for k, v in pixels.items()})
-    batch["image_order"] = torch.tensor(order, dtype=torch.long)
-    return batch
+    return {**batch, **_image_columns(processor, real, order)}
+
+
+def collate_vision_shared_prompt(examples: list[dict], pad_id: int, *, processor) -> dict:
+    """Examples with images -> `collate_pairs_shared_prompt`'s rows of [prompt | chosen | rejected] segments
+    (a 4D mask; the prompt, image tokens included, computed once per pair) and the image inputs: each pair's
+    images encoded once, in the order the segments' image placeholders appear row by row. For models with
+    one position per token (LLaVA); multimodal RoPE (Qwen2-VL) needs the two-row layout."""
+    batch = collate_pairs_shared_prompt(examples, pad_id)
+    R, T = batch["input_ids"].shape
+    placed = []  # (pair, row, offset of its prompt) in the order the backbone fills image placeholders
+    for r in range(R):
+        pairs = batch["segment"][r][batch["segment"][r] >= 0].unique_consecutive().tolist()
+        for b in pairs:
+            first = int((batch["segment"][r] == b).nonzero()[0])
+            placed.append((b, r, first - len(examples[b]["prompt_ids"])))
+    for name in TOKEN_TYPE_KEYS:
+        if f"prompt_{name}" in examples[0]:
+            batch[name] = torch.zeros(R, T, dtype=torch.long)
+            for b, r, o in placed:
+                types = examples[b][f"prompt_{name}"]
+                batch[name][r, o : o + len(types)] = torch.tensor(types, dtype=torch.long)
+    images = [read_image(ref) for b, _, _ in placed for ref in examples[b]["images"]]
+    if not images:
+        return batch
+    return {**batch, **_image_columns(processor, images, list(range(len(images))))}
+
+
+def _image_columns(processor, images: list, order: list[int]) -> dict:
+    """The image processor's inputs for `images` (each encoded once) and `image_order`: which of them fills
+    each image placeholder run of the batch, in order."""
+    pixels = processor.image_processor(images=images, return_tensors="pt")
+    return {**{k: torch.as_tensor(v) for k, v in pixels.items()}, "image_order": torch.tensor(order)}
