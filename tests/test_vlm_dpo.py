@@ -470,3 +470,21 @@ def test_share_prompt_row_gives_the_two_row_log_probs(tmp_path_factory, tmp_path
     for key in ("chosen", "rejected", "n_chosen", "n_rejected"):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
     assert not uses_mrope(str(model_dir))
+
+
+@pytest.mark.parametrize("example", ["llava", "qwen2vl"])
+def test_shipped_example_configs_run_on_a_tiny_model(example, tmp_path_factory, tmp_path):
+    """examples/vlm_dpo/<model>.yaml with its shipped rows and images, the real model swapped for the tiny
+    one of the same family and the run shrunk: it loads, validates and trains (LLaVA's: LoRA, adapter-off
+    reference, one row per pair)."""
+    from alignkit.config import load_config
+    from tests.conftest import REPO
+
+    model_dir = BUILDERS[example](tmp_path_factory.mktemp(f"{example}-example"), seed=5)
+    path = REPO / "examples" / "vlm_dpo" / f"{example}.yaml"
+    shrink = [f"model={model_dir}", f"output_dir={tmp_path}", "dtype=float32", "max_steps=2", "batch_size=4"]
+    shrink += ["grad_accum=1", "max_prompt_length=64", "max_length=96", "report=false", "progress=false"]
+    cfg = load_config(DPOConfig, str(path), shrink)
+    cfg.data = str(REPO / cfg.data)
+    metrics = train_losses(cfg)
+    assert len(metrics) == 2 and metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
