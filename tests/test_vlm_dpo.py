@@ -71,8 +71,18 @@ def text_config(vocab: int) -> dict:
     )
 
 
-def build_llava(path: Path, seed: int = 0) -> Path:
-    """A random LLaVA (CLIP vision tower: patch 2 on 8-px images -> 16 image tokens; Llama text model)."""
+def build_llava(
+    path: Path,
+    seed: int = 0,
+    *,
+    image_size: int = 8,
+    patch: int = 2,
+    hidden: int = 32,
+    vision_hidden: int = 16,
+    vision_layers: int = 1,
+) -> Path:
+    """A random LLaVA (CLIP vision tower: patch 2 on 8-px images -> 16 image tokens; Llama text model), or
+    a larger one for benchmarks/vlm_image_encoding.py."""
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -83,27 +93,28 @@ def build_llava(path: Path, seed: int = 0) -> Path:
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     tok = word_tokenizer(["<image>"], [*WORDS, "USER:", "ASSISTANT:"])
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8})
+    size = {"height": image_size, "width": image_size}
     processor = LlavaProcessor(
-        image_processor=image_processor,
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size=size),
         tokenizer=tok,
-        patch_size=2,
+        patch_size=patch,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=LLAVA_TEMPLATE,
     )
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_hidden_layers=vision_layers,
         num_attention_heads=2,
-        image_size=8,
-        patch_size=2,
+        image_size=image_size,
+        patch_size=patch,
     )
+    text = {**text_config(len(tok)), "hidden_size": hidden, "intermediate_size": 2 * hidden}
     config = LlavaConfig(
         vision_config=vision,
-        text_config=LlamaConfig(**text_config(len(tok))),
+        text_config=LlamaConfig(**text),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",

@@ -37,9 +37,14 @@ from alignkit.data.chat import (
     reply_message,
 )
 from alignkit.data.collate import collate_pairs_shared_prompt, pad_sequences, pair_columns
-from alignkit.data.readers import DataError, Problems, read_records
-from alignkit.data.rows import PreferenceData, PreferenceRow, _margin, _preference, _raise_or_skip
-from alignkit.data.tokenize import TokenStats, encode_prompt_completions, fingerprint, truncate
+from alignkit.data.readers import DataError
+from alignkit.data.rows import PreferenceData, PreferenceRow, _load_rows, _margin, _preference
+from alignkit.data.tokenize import (
+    TokenStats,
+    encode_prompt_completions,
+    fingerprint,
+    tokenize_preference_rows,
+)
 
 # Processor outputs that are per text token (padded with 0 over completions) rather than per image.
 TOKEN_TYPE_KEYS = ("token_type_ids", "mm_token_type_ids")
@@ -183,6 +188,8 @@ class VisionPreferenceRow(PreferenceRow):
     base64 data), in the order of the prompt's image parts."""
 
     images: list[str] = field(default_factory=list)
+    token_types: dict[str, list[int]] = field(default_factory=dict)
+    """The processor's per-token type columns over the expanded prompt (set when tokenised)."""
 
 
 def _content_problems(message: Any, where: str) -> tuple[list[tuple[str, str]], int]:
@@ -265,20 +272,12 @@ def load_vision_rows(source: str, split: str | None, processor: Any, skipped=Non
     """Read and validate preference rows with images (see the module docstring); every problem in the source
     is reported at once (file:line, field), or, given `skipped` (on_bad_rows=skip), the bad rows are left out
     and listed there. Images are opened once here, so an unreadable one fails before any model loads."""
-    problems, rows = Problems(source), []
     base = Path(source).parent if Path(source).is_file() else None
-    for line, record in read_records(source, split, problems):
-        issues: Issues = []
-        row = _vision_row(record, processor, base, issues)
-        for key, reason in issues:
-            problems.add(line, key, reason)
-        if row is not None:
-            row.source, row.line = source, line
-            rows.append(row)
-    _raise_or_skip(problems, skipped)
-    if not rows:
-        raise DataError("no usable preference rows with images (the source is empty)", source)
-    return PreferenceData(rows)
+
+    def parse(record: dict, processor: Any, issues: Issues) -> VisionPreferenceRow | None:
+        return _vision_row(record, processor, base, issues)
+
+    return PreferenceData(_load_rows(source, split, processor, parse, "preference-with-images", skipped))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,10 +318,11 @@ def tokenize_vision_rows(
     rows: list[VisionPreferenceRow], processor, max_length: int, max_prompt_length: int
 ) -> tuple[list[dict], TokenStats]:
     """Rows -> examples {prompt_ids (image tokens expanded), chosen_ids, rejected_ids, images, preference,
-    line, and the processor's per-token type columns as prompt_<key>}. A prompt longer than
+    line, and the processor's per-token type columns as prompt_<key>}: each row is tokenised here, then
+    truncated and checked like a pre-tokenised text row (`tokenize_preference_rows`). A prompt longer than
     max_prompt_length is an error (file:line) when it holds image tokens: cutting them would leave the
     model images without their tokens."""
-    tokenizer, stats, examples, too_long = processor.tokenizer, TokenStats(), [], []
+    tokenizer, too_long, kept = processor.tokenizer, [], {}
     for row in rows:
         prompt_ids, (chosen, rejected) = encode_prompt_completions(
             tokenizer, row.prompt, [row.chosen, row.rejected]
@@ -333,24 +333,13 @@ def tokenize_vision_rows(
         if n_image and len(prompt_ids) > max_prompt_length:
             too_long.append((row, len(prompt_ids), n_image))
             continue
-        prompt_ids, (chosen, rejected) = truncate(
-            prompt_ids, [chosen, rejected], max_length, max_prompt_length, tokenizer.bos_token_id, stats
+        row.prompt_ids, row.chosen_ids, row.rejected_ids, row.token_types = (
+            prompt_ids,
+            chosen,
+            rejected,
+            types,
         )
-        if not chosen or not rejected or not prompt_ids:
-            stats.dropped_empty += 1
-            continue
-        example = {
-            "prompt_ids": prompt_ids,
-            "chosen_ids": chosen,
-            "rejected_ids": rejected,
-            "images": row.images,
-            "preference": 1.0 if row.preference is None else float(row.preference),
-            "line": row.line,
-            **{f"prompt_{k}": v for k, v in types.items()},
-        }
-        if row.margin is not None:
-            example["margin"] = float(row.margin)
-        examples.append(example)
+        kept[row.line] = row
     if too_long:
         row, n, n_image = too_long[0]
         longest = max(n for _, n, _ in too_long)
@@ -363,7 +352,12 @@ def tokenize_vision_rows(
             "prompt",
             sorted(r.line for r, _, _ in too_long),
         )
-    stats.rows = len(examples)
+    examples, stats = tokenize_preference_rows(list(kept.values()), tokenizer, max_length, max_prompt_length)
+    for e in examples:
+        row, P = kept[e["line"]], len(e["prompt_ids"])
+        e["images"] = row.images
+        # A text-only prompt may have been cut from the left: its types are the last P.
+        e.update({f"prompt_{k}": v[len(v) - P :] for k, v in row.token_types.items()})
     return examples, stats
 
 
