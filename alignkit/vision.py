@@ -95,17 +95,10 @@ class VisionRun:
     layout: Callable
 
 
-def vision_setup(cfg, spec, log=print) -> VisionRun | None:
-    """A `VisionRun` when `cfg.model` is a vision-language model, else None; the VLM-only settings
-    (freeze_vision=false, mdpo*) are errors on a text model, as is mdpo with a reference-free loss."""
+def check_vision_settings(cfg, spec) -> bool:
+    """Whether `cfg.model` is a vision-language model; the VLM-only settings (freeze_vision=false, mdpo*)
+    are errors on a text model, as are mdpo with a reference-free loss and mdpo_* without mdpo."""
     from alignkit.config import ConfigError, DPOConfig
-    from alignkit.data.vision import (
-        Corruption,
-        collate_vision_pairs,
-        collate_vision_shared_prompt,
-        load_processor,
-        prepare_vision_data,
-    )
 
     defaults = DPOConfig()
     if not is_vision_language(cfg.model, cfg.trust_remote_code):
@@ -115,7 +108,7 @@ def vision_setup(cfg, spec, log=print) -> VisionRun | None:
                     f"{name}={getattr(cfg, name)!r} is for vision-language models, and {cfg.model} is a text "
                     "model (its config has no vision_config); remove the setting"
                 )
-        return None
+        return False
     if cfg.mdpo and not spec.needs_reference:
         raise ConfigError(
             f"mdpo=true compares log-ratios to the reference, and loss '{cfg.loss}' has none; use a loss with "
@@ -124,6 +117,20 @@ def vision_setup(cfg, spec, log=print) -> VisionRun | None:
     for name in ("mdpo_corruption", "mdpo_keep"):
         if not cfg.mdpo and getattr(cfg, name) != getattr(defaults, name):
             raise ConfigError(f"{name} is used by mdpo=true only; set mdpo=true or remove it")
+    return True
+
+
+def vision_setup(cfg, log=print) -> VisionRun:
+    """The `VisionRun` of a vision-language model (`check_vision_settings` said it is one): its processor,
+    and share_prompt's one-row layout unless mdpo or multimodal RoPE needs one row per sequence."""
+    from alignkit.data.vision import (
+        Corruption,
+        collate_vision_pairs,
+        collate_vision_shared_prompt,
+        load_processor,
+        prepare_vision_data,
+    )
+
     processor = load_processor(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
     why_two_rows = None
     if cfg.mdpo:

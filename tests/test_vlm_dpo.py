@@ -422,6 +422,7 @@ def test_vision_settings_on_a_text_model_are_errors(tiny_model_dir, tmp_path):
     cfg = DPOConfig(model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / "o"), mdpo=True)
     with pytest.raises(ConfigError, match="mdpo=True is for vision-language models"):
         train(cfg)
+    assert not (tmp_path / "o").exists()  # refused before the run claimed its output folder
 
 
 def test_lora_adapter_off_reference_equals_precomputed(tmp_path_factory, tmp_path):

@@ -31,7 +31,7 @@ from alignkit.reference import (
     setup_reference,
 )
 from alignkit.runtime import evaluate_in_batches, fit, save_final, start_run, used_indices
-from alignkit.vision import freeze_vision, image_inputs, vision_setup
+from alignkit.vision import check_vision_settings, freeze_vision, image_inputs, vision_setup
 
 PAIR_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
@@ -315,10 +315,11 @@ def train(cfg: DPOConfig, *, part: tuple[int, int] | None = None) -> Path:
         )
     spec = get_loss(cfg.loss)
     check_loss_settings(cfg, spec)
+    is_vlm = check_vision_settings(cfg, spec)  # freeze_vision / mdpo* are for vision-language models
     accelerator, log, output_dir = start_run(cfg)
 
     # Data: validated and tokenised before any model is loaded, so bad rows fail fast.
-    vlm = vision_setup(cfg, spec, log)  # a vision-language model: its processor and batch layout, else None
+    vlm = vision_setup(cfg, log) if is_vlm else None  # a VLM's processor and batch layout
     tokenizer = (
         vlm.processor.tokenizer if vlm else load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
     )
