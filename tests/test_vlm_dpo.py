@@ -500,3 +500,34 @@ def test_shipped_example_configs_run_on_a_tiny_model(example, tmp_path_factory, 
     cfg.data = str(REPO / cfg.data)
     metrics = train_losses(cfg)
     assert len(metrics) == 2 and metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_base64_images_give_the_examples_of_image_files(tmp_path):
+    """An image given as a data URI or as bare base64 is the image its file holds: same tokens, same pixels."""
+    import base64
+
+    from alignkit.data.vision import (
+        collate_vision_pairs,
+        load_processor,
+        load_vision_rows,
+        tokenize_vision_rows,
+    )
+
+    model_dir = build_qwen2vl(tmp_path / "model", seed=6)
+    processor = load_processor(str(model_dir))
+    data = write_colour_pairs(tmp_path / "data", n=2)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    inline = []
+    for row, how in zip(rows, ("uri", "bare")):
+        raw = base64.b64encode((data.parent / row["images"][0]).read_bytes()).decode()
+        inline.append({**row, "images": [f"data:image/png;base64,{raw}" if how == "uri" else raw]})
+    (tmp_path / "inline.jsonl").write_text("".join(json.dumps(r) + "\n" for r in inline))
+    batches = []
+    for source in (data, tmp_path / "inline.jsonl"):
+        loaded = load_vision_rows(str(source), None, processor).rows
+        examples, _ = tokenize_vision_rows(loaded, processor, max_length=64, max_prompt_length=32)
+        batches.append(collate_vision_pairs(examples, processor.tokenizer.pad_token_id, processor=processor))
+    files, inlined = batches
+    assert files.keys() == inlined.keys()
+    for key in files:
+        assert torch.equal(files[key], inlined[key]), key
