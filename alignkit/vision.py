@@ -11,6 +11,7 @@ features are handed to both rows (the backbones take precomputed `mm_encoder_out
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,6 +69,11 @@ def image_inputs(backbone: torch.nn.Module, batch: dict) -> dict:
     extra = {k: batch[k] for k in PER_TOKEN_KEYS if k in batch}
     if "pixel_values" not in batch:
         return extra
+    if "mm_encoder_outputs" not in inspect.signature(backbone.forward).parameters:
+        raise TypeError(
+            f"{type(backbone).__name__}.forward takes no precomputed image features (mm_encoder_outputs), which "
+            "alignkit hands it so that each pair's images are encoded once; upgrade transformers (5.24 has it)"
+        )
     encoder_inputs = {k: batch[k] for k in IMAGE_KEYS if k in batch}
     trainable = any(p.requires_grad for _, p in vision_parameters(backbone))
     with contextlib.nullcontext() if trainable else torch.no_grad():
