@@ -3,9 +3,10 @@ pair's images once.
 
 A VLM (LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration, ...) is a causal LM whose backbone
 also takes image inputs: `logprobs.completion_logps` runs it as it runs a text model, with the keyword inputs
-`image_inputs` builds. The batch layout (`data.vision.collate_vision_pairs`) has one row per sequence; a
-pair's chosen and rejected rows show the same images, so the vision tower runs once per pair and its
-features are handed to both rows (the backbones take precomputed `mm_encoder_outputs`), never twice.
+`image_inputs` builds. A pair's chosen and rejected responses show the same images, so in either batch
+layout (`data.vision.collate_vision_shared_prompt`: one [prompt | chosen | rejected] row per pair;
+`collate_vision_pairs`: one row per sequence) the vision tower runs once per pair and its features go to
+the backbone as precomputed `mm_encoder_outputs`, never encoded twice.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ VISION_MODULES = (
 # Per-image inputs an image processor returns, passed to the backbone's get_image_features.
 IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask")
 PER_TOKEN_KEYS = ("token_type_ids", "mm_token_type_ids")
+# Multimodal-RoPE models whose positions `mrope_positions` builds for share_prompt's one row per pair (their
+# backbone's get_rope_index(input_ids, mm_token_type_ids, image_grid_thw) is Qwen2-VL's).
+ONE_ROW_MROPE = ("qwen2_vl",)
 
 
 def is_vision_language(name_or_path: str, trust_remote_code: bool = False) -> bool:
@@ -87,7 +91,34 @@ def image_inputs(backbone: torch.nn.Module, batch: dict) -> dict:
     extra["mm_encoder_outputs"] = {"image": encoded}
     if "image_grid_thw" in batch:
         extra["image_grid_thw"] = batch["image_grid_thw"][order]
+    if "prompt_spans" in batch and hasattr(backbone, "get_rope_index"):
+        extra["position_ids"] = mrope_positions(backbone, batch)
     return extra
+
+
+def mrope_positions(backbone: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """(3, R, T) multimodal-RoPE position ids for a `collate_vision_shared_prompt` batch: each prompt's as the
+    model computes them for the prompt alone (`get_rope_index`: image tokens on their grid), and its chosen
+    and rejected blocks both continuing from the prompt's largest position + 1 (text tokens have one position,
+    repeated over the three axes), as each would alone after the prompt."""
+    flat = batch[
+        "position_ids"
+    ]  # (R, T): each segment's chosen and rejected blocks start at its prompt length
+    positions = flat[None].repeat(3, 1, 1)  # (3, R, T)
+    first_image = 0
+    for row, offset, P, n_images in batch["prompt_spans"].tolist():
+        grids = batch["image_grid_thw"][first_image : first_image + n_images]
+        first_image += n_images
+        prompt = slice(offset, offset + P)
+        types = batch["mm_token_type_ids"][row : row + 1, prompt]
+        rope, _ = backbone.get_rope_index(
+            batch["input_ids"][row : row + 1, prompt], types, grids if n_images else None
+        )
+        positions[:, row, prompt] = rope[:, 0]
+        # The pair's chosen and rejected blocks: flat positions P, P+1, ... become max + 1, max + 2, ...
+        block = batch["segment"][row] == batch["segment"][row, offset + P]
+        positions[:, row, block] += int(rope.max()) + 1 - P
+    return positions
 
 
 @dataclass
@@ -128,7 +159,8 @@ def check_vision_settings(cfg, spec) -> bool:
 
 def vision_setup(cfg, log=print) -> VisionRun:
     """The `VisionRun` of a vision-language model (`check_vision_settings` said it is one): its processor,
-    and share_prompt's one-row layout unless mdpo or multimodal RoPE needs one row per sequence."""
+    and share_prompt's one-row layout unless mdpo (or a multimodal RoPE other than Qwen2-VL's) needs one row
+    per sequence."""
     from alignkit.data.vision import (
         Corruption,
         collate_vision_pairs,
@@ -141,8 +173,8 @@ def vision_setup(cfg, log=print) -> VisionRun:
     why_two_rows = None
     if cfg.mdpo:
         why_two_rows = "mdpo adds rows of the chosen response under corrupted images"
-    elif uses_mrope(cfg.model, cfg.trust_remote_code):
-        why_two_rows = "the model's multimodal RoPE positions are computed per row"
+    elif uses_mrope(cfg.model, cfg.trust_remote_code) and model_type(cfg) not in ONE_ROW_MROPE:
+        why_two_rows = "alignkit places multimodal RoPE positions in one row for Qwen2-VL only"
     if cfg.share_prompt and why_two_rows is None:
         layout = partial(collate_vision_shared_prompt, processor=processor)
         log(
@@ -167,9 +199,17 @@ def vision_setup(cfg, log=print) -> VisionRun:
     )
 
 
+def model_type(cfg) -> str:
+    """The `model_type` of cfg.model's config (llava, qwen2_vl, ...)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code).model_type
+
+
 def uses_mrope(name_or_path: str, trust_remote_code: bool = False) -> bool:
     """Whether the model places tokens with multimodal RoPE (Qwen2-VL and its successors: three position
-    ids per token, computed from the image grid), which share_prompt's per-segment positions cannot give."""
+    ids per token, computed from the image grid); share_prompt's one row per pair then needs
+    `mrope_positions`, written for the families in ONE_ROW_MROPE."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)

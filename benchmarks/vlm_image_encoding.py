@@ -1,7 +1,7 @@
 """What the VLM DPO layouts cost, forward + backward of `dpo.pair_logps` with the vision tower frozen
 (freeze_vision's default): share_prompt's one [prompt | chosen | rejected] row per pair (images encoded
 once, image and prompt tokens through the language model once), two rows per pair with the images encoded
-once (what mDPO and multimodal-RoPE models use), and two rows with every row's image encoded (2B images).
+once (what mDPO and share_prompt=false use), and two rows with every row's image encoded (2B images).
 
     OMP_NUM_THREADS=1 python benchmarks/vlm_image_encoding.py [--device cuda] [--repeats 5]
 

@@ -431,8 +431,9 @@ def collate_vision_pairs(
 def collate_vision_shared_prompt(examples: list[dict], pad_id: int, *, processor) -> dict:
     """Examples with images -> `collate_pairs_shared_prompt`'s rows of [prompt | chosen | rejected] segments
     (a 4D mask; the prompt, image tokens included, computed once per pair) and the image inputs: each pair's
-    images encoded once, in the order the segments' image placeholders appear row by row. For models with
-    one position per token (LLaVA); multimodal RoPE (Qwen2-VL) needs the two-row layout."""
+    images encoded once, in the order the segments' image placeholders appear row by row. `prompt_spans`
+    (S, 4) holds each segment's row, prompt offset, prompt length and number of images, in that order, for
+    models that place tokens with multimodal RoPE (`alignkit.vision.mrope_positions`)."""
     batch = collate_pairs_shared_prompt(examples, pad_id)
     R, T = batch["input_ids"].shape
     placed = []  # (pair, row, offset of its prompt) in the order the backbone fills image placeholders
@@ -448,6 +449,8 @@ def collate_vision_shared_prompt(examples: list[dict], pad_id: int, *, processor
                 types = examples[b][f"prompt_{name}"]
                 batch[name][r, o : o + len(types)] = torch.tensor(types, dtype=torch.long)
     images = [read_image(ref) for b, _, _ in placed for ref in examples[b]["images"]]
+    spans = [[r, o, len(examples[b]["prompt_ids"]), len(examples[b]["images"])] for b, r, o in placed]
+    batch["prompt_spans"] = torch.tensor(spans, dtype=torch.long)
     if not images:
         return batch
     return {**batch, **_image_columns(processor, images, list(range(len(images))))}
