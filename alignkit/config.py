@@ -239,6 +239,15 @@ class DPOConfig(TrainConfig):
     stages: int = 1
     """Stepwise DPO (sDPO): split the training rows, in file order, into this many stages, each trained
     against the previous stage's final model (in output_dir/stage-k)."""
+    freeze_vision: bool = True
+    """Vision-language models: keep the vision tower and the projector frozen; the language model trains."""
+    mdpo: bool = False
+    """Vision-language models: add mDPO's conditional term (chosen under the real vs a corrupted image) and
+    anchor term to the loss (Wang et al. 2024; docs/vlm_dpo.md)."""
+    mdpo_corruption: str = "crop"
+    """mdpo: crop (a random box of the image, resized back to its size) or mask (all but the box blacked out)."""
+    mdpo_keep: float = 0.2
+    """mdpo: the largest share of the image's area the random box keeps (drawn per row, seeded)."""
 
     def __post_init__(self) -> None:
         # Constraints given as plain dicts from Python get the same key and type checks as from YAML.
@@ -500,7 +509,11 @@ RANGES: dict[type, dict[str, Range | tuple]] = {
     RewardConfig: {"backbone": ("auto", "causal", "encoder"), "center_rewards_coefficient": at_least(0)},
     # The objectives' own parameters (beta, label_smoothing, gamma, nll_weight, the KTO weights) and the
     # constraints are checked by their registries (losses.check_params, check_constraints) before a run starts.
-    DPOConfig: {"stages": at_least(1)},
+    DPOConfig: {
+        "stages": at_least(1),
+        "mdpo_corruption": ("crop", "mask"),
+        "mdpo_keep": between(0, 1, low_open=True),
+    },
     ListwiseConfig: {"temperature": above(0)},
     OnlineConfig: {
         "reward_clip": above(0),

@@ -9,6 +9,7 @@ for the head is O(chunk_size x vocab) instead of O(batch x time x vocab).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -136,6 +137,7 @@ def completion_logps(
     source_index: torch.Tensor | None = None,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    model_inputs: Callable[[torch.nn.Module], dict] | None = None,
 ) -> CompletionLogProbs:
     """Per-token and per-sequence log-probs of the completion tokens of a batch under a causal LM.
 
@@ -148,7 +150,8 @@ def completion_logps(
     t (default t - 1; differs where a row's sequences branch, e.g. after a shared prompt).
     temperature: score under softmax(logits / temperature), the distribution sampling at that
     temperature draws from (1 = the model's own). with_entropy: also return each scored position's
-    entropy (a diagnostic online RL logs).
+    entropy (a diagnostic online RL logs). model_inputs: a function of the backbone returning more keyword
+    inputs for it (a vision-language model's image features: `alignkit.vision.image_inputs`).
     Only positions predicting a completion token are projected to the vocabulary.
 
     Called on a model that accelerate prepared, this reaches past the DDP / FSDP wrapper: call it inside
@@ -158,6 +161,8 @@ def completion_logps(
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
+    if model_inputs is not None:
+        kwargs.update(model_inputs(backbone))
     hidden = backbone(**kwargs).last_hidden_state  # (B, T, H)
     return _logps_of_hidden(
         hidden,

@@ -127,8 +127,11 @@ def load_causal_lm(
 ):
     """A causal LM from a hub name or local directory, safetensors weights only; with `encoder_decoder_ok`
     (algorithms that support them, e.g. PPO) an encoder-decoder LM (AutoModelForSeq2SeqLM: T5, BART, ...)
-    when the checkpoint is one. The pad id is written into the config when it has none."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    when the checkpoint is one; a vision-language model (AutoModelForImageTextToText: LLaVA, Qwen2-VL, ...)
+    when it is one. The pad id is written into the config when it has none."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSeq2SeqLM
+
+    from alignkit.vision import is_vision_language
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
@@ -136,10 +139,11 @@ def load_causal_lm(
     kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(
-        name_or_path, **kwargs
-    )
-    if pad_token_id is not None and model.config.pad_token_id is None:
+    auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    if not seq2seq and is_vision_language(name_or_path, trust_remote_code):
+        auto = AutoModelForImageTextToText
+    model = auto.from_pretrained(name_or_path, **kwargs)
+    if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id
         if model.generation_config is not None:
             model.generation_config.pad_token_id = pad_token_id

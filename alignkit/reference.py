@@ -178,8 +178,9 @@ def adapter_disabled(module):
     """The LoRA adapter of the model inside `module` (a BatchForward, or the peft model) switched off."""
     inner = module.model if isinstance(module, BatchForward) else module
     # Re-enabling runs peft's set_adapter, which freezes every adapter but the active one (e.g. PPO's
-    # critic adapter on the same base): what trained before must train after.
-    trainable = [p for p in inner.parameters() if p.requires_grad]
+    # critic adapter on the same base) and unfreezes all of the active one's layers (e.g. those in a VLM's
+    # frozen vision tower): what trained before must train after, and nothing else.
+    trainable = [p.requires_grad for p in inner.parameters()]
     try:
         if hasattr(inner, "disable_adapter"):  # a peft PeftModel
             with inner.disable_adapter():
@@ -191,8 +192,8 @@ def adapter_disabled(module):
             finally:
                 inner.enable_adapters()
     finally:
-        for p in trainable:
-            p.requires_grad_(True)
+        for p, was in zip(inner.parameters(), trainable):
+            p.requires_grad_(was)
 
 
 def frozen_model(cfg, name_or_path: str, device) -> torch.nn.Module:

@@ -22,6 +22,7 @@ from alignkit.data.prepare import prepare_preference_data
 from alignkit.logprobs import completion_logps
 from alignkit.losses import LOSSES, LossSpec, RunningMean, check_params, get_loss, preference_loss
 from alignkit.losses.constraints import check_constraints, constraint_losses, implicit_rewards
+from alignkit.losses.mdpo import mdpo_terms
 from alignkit.models import BatchForward, add_lora, load_policy, load_tokenizer
 from alignkit.reference import (
     Reference,
@@ -30,6 +31,7 @@ from alignkit.reference import (
     setup_reference,
 )
 from alignkit.runtime import evaluate_in_batches, fit, save_final, start_run, used_indices
+from alignkit.vision import check_vision_settings, freeze_vision, image_inputs, vision_setup
 
 PAIR_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
@@ -39,7 +41,9 @@ def pair_logps(model, batch: dict, chunk_size: int = 1024) -> dict[str, torch.Te
     completion token counts}, each (B,). The batch function the prepared policy runs (`BatchForward`).
 
     Two layouts (alignkit.data.collate): rows of packed [prompt | chosen | rejected] segments with a 4D
-    mask (`share_prompt`, each prompt computed once), or 2B rows, chosen then rejected.
+    mask (`share_prompt`, each prompt computed once), or 2B rows, chosen then rejected. With images
+    (alignkit.data.vision) each pair's images are encoded once in either layout, and mDPO batches (two-row)
+    add B rows of the chosen response under corrupted images ("corrupt_chosen", "n_corrupt_chosen").
     """
     if "allowed" in batch:
         dtype = next(model.parameters()).dtype
@@ -53,6 +57,7 @@ def pair_logps(model, batch: dict, chunk_size: int = 1024) -> dict[str, torch.Te
             position_ids=batch["position_ids"],
             chunk_size=chunk_size,
             source_index=batch["source_index"],
+            model_inputs=lambda backbone: image_inputs(backbone, batch),
         )
         B = batch["preference"].shape[0]
         segment = batch["segment"]  # (R, T) pair index of each completion token
@@ -68,26 +73,34 @@ def pair_logps(model, batch: dict, chunk_size: int = 1024) -> dict[str, torch.Te
             "n_rejected": per_pair(rejected_mask, rejected_mask).long(),
         }
     out = completion_logps(
-        model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], chunk_size=chunk_size
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["completion_mask"],
+        chunk_size=chunk_size,
+        model_inputs=lambda backbone: image_inputs(backbone, batch),
     )
-    B = batch["input_ids"].shape[0] // 2
-    return {
+    B = batch["preference"].shape[0]
+    logps = {
         "chosen": out.sum[:B],
-        "rejected": out.sum[B:],
+        "rejected": out.sum[B : 2 * B],
         "n_chosen": out.count[:B],
-        "n_rejected": out.count[B:],
+        "n_rejected": out.count[B : 2 * B],
     }
+    if out.sum.shape[0] == 3 * B:  # mDPO: the chosen response again, under the corrupted images
+        logps.update({"corrupt_chosen": out.sum[2 * B :], "n_corrupt_chosen": out.count[2 * B :]})
+    return logps
 
 
-def make_collate(pad_id: int, share_prompt: bool):
-    """The batch layout for pairs, with precomputed reference log-probs when the examples carry them."""
+def make_collate(pad_id: int, share_prompt: bool, layout=None):
+    """The batch layout for pairs (`layout(examples, pad_id)`, default by `share_prompt`), with precomputed
+    reference log-probs when the examples carry them."""
 
     def collate(examples: list[dict]) -> dict:
-        layout = collate_pairs_shared_prompt if share_prompt else collate_pairs
-        batch = layout(examples, pad_id)
-        if "ref_chosen" in examples[0]:
-            batch["ref_chosen"] = torch.tensor([e["ref_chosen"] for e in examples])
-            batch["ref_rejected"] = torch.tensor([e["ref_rejected"] for e in examples])
+        pairs = layout or (collate_pairs_shared_prompt if share_prompt else collate_pairs)
+        batch = pairs(examples, pad_id)
+        for key in [k for k in examples[0] if k.startswith("ref_")]:
+            batch[key] = torch.tensor([e[key] for e in examples])
         if "flagged" in examples[0]:  # (B, F, 2): per flagged_reward constraint, chosen / rejected flagged
             batch["flagged"] = torch.tensor([e["flagged"] for e in examples], dtype=torch.bool)
         return batch
@@ -244,6 +257,12 @@ def paired_loss(
             flagged=batch.get("flagged"),
         )
         losses = losses + extra
+    if "corrupt_chosen" in policy:  # mDPO's conditional and anchor terms
+        extra, mdpo_metrics = mdpo_terms(
+            chosen, policy["corrupt_chosen"], ref_chosen, ref["corrupt_chosen"], beta=cfg.beta
+        )
+        losses = losses + extra
+        constraint_metrics = {**constraint_metrics, **mdpo_metrics}
     margins = (out.chosen_rewards - out.rejected_rewards).detach()
     metrics = {
         "loss": losses.detach().mean(),
@@ -297,11 +316,16 @@ def train(cfg: DPOConfig, *, part: tuple[int, int] | None = None) -> Path:
         )
     spec = get_loss(cfg.loss)
     check_loss_settings(cfg, spec)
+    is_vlm = check_vision_settings(cfg, spec)  # freeze_vision / mdpo* are for vision-language models
     accelerator, log, output_dir = start_run(cfg)
 
     # Data: validated and tokenised before any model is loaded, so bad rows fail fast.
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
-    train_examples, eval_examples = prepare_preference_data(cfg, tokenizer, log)
+    vlm = vision_setup(cfg, log) if is_vlm else None  # a VLM's processor and batch layout
+    tokenizer = (
+        vlm.processor.tokenizer if vlm else load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
+    )
+    prepare = vlm.prepare if vlm else prepare_preference_data
+    train_examples, eval_examples = prepare(cfg, tokenizer, log)
     if part is not None:
         train_examples = stage_examples(train_examples, *part)
         log(f"stage {part[0]} of {part[1]}: {len(train_examples)} training pairs")
@@ -309,7 +333,9 @@ def train(cfg: DPOConfig, *, part: tuple[int, int] | None = None) -> Path:
     attach_flags(cfg, tokenizer, [train_examples, eval_examples], log)
 
     model = load_policy(cfg, tokenizer.pad_token_id, accelerator.device)
-    collate = make_collate(tokenizer.pad_token_id, cfg.share_prompt)
+    if vlm and cfg.freeze_vision:
+        log(f"freeze_vision: {freeze_vision(model):,} parameters of the vision tower and projector frozen")
+    collate = make_collate(tokenizer.pad_token_id, cfg.share_prompt, vlm.layout if vlm else None)
 
     def logps(m, batch: dict) -> dict:
         return pair_logps(m, batch, cfg.logprob_chunk_size)
@@ -318,16 +344,18 @@ def train(cfg: DPOConfig, *, part: tuple[int, int] | None = None) -> Path:
         # Only rows the run will train on (all of them unless max_steps ends it within the first epoch).
         used = [train_examples[i] for i in used_indices(cfg, len(train_examples), accelerator)]
         splits = {"train": used, "eval": eval_examples}
-        attach_precomputed_reference(cfg, forward, splits, accelerator, collate, PAIR_FIELDS, log)
+        fields = PAIR_FIELDS + (("images",) if vlm else ())
+        attach_precomputed_reference(cfg, forward, splits, accelerator, collate, fields, log)
 
     # The reference: log-probs of the frozen starting point (or of `reference.model`).
     reference, setup_metrics = None, {}
     if spec.needs_reference:
-        reference, setup_metrics = setup_reference(
-            cfg, model, accelerator, logps, ("chosen", "rejected"), precompute
-        )
+        names = ("chosen", "rejected") + (("corrupt_chosen",) if cfg.mdpo else ())
+        reference, setup_metrics = setup_reference(cfg, model, accelerator, logps, names, precompute)
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora)
+        if vlm and cfg.freeze_vision:  # "all-linear" adapters in the vision tower stay at their zero start
+            freeze_vision(model)
     model.train()
     objective = PairedObjective(cfg, spec, reference, accelerator.gather)
 
@@ -348,4 +376,5 @@ def train(cfg: DPOConfig, *, part: tuple[int, int] | None = None) -> Path:
         state=objective.reward_mean if "delta" in spec.inputs else None,
     )
 
-    return save_final(accelerator, prepared, tokenizer, output_dir, cfg.lora.merge, log)
+    saved_with = vlm.processor if vlm else tokenizer  # a VLM's processor saves its tokenizer too
+    return save_final(accelerator, prepared, saved_with, output_dir, cfg.lora.merge, log)
