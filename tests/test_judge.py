@@ -186,6 +186,7 @@ class _Handler(BaseHTTPRequestHandler):
         srv = self.server
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         user = next(m["content"] for m in body["messages"] if m["role"] == "user")
+        finished = False
         with srv.lock:
             srv.calls += 1
             call = srv.calls
@@ -212,6 +213,11 @@ class _Handler(BaseHTTPRequestHandler):
             data = json.dumps(payload).encode()
             if headers.pop("X-Escape", None):  # as PHP's json_encode writes it: slashes escaped
                 data = data.replace(b"/", b"\\/")
+            # The request stops counting as in flight before its answer leaves: the client may send its next
+            # request the moment it reads this one, before this thread would reach `finally`.
+            finished = True
+            with srv.lock:
+                srv.in_flight -= 1
             self.send_response(status)
             for k, v in {
                 **headers,
@@ -224,8 +230,9 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout test)
             pass
         finally:
-            with srv.lock:
-                srv.in_flight -= 1
+            if not finished:
+                with srv.lock:
+                    srv.in_flight -= 1
 
     def log_message(self, *args):
         pass
