@@ -107,7 +107,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     check_tokenizer_source(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        name_or_path, trust_remote_code=trust_remote_code, **tokenizer_kwargs(name_or_path)
+    )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if tokenizer.pad_token_id is None:
@@ -223,6 +225,16 @@ def is_pooled_reward_model(name_or_path: str) -> bool:
     if path is None or not (path / "config.json").is_file():
         return False
     return json.loads((path / "config.json").read_text()).get("model_type") == "alignkit_pooled_reward"
+
+
+def tokenizer_kwargs(name_or_path: str) -> dict:
+    """Extra AutoTokenizer.from_pretrained arguments for a folder: a `PooledRewardModel`'s config (which
+    AutoTokenizer would otherwise try to load as remote code, asking whether to trust it); else {}."""
+    if not is_pooled_reward_model(name_or_path):
+        return {}
+    from alignkit.modeling_reward import PooledRewardConfig
+
+    return {"config": PooledRewardConfig.from_pretrained(name_or_path)}
 
 
 def load_sequence_classifier(name_or_path: str, **kwargs):

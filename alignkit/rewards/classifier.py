@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from alignkit.config import ConfigError
-from alignkit.models import DTYPES, load_sequence_classifier, reward_labels
+from alignkit.models import DTYPES, load_sequence_classifier, reward_labels, tokenizer_kwargs
 from alignkit.rewards.base import SourceOptions, as_scores, check_batch, check_template, fill
 
 
@@ -95,8 +95,9 @@ class ClassifierReward:
 
         self.options, self.name, self.weight = options, options.name, options.weight
         self.device = _device(options.device)
+        tokenizer = options.tokenizer or options.model
         self.tokenizer = AutoTokenizer.from_pretrained(
-            options.tokenizer or options.model, trust_remote_code=options.trust_remote_code
+            tokenizer, trust_remote_code=options.trust_remote_code, **tokenizer_kwargs(tokenizer)
         )
         if options.truncation_side:
             self.tokenizer.truncation_side = options.truncation_side
