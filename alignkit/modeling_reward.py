@@ -72,6 +72,22 @@ class PooledRewardModel(PreTrainedModel):
         self.score = torch.nn.Linear(config.backbone_config.hidden_size, config.num_labels)
         self.post_init()
 
+    @classmethod
+    def around(cls, backbone: torch.nn.Module, pooling: str, num_labels: int = 1) -> PooledRewardModel:
+        """A new model around a loaded backbone module (taken over, not copied; its weights are kept),
+        the head initialised N(0, initializer_range)."""
+        config = PooledRewardConfig(backbone_config=backbone.config, pooling=pooling, num_labels=num_labels)
+        with torch.device("meta"):  # the backbone is replaced by the loaded one just below
+            model = cls(config)
+        model.backbone = backbone
+        if getattr(backbone, "pooler", None) is not None:
+            backbone.pooler = None
+        param = next(backbone.parameters())
+        model.score = model.score.to_empty(device=param.device).to(param.dtype)
+        torch.nn.init.normal_(model.score.weight, std=getattr(backbone.config, "initializer_range", 0.02))
+        torch.nn.init.zeros_(model.score.bias)
+        return model
+
     def get_input_embeddings(self):
         return self.backbone.get_input_embeddings()
 

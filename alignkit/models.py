@@ -250,25 +250,6 @@ def load_sequence_classifier(name_or_path: str, **kwargs):
     return AutoModelForSequenceClassification.from_pretrained(name_or_path, **kwargs)
 
 
-def pooled_classifier(backbone: torch.nn.Module, pooling: str, num_labels: int = 1):
-    """A `PooledRewardModel` (linear head on the mean / first / last real token state) around a loaded
-    backbone module (taken over, not copied); the head is initialised N(0, initializer_range)."""
-    from alignkit.modeling_reward import PooledRewardConfig, PooledRewardModel
-
-    config = PooledRewardConfig(backbone_config=backbone.config, pooling=pooling, num_labels=num_labels)
-    with torch.device("meta"):  # the backbone is replaced by the loaded one just below
-        model = PooledRewardModel(config)
-    model.backbone = backbone
-    if getattr(backbone, "pooler", None) is not None:
-        backbone.pooler = None
-    param = next(backbone.parameters())
-    model.score = model.score.to_empty(device=param.device).to(param.dtype)
-    std = getattr(backbone.config, "initializer_range", 0.02)
-    torch.nn.init.normal_(model.score.weight, std=std)
-    torch.nn.init.zeros_(model.score.bias)
-    return model
-
-
 def load_reward_model(
     name_or_path: str,
     dtype: str = "float32",
@@ -288,7 +269,7 @@ def load_reward_model(
     (`classifier_from_causal_lm`); a sequence-classifier checkpoint (e.g. a saved reward model) or an
     encoder (BERT-like) loads through AutoModelForSequenceClassification(num_labels), the encoder's
     head new. With `pooling` (mean, cls or last) the head reads that pooling of the backbone's states
-    instead (`pooled_classifier`, alignkit/modeling_reward.py). from_causal_lm: whether `name_or_path` is
+    instead (`PooledRewardModel.around`, alignkit/modeling_reward.py). from_causal_lm: whether `name_or_path` is
     a causal LM (default: unless its architecture is an encoder's). `pad_token_id` is written into the
     config: decoder classifiers find the last real token through it, in training and wherever the saved
     model is used.
@@ -311,10 +292,12 @@ def load_reward_model(
         if from_causal_lm and not classifier:
             lm = load_causal_lm(name_or_path, dtype, attn_implementation, trust_remote_code)
         if pooling is not None and not classifier:
+            from alignkit.modeling_reward import PooledRewardModel
+
             backbone = (
                 getattr(lm, lm.base_model_prefix) if lm else AutoModel.from_pretrained(name_or_path, **kwargs)
             )
-            model = pooled_classifier(backbone, pooling, num_labels)
+            model = PooledRewardModel.around(backbone, pooling, num_labels)
         elif lm is not None:
             model = classifier_from_causal_lm(lm, num_labels=num_labels)
         else:

@@ -4,10 +4,14 @@
 
 Reads top to bottom: data -> the classifier's input sequences -> model -> loss -> fit -> save.
 
-The reward of a response is one number from a standard Hugging Face sequence classifier reading
-`prompt + response`: a causal LM's backbone with a linear head on the last token, or an encoder (BERT
-and kin) with its pooled [CLS] head. Trained on the same rows as DPO, it is saved as
-`...ForSequenceClassification` (one label, "reward") and scored through the classifier reward source:
+The reward of a response is one number from a sequence classifier reading `prompt + response`: a linear
+head on the pooling the backbone was trained with (`pooling`, `resolve_pooling`): the last token of a
+causal LM, an encoder's [CLS] head (the stock `...ForSequenceClassification`, one label "reward"), or
+the mean of the token states for a sentence-transformers encoder such as all-MiniLM-L6-v2
+(`alignkit.modeling_reward.PooledRewardModel`, saved with its own code). `ensemble=K` trains K heads
+on one backbone (labels reward_0 ... reward_{K-1}), each from its own seed and Poisson bootstrap
+resample of the pairs; the reward is their mean, their std an uncertainty. Scored through the
+classifier reward source:
 
     {type: classifier, model: out/final, text: "{prompt}{response}", max_length: <max_length>}
 
