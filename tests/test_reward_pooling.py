@@ -20,13 +20,19 @@ from alignkit.algorithms.reward_model import (
     train,
 )
 from alignkit.cli import main
-from alignkit.config import ConfigError, RewardConfig
+from alignkit.config import ConfigError
 from alignkit.modeling_reward import pool
 from alignkit.models import load_reward_model, load_tokenizer
 from alignkit.rewards.compose import RewardSet
 from alignkit.rewards.registry import build_reward
 from tests.conftest import TINYSTORIES
-from tests.test_reward_model import bert_dir, last_eval, sentiment_rows, write_jsonl  # noqa: F401
+from tests.test_reward_model import (  # noqa: F401 (bert_dir: a fixture)
+    bert_dir,
+    last_eval,
+    sentiment_rows,
+    small_run,
+    write_jsonl,
+)
 
 
 def write_st_pooling(path, **modes) -> None:
@@ -76,27 +82,6 @@ def test_auto_pooling_reads_a_sentence_transformers_folder(tmp_path):
     write_st_pooling(plain, pooling_mode_mean_tokens=True, pooling_mode_max_tokens=True)
     with pytest.raises(ConfigError, match="pooling_mode_max_tokens \\+ pooling_mode_mean_tokens is not one"):
         resolve_pooling("auto", str(plain), encoder=True)
-
-
-def small_run(model, tmp_path, **overrides) -> RewardConfig:
-    """A 40-step run on the sentiment pairs (160 to train on, 40 held out)."""
-    return RewardConfig(
-        model=str(model),
-        data=write_jsonl(tmp_path / "train.jsonl", sentiment_rows(160, seed=0)),
-        eval_data=write_jsonl(tmp_path / "eval.jsonl", sentiment_rows(40, seed=1)),
-        output_dir=str(tmp_path / "out"),
-        batch_size=8,
-        lr=2e-3,
-        max_steps=40,
-        max_length=64,
-        max_prompt_length=32,
-        warmup_ratio=0.0,
-        progress=False,
-        save_steps=0,
-        eval_steps=1000,
-        report=False,
-        **overrides,
-    )
 
 
 def test_mean_pooled_model_scores_the_same_in_alignkit_transformers_and_by_hand(st_bert, tmp_path):
