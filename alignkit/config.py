@@ -191,6 +191,11 @@ class RewardConfig(TrainConfig):
     """Train without dropout (LoRA's too): it adds noise to the chosen-minus-rejected difference, and time."""
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(merge=True))
     """LoRA settings; the final model is saved merged (a plain classifier) unless lora.merge=false."""
+    pooling: str = "auto"
+    """What the head reads: mean (of the token states), cls, last (token), or auto (a sentence-transformers
+    folder's own pooling, else the stock classifier's: cls for encoders, last for causal LMs)."""
+    ensemble: int = 1
+    """K > 1: K heads on one backbone, each from its own seed and bootstrap resample; rewards are their mean."""
 
 
 @dataclass
@@ -506,7 +511,12 @@ RANGES: dict[type, dict[str, Range | tuple]] = {
         "logprob_chunk_size": at_least(1),
         "on_bad_rows": ("refuse", "skip"),
     },
-    RewardConfig: {"backbone": ("auto", "causal", "encoder"), "center_rewards_coefficient": at_least(0)},
+    RewardConfig: {
+        "backbone": ("auto", "causal", "encoder"),
+        "center_rewards_coefficient": at_least(0),
+        "pooling": ("auto", "mean", "cls", "last"),
+        "ensemble": at_least(1),
+    },
     # The objectives' own parameters (beta, label_smoothing, gamma, nll_weight, the KTO weights) and the
     # constraints are checked by their registries (losses.check_params, check_constraints) before a run starts.
     DPOConfig: {

@@ -107,7 +107,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     check_tokenizer_source(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        name_or_path, trust_remote_code=trust_remote_code, **tokenizer_kwargs(name_or_path)
+    )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if tokenizer.pad_token_id is None:
@@ -213,6 +215,45 @@ def classifier_from_causal_lm(lm, num_labels: int = 1):
     return model
 
 
+def reward_labels(num_labels: int) -> dict[int, str]:
+    """id2label of a reward model: {0: "reward"}, or one label per ensemble member, reward_0 ... reward_{K-1}."""
+    return {0: "reward"} if num_labels == 1 else {k: f"reward_{k}" for k in range(num_labels)}
+
+
+def is_pooled_reward_model(name_or_path: str) -> bool:
+    """Whether a local folder holds a `PooledRewardModel` (`alignkit reward` with a pooling its backbone's
+    stock classifier does not do; alignkit/modeling_reward.py)."""
+    import json
+
+    path = _local(name_or_path)
+    if path is None or not (path / "config.json").is_file():
+        return False
+    return json.loads((path / "config.json").read_text()).get("model_type") == "alignkit_pooled_reward"
+
+
+def tokenizer_kwargs(name_or_path: str) -> dict:
+    """Extra AutoTokenizer.from_pretrained arguments for a folder: a `PooledRewardModel`'s config (which
+    AutoTokenizer would otherwise try to load as remote code, asking whether to trust it); else {}."""
+    if not is_pooled_reward_model(name_or_path):
+        return {}
+    from alignkit.modeling_reward import PooledRewardConfig
+
+    return {"config": PooledRewardConfig.from_pretrained(name_or_path)}
+
+
+def load_sequence_classifier(name_or_path: str, **kwargs):
+    """AutoModelForSequenceClassification.from_pretrained(name_or_path, **kwargs); a `PooledRewardModel`
+    folder is loaded with alignkit's own copy of its class (no trust_remote_code needed for it)."""
+    from transformers import AutoModelForSequenceClassification
+
+    if is_pooled_reward_model(name_or_path):
+        from alignkit.modeling_reward import PooledRewardModel
+
+        kwargs.pop("trust_remote_code", None)
+        return PooledRewardModel.from_pretrained(name_or_path, **kwargs)
+    return AutoModelForSequenceClassification.from_pretrained(name_or_path, **kwargs)
+
+
 def load_reward_model(
     name_or_path: str,
     dtype: str = "float32",
@@ -221,33 +262,54 @@ def load_reward_model(
     gradient_checkpointing: bool = False,
     pad_token_id: int | None = None,
     from_causal_lm: bool | None = None,
+    *,
+    pooling: str | None = None,
+    num_labels: int = 1,
 ):
-    """A one-output sequence classifier (a scalar reward or value model) to train.
+    """A sequence classifier with `num_labels` outputs (a scalar reward, value model, or an ensemble of
+    heads) to train.
 
     A causal-LM checkpoint becomes the LM's backbone plus a linear head on the last non-pad token
     (`classifier_from_causal_lm`); a sequence-classifier checkpoint (e.g. a saved reward model) or an
-    encoder (BERT-like) loads through AutoModelForSequenceClassification(num_labels=1), the encoder's
-    head new. from_causal_lm: whether `name_or_path` is a causal LM (default: unless its architecture is
-    an encoder's). `pad_token_id` is written into the config: decoder classifiers find the last real
-    token through it, in training and wherever the saved model is used.
+    encoder (BERT-like) loads through AutoModelForSequenceClassification(num_labels), the encoder's
+    head new. With `pooling` (mean, cls or last) the head reads that pooling of the backbone's states
+    instead (`PooledRewardModel.around`, alignkit/modeling_reward.py). from_causal_lm: whether `name_or_path` is
+    a causal LM (default: unless its architecture is an encoder's). `pad_token_id` is written into the
+    config: decoder classifiers find the last real token through it, in training and wherever the saved
+    model is used.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
-    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    if from_causal_lm is None:
-        from_causal_lm = not is_encoder(config)
-    classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
-    if from_causal_lm and not classifier:
-        lm = load_causal_lm(name_or_path, dtype, attn_implementation, trust_remote_code)
-        model = classifier_from_causal_lm(lm, num_labels=1)
+    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code, "use_safetensors": True}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if is_pooled_reward_model(name_or_path):  # a saved one, trained on
+        model = load_sequence_classifier(name_or_path, num_labels=num_labels, **kwargs)
     else:
-        kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code, "use_safetensors": True}
-        if attn_implementation:
-            kwargs["attn_implementation"] = attn_implementation
-        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, **kwargs)
-    model.config.id2label, model.config.label2id = {0: "reward"}, {"reward": 0}
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        if from_causal_lm is None:
+            from_causal_lm = not is_encoder(config)
+        classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+        lm = None
+        if from_causal_lm and not classifier:
+            lm = load_causal_lm(name_or_path, dtype, attn_implementation, trust_remote_code)
+        if pooling is not None and not classifier:
+            from alignkit.modeling_reward import PooledRewardModel
+
+            backbone = (
+                getattr(lm, lm.base_model_prefix) if lm else AutoModel.from_pretrained(name_or_path, **kwargs)
+            )
+            model = PooledRewardModel.around(backbone, pooling, num_labels)
+        elif lm is not None:
+            model = classifier_from_causal_lm(lm, num_labels=num_labels)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                name_or_path, num_labels=num_labels, **kwargs
+            )
+    model.config.id2label = reward_labels(num_labels)
+    model.config.label2id = {v: k for k, v in model.config.id2label.items()}
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     if gradient_checkpointing:

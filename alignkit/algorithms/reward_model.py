@@ -4,10 +4,14 @@
 
 Reads top to bottom: data -> the classifier's input sequences -> model -> loss -> fit -> save.
 
-The reward of a response is one number from a standard Hugging Face sequence classifier reading
-`prompt + response`: a causal LM's backbone with a linear head on the last token, or an encoder (BERT
-and kin) with its pooled [CLS] head. Trained on the same rows as DPO, it is saved as
-`...ForSequenceClassification` (one label, "reward") and scored through the classifier reward source:
+The reward of a response is one number from a sequence classifier reading `prompt + response`: a linear
+head on the pooling the backbone was trained with (`pooling`, `resolve_pooling`): the last token of a
+causal LM, an encoder's [CLS] head (the stock `...ForSequenceClassification`, one label "reward"), or
+the mean of the token states for a sentence-transformers encoder such as all-MiniLM-L6-v2
+(`alignkit.modeling_reward.PooledRewardModel`, saved with its own code). `ensemble=K` trains K heads
+on one backbone (labels reward_0 ... reward_{K-1}), each from its own seed and Poisson bootstrap
+resample of the pairs; the reward is their mean, their std an uncertainty. Scored through the
+classifier reward source:
 
     {type: classifier, model: out/final, text: "{prompt}{response}", max_length: <max_length>}
 
@@ -23,6 +27,7 @@ what follows it).
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 
@@ -41,6 +46,48 @@ from alignkit.models import (
     load_tokenizer,
 )
 from alignkit.runtime import evaluate_in_batches, fit, save_final, start_run
+
+ST_POOLING_MODES = {
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_lasttoken": "last",
+}
+
+
+def sentence_transformers_pooling(model_path: str) -> str | None:
+    """The pooling a sentence-transformers folder was trained with: modules.json names its Pooling module,
+    whose config.json sets one pooling_mode_* flag (mean_tokens -> mean, cls_token -> cls, lasttoken ->
+    last). None for anything else (a plain transformers folder, a hub name)."""
+    path = Path(model_path)
+    if not (path / "modules.json").is_file():
+        return None
+    modules = json.loads((path / "modules.json").read_text())
+    pooling = [m for m in modules if str(m.get("type", "")).endswith(".Pooling")]
+    if not pooling:
+        return None
+    config_file = path / pooling[0].get("path", "") / "config.json"
+    modes = json.loads(config_file.read_text())
+    on = sorted(k for k, v in modes.items() if k.startswith("pooling_mode") and v is True)
+    if len(on) != 1 or on[0] not in ST_POOLING_MODES:
+        raise ConfigError(
+            f"{config_file}: pooling {' + '.join(on) or 'none'} is not one alignkit reward reproduces "
+            "(mean, CLS or last token, alone); set pooling=mean, cls or last"
+        )
+    return ST_POOLING_MODES[on[0]]
+
+
+def resolve_pooling(pooling: str, model_path: str, encoder: bool) -> str:
+    """mean, cls or last: `pooling` itself, or for auto the sentence-transformers folder's own pooling,
+    else the backbone's stock classifier's (encoder: cls, through its own head; causal: last)."""
+    if pooling != "auto":
+        return pooling
+    return sentence_transformers_pooling(model_path) or native_pooling(encoder)
+
+
+def native_pooling(encoder: bool) -> str:
+    """The pooling of the stock `...ForSequenceClassification`: [CLS] for encoders (BERT: through its
+    pooler), the last real token for causal LMs."""
+    return "cls" if encoder else "last"
 
 
 def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
@@ -113,9 +160,16 @@ def last_real_tokens(batch: dict, pad_id: int) -> tuple[torch.Tensor, torch.Tens
 
 def make_collate(pad_id: int, share_prompt: bool):
     """Pairs -> one batch: [prompt | chosen | rejected] segments with the flat positions of the two last
-    tokens (`share_prompt`), or 2B padded rows, the chosen sequences then the rejected ones."""
+    tokens (`share_prompt`), or 2B padded rows, the chosen sequences then the rejected ones; with the
+    pairs' `pair_index` (B,) when they have one (training pairs of an ensemble)."""
 
     def collate(examples: list[dict]) -> dict:
+        batch = pairs_batch(examples)
+        if "pair_index" in examples[0]:
+            batch["pair_index"] = torch.tensor([e["pair_index"] for e in examples])
+        return batch
+
+    def pairs_batch(examples: list[dict]) -> dict:
         if not share_prompt:
             batch = collate_pairs(examples, pad_id)
             del batch["completion_mask"]
@@ -138,8 +192,8 @@ def _backbone_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 
 def pair_rewards(model, batch: dict) -> dict[str, torch.Tensor]:
-    """One forward for the whole batch -> {"chosen", "rejected": rewards, each (B,) float32}; the batch
-    function the prepared reward model runs (`BatchForward`)."""
+    """One forward for the whole batch -> {"chosen", "rejected": rewards, each (B,) float32, or (B, K)
+    for an ensemble of K heads}; the batch function the prepared reward model runs (`BatchForward`)."""
     if "allowed" in batch:
         backbone, head = _backbone_and_head(model)
         dtype = next(model.parameters()).dtype
@@ -151,38 +205,91 @@ def pair_rewards(model, batch: dict) -> dict[str, torch.Tensor]:
             use_cache=False,
         ).last_hidden_state  # (B, T, H)
         ends = torch.cat([batch["chosen_end"], batch["rejected_end"]])  # (2B,) flat positions
-        rewards = head(hidden.flatten(0, 1)[ends]).squeeze(-1).float()  # (2B,)
+        rewards = head(hidden.flatten(0, 1)[ends]).float()  # (2B, K)
     else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        rewards = logits.squeeze(-1).float()  # (2B,)
+        rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    if rewards.shape[-1] == 1:
+        rewards = rewards.squeeze(-1)  # (2B,)
     B = rewards.shape[0] // 2
     return {"chosen": rewards[:B], "rejected": rewards[B:]}
 
 
-def reward_loss(model, batch: dict, *, center_rewards_coefficient: float = 0.0):
-    """Bradley–Terry loss of the prepared reward model on a batch -> (mean loss over pairs, metrics)."""
+def reward_loss(
+    model, batch: dict, *, center_rewards_coefficient: float = 0.0, bootstrap: torch.Tensor | None = None
+):
+    """Bradley–Terry loss of the prepared reward model on a batch -> (mean loss over pairs, metrics).
+
+    An ensemble's rewards are (B, K): each head has its own BT loss, weighted per pair by
+    `bootstrap[pair_index]` (N, K) when the batch has pair indices (training: head k fits its own
+    Poisson(1) resample of the pairs, bagging), and the loss is their mean over heads. The metrics are
+    the members' mean reward's (what the classifier source returns), plus `rewards/member_accuracies`
+    and `rewards/uncertainty`, the mean over responses of the members' standard deviation.
+    """
     rewards = model(batch)
+    chosen, rejected = rewards["chosen"], rewards["rejected"]  # (B,) or (B, K)
+    members = chosen.dim() == 2
+
+    def per_pair(x: torch.Tensor | None) -> torch.Tensor | None:  # (B,) -> (B, 1) beside (B, K) rewards
+        return x[:, None] if x is not None and members else x
+
     out = bradley_terry_loss(
-        rewards["chosen"],
-        rewards["rejected"],
-        margin=batch.get("margin"),
-        preference=batch["preference"],
+        chosen,
+        rejected,
+        margin=per_pair(batch.get("margin")),
+        preference=per_pair(batch["preference"]),
         center_rewards_coefficient=center_rewards_coefficient,
     )
-    margins = (out.chosen_rewards - out.rejected_rewards).detach()
+    losses, extra = out.losses, {}  # (B,) or (B, K)
+    chosen, rejected = out.chosen_rewards, out.rejected_rewards
+    if members:
+        if bootstrap is not None and "pair_index" in batch:
+            losses = losses * bootstrap.to(losses.device)[batch["pair_index"]]  # (B, K)
+        losses = losses.mean(-1)
+        extra = {
+            "rewards/member_accuracies": (chosen > rejected).float().mean(),
+            "rewards/uncertainty": torch.cat([chosen, rejected]).std(-1, correction=0).mean(),
+        }
+        chosen, rejected = chosen.mean(-1), rejected.mean(-1)  # (B,): the ensemble's reward
+    margins = chosen - rejected
     metrics = {
-        "loss": out.losses.detach().mean(),
+        "loss": losses.detach().mean(),
         "rewards/accuracies": (margins > 0).float().mean(),
         "rewards/margins": margins.mean(),
-        "rewards/chosen": out.chosen_rewards.detach().mean(),
-        "rewards/rejected": out.rejected_rewards.detach().mean(),
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+        **extra,
         **out.metrics,
     }
-    return out.losses.mean(), metrics
+    return losses.mean(), metrics
 
 
-def check_settings(cfg: RewardConfig, encoder: bool) -> bool:
-    """Validate the settings for this backbone; returns whether the prompt is shared."""
+def bootstrap_weights(n: int, members: int, seed: int) -> torch.Tensor | None:
+    """(n, members) Poisson(1) counts: how often each member's resample holds each training pair (an
+    ensemble member sees about 63% of the pairs, some twice); None for a single model."""
+    if members == 1:
+        return None
+    return torch.poisson(torch.ones(n, members), generator=torch.Generator().manual_seed(seed))
+
+
+def seed_members(model, members: int, seed: int) -> torch.nn.Linear:
+    """Re-draw each ensemble member's row of the output head from its own seed (seed + k), N(0, the
+    config's initializer_range), bias 0; returns the head (the last Linear with `members` outputs)."""
+    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == members]
+    if not heads:
+        raise TypeError(f"{type(model).__name__} has no linear head with {members} outputs")
+    head = heads[-1]
+    std = getattr(model.config, "initializer_range", 0.02)
+    with torch.no_grad():
+        for k in range(members):
+            g = torch.Generator().manual_seed(seed + k)
+            head.weight[k] = torch.randn(head.in_features, generator=g).to(head.weight) * std
+        if head.bias is not None:
+            head.bias.zero_()
+    return head
+
+
+def check_settings(cfg: RewardConfig, encoder: bool, pooling: str) -> bool:
+    """Validate the settings for this backbone and pooling; returns whether the prompt is shared."""
     # backbone and center_rewards_coefficient are range-checked when the config loads (config.RANGES).
     if cfg.group_by_length and not cfg.shuffle:
         raise ConfigError("group_by_length reorders the rows; set shuffle=true or group_by_length=false")
@@ -199,12 +306,19 @@ def check_settings(cfg: RewardConfig, encoder: bool) -> bool:
             "share_prompt needs a causal backbone; an encoder's prompt states depend on the response, "
             "so each response is read with its own copy of the prompt; remove share_prompt"
         )
+    if cfg.share_prompt and pooling != "last":
+        raise ConfigError(
+            f"share_prompt reads each response's last token; pooling={pooling} reads others; "
+            "remove share_prompt or set pooling=last"
+        )
     if cfg.share_prompt and flash:
         raise ConfigError(
             "share_prompt needs a 4D attention mask, which flash attention does not take; "
             "set share_prompt=false or attn_implementation=sdpa"
         )
-    return not encoder and not flash if cfg.share_prompt is None else cfg.share_prompt
+    if cfg.share_prompt is None:
+        return not encoder and not flash and pooling == "last"
+    return cfg.share_prompt
 
 
 def train(cfg: RewardConfig) -> Path:
@@ -213,7 +327,8 @@ def train(cfg: RewardConfig) -> Path:
 
     model_config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
     encoder = cfg.backbone == "encoder" or (cfg.backbone == "auto" and is_encoder(model_config))
-    share_prompt = check_settings(cfg, encoder)
+    pooling = resolve_pooling(cfg.pooling, cfg.model, encoder)
+    share_prompt = check_settings(cfg, encoder, pooling)
     positions = getattr(model_config, "max_position_embeddings", None)
     if positions and cfg.max_length > positions:
         raise ConfigError(f"max_length {cfg.max_length} is more than the model's {positions} positions")
@@ -245,7 +360,13 @@ def train(cfg: RewardConfig) -> Path:
         cfg.gradient_checkpointing,
         tokenizer.pad_token_id,
         from_causal_lm=not encoder,
+        pooling=None if pooling == native_pooling(encoder) else pooling,
+        num_labels=cfg.ensemble,
     ).to(accelerator.device)
+    if cfg.ensemble > 1:
+        seed_members(model, cfg.ensemble, cfg.seed)
+        for i, e in enumerate(train_examples):
+            e["pair_index"] = i
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora, task_type="SEQ_CLS")
     if cfg.disable_dropout:
@@ -253,12 +374,17 @@ def train(cfg: RewardConfig) -> Path:
     model.train()
     log(
         f"reward model: {'encoder' if encoder else 'causal LM + value head'} {type(model).__name__}, "
+        f"pooling {pooling}, {cfg.ensemble} head(s), "
         f"prompt {'shared' if share_prompt else 'read with each response'}"
     )
 
     collate = make_collate(tokenizer.pad_token_id, share_prompt)
 
-    loss_fn = partial(reward_loss, center_rewards_coefficient=cfg.center_rewards_coefficient)
+    loss_fn = partial(
+        reward_loss,
+        center_rewards_coefficient=cfg.center_rewards_coefficient,
+        bootstrap=bootstrap_weights(len(train_examples), cfg.ensemble, cfg.seed),
+    )
     eval_order = sorted(eval_examples, key=length)  # similar lengths batched together; order-free metrics
 
     def evaluate(prepared) -> dict:

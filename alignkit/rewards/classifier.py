@@ -5,6 +5,12 @@ label's logit, or its probability under a softmax over the labels (single-label 
 (multi-label heads, where each label is its own yes/no). Which text it sees is a template over
 {prompt} and {response}; cross-encoders that take the prompt and response as a pair (e.g. reward
 models trained on (question, answer)) get `text: "{prompt}"` and `text_pair: "{response}"`.
+
+An ensemble reward model (`alignkit reward ensemble=K`: labels reward_0 ... reward_{K-1}, one per
+member) scores with its members' mean, and their standard deviation (population, over the K members)
+is its uncertainty: `uncertainty_weight: λ` returns mean − λ·std (a pessimistic reward), `output:
+uncertainty` returns the std itself (a cost with `cost_threshold`, a negative-weight term, or a filter),
+and each batch's mean std is logged as `<name>/uncertainty`.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from alignkit.config import ConfigError
-from alignkit.models import DTYPES
+from alignkit.models import DTYPES, load_sequence_classifier, reward_labels, tokenizer_kwargs
 from alignkit.rewards.base import SourceOptions, as_scores, check_batch, check_template, fill
 
 
@@ -46,6 +52,17 @@ class ClassifierOptions(SourceOptions):
     """Weights dtype: float32, bfloat16, float16 or auto."""
     trust_remote_code: bool = False
     """Allow the model repository to run its own code. Off unless you trust the source."""
+    output: str = "reward"
+    """reward (the label's score; an ensemble's members' mean) or uncertainty (an ensemble's members' std)."""
+    uncertainty_weight: float = 0.0
+    """Ensembles, output reward: the score is mean − uncertainty_weight·std (penalises disagreement)."""
+
+
+def ensemble_members(id2label: dict) -> int:
+    """K for an ensemble reward model's labels (reward_0 ... reward_{K-1}, K > 1); 0 for anything else."""
+    labels = {int(k): str(v) for k, v in id2label.items()}
+    k = len(labels)
+    return k if k > 1 and labels == reward_labels(k) else 0
 
 
 def resolve_label(label: str | None, id2label: dict, where: str = "classifier") -> int:
@@ -74,18 +91,19 @@ class ClassifierReward:
     """A label's logit or probability from `AutoModelForSequenceClassification` (see module docstring)."""
 
     def __init__(self, options: ClassifierOptions):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.options, self.name, self.weight = options, options.name, options.weight
         self.device = _device(options.device)
+        tokenizer = options.tokenizer or options.model
         self.tokenizer = AutoTokenizer.from_pretrained(
-            options.tokenizer or options.model, trust_remote_code=options.trust_remote_code
+            tokenizer, trust_remote_code=options.trust_remote_code, **tokenizer_kwargs(tokenizer)
         )
         if options.truncation_side:
             self.tokenizer.truncation_side = options.truncation_side
         if self.tokenizer.pad_token_id is None:  # decoder classifiers (Llama, GPT-2) often have none
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(
+        self.model = load_sequence_classifier(
             options.model,
             dtype=DTYPES[options.dtype],
             trust_remote_code=options.trust_remote_code,
@@ -95,7 +113,18 @@ class ClassifierReward:
             # Decoder classifiers read the logits at the last non-pad token, found through this id.
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.to(self.device).eval()
-        self.label = resolve_label(options.label, self.model.config.id2label, f"classifier '{self.name}'")
+        where = f"classifier '{self.name}'"
+        self.members = 0 if options.label is not None else ensemble_members(self.model.config.id2label)
+        self.label = 0 if self.members else resolve_label(options.label, self.model.config.id2label, where)
+        if not self.members and (options.output != "reward" or options.uncertainty_weight):
+            raise ConfigError(
+                f"{where}: output={options.output}, uncertainty_weight={options.uncertainty_weight} need an "
+                f"ensemble reward model (alignkit reward ensemble=K, labels reward_0...); {options.model} has "
+                f"labels {self.model.config.id2label}{' and label is set' if options.label else ''}"
+            )
+        if self.members and options.function_to_apply == "softmax":
+            raise ConfigError(f"{where}: softmax over ensemble members means nothing; use none or sigmoid")
+        self.uncertainty = None  # the members' mean std on the last batch scored
 
     @staticmethod
     def check(options: ClassifierOptions, where: str) -> None:
@@ -107,6 +136,8 @@ class ClassifierReward:
             )
         if options.truncation_side not in (None, "left", "right"):
             raise ConfigError(f"{where}: truncation_side '{options.truncation_side}' is not left or right")
+        if options.output not in ("reward", "uncertainty"):
+            raise ConfigError(f"{where}: output '{options.output}' is not reward or uncertainty")
         if options.dtype not in DTYPES:
             raise ConfigError(f"{where}: dtype '{options.dtype}' is not one of {', '.join(DTYPES)}")
         if options.batch_size < 1 or options.max_length < 1:
@@ -136,6 +167,13 @@ class ClassifierReward:
 
     def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         logits = self.logits(prompts, responses)  # (B, L)
+        if self.members:
+            values = logits.sigmoid() if self.options.function_to_apply == "sigmoid" else logits  # (B, K)
+            mean, std = values.mean(-1), values.std(-1, correction=0)  # (B,), (B,)
+            self.uncertainty = float(std.mean()) if std.numel() else None
+            if self.options.output == "uncertainty":
+                return as_scores(std, len(responses), self.name)
+            return as_scores(mean - self.options.uncertainty_weight * std, len(responses), self.name)
         if self.options.function_to_apply == "softmax":
             values = logits.softmax(-1)[:, self.label]
         elif self.options.function_to_apply == "sigmoid":
@@ -145,7 +183,7 @@ class ClassifierReward:
         return as_scores(values, len(responses), self.name)
 
     def metrics(self) -> dict[str, float]:
-        return {}
+        return {} if self.uncertainty is None else {"uncertainty": self.uncertainty}
 
 
 @dataclass
