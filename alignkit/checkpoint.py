@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from alignkit.config import _load_yaml as load_yaml
 from alignkit.config import config_to_dict
+from alignkit.config_io import load_yaml
 
 # Settings that do not change what a run trains: where and how often it writes, how long it runs (a resumed
 # run may extend max_steps or epochs), the progress bar and memory-only knobs. Everything else is in the

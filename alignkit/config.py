@@ -1,53 +1,35 @@
-"""Dataclass configs: YAML files plus dotted `key=value` overrides; unknown keys are errors.
-
-Every field has a one-line docstring under it; `field_docs` reads them from the source so that
-`alignkit <command> --help` shows exactly what the code documents.
+"""The configs of alignkit's commands, as dataclasses with a one-line docstring under every field (what
+`alignkit <command> --help` shows), and their value ranges. Reading YAML and overrides, coercion, range
+checks and `--help` text are alignkit.config_io's; its names are re-exported here, so
+`from alignkit.config import load_config, validate, RANGES, ...` keeps working.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import difflib
-import inspect
-import json
-import math
-import re
-import textwrap
-import types
-import typing
 from dataclasses import dataclass, field
-from functools import cache
-from pathlib import Path
-from typing import Any
 
-import yaml
-
-# Organisational sections a YAML file may group top-level keys under (`train: {lr: ...}` or
-# `train.lr=...` on the command line both set `lr`).
-SECTION_ALIASES = ("train",)
-MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
-
-
-class _YAML12Loader(yaml.SafeLoader):
-    """YAML with only true/false as booleans (YAML 1.2): `mixed_precision: no` stays the string 'no'."""
-
-
-_YAML12Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_YAML12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+from alignkit.config_io import (  # noqa: F401 (re-exported)
+    FRACTION,
+    RANGES,
+    RELATIONS,
+    SECTION_ALIASES,
+    ConfigError,
+    Range,
+    above,
+    at_least,
+    between,
+    config_to_dict,
+    describe,
+    field_docs,
+    from_mapping,
+    load_config,
+    range_problems,
+    save_config,
+    validate,
 )
 
-
-def _load_yaml(text):
-    return yaml.load(text, Loader=_YAML12Loader)
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used: unknown key, bad value or type."""
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 
 
 @dataclass
@@ -414,59 +396,7 @@ class RLOOConfig(GRPOConfig):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Ranges: checked when a config loads (and again when a run starts), so a bad value fails at once, naming
-# its key. One table per config class; a class is checked against its own table and its bases'. A new
-# config class adds its row: `RANGES[MyConfig] = {"field": at_least(1), ...}` (None values are skipped).
-
-
-@dataclass(frozen=True)
-class Range:
-    """The numbers a field accepts: an interval (either end open or closed), plus special values."""
-
-    low: float = -math.inf
-    high: float = math.inf
-    low_open: bool = False
-    high_open: bool = False
-    also: tuple = ()
-    """Values accepted outside the interval, e.g. -1 meaning "derive from epochs"."""
-
-    def accepts(self, value) -> bool:
-        if value in self.also:
-            return True
-        above = value > self.low if self.low_open else value >= self.low
-        below = value < self.high if self.high_open else value <= self.high
-        return above and below and not (isinstance(value, float) and math.isnan(value))
-
-    def __str__(self) -> str:
-        def num(x: float) -> str:
-            return str(int(x)) if float(x).is_integer() else f"{x:g}"
-
-        if self.high == math.inf:
-            text = f"{'>' if self.low_open else '>='} {num(self.low)}"
-        elif self.low == -math.inf:
-            text = f"{'<' if self.high_open else '<='} {num(self.high)}"
-        else:
-            brackets = ("(" if self.low_open else "[", ")" if self.high_open else "]")
-            text = f"in {brackets[0]}{num(self.low)}, {num(self.high)}{brackets[1]}"
-        return text + "".join(f" or {num(v)}" for v in self.also)
-
-
-def at_least(low: float, *also) -> Range:
-    """value >= low (or one of `also`)."""
-    return Range(low, also=also)
-
-
-def above(low: float, *also) -> Range:
-    """value > low (or one of `also`)."""
-    return Range(low, low_open=True, also=also)
-
-
-def between(low: float, high: float, *, high_open: bool = False, low_open: bool = False) -> Range:
-    """low <= value <= high (either end open on request)."""
-    return Range(low, high, low_open=low_open, high_open=high_open)
-
-
-FRACTION = between(0, 1)
+# Ranges of the classes above (alignkit.config_io.RANGES; see there).
 
 
 def max_length_above_prompt(cfg) -> str | None:
@@ -484,342 +414,75 @@ def max_length_above_prompt(cfg) -> str | None:
     )
 
 
-# class -> {field: Range or a tuple of the accepted values}; RELATIONS: class -> checks across fields.
-RANGES: dict[type, dict[str, Range | tuple]] = {
-    LoraSettings: {"r": at_least(1), "alpha": above(0), "dropout": between(0, 1, high_open=True)},
-    ReferenceSettings: {"mode": ("precomputed", "copy", "adapter")},
-    TrainConfig: {
-        "eval_fraction": between(0, 1, high_open=True),
-        "max_steps": at_least(0, -1),
-        "epochs": above(0),
-        "batch_size": at_least(1),
-        "grad_accum": at_least(1),
-        "lr": above(0),
-        "lr_scheduler": ("linear", "cosine", "constant"),
-        "warmup_ratio": FRACTION,
-        "weight_decay": at_least(0),
-        "max_grad_norm": at_least(0),
-        "max_length": at_least(1),
-        "max_prompt_length": at_least(1),
-        "seed": between(0, 2**32 - 1),
-        "dtype": ("float32", "bfloat16", "float16", "auto"),
-        "mixed_precision": MIXED_PRECISION,
-        "logging_steps": at_least(1),
-        "eval_steps": at_least(1),
-        "save_steps": at_least(0),
-        "save_total_limit": at_least(1),
-        "logprob_chunk_size": at_least(1),
-        "on_bad_rows": ("refuse", "skip"),
-    },
-    RewardConfig: {
-        "backbone": ("auto", "causal", "encoder"),
-        "center_rewards_coefficient": at_least(0),
-        "pooling": ("auto", "mean", "cls", "last"),
-        "ensemble": at_least(1),
-    },
-    # The objectives' own parameters (beta, label_smoothing, gamma, nll_weight, the KTO weights) and the
-    # constraints are checked by their registries (losses.check_params, check_constraints) before a run starts.
-    DPOConfig: {
-        "stages": at_least(1),
-        "mdpo_corruption": ("crop", "mask"),
-        "mdpo_keep": between(0, 1, low_open=True),
-    },
-    ListwiseConfig: {"temperature": above(0)},
-    OnlineConfig: {
-        "reward_clip": above(0),
-        "num_generations": at_least(1),
-        "max_new_tokens": at_least(1),
-        "temperature": above(0),
-        "top_k": at_least(0),
-        "top_p": between(0, 1, low_open=True),
-        "ppo_epochs": at_least(1),
-        "minibatch_size": at_least(0),
-        "epsilon": above(0),
-        "epsilon_high": above(0),
-        "generation_batch_size": at_least(1),
-    },
-    GRPOConfig: {
-        "advantage": ("grpo", "dr_grpo", "rloo", "reinforce_pp"),
-        "beta": at_least(0),
-        "scale_rewards": ("group", "batch", "none"),
-    },
-    PPOConfig: {
-        "kl_coef": at_least(0),
-        "target_kl": above(0),
-        "kl_horizon": at_least(1),
-        "vf_coef": above(0),
-        "cliprange_value": at_least(0),
-        "gamma": FRACTION,
-        "lam": FRACTION,
-        "early_stop_kl": at_least(0),
-    },
-}
-RELATIONS: dict[type, list] = {TrainConfig: [max_length_above_prompt]}
-
-
-def range_problems(cfg: Any, prefix: str = "") -> list[str]:
-    """Every value of `cfg` (and of its nested settings) outside its RANGES entry, as one message each."""
-    problems = []
-    for klass in type(cfg).__mro__:
-        for name, rule in RANGES.get(klass, {}).items():
-            value = getattr(cfg, name, None)
-            if value is None or isinstance(value, bool):
-                continue
-            key = prefix + name
-            if isinstance(rule, tuple):
-                if value not in rule:
-                    problems.append(f"'{key}' must be one of {', '.join(map(str, rule))}, got {value!r}")
-            elif not rule.accepts(value):
-                problems.append(f"'{key}' must be {rule}, got {value!r}")
-        problems += [p for check in RELATIONS.get(klass, []) if (p := check(cfg))]
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            problems += range_problems(value, f"{prefix}{f.name}.")
-        elif isinstance(value, list):
-            for i, item in enumerate(value):
-                if dataclasses.is_dataclass(item):
-                    problems += range_problems(item, f"{prefix}{f.name}[{i}].")
-    return problems
-
-
-def validate(cfg: Any, where: str = "") -> Any:
-    """`cfg` itself if every value is in range (see RANGES); else ConfigError listing every one that is not
-    (`where` prefixes the keys, e.g. 'rewards[1]')."""
-    problems = list(dict.fromkeys(range_problems(cfg, f"{where}." if where else "")))
-    if problems:
-        raise ConfigError("; ".join(problems))
-    return cfg
-
-
-@cache
-def field_docs(cls: type) -> dict[str, str]:
-    """Field name -> the docstring written under it, for `cls` and its bases."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        body = tree.body[0].body
-        for node, nxt in zip(body, body[1:]):
-            if (
-                isinstance(node, ast.AnnAssign)
-                and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)
-            ):
-                docs[node.target.id] = nxt.value.value.strip()
-    return docs
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Convert a YAML/command-line value to the field's type, or raise ConfigError."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
-        inner = [a for a in args if a is not type(None)]
-        errors = []
-        for a in inner:
-            try:
-                return _coerce(value, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0])
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"'{key}': expected true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"'{key}': expected an integer, got {value!r}")
-        try:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"'{key}': expected an integer, got {value!r}") from None
-    if annotation is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"'{key}': expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"'{key}': expected a number, got {value!r}") from None
-    if annotation is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"'{key}': expected a string, got {value!r}")
-        return str(value)
-    if origin is list:
-        # A YAML list (e.g. `rewards: [{type: vader}, ...]`); each element is checked as its own key.
-        if not isinstance(value, list):
-            raise ConfigError(f"'{key}': expected a list, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") if args else v for i, v in enumerate(value)]
-    if annotation is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"'{key}': expected a mapping of key: value, got {value!r}")
-        return dict(value)
-    if dataclasses.is_dataclass(annotation):
-        # An element of a list of settings (e.g. one of `constraints: [{type: ..., weight: ...}]`).
-        if isinstance(value, annotation):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"'{key}': expected a mapping of key: value, got {value!r}")
-        return from_mapping(annotation, value, key)
-    return value
-
-
-def from_mapping(cls: type, mapping: dict, where: str = ""):
-    """A `cls` dataclass built from a flat mapping, with load_config's key and type checks.
-
-    For configs held inside a list (e.g. one reward source of `rewards: [...]`). An unknown key is
-    an error naming the closest valid one and listing them all. `where` names the mapping in messages:
-    'rewards[1]' gives "rewards[1]: unknown key 'lable' ..." and "'rewards[1].weight': expected ...".
-    """
-    cfg = cls()
-    names = [f.name for f in dataclasses.fields(cls)]
-    hints = _field_types(cls)
-    for key, value in mapping.items():
-        key = str(key)
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            prefix = f"{where}: " if where else ""
-            raise ConfigError(
-                f"{prefix}unknown key '{key}' for {cls.__name__}.{hint} Valid keys: {', '.join(names)}."
-            )
-        setattr(cfg, key, _coerce(value, hints[key], f"{where}.{key}" if where else key))
-    return validate(cfg, where)
-
-
-def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"unknown config key '{key}'{where}.{hint} Run with --help to list the valid keys.")
-
-
-def _set(cfg: Any, dotted: str, value: Any, prefix: str = "") -> None:
-    """Set `dotted` (e.g. 'lora.r' or 'train.lr') on the dataclass `cfg`, validating key and type."""
-    head, _, rest = dotted.partition(".")
-    names = [f.name for f in dataclasses.fields(cfg)]
-    if head in SECTION_ALIASES and head not in names and rest and not prefix:
-        return _set(cfg, rest, value, prefix)
-    if head not in names:
-        valid = [prefix + n for n in names] + [
-            f"{prefix}{n}.{s.name}"
-            for n in names
-            if dataclasses.is_dataclass(getattr(cfg, n))
-            for s in dataclasses.fields(getattr(cfg, n))
-        ]
-        raise _unknown_key(prefix + dotted, valid, f" for {type(cfg).__name__}")
-    current = getattr(cfg, head)
-    if dataclasses.is_dataclass(current):
-        if rest:
-            return _set(current, rest, value, prefix + head + ".")
-        if not isinstance(value, dict):
-            raise ConfigError(f"'{prefix}{head}' is a section: give it as a mapping or set {head}.<key>")
-        for k, v in value.items():
-            _set(current, str(k), v, prefix + head + ".")
-        return None
-    annotation = _field_types(type(cfg))[head]
-    if rest and _takes_mapping(annotation):  # a free-form mapping field (e.g. a judge spec): key by key
-        mapping = dict(current or {})
-        inner = mapping
-        *path, last = rest.split(".")
-        for key in path:
-            inner[key] = dict(inner.get(key) or {}) if isinstance(inner.get(key), dict | None) else {}
-            inner = inner[key]
-        inner[last] = value
-        setattr(cfg, head, mapping)
-        return None
-    if rest:
-        raise ConfigError(f"'{prefix}{head}' is not a section; '{prefix}{dotted}' is not a valid key")
-    setattr(cfg, head, _coerce(value, annotation, prefix + head))
-    return None
-
-
-def _takes_mapping(annotation: Any) -> bool:
-    """Whether a field's type is a dict (or a dict or None)."""
-    if annotation is dict or typing.get_origin(annotation) is dict:
-        return True
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return any(_takes_mapping(a) for a in typing.get_args(annotation))
-    return False
-
-
-def _flatten(mapping: dict, prefix: str = "") -> list[tuple[str, Any]]:
-    items = []
-    for k, v in mapping.items():
-        if isinstance(v, dict):
-            items.extend(_flatten(v, f"{prefix}{k}."))
-        else:
-            items.append((f"{prefix}{k}", v))
-    return items
-
-
-def load_config(cls: type, path: str | None = None, overrides: list[str] | None = None):
-    """Build a `cls` config from an optional YAML file and `key=value` overrides (later wins)."""
-    cfg = cls()
-    if path:
-        try:
-            with open(path) as f:
-                data = _load_yaml(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
-        for key, value in _flatten(data):
-            try:
-                _set(cfg, key, value)
-            except ConfigError as e:
-                raise ConfigError(f"{path}: {e}") from None
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
-        _set(cfg, key.strip(), _load_yaml(raw) if raw.strip() else "")
-    return validate(cfg)
-
-
-def config_to_dict(cfg: Any) -> dict:
-    """The config as plain data (nested dicts)."""
-    return dataclasses.asdict(cfg)
-
-
-def save_config(cfg: Any, output_dir: str | Path) -> Path:
-    """Write the resolved config to output_dir/config.yaml (and return the path)."""
-    path = Path(output_dir) / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = f"# resolved {type(cfg).__name__}\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
-
-
-def describe(cls: type) -> str:
-    """Help text: every field with its type, default and docstring."""
-    docs = field_docs(cls)
-    lines = []
-    default = cls()
-    for f in dataclasses.fields(cls):
-        value = getattr(default, f.name)
-        if dataclasses.is_dataclass(value):
-            sub = field_docs(type(value))
-            for s in dataclasses.fields(value):
-                v = json.dumps(getattr(value, s.name))
-                lines.append(f"  {f.name}.{s.name} = {v}\n      {sub.get(s.name, '')}")
-            continue
-        lines.append(f"  {f.name} = {json.dumps(value)}\n      {docs.get(f.name, '')}")
-    return "\n".join(lines)
+RANGES.update(
+    {
+        LoraSettings: {"r": at_least(1), "alpha": above(0), "dropout": between(0, 1, high_open=True)},
+        ReferenceSettings: {"mode": ("precomputed", "copy", "adapter")},
+        TrainConfig: {
+            "eval_fraction": between(0, 1, high_open=True),
+            "max_steps": at_least(0, -1),
+            "epochs": above(0),
+            "batch_size": at_least(1),
+            "grad_accum": at_least(1),
+            "lr": above(0),
+            "lr_scheduler": ("linear", "cosine", "constant"),
+            "warmup_ratio": FRACTION,
+            "weight_decay": at_least(0),
+            "max_grad_norm": at_least(0),
+            "max_length": at_least(1),
+            "max_prompt_length": at_least(1),
+            "seed": between(0, 2**32 - 1),
+            "dtype": ("float32", "bfloat16", "float16", "auto"),
+            "mixed_precision": MIXED_PRECISION,
+            "logging_steps": at_least(1),
+            "eval_steps": at_least(1),
+            "save_steps": at_least(0),
+            "save_total_limit": at_least(1),
+            "logprob_chunk_size": at_least(1),
+            "on_bad_rows": ("refuse", "skip"),
+        },
+        RewardConfig: {
+            "backbone": ("auto", "causal", "encoder"),
+            "center_rewards_coefficient": at_least(0),
+            "pooling": ("auto", "mean", "cls", "last"),
+            "ensemble": at_least(1),
+        },
+        # The objectives' own parameters (beta, label_smoothing, gamma, nll_weight, the KTO weights) and the
+        # constraints are checked by their registries (losses.check_params, check_constraints) before a run starts.
+        DPOConfig: {
+            "stages": at_least(1),
+            "mdpo_corruption": ("crop", "mask"),
+            "mdpo_keep": between(0, 1, low_open=True),
+        },
+        ListwiseConfig: {"temperature": above(0)},
+        OnlineConfig: {
+            "reward_clip": above(0),
+            "num_generations": at_least(1),
+            "max_new_tokens": at_least(1),
+            "temperature": above(0),
+            "top_k": at_least(0),
+            "top_p": between(0, 1, low_open=True),
+            "ppo_epochs": at_least(1),
+            "minibatch_size": at_least(0),
+            "epsilon": above(0),
+            "epsilon_high": above(0),
+            "generation_batch_size": at_least(1),
+        },
+        GRPOConfig: {
+            "advantage": ("grpo", "dr_grpo", "rloo", "reinforce_pp"),
+            "beta": at_least(0),
+            "scale_rewards": ("group", "batch", "none"),
+        },
+        PPOConfig: {
+            "kl_coef": at_least(0),
+            "target_kl": above(0),
+            "kl_horizon": at_least(1),
+            "vf_coef": above(0),
+            "cliprange_value": at_least(0),
+            "gamma": FRACTION,
+            "lam": FRACTION,
+            "early_stop_kl": at_least(0),
+        },
+    }
+)
+RELATIONS[TrainConfig] = [max_length_above_prompt]

@@ -244,7 +244,7 @@ def duration(seconds: float) -> str:
 
 def config_differences(runs: list[Run]) -> list[tuple[str, list[str]]]:
     """(key, value per run) for every config key whose value differs between the runs (output_dir aside)."""
-    from alignkit.config import _flatten
+    from alignkit.config_io import _flatten
 
     if len(runs) < 2 or any(run.config is None for run in runs):
         return []
