@@ -33,6 +33,7 @@ from alignkit.algorithms.online import Prompts, evaluate_policy, load_prompts, s
 from alignkit.config import RANGES, ConfigError, DPOConfig, above, at_least, between, save_config, validate
 from alignkit.data.pairs import GAP_USES, STRATEGIES, JudgeRanking, build_pairs, pair_columns
 from alignkit.models import load_causal_lm, load_tokenizer
+from alignkit.report import read_jsonl
 from alignkit.rewards import RewardSet
 from alignkit.rewards.registry import build_reward
 from alignkit.rollout import collect
@@ -232,14 +233,9 @@ def round_config(cfg: IterativeDPOConfig, k: int, policy: str, pairs_path: Path)
 
 
 def metric_lines(run_dir: Path) -> list[dict]:
-    """The complete lines of a run's metrics.jsonl (none when it has none)."""
-    path, out = run_dir / "metrics.jsonl", []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line torn by a kill
-            pass
-    return out
+    """The complete lines of a run's metrics.jsonl (none when it has none; a line torn by a kill is left out)."""
+    path = run_dir / "metrics.jsonl"
+    return read_jsonl(path)[0] if path.exists() else []
 
 
 def last_train_metrics(train_dir: Path) -> dict:
