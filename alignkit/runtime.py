@@ -62,6 +62,20 @@ def resolve_mixed_precision(setting: str) -> str:
     return setting
 
 
+def distributed_cpu() -> bool:
+    """Launched as several processes on a machine without CUDA: they must join one gloo process group
+    (accelerate's `cpu=True`), or each would think it is the only one."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def process_state():
+    """accelerate's PartialState (process index, main process, barriers) for a command that runs several
+    trainings in one process (sDPO's stages, iterative DPO's rounds), joined as `make_accelerator` joins."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=distributed_cpu())
+
+
 def make_accelerator(cfg: TrainConfig):
     """An accelerate Accelerator for the config (mixed precision, seeding, `report_to` trackers).
 
@@ -80,11 +94,10 @@ def make_accelerator(cfg: TrainConfig):
 
     if hasattr(AcceleratorState, "_reset_state"):
         AcceleratorState._reset_state(reset_partial_state=False)
-    distributed_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     tracked = check_report_to(cfg.report_to)
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
-        cpu=distributed_cpu,
+        cpu=distributed_cpu(),
         log_with=cfg.report_to if tracked else None,
         project_dir=cfg.output_dir if tracked else None,
     )

@@ -226,6 +226,44 @@ def test_two_process_online_dpo_keeps_the_processes_in_step(tmp_path, tiny_model
     assert any(r["pairs/below_gap"] > 0 for r in records)  # (rank 0's own count) the tie path ran
 
 
+def test_two_process_iterative_dpo_shares_the_sampling_and_trains_as_one(tmp_path, tiny_model_dir):
+    """Iterative DPO on 2 processes: each samples and scores its half of a round's prompts, the main process
+    merges them in prompt order, and every round's DPO leaves both processes with the same parameters."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Tom went out {i}. It was"}) + "\n" for i in range(7)))
+    out = tmp_path / "iterative"
+    argv = [
+        "iterative-dpo",
+        f"model={tiny_model_dir}",
+        f"data={data}",
+        f"output_dir={out}",
+        "rewards=[{type: regex, pattern: e, mode: count}]",
+        "rounds=2",
+        "num_generations=3",
+        "max_new_tokens=6",
+        "batch_size=2",
+        "max_steps=2",
+        "lr=1e-2",
+        "save_steps=0",
+        "progress=false",
+        "report=false",
+        "mixed_precision=no",
+    ]
+    launch(out / "dump", argv)
+    rank0, rank1 = (load_file(str(out / "dump" / f"rank{r}.safetensors")) for r in (0, 1))
+    start = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)
+    assert any(not torch.equal(rank0[n], start[n.removeprefix("model.")]) for n in rank0)
+    for k in (1, 2):
+        samples = [
+            json.loads(line) for line in (out / f"round-{k}" / "samples.jsonl").read_text().splitlines()
+        ]
+        assert [s["index"] for s in samples] == list(range(7))  # both halves, in prompt order
+        assert all(len(s["candidates"]) == 3 for s in samples)
+        assert not list((out / f"round-{k}").glob("samples.part-*"))
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_data_order_shards_every_row_once_per_epoch_across_processes():
     """20 rows, 3 processes x 2 micro-batches x 2 rows = 12 a step: steps 1-5 are 60 rows, 3 epochs, each
     row exactly once per epoch, on exactly one process; each step's rows do not depend on the split."""

@@ -38,7 +38,7 @@ from alignkit.rewards import RewardSet
 from alignkit.rewards.registry import build_reward
 from alignkit.rollout import collect
 from alignkit.rundir import claim_output_dir, part_resume_flags
-from alignkit.runtime import MetricsLogger
+from alignkit.runtime import MetricsLogger, process_state
 
 
 @dataclass
@@ -249,10 +249,8 @@ def last_train_metrics(train_dir: Path) -> dict:
 
 def train(cfg: IterativeDPOConfig) -> Path:
     """Run the rounds; returns the last round's final model folder (also linked as output_dir/final)."""
-    from accelerate import PartialState
-
     check_settings(cfg)
-    state = PartialState()
+    state = process_state()
     main = state.is_main_process
     log = print if main else (lambda *a, **k: None)
     root = Path(cfg.output_dir)
@@ -298,23 +296,31 @@ def train(cfg: IterativeDPOConfig) -> Path:
         rdir = root / f"round-{k}"
         rdir.mkdir(parents=True, exist_ok=True)
         samples_path, pairs_path = rdir / "samples.jsonl", rdir / "pairs.jsonl"
-        if samples_path.exists():  # (saved whole, so present means complete)
-            samples = [
-                json.loads(x) for x in samples_path.read_text(encoding="utf-8").splitlines() if x.strip()
-            ]
-            log(f"round {k}: {len(samples)} prompts' samples read back from {samples_path}")
-        else:
-            if main:
-                idx = round_prompts(len(prompts.train_rows), cfg.prompts_per_round, k, cfg.seed)
-                log(
-                    f"round {k} of {cfg.rounds}: sampling {K} completions of {len(idx)} prompts from {policy_path}"
-                )
-                samples = sample_round(policy, tokenizer, prompts, idx, scorer, cfg, seed=cfg.seed * 1000 + k)
-                write_jsonl(samples_path, samples)
+        have_samples = samples_path.exists()  # (written whole, so present means complete)
+        state.wait_for_everyone()  # every process has looked before one writes
+        if not have_samples:
+            # Each process samples and scores its share of the round's prompts (its own seed; process 0's is
+            # a 1-process run's), then the main process merges the shares in prompt order.
+            idx = round_prompts(len(prompts.train_rows), cfg.prompts_per_round, k, cfg.seed)
+            rank, world = state.process_index, state.num_processes
+            mine = idx[rank::world]
+            log(
+                f"round {k} of {cfg.rounds}: sampling {K} completions of {len(idx)} prompts from {policy_path}"
+            )
+            seed = cfg.seed * 1000 + k + 7919 * rank
+            share = sample_round(policy, tokenizer, prompts, mine, scorer, cfg, seed=seed) if mine else []
+            write_jsonl(rdir / f"samples.part-{rank}.jsonl", share)
             state.wait_for_everyone()
-            samples = [
-                json.loads(x) for x in samples_path.read_text(encoding="utf-8").splitlines() if x.strip()
-            ]
+            if main:
+                parts = [rdir / f"samples.part-{r}.jsonl" for r in range(world)]
+                by_index = {row["index"]: row for part in parts for row in read_jsonl(part)[0]}
+                write_jsonl(samples_path, [by_index[i] for i in idx])
+                for part in parts:
+                    part.unlink()
+            state.wait_for_everyone()
+        samples = read_jsonl(samples_path)[0]
+        if have_samples:
+            log(f"round {k}: {len(samples)} prompts' samples read back from {samples_path}")
         rows, pair_stats = pair_rows(samples, cfg)
         if not rows:
             raise RuntimeError(

@@ -21,6 +21,7 @@ from pathlib import Path
 from alignkit.algorithms import dpo
 from alignkit.config import DPOConfig, save_config
 from alignkit.rundir import claim_output_dir, part_resume_flags
+from alignkit.runtime import process_state
 
 
 def stage_config(cfg: DPOConfig, k: int, previous_final: Path | None) -> DPOConfig:
@@ -43,9 +44,7 @@ def train(cfg: DPOConfig) -> Path:
             "stages > 1 with LoRA needs lora.merge=true: each stage loads the previous stage's final model "
             "as its policy and reference, which must be full weights"
         )
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()
     main_process = state.is_main_process
     root = Path(cfg.output_dir)
     # The stages' own folders are claimed by their runs; the root's config.yaml, final link and stage-*
