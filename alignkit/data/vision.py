@@ -307,8 +307,12 @@ def expand_prompt(processor, prompt: str, images: list, prompt_ids: list[int]) -
 
 
 def image_token_count(processor, ids: list[int]) -> int:
-    """How many of `ids` are the processor's image token."""
-    image_id = getattr(processor, "image_token_id", None)
+    """How many of `ids` are image tokens: the tokenizer's `image_token` where it names one (Gemma 3's
+    processor calls its placeholder <start_of_image> the image token; it expands to <image_soft_token>s),
+    else the processor's."""
+    image_id = getattr(processor.tokenizer, "image_token_id", None)
+    if image_id is None:
+        image_id = getattr(processor, "image_token_id", None)
     if image_id is None:
         image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     return sum(1 for t in ids if t == image_id)
