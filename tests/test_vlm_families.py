@@ -1,6 +1,7 @@
 """VLM DPO on the families whose extra inputs tests/test_vlm_dpo.py does not cover: LLaVA-NeXT (`image_sizes`;
-anyres tiling makes an image's token count depend on its size) and Gemma 3 (`token_type_ids`: its image
-tokens attend to each other both ways). Tiny random models built here, with the word-level tokenizers,
+anyres tiling makes an image's token count depend on its size), and the Gemma-style `token_type_ids` of
+Gemma 3 (its image tokens attend to each other both ways) and PaliGemma (prefix-LM: images and prompt
+attend both ways, the completion causally). Tiny random models built here, with the word-level tokenizers,
 colour task and training helpers of tests/test_vlm_dpo.py."""
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ GEMMA3_TEMPLATE = (
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
     "{% if p['type'] == 'image' %}<start_of_image> {% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
     " <end_of_turn> {% endfor %}{% if add_generation_prompt %}<start_of_turn>model{% endif %}"
+)
+# PaliGemma has no chat turns: the prompt is its images and text.
+PALIGEMMA_TEMPLATE = (
+    "{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for p in m['content'] %}{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}{% endif %}"
+    "{% endfor %}{% endif %} {% endfor %}"
 )
 # LLaVA-NeXT's anyres: the image is fitted to the best of these (height, width) grids of 8-px tiles.
 GRID_PINPOINTS = [[8, 16], [16, 8], [16, 16]]
@@ -142,12 +149,54 @@ def build_gemma3(path: Path, seed: int = 0) -> Path:
     return path
 
 
-BUILDERS = {"llava_next": build_llava_next, "gemma3": build_gemma3}
+def build_paligemma(path: Path, seed: int = 0) -> Path:
+    """A random PaliGemma: SigLIP tower (patch 2 on 8-px images: 16 image tokens), Gemma text model; its
+    processor puts <bos> after the image tokens and a newline after the prompt (the prefix), as PaliGemma
+    was trained."""
+    from transformers import (
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        SiglipVisionConfig,
+    )
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    tok = word_tokenizer(["<image>"], WORDS)
+    image_processor = SiglipImageProcessorPil(size={"height": 8, "width": 8})
+    image_processor.image_seq_length = 16
+    processor = PaliGemmaProcessor(
+        image_processor=image_processor, tokenizer=tok, chat_template=PALIGEMMA_TEMPLATE
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=8,
+        patch_size=2,
+    )
+    torch.manual_seed(seed)
+    config = PaliGemmaConfig(
+        vision_config=vision.to_dict(),
+        text_config={**text_config(len(tok)), "head_dim": 8},
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        projection_dim=32,
+    )
+    PaliGemmaForConditionalGeneration(config).save_pretrained(path, safe_serialization=True)
+    processor.save_pretrained(path)
+    return path
+
+
+BUILDERS = {"llava_next": build_llava_next, "gemma3": build_gemma3, "paligemma": build_paligemma}
 # Image tokens of the red 8x8 and the blue 16x8 (width x height) image. LLaVA-NeXT: 16 base features plus
 # the anyres tiles' features, unpadded, with one image_newline per row: 8x8 fits the 8x16 grid, unpadded to
 # 4x4 -> 4 rows of 4 + 1 = 20, 36 in all; 16x8 fills it exactly -> 4 rows of 8 + 1 = 36, 52 in all.
-# Gemma 3 resizes every image to 8x8: 4 tokens.
-IMAGE_TOKENS = {"llava_next": {"red": 36, "blue": 52}, "gemma3": {"red": 4, "blue": 4}}
+# Gemma 3 and PaliGemma resize every image to 8x8: 4 tokens (4x4 patches pooled 2x2), 16 tokens.
+IMAGE_TOKENS = {
+    "llava_next": {"red": 36, "blue": 52},
+    "gemma3": {"red": 4, "blue": 4},
+    "paligemma": {"red": 16, "blue": 16},
+}
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
@@ -165,11 +214,23 @@ def write_two_size_pairs(folder: Path, n: int) -> Path:
     return data
 
 
+def model_token_types(name: str, batch: dict, tokenizer) -> torch.Tensor:
+    """The token_type_ids each model was trained with, written from its own convention: Gemma 3 marks its
+    image tokens 1 (they attend to each other both ways); PaliGemma marks the suffix 1 (what its processor's
+    `suffix=` gives: the prefix, images and prompt, attends both ways, the suffix causally), here the
+    completion tokens."""
+    if name == "gemma3":
+        return (batch["input_ids"] == tokenizer.convert_tokens_to_ids("<image_soft_token>")).long()
+    return batch["completion_mask"].long()
+
+
 def test_boundary_and_image_token_counts_with_two_image_sizes(family, tmp_path):
     """A batch with an 8x8 and a 16x8 image: each prompt holds the model's count of image tokens (LLaVA-NeXT
-    36 and 52, Gemma 3 4 and 4) and equals the processor's own ids; in both layouts the completion mask
-    covers exactly the response tokens and EOS; `image_sizes` (LLaVA-NeXT) and `token_type_ids` (Gemma 3:
-    1 on the image tokens, 0 elsewhere, completions included) reach the batch."""
+    36 and 52, Gemma 3 4 and 4, PaliGemma 16 and 16) and equals the processor's own ids; in both layouts the completion mask
+    covers exactly the response tokens and EOS; `image_sizes` (LLaVA-NeXT) and `token_type_ids` as the
+    model takes them (`model_token_types`) reach the batch. A prompt too long for
+    max_prompt_length is an error that counts its image tokens."""
+    from alignkit.data.readers import DataError
     from alignkit.data.vision import (
         collate_vision_pairs,
         collate_vision_shared_prompt,
@@ -184,6 +245,9 @@ def test_boundary_and_image_token_counts_with_two_image_sizes(family, tmp_path):
     processor = load_processor(str(model))
     rows = load_vision_rows(str(write_two_size_pairs(tmp_path, n=2)), None, processor).rows
     examples, _ = tokenize_vision_rows(rows, processor, max_length=128, max_prompt_length=96)
+    n_red = IMAGE_TOKENS[name]["red"]
+    with pytest.raises(DataError, match=f"pairs.jsonl:1-2: field 'prompt': .*, {n_red} of them image tokens"):
+        tokenize_vision_rows(rows, processor, max_length=128, max_prompt_length=n_red)
     tok = processor.tokenizer
     colours = [Path(row.images[0]).stem for row in rows]
     assert colours == ["red", "blue"]
@@ -207,18 +271,17 @@ def test_boundary_and_image_token_counts_with_two_image_sizes(family, tmp_path):
         assert sorted(scored) == sorted(t for e in examples for t in e[response])
     if name == "llava_next":  # (height, width), in the order of the pairs' images
         assert two_rows["image_sizes"].tolist() == [[8, 8], [8, 16]]
+        assert "token_type_ids" not in two_rows
     else:
-        image_id = tok.convert_tokens_to_ids("<image_soft_token>")
-        types = two_rows["token_type_ids"]
-        assert torch.equal(types.bool(), two_rows["input_ids"] == image_id)
-        assert types.sum(1).tolist() == [4] * 4
+        assert torch.equal(two_rows["token_type_ids"], model_token_types(name, two_rows, tok))
 
 
 def test_log_probs_equal_a_plain_forward(family, tmp_path):
     """The log-probs of the run's batch layout (vision.vision_setup picks it: share_prompt's one row for
-    LLaVA-NeXT, two rows for Gemma 3, whose image tokens attend both ways) equal the per-token log-softmax of
-    the model's own forward on each sequence (pixel_values, image_sizes, token_type_ids as the processor
-    gives them), gathered by hand on the completion tokens."""
+    LLaVA-NeXT, two rows for Gemma 3 and PaliGemma, which build their masks from token_type_ids) equal the
+    per-token log-softmax of the model's own forward on each sequence (pixel_values and image_sizes as the
+    processor gives them, token_type_ids as `model_token_types`), gathered by hand on the completion
+    tokens. Without the suffix type PaliGemma's completion tokens would see the tokens after them."""
     from alignkit.algorithms.dpo import pair_logps
     from alignkit.data.vision import collate_vision_pairs, load_processor, prepare_vision_data
     from alignkit.models import load_causal_lm
@@ -235,9 +298,9 @@ def test_log_probs_equal_a_plain_forward(family, tmp_path):
     assert ("allowed" in batch) == (name == "llava_next")  # one row per pair, or two rows
     plain_batch = collate_vision_pairs(examples, pad, processor=processor)
     model = load_causal_lm(str(model_dir)).eval()
-    inputs = {
-        k: plain_batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in plain_batch
-    }
+    inputs = {k: plain_batch[k] for k in ("input_ids", "attention_mask")}
+    if name != "llava_next":
+        inputs["token_type_ids"] = model_token_types(name, plain_batch, processor.tokenizer)
     inputs["pixel_values"] = plain_batch["pixel_values"].repeat(
         2, *[1] * (plain_batch["pixel_values"].dim() - 1)
     )
@@ -265,16 +328,20 @@ def test_dpo_lowers_the_loss_on_the_colour_task(family, tmp_path):
     assert sum(m["rewards/accuracies"] for m in last) / 5 > 0.75
 
 
-def test_precomputed_reference_equals_on_the_fly(family, tmp_path):
-    """reference.mode=precomputed and copy give the same losses and rewards, step by step."""
+@pytest.mark.parametrize("mdpo", [False, True])
+def test_precomputed_reference_equals_on_the_fly(family, mdpo, tmp_path):
+    """reference.mode=precomputed and copy give the same losses and rewards, step by step; with mDPO (two
+    rows per pair plus the masked-image rows) the corrupted-image rewards too."""
     name, model = family
     data = write_two_size_pairs(tmp_path / "data", n=12)
     runs = {}
     for mode in ("precomputed", "copy"):
-        cfg = vlm_config(model, data, tmp_path / mode, max_steps=3)
+        extra = {"mdpo": True, "mdpo_corruption": "mask"} if mdpo else {}
+        cfg = vlm_config(model, data, tmp_path / mode, max_steps=3, **extra)
         cfg.reference.mode = mode
         runs[mode] = train_losses(cfg)
+    keys = ("loss", "rewards/chosen", "rewards/rejected") + (("rewards/corrupt_chosen",) if mdpo else ())
     for a, b in zip(runs["precomputed"], runs["copy"]):
-        for key in ("loss", "rewards/chosen", "rewards/rejected"):
+        for key in keys:
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
     assert runs["copy"][-1]["loss"] != pytest.approx(math.log(2), abs=1e-3)  # the policy moved
