@@ -43,6 +43,15 @@ PALIGEMMA_TEMPLATE = (
     "{% for p in m['content'] %}{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}{% endif %}"
     "{% endfor %}{% endif %} {% endfor %}"
 )
+# The vision towers (CLIP, SigLIP): patch 2 on 8-px images, one layer of width 16.
+TOWER = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=8,
+    patch_size=2,
+)
 # LLaVA-NeXT's anyres: the image is fitted to the best of these (height, width) grids of 8-px tiles.
 GRID_PINPOINTS = [[8, 16], [16, 8], [16, 16]]
 
@@ -71,14 +80,7 @@ def build_llava_next(path: Path, seed: int = 0) -> Path:
         num_additional_image_tokens=1,
         chat_template=LLAVA_TEMPLATE,
     )
-    vision = CLIPVisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=8,
-        patch_size=2,
-    )
+    vision = CLIPVisionConfig(**TOWER)
     torch.manual_seed(seed)
     config = LlavaNextConfig(
         vision_config=vision,
@@ -122,14 +124,7 @@ def build_gemma3(path: Path, seed: int = 0) -> Path:
         image_seq_length=4,
     )
     ids = {t: tok.convert_tokens_to_ids(t) for t in GEMMA3_SPECIALS}
-    vision = SiglipVisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=8,
-        patch_size=2,
-    )
+    vision = SiglipVisionConfig(**TOWER)
     text = {**text_config(len(tok)), "head_dim": 8, "sliding_window": 8}
     text["layer_types"] = ["sliding_attention", "full_attention"]
     torch.manual_seed(seed)
@@ -167,14 +162,7 @@ def build_paligemma(path: Path, seed: int = 0) -> Path:
     processor = PaliGemmaProcessor(
         image_processor=image_processor, tokenizer=tok, chat_template=PALIGEMMA_TEMPLATE
     )
-    vision = SiglipVisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=8,
-        patch_size=2,
-    )
+    vision = SiglipVisionConfig(**TOWER)
     torch.manual_seed(seed)
     config = PaliGemmaConfig(
         vision_config=vision.to_dict(),
