@@ -159,8 +159,8 @@ def check_vision_settings(cfg, spec) -> bool:
 
 def vision_setup(cfg, log=print) -> VisionRun:
     """The `VisionRun` of a vision-language model (`check_vision_settings` said it is one): its processor,
-    and share_prompt's one-row layout unless mdpo (or a multimodal RoPE other than Qwen2-VL's) needs one row
-    per sequence."""
+    and share_prompt's one-row layout unless mdpo, a multimodal RoPE other than Qwen2-VL's, or a mask built
+    from token_type_ids (Gemma 3, PaliGemma) needs one row per sequence."""
     from alignkit.data.vision import (
         Corruption,
         collate_vision_pairs,
@@ -175,6 +175,10 @@ def vision_setup(cfg, log=print) -> VisionRun:
         why_two_rows = "mdpo adds rows of the chosen response under corrupted images"
     elif uses_mrope(cfg.model, cfg.trust_remote_code) and model_type(cfg) not in ONE_ROW_MROPE:
         why_two_rows = "alignkit places multimodal RoPE positions in one row for Qwen2-VL only"
+    elif "token_type_ids" in processor.model_input_names:
+        # Gemma-style: the model builds its own mask from token_type_ids (image tokens attending both ways,
+        # sliding windows), which share_prompt's 4D mask would replace.
+        why_two_rows = "the model builds its attention mask from token_type_ids"
     if cfg.share_prompt and why_two_rows is None:
         layout = partial(collate_vision_shared_prompt, processor=processor)
         log(

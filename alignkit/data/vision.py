@@ -307,8 +307,12 @@ def expand_prompt(processor, prompt: str, images: list, prompt_ids: list[int]) -
 
 
 def image_token_count(processor, ids: list[int]) -> int:
-    """How many of `ids` are the processor's image token."""
-    image_id = getattr(processor, "image_token_id", None)
+    """How many of `ids` are image tokens: the tokenizer's `image_token` where it names one (Gemma 3's
+    processor calls its placeholder <start_of_image> the image token; it expands to <image_soft_token>s),
+    else the processor's."""
+    image_id = getattr(processor.tokenizer, "image_token_id", None)
+    if image_id is None:
+        image_id = getattr(processor, "image_token_id", None)
     if image_id is None:
         image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     return sum(1 for t in ids if t == image_id)
@@ -399,7 +403,8 @@ def collate_vision_pairs(
     images, then their corrupted copies; `image_order` lists, for the image placeholders of the rows in
     order, which encoded image fills them (a pair's images serve its chosen and its rejected row).
     The processor's per-token type columns (`mm_token_type_ids`, `token_type_ids`) cover the prompt tokens
-    and are 0 over completions and padding.
+    and are 0 over padding and completions, except `token_type_ids` over completions for processors that
+    mark a training suffix (`completion_token_type`: PaliGemma's prefix-LM).
     """
     groups = [("chosen_ids", False), ("rejected_ids", False)] + ([("chosen_ids", True)] if corruption else [])
     sequences, starts, columns = [], [], {}
@@ -412,9 +417,11 @@ def collate_vision_pairs(
     for name in TOKEN_TYPE_KEYS:
         if f"prompt_{name}" in examples[0]:
             columns[name] = torch.zeros(R, T, dtype=torch.long)
+            completion_type = completion_token_type(processor) if name == "token_type_ids" else 0
             for r, e in enumerate(examples * len(groups)):
                 types = e[f"prompt_{name}"]
                 columns[name][r, : len(types)] = torch.tensor(types, dtype=torch.long)
+                columns[name][r, len(types) : len(sequences[r])] = completion_type
     batch.update(columns)
     real = [read_image(ref) for e in examples for ref in e["images"]]
     if not real:
@@ -426,6 +433,15 @@ def collate_vision_pairs(
         real += [corrupt_image(im, s, corruption.mode, corruption.keep) for im, s in zip(real, seeds)]
         order += list(range(n, 2 * n))
     return {**batch, **_image_columns(processor, real, order)}
+
+
+def completion_token_type(processor) -> int:
+    """The `token_type_ids` value of completion tokens: 1 for processors that take a training `suffix`
+    (PaliGemma: the prefix, type 0, attends both ways; the suffix, type 1, causally, as the processor marks
+    it), else 0 (Gemma 3: 1 marks image tokens only)."""
+    import inspect
+
+    return int("suffix" in inspect.signature(type(processor).__call__).parameters)
 
 
 def collate_vision_shared_prompt(examples: list[dict], pad_id: int, *, processor) -> dict:
