@@ -162,6 +162,32 @@ def is_encoder_decoder(name_or_path: str, trust_remote_code: bool = False) -> bo
     return bool(getattr(config, "is_encoder_decoder", False))
 
 
+def sliding_window(config) -> int | None:
+    """The attention window of a model whose layers (some or all) see only the last `window` tokens
+    (Mistral, Gemma 2/3, Qwen2 with use_sliding_window, ...), read from its (text) config; None when every
+    layer sees every earlier token."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
+
+
+def shared_prompt_fits(name_or_path: str, max_length: int, trust_remote_code: bool = False) -> int | None:
+    """None when a one-row [prompt | chosen | rejected] layout with a 4D mask (`share_prompt`) computes what
+    the model computes; else the model's sliding window, which that mask would override: the 4D mask lets
+    every token see its whole segment, where the model's own mask hides tokens further back than the window
+    (measured on a tiny Mistral with window 4: log-probs off by up to 0.26 nats)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    window = sliding_window(config)
+    return window if window is not None and window < max_length else None
+
+
 def enable_activation_checkpointing(model) -> None:
     """Recompute activations in backward (non-reentrant), whatever the transformers release calls it."""
     # transformers 5 renamed the method and its argument; older releases only have the old names.

@@ -11,6 +11,7 @@ two, the reference and bco_pair's running δ into the `loss_fn` that `fit` calls
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from alignkit.logprobs import completion_logps
 from alignkit.losses import LOSSES, LossSpec, RunningMean, check_params, get_loss, preference_loss
 from alignkit.losses.constraints import check_constraints, constraint_losses, implicit_rewards
 from alignkit.losses.mdpo import mdpo_terms
-from alignkit.models import BatchForward, add_lora, load_policy, load_tokenizer
+from alignkit.models import BatchForward, add_lora, load_policy, load_tokenizer, shared_prompt_fits
 from alignkit.reference import (
     Reference,
     attach_precomputed_reference,
@@ -318,6 +319,13 @@ def train(cfg: DPOConfig, *, part: tuple[int, int] | None = None) -> Path:
     check_loss_settings(cfg, spec)
     is_vlm = check_vision_settings(cfg, spec)  # freeze_vision / mdpo* are for vision-language models
     accelerator, log, output_dir = start_run(cfg)
+    if cfg.share_prompt and (window := shared_prompt_fits(cfg.model, cfg.max_length, cfg.trust_remote_code)):
+        log(
+            f"share_prompt off: {cfg.model} attends within a sliding window of {window} tokens, shorter than "
+            f"max_length {cfg.max_length}, which the one-row layout's mask cannot express; chosen and rejected "
+            "are read as separate rows"
+        )
+        cfg = dataclasses.replace(cfg, share_prompt=False)
 
     # Data: validated and tokenised before any model is loaded, so bad rows fail fast.
     vlm = vision_setup(cfg, log) if is_vlm else None  # a VLM's processor and batch layout

@@ -44,6 +44,7 @@ from alignkit.models import (
     is_encoder,
     load_reward_model,
     load_tokenizer,
+    sliding_window,
 )
 from alignkit.runtime import evaluate_in_batches, fit, save_final, start_run
 
@@ -329,6 +330,9 @@ def train(cfg: RewardConfig) -> Path:
     encoder = cfg.backbone == "encoder" or (cfg.backbone == "auto" and is_encoder(model_config))
     pooling = resolve_pooling(cfg.pooling, cfg.model, encoder)
     share_prompt = check_settings(cfg, encoder, pooling)
+    window = sliding_window(model_config)  # the one-row layout's 4D mask would override a sliding window
+    windowed = share_prompt and window is not None and window < cfg.max_length
+    share_prompt = share_prompt and not windowed
     positions = getattr(model_config, "max_position_embeddings", None)
     if positions and cfg.max_length > positions:
         raise ConfigError(f"max_length {cfg.max_length} is more than the model's {positions} positions")
@@ -376,6 +380,7 @@ def train(cfg: RewardConfig) -> Path:
         f"reward model: {'encoder' if encoder else 'causal LM + value head'} {type(model).__name__}, "
         f"pooling {pooling}, {cfg.ensemble} head(s), "
         f"prompt {'shared' if share_prompt else 'read with each response'}"
+        + (f" (its sliding window of {window} tokens is shorter than max_length)" if windowed else "")
     )
 
     collate = make_collate(tokenizer.pad_token_id, share_prompt)
