@@ -74,6 +74,17 @@ class Rollout:
     def num_tokens(self) -> int:
         return int(sum(self.completion_lengths))
 
+    def completion_ids(self) -> list[list[int]]:
+        """The N completions' token ids, as sampled (after the prompt, or after an encoder-decoder's start
+        token)."""
+        starts = (
+            [1] * len(self.completion_lengths) if self.encoder_input_ids is not None else self.prompt_lengths
+        )
+        return [
+            self.input_ids[r, start : start + n].tolist()
+            for r, (start, n) in enumerate(zip(starts, self.completion_lengths))
+        ]
+
     def batch(self, rows: list[int] | torch.Tensor, **extra: torch.Tensor) -> dict[str, torch.Tensor]:
         """The rows as a batch (trimmed to their longest sequence), with per-row `extra` tensors."""
         rows = torch.as_tensor(rows, dtype=torch.long)

@@ -92,6 +92,15 @@ def launch(dump: Path, argv: list[str], processes: int = 2) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
 
 
+def ranks_agree_and_moved(dump: Path, start_dir: Path) -> None:
+    """Both processes' dumped parameters are equal (the gradient all-reduce ran) and moved from the causal
+    model in `start_dir`."""
+    rank0, rank1 = (load_file(str(dump / f"rank{r}.safetensors")) for r in (0, 1))
+    start = load_file(str(start_dir / "model.safetensors"))
+    assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)
+    assert any(not torch.equal(rank0[n], start[n.removeprefix("model.")]) for n in rank0)
+
+
 def relative_difference(a: dict, b: dict, start: dict) -> float:
     """||a - b|| / ||b - start|| over all parameters: how far two trainings ended apart, relative to how
     far training moved. (Per element, Adam turns float-rounding noise in a near-zero gradient into an
@@ -185,10 +194,7 @@ def test_two_process_grpo_keeps_the_processes_in_step(tmp_path, tiny_model_dir):
         "mixed_precision=no",
     ]
     launch(out / "dump", argv)
-    rank0, rank1 = (load_file(str(out / "dump" / f"rank{r}.safetensors")) for r in (0, 1))
-    start = load_file(str(tiny_model_dir / "model.safetensors"))
-    assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)
-    assert any(not torch.equal(rank0[n], start[n.removeprefix("model.")]) for n in rank0)
+    ranks_agree_and_moved(out / "dump", tiny_model_dir)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
 
@@ -217,10 +223,7 @@ def test_two_process_online_dpo_keeps_the_processes_in_step(tmp_path, tiny_model
         "mixed_precision=no",
     ]
     launch(out / "dump", argv)
-    rank0, rank1 = (load_file(str(out / "dump" / f"rank{r}.safetensors")) for r in (0, 1))
-    start = load_file(str(tiny_model_dir / "model.safetensors"))
-    assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)
-    assert any(not torch.equal(rank0[n], start[n.removeprefix("model.")]) for n in rank0)
+    ranks_agree_and_moved(out / "dump", tiny_model_dir)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert any(r["pairs/below_gap"] > 0 for r in records)  # (rank 0's own count) the tie path ran
@@ -250,10 +253,7 @@ def test_two_process_iterative_dpo_shares_the_sampling_and_trains_as_one(tmp_pat
         "mixed_precision=no",
     ]
     launch(out / "dump", argv)
-    rank0, rank1 = (load_file(str(out / "dump" / f"rank{r}.safetensors")) for r in (0, 1))
-    start = load_file(str(tiny_model_dir / "model.safetensors"))
-    assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)
-    assert any(not torch.equal(rank0[n], start[n.removeprefix("model.")]) for n in rank0)
+    ranks_agree_and_moved(out / "dump", tiny_model_dir)
     for k in (1, 2):
         samples = [
             json.loads(line) for line in (out / f"round-{k}" / "samples.jsonl").read_text().splitlines()

@@ -157,17 +157,16 @@ def sample_round(policy, tokenizer, prompts: Prompts, idx: list[int], scorer, cf
         seed=seed,
         update_rewards=False,
     )
+    completion_ids = rollout.completion_ids()
     rows = []
     for n, i in enumerate(idx):
         candidates = []
         for r in range(n * K, (n + 1) * K):
-            start = rollout.prompt_lengths[r]
-            ids = rollout.input_ids[r, start : start + rollout.completion_lengths[r]].tolist()
             scores = {name: float(s[r]) for name, s in rollout.source_scores.items()}
             candidates.append(
                 {
                     "text": rollout.completions[r],
-                    "ids": ids,
+                    "ids": completion_ids[r],
                     "scores": scores,
                     "total": float(rollout.scores[r]),
                 }
@@ -209,10 +208,7 @@ def pair_rows(samples: list[dict], cfg: IterativeDPOConfig) -> tuple[list[dict],
                 **pair_columns(p.gap, cfg.gap_as, cfg.soft_label_temperature),
             }
         )
-    out = stats.as_dict()
-    if pairs:
-        out["pairs/gap_mean"] = sum(p.gap for p in pairs) / len(pairs)
-    return rows, out
+    return rows, stats.as_dict()
 
 
 def round_config(cfg: IterativeDPOConfig, k: int, policy: str, pairs_path: Path) -> DPOConfig:
@@ -267,7 +263,9 @@ def train(cfg: IterativeDPOConfig) -> Path:
     scorer = (
         JudgeRanking(build_reward(cfg.judge, "judge"), K) if cfg.judge else RewardSet.from_specs(cfg.rewards)
     )
-    evaluator = RewardSet.from_specs(cfg.rewards) if cfg.rewards and prompts.eval_rows else None
+    # The reward set scores the eval prompts too (held frozen: both pass update_rewards=False); a pairwise
+    # judge, the alternative (check_settings), cannot score lone completions.
+    evaluator = scorer if isinstance(scorer, RewardSet) and prompts.eval_rows else None
     if prompts.eval_rows and evaluator is None:
         log(
             "eval prompts are not scored: a pairwise judge ranks completions of one prompt, and no rewards are given"

@@ -98,17 +98,19 @@ def encode_prompts(rows, tokenizer, max_prompt_length: int) -> tuple[list[list[i
     return ids, cut
 
 
-def rollout_metrics(rollout: Rollout, advantages: torch.Tensor) -> dict[str, float]:
-    """What an expert reads first about a rollout: reward per source, zero-std groups, lengths, EOS."""
+def rollout_metrics(rollout: Rollout, advantages: torch.Tensor | None = None) -> dict[str, float]:
+    """What an expert reads first about a rollout: reward per source, zero-std groups, lengths, EOS, and the
+    advantages' mean and std when the method has advantages."""
     lengths = torch.tensor(rollout.completion_lengths, dtype=torch.float32)
     out = {
         "reward": float(rollout.scores.mean()),
         "reward_std": float(rollout.scores.std(unbiased=False)),
         "completion_length": float(lengths.mean()),
         "frac_eos": float(rollout.ended.float().mean()),
-        "advantages/mean": float(advantages.mean()),
-        "advantages/std": float(advantages.std(unbiased=False)),
     }
+    if advantages is not None:
+        out["advantages/mean"] = float(advantages.mean())
+        out["advantages/std"] = float(advantages.std(unbiased=False))
     if rollout.group_size > 1:  # (with one completion per prompt every group is trivially unanimous)
         out["frac_reward_zero_std"] = float(frac_reward_zero_std(rollout.scores, rollout.group_size))
     for name, scores in rollout.source_scores.items():

@@ -105,12 +105,16 @@ def check_settings(cfg: OnlineDPOConfig):
     return spec
 
 
+def pair_rows(pairs, group_size: int) -> list[int]:
+    """The rollout rows of B pairs laid out as a batch: [chosen_1..B | rejected_1..B]."""
+    G = group_size
+    return [p.prompt * G + p.chosen for p in pairs] + [p.prompt * G + p.rejected for p in pairs]
+
+
 def pair_batch(rollout: Rollout, pairs, columns: list[dict]) -> dict[str, torch.Tensor]:
-    """B pairs as one batch of 2B rollout rows, [chosen_1..B | rejected_1..B], with their reference log-probs
-    and per-pair columns (margin / preference)."""
-    G = rollout.group_size
-    rows = [p.prompt * G + p.chosen for p in pairs] + [p.prompt * G + p.rejected for p in pairs]
-    batch = rollout.batch(rows)
+    """B pairs as one batch of their 2B rollout rows (`pair_rows`), with their reference log-probs and
+    per-pair columns (margin / preference)."""
+    batch = rollout.batch(pair_rows(pairs, rollout.group_size))
     for key in columns[0] if columns else ():
         batch[key] = torch.tensor([c[key] for c in columns], dtype=torch.float32)
     return batch
@@ -142,7 +146,7 @@ def train(cfg: OnlineDPOConfig) -> Path:
     def policy_fn(m, batch: dict) -> dict:
         return pair_sums(token_logps(m, batch, **fn_kwargs)["token_logps"], batch["completion_mask"])
 
-    reference, reference_fn = online_reference(cfg, model, accelerator, 1.0 if spec.needs_reference else 0.0)
+    reference, _ = online_reference(cfg, model, accelerator, 1.0 if spec.needs_reference else 0.0)
     if cfg.lora.enabled:
         model = disable_dropout(add_lora(model, cfg.lora))
 
@@ -178,15 +182,8 @@ def train(cfg: OnlineDPOConfig) -> Path:
                 accelerator.unwrap_model(policy).model, tokenizer, prompts, scorer, sampling, G
             )
             scores = rollout.scores.view(-1, G)
-            completion_ids = [
-                [
-                    rollout.input_ids[r, rollout.prompt_lengths[r] :][
-                        : rollout.completion_lengths[r]
-                    ].tolist()
-                    for r in range(p * G, (p + 1) * G)
-                ]
-                for p in range(scores.shape[0])
-            ]
+            ids = rollout.completion_ids()
+            completion_ids = [ids[p * G : (p + 1) * G] for p in range(scores.shape[0])]
             pairs, stats = build_pairs(
                 scores, strategy="best_worst", min_gap=cfg.min_gap, completions=completion_ids
             )
@@ -206,11 +203,7 @@ def train(cfg: OnlineDPOConfig) -> Path:
             micro = -(-len(pairs) // cfg.grad_accum)
             groups = [list(range(s, min(s + micro, len(pairs)))) for s in range(0, len(pairs), micro)]
             if reference is not None:
-                rows = [
-                    [pairs[i].prompt * G + pairs[i].chosen for i in g]
-                    + [pairs[i].prompt * G + pairs[i].rejected for i in g]
-                    for g in groups
-                ]
+                rows = [pair_rows([pairs[i] for i in g], G) for g in groups]
                 rollout.ref_logps = token_logps_in_batches(
                     lambda b: reference(policy, b),  # noqa: B023
                     rollout,
@@ -242,19 +235,8 @@ def train(cfg: OnlineDPOConfig) -> Path:
                 )
                 record.update(as_numbers(trained))
             t3 = time.perf_counter()
-            record.update(step_metrics(rollout, stats.as_dict(), pairs if weight else []))
+            record.update({**rollout_metrics(rollout), **stats.as_dict()})
             record.update(timing_metrics(rollout, (t0, t1, t2, t3), passes=1.0))
             postfix = {"reward": record["reward"], "pairs": record["pairs/pairs"]}
             run.finish_step(record, evaluate if prompts.eval_rows and rewards is not None else None, postfix)
     return save_final(accelerator, policy, tokenizer, output_dir, cfg.lora.merge, log)
-
-
-def step_metrics(rollout: Rollout, pair_stats: dict, pairs) -> dict:
-    """The rollout's reward and lengths (rollout_metrics without advantages) and the pairs' gaps."""
-    out = {
-        k: v for k, v in rollout_metrics(rollout, torch.zeros(1)).items() if not k.startswith("advantages/")
-    }
-    out.update(pair_stats)
-    if pairs:
-        out["pairs/gap_mean"] = sum(p.gap for p in pairs) / len(pairs)
-    return out

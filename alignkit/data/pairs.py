@@ -46,9 +46,11 @@ class PairStats:
     """Candidate pairs dropped because their gap did not exceed min_gap (ties included)."""
     duplicates: int = 0
     """Candidate pairs dropped because both completions are the same token ids."""
+    gap_mean: float | None = None
+    """The kept pairs' mean score gap (None when no pair was kept)."""
 
     def as_dict(self) -> dict[str, float]:
-        return {f"pairs/{k}": float(v) for k, v in vars(self).items()}
+        return {f"pairs/{k}": float(v) for k, v in vars(self).items() if v is not None}
 
 
 def build_pairs(
@@ -94,6 +96,8 @@ def build_pairs(
                 kept.append(Pair(p, i, j, gap))
         pairs.extend(kept)
     stats.pairs = len(pairs)
+    if pairs:
+        stats.gap_mean = sum(p.gap for p in pairs) / len(pairs)
     return pairs, stats
 
 
