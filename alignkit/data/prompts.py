@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.data.chat import Issues, json_type, messages_problems, render_messages
-from alignkit.data.readers import DataError, DroppedRow, Problems
+from alignkit.data.readers import DataError, DroppedRow, Problems, encoding_problems
 from alignkit.data.rows import _load_rows, _raise_or_skip
 
 PROMPT_FORMATS = "{prompt: string}; {prompt: [messages]}; or {messages: [messages]}"
@@ -75,6 +75,9 @@ def load_prompt_rows(
                     problems.add(n, None, f"found a JSON {json_type(prompt)} (expected a prompt string)")
                 elif not prompt.strip():
                     problems.add(n, None, "empty prompt (expected non-whitespace text)")
+                else:
+                    for _, reason in encoding_problems(prompt, ""):
+                        problems.add(n, None, reason)
             _raise_or_skip(problems, skipped)
             good = [PromptRow(p, source, n) for n, p in enumerate(data, 1) if n not in problems.lines]
             if not good:
