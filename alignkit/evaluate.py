@@ -432,6 +432,12 @@ class EvalConfig:
     """Samples per prompt and policy (sample j of both policies shares its seed)."""
     max_new_tokens: int = 48
     """Longest completion, in tokens."""
+    system_prompt: str | None = None
+    """Conversational prompt rows: a system message put first in every conversation without one (rows
+    with their own keep theirs); rendered by the policy's chat template."""
+    chat_template_kwargs: dict = field(default_factory=dict)
+    """Conversational prompt rows: extra variables for the chat template, e.g. {enable_thinking: false}
+    (Qwen3), passed to apply_chat_template."""
     temperature: float = 1.0
     """Sampling temperature (0 = greedy); the KL estimate needs 1 and no top_k / top_p."""
     top_k: int | None = None
@@ -465,11 +471,14 @@ RANGES[EvalConfig] = {
 }
 
 
-def read_prompts(path: str, tokenizer=None) -> list[str]:
+def read_prompts(
+    path: str, tokenizer=None, *, system_prompt: str | None = None, chat_template_kwargs: dict | None = None
+) -> list[str]:
     """Prompts from a .jsonl (or .json array) of prompt rows ({"prompt": str}, or chat messages rendered
-    with `tokenizer`'s template), or a .json list of strings (alignkit.data.prompts). Every bad row is
-    reported at once as file:line: field 'prompt': problem."""
-    return [row.prompt for row in load_prompt_rows(path, tokenizer=tokenizer)]
+    with `tokenizer`'s template, `system_prompt` and `chat_template_kwargs`), or a .json list of strings
+    (alignkit.data.prompts). Every bad row is reported at once as file:line: field 'prompt': problem."""
+    template = {"system_prompt": system_prompt, "chat_template_kwargs": chat_template_kwargs}
+    return [row.prompt for row in load_prompt_rows(path, tokenizer=tokenizer, **template)]
 
 
 def _check(cfg: EvalConfig) -> None:
@@ -498,7 +507,8 @@ def run(cfg: EvalConfig) -> dict:
     rewards = RewardSet.from_specs(cfg.rewards)
 
     tokenizer = load_tokenizer(cfg.model)
-    prompts = read_prompts(cfg.prompts, tokenizer)[: cfg.num_prompts or None]  # chat rows: its template
+    template = {"system_prompt": cfg.system_prompt, "chat_template_kwargs": cfg.chat_template_kwargs}
+    prompts = read_prompts(cfg.prompts, tokenizer, **template)[: cfg.num_prompts or None]  # its template
     if load_tokenizer(cfg.base_model).get_vocab() != tokenizer.get_vocab():
         raise ValueError(
             f"the tokenizers of base_model ({cfg.base_model}) and model ({cfg.model}) differ: the shared "

@@ -57,6 +57,12 @@ class IterativeDPOConfig(DPOConfig):
     """k: completions sampled per prompt."""
     max_new_tokens: int = 64
     """Longest completion, in tokens."""
+    system_prompt: str | None = None
+    """Conversational prompt rows: a system message put first in every conversation without one (rows
+    with their own keep theirs); rendered by the policy's chat template."""
+    chat_template_kwargs: dict = field(default_factory=dict)
+    """Conversational prompt rows: extra variables for the chat template, e.g. {enable_thinking: false}
+    (Qwen3), passed to apply_chat_template."""
     temperature: float = 1.0
     """Sampling temperature."""
     top_k: int = 0

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -253,6 +253,8 @@ class JudgeOptions(SourceOptions):
     """local: conversations generated at once."""
     trust_remote_code: bool = False
     """local: allow the model repository to run its own code. Off unless you trust the source."""
+    chat_template_kwargs: dict = field(default_factory=dict)
+    """local: extra variables for the judge model's chat template, e.g. {enable_thinking: false} (Qwen3)."""
 
 
 REMOTE = ("temperature", "timeout", "max_retries", "backoff", "max_backoff", "max_concurrency")
@@ -262,7 +264,7 @@ BACKEND_KEYS = {
     "http": ("base_url", "api_key_env", *REMOTE),
     "anthropic": ("base_url", "api_key_env", *REMOTE),
     "bedrock": ("region", "endpoint_url", *REMOTE),
-    "local": ("tokenizer", "device", "dtype", "batch_size", "trust_remote_code"),
+    "local": ("tokenizer", "device", "dtype", "batch_size", "trust_remote_code", "chat_template_kwargs"),
 }
 
 
@@ -289,7 +291,14 @@ def build_backend(o: JudgeOptions):
     """The backend `o.backend` names, built from the options it reads (see BACKEND_KEYS)."""
     if o.backend == "local":
         return LocalChatBackend(
-            o.model, o.tokenizer, o.max_tokens, o.batch_size, o.device, o.dtype, o.trust_remote_code
+            o.model,
+            o.tokenizer,
+            o.max_tokens,
+            o.batch_size,
+            device=o.device,
+            dtype=o.dtype,
+            trust_remote_code=o.trust_remote_code,
+            chat_template_kwargs=o.chat_template_kwargs,
         )
     retries = {
         "timeout": o.timeout,
