@@ -48,8 +48,8 @@ RESUMABLE_CHANGES = ("num_prompts",)  # settings a resumed run may change: the l
 class Candidates:
     """The n sampled completions of one prompt and their scores."""
 
-    prompt: str
-    """The prompt as given."""
+    prompt: str | list[dict]
+    """The prompt as given: its text, or a conversational row's messages (what the rewards read)."""
     prompt_ids: list[int]
     """The prompt's token ids as the model saw them."""
     completion_ids: list[list[int]]
@@ -65,7 +65,7 @@ class Candidates:
 def sample_candidates(
     model,
     tokenizer,
-    prompts: list[str],
+    prompts: list[str | list[dict]],
     prompt_ids: list[list[int]] | None = None,
     *,
     n: int,
@@ -73,7 +73,8 @@ def sample_candidates(
     **sampling,
 ) -> list[Candidates]:
     """n samples of every prompt (`generation.sample_ids`, seeded by `seed`; `sampling`: max_new_tokens,
-    temperature, top_k, top_p, batch_size), unscored. `prompt_ids` default to the one prompt encoder's
+    temperature, top_k, top_p, batch_size), unscored. `prompts` are texts, or with `prompt_ids` also
+    conversations (`PromptRow.reward_input`: what the rewards read). `prompt_ids` default to the one prompt encoder's
     ids of `prompts` (`data.prompts.encode_prompt`: one BOS). One call draws from one seeded stream: the same prompts,
     settings and seed give the same candidates, but a prompt's candidates also depend on which prompts
     share the call (`alignkit generate` fixes that with seeded chunks)."""
@@ -433,12 +434,13 @@ def run(cfg: GenerateConfig) -> dict:
     template = {"system_prompt": cfg.system_prompt, "chat_template_kwargs": cfg.chat_template_kwargs}
     rows = load_prompt_rows(cfg.prompts, tokenizer=tokenizer, **template)[: cfg.num_prompts or None]
     rows, prompt_ids, cut = encode_prompt_rows(rows, tokenizer, cfg.max_prompt_length)
-    prompts = [r.prompt for r in rows]
+    prompts = [r.reward_input for r in rows]  # conversations stay messages, for the rewards
     chooser = None
     if cfg.method == "icdpo":
         from alignkit.icdpo import IcdpoChooser
+        from alignkit.rewards.base import prompt_text
 
-        chooser = IcdpoChooser.from_config(cfg, prompts, tokenizer)
+        chooser = IcdpoChooser.from_config(cfg, [prompt_text(p) for p in prompts], tokenizer)
     rewards = RewardSet.from_specs(cfg.rewards)
     out = Path(cfg.output_dir)
     save_config(cfg, out)

@@ -215,8 +215,13 @@ def compare_policies(
     seed: int = 0,
     batch_size: int = 32,
     num_examples: int = 4,
+    reward_prompts: list | None = None,
 ) -> dict:
     """Samples both policies on `prompts` with the same seeds and compares them (see the module docstring).
+
+    `prompts` are the texts the policies continue (chat templates applied); `reward_prompts`, what the
+    reward sources read for each (`PromptRow.reward_input`: a conversation's messages, which a reward
+    model renders in its own template), default `prompts`.
 
     Both sample sets are scored by every source of `rewards` in one call and composed together (so a
     normalising RewardSet uses the same statistics for both). Returns a JSON-serialisable dict:
@@ -248,7 +253,11 @@ def compare_policies(
 
     # Score both sets at once: (2 * P * n,), base first.
     both = samples["base"] + samples["aligned"]
-    raw = rewards.score_sources([s.prompt for s in both], [s.text for s in both])
+    given = list(reward_prompts if reward_prompts is not None else prompts)
+    if len(given) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(given)} reward_prompts")
+    per_sample = [p for p in given for _ in range(n)]  # samples are prompt-major
+    raw = rewards.score_sources(per_sample + per_sample, [s.text for s in both])
     composed = rewards.compose(raw)
     half = len(samples["base"])
     scores = {name: (values[:half], values[half:]) for name, values in raw.items()}
@@ -498,17 +507,15 @@ def run(cfg: EvalConfig) -> dict:
     from alignkit.models import load_causal_lm, load_tokenizer
 
     _check(cfg)
-    prompts = read_prompts(cfg.prompts)  # bad rows fail before any model is loaded
+    read_prompts(cfg.prompts)  # bad rows fail before any model is loaded
     for key in ("base_model", "model"):
         check_model_source(getattr(cfg, key), key)
     claim_output_dir(cfg.output_dir, overwrite=cfg.overwrite, patterns=("eval_report.json", "eval_report.md"))
-    if cfg.num_prompts:
-        prompts = prompts[: cfg.num_prompts]
     rewards = RewardSet.from_specs(cfg.rewards)
 
     tokenizer = load_tokenizer(cfg.model)
     template = {"system_prompt": cfg.system_prompt, "chat_template_kwargs": cfg.chat_template_kwargs}
-    prompts = read_prompts(cfg.prompts, tokenizer, **template)[: cfg.num_prompts or None]  # its template
+    rows = load_prompt_rows(cfg.prompts, tokenizer=tokenizer, **template)[: cfg.num_prompts or None]
     if load_tokenizer(cfg.base_model).get_vocab() != tokenizer.get_vocab():
         raise ValueError(
             f"the tokenizers of base_model ({cfg.base_model}) and model ({cfg.model}) differ: the shared "
@@ -523,8 +530,9 @@ def run(cfg: EvalConfig) -> dict:
         base,
         aligned,
         tokenizer,
-        prompts,
+        [r.prompt for r in rows],  # chat rows: rendered in the aligned model's template
         rewards=rewards,
+        reward_prompts=[r.reward_input for r in rows],
         num_samples=cfg.num_samples,
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,

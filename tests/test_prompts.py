@@ -141,3 +141,78 @@ def test_the_local_judge_passes_chat_template_kwargs_and_encodes_one_bos(
     list(backend.complete([[{"role": "user", "content": "Score this."}]]))
     assert seen[0].prompt.endswith("<|assistant|><think></think>")
     assert seen[0].prompt_ids[0] == BOS and seen[0].prompt_ids[1] != BOS
+
+
+RM_TEMPLATE = (  # the reward model's own template: unlike the policy's, and it writes its BOS too
+    "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+)
+
+
+def test_rewards_read_the_conversation_in_their_own_template_or_its_content(tmp_path, tiny_model_dir):
+    """alignkit generate on a conversational prompt, policy template <|user|>..., scored by a tiny reward
+    model with its own template [user] ... and by a regex over {prompt}: the reward model's score is its
+    logit on its own rendering of prompt messages + the candidate as the assistant's reply (one BOS), as
+    TRL does; the regex sees the user's words, not the policy's markup. Before, both read the policy's
+    rendered text (the reward model its response alone, the regex '<|start_story|><|user|>...')."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from alignkit.best_of_n import GenerateConfig, run
+
+    policy = tmp_path / "policy"
+    shutil.copytree(tiny_model_dir, policy)
+    tokenizer_with(WRITES_BOS).save_pretrained(policy)
+    rm_dir = tmp_path / "rm"
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=2048, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    reward_model = LlamaForSequenceClassification(config).eval()
+    reward_model.save_pretrained(rm_dir, safe_serialization=True)
+    rm_tokenizer = tokenizer_with(RM_TEMPLATE)
+    rm_tokenizer.save_pretrained(rm_dir)
+
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    prompts = write_rows(tmp_path / "prompts.jsonl", [{"prompt": messages}])
+    rewards = [
+        {"type": "classifier", "model": str(rm_dir)},
+        {"type": "regex", "pattern": r"^Tell me a story\.$", "text": "{prompt}"},
+    ]
+    cfg = GenerateConfig(
+        model=str(policy), prompts=prompts, rewards=rewards, n=3, max_new_tokens=6, progress=False,
+        output_dir=str(tmp_path / "out"),
+    )  # fmt: skip
+    run(cfg)
+    (line,) = [json.loads(x) for x in open(tmp_path / "out" / "candidates.jsonl")]
+    for candidate in line["candidates"]:
+        conversation = [*messages, {"role": "assistant", "content": candidate["text"]}]
+        text = rm_tokenizer.apply_chat_template(conversation, tokenize=False)
+        ids = rm_tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert ids[0] == BOS and ids[1] != BOS
+        with torch.no_grad():
+            expected = float(reward_model(torch.tensor([ids])).logits[0, 0])
+        assert candidate["scores"]["classifier"] == pytest.approx(expected, abs=1e-5)
+        assert candidate["scores"]["regex"] == 1.0
+
+
+def test_online_rollouts_give_rewards_the_conversation_not_the_policys_markup(tmp_path, tiny_model_dir):
+    """The rollout of grpo / rloo / ppo / online-dpo / iterative-dpo (here its eval, `evaluate_policy`,
+    which collects like a training step) hands the reward sources the row's messages: a regex over
+    {prompt} finds the user's words at the start, not '<|start_story|><|user|>'."""
+    import dataclasses
+
+    from alignkit.algorithms.online import evaluate_policy, sampling_settings
+    from alignkit.config import GRPOConfig
+    from alignkit.models import load_causal_lm
+    from alignkit.rewards import RewardSet
+
+    tokenizer = tokenizer_with(WRITES_BOS)
+    prompts = online_prompts(tmp_path, tokenizer, [conversation("Tell me a story.")])
+    prompts = dataclasses.replace(prompts, eval_rows=prompts.train_rows, eval_ids=prompts.train_ids)
+    rewards = RewardSet.from_specs([{"type": "regex", "pattern": r"^Tell me a story\.$", "text": "{prompt}"}])
+    model = load_causal_lm(str(tiny_model_dir)).eval()
+    sampling = sampling_settings(GRPOConfig(max_new_tokens=2))
+    assert evaluate_policy(model, tokenizer, prompts, rewards, sampling, seed=0)["rewards/regex/mean"] == 1.0

@@ -156,7 +156,7 @@ def sample_round(policy, tokenizer, prompts: Prompts, idx: list[int], scorer, cf
         policy,
         tokenizer,
         [prompts.train_ids[i] for i in idx],
-        [prompts.train_rows[i].prompt for i in idx],
+        [prompts.train_rows[i].reward_input for i in idx],
         scorer,
         group_size=K,
         sampling=sampling_settings(cfg),  # (the fields OnlineConfig has, under the same names)

@@ -50,6 +50,12 @@ class PromptRow:
     source: str = ""
     line: int = 0
 
+    @property
+    def reward_input(self) -> str | list[dict]:
+        """The prompt as reward sources read it: a conversational row's messages (a reward model renders
+        them in its own chat template, a judge reads their content), else the text."""
+        return self.messages if self.messages is not None else self.prompt
+
 
 def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
     """`messages` with a system message holding `system_prompt` first, unless it is None or the
