@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from alignkit.config import RANGES, ConfigError, at_least, between, validate
+from alignkit.data.prompts import encode_prompt
 from alignkit.evaluate import mean_and_stderr
 from alignkit.generation import _sample_seed, sample_ids
 from alignkit.models import DTYPES
@@ -47,8 +48,8 @@ RESUMABLE_CHANGES = ("num_prompts",)  # settings a resumed run may change: the l
 class Candidates:
     """The n sampled completions of one prompt and their scores."""
 
-    prompt: str
-    """The prompt as given."""
+    prompt: str | list[dict]
+    """The prompt as given: its text, or a conversational row's messages (what the rewards read)."""
     prompt_ids: list[int]
     """The prompt's token ids as the model saw them."""
     completion_ids: list[list[int]]
@@ -64,7 +65,7 @@ class Candidates:
 def sample_candidates(
     model,
     tokenizer,
-    prompts: list[str],
+    prompts: list[str | list[dict]],
     prompt_ids: list[list[int]] | None = None,
     *,
     n: int,
@@ -72,12 +73,13 @@ def sample_candidates(
     **sampling,
 ) -> list[Candidates]:
     """n samples of every prompt (`generation.sample_ids`, seeded by `seed`; `sampling`: max_new_tokens,
-    temperature, top_k, top_p, batch_size), unscored. `prompt_ids` default to the tokenizer's encoding
-    of `prompts` (with its special tokens). One call draws from one seeded stream: the same prompts,
+    temperature, top_k, top_p, batch_size), unscored. `prompts` are texts, or with `prompt_ids` also
+    conversations (`PromptRow.reward_input`: what the rewards read). `prompt_ids` default to the one prompt encoder's
+    ids of `prompts` (`data.prompts.encode_prompt`: one BOS). One call draws from one seeded stream: the same prompts,
     settings and seed give the same candidates, but a prompt's candidates also depend on which prompts
     share the call (`alignkit generate` fixes that with seeded chunks)."""
     if prompt_ids is None:
-        prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+        prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
     if len(prompt_ids) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(prompt_ids)} prompt_ids")
     ids = sample_ids(model, tokenizer, prompt_ids, num_samples=n, seed=seed, **sampling)
@@ -296,7 +298,8 @@ class GenerateConfig:
     num_prompts: int = 0
     """Use the first this many prompts (0 = all); a resumed run may raise it."""
     max_prompt_length: int = 256
-    """Prompts longer than this many tokens are cut from the left."""
+    """Text prompts longer than this many tokens are cut from the left (the BOS kept); a longer
+    conversational prompt is an error at its row."""
     method: str = "reward"
     """How the candidate is chosen: reward (best-of-n by the total reward) or icdpo (by log p(y | demos, x) - log p(y | x))."""
     rewards: list[dict] = field(default_factory=lambda: [{"type": "vader"}])
@@ -305,6 +308,12 @@ class GenerateConfig:
     """Candidates sampled per prompt."""
     max_new_tokens: int = 48
     """Longest candidate, in tokens."""
+    system_prompt: str | None = None
+    """Conversational prompt rows: a system message put first in every conversation without one (rows
+    with their own keep theirs); rendered by the policy's chat template."""
+    chat_template_kwargs: dict = field(default_factory=dict)
+    """Conversational prompt rows: extra variables for the chat template, e.g. {enable_thinking: false}
+    (Qwen3), passed to apply_chat_template."""
     temperature: float = 1.0
     """Sampling temperature (0 = greedy: every candidate the same)."""
     top_k: int | None = None
@@ -414,23 +423,24 @@ def claim(cfg: GenerateConfig) -> None:
 def run(cfg: GenerateConfig) -> dict:
     """`alignkit generate`: samples, scores and chooses for every unfinished prompt, appending one durable
     line per prompt to output_dir/candidates.jsonl; writes and prints the summary; returns it."""
-    from alignkit.algorithms.online import encode_prompts
     from alignkit.config import save_config
-    from alignkit.data.prompts import load_prompt_rows
+    from alignkit.data.prompts import encode_prompt_rows, load_prompt_rows
     from alignkit.models import check_model_source, load_causal_lm, load_tokenizer
 
     check_config(cfg)
     check_model_source(cfg.model)
     claim(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    rows = load_prompt_rows(cfg.prompts, tokenizer=tokenizer)[: cfg.num_prompts or None]
-    prompt_ids, cut = encode_prompts(rows, tokenizer, cfg.max_prompt_length)
-    prompts = [r.prompt for r in rows]
+    template = {"system_prompt": cfg.system_prompt, "chat_template_kwargs": cfg.chat_template_kwargs}
+    rows = load_prompt_rows(cfg.prompts, tokenizer=tokenizer, **template)[: cfg.num_prompts or None]
+    rows, prompt_ids, cut = encode_prompt_rows(rows, tokenizer, cfg.max_prompt_length)
+    prompts = [r.reward_input for r in rows]  # conversations stay messages, for the rewards
     chooser = None
     if cfg.method == "icdpo":
         from alignkit.icdpo import IcdpoChooser
+        from alignkit.rewards.base import prompt_text
 
-        chooser = IcdpoChooser.from_config(cfg, prompts, tokenizer)
+        chooser = IcdpoChooser.from_config(cfg, [prompt_text(p) for p in prompts], tokenizer)
     rewards = RewardSet.from_specs(cfg.rewards)
     out = Path(cfg.output_dir)
     save_config(cfg, out)

@@ -215,8 +215,13 @@ def compare_policies(
     seed: int = 0,
     batch_size: int = 32,
     num_examples: int = 4,
+    reward_prompts: list | None = None,
 ) -> dict:
     """Samples both policies on `prompts` with the same seeds and compares them (see the module docstring).
+
+    `prompts` are the texts the policies continue (chat templates applied); `reward_prompts`, what the
+    reward sources read for each (`PromptRow.reward_input`: a conversation's messages, which a reward
+    model renders in its own template), default `prompts`.
 
     Both sample sets are scored by every source of `rewards` in one call and composed together (so a
     normalising RewardSet uses the same statistics for both). Returns a JSON-serialisable dict:
@@ -248,7 +253,11 @@ def compare_policies(
 
     # Score both sets at once: (2 * P * n,), base first.
     both = samples["base"] + samples["aligned"]
-    raw = rewards.score_sources([s.prompt for s in both], [s.text for s in both])
+    given = list(reward_prompts if reward_prompts is not None else prompts)
+    if len(given) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(given)} reward_prompts")
+    per_sample = [p for p in given for _ in range(n)]  # samples are prompt-major
+    raw = rewards.score_sources(per_sample + per_sample, [s.text for s in both])
     composed = rewards.compose(raw)
     half = len(samples["base"])
     scores = {name: (values[:half], values[half:]) for name, values in raw.items()}
@@ -432,6 +441,12 @@ class EvalConfig:
     """Samples per prompt and policy (sample j of both policies shares its seed)."""
     max_new_tokens: int = 48
     """Longest completion, in tokens."""
+    system_prompt: str | None = None
+    """Conversational prompt rows: a system message put first in every conversation without one (rows
+    with their own keep theirs); rendered by the policy's chat template."""
+    chat_template_kwargs: dict = field(default_factory=dict)
+    """Conversational prompt rows: extra variables for the chat template, e.g. {enable_thinking: false}
+    (Qwen3), passed to apply_chat_template."""
     temperature: float = 1.0
     """Sampling temperature (0 = greedy); the KL estimate needs 1 and no top_k / top_p."""
     top_k: int | None = None
@@ -465,11 +480,14 @@ RANGES[EvalConfig] = {
 }
 
 
-def read_prompts(path: str, tokenizer=None) -> list[str]:
+def read_prompts(
+    path: str, tokenizer=None, *, system_prompt: str | None = None, chat_template_kwargs: dict | None = None
+) -> list[str]:
     """Prompts from a .jsonl (or .json array) of prompt rows ({"prompt": str}, or chat messages rendered
-    with `tokenizer`'s template), or a .json list of strings (alignkit.data.prompts). Every bad row is
-    reported at once as file:line: field 'prompt': problem."""
-    return [row.prompt for row in load_prompt_rows(path, tokenizer=tokenizer)]
+    with `tokenizer`'s template, `system_prompt` and `chat_template_kwargs`), or a .json list of strings
+    (alignkit.data.prompts). Every bad row is reported at once as file:line: field 'prompt': problem."""
+    template = {"system_prompt": system_prompt, "chat_template_kwargs": chat_template_kwargs}
+    return [row.prompt for row in load_prompt_rows(path, tokenizer=tokenizer, **template)]
 
 
 def _check(cfg: EvalConfig) -> None:
@@ -489,16 +507,15 @@ def run(cfg: EvalConfig) -> dict:
     from alignkit.models import load_causal_lm, load_tokenizer
 
     _check(cfg)
-    prompts = read_prompts(cfg.prompts)  # bad rows fail before any model is loaded
+    read_prompts(cfg.prompts)  # bad rows fail before any model is loaded
     for key in ("base_model", "model"):
         check_model_source(getattr(cfg, key), key)
     claim_output_dir(cfg.output_dir, overwrite=cfg.overwrite, patterns=("eval_report.json", "eval_report.md"))
-    if cfg.num_prompts:
-        prompts = prompts[: cfg.num_prompts]
     rewards = RewardSet.from_specs(cfg.rewards)
 
     tokenizer = load_tokenizer(cfg.model)
-    prompts = read_prompts(cfg.prompts, tokenizer)[: cfg.num_prompts or None]  # chat rows: its template
+    template = {"system_prompt": cfg.system_prompt, "chat_template_kwargs": cfg.chat_template_kwargs}
+    rows = load_prompt_rows(cfg.prompts, tokenizer=tokenizer, **template)[: cfg.num_prompts or None]
     if load_tokenizer(cfg.base_model).get_vocab() != tokenizer.get_vocab():
         raise ValueError(
             f"the tokenizers of base_model ({cfg.base_model}) and model ({cfg.model}) differ: the shared "
@@ -513,8 +530,9 @@ def run(cfg: EvalConfig) -> dict:
         base,
         aligned,
         tokenizer,
-        prompts,
+        [r.prompt for r in rows],  # chat rows: rendered in the aligned model's template
         rewards=rewards,
+        reward_prompts=[r.reward_input for r in rows],
         num_samples=cfg.num_samples,
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,

@@ -27,6 +27,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from alignkit.data.prompts import encode_prompt
+
 
 def _sample_seed(seed: int, index: int) -> int:
     """A well-mixed 64-bit seed for sample `index` of a call seeded `seed`.
@@ -402,7 +404,8 @@ def sample(
     """Samples `num_samples` completions of every prompt with `model.generate`, in left-padded batches.
 
     Returns `len(prompts) * num_samples` samples, prompt-major: the samples of `prompts[i]` are
-    `result[i * num_samples : (i + 1) * num_samples]`.
+    `result[i * num_samples : (i + 1) * num_samples]`. Prompts (texts, chat templates already applied) are
+    encoded by the one prompt encoder, `data.prompts.encode_prompt` (one BOS).
 
     - `temperature=0` decodes greedily (then `top_k`, `top_p` and `seed` play no part).
     - `top_k=None` and `top_p=None` mean no truncation: the full softmax is sampled. (Plain
@@ -422,7 +425,7 @@ def sample(
     device = next(model.parameters()).device
     greedy = temperature == 0
 
-    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]  # one BOS, whatever the template writes
     jobs = [(p, ids) for p, ids in zip(prompts, encoded) for _ in range(num_samples)]
 
     was_training = model.training

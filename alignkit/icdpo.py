@@ -20,6 +20,7 @@ cut: a prompt whose longest candidate does not fit even without demonstrations i
 
 from __future__ import annotations
 
+from alignkit.data.prompts import encode_prompt
 from alignkit.evaluate import completion_nll
 
 
@@ -27,12 +28,13 @@ def demonstration_ids(
     prompts: list[str], responses: list[str], tokenizer, template: str = "{prompt}{response}"
 ) -> list[list[int]]:
     """Token ids of each demonstration as one document: `template` with {prompt} and {response} filled in,
-    encoded with the tokenizer's special tokens (e.g. BOS), then the EOS id when the tokenizer has one."""
+    encoded by the one prompt encoder (`data.prompts.encode_prompt`: one BOS, also when the template
+    writes the BOS text), then the EOS id when the tokenizer has one."""
     if "{response}" not in template:
         raise ValueError(f"demo_template must contain {{response}}, got {template!r}")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     return [
-        tokenizer(template.replace("{prompt}", p).replace("{response}", r))["input_ids"] + eos
+        encode_prompt(tokenizer, template.replace("{prompt}", p).replace("{response}", r)) + eos
         for p, r in zip(prompts, responses)
     ]
 

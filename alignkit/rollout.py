@@ -3,8 +3,9 @@ and the iterative methods all collect their experience with `collect`.
 
 The policy writes `num_generations` completions of every prompt, as token ids (never re-tokenised: the
 ids the model sampled are the ids it is trained on). Completions are decoded once, for the reward
-sources, which read text and re-encode it with their own tokenizers. Sequences are laid out right-padded
-as [prompt | completion | pad] with masks built from lengths, never from token values, so a tokenizer
+sources, which read text and re-encode it with their own tokenizers; they get a conversational prompt as
+its messages (a reward model renders them in its own chat template), never the policy's chat markup.
+Sequences are laid out right-padded as [prompt | completion | pad] with masks built from lengths, never from token values, so a tokenizer
 whose pad id is its EOS id is safe: the EOS a completion ends with is scored, the padding after it is not.
 """
 
@@ -44,8 +45,9 @@ class Rollout:
     completion_lengths: list[int]
     ended: torch.Tensor
     """(N,) bool: the completion ended with an EOS token (else it hit max_new_tokens)."""
-    prompts: list[str]
-    """The N prompt texts (each repeated G times)."""
+    prompts: list[str | list[dict]]
+    """The N prompts as the reward sources read them (each repeated G times): a conversational row's
+    messages, kept as such (a reward model applies its own chat template), else the text."""
     completions: list[str]
     """The N decoded completions (special tokens skipped)."""
     scores: torch.Tensor
@@ -148,7 +150,7 @@ def collect(
     model,
     tokenizer,
     prompt_ids: list[list[int]],
-    prompts: list[str],
+    prompts: list[str | list[dict]],
     rewards,
     *,
     group_size: int,
@@ -157,7 +159,8 @@ def collect(
     update_rewards: bool = True,
 ) -> Rollout:
     """Sample `group_size` completions of every prompt from `model` (the unwrapped policy), decode and
-    score them with the reward set `rewards` (an `alignkit.rewards.RewardSet`). Log-probs are added by
+    score them with the reward set `rewards` (an `alignkit.rewards.RewardSet`), which reads `prompts`:
+    each a conversation's messages or a text (`PromptRow.reward_input`), never the policy's rendering. Log-probs are added by
     the caller (`token_logps_in_batches`), which knows the batches training will use.
     update_rewards=False leaves the reward set's running normaliser as it is (evaluation)."""
     t0 = time.perf_counter()

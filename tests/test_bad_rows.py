@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from alignkit.cli import main
 from alignkit.data.checks import duplicate_rows, lost_share, unknown_text_rows
 from alignkit.data.prompts import load_prompt_rows
@@ -120,3 +122,68 @@ def test_online_training_skips_bad_prompt_rows_and_lists_them(tmp_path, tiny_mod
         assert [(d["line"], "prompt" in d["reason"]) for d in dropped] == [(4, True), (6, True)]
         assert "2 rows left out of the run" in capsys.readouterr().out
         assert (out / "final").is_dir()
+
+
+def test_a_lone_surrogate_in_any_text_field_is_reported_at_its_row_and_field(tmp_path):
+    """JSON's \\u escapes can write half a UTF-16 pair ("x\\ud800"): Python reads it as a str that no
+    tokenizer can encode. Every row format refuses it when the rows are read, naming file:line:field,
+    rather than failing with a traceback in the tokenizer or the unknown-text warning later."""
+    from alignkit.data.rows import (
+        DataError,
+        load_listwise_rows,
+        load_logged_rows,
+        load_preference_rows,
+        load_sft_rows,
+        load_unpaired_rows,
+    )
+
+    bad = "x\ud800"
+    user = {"role": "user", "content": "Hi."}
+    cases = [
+        (load_preference_rows, {"prompt": "P.", "chosen": bad, "rejected": "R."}, "chosen"),
+        (
+            load_preference_rows,
+            {
+                "prompt": [user, {"role": "user", "content": bad}],
+                "chosen": {"role": "assistant", "content": "A."},
+                "rejected": {"role": "assistant", "content": "B."},
+            },
+            "prompt[1].content",
+        ),  # noqa: E501
+        (
+            load_preference_rows,
+            {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": f"\n\nHuman: a\n\nAssistant: {bad}"},
+            "rejected",
+        ),  # noqa: E501
+        (load_sft_rows, {"prompt": bad, "completion": " c"}, "prompt"),
+        (load_sft_rows, {"messages": [user, {"role": "assistant", "content": bad}]}, "messages[1].content"),
+        (load_unpaired_rows, {"prompt": "P.", "completion": bad, "label": True}, "completion"),
+        (load_logged_rows, {"prompt": "P.", "response": bad, "reward": 1.0}, "response"),
+        (load_listwise_rows, {"prompt": "P.", "responses": ["a", bad], "scores": [1, 2]}, "responses[1]"),
+        (load_prompt_rows, {"prompt": bad}, "prompt"),
+        (load_prompt_rows, {"messages": [{"role": "user", "content": bad}]}, "messages[0].content"),
+    ]
+    for load, record, field in cases:
+        path = tmp_path / "rows.jsonl"
+        # json.dumps writes the lone surrogate as the escape \ud800, as a file from elsewhere would;
+        # line 1 is the same row without it
+        line = json.dumps(record)
+        path.write_text(line.replace("\\ud800", "") + "\n" + line + "\n")
+        with pytest.raises(DataError) as info:
+            load(str(path))
+        assert f"{path}:2: field '{field}'" in str(info.value), (load.__name__, str(info.value))
+        assert "surrogate" in str(info.value)
+    from alignkit.rewards.score import ScoreConfig, read_pairs  # `alignkit score` and ICDPO's demos
+
+    path.write_text(
+        json.dumps({"prompt": "P.", "response": "fine"})
+        + "\n"
+        + json.dumps({"prompt": bad, "response": "R."})
+        + "\n"
+    )
+    with pytest.raises(DataError, match=r"rows.jsonl:2: field 'prompt': .*surrogate"):
+        read_pairs(ScoreConfig(data=str(path)))
+    listed = tmp_path / "prompts.json"
+    listed.write_text(json.dumps(["fine", bad]))
+    with pytest.raises(DataError, match=r"prompts.json:2: .*surrogate"):
+        load_prompt_rows(str(listed))

@@ -57,6 +57,12 @@ class IterativeDPOConfig(DPOConfig):
     """k: completions sampled per prompt."""
     max_new_tokens: int = 64
     """Longest completion, in tokens."""
+    system_prompt: str | None = None
+    """Conversational prompt rows: a system message put first in every conversation without one (rows
+    with their own keep theirs); rendered by the policy's chat template."""
+    chat_template_kwargs: dict = field(default_factory=dict)
+    """Conversational prompt rows: extra variables for the chat template, e.g. {enable_thinking: false}
+    (Qwen3), passed to apply_chat_template."""
     temperature: float = 1.0
     """Sampling temperature."""
     top_k: int = 0
@@ -150,7 +156,7 @@ def sample_round(policy, tokenizer, prompts: Prompts, idx: list[int], scorer, cf
         policy,
         tokenizer,
         [prompts.train_ids[i] for i in idx],
-        [prompts.train_rows[i].prompt for i in idx],
+        [prompts.train_rows[i].reward_input for i in idx],
         scorer,
         group_size=K,
         sampling=sampling_settings(cfg),  # (the fields OnlineConfig has, under the same names)

@@ -15,7 +15,7 @@ from alignkit.checkpoint import Checkpointer
 from alignkit.config import ConfigError, OnlineConfig, TrainConfig
 from alignkit.data.checks import unknown_text_rows
 from alignkit.data.prepare import _split_eval, bad_rows_list, report_dropped
-from alignkit.data.prompts import PromptRow, load_prompt_rows
+from alignkit.data.prompts import PromptRow, encode_prompt_rows, load_prompt_rows
 from alignkit.logprobs import sequence_logps
 from alignkit.losses.policy import frac_reward_zero_std
 from alignkit.reference import check_reference_settings, setup_reference
@@ -86,18 +86,6 @@ def minibatches(n: int, cfg: OnlineConfig, seed: int) -> list[list[list[int]]]:
     return steps
 
 
-def encode_prompts(rows, tokenizer, max_prompt_length: int) -> tuple[list[list[int]], int]:
-    """Token ids of each prompt, cut from the left to its last `max_prompt_length` tokens (the end, where
-    the completion starts, is kept); returns them and how many were cut."""
-    ids, cut = [], 0
-    for row in rows:
-        encoded = tokenizer(row.prompt)["input_ids"]
-        if len(encoded) > max_prompt_length:
-            encoded, cut = encoded[-max_prompt_length:], cut + 1
-        ids.append(encoded)
-    return ids, cut
-
-
 def rollout_metrics(rollout: Rollout, advantages: torch.Tensor | None = None) -> dict[str, float]:
     """What an expert reads first about a rollout: reward per source, zero-std groups, lengths, EOS, and the
     advantages' mean and std when the method has advantages."""
@@ -130,21 +118,25 @@ class Prompts:
     eval_ids: list[list[int]]
 
 
-def load_prompts(cfg: OnlineConfig, tokenizer, log=print) -> Prompts:
-    """The config's prompt rows, validated (file:line:field) and tokenised before any model loads; the
-    eval prompts are `eval_data` or an `eval_fraction` of `data`. With on_bad_rows=skip bad rows are left
-    out, listed in the log and in output_dir/dropped_rows.jsonl."""
+def load_prompts(cfg, tokenizer, log=print) -> Prompts:
+    """The config's prompt rows, validated (file:line:field) and tokenised by the one prompt encoder
+    (`data.prompts`: one BOS; a conversation over max_prompt_length refused) before any model loads; the
+    eval prompts are `eval_data` or an `eval_fraction` of `data`. Conversations get the config's
+    system_prompt and chat_template_kwargs. With on_bad_rows=skip bad rows are left out, listed in the
+    log and in output_dir/dropped_rows.jsonl."""
     skipped = bad_rows_list(cfg)  # on_bad_rows=skip collects the bad rows here instead of refusing
-    rows = load_prompt_rows(cfg.data, cfg.data_split, tokenizer, skipped)
+    template = {"system_prompt": cfg.system_prompt, "chat_template_kwargs": cfg.chat_template_kwargs}
+    rows = load_prompt_rows(cfg.data, cfg.data_split, tokenizer, skipped, **template)
     if cfg.eval_data:
-        train_rows, eval_rows = rows, load_prompt_rows(cfg.eval_data, cfg.eval_split, tokenizer, skipped)
+        eval_rows = load_prompt_rows(cfg.eval_data, cfg.eval_split, tokenizer, skipped, **template)
+        train_rows = rows
     else:
         train_rows, eval_rows = _split_eval(rows, cfg.eval_fraction, cfg.seed)
-    report_dropped(cfg, skipped or [], log)
     for warning in unknown_text_rows(train_rows + eval_rows, tokenizer):
         log(warning)
-    train_ids, cut = encode_prompts(train_rows, tokenizer, cfg.max_prompt_length)
-    eval_ids, eval_cut = encode_prompts(eval_rows, tokenizer, cfg.max_prompt_length)
+    train_rows, train_ids, cut = encode_prompt_rows(train_rows, tokenizer, cfg.max_prompt_length, skipped)
+    eval_rows, eval_ids, eval_cut = encode_prompt_rows(eval_rows, tokenizer, cfg.max_prompt_length, skipped)
+    report_dropped(cfg, skipped or [], log)
     log(
         f"{len(train_rows)} training and {len(eval_rows)} eval prompts; {cut + eval_cut} cut to max_prompt_length"
     )
@@ -220,7 +212,7 @@ def evaluate_policy(model, tokenizer, prompts: Prompts, rewards: RewardSet, samp
         model,
         tokenizer,
         prompts.eval_ids,
-        [r.prompt for r in prompts.eval_rows],
+        [r.reward_input for r in prompts.eval_rows],
         rewards,
         group_size=1,
         sampling=sampling,
@@ -306,7 +298,7 @@ class OnlineRun:
             policy,
             tokenizer,
             [prompts.train_ids[i] for i in idx],
-            [prompts.train_rows[i].prompt for i in idx],
+            [prompts.train_rows[i].reward_input for i in idx],
             rewards,
             group_size=group_size,
             sampling=sampling,

@@ -78,17 +78,20 @@ def messages_problems(messages: Any, where: str) -> list[tuple[str, str]]:
     return problems
 
 
-def render_messages(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> str:
+def render_messages(
+    tokenizer: Any, messages: list[dict], add_generation_prompt: bool, *, template_kwargs: dict | None = None
+) -> str:
     """Render ``messages`` to text.
 
     Uses ``tokenizer.apply_chat_template(messages, tokenize=False, ...)`` when the tokenizer has a
-    ``chat_template``; otherwise (including ``tokenizer=None``) the plain default described in the
+    ``chat_template``, with ``template_kwargs`` as extra template variables (e.g. Qwen3's
+    ``enable_thinking``); otherwise (including ``tokenizer=None``) the plain default described in the
     module docstring. ``add_generation_prompt=True`` appends the assistant-turn opener so the text
     ends where the model's reply begins.
     """
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **(template_kwargs or {})
         )
         if not isinstance(text, str):  # a template returning a batch/list would be a caller bug
             raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected str")

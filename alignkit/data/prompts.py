@@ -1,39 +1,116 @@
-"""Prompt rows for online methods (GRPO, RLOO, PPO) and evaluation: prompts the policy answers.
+"""Prompt rows, and the one prompt encoder of every command that samples from prompts: grpo, rloo, ppo,
+online-dpo, iterative-dpo, distill, generate (and its ICDPO scoring), eval and the local LLM judge.
 
 Accepted, per row (extra keys are ignored):
 
 1. text: ``{"prompt": str}`` (non-empty)
 2. conversational: ``{"prompt": [messages]}`` or ``{"messages": [messages]}``, rendered with the
-   tokenizer's chat template and the generation prompt (the assistant-turn opener)
+   tokenizer's chat template and the generation prompt (the assistant-turn opener); the command's
+   ``system_prompt`` is put first in a conversation that has no system message, and its
+   ``chat_template_kwargs`` (e.g. Qwen3's ``enable_thinking``) are passed to the template
 
 A ``.json`` file holding a list of strings (e.g. ``alignkit/assets/demo/heldout_openings.json``) is read
 as text prompts. Every problem in a file is reported at once as ``file:line: field 'name': ...``.
+
+Encoding (:func:`encode_prompt`) follows the offline path's BOS rule (``tokenize.adds_special_tokens``):
+the tokenizer's special tokens are added unless the text already begins with the BOS text, as a template
+that writes ``{{ bos_token }}`` (Llama 3, Gemma, Mistral) renders it: one BOS, never two, never none.
+Over ``max_prompt_length`` (:func:`encode_prompt_rows`), a text prompt keeps its BOS and its last tokens,
+where the completion starts (``tokenize.truncate``, as offline); a conversational prompt is refused at
+its row (or, with on_bad_rows=skip, dropped and listed), because cut from the left it would lose its
+BOS, system message and the template's header, and cut from the right its generation prompt (verl's
+default, ``truncation: error``, refuses it too).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alignkit.config import ConfigError
 from alignkit.data.chat import Issues, json_type, messages_problems, render_messages
-from alignkit.data.readers import DataError, DroppedRow, Problems
+from alignkit.data.readers import DataError, DroppedRow, Problems, encoding_problems
 from alignkit.data.rows import _load_rows, _raise_or_skip
+from alignkit.data.tokenize import adds_special_tokens, truncate
 
 PROMPT_FORMATS = "{prompt: string}; {prompt: [messages]}; or {messages: [messages]}"
 
 
 @dataclass
 class PromptRow:
-    """One prompt as the policy sees it (conversations rendered) and where it came from."""
+    """One prompt as the policy sees it (conversations rendered), its conversation, and where it came from."""
 
     prompt: str
+    """The text the policy continues: a conversation rendered with the chat template."""
+    messages: list[dict] | None = None
+    """A conversational row's messages (the system prompt setting's included); None for a text row."""
     source: str = ""
     line: int = 0
 
+    @property
+    def reward_input(self) -> str | list[dict]:
+        """The prompt as reward sources read it: a conversational row's messages (a reward model renders
+        them in its own chat template, a judge reads their content), else the text."""
+        return self.messages if self.messages is not None else self.prompt
 
-def _prompt_row(record: dict, tokenizer: Any, issues: Issues) -> PromptRow | None:
+
+def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """`messages` with a system message holding `system_prompt` first, unless it is None or the
+    conversation has a system message of its own (a row's own instruction wins over the setting)."""
+    if system_prompt is None or any(m["role"] in ("system", "developer") for m in messages):
+        return list(messages)
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a prompt text as the policy reads it, with one BOS (see the module docstring)."""
+    return list(tokenizer(text, add_special_tokens=adds_special_tokens(tokenizer, text))["input_ids"])
+
+
+def encode_prompt_rows(
+    rows: list[PromptRow], tokenizer: Any, max_prompt_length: int, skipped: list[DroppedRow] | None = None
+) -> tuple[list[PromptRow], list[list[int]], int]:
+    """(rows kept, their token ids, how many were cut) for prompt rows, by :func:`encode_prompt`.
+
+    A text prompt over `max_prompt_length` tokens keeps its BOS and its last tokens; a conversational one
+    is a DataError naming file:line (every such row at once), or given `skipped` (on_bad_rows=skip) it is
+    left out and appended there (see the module docstring)."""
+    problems: dict[str, Problems] = {}
+    kept, ids, cut = [], [], 0
+    for row in rows:
+        encoded = encode_prompt(tokenizer, row.prompt)
+        if len(encoded) > max_prompt_length:
+            if row.messages is not None:
+                problems.setdefault(row.source, Problems(row.source)).add(
+                    row.line,
+                    "prompt",
+                    f"the conversation is {len(encoded)} tokens once rendered with the chat template, over "
+                    f"max_prompt_length={max_prompt_length} (a conversation is never cut: it would lose its "
+                    "start or its generation prompt); shorten it or raise max_prompt_length",
+                )
+                continue
+            encoded, _ = truncate(encoded, [], max_prompt_length, max_prompt_length, tokenizer.bos_token_id)
+            cut += 1
+        kept.append(row)
+        ids.append(encoded)
+    for source_problems in problems.values():
+        _raise_or_skip(source_problems, skipped)
+    if rows and not kept:
+        raise DataError(f"no usable prompts: every one is over max_prompt_length={max_prompt_length}")
+    return kept, ids, cut
+
+
+def _prompt_row(
+    record: dict,
+    tokenizer: Any,
+    issues: Issues,
+    *,
+    system_prompt: str | None = None,
+    chat_template_kwargs: dict | None = None,
+) -> PromptRow | None:
     n = len(issues)
     key = "messages" if "messages" in record and "prompt" not in record else "prompt"
     value = record.get(key)
@@ -52,16 +129,49 @@ def _prompt_row(record: dict, tokenizer: Any, issues: Issues) -> PromptRow | Non
         issues.append((key, f"found {json_type(value)} (expected a string or a list of messages)"))
     if len(issues) > n:
         return None
-    text = value if isinstance(value, str) else render_messages(tokenizer, value, add_generation_prompt=True)
-    return PromptRow(text)
+    if isinstance(value, str):
+        return PromptRow(value)
+    messages = with_system_prompt(value, system_prompt)
+    try:
+        text = render_messages(
+            tokenizer, messages, add_generation_prompt=True, template_kwargs=chat_template_kwargs
+        )
+    except Exception as e:  # a template's own raise_exception(...), e.g. a system role it does not take
+        issues.append((key, f"cannot render with the chat template: {e}"))
+        return None
+    return PromptRow(text, messages)
 
 
 def load_prompt_rows(
-    source: str, split: str | None = None, tokenizer: Any = None, skipped: list[DroppedRow] | None = None
+    source: str,
+    split: str | None = None,
+    tokenizer: Any = None,
+    skipped: list[DroppedRow] | None = None,
+    *,
+    system_prompt: str | None = None,
+    chat_template_kwargs: dict | None = None,
 ) -> list[PromptRow]:
     """Read and validate prompt rows from ``source`` (a .jsonl/.json/.parquet file, a saved dataset or a
     hub dataset name; or a .json list of strings). All problems are raised as one DataError, as is an
-    empty source; given ``skipped`` (on_bad_rows=skip), bad rows are left out and appended to it."""
+    empty source; given ``skipped`` (on_bad_rows=skip), bad rows are left out and appended to it.
+    Conversations get ``system_prompt`` and ``chat_template_kwargs`` (see the module docstring); either
+    set for a source with no conversational row, or template variables for a tokenizer with no chat
+    template, is a ConfigError (it would do nothing)."""
+    if chat_template_kwargs and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"chat_template_kwargs {chat_template_kwargs} is set, but the tokenizer has no chat template to "
+            "pass them to"
+        )
+    rows = _read_prompt_rows(source, split, tokenizer, skipped, system_prompt, chat_template_kwargs)
+    if (system_prompt is not None or chat_template_kwargs) and not any(r.messages for r in rows):
+        raise ConfigError(
+            f"system_prompt / chat_template_kwargs apply to conversational prompt rows, and {source} has only "
+            "text prompts; remove them, or give the prompts as messages"
+        )
+    return rows
+
+
+def _read_prompt_rows(source, split, tokenizer, skipped, system_prompt, chat_template_kwargs):
     path = Path(source).expanduser()
     if path.suffix.lower() == ".json" and path.is_file():
         try:
@@ -75,9 +185,15 @@ def load_prompt_rows(
                     problems.add(n, None, f"found a JSON {json_type(prompt)} (expected a prompt string)")
                 elif not prompt.strip():
                     problems.add(n, None, "empty prompt (expected non-whitespace text)")
+                else:
+                    for _, reason in encoding_problems(prompt, ""):
+                        problems.add(n, None, reason)
             _raise_or_skip(problems, skipped)
-            good = [PromptRow(p, source, n) for n, p in enumerate(data, 1) if n not in problems.lines]
+            good = [PromptRow(p, None, source, n) for n, p in enumerate(data, 1) if n not in problems.lines]
             if not good:
                 raise DataError("no prompts (the list is empty)" if not data else "no usable prompts", source)
             return good
-    return _load_rows(source, split, tokenizer, _prompt_row, "prompt", skipped)
+    parse = functools.partial(
+        _prompt_row, system_prompt=system_prompt, chat_template_kwargs=chat_template_kwargs
+    )
+    return _load_rows(source, split, tokenizer, parse, "prompt", skipped)

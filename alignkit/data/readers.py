@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from alignkit.data.chat import json_type
 
@@ -125,6 +126,28 @@ class Problems:
         err.line, err.field = shown[0].line, shown[0].field
         err.errors, err.count = shown, self.count
         raise err
+
+
+def encoding_problems(value: Any, where: str) -> list[tuple[str, str]]:
+    """``(field, reason)`` for every string in ``value`` (a string, or lists and messages holding them)
+    that UTF-8 cannot encode: a lone surrogate such as ``"\\ud800"``, which JSON's ``\\u`` escapes can
+    write (half of a UTF-16 pair, e.g. text cut between the two) and which no tokenizer can read."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return [
+                (
+                    where,
+                    f"character {e.start} is {value[e.start]!r}, a lone UTF-16 surrogate, not text (expected "
+                    "valid Unicode: was the text cut between the two halves of a surrogate pair?)",
+                )
+            ]
+    elif isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in encoding_problems(v, f"{where}[{i}]")]
+    elif isinstance(value, dict):
+        return [p for k, v in value.items() for p in encoding_problems(v, f"{where}.{k}")]
+    return []
 
 
 def read_records(

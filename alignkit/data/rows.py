@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from alignkit.data.chat import Issues, conversation_texts, json_type, render_messages, split_hh
-from alignkit.data.readers import DataError, DroppedRow, Problems, read_records
+from alignkit.data.readers import DataError, DroppedRow, Problems, encoding_problems, read_records
 
 __all__ = [
     "DataError",
@@ -79,6 +79,8 @@ LISTWISE_FORMATS = (
     "or {prompt: [messages], responses: [assistant message, ...], scores | probs | ranking: [...]}"
 )
 LIST_TARGETS = ("scores", "probs", "ranking")
+# The fields of every row format (prompt rows' too) that hold text, checked for text UTF-8 can encode.
+TEXT_KEYS = ("prompt", "messages", "chosen", "rejected", "completion", "response", "responses")
 
 
 @dataclass
@@ -147,6 +149,15 @@ class PreferenceData:
 
 # ---------------------------------------------------------------------------------------------
 # validating one record; each helper appends (field, reason) to `issues` and returns None on error
+
+
+def _parse_checked(parse, record: dict, tokenizer: Any, issues: Issues):
+    """``parse(record, tokenizer, issues)``, and None with a problem per text field (TEXT_KEYS) holding
+    text that UTF-8 cannot encode."""
+    bad = [p for key in TEXT_KEYS if key in record for p in encoding_problems(record[key], key)]
+    row = parse(record, tokenizer, issues)
+    issues.extend(bad)
+    return None if bad else row
 
 
 def _text(record: dict, key: str, issues: Issues, expected: str, completion: bool) -> str | None:
@@ -425,7 +436,7 @@ def load_preference_rows(
     records = read_records(source, split, problems)
     for line, record in records:
         issues: Issues = []
-        row = _preference_row(record, tokenizer, issues)
+        row = _parse_checked(_preference_row, record, tokenizer, issues)
         for key, reason in issues:
             problems.add(line, key, reason)
         if isinstance(row, str):
@@ -458,7 +469,7 @@ def _load_rows(
     records = read_records(source, split, problems)
     for line, record in records:
         issues: Issues = []
-        row = parse(record, tokenizer, issues)
+        row = _parse_checked(parse, record, tokenizer, issues)
         for key, reason in issues:
             problems.add(line, key, reason)
         if row is not None:

@@ -34,11 +34,17 @@ class TokenStats:
     truncated_completions: int = 0
 
 
+def adds_special_tokens(tokenizer, prompt: str) -> bool:
+    """Whether a text starting with `prompt` is tokenised with the tokenizer's special tokens (its BOS):
+    yes, unless the prompt already begins with the BOS text, as a chat template that writes
+    {{ bos_token }} (Llama 3, Gemma, Mistral) renders it; never two BOS tokens, and never none."""
+    bos = tokenizer.bos_token
+    return not (bos and prompt.startswith(bos))
+
+
 def _full_encoding(tokenizer, prompt: str, completion: str) -> tuple[list[int], int]:
     """Ids of `prompt + completion` and the number of leading tokens that lie wholly in the prompt."""
-    bos = tokenizer.bos_token
-    # Chat templates often write the BOS text themselves; don't add a second one.
-    add_special = not (bos and prompt.startswith(bos))
+    add_special = adds_special_tokens(tokenizer, prompt)
     text = prompt + completion
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)

@@ -306,8 +306,9 @@ def read_api_key(env: str | None, alternative: str) -> str | None:
 class LocalChatBackend:
     """Greedy answers from a local Hugging Face causal LM (`alignkit.generation.sample`, temperature 0).
 
-    Conversations are rendered with the tokenizer's chat template (a plain 'Human:/Assistant:' format
-    when it has none). The identity names the model path and settings, not its weights: after changing
+    Conversations are rendered with the tokenizer's chat template and `chat_template_kwargs` (a plain
+    'Human:/Assistant:' format when it has none) and encoded with one BOS (`generation.sample` uses the
+    one prompt encoder). The identity names the model path and settings, not its weights: after changing
     the weights at the same path, use a new cache file.
     """
 
@@ -317,15 +318,20 @@ class LocalChatBackend:
         tokenizer: str | None = None,
         max_new_tokens: int = 256,
         batch_size: int = 16,
+        *,
         device: str = "auto",
         dtype: str = "float32",
         trust_remote_code: bool = False,
+        chat_template_kwargs: dict | None = None,
     ):
         import torch
 
         from alignkit.models import load_causal_lm, load_tokenizer
 
         self.tokenizer = load_tokenizer(tokenizer or model, trust_remote_code=trust_remote_code)
+        self.template_kwargs = dict(chat_template_kwargs or {})
+        if self.template_kwargs and not self.tokenizer.chat_template:
+            raise ValueError(f"chat_template_kwargs is set, but {tokenizer or model} has no chat template")
         self.model = load_causal_lm(
             model, dtype=dtype, trust_remote_code=trust_remote_code, pad_token_id=self.tokenizer.pad_token_id
         )
@@ -339,6 +345,7 @@ class LocalChatBackend:
                 "model": model,
                 "tokenizer": tokenizer or model,
                 "max_new_tokens": max_new_tokens,
+                **({"chat_template_kwargs": self.template_kwargs} if self.template_kwargs else {}),
             }
         )
         self.counts: Counter = Counter()
@@ -355,7 +362,12 @@ class LocalChatBackend:
 
         for start in range(0, len(conversations), self.batch_size):
             batch = conversations[start : start + self.batch_size]
-            texts = [render_messages(self.tokenizer, c, add_generation_prompt=True) for c in batch]
+            texts = [
+                render_messages(
+                    self.tokenizer, c, add_generation_prompt=True, template_kwargs=self.template_kwargs
+                )
+                for c in batch
+            ]
             self.counts["requests"] += len(texts)
             samples = sample(
                 self.model,

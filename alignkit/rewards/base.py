@@ -1,8 +1,14 @@
 """The one reward interface, and the helpers every reward source uses.
 
-A reward source turns a batch of (prompt, response) strings into one float32 number each:
+A reward source turns a batch of (prompt, response) pairs into one float32 number each:
 
     source.score(prompts, responses) -> torch.Tensor  # (B,) float32, on the CPU
+
+A prompt is a text, or a conversation (a list of {"role", "content"} messages: a conversational prompt
+row, kept as messages rather than as the policy's rendering of them). A source that reads text (a
+template over {prompt}: judges, rules, a classifier's `text`) reads a conversation's content
+(`prompt_text`), never the policy's chat markup; a reward model applies its own chat template to the
+conversation and the response (`rewards.classifier`).
 
 whatever it runs on inside (a classifier on a GPU, an LLM judge behind HTTP, a lexicon). Scores come
 back on the CPU so that sources on different devices compose; a trainer moves the total to its
@@ -21,6 +27,10 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from alignkit.config import ConfigError
+from alignkit.data.chat import render_messages
+
+# A prompt as reward sources get it: a text, or a conversation (a list of {"role", "content"} messages).
+Prompt = str | list[dict]
 
 
 @runtime_checkable
@@ -30,7 +40,7 @@ class RewardSource(Protocol):
     name: str
     weight: float
 
-    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    def score(self, prompts: list[Prompt], responses: list[str]) -> torch.Tensor:
         """(B,) float32 scores on the CPU, one per (prompt, response) pair."""
         ...
 
@@ -51,9 +61,21 @@ class SourceOptions:
     """Use the source as a constraint cost kept at or under this value, instead of a reward term."""
 
 
-def fill(template: str, prompt: str, response: str) -> str:
-    """`template` with `{prompt}` and `{response}` replaced (other braces are left alone)."""
-    return template.replace("{prompt}", prompt).replace("{response}", response)
+def prompt_text(prompt: Prompt) -> str:
+    """A prompt as text for sources that read text: a text prompt as it is; a conversation as its content,
+    without any model's chat markup: a lone user message's content, else a plain transcript of the turns
+    ("System: ...\n\nHuman: ...\n\nAssistant: ...", `data.chat`'s default rendering)."""
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) == 1 and prompt[0]["role"] == "user":
+        return prompt[0]["content"]
+    return render_messages(None, prompt, add_generation_prompt=False).lstrip("\n")
+
+
+def fill(template: str, prompt: Prompt, response: str) -> str:
+    """`template` with `{prompt}` (its `prompt_text`) and `{response}` replaced (other braces are left
+    alone)."""
+    return template.replace("{prompt}", prompt_text(prompt)).replace("{response}", response)
 
 
 def check_template(template: str, key: str, where: str) -> None:
@@ -73,7 +95,7 @@ def as_scores(values, n: int, source: str) -> torch.Tensor:
     return scores
 
 
-def check_batch(prompts: list[str], responses: list[str]) -> None:
+def check_batch(prompts: list[Prompt], responses: list[str]) -> None:
     """Raises ValueError unless prompts and responses are equally long lists."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")

@@ -6,6 +6,12 @@ label's logit, or its probability under a softmax over the labels (single-label 
 {prompt} and {response}; cross-encoders that take the prompt and response as a pair (e.g. reward
 models trained on (question, answer)) get `text: "{prompt}"` and `text_pair: "{response}"`.
 
+A conversational prompt is scored as TRL scores it: the conversation (the prompt's messages, then the
+response as the assistant's reply) rendered with the classifier's own chat template and tokenised with
+one BOS (`data.tokenize.adds_special_tokens`), not the policy's rendering of it (whose markup and BOS a
+reward model re-tokenising the text would read as content). That is the default when the classifier's
+tokenizer has a chat template and `text` / `text_pair` are left as they are (`chat_template`).
+
 An ensemble reward model (`alignkit reward ensemble=K`: labels reward_0 ... reward_{K-1}, one per
 member) scores with its members' mean, and their standard deviation (population, over the K members)
 is its uncertainty: `uncertainty_weight: λ` returns mean − λ·std (a pessimistic reward), `output:
@@ -20,8 +26,10 @@ from dataclasses import dataclass
 import torch
 
 from alignkit.config import ConfigError
+from alignkit.data.chat import render_messages
+from alignkit.data.tokenize import adds_special_tokens
 from alignkit.models import DTYPES, load_sequence_classifier, reward_labels, tokenizer_kwargs
-from alignkit.rewards.base import SourceOptions, as_scores, check_batch, check_template, fill
+from alignkit.rewards.base import Prompt, SourceOptions, as_scores, check_batch, check_template, fill
 
 
 @dataclass
@@ -40,6 +48,11 @@ class ClassifierOptions(SourceOptions):
     """What the classifier reads: a template over {prompt} and {response}."""
     text_pair: str | None = None
     """Second segment for pair classifiers (e.g. text '{prompt}', text_pair '{response}')."""
+    chat_template: bool | None = None
+    """Conversational prompts: score the conversation (prompt messages + the response as the assistant's
+    reply) rendered with the classifier's own chat template (true), or fill `text` with its content
+    (false); none = true when the classifier's tokenizer has a chat template and text / text_pair are left
+    at their defaults. Text prompts always fill `text`."""
     batch_size: int = 32
     """Texts per forward pass."""
     max_length: int = 512
@@ -125,6 +138,11 @@ class ClassifierReward:
         if self.members and options.function_to_apply == "softmax":
             raise ConfigError(f"{where}: softmax over ensemble members means nothing; use none or sigmoid")
         self.uncertainty = None  # the members' mean std on the last batch scored
+        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        if options.chat_template and not has_template:
+            raise ConfigError(f"{where}: chat_template=true, but {tokenizer} has no chat template")
+        defaults = options.text == ClassifierOptions.text and options.text_pair is None
+        self.chat = has_template and defaults if options.chat_template is None else options.chat_template
 
     @staticmethod
     def check(options: ClassifierOptions, where: str) -> None:
@@ -146,26 +164,43 @@ class ClassifierReward:
         if options.text_pair is not None:
             check_template(options.text_pair, "text_pair", where)
 
-    @torch.no_grad()
-    def logits(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        """(B, num_labels) float32 logits on the CPU, in batches of `batch_size`."""
-        check_batch(prompts, responses)
+    def _encode(self, prompts: list[Prompt], responses: list[str]) -> dict:
+        """The batch as the classifier reads it: conversations in its own chat template (one BOS), text
+        prompts through `text` / `text_pair`."""
         o = self.options
+        if self.chat and any(isinstance(p, list) for p in prompts):
+            rows = []
+            for p, r in zip(prompts, responses):
+                if isinstance(p, list):
+                    reply = {"role": "assistant", "content": r}
+                    text = render_messages(self.tokenizer, [*p, reply], add_generation_prompt=False)
+                    special = adds_special_tokens(self.tokenizer, text)
+                else:
+                    text, special = fill(o.text, p, r), True
+                rows.append(
+                    self.tokenizer(text, truncation=True, max_length=o.max_length, add_special_tokens=special)
+                )
+            return self.tokenizer.pad(rows, return_tensors="pt")
         texts = [fill(o.text, p, r) for p, r in zip(prompts, responses)]
         pairs = [fill(o.text_pair, p, r) for p, r in zip(prompts, responses)] if o.text_pair else None
+        return self.tokenizer(
+            texts, pairs, padding=True, truncation=True, max_length=o.max_length, return_tensors="pt"
+        )
+
+    @torch.no_grad()
+    def logits(self, prompts: list[Prompt], responses: list[str]) -> torch.Tensor:
+        """(B, num_labels) float32 logits on the CPU, in batches of `batch_size`."""
+        check_batch(prompts, responses)
+        size = self.options.batch_size
         out = []
-        for start in range(0, len(texts), o.batch_size):
-            batch = texts[start : start + o.batch_size]
-            pair = pairs[start : start + o.batch_size] if pairs else None
-            enc = self.tokenizer(
-                batch, pair, padding=True, truncation=True, max_length=o.max_length, return_tensors="pt"
-            ).to(self.device)
-            out.append(self.model(**enc).logits.float().cpu())  # (b, num_labels)
+        for start in range(0, len(responses), size):
+            enc = self._encode(prompts[start : start + size], responses[start : start + size])
+            out.append(self.model(**enc.to(self.device)).logits.float().cpu())  # (b, num_labels)
         if not out:
             return torch.zeros(0, self.model.config.num_labels)
         return torch.cat(out)
 
-    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    def score(self, prompts: list[Prompt], responses: list[str]) -> torch.Tensor:
         logits = self.logits(prompts, responses)  # (B, L)
         if self.members:
             values = logits.sigmoid() if self.options.function_to_apply == "sigmoid" else logits  # (B, K)
@@ -216,7 +251,7 @@ class ProfanityReward:
     def check(options: ProfanityOptions, where: str) -> None:
         check_template(options.text, "text", where)
 
-    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    def score(self, prompts: list[Prompt], responses: list[str]) -> torch.Tensor:
         check_batch(prompts, responses)
         texts = [fill(self.options.text, p, r) for p, r in zip(prompts, responses)]
         if not texts:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from alignkit.rewards.base import RewardSource, check_batch
+from alignkit.rewards.base import Prompt, RewardSource, check_batch
 from alignkit.rewards.registry import build_rewards
 
 
@@ -148,11 +148,11 @@ class RewardSet:
         }
         return cls(sources, thresholds, normalize, clip)
 
-    def __call__(self, prompts: list[str], responses: list[str], update: bool = True) -> RewardOutput:
+    def __call__(self, prompts: list[Prompt], responses: list[str], update: bool = True) -> RewardOutput:
         """Scores a batch with every source and composes them; `update=False` freezes the normaliser."""
         return self.compose(self.score_sources(prompts, responses), update)
 
-    def score_sources(self, prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
+    def score_sources(self, prompts: list[Prompt], responses: list[str]) -> dict[str, torch.Tensor]:
         """Raw (B,) scores of every source, by name."""
         check_batch(prompts, responses)
         return {s.name: s.score(prompts, responses) for s in self.sources}

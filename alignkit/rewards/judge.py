@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,7 +28,7 @@ from alignkit.config import ConfigError
 from alignkit.models import DTYPES
 from alignkit.rewards.backends import HTTPChatBackend, JudgeError, LocalChatBackend, log
 from alignkit.rewards.backends_cloud import SDKS, AnthropicBackend, BedrockBackend, require_sdk
-from alignkit.rewards.base import SourceOptions, as_scores, check_batch, fill
+from alignkit.rewards.base import Prompt, SourceOptions, as_scores, check_batch, fill, prompt_text
 from alignkit.rewards.cache import JudgeCache, cache_key
 
 
@@ -253,6 +253,8 @@ class JudgeOptions(SourceOptions):
     """local: conversations generated at once."""
     trust_remote_code: bool = False
     """local: allow the model repository to run its own code. Off unless you trust the source."""
+    chat_template_kwargs: dict = field(default_factory=dict)
+    """local: extra variables for the judge model's chat template, e.g. {enable_thinking: false} (Qwen3)."""
 
 
 REMOTE = ("temperature", "timeout", "max_retries", "backoff", "max_backoff", "max_concurrency")
@@ -262,7 +264,7 @@ BACKEND_KEYS = {
     "http": ("base_url", "api_key_env", *REMOTE),
     "anthropic": ("base_url", "api_key_env", *REMOTE),
     "bedrock": ("region", "endpoint_url", *REMOTE),
-    "local": ("tokenizer", "device", "dtype", "batch_size", "trust_remote_code"),
+    "local": ("tokenizer", "device", "dtype", "batch_size", "trust_remote_code", "chat_template_kwargs"),
 }
 
 
@@ -289,7 +291,14 @@ def build_backend(o: JudgeOptions):
     """The backend `o.backend` names, built from the options it reads (see BACKEND_KEYS)."""
     if o.backend == "local":
         return LocalChatBackend(
-            o.model, o.tokenizer, o.max_tokens, o.batch_size, o.device, o.dtype, o.trust_remote_code
+            o.model,
+            o.tokenizer,
+            o.max_tokens,
+            o.batch_size,
+            device=o.device,
+            dtype=o.dtype,
+            trust_remote_code=o.trust_remote_code,
+            chat_template_kwargs=o.chat_template_kwargs,
         )
     retries = {
         "timeout": o.timeout,
@@ -428,19 +437,19 @@ class JudgeReward:
                 self.counts[f"fallbacks_{reason}"] += 1
         return results
 
-    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    def score(self, prompts: list[Prompt], responses: list[str]) -> torch.Tensor:
         """(B,) the judge's scores; `fallback` where no valid score was given (counted in metrics)."""
         check_batch(prompts, responses)
         if self.template.pairwise:
             raise ValueError(f"judge '{self.name}' has a pairwise template: use compare(), not score()")
-        items = [(p, r, fill(self.template.user, p, r)) for p, r in zip(prompts, responses)]
+        items = [(prompt_text(p), r, fill(self.template.user, p, r)) for p, r in zip(prompts, responses)]
         values = self.ask(items)
         self.counts["scored"] += len(values)
         self.last_fallbacks = [v is None for v in values]
         return as_scores([self.fallback if v is None else v for v in values], len(values), self.name)
 
     def compare(
-        self, prompts: list[str], responses_a: list[str], responses_b: list[str], both_orders: bool = True
+        self, prompts: list[Prompt], responses_a: list[str], responses_b: list[str], both_orders: bool = True
     ) -> torch.Tensor:
         """(B,) P(response a is better than b): 1, 0, or 0.5 for a tie or a position-inconsistent pair.
 
@@ -456,7 +465,8 @@ class JudgeReward:
                 f"judge '{self.name}' has a pointwise template: use score(), or template: pairwise"
             )
 
-        def item(p: str, first: str, second: str) -> tuple[str, str, str]:
+        def item(p: Prompt, first: str, second: str) -> tuple[str, str, str]:
+            p = prompt_text(p)  # a conversation's content, not a chat template's markup
             user = self.template.user.replace("{prompt}", p)
             user = user.replace("{response_a}", first).replace("{response_b}", second)
             return p, json.dumps([first, second], ensure_ascii=False), user

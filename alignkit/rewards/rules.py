@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from alignkit.config import ConfigError
-from alignkit.rewards.base import SourceOptions, as_scores, check_batch, check_template, fill
+from alignkit.rewards.base import Prompt, SourceOptions, as_scores, check_batch, check_template, fill
 
 
 @functools.cache
@@ -43,7 +43,7 @@ class VaderReward:
     def check(options: VaderOptions, where: str) -> None:
         check_template(options.text, "text", where)
 
-    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    def score(self, prompts: list[Prompt], responses: list[str]) -> torch.Tensor:
         check_batch(prompts, responses)
         texts = [fill(self.options.text, p, r) for p, r in zip(prompts, responses)]
         return as_scores(vader_compound(texts), len(texts), self.name)
@@ -77,7 +77,7 @@ class LengthReward:
         if options.scale <= 0:
             raise ConfigError(f"{where}: scale must be > 0, got {options.scale}")
 
-    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    def score(self, prompts: list[Prompt], responses: list[str]) -> torch.Tensor:
         check_batch(prompts, responses)
         count = len if self.options.unit == "chars" else (lambda r: len(r.split()))
         lengths = torch.tensor([float(count(r)) for r in responses], dtype=torch.float32)
@@ -131,7 +131,7 @@ class RegexReward:
         except re.error as e:
             raise ConfigError(f"{where}: 'pattern' {options.pattern!r} is not a valid regex: {e}") from None
 
-    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    def score(self, prompts: list[Prompt], responses: list[str]) -> torch.Tensor:
         check_batch(prompts, responses)
         texts = [fill(self.options.text, p, r) for p, r in zip(prompts, responses)]
         if self.options.mode == "count":

@@ -18,7 +18,7 @@ import torch
 
 from alignkit.config import RANGES, ConfigError, above, at_least, validate
 from alignkit.data.chat import json_type
-from alignkit.data.readers import DataError, Problems, line_ranges, read_records
+from alignkit.data.readers import DataError, Problems, encoding_problems, line_ranges, read_records
 from alignkit.rewards.compose import RewardSet
 from alignkit.rewards.registry import parse_spec
 
@@ -74,6 +74,9 @@ def read_pairs(cfg: ScoreConfig) -> tuple[list[dict], list[str], list[str]]:
                 problems.add(line, key, f"missing (expected a string; found keys {sorted(record)})")
             elif not isinstance(value, str):
                 problems.add(line, key, f"found {json_type(value)} (expected a string)")
+            else:
+                for field, reason in encoding_problems(value, key):
+                    problems.add(line, field, reason)
     problems.raise_if_any()
     if not records:
         raise DataError("no rows to score (the source is empty)", cfg.data)
