@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from alignkit.checkpoint import follow_umask
 from alignkit.config import ConfigError
 from alignkit.data.prepare import cache_dir
 from alignkit.data.tokenize import fingerprint, source_fingerprint
@@ -135,6 +136,7 @@ def attach_precomputed_reference(
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(".tmp")
                 save_file(ref, str(tmp))
+                follow_umask(tmp)  # safetensors writes 0600; the run's other files follow the umask
                 tmp.replace(path)
             log(f"reference log-probs for {len(examples)} {name} examples computed and cached in {path}")
         for column, values in ref.items():
