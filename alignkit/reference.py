@@ -201,9 +201,14 @@ def adapter_disabled(module):
 def frozen_model(cfg, name_or_path: str, device) -> torch.nn.Module:
     """The reference weights, frozen, on `device`."""
     model = load_causal_lm(
-        name_or_path, cfg.dtype, cfg.attn_implementation, cfg.trust_remote_code, encoder_decoder_ok=True
+        name_or_path,
+        cfg.dtype,
+        cfg.attn_implementation,
+        cfg.trust_remote_code,
+        encoder_decoder_ok=True,
+        device=device,
     )
-    return freeze(model).to(device)
+    return freeze(model)
 
 
 def setup_reference(

@@ -326,8 +326,12 @@ class LocalChatBackend:
         from alignkit.models import load_causal_lm, load_tokenizer
 
         self.tokenizer = load_tokenizer(tokenizer or model, trust_remote_code=trust_remote_code)
-        self.model = load_causal_lm(
-            model, dtype=dtype, trust_remote_code=trust_remote_code, pad_token_id=self.tokenizer.pad_token_id
+        self.model = load_causal_lm(  # it only answers, with its own forward: no log-probs to check
+            model,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            pad_token_id=self.tokenizer.pad_token_id,
+            check_logps=False,
         )
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
