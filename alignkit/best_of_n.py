@@ -449,7 +449,9 @@ def run(cfg: GenerateConfig) -> dict:
     print(f"{len(prompts)} prompts ({cut} cut to max_prompt_length); {done} already done in {path}")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_causal_lm(cfg.model, cfg.dtype, pad_token_id=tokenizer.pad_token_id).to(device)
+    # It samples with its own forward; alignkit computes no log-probs of it.
+    model = load_causal_lm(cfg.model, cfg.dtype, pad_token_id=tokenizer.pad_token_id, check_logps=False)
+    model = model.to(device)
     sampling = dict(
         n=cfg.n,
         max_new_tokens=cfg.max_new_tokens,

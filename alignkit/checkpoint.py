@@ -120,12 +120,13 @@ class Frozen:
         return self.state
 
 
-def follow_umask(folder: Path) -> None:
-    """Give every file under `folder` the permissions of a new file under the process umask (safetensors
-    writes its files 0600, where everything else is created 0666 & ~umask)."""
+def follow_umask(path: Path) -> None:
+    """Give the file `path`, or every file under the folder `path`, the permissions of a new file under the
+    process umask (safetensors writes its files 0600, where everything else is created 0666 & ~umask)."""
     umask = os.umask(0)
     os.umask(umask)
-    for file in Path(folder).rglob("*"):
+    path = Path(path)
+    for file in [path] if path.is_file() else path.rglob("*"):
         if file.is_file() and not file.is_symlink():
             file.chmod(0o666 & ~umask)
 

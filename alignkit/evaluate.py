@@ -523,7 +523,7 @@ def run(cfg: EvalConfig) -> dict:
         )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base, aligned = (
-        load_causal_lm(path, cfg.dtype, pad_token_id=tokenizer.pad_token_id).to(device)
+        load_causal_lm(path, cfg.dtype, pad_token_id=tokenizer.pad_token_id, device=device)
         for path in (cfg.base_model, cfg.model)
     )
     report = compare_policies(

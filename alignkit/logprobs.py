@@ -48,12 +48,79 @@ class CompletionLogProbs:
         return out
 
 
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model's forward does to its output head's logits z before they are a distribution:
+    softcap * tanh(scale * z / softcap), or scale * z without a softcap. The default is the identity."""
+
+    scale: float = 1.0
+    """Multiplies the logits (Granite: 1 / logits_scaling; Cohere: logit_scale; Falcon-H1: lm_head_multiplier)."""
+    softcap: float | None = None
+    """Caps them smoothly to (-softcap, softcap) after the scale (Gemma 2: final_logit_softcapping)."""
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """(..., V) logits -> (..., V) transformed logits, in the same dtype."""
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+# Model types whose forward reads its logit transform from its text (or decoder) config, where a text model
+# reads its own config. A composite model not listed applies none, whatever its text config holds, as
+# transformers 5 does: Gemma 3's and Command A Vision's forwards ignore their text config's softcap / scale.
+TRANSFORM_IN_TEXT_CONFIG = frozenset(
+    {
+        "aya_vision",
+        "cohere_compass",
+        "gemma3n",
+        "gemma4",
+        "gemma4_unified",
+        "granite4_vision",
+        "granite_docling",
+        "hyperclovax_vision_v2",
+        "inkling2",
+        "inkling2_loop",
+        "mistral_large4",
+        "muse_glimmer",
+        "muse_spark",
+        "paligemma",
+    }
+)
+# Model types that multiply the logits by `logits_scaling`; Granite (all its variants) divides by it, and
+# MiniCPM3 divides the hidden states by it before a bias-free head, which is the same.
+MULTIPLIES_BY_LOGITS_SCALING = frozenset({"hyperclovax", "hyperclovax_vision_v2"})
+
+
+def logit_transform(config) -> LogitTransform:
+    """The `LogitTransform` that a transformers model with this config applies after its output head,
+    read from the fields its family uses (transformers 5.x): `logits_scaling` (Granite, MiniCPM3: divide;
+    HyperCLOVA X: multiply), `logit_scale` (Cohere, Command R/A), `lm_head_multiplier` (Falcon-H1),
+    `output_multiplier` (Muse), then a softcap, `final_logit_softcapping` (Gemma 2, PaliGemma 2, T5Gemma)
+    or `logits_soft_cap` (RecurrentGemma). An encoder-decoder reads its decoder config (T5Gemma); a
+    composite model its text config where it is in `TRANSFORM_IN_TEXT_CONFIG`. A family that does
+    something else is caught by `check_logps_match_forward` when it loads."""
+    model_type = getattr(config, "model_type", None)
+    source = config
+    if getattr(config, "is_encoder_decoder", False) or model_type in TRANSFORM_IN_TEXT_CONFIG:
+        source = config.get_text_config(decoder=True)
+    scale = 1.0
+    if logits_scaling := getattr(source, "logits_scaling", None):
+        scale = logits_scaling if model_type in MULTIPLIES_BY_LOGITS_SCALING else 1.0 / logits_scaling
+    for name in ("logit_scale", "lm_head_multiplier", "output_multiplier"):
+        if (value := getattr(source, name, None)) is not None:
+            scale *= value
+    softcap = getattr(source, "final_logit_softcapping", None) or getattr(source, "logits_soft_cap", None)
+    return LogitTransform(float(scale), float(softcap) if softcap else None)
+
+
 def token_logps_from_hidden(
     hidden: torch.Tensor,
     targets: torch.Tensor,
     head: torch.nn.Module,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    logit_softcap: float | None = None,
+    transform: LogitTransform | None = None,
     *,
     temperature: float = 1.0,
     with_entropy: bool = False,
@@ -61,7 +128,8 @@ def token_logps_from_hidden(
     """(log p(target | hidden), entropy of p) for N rows, projecting to the vocabulary `chunk_size` rows
     at a time.
 
-    hidden: (N, H), targets: (N,) int64, head: the output projection (H -> V). p is softmax(logits / τ)
+    hidden: (N, H), targets: (N,) int64, head: the output projection (H -> V), transform: what the
+    model's forward applies to the head's output (`logit_transform`; None: nothing). p is softmax(logits / τ)
     with τ = `temperature`: the distribution a sampler at that temperature drew from, so that the
     log-probs of sampled tokens are those of the policy that produced them. Returns (N,) float32 log-probs
     and (N,) float32 entropies (None unless `with_entropy`). The logits of a chunk are upcast to float32
@@ -73,8 +141,8 @@ def token_logps_from_hidden(
 
     def chunk_logps(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = head(h).float()  # (C, V)
-        if logit_softcap:
-            logits = torch.tanh(logits / logit_softcap) * logit_softcap
+        if transform is not None:
+            logits = transform(logits)
         if temperature != 1.0:
             logits = logits / temperature
         normaliser = torch.logsumexp(logits, dim=-1)  # (C,)
@@ -100,8 +168,8 @@ def token_logps_from_hidden(
     return values[:, 0], (values[:, 1] if with_entropy else None)
 
 
-def _split_causal_lm(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, float | None]:
-    """(backbone, output head, logit softcap) of a Hugging Face causal LM, looking through a peft wrapper.
+def _split_causal_lm(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, LogitTransform]:
+    """(backbone, output head, logit transform) of a Hugging Face causal LM, looking through a peft wrapper.
 
     peft injects LoRA layers in place, so the base model's backbone runs the adapters too, and
     `disable_adapter()` on the wrapper still applies.
@@ -121,9 +189,7 @@ def _split_causal_lm(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
             "alignkit needs an AutoModelForCausalLM-style model"
         )
     config = getattr(inner, "config", None)
-    if getattr(config, "logit_scale", None) not in (None, 1.0):
-        raise NotImplementedError(f"{type(inner).__name__} scales its logits; not supported yet")
-    return backbone, head, getattr(config, "final_logit_softcapping", None)
+    return backbone, head, logit_transform(config) if config is not None else LogitTransform()
 
 
 def completion_logps(
@@ -157,7 +223,7 @@ def completion_logps(
     Called on a model that accelerate prepared, this reaches past the DDP / FSDP wrapper: call it inside
     a wrapped module's forward (`alignkit.models.BatchForward`) so that the wrapper's hooks run.
     """
-    backbone, head, softcap = _split_causal_lm(model)
+    backbone, head, transform = _split_causal_lm(model)
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
@@ -169,7 +235,7 @@ def completion_logps(
         input_ids,
         completion_mask,
         head,
-        softcap,
+        transform,
         chunk_size=chunk_size,
         source_index=source_index,
         temperature=temperature,
@@ -198,13 +264,12 @@ class CompletionStates:
     """(N,) the batch row of each."""
     head: torch.nn.Module
     """The output projection (H -> V)."""
-    softcap: float | None
-    """The model's final logit softcap (None: none)."""
+    transform: LogitTransform
+    """What the model's forward applies to the head's output (scale, softcap)."""
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(C, V) float32 logits of (C, H) hidden states, softcapped as the model's forward does."""
-        logits = self.head(hidden).float()
-        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
+        """(C, V) float32 logits of (C, H) hidden states, transformed as the model's forward does."""
+        return self.transform(self.head(hidden).float())
 
 
 def completion_states(
@@ -217,10 +282,10 @@ def completion_states(
     losses over the full next-token distribution (distillation: `alignkit.losses.distill`). The same
     positions, in the same order, as `completion_logps` scores. Call it inside a wrapped module's forward
     (`alignkit.models.BatchForward`), as `completion_logps`."""
-    backbone, head, softcap = _split_causal_lm(model)
+    backbone, head, transform = _split_causal_lm(model)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     _, rows, cols = _completion_positions(completion_mask)
-    return CompletionStates(hidden[rows, cols - 1], input_ids[rows, cols], rows, head, softcap)
+    return CompletionStates(hidden[rows, cols - 1], input_ids[rows, cols], rows, head, transform)
 
 
 def _logps_of_hidden(
@@ -228,7 +293,7 @@ def _logps_of_hidden(
     input_ids: torch.Tensor,
     completion_mask: torch.Tensor,
     head,
-    softcap: float | None,
+    transform: LogitTransform | None,
     *,
     chunk_size: int,
     source_index: torch.Tensor | None = None,
@@ -236,13 +301,14 @@ def _logps_of_hidden(
     with_entropy: bool = False,
 ) -> CompletionLogProbs:
     """`CompletionLogProbs` from the (B, T, H) hidden states of a sequence whose position t - 1 (or
-    source_index[b, t]) predicts token t: only completion positions are projected by `head`."""
+    source_index[b, t]) predicts token t: only completion positions are projected by `head` (then
+    `transform`)."""
     target_mask, rows, cols = _completion_positions(completion_mask)
     sources = cols - 1 if source_index is None else source_index[rows, cols]
     selected = hidden[rows, sources]  # (N, H)
     targets = input_ids[rows, cols]  # (N,)
     logps, entropy = token_logps_from_hidden(
-        selected, targets, head, chunk_size, softcap, temperature=temperature, with_entropy=with_entropy
+        selected, targets, head, chunk_size, transform, temperature=temperature, with_entropy=with_entropy
     )  # (N,), (N,) or None
 
     B, T = input_ids.shape
@@ -323,7 +389,7 @@ def seq2seq_completion_logps(
         batch["input_ids"],
         batch["completion_mask"],
         _Seq2SeqHead(inner),
-        None,
+        logit_transform(inner.config),  # T5Gemma: its decoder's softcap
         chunk_size=chunk_size,
         temperature=temperature,
         with_entropy=with_entropy,
@@ -353,3 +419,68 @@ def sequence_logps(
         temperature=temperature,
         with_entropy=with_entropy,
     )
+
+
+def _probe_ids(config, length: int) -> torch.Tensor:
+    """(length,) distinct token ids of the (text) vocabulary, seeded, none of them a token the config
+    names (BOS, EOS, pad, a VLM's image token: a forward without an image refuses those)."""
+    text = config.get_text_config(decoder=True)
+    special = set()
+    for source in (config, text):
+        for key, value in source.to_dict().items():
+            if key.endswith(("_token_id", "_token_index", "_token_ids")):
+                special.update(value if isinstance(value, list) else [value])
+    order = torch.randperm(text.vocab_size, generator=torch.Generator().manual_seed(0))
+    return torch.tensor([i for i in order.tolist() if i not in special][:length])
+
+
+def check_logps_match_forward(model: torch.nn.Module, *, length: int = 8) -> None:
+    """Refuse a model whose log-probs, as alignkit computes them (backbone, then the head and
+    `logit_transform` at the scored positions only), differ from log_softmax of the logits its own forward
+    returns, on one row of `length` probe tokens: a family that transforms its logits in a way alignkit
+    does not know fails here, naming its model type, instead of training on wrong numbers. Causal LMs,
+    VLMs (text only) and encoder-decoders (the probe as source and decoder input).
+
+    Costs two forwards of `length` tokens without gradients, in eval mode (dropout off; the model's mode is
+    restored); `alignkit.models.load_causal_lm` runs it once on each model it loads, on the device the
+    model will run on."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = inner.config
+    parameter = next(inner.parameters())
+    ids = _probe_ids(config, length)[None].to(parameter.device)  # (1, L)
+    mask = torch.ones_like(ids)
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    was_training = inner.training
+    inner.eval()
+    try:
+        with torch.no_grad():
+            if encoder_decoder:
+                batch = {"encoder_input_ids": ids, "encoder_attention_mask": mask, "input_ids": ids}
+                batch |= {"attention_mask": mask, "completion_mask": mask}
+                ours = seq2seq_completion_logps(model, batch).token_logps[0, 1:]  # (L-1,)
+                logits = model(
+                    input_ids=ids, attention_mask=mask, decoder_input_ids=ids, use_cache=False
+                ).logits
+            else:
+                ours = completion_logps(model, ids, mask, mask).token_logps[0, 1:]  # (L-1,)
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (1, L, V)
+    finally:
+        inner.train(was_training)
+    own = torch.log_softmax(logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]  # (L-1,)
+    gap = (ours - own).abs().max().item()
+    # Rounding: the model's forward applies its softcap / scale in its own dtype where alignkit upcasts the
+    # head's output first, so the two may differ by an ulp or two of the largest logit: 2 ulps of bf16 at
+    # |z| = 27 are 0.42 nats, of float32 6e-6. Measured on tiny bf16 models whose raw logits reach 45: 0.12
+    # nats on a Gemma 2 (softcap 30; a fixed 0.1 would refuse it), 0 on Granite (1/16) and Cohere (1/16);
+    # under 2e-6 in float32. The same models with their transform missed: 17, 513 and 724 nats.
+    eps = max(torch.finfo(parameter.dtype).eps, torch.finfo(logits.dtype).eps)
+    tolerance = 1e-3 + 2 * eps * logits.float().abs().max().item()
+    if not gap <= tolerance:  # NaN too
+        raise ValueError(
+            f"alignkit's log-probs for model type '{config.model_type}' ({type(inner).__name__}) differ from "
+            f"log_softmax of the model's own logits by up to {gap:.3g} nats on {length - 1} probe tokens "
+            f"(tolerance {tolerance:.3g}): its forward transforms the output head's logits in a way alignkit "
+            "does not apply (alignkit.logprobs.logit_transform knows the logit scales and softcaps of the "
+            "Gemma, Granite, Cohere, Falcon-H1, MiniCPM3 and HyperCLOVA X families). Training or scoring with "
+            "it would use wrong log-probs; report the model type to alignkit so that its transform is added."
+        )

@@ -126,11 +126,17 @@ def load_causal_lm(
     pad_token_id: int | None = None,
     *,
     encoder_decoder_ok: bool = False,
+    device=None,
+    check_logps: bool = True,
 ):
     """A causal LM from a hub name or local directory, safetensors weights only; with `encoder_decoder_ok`
     (algorithms that support them, e.g. PPO) an encoder-decoder LM (AutoModelForSeq2SeqLM: T5, BART, ...)
     when the checkpoint is one; a vision-language model (AutoModelForImageTextToText: LLaVA, Qwen2-VL, ...)
-    when it is one. The pad id is written into the config when it has none."""
+    when it is one. The pad id is written into the config when it has none. On `device` when given.
+
+    check_logps: refuse a model whose log-probs alignkit would compute wrongly (a family whose forward
+    transforms its logits in a way alignkit does not know: `alignkit.logprobs.check_logps_match_forward`,
+    two forwards of 8 tokens on `device`). Off only where the model just generates text."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSeq2SeqLM
 
     from alignkit.vision import is_vision_language
@@ -151,6 +157,12 @@ def load_causal_lm(
             model.generation_config.pad_token_id = pad_token_id
     if gradient_checkpointing:
         enable_activation_checkpointing(model)
+    if device is not None:
+        model = model.to(device)
+    if check_logps:
+        from alignkit.logprobs import check_logps_match_forward
+
+        check_logps_match_forward(model)
     return model
 
 
@@ -320,7 +332,10 @@ def load_reward_model(
         classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
         lm = None
         if from_causal_lm and not classifier:
-            lm = load_causal_lm(name_or_path, dtype, attn_implementation, trust_remote_code)
+            # Only its backbone is kept (under a new head): its logits are never used.
+            lm = load_causal_lm(
+                name_or_path, dtype, attn_implementation, trust_remote_code, check_logps=False
+            )
         if pooling is not None and not classifier:
             from alignkit.modeling_reward import PooledRewardModel
 
@@ -357,8 +372,9 @@ def load_policy(
         cfg.gradient_checkpointing,
         pad_token_id,
         encoder_decoder_ok=encoder_decoder_ok,
+        device=device,
     )
-    return model.to(device)
+    return model
 
 
 def add_lora(model, lora, task_type: str = "CAUSAL_LM") -> torch.nn.Module:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from alignkit.checkpoint import follow_umask
 from alignkit.config import ConfigError
 from alignkit.data.prepare import cache_dir
 from alignkit.data.tokenize import fingerprint, source_fingerprint
@@ -135,6 +136,7 @@ def attach_precomputed_reference(
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(".tmp")
                 save_file(ref, str(tmp))
+                follow_umask(tmp)  # safetensors writes 0600; the run's other files follow the umask
                 tmp.replace(path)
             log(f"reference log-probs for {len(examples)} {name} examples computed and cached in {path}")
         for column, values in ref.items():
@@ -199,9 +201,14 @@ def adapter_disabled(module):
 def frozen_model(cfg, name_or_path: str, device) -> torch.nn.Module:
     """The reference weights, frozen, on `device`."""
     model = load_causal_lm(
-        name_or_path, cfg.dtype, cfg.attn_implementation, cfg.trust_remote_code, encoder_decoder_ok=True
+        name_or_path,
+        cfg.dtype,
+        cfg.attn_implementation,
+        cfg.trust_remote_code,
+        encoder_decoder_ok=True,
+        device=device,
     )
-    return freeze(model).to(device)
+    return freeze(model)
 
 
 def setup_reference(

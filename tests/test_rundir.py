@@ -8,10 +8,10 @@ import stat
 
 import pytest
 
-from alignkit.algorithms import sft
+from alignkit.algorithms import dpo, sft
 from alignkit.checkpoint import run_fingerprint
 from alignkit.cli import main
-from alignkit.config import ConfigError, SFTConfig
+from alignkit.config import ConfigError, DPOConfig, SFTConfig
 from alignkit.rundir import claim_output_dir
 
 
@@ -146,6 +146,37 @@ def test_saved_weights_follow_the_umask(tmp_path, tiny_model_dir):
     assert files
     assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o644}
     assert stat.S_IMODE((out / "config.yaml").stat().st_mode) == 0o644
+
+
+def test_the_reference_cache_follows_the_umask(tmp_path, tiny_model_dir):
+    """The precomputed reference log-probs (cache/reference-*.safetensors) are written as every other file
+    is, 0666 & ~umask: safetensors alone writes 0600. umask 002 (a shared group), so that a fixed 0644
+    would fail too."""
+    rows = [
+        {"prompt": f"Tom had {i} apples.", "chosen": " He ate one.", "rejected": " No."} for i in range(8)
+    ]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DPOConfig(
+        model=str(tiny_model_dir),
+        data=str(tmp_path / "pairs.jsonl"),
+        output_dir=str(tmp_path / "out"),
+        cache_dir=str(tmp_path / "cache"),
+        batch_size=4,
+        max_steps=1,
+        save_steps=0,
+        max_length=32,
+        max_prompt_length=16,
+        progress=False,
+    )
+    old = os.umask(0o002)
+    try:
+        dpo.train(cfg)
+    finally:
+        os.umask(old)
+    caches = list((tmp_path / "cache").rglob("reference-*.safetensors"))
+    assert caches
+    assert {stat.S_IMODE(f.stat().st_mode) for f in caches} == {0o664}
+    assert stat.S_IMODE((tmp_path / "out" / "config.yaml").stat().st_mode) == 0o664
 
 
 def test_demo_refuses_a_used_output_dir(tmp_path, capsys):

@@ -286,8 +286,10 @@ def train(cfg: IterativeDPOConfig) -> Path:
         log(f"resuming after round {resumed} of {cfg.rounds}")
 
     def load(path):
-        model = load_causal_lm(str(path), cfg.dtype, cfg.attn_implementation, cfg.trust_remote_code)
-        return model.to(state.device).eval()
+        model = load_causal_lm(
+            str(path), cfg.dtype, cfg.attn_implementation, cfg.trust_remote_code, device=state.device
+        )
+        return model.eval()
 
     def held_out(model) -> dict:
         scores = evaluate_policy(model, tokenizer, prompts, evaluator, sampling_settings(cfg), cfg.seed + 1)

@@ -332,8 +332,12 @@ class LocalChatBackend:
         self.template_kwargs = dict(chat_template_kwargs or {})
         if self.template_kwargs and not self.tokenizer.chat_template:
             raise ValueError(f"chat_template_kwargs is set, but {tokenizer or model} has no chat template")
-        self.model = load_causal_lm(
-            model, dtype=dtype, trust_remote_code=trust_remote_code, pad_token_id=self.tokenizer.pad_token_id
+        self.model = load_causal_lm(  # it only answers, with its own forward: no log-probs to check
+            model,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            pad_token_id=self.tokenizer.pad_token_id,
+            check_logps=False,
         )
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
