@@ -144,7 +144,7 @@ def train(cfg: GRPOConfig) -> Path:
     def policy_fn(m, batch: dict, with_entropy: bool = True) -> dict:
         return token_logps(m, batch, **fn_kwargs, with_entropy=with_entropy)
 
-    reference, _ = online_reference(cfg, model, accelerator, cfg.beta)
+    reference, _ = online_reference(cfg, model, accelerator, cfg.beta, temperature=sampling.temperature)
     if cfg.lora.enabled:
         model = disable_dropout(add_lora(model, cfg.lora))
     objective = GRPOObjective(cfg, aggregation)

@@ -191,15 +191,16 @@ def default_lr(num_parameters: int, lora: bool = False) -> float:
     return 1e-6 * (7e9 / num_parameters) ** 0.5 * (10.0 if lora else 1.0)
 
 
-def online_reference(cfg: OnlineConfig, model, accelerator, kl_weight: float):
+def online_reference(cfg: OnlineConfig, model, accelerator, kl_weight: float, *, temperature: float):
     """(reference or None, reference_fn): the frozen reference of an online run, set up before LoRA wraps
-    `model`, whose batch function `reference_fn` gives per-token log-probs at the sampling temperature,
-    untruncated (with top_k / top_p the KL to it is KL(π_trunc ‖ π_ref,τ): the reference is a model, not a
-    sampler); no reference is held when `kl_weight` is 0."""
+    `model`, whose batch function `reference_fn` gives per-token log-probs at `temperature`, untruncated:
+    the sampling temperature for the policy-gradient methods (with top_k / top_p the KL to it is
+    KL(π_trunc ‖ π_ref,τ): the reference is a model, not a sampler), 1 for online DPO. No reference is held
+    when `kl_weight` is 0."""
 
     def reference_fn(m, batch: dict) -> dict:
         return token_logps(
-            m, batch, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature, with_entropy=False
+            m, batch, chunk_size=cfg.logprob_chunk_size, temperature=temperature, with_entropy=False
         )
 
     if kl_weight <= 0:

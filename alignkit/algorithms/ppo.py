@@ -200,7 +200,9 @@ def train(cfg: PPOConfig) -> Path:
         "top_p": sampling.top_p,
     }
 
-    reference, reference_fn = online_reference(cfg, lm, accelerator, cfg.kl_coef)
+    reference, reference_fn = online_reference(
+        cfg, lm, accelerator, cfg.kl_coef, temperature=sampling.temperature
+    )
     if cfg.lora.enabled:
         lm = disable_dropout(add_lora(lm, cfg.lora))
         if shared_base:
