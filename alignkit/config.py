@@ -310,9 +310,11 @@ class OnlineConfig(TrainConfig):
     temperature: float = 1.0
     """Sampling temperature; log-probs are taken at the same temperature."""
     top_k: int = 0
-    """Sample among the k most likely tokens only (0 = all)."""
+    """Sample among the k most likely tokens only (0 = all); the policy's log-probs are renormalised over
+    the same kept set, the reference's are not (docs/online_rl.md)."""
     top_p: float = 1.0
-    """Nucleus sampling: the smallest set of tokens holding this much probability (1 = all)."""
+    """Nucleus sampling: the smallest set of tokens holding this much probability (1 = all); log-probs as
+    for top_k."""
     ppo_epochs: int = 1
     """Passes over each rollout (more than 1 reuses samples, with the clipped ratio)."""
     minibatch_size: int = 0

@@ -21,13 +21,10 @@ from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
-from transformers.generation.logits_process import (
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers.generation.logits_process import TemperatureLogitsWarper
 
 from alignkit.data.prompts import encode_prompt
+from alignkit.logprobs import truncation_warpers
 
 
 def _sample_seed(seed: int, index: int) -> int:
@@ -140,13 +137,10 @@ def _settings(model, tokenizer, max_new_tokens, temperature, top_k, top_p, *, do
     if config.do_sample:  # generate's own warpers stay off (top_k=0 drops its default 50): ours are passed
         config.temperature, config.top_k, config.top_p = 1.0, 0, 1.0
     warpers = []
-    if temperature > 0:
+    if temperature > 0:  # (the truncation is defined once, where training scores it: alignkit.logprobs)
         if temperature != 1.0:
             warpers.append(TemperatureLogitsWarper(temperature))
-        if top_k is not None and top_k > 0:
-            warpers.append(TopKLogitsWarper(top_k))
-        if top_p is not None and top_p < 1.0:
-            warpers.append(TopPLogitsWarper(top_p))
+        warpers += truncation_warpers(top_k, top_p)
     return config, warpers, eos
 
 

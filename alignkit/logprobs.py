@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 DEFAULT_CHUNK_SIZE = 1024
 
@@ -115,6 +116,30 @@ def logit_transform(config) -> LogitTransform:
     return LogitTransform(float(scale), float(softcap) if softcap else None)
 
 
+def truncation_warpers(top_k: int | None = None, top_p: float | None = None) -> list:
+    """The logits processors that truncate a sampler's tempered scores: top-k, then top-p (transformers'
+    own warpers, in the order `generate` applies them); none for top_k None / 0 and top_p None / 1.
+
+    The one definition of the truncated distribution: `generation` samples through these, and
+    `token_logps_from_hidden` recomputes the same kept sets from the logits it scores."""
+    warpers = []
+    if top_k is not None and top_k > 0:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers
+
+
+def kept_tokens(scores: torch.Tensor, warpers: list) -> torch.Tensor:
+    """(C, V) bool: the tokens a sampler may draw from (C, V) tempered `scores` truncated by `warpers`
+    (`truncation_warpers`); no gradient flows through the choice (the kept set is piecewise constant in the
+    logits)."""
+    with torch.no_grad():
+        for warp in warpers:
+            scores = warp(None, scores)
+        return scores.isfinite()
+
+
 def token_logps_from_hidden(
     hidden: torch.Tensor,
     targets: torch.Tensor,
@@ -123,6 +148,8 @@ def token_logps_from_hidden(
     transform: LogitTransform | None = None,
     *,
     temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
     with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log p(target | hidden), entropy of p) for N rows, projecting to the vocabulary `chunk_size` rows
@@ -130,14 +157,20 @@ def token_logps_from_hidden(
 
     hidden: (N, H), targets: (N,) int64, head: the output projection (H -> V), transform: what the
     model's forward applies to the head's output (`logit_transform`; None: nothing). p is softmax(logits / τ)
-    with τ = `temperature`: the distribution a sampler at that temperature drew from, so that the
-    log-probs of sampled tokens are those of the policy that produced them. Returns (N,) float32 log-probs
+    with τ = `temperature`, renormalised over the kept set of `top_k` / `top_p` when given: the
+    distribution a sampler at those settings drew from, so that the log-probs of sampled tokens are those
+    of the policy that produced them. The kept set is recomputed from the scored logits themselves (no
+    V-sized mask is stored): on-policy it is the sampler's, token for token. A target outside it (possible
+    once the policy has moved) is scored over the kept set plus itself, so its log-prob stays finite (never
+    below the untruncated one) and its gradient well defined; a -inf would make the ratio's and the KL's
+    gradients nan. The entropy is that of the same renormalised distribution. Returns (N,) float32 log-probs
     and (N,) float32 entropies (None unless `with_entropy`). The logits of a chunk are upcast to float32
     (as a naive `log_softmax` in float32 would be) but never more than (chunk_size, V) of them exist at
     once, in the forward or the backward.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 to score tokens, got {temperature}")
+    truncation = truncation_warpers(top_k, top_p)
 
     def chunk_logps(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = head(h).float()  # (C, V)
@@ -145,12 +178,17 @@ def token_logps_from_hidden(
             logits = transform(logits)
         if temperature != 1.0:
             logits = logits / temperature
-        normaliser = torch.logsumexp(logits, dim=-1)  # (C,)
+        support = logits  # (C, V) the sampler's scores: -inf outside the kept set
+        if truncation:
+            kept = kept_tokens(logits, truncation).scatter_(-1, y.unsqueeze(-1), True)  # (C, V)
+            support = logits.masked_fill(~kept, float("-inf"))
+        normaliser = torch.logsumexp(support, dim=-1)  # (C,)
         logps = logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) - normaliser
         if not with_entropy:
             return logps.unsqueeze(-1)
-        # H = log Z - sum_v p_v z_v, with p = softmax(z): no (C, V) log-prob tensor is kept.
-        entropy = normaliser - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+        # H = log Z - sum_v p_v z_v, with p = softmax(z): no (C, V) log-prob tensor is kept (p is 0 off the
+        # kept set, and z finite there, so no 0 * inf).
+        entropy = normaliser - (torch.softmax(support, dim=-1) * logits).sum(-1)
         return torch.stack([logps, entropy], dim=-1)  # (C, 2)
 
     out = []
@@ -202,6 +240,8 @@ def completion_logps(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     source_index: torch.Tensor | None = None,
     temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
     with_entropy: bool = False,
     model_inputs: Callable[[torch.nn.Module], dict] | None = None,
 ) -> CompletionLogProbs:
@@ -215,7 +255,8 @@ def completion_logps(
     source_index: optional (B, T); source_index[b, t] is the position whose hidden state predicts token
     t (default t - 1; differs where a row's sequences branch, e.g. after a shared prompt).
     temperature: score under softmax(logits / temperature), the distribution sampling at that
-    temperature draws from (1 = the model's own). with_entropy: also return each scored position's
+    temperature draws from (1 = the model's own); top_k / top_p: renormalised over the kept set, as a
+    sampler truncating so draws (`token_logps_from_hidden`). with_entropy: also return each scored position's
     entropy (a diagnostic online RL logs). model_inputs: a function of the backbone returning more keyword
     inputs for it (a vision-language model's image features: `alignkit.vision.image_inputs`).
     Only positions predicting a completion token are projected to the vocabulary.
@@ -239,6 +280,8 @@ def completion_logps(
         chunk_size=chunk_size,
         source_index=source_index,
         temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
         with_entropy=with_entropy,
     )
 
@@ -298,6 +341,8 @@ def _logps_of_hidden(
     chunk_size: int,
     source_index: torch.Tensor | None = None,
     temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
     with_entropy: bool = False,
 ) -> CompletionLogProbs:
     """`CompletionLogProbs` from the (B, T, H) hidden states of a sequence whose position t - 1 (or
@@ -308,7 +353,15 @@ def _logps_of_hidden(
     selected = hidden[rows, sources]  # (N, H)
     targets = input_ids[rows, cols]  # (N,)
     logps, entropy = token_logps_from_hidden(
-        selected, targets, head, chunk_size, transform, temperature=temperature, with_entropy=with_entropy
+        selected,
+        targets,
+        head,
+        chunk_size,
+        transform,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        with_entropy=with_entropy,
     )  # (N,), (N,) or None
 
     B, T = input_ids.shape
@@ -370,6 +423,8 @@ def seq2seq_completion_logps(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
     with_entropy: bool = False,
 ) -> CompletionLogProbs:
     """`completion_logps` for an encoder-decoder model: log-probs of the decoder's completion tokens given
@@ -392,6 +447,8 @@ def seq2seq_completion_logps(
         logit_transform(inner.config),  # T5Gemma: its decoder's softcap
         chunk_size=chunk_size,
         temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
         with_entropy=with_entropy,
     )
 
@@ -402,22 +459,23 @@ def sequence_logps(
     *,
     chunk_size: int,
     temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
     with_entropy: bool = False,
 ) -> CompletionLogProbs:
     """Completion log-probs of a rollout batch under a causal LM (`input_ids` hold prompt and completion)
-    or, when the batch has `encoder_input_ids`, an encoder-decoder (`seq2seq_completion_logps`)."""
+    or, when the batch has `encoder_input_ids`, an encoder-decoder (`seq2seq_completion_logps`), under the
+    sampling distribution of `temperature`, `top_k`, `top_p`."""
+    settings = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "with_entropy": with_entropy}
     if "encoder_input_ids" in batch:
-        return seq2seq_completion_logps(
-            model, batch, chunk_size=chunk_size, temperature=temperature, with_entropy=with_entropy
-        )
+        return seq2seq_completion_logps(model, batch, chunk_size=chunk_size, **settings)
     return completion_logps(
         model,
         batch["input_ids"],
         batch["attention_mask"],
         batch["completion_mask"],
         chunk_size=chunk_size,
-        temperature=temperature,
-        with_entropy=with_entropy,
+        **settings,
     )
 
 

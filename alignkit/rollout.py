@@ -58,7 +58,8 @@ class Rollout:
     """Per-source statistics of the batch, as the reward set reports them."""
     group_size: int
     old_logps: torch.Tensor | None = None
-    """(N, T) per-token log-probs of the policy that sampled (at the sampling temperature)."""
+    """(N, T) per-token log-probs of the policy that sampled, under its sampling distribution (tempered,
+    and renormalised over the top_k / top_p kept set)."""
     ref_logps: torch.Tensor | None = None
     """(N, T) per-token log-probs of the reference."""
     old_values: torch.Tensor | None = None

@@ -86,6 +86,53 @@ def test_the_first_ratio_is_exactly_one_with_dropout_in_the_config(tmp_path, mon
     assert not torch.equal(logps[mask.bool()], old[mask.bool()])  # and after updates it moves
 
 
+def test_with_top_p_the_old_logps_are_the_samplers_and_the_reference_is_untruncated(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """A GRPO step sampling at τ = 0.7 with top_p = 0.8 (several minibatches, so the sampling policy's
+    log-probs are a pass of their own): the old log-probs of every completion token equal the log-prob the
+    sampler drew it with (transformers' temperature and top-p warpers on the starting model's logits), the
+    reference's are the untruncated softmax at τ (the KL is KL(π_trunc ‖ π_ref,τ)), and before the first
+    update the ratio is still exactly 1. Untruncated old log-probs (the old scoring) were ~0.2 nats off."""
+    from test_logprobs import sampler_scores
+    from transformers import AutoModelForCausalLM
+
+    data = write_prompts(tmp_path / "prompts.jsonl", 8)
+    passes, ratios = [], []
+    real_pass, real_surrogate = grpo.token_logps_in_batches, grpo.clipped_surrogate
+
+    def spy_pass(forward, rollout, *args, **kwargs):
+        out = real_pass(forward, rollout, *args, **kwargs)
+        passes.append((rollout, out["token_logps"]))
+        return out
+
+    def spy_surrogate(logps, old_logps, *args, **kwargs):
+        ratios.append((logps.detach().clone(), old_logps.clone(), args[1].clone()))
+        return real_surrogate(logps, old_logps, *args, **kwargs)
+
+    monkeypatch.setattr(grpo, "token_logps_in_batches", spy_pass)
+    monkeypatch.setattr(grpo, "clipped_surrogate", spy_surrogate)
+    T, top_p = 0.7, 0.8
+    cfg = config(
+        tmp_path, tiny_model_dir, data, max_steps=1, minibatch_size=8, beta=0.1, temperature=T, top_p=top_p
+    )
+    grpo.train(cfg)
+    (rollout, old), (_, ref) = passes  # the sampling policy's pass, then the reference's
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        logits = start(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask).logits[:, :-1]
+        scores = sampler_scores(logits.float().reshape(-1, logits.shape[-1]), T, None, top_p)
+    targets = rollout.input_ids[:, 1:, None]
+    sampler = scores.view_as(logits).log_softmax(-1).gather(-1, targets)[..., 0]  # (N, L)
+    untruncated = (logits.float() / T).log_softmax(-1).gather(-1, targets)[..., 0]
+    mask = rollout.completion_mask[:, 1:].bool()
+    torch.testing.assert_close(old[:, 1:][mask], sampler[mask], atol=2e-5, rtol=0)
+    torch.testing.assert_close(ref[:, 1:][mask], untruncated[mask], atol=2e-5, rtol=0)
+    assert (sampler - untruncated)[mask].mean() > 0.1  # truncation moved every token's log-prob up
+    logps, old_mb, loss_mask = ratios[0]
+    assert torch.equal(logps[loss_mask.bool()], old_mb[loss_mask.bool()])
+
+
 def test_an_interrupted_run_resumes_bit_for_bit(tmp_path, tiny_model_dir, monkeypatch):
     data = write_prompts(tmp_path / "prompts.jsonl")
     whole = config(tmp_path / "a", tiny_model_dir, data, max_steps=6, beta=0.05, reward_normalize=True)

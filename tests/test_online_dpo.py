@@ -111,6 +111,52 @@ def eval_metrics(cfg) -> list[dict]:
     return [r for r in lines(Path(cfg.output_dir) / "metrics.jsonl") if r["split"] == "eval"]
 
 
+def test_log_probs_are_the_policys_own_at_temperature_1_however_it_samples(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """One convention with iterative-dpo (whose rounds are offline DPO) and TRL's OnlineDPOTrainer: DPO's
+    implicit reward β·log(π/π_ref) is of the policy and the reference themselves, at temperature 1 and
+    untruncated; `temperature`, `top_k`, `top_p` only shape the samples that become pairs. Sampling at
+    τ = 0.5 with top_p = 0.9, the reference's log-probs of the pairs and the policy's in the first update
+    (still the starting weights) both equal log_softmax of the starting model's logits; the first loss is
+    ln 2. (Before, both were taken at τ = 0.5: up to 0.24 nats per token off here.)"""
+    from transformers import AutoModelForCausalLM
+
+    data = write_prompts(tmp_path / "prompts.jsonl", 8)
+    seen = {}
+    real_pass, real_logps = online_dpo.token_logps_in_batches, online_dpo.token_logps
+
+    def spy_pass(forward, rollout, *args, **kwargs):
+        out = real_pass(forward, rollout, *args, **kwargs)
+        seen.setdefault("reference", (rollout.input_ids, rollout.completion_mask, out["token_logps"]))
+        return out
+
+    def spy_logps(model, batch, **kwargs):
+        out = real_logps(model, batch, **kwargs)
+        seen.setdefault("policy", (batch["input_ids"], batch["completion_mask"], out["token_logps"].detach()))
+        return out
+
+    monkeypatch.setattr(online_dpo, "token_logps_in_batches", spy_pass)
+    monkeypatch.setattr(online_dpo, "token_logps", spy_logps)
+    cfg = config(tmp_path, tiny_model_dir, data, max_steps=1, temperature=0.5, top_p=0.9)
+    online_dpo.train(cfg)
+    assert train_metrics(cfg)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    for who, (ids, completion_mask, logps) in seen.items():
+        with torch.no_grad():
+            logits = start(input_ids=ids.cpu()).logits[:, :-1].float()  # (right padding: causal, unread)
+        own = logits.log_softmax(-1).gather(-1, ids.cpu()[:, 1:, None])[..., 0]
+        mask = completion_mask.cpu()[:, 1:].bool()
+        mask &= (logps.cpu()[:, 1:] != 0).any(-1, keepdim=True)  # the reference scores the pairs' rows only
+        assert mask.any(-1).sum() >= 2  # at least one pair's two rows
+
+        def named(message: str, who: str = who) -> str:
+            return f"{who}: {message}"
+
+        torch.testing.assert_close(logps.cpu()[:, 1:][mask], own[mask], atol=2e-5, rtol=0, msg=named)
+    assert set(seen) == {"reference", "policy"}
+
+
 def test_an_interrupted_run_resumes_to_the_same_metrics(tmp_path, tiny_model_dir, monkeypatch):
     import alignkit.runtime as runtime
 

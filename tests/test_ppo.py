@@ -98,6 +98,52 @@ def test_the_first_ratio_is_exactly_one_with_dropout_in_the_config(tmp_path, mon
     assert not torch.equal(logps[mask.bool()], old[mask.bool()])
 
 
+def test_a_t5_policy_with_top_k_is_scored_under_the_distribution_it_sampled(
+    tmp_path, tiny_t5_dir, monkeypatch
+):
+    """PPO on a T5 policy (sampled through generate) at τ = 2 with top_k = 5: the old log-probs of every
+    completion token equal the log-prob the sampler drew it with (transformers' warpers on the starting
+    model's decoder logits), and the reference's are the untruncated softmax at τ. (The tiny T5's next-token
+    distributions are peaked, hence τ = 2; untruncated old log-probs, the old scoring, were 0.20 nats off
+    on average, up to 0.49.)"""
+    from test_logprobs import sampler_scores
+    from transformers import AutoModelForSeq2SeqLM
+
+    data = write_prompts(tmp_path / "prompts.jsonl", 8)
+    passes = []
+    real = ppo.token_logps_in_batches
+
+    def spy(forward, rollout, *args, **kwargs):
+        out = real(forward, rollout, *args, **kwargs)
+        passes.append((rollout, out["token_logps"]))
+        return out
+
+    monkeypatch.setattr(ppo, "token_logps_in_batches", spy)
+    T, top_k = 2.0, 5
+    ppo.train(config(tmp_path, tiny_t5_dir, data, max_steps=1, kl_coef=0.1, temperature=T, top_k=top_k))
+    (rollout, old), (_, ref) = passes  # the sampling policy's pass, then the reference's
+    start = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir).eval()
+    with torch.no_grad():
+        logits = (
+            start(
+                input_ids=rollout.encoder_input_ids,
+                attention_mask=rollout.encoder_attention_mask,
+                decoder_input_ids=rollout.input_ids,
+                decoder_attention_mask=rollout.attention_mask,
+            )
+            .logits[:, :-1]
+            .float()
+        )  # (N, L, V)
+        scores = sampler_scores(logits.reshape(-1, logits.shape[-1]), T, top_k, None).view_as(logits)
+    targets = rollout.input_ids[:, 1:, None]
+    mask = rollout.completion_mask[:, 1:].bool()
+    sampler = scores.log_softmax(-1).gather(-1, targets)[..., 0]
+    untruncated = (logits / T).log_softmax(-1).gather(-1, targets)[..., 0]
+    torch.testing.assert_close(old[:, 1:][mask], sampler[mask], atol=2e-5, rtol=0)
+    torch.testing.assert_close(ref[:, 1:][mask], untruncated[mask], atol=2e-5, rtol=0)
+    assert (sampler - untruncated)[mask].mean() > 0.1
+
+
 def test_the_adaptive_kl_coefficient_moves_toward_its_target(tmp_path, tiny_model_dir):
     """β follows the controller's rule every step: down while the KL per completion is under the tiny
     target (step 1: the policy is the reference, KL 0), up by 1.1x a step once the policy moved away.

@@ -90,16 +90,47 @@ def test_a_model_that_prepares_its_own_inputs_goes_through_generate(model, token
     )
 
 
-def test_an_encoder_decoder_goes_through_generate(tokenizer, prompt_ids, tiny_t5_dir):
-    """T5 writes a new sequence from its decoder start token: the decode loop leaves it to generate."""
+def test_an_encoder_decoder_samples_the_tempered_truncated_softmax(tokenizer, prompt_ids, tiny_t5_dir):
+    """T5 writes a new sequence from its decoder start token, so the decode loop leaves it to generate.
+    What generate draws must be the same distribution as the lean loop's: n = 3000 two-token samples of one
+    prompt at temperature 1.5 with top_p 0.9 (the tiny T5 is peaked: at 0.7 its likeliest first token holds
+    0.73), the first token's frequencies against q = the nucleus of softmax(logits / 1.5) after the start
+    token, and the second token's, among the samples that began with the likeliest first token, against the
+    nucleus after [start, that token] (generate's KV cache at work). A sampler that ignored the temperature
+    or the truncation is many standard errors off."""
     from transformers import AutoModelForSeq2SeqLM
 
-    t5 = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir)
+    t5 = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir).eval()
     assert _decoder(t5) is None
-    kwargs = dict(num_samples=2, max_new_tokens=6, seed=2)
-    out = sample_ids(t5, tokenizer, prompt_ids, **kwargs)
-    assert out == sample_ids(t5, tokenizer, prompt_ids, **kwargs, backend="generate")
-    assert len(out) == 8 and all(0 < len(c) <= 6 for c in out)
+    n, T, top_p = 3000, 1.5, 0.9
+    ids = prompt_ids[0]
+    draws = sample_ids(
+        t5,
+        tokenizer,
+        [ids],
+        num_samples=n,
+        max_new_tokens=2,
+        temperature=T,
+        top_p=top_p,
+        seed=3,
+        batch_size=n,
+    )
+    assert all(1 <= len(d) <= 2 for d in draws)
+
+    def nucleus_after(decoder_ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            logits = t5(input_ids=torch.tensor([ids]), decoder_input_ids=torch.tensor([decoder_ids])).logits
+        return nucleus((logits[0, -1].double() / T).softmax(-1), top_p)
+
+    start = t5.config.decoder_start_token_id
+    q = nucleus_after([start])
+    first = torch.tensor([d[0] for d in draws])
+    assert_frequencies(torch.bincount(first, minlength=len(q)).double(), q)
+    top = int(q.argmax())
+    seconds = torch.tensor([d[1] for d in draws if d[0] == top and len(d) == 2])
+    assert len(seconds) > 0.2 * n  # (the likeliest first token holds ~0.35 of this nucleus)
+    q2 = nucleus_after([start, top])
+    assert_frequencies(torch.bincount(seconds, minlength=len(q2)).double(), q2)
 
 
 def test_seeds_reproduce_and_the_callers_rng_is_untouched(model, tokenizer, prompt_ids):
@@ -118,13 +149,38 @@ def test_seeds_reproduce_and_the_callers_rng_is_untouched(model, tokenizer, prom
     assert len(a) == 12 and all(len(x) == 16 for x in a[:9])
 
 
+def nucleus(p: torch.Tensor, top_p: float) -> torch.Tensor:
+    """p restricted to the smallest most-likely set holding top_p of it, renormalised: a token is kept when
+    the mass strictly above it is below top_p."""
+    sorted_p, order = p.sort(descending=True)
+    keep = (sorted_p.cumsum(0) - sorted_p) < top_p
+    q = torch.zeros_like(p)
+    q[order[keep]] = sorted_p[keep] / sorted_p[keep].sum()
+    return q
+
+
+def assert_frequencies(counts: torch.Tensor, q: torch.Tensor) -> None:
+    """counts (V,) of n draws against the distribution q (V,). Each count is Binomial(n, q_i):
+    |freq_i - q_i| < 4 sqrt(q_i (1 - q_i) / n) fails with probability 6e-5 per token for a correct sampler
+    (the seeds are fixed, so the tests are deterministic); over all tokens with expected count >= 5,
+    Pearson's chi-square (df = k - 1) must be below df + 4 sqrt(2 df). Nothing outside q's support."""
+    n = float(counts.sum())
+    assert counts[q == 0].sum() == 0
+    freq = counts / n
+    for i in q.topk(min(8, int((q > 0).sum()))).indices.tolist():
+        se = math.sqrt(q[i] * (1 - q[i]) / n)
+        assert abs(freq[i] - q[i]) < 4 * se, (i, float(freq[i]), float(q[i]))
+    expected = n * q
+    big = expected >= 5
+    chi2 = float(((counts[big] - expected[big]) ** 2 / expected[big]).sum())
+    df = int(big.sum()) - 1
+    assert df >= 3 and chi2 < df + 4 * math.sqrt(2 * df), (chi2, df)
+
+
 def test_sampled_frequencies_match_the_tempered_truncated_softmax(model, tokenizer, prompt_ids):
     """First-token frequencies over n = 4000 samples of one prompt, at temperature 0.8 with top_p 0.95,
-    against q = softmax(logits / 0.8) restricted to the smallest most-likely set holding 0.95 of it,
-    renormalised. Each count is Binomial(n, q_i): |freq_i - q_i| < 4 sqrt(q_i (1 - q_i) / n) fails with
-    probability 6e-5 per token for a correct sampler (the seed is fixed, so the test is deterministic);
-    a sampler that ignored the temperature or the truncation is off by many standard errors. Over all
-    tokens with expected count >= 5, Pearson's chi-square (df = k - 1) must be below df + 4 sqrt(2 df)."""
+    against q = softmax(logits / 0.8) restricted to its nucleus (`nucleus`), tested by `assert_frequencies`;
+    a sampler that ignored the temperature or the truncation is off by many standard errors."""
     n, T, top_p = 4000, 0.8, 0.95
     ids = prompt_ids[1]
     draws = sample_ids(
@@ -141,21 +197,9 @@ def test_sampled_frequencies_match_the_tempered_truncated_softmax(model, tokeniz
     counts = torch.bincount(torch.tensor([d[0] for d in draws]), minlength=2048).double()
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0, -1].double()
-    p = (logits / T).softmax(-1)
-    sorted_p, order = p.sort(descending=True)
-    keep = (sorted_p.cumsum(0) - sorted_p) < top_p  # mass strictly above this token < top_p
-    q = torch.zeros_like(p)
-    q[order[keep]] = sorted_p[keep] / sorted_p[keep].sum()
-    assert counts[q == 0].sum() == 0  # nothing outside the nucleus
-    freq = counts / n
-    for i in q.topk(8).indices.tolist():  # the nucleus holds more than 8 tokens here
-        se = math.sqrt(q[i] * (1 - q[i]) / n)
-        assert abs(freq[i] - q[i]) < 4 * se, (i, float(freq[i]), float(q[i]))
-    expected = n * q
-    big = expected >= 5
-    chi2 = float(((counts[big] - expected[big]) ** 2 / expected[big]).sum())
-    df = int(big.sum()) - 1
-    assert df > 10 and chi2 < df + 4 * math.sqrt(2 * df), (chi2, df)
+    q = nucleus((logits / T).softmax(-1), top_p)
+    assert int((q > 0).sum()) > 10  # the nucleus holds more than 10 tokens here
+    assert_frequencies(counts, q)
 
 
 @pytest.mark.parametrize("top_k, top_p", [(5, None), (None, 0.5)])

@@ -131,12 +131,20 @@ def train(cfg: GRPOConfig) -> Path:
     # The policy (dropout off: the first ratio must be exactly 1) and the frozen reference.
     model = disable_dropout(load_policy(cfg, tokenizer.pad_token_id, accelerator.device))
     cfg = with_default_lr(cfg, model, log)
-    fn_kwargs = {"chunk_size": cfg.logprob_chunk_size, "temperature": cfg.temperature}
+    sampling = sampling_settings(cfg)
+    # The policy is scored under the distribution it samples from: tempered, and renormalised over the
+    # top_k / top_p kept set (the reference stays untruncated at the temperature: online_reference).
+    fn_kwargs = {
+        "chunk_size": cfg.logprob_chunk_size,
+        "temperature": sampling.temperature,
+        "top_k": sampling.top_k,
+        "top_p": sampling.top_p,
+    }
 
     def policy_fn(m, batch: dict, with_entropy: bool = True) -> dict:
         return token_logps(m, batch, **fn_kwargs, with_entropy=with_entropy)
 
-    reference, _ = online_reference(cfg, model, accelerator, cfg.beta)
+    reference, _ = online_reference(cfg, model, accelerator, cfg.beta, temperature=sampling.temperature)
     if cfg.lora.enabled:
         model = disable_dropout(add_lora(model, cfg.lora))
     objective = GRPOObjective(cfg, aggregation)
@@ -156,7 +164,6 @@ def train(cfg: GRPOConfig) -> Path:
     on_policy = updates_per_step == 1  # one update per rollout: no separate pass for the old log-probs
     optimizer, scheduler = make_optimizer(model, cfg, run.steps * updates_per_step)
     policy, optimizer = accelerator.prepare(BatchForward(model, policy_fn), optimizer)
-    sampling = sampling_settings(cfg)
     run.resume()
 
     def evaluate() -> dict:

@@ -64,11 +64,13 @@ class IterativeDPOConfig(DPOConfig):
     """Conversational prompt rows: extra variables for the chat template, e.g. {enable_thinking: false}
     (Qwen3), passed to apply_chat_template."""
     temperature: float = 1.0
-    """Sampling temperature."""
+    """Sampling temperature. Each round's DPO scores the policy and the reference at temperature 1, as
+    online-dpo does: the sampling settings only shape which completions become pairs."""
     top_k: int = 0
-    """Sample among the k most likely tokens only (0 = all)."""
+    """Sample among the k most likely tokens only (0 = all); DPO's log-probs stay untruncated."""
     top_p: float = 1.0
-    """Nucleus sampling: the smallest set of tokens holding this much probability (1 = all)."""
+    """Nucleus sampling: the smallest set of tokens holding this much probability (1 = all); DPO's
+    log-probs stay untruncated."""
     generation_batch_size: int = 64
     """Completions generated at once (bounds generation memory)."""
     rewards: list[dict] = field(default_factory=list)

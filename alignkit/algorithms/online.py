@@ -48,12 +48,28 @@ def check_online_settings(cfg: OnlineConfig, kl_weight: float) -> None:
         check_reference_settings(cfg)
 
 
-def token_logps(model, batch: dict, *, chunk_size: int, temperature: float, with_entropy: bool) -> dict:
-    """{"token_logps": (B, T) log-probs of the completion tokens at the sampling temperature, and
-    "token_entropy" (B, T) when asked}; the batch function the prepared policy runs (a causal or, for
-    batches with `encoder_input_ids`, an encoder-decoder policy)."""
+def token_logps(
+    model,
+    batch: dict,
+    *,
+    chunk_size: int,
+    temperature: float,
+    with_entropy: bool,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> dict:
+    """{"token_logps": (B, T) log-probs of the completion tokens under softmax(logits / temperature),
+    renormalised over the top_k / top_p kept set when given, and "token_entropy" (B, T) when asked}; the
+    batch function the prepared policy runs (a causal or, for batches with `encoder_input_ids`, an
+    encoder-decoder policy)."""
     out = sequence_logps(
-        model, batch, chunk_size=chunk_size, temperature=temperature, with_entropy=with_entropy
+        model,
+        batch,
+        chunk_size=chunk_size,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        with_entropy=with_entropy,
     )
     logps = {"token_logps": out.token_logps}
     if out.token_entropy is not None:
@@ -167,14 +183,16 @@ def default_lr(num_parameters: int, lora: bool = False) -> float:
     return 1e-6 * (7e9 / num_parameters) ** 0.5 * (10.0 if lora else 1.0)
 
 
-def online_reference(cfg: OnlineConfig, model, accelerator, kl_weight: float):
+def online_reference(cfg: OnlineConfig, model, accelerator, kl_weight: float, *, temperature: float):
     """(reference or None, reference_fn): the frozen reference of an online run, set up before LoRA wraps
-    `model`, whose batch function `reference_fn` gives per-token log-probs at the sampling temperature;
-    no reference is held when `kl_weight` is 0."""
+    `model`, whose batch function `reference_fn` gives per-token log-probs at `temperature`, untruncated:
+    the sampling temperature for the policy-gradient methods (with top_k / top_p the KL to it is
+    KL(π_trunc ‖ π_ref,τ): the reference is a model, not a sampler), 1 for online DPO. No reference is held
+    when `kl_weight` is 0."""
 
     def reference_fn(m, batch: dict) -> dict:
         return token_logps(
-            m, batch, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature, with_entropy=False
+            m, batch, chunk_size=cfg.logprob_chunk_size, temperature=temperature, with_entropy=False
         )
 
     if kl_weight <= 0:

@@ -70,6 +70,14 @@ class OnlineDPOConfig(OnlineConfig):
     as the preference probability); both need loss=sigmoid."""
     soft_label_temperature: float = 1.0
     """gap_as=soft_label: the temperature of σ(gap / temperature)."""
+    temperature: float = 1.0
+    """Sampling temperature. Log-probs are the policy's and the reference's own, at temperature 1 (as
+    iterative-dpo's and TRL's): the sampling settings only shape which completions become pairs."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only (0 = all); log-probs stay untruncated, at temperature 1."""
+    top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens holding this much probability (1 = all); log-probs
+    stay untruncated, at temperature 1."""
     lr: float | None = 5e-7
     """Peak learning rate (AdamW); none = scaled to the policy as for grpo (docs/online_rl.md)."""
 
@@ -141,12 +149,16 @@ def train(cfg: OnlineDPOConfig) -> Path:
     prompts = load_prompts(cfg, tokenizer, log)
     model = disable_dropout(load_policy(cfg, tokenizer.pad_token_id, accelerator.device))
     cfg = with_default_lr(cfg, model, log)
-    fn_kwargs = {"chunk_size": cfg.logprob_chunk_size, "temperature": cfg.temperature, "with_entropy": False}
+    # DPO's implicit reward β·log(π/π_ref) is of the policy and the reference themselves: both are scored
+    # at temperature 1, untruncated, as iterative-dpo's rounds and TRL's OnlineDPOTrainer do; the sampling
+    # settings only decide which completions become pairs (no importance ratio reads their probabilities).
+    fn_kwargs = {"chunk_size": cfg.logprob_chunk_size, "temperature": 1.0, "with_entropy": False}
 
     def policy_fn(m, batch: dict) -> dict:
         return pair_sums(token_logps(m, batch, **fn_kwargs)["token_logps"], batch["completion_mask"])
 
-    reference, _ = online_reference(cfg, model, accelerator, 1.0 if spec.needs_reference else 0.0)
+    kl_weight = 1.0 if spec.needs_reference else 0.0
+    reference, _ = online_reference(cfg, model, accelerator, kl_weight, temperature=1.0)
     if cfg.lora.enabled:
         model = disable_dropout(add_lora(model, cfg.lora))
 

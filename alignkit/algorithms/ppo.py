@@ -87,20 +87,27 @@ def check_settings(cfg: PPOConfig) -> None:
 
 class PolicyAndValue(torch.nn.Module):
     """The policy LM and its critic as one module: `forward(batch)` -> {"token_logps", "token_entropy",
-    "values"}, each (B, T) on the batch's sequence positions (what accelerate prepares and the loss calls)."""
+    "values"}, each (B, T) on the batch's sequence positions (what accelerate prepares and the loss calls).
+    Log-probs and entropy are those of the sampling distribution (temperature, top_k / top_p)."""
 
-    def __init__(self, policy: torch.nn.Module, value: ValueModel, *, chunk_size: int, temperature: float):
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        value: ValueModel,
+        *,
+        chunk_size: int,
+        temperature: float,
+        top_k: int | None = None,
+        top_p: float | None = None,
+    ):
         super().__init__()
         self.policy, self.value = policy, value
-        self.chunk_size, self.temperature = chunk_size, temperature
+        self.chunk_size = chunk_size
+        self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
 
     def forward(self, batch: dict, with_entropy: bool = True) -> dict:
         out = token_logps(
-            self.policy,
-            batch,
-            chunk_size=self.chunk_size,
-            temperature=self.temperature,
-            with_entropy=with_entropy,
+            self.policy, batch, chunk_size=self.chunk_size, with_entropy=with_entropy, **self.sampling
         )
         out["values"] = self.value(batch)
         return out
@@ -183,9 +190,19 @@ def train(cfg: PPOConfig) -> Path:
     cfg = with_default_lr(cfg, lm, log)
     shared_base = cfg.value_model == "adapter"  # the critic: a second adapter on the policy's base
     value = None if shared_base else value_model_from(lm, cfg.value_model, cfg, accelerator.device)
-    fn_kwargs = {"chunk_size": cfg.logprob_chunk_size, "temperature": cfg.temperature}
+    sampling = sampling_settings(cfg)
+    # The policy is scored under the distribution it samples from: tempered, and renormalised over the
+    # top_k / top_p kept set (the reference stays untruncated at the temperature: online_reference).
+    fn_kwargs = {
+        "chunk_size": cfg.logprob_chunk_size,
+        "temperature": sampling.temperature,
+        "top_k": sampling.top_k,
+        "top_p": sampling.top_p,
+    }
 
-    reference, reference_fn = online_reference(cfg, lm, accelerator, cfg.kl_coef)
+    reference, reference_fn = online_reference(
+        cfg, lm, accelerator, cfg.kl_coef, temperature=sampling.temperature
+    )
     if cfg.lora.enabled:
         lm = disable_dropout(add_lora(lm, cfg.lora))
         if shared_base:
@@ -218,7 +235,6 @@ def train(cfg: PPOConfig) -> Path:
     module = PolicyAndValue(lm, value, **fn_kwargs)
     optimizer, scheduler = make_optimizer(module, cfg, run.steps * cfg.ppo_epochs * minibatches_per_epoch)
     model, optimizer = accelerator.prepare(module, optimizer)
-    sampling = sampling_settings(cfg)
     run.resume()
 
     def evaluate() -> dict:
