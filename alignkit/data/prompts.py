@@ -24,16 +24,14 @@ default, ``truncation: error``, refuses it too).
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignkit.config import ConfigError
-from alignkit.data.chat import Issues, json_type, messages_problems, render_messages
+from alignkit.data.chat import Issues, json_type, messages_problems, render_messages, with_system_prompt
 from alignkit.data.readers import DataError, DroppedRow, Problems, encoding_problems
-from alignkit.data.rows import _load_rows, _raise_or_skip
+from alignkit.data.rows import _load_rows, _raise_or_skip, check_template_used, template_settings
 from alignkit.data.tokenize import adds_special_tokens, truncate
 
 PROMPT_FORMATS = "{prompt: string}; {prompt: [messages]}; or {messages: [messages]}"
@@ -55,14 +53,6 @@ class PromptRow:
         """The prompt as reward sources read it: a conversational row's messages (a reward model renders
         them in its own chat template, a judge reads their content), else the text."""
         return self.messages if self.messages is not None else self.prompt
-
-
-def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
-    """`messages` with a system message holding `system_prompt` first, unless it is None or the
-    conversation has a system message of its own (a row's own instruction wins over the setting)."""
-    if system_prompt is None or any(m["role"] in ("system", "developer") for m in messages):
-        return list(messages)
-    return [{"role": "system", "content": system_prompt}, *messages]
 
 
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:
@@ -103,14 +93,7 @@ def encode_prompt_rows(
     return kept, ids, cut
 
 
-def _prompt_row(
-    record: dict,
-    tokenizer: Any,
-    issues: Issues,
-    *,
-    system_prompt: str | None = None,
-    chat_template_kwargs: dict | None = None,
-) -> PromptRow | None:
+def _prompt_row(record: dict, tokenizer: Any, issues: Issues, *, template: dict) -> PromptRow | None:
     n = len(issues)
     key = "messages" if "messages" in record and "prompt" not in record else "prompt"
     value = record.get(key)
@@ -131,10 +114,13 @@ def _prompt_row(
         return None
     if isinstance(value, str):
         return PromptRow(value)
-    messages = with_system_prompt(value, system_prompt)
+    messages = with_system_prompt(value, template.get("system_prompt"))
     try:
         text = render_messages(
-            tokenizer, messages, add_generation_prompt=True, template_kwargs=chat_template_kwargs
+            tokenizer,
+            messages,
+            add_generation_prompt=True,
+            template_kwargs=template.get("chat_template_kwargs"),
         )
     except Exception as e:  # a template's own raise_exception(...), e.g. a system role it does not take
         issues.append((key, f"cannot render with the chat template: {e}"))
@@ -157,21 +143,7 @@ def load_prompt_rows(
     Conversations get ``system_prompt`` and ``chat_template_kwargs`` (see the module docstring); either
     set for a source with no conversational row, or template variables for a tokenizer with no chat
     template, is a ConfigError (it would do nothing)."""
-    if chat_template_kwargs and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(
-            f"chat_template_kwargs {chat_template_kwargs} is set, but the tokenizer has no chat template to "
-            "pass them to"
-        )
-    rows = _read_prompt_rows(source, split, tokenizer, skipped, system_prompt, chat_template_kwargs)
-    if (system_prompt is not None or chat_template_kwargs) and not any(r.messages for r in rows):
-        raise ConfigError(
-            f"system_prompt / chat_template_kwargs apply to conversational prompt rows, and {source} has only "
-            "text prompts; remove them, or give the prompts as messages"
-        )
-    return rows
-
-
-def _read_prompt_rows(source, split, tokenizer, skipped, system_prompt, chat_template_kwargs):
+    template = template_settings(tokenizer, system_prompt, chat_template_kwargs)
     path = Path(source).expanduser()
     if path.suffix.lower() == ".json" and path.is_file():
         try:
@@ -192,8 +164,7 @@ def _read_prompt_rows(source, split, tokenizer, skipped, system_prompt, chat_tem
             good = [PromptRow(p, None, source, n) for n, p in enumerate(data, 1) if n not in problems.lines]
             if not good:
                 raise DataError("no prompts (the list is empty)" if not data else "no usable prompts", source)
+            check_template_used(source, template, conversational=False)
             return good
-    parse = functools.partial(
-        _prompt_row, system_prompt=system_prompt, chat_template_kwargs=chat_template_kwargs
-    )
-    return _load_rows(source, split, tokenizer, parse, "prompt", skipped)
+    settings = {"system_prompt": system_prompt, "chat_template_kwargs": chat_template_kwargs}
+    return _load_rows(source, split, tokenizer, _prompt_row, "prompt", skipped, **settings)
