@@ -15,6 +15,10 @@ as text prompts. Every problem in a file is reported at once as ``file:line: fie
 Encoding (:func:`encode_prompt`) follows the offline path's BOS rule (``tokenize.adds_special_tokens``):
 the tokenizer's special tokens are added unless the text already begins with the BOS text, as a template
 that writes ``{{ bos_token }}`` (Llama 3, Gemma, Mistral) renders it: one BOS, never two, never none.
+A causal policy's prompt ends where its text ends: what the tokenizer appends after it (the EOS of a
+tokenizer set to ``add_eos_token=True``, as some Llama and Mistral checkpoints ship) is left out, as the
+offline path leaves it out of its prompts, since the policy would otherwise continue after an end of
+sequence. An encoder-decoder's source (PPO on T5) keeps it: T5 was trained on inputs ending in its EOS.
 Over ``max_prompt_length`` (:func:`encode_prompt_rows`), a text prompt keeps its BOS and its last tokens,
 where the completion starts (``tokenize.truncate``, as offline); a conversational prompt is refused at
 its row (or, with on_bad_rows=skip, dropped and listed), because cut from the left it would lose its
@@ -55,15 +59,32 @@ class PromptRow:
         return self.messages if self.messages is not None else self.prompt
 
 
-def encode_prompt(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of a prompt text as the policy reads it, with one BOS (see the module docstring)."""
-    return list(tokenizer(text, add_special_tokens=adds_special_tokens(tokenizer, text))["input_ids"])
+def encode_prompt(tokenizer: Any, text: str, *, encoder_decoder: bool = False) -> list[int]:
+    """Token ids of a prompt text as the policy reads it: one BOS, and for a causal policy nothing after
+    the text's own tokens; an `encoder_decoder` source keeps what the tokenizer appends (see the module
+    docstring)."""
+    add = adds_special_tokens(tokenizer, text)
+    ids = list(tokenizer(text, add_special_tokens=add)["input_ids"])
+    if not add or encoder_decoder or not ids or ids[-1] not in tokenizer.all_special_ids:
+        return ids
+    # Special tokens were appended: keep the ids up to the end of the text's own ones.
+    own = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    for start in range(len(ids) - len(own) + 1):
+        if own and ids[start : start + len(own)] == own:
+            return ids[: start + len(own)]
+    return ids
 
 
 def encode_prompt_rows(
-    rows: list[PromptRow], tokenizer: Any, max_prompt_length: int, skipped: list[DroppedRow] | None = None
+    rows: list[PromptRow],
+    tokenizer: Any,
+    max_prompt_length: int,
+    skipped: list[DroppedRow] | None = None,
+    *,
+    encoder_decoder: bool = False,
 ) -> tuple[list[PromptRow], list[list[int]], int]:
-    """(rows kept, their token ids, how many were cut) for prompt rows, by :func:`encode_prompt`.
+    """(rows kept, their token ids, how many were cut) for prompt rows, by :func:`encode_prompt` (an
+    `encoder_decoder` policy's sources keep what the tokenizer appends).
 
     A text prompt over `max_prompt_length` tokens keeps its BOS and its last tokens; a conversational one
     is a DataError naming file:line (every such row at once), or given `skipped` (on_bad_rows=skip) it is
@@ -71,7 +92,7 @@ def encode_prompt_rows(
     problems: dict[str, Problems] = {}
     kept, ids, cut = [], [], 0
     for row in rows:
-        encoded = encode_prompt(tokenizer, row.prompt)
+        encoded = encode_prompt(tokenizer, row.prompt, encoder_decoder=encoder_decoder)
         if len(encoded) > max_prompt_length:
             if row.messages is not None:
                 problems.setdefault(row.source, Problems(row.source)).add(
