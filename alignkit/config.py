@@ -104,6 +104,12 @@ class TrainConfig:
     max_prompt_length: int = 256
     """Maximum prompt tokens; prompts are truncated from the left, keeping the end and the BOS (commands
     that sample from prompt rows refuse a longer conversational prompt at its row instead)."""
+    system_prompt: str | None = None
+    """Conversational rows: a system message put first in every conversation without one (rows with their
+    own keep theirs), rendered by the chat template; an error on rows that are all text."""
+    chat_template_kwargs: dict = field(default_factory=dict)
+    """Conversational rows: extra variables for the chat template, e.g. {enable_thinking: false} (Qwen3),
+    passed to every apply_chat_template call; an error on rows that are all text or without a template."""
     seed: int = 42
     """Seed for initialisation, data order and sampling."""
     shuffle: bool = True
@@ -301,12 +307,6 @@ class OnlineConfig(TrainConfig):
     """Prompts per step on each process (a rollout holds batch_size x num_generations completions)."""
     max_new_tokens: int = 64
     """Longest completion, in tokens."""
-    system_prompt: str | None = None
-    """Conversational prompt rows: a system message put first in every conversation without one (rows
-    with their own keep theirs); rendered by the policy's chat template."""
-    chat_template_kwargs: dict = field(default_factory=dict)
-    """Conversational prompt rows: extra variables for the chat template, e.g. {enable_thinking: false}
-    (Qwen3), passed to apply_chat_template."""
     temperature: float = 1.0
     """Sampling temperature; log-probs are taken at the same temperature."""
     top_k: int = 0

@@ -216,3 +216,59 @@ def test_online_rollouts_give_rewards_the_conversation_not_the_policys_markup(tm
     model = load_causal_lm(str(tiny_model_dir)).eval()
     sampling = sampling_settings(GRPOConfig(max_new_tokens=2))
     assert evaluate_policy(model, tokenizer, prompts, rewards, sampling, seed=0)["rewards/regex/mean"] == 1.0
+
+
+def test_a_tokenizer_set_to_append_eos_gives_causal_prompts_without_it(tmp_path):
+    """A tokenizer set to append EOS (add_eos_token=True, as some Llama / Mistral checkpoints ship) puts one
+    after every text it encodes. A causal policy continues its prompt, so the prompt must not end in an EOS:
+    text and chat prompts alike end where their text ends, as the offline path's prompts do. An
+    encoder-decoder's source (PPO on T5) keeps it: T5 was trained on inputs ending in its EOS."""
+    from alignkit.algorithms.online import load_prompts
+    from alignkit.config import PPOConfig
+    from alignkit.data.prompts import encode_prompt
+
+    tokenizer = tokenizer_with(NO_BOS)
+    tokenizer.add_bos_token, tokenizer.add_eos_token = True, True
+    eos, text = tokenizer.eos_token_id, "Once upon a time"
+    plain = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer(text)["input_ids"] == [BOS, *plain, eos]  # the setting is on
+    chat = "<|user|>Hi.\n<|assistant|>"
+    chat_plain = tokenizer(chat, add_special_tokens=False)["input_ids"]
+
+    prompts = online_prompts(tmp_path, tokenizer, [{"prompt": text}, conversation("Hi.")])
+    assert prompts.train_ids == [[BOS, *plain], [BOS, *chat_plain]]
+    assert encode_prompt(tokenizer, text) == [BOS, *plain]  # generate, eval, the local judge, ICDPO
+    # an encoder-decoder's source keeps what its tokenizer appends
+    rows = write_rows(tmp_path / "source.jsonl", [{"prompt": text}])
+    cfg = PPOConfig(data=rows, output_dir=str(tmp_path / "ppo"))
+    source = load_prompts(cfg, tokenizer, log=lambda *a: None, encoder_decoder=True)
+    assert source.train_ids == [[BOS, *plain, eos]]
+
+
+@pytest.mark.parametrize("policy", ["tiny_model_dir", "tiny_t5_dir"])
+def test_ppo_encodes_its_prompts_as_its_policy_reads_them(tmp_path, policy, request, monkeypatch):
+    """ppo (the one command with encoder-decoder policies) asks for sources that keep their EOS for a T5
+    policy, and for prompts that end at their text for a causal one."""
+    from alignkit.algorithms import ppo
+    from alignkit.config import PPOConfig
+    from tests.conftest import write_prompts
+
+    class Loaded(Exception):
+        pass
+
+    asked = {}
+
+    def load_prompts(cfg, tokenizer, log=print, *, encoder_decoder=False):
+        asked["encoder_decoder"] = encoder_decoder
+        raise Loaded  # nothing after the prompts is under test
+
+    monkeypatch.setattr(ppo, "load_prompts", load_prompts)
+    cfg = PPOConfig(
+        model=str(request.getfixturevalue(policy)),
+        data=write_prompts(tmp_path / "prompts.jsonl"),
+        output_dir=str(tmp_path / "out"),
+        rewards=[{"type": "regex", "pattern": "e", "mode": "count"}],
+    )
+    with pytest.raises(Loaded):
+        ppo.train(cfg)
+    assert asked == {"encoder_decoder": policy == "tiny_t5_dir"}

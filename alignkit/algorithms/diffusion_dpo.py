@@ -93,6 +93,8 @@ UNUSED = (
     "logprob_chunk_size",
     "trust_remote_code",
     "cache_dir",
+    "system_prompt",
+    "chat_template_kwargs",
 )
 
 

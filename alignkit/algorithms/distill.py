@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -58,12 +58,6 @@ class DistillConfig(TrainConfig):
     """λ: the probability that a step trains on student samples (on-policy) rather than teacher samples."""
     max_new_tokens: int = 48
     """Longest sampled completion, in tokens."""
-    system_prompt: str | None = None
-    """Conversational prompt rows: a system message put first in every conversation without one (rows
-    with their own keep theirs); rendered by the policy's chat template."""
-    chat_template_kwargs: dict = field(default_factory=dict)
-    """Conversational prompt rows: extra variables for the chat template, e.g. {enable_thinking: false}
-    (Qwen3), passed to apply_chat_template."""
     temperature: float = 1.0
     """Sampling temperature of the completions (teacher's and student's)."""
     top_k: int = 0

@@ -57,12 +57,6 @@ class IterativeDPOConfig(DPOConfig):
     """k: completions sampled per prompt."""
     max_new_tokens: int = 64
     """Longest completion, in tokens."""
-    system_prompt: str | None = None
-    """Conversational prompt rows: a system message put first in every conversation without one (rows
-    with their own keep theirs); rendered by the policy's chat template."""
-    chat_template_kwargs: dict = field(default_factory=dict)
-    """Conversational prompt rows: extra variables for the chat template, e.g. {enable_thinking: false}
-    (Qwen3), passed to apply_chat_template."""
     temperature: float = 1.0
     """Sampling temperature. Each round's DPO scores the policy and the reference at temperature 1, as
     online-dpo does: the sampling settings only shape which completions become pairs."""
@@ -227,6 +221,8 @@ def round_config(cfg: IterativeDPOConfig, k: int, policy: str, pairs_path: Path)
     run = DPOConfig(**shared)
     run.model, run.data, run.output_dir = policy, str(pairs_path), str(train_dir)
     run.eval_data, run.eval_fraction = None, 0.0
+    # The pairs are pre-tokenised text: their prompts were rendered with the template settings already.
+    run.system_prompt, run.chat_template_kwargs = None, {}
     run.cache_dir = str(train_dir / "cache")
     if cfg.update_reference:  # the round's own starting policy (round 1: `reference.model`, if given)
         run.reference = dataclasses.replace(cfg.reference, model=cfg.reference.model if k == 1 else None)

@@ -134,9 +134,10 @@ class Prompts:
     eval_ids: list[list[int]]
 
 
-def load_prompts(cfg, tokenizer, log=print) -> Prompts:
+def load_prompts(cfg, tokenizer, log=print, *, encoder_decoder: bool = False) -> Prompts:
     """The config's prompt rows, validated (file:line:field) and tokenised by the one prompt encoder
-    (`data.prompts`: one BOS; a conversation over max_prompt_length refused) before any model loads; the
+    (`data.prompts`: one BOS; a causal prompt ends at its text, an `encoder_decoder` policy's source keeps
+    the EOS its tokenizer appends; a conversation over max_prompt_length refused) before any model loads; the
     eval prompts are `eval_data` or an `eval_fraction` of `data`. Conversations get the config's
     system_prompt and chat_template_kwargs. With on_bad_rows=skip bad rows are left out, listed in the
     log and in output_dir/dropped_rows.jsonl."""
@@ -150,8 +151,12 @@ def load_prompts(cfg, tokenizer, log=print) -> Prompts:
         train_rows, eval_rows = _split_eval(rows, cfg.eval_fraction, cfg.seed)
     for warning in unknown_text_rows(train_rows + eval_rows, tokenizer):
         log(warning)
-    train_rows, train_ids, cut = encode_prompt_rows(train_rows, tokenizer, cfg.max_prompt_length, skipped)
-    eval_rows, eval_ids, eval_cut = encode_prompt_rows(eval_rows, tokenizer, cfg.max_prompt_length, skipped)
+    train_rows, train_ids, cut = encode_prompt_rows(
+        train_rows, tokenizer, cfg.max_prompt_length, skipped, encoder_decoder=encoder_decoder
+    )
+    eval_rows, eval_ids, eval_cut = encode_prompt_rows(
+        eval_rows, tokenizer, cfg.max_prompt_length, skipped, encoder_decoder=encoder_decoder
+    )
     report_dropped(cfg, skipped or [], log)
     log(
         f"{len(train_rows)} training and {len(eval_rows)} eval prompts; {cut + eval_cut} cut to max_prompt_length"

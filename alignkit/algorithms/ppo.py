@@ -59,6 +59,7 @@ from alignkit.models import (
     ValueModel,
     add_lora,
     disable_dropout,
+    is_encoder_decoder,
     load_policy,
     load_tokenizer,
     value_adapter_on,
@@ -180,7 +181,8 @@ def train(cfg: PPOConfig) -> Path:
     accelerator, log, output_dir = start_run(cfg)
 
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
-    prompts = load_prompts(cfg, tokenizer, log)
+    seq2seq = is_encoder_decoder(cfg.model, cfg.trust_remote_code)
+    prompts = load_prompts(cfg, tokenizer, log, encoder_decoder=seq2seq)  # a T5 source keeps its EOS
 
     # Policy, critic (built from the policy's weights before any adapter) and reference; dropout off in
     # all three, so the first ratio is exactly 1 and the values are deterministic.

@@ -105,23 +105,45 @@ def render_messages(
     return "".join(parts)
 
 
+def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """`messages` with a system message holding `system_prompt` first, unless it is None or the
+    conversation has a system message of its own (a row's own instruction wins over the setting). Its
+    content takes the shape of the conversation's: a list of one text part where the first message's
+    content is a list of parts (vision rows), else the string."""
+    if system_prompt is None or any(m["role"] in ("system", "developer") for m in messages):
+        return list(messages)
+    parts = bool(messages) and isinstance(messages[0].get("content"), list)
+    content = [{"type": "text", "text": system_prompt}] if parts else system_prompt
+    return [{"role": "system", "content": content}, *messages]
+
+
 def render_prompt_and_completion(
-    tokenizer: Any, prompt: list[dict], reply: dict, prompt_text: str | None = None
+    tokenizer: Any,
+    prompt: list[dict],
+    reply: dict,
+    prompt_text: str | None = None,
+    *,
+    template_kwargs: dict | None = None,
 ) -> tuple[str, str]:
     """``(prompt_text, completion_text)`` for a prompt conversation and one assistant reply.
 
     ``prompt_text`` is the prompt rendered with the generation prompt; ``completion_text`` is the
     whole conversation rendered without it, minus ``prompt_text`` at its front. Training on
     ``prompt_text + completion_text`` therefore sees exactly the text the template produces for the
-    full conversation, and generation from ``prompt_text`` starts where the reply starts.
+    full conversation, and generation from ``prompt_text`` starts where the reply starts. Both
+    renderings get ``template_kwargs`` (see :func:`render_messages`).
 
     Pass ``prompt_text`` when it is already rendered (two replies to one prompt) to render it once.
     Raises ``ValueError`` when the full rendering does not begin with ``prompt_text`` (some templates,
     e.g. ones that strip earlier reasoning, rewrite the prompt once a reply follows).
     """
     if prompt_text is None:
-        prompt_text = render_messages(tokenizer, prompt, add_generation_prompt=True)
-    full_text = render_messages(tokenizer, [*prompt, reply], add_generation_prompt=False)
+        prompt_text = render_messages(
+            tokenizer, prompt, add_generation_prompt=True, template_kwargs=template_kwargs
+        )
+    full_text = render_messages(
+        tokenizer, [*prompt, reply], add_generation_prompt=False, template_kwargs=template_kwargs
+    )
     if not full_text.startswith(prompt_text):
         at = len(os.path.commonprefix([prompt_text, full_text]))
         raise ValueError(
@@ -158,23 +180,34 @@ def reply_message(value: Any, key: str, issues: Issues) -> dict | None:
 
 
 def conversation_texts(
-    tokenizer: Any, prompt: Any, replies: list[tuple[str, Any]], issues: Issues, prompt_field: str = "prompt"
+    tokenizer: Any,
+    prompt: Any,
+    replies: list[tuple[str, Any]],
+    issues: Issues,
+    prompt_field: str = "prompt",
+    *,
+    system_prompt: str | None = None,
+    chat_template_kwargs: dict | None = None,
 ) -> list[str] | None:
     """``[prompt_text, completion_text, ...]`` for a prompt conversation and its ``(field, reply)``s.
 
     Validates the prompt messages and each reply (see :func:`reply_message`) and renders them with
-    :func:`render_prompt_and_completion`; on any problem appends ``(field, reason)`` to ``issues``
-    and returns None.
+    :func:`render_prompt_and_completion`, the prompt given the command's ``system_prompt``
+    (:func:`with_system_prompt`) and every rendering its ``chat_template_kwargs``; on any problem
+    appends ``(field, reason)`` to ``issues`` and returns None.
     """
     n_issues = len(issues)
     issues.extend(messages_problems(prompt, prompt_field))
     messages = [reply_message(value, key, issues) for key, value in replies]
     if len(issues) > n_issues:
         return None
+    prompt = with_system_prompt(prompt, system_prompt)
     prompt_text, completions = None, []
     for (key, _), message in zip(replies, messages):
         try:
-            prompt_text, completion = render_prompt_and_completion(tokenizer, prompt, message, prompt_text)
+            prompt_text, completion = render_prompt_and_completion(
+                tokenizer, prompt, message, prompt_text, template_kwargs=chat_template_kwargs
+            )
         except Exception as e:  # a template's own raise_exception(...), or one that does not extend
             issues.append((key, f"cannot render with the chat template: {e}"))
             return None

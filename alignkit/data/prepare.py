@@ -78,13 +78,16 @@ def _prepare(cfg, tokenizer, load_rows, tokenize_rows, kind: str, log=print) -> 
         cfg.max_length,
         cfg.max_prompt_length,
         cfg.on_bad_rows,
+        cfg.system_prompt,
+        cfg.chat_template_kwargs,
     )
+    template = {"system_prompt": cfg.system_prompt, "chat_template_kwargs": cfg.chat_template_kwargs}
 
     def build() -> dict:
         skipped = bad_rows_list(cfg)
-        train_rows, dropped = load_rows(cfg.data, cfg.data_split, skipped)
+        train_rows, dropped = load_rows(cfg.data, cfg.data_split, skipped, **template)
         if cfg.eval_data:
-            eval_rows, eval_dropped = load_rows(cfg.eval_data, cfg.eval_split, skipped)
+            eval_rows, eval_dropped = load_rows(cfg.eval_data, cfg.eval_split, skipped, **template)
             dropped = dropped + eval_dropped
         else:
             train_rows, eval_rows = _split_eval(train_rows, cfg.eval_fraction, cfg.seed)
@@ -137,8 +140,8 @@ def write_data_stats(output_dir: str | Path, data: dict) -> None:
 def prepare_preference_data(cfg, tokenizer, log=print) -> tuple[list[dict], list[dict]]:
     """Tokenised (train, eval) preference examples for `cfg`; dropped HH rows are reported."""
 
-    def load(source: str, split: str, skipped):
-        data = load_preference_rows(source, split, tokenizer, skipped)
+    def load(source: str, split: str, skipped, **template):
+        data = load_preference_rows(source, split, tokenizer, skipped, **template)
         return data.rows, data.dropped
 
     return _prepare(cfg, tokenizer, load, tokenize_preference_rows, "preference", log)
@@ -149,7 +152,7 @@ def prepare_sft_data(cfg, tokenizer, log=print) -> tuple[list[dict], list[dict]]
     return _prepare(
         cfg,
         tokenizer,
-        lambda s, split, skipped: (load_sft_rows(s, split, tokenizer, skipped), []),
+        lambda s, split, skipped, **template: (load_sft_rows(s, split, tokenizer, skipped, **template), []),
         tokenize_sft_rows,
         "sft",
         log,
@@ -161,7 +164,10 @@ def prepare_unpaired_data(cfg, tokenizer, log=print) -> tuple[list[dict], list[d
     return _prepare(
         cfg,
         tokenizer,
-        lambda s, split, skipped: (load_unpaired_rows(s, split, tokenizer, skipped), []),
+        lambda s, split, skipped, **template: (
+            load_unpaired_rows(s, split, tokenizer, skipped, **template),
+            [],
+        ),
         tokenize_sft_rows,
         "unpaired",
         log,
@@ -173,7 +179,10 @@ def prepare_logged_data(cfg, tokenizer, log=print) -> tuple[list[dict], list[dic
     return _prepare(
         cfg,
         tokenizer,
-        lambda s, split, skipped: (load_logged_rows(s, split, tokenizer, skipped), []),
+        lambda s, split, skipped, **template: (
+            load_logged_rows(s, split, tokenizer, skipped, **template),
+            [],
+        ),
         tokenize_sft_rows,
         "logged",
         log,
@@ -185,7 +194,10 @@ def prepare_listwise_data(cfg, tokenizer, log=print) -> tuple[list[dict], list[d
     return _prepare(
         cfg,
         tokenizer,
-        lambda s, split, skipped: (load_listwise_rows(s, split, tokenizer, skipped), []),
+        lambda s, split, skipped, **template: (
+            load_listwise_rows(s, split, tokenizer, skipped, **template),
+            [],
+        ),
         tokenize_listwise_rows,
         "listwise",
         log,

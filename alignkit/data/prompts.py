@@ -15,6 +15,10 @@ as text prompts. Every problem in a file is reported at once as ``file:line: fie
 Encoding (:func:`encode_prompt`) follows the offline path's BOS rule (``tokenize.adds_special_tokens``):
 the tokenizer's special tokens are added unless the text already begins with the BOS text, as a template
 that writes ``{{ bos_token }}`` (Llama 3, Gemma, Mistral) renders it: one BOS, never two, never none.
+A causal policy's prompt ends where its text ends: what the tokenizer appends after it (the EOS of a
+tokenizer set to ``add_eos_token=True``, as some Llama and Mistral checkpoints ship) is left out, as the
+offline path leaves it out of its prompts, since the policy would otherwise continue after an end of
+sequence. An encoder-decoder's source (PPO on T5) keeps it: T5 was trained on inputs ending in its EOS.
 Over ``max_prompt_length`` (:func:`encode_prompt_rows`), a text prompt keeps its BOS and its last tokens,
 where the completion starts (``tokenize.truncate``, as offline); a conversational prompt is refused at
 its row (or, with on_bad_rows=skip, dropped and listed), because cut from the left it would lose its
@@ -24,16 +28,14 @@ default, ``truncation: error``, refuses it too).
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignkit.config import ConfigError
-from alignkit.data.chat import Issues, json_type, messages_problems, render_messages
+from alignkit.data.chat import Issues, json_type, messages_problems, render_messages, with_system_prompt
 from alignkit.data.readers import DataError, DroppedRow, Problems, encoding_problems
-from alignkit.data.rows import _load_rows, _raise_or_skip
+from alignkit.data.rows import _load_rows, _raise_or_skip, check_template_used, template_settings
 from alignkit.data.tokenize import adds_special_tokens, truncate
 
 PROMPT_FORMATS = "{prompt: string}; {prompt: [messages]}; or {messages: [messages]}"
@@ -57,23 +59,32 @@ class PromptRow:
         return self.messages if self.messages is not None else self.prompt
 
 
-def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
-    """`messages` with a system message holding `system_prompt` first, unless it is None or the
-    conversation has a system message of its own (a row's own instruction wins over the setting)."""
-    if system_prompt is None or any(m["role"] in ("system", "developer") for m in messages):
-        return list(messages)
-    return [{"role": "system", "content": system_prompt}, *messages]
-
-
-def encode_prompt(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of a prompt text as the policy reads it, with one BOS (see the module docstring)."""
-    return list(tokenizer(text, add_special_tokens=adds_special_tokens(tokenizer, text))["input_ids"])
+def encode_prompt(tokenizer: Any, text: str, *, encoder_decoder: bool = False) -> list[int]:
+    """Token ids of a prompt text as the policy reads it: one BOS, and for a causal policy nothing after
+    the text's own tokens; an `encoder_decoder` source keeps what the tokenizer appends (see the module
+    docstring)."""
+    add = adds_special_tokens(tokenizer, text)
+    ids = list(tokenizer(text, add_special_tokens=add)["input_ids"])
+    if not add or encoder_decoder or not ids or ids[-1] not in tokenizer.all_special_ids:
+        return ids
+    # Special tokens were appended: keep the ids up to the end of the text's own ones.
+    own = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    for start in range(len(ids) - len(own) + 1):
+        if own and ids[start : start + len(own)] == own:
+            return ids[: start + len(own)]
+    return ids
 
 
 def encode_prompt_rows(
-    rows: list[PromptRow], tokenizer: Any, max_prompt_length: int, skipped: list[DroppedRow] | None = None
+    rows: list[PromptRow],
+    tokenizer: Any,
+    max_prompt_length: int,
+    skipped: list[DroppedRow] | None = None,
+    *,
+    encoder_decoder: bool = False,
 ) -> tuple[list[PromptRow], list[list[int]], int]:
-    """(rows kept, their token ids, how many were cut) for prompt rows, by :func:`encode_prompt`.
+    """(rows kept, their token ids, how many were cut) for prompt rows, by :func:`encode_prompt` (an
+    `encoder_decoder` policy's sources keep what the tokenizer appends).
 
     A text prompt over `max_prompt_length` tokens keeps its BOS and its last tokens; a conversational one
     is a DataError naming file:line (every such row at once), or given `skipped` (on_bad_rows=skip) it is
@@ -81,7 +92,7 @@ def encode_prompt_rows(
     problems: dict[str, Problems] = {}
     kept, ids, cut = [], [], 0
     for row in rows:
-        encoded = encode_prompt(tokenizer, row.prompt)
+        encoded = encode_prompt(tokenizer, row.prompt, encoder_decoder=encoder_decoder)
         if len(encoded) > max_prompt_length:
             if row.messages is not None:
                 problems.setdefault(row.source, Problems(row.source)).add(
@@ -103,14 +114,7 @@ def encode_prompt_rows(
     return kept, ids, cut
 
 
-def _prompt_row(
-    record: dict,
-    tokenizer: Any,
-    issues: Issues,
-    *,
-    system_prompt: str | None = None,
-    chat_template_kwargs: dict | None = None,
-) -> PromptRow | None:
+def _prompt_row(record: dict, tokenizer: Any, issues: Issues, *, template: dict) -> PromptRow | None:
     n = len(issues)
     key = "messages" if "messages" in record and "prompt" not in record else "prompt"
     value = record.get(key)
@@ -131,10 +135,13 @@ def _prompt_row(
         return None
     if isinstance(value, str):
         return PromptRow(value)
-    messages = with_system_prompt(value, system_prompt)
+    messages = with_system_prompt(value, template.get("system_prompt"))
     try:
         text = render_messages(
-            tokenizer, messages, add_generation_prompt=True, template_kwargs=chat_template_kwargs
+            tokenizer,
+            messages,
+            add_generation_prompt=True,
+            template_kwargs=template.get("chat_template_kwargs"),
         )
     except Exception as e:  # a template's own raise_exception(...), e.g. a system role it does not take
         issues.append((key, f"cannot render with the chat template: {e}"))
@@ -157,21 +164,7 @@ def load_prompt_rows(
     Conversations get ``system_prompt`` and ``chat_template_kwargs`` (see the module docstring); either
     set for a source with no conversational row, or template variables for a tokenizer with no chat
     template, is a ConfigError (it would do nothing)."""
-    if chat_template_kwargs and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(
-            f"chat_template_kwargs {chat_template_kwargs} is set, but the tokenizer has no chat template to "
-            "pass them to"
-        )
-    rows = _read_prompt_rows(source, split, tokenizer, skipped, system_prompt, chat_template_kwargs)
-    if (system_prompt is not None or chat_template_kwargs) and not any(r.messages for r in rows):
-        raise ConfigError(
-            f"system_prompt / chat_template_kwargs apply to conversational prompt rows, and {source} has only "
-            "text prompts; remove them, or give the prompts as messages"
-        )
-    return rows
-
-
-def _read_prompt_rows(source, split, tokenizer, skipped, system_prompt, chat_template_kwargs):
+    template = template_settings(tokenizer, system_prompt, chat_template_kwargs)
     path = Path(source).expanduser()
     if path.suffix.lower() == ".json" and path.is_file():
         try:
@@ -192,8 +185,7 @@ def _read_prompt_rows(source, split, tokenizer, skipped, system_prompt, chat_tem
             good = [PromptRow(p, None, source, n) for n, p in enumerate(data, 1) if n not in problems.lines]
             if not good:
                 raise DataError("no prompts (the list is empty)" if not data else "no usable prompts", source)
+            check_template_used(source, template, conversational=False)
             return good
-    parse = functools.partial(
-        _prompt_row, system_prompt=system_prompt, chat_template_kwargs=chat_template_kwargs
-    )
-    return _load_rows(source, split, tokenizer, parse, "prompt", skipped)
+    settings = {"system_prompt": system_prompt, "chat_template_kwargs": chat_template_kwargs}
+    return _load_rows(source, split, tokenizer, _prompt_row, "prompt", skipped, **settings)

@@ -31,6 +31,13 @@ Listwise rows: ``{"prompt": str | [messages], "responses": [str | assistant mess
 more) with exactly one of ``scores`` (a finite number per response, higher is better), ``probs`` (a
 target probability per response, summing to 1) or ``ranking`` (the response indices, best first:
 ``[2, 0, 1]`` says responses[2] is best).
+
+Conversational rows of every format get the command's ``system_prompt`` (a system message put first in a
+conversation without one; a row's own wins) and ``chat_template_kwargs`` (variables for the chat template,
+e.g. Qwen3's ``enable_thinking``) in every rendering, as the online commands' prompt rows do
+(``alignkit.data.prompts``); the parsers take them as ``template``, a dict of those two keys, empty when
+neither is set. Either set for a source with no conversational row, or ``chat_template_kwargs`` for a
+tokenizer with no chat template, is a ConfigError: they would do nothing.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
+from alignkit.config import ConfigError
 from alignkit.data.chat import Issues, conversation_texts, json_type, render_messages, split_hh
 from alignkit.data.readers import DataError, DroppedRow, Problems, encoding_problems, read_records
 
@@ -151,11 +159,11 @@ class PreferenceData:
 # validating one record; each helper appends (field, reason) to `issues` and returns None on error
 
 
-def _parse_checked(parse, record: dict, tokenizer: Any, issues: Issues):
-    """``parse(record, tokenizer, issues)``, and None with a problem per text field (TEXT_KEYS) holding
-    text that UTF-8 cannot encode."""
+def _parse_checked(parse, record: dict, tokenizer: Any, issues: Issues, template: dict):
+    """``parse(record, tokenizer, issues, template=template)``, and None with a problem per text field
+    (TEXT_KEYS) holding text that UTF-8 cannot encode."""
     bad = [p for key in TEXT_KEYS if key in record for p in encoding_problems(record[key], key)]
-    row = parse(record, tokenizer, issues)
+    row = parse(record, tokenizer, issues, template=template)
     issues.extend(bad)
     return None if bad else row
 
@@ -232,7 +240,9 @@ def _is_token_id(t: Any) -> bool:
     return isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 0
 
 
-def _preference_row(record: dict, tokenizer: Any, issues: Issues) -> PreferenceRow | str | None:
+def _preference_row(
+    record: dict, tokenizer: Any, issues: Issues, *, template: dict
+) -> PreferenceRow | str | None:
     """A row; or, for an HH row that does not split, the reason as a string; or None with issues."""
     n_issues = len(issues)
     preference = _preference(record, issues)
@@ -248,7 +258,7 @@ def _preference_row(record: dict, tokenizer: Any, issues: Issues) -> PreferenceR
         texts = (prompt, chosen, rejected)
     elif isinstance(prompt, list):
         replies = [("chosen", record.get("chosen")), ("rejected", record.get("rejected"))]
-        texts = conversation_texts(tokenizer, prompt, replies, issues)
+        texts = conversation_texts(tokenizer, prompt, replies, issues, **template)
     elif prompt is not None:
         issues.append(("prompt", f"found {json_type(prompt)} (expected a string or a list of messages)"))
     elif record.get("chosen") is None and record.get("rejected") is None:
@@ -269,7 +279,9 @@ def _preference_row(record: dict, tokenizer: Any, issues: Issues) -> PreferenceR
     return PreferenceRow(*texts, preference=preference, margin=margin, **flags, **ids)
 
 
-def _sft_row(record: dict, tokenizer: Any, issues: Issues, formats: str = SFT_FORMATS) -> SFTRow | None:
+def _sft_row(
+    record: dict, tokenizer: Any, issues: Issues, *, template: dict, formats: str = SFT_FORMATS
+) -> SFTRow | None:
     """A row, or None with the problems appended to ``issues`` (``formats`` names the accepted ones)."""
     n_issues = len(issues)
     messages, prompt = record.get("messages"), record.get("prompt")
@@ -285,12 +297,15 @@ def _sft_row(record: dict, tokenizer: Any, issues: Issues, formats: str = SFT_FO
         else:
             last = len(messages) - 1
             reply = [(f"messages[{last}]", messages[last])]
-            texts = conversation_texts(tokenizer, messages[:last], reply, issues, prompt_field="messages")
+            texts = conversation_texts(
+                tokenizer, messages[:last], reply, issues, prompt_field="messages", **template
+            )
     elif isinstance(prompt, str):
         completion = _text(record, "completion", issues, "a string, as 'prompt' is a string", completion=True)
         texts = (prompt, completion)
     elif isinstance(prompt, list):
-        texts = conversation_texts(tokenizer, prompt, [("completion", record.get("completion"))], issues)
+        replies = [("completion", record.get("completion"))]
+        texts = conversation_texts(tokenizer, prompt, replies, issues, **template)
     elif prompt is not None:
         issues.append(("prompt", f"found {json_type(prompt)} (expected a string or a list of messages)"))
     elif record.get("completion") is not None:
@@ -302,7 +317,7 @@ def _sft_row(record: dict, tokenizer: Any, issues: Issues, formats: str = SFT_FO
     return SFTRow(*texts)
 
 
-def _unpaired_row(record: dict, tokenizer: Any, issues: Issues) -> UnpairedRow | None:
+def _unpaired_row(record: dict, tokenizer: Any, issues: Issues, *, template: dict) -> UnpairedRow | None:
     """An SFT row with a boolean ``label``, or None with the problems appended to ``issues``."""
     label = record.get("label")
     expected = "expected true for a desirable completion, false for an undesirable one"
@@ -310,13 +325,13 @@ def _unpaired_row(record: dict, tokenizer: Any, issues: Issues) -> UnpairedRow |
         issues.append(("label", f"missing ({expected})"))
     elif not isinstance(label, bool):
         issues.append(("label", f"found {json_type(label)} {label!r} ({expected})"))
-    row = _sft_row(record, tokenizer, issues, UNPAIRED_FORMATS)
+    row = _sft_row(record, tokenizer, issues, template=template, formats=UNPAIRED_FORMATS)
     if row is None or not isinstance(label, bool):
         return None
     return UnpairedRow(row.prompt, row.completion, label=label)
 
 
-def _logged_row(record: dict, tokenizer: Any, issues: Issues) -> LoggedRow | None:
+def _logged_row(record: dict, tokenizer: Any, issues: Issues, *, template: dict) -> LoggedRow | None:
     """A {prompt, response, reward} row, or None with the problems appended to ``issues``."""
     n_issues = len(issues)
     reward, prompt = record.get("reward"), record.get("prompt")
@@ -328,7 +343,8 @@ def _logged_row(record: dict, tokenizer: Any, issues: Issues) -> LoggedRow | Non
         response = _text(record, "response", issues, "a string, as 'prompt' is a string", completion=True)
         texts = (prompt, response)
     elif isinstance(prompt, list):
-        texts = conversation_texts(tokenizer, prompt, [("response", record.get("response"))], issues)
+        replies = [("response", record.get("response"))]
+        texts = conversation_texts(tokenizer, prompt, replies, issues, **template)
     else:
         found = "missing" if prompt is None else f"found {json_type(prompt)}"
         issues.append(("prompt", f"{found} (expected a string or a list of messages)"))
@@ -382,7 +398,7 @@ def _list_target(record: dict, n: int | None, issues: Issues) -> dict[str, list]
     return {}
 
 
-def _listwise_row(record: dict, tokenizer: Any, issues: Issues) -> ListwiseRow | None:
+def _listwise_row(record: dict, tokenizer: Any, issues: Issues, *, template: dict) -> ListwiseRow | None:
     """A list row, or None with the problems appended to ``issues``."""
     n_issues = len(issues)
     prompt, responses = record.get("prompt"), record.get("responses")
@@ -404,7 +420,7 @@ def _listwise_row(record: dict, tokenizer: Any, issues: Issues) -> ListwiseRow |
     elif isinstance(prompt, list):
         if responses is not None:
             replies = [(f"responses[{k}]", r) for k, r in enumerate(responses)]
-            texts = conversation_texts(tokenizer, prompt, replies, issues)
+            texts = conversation_texts(tokenizer, prompt, replies, issues, **template)
     elif prompt is None and responses is None and not target:
         issues.append(
             (None, f"unknown row format: found keys {sorted(record)} (expected {LISTWISE_FORMATS})")
@@ -421,22 +437,63 @@ def _listwise_row(record: dict, tokenizer: Any, issues: Issues) -> ListwiseRow |
 # loading
 
 
+def template_settings(
+    tokenizer: Any, system_prompt: str | None = None, chat_template_kwargs: dict | None = None
+) -> dict:
+    """The ``template`` the parsers take: {system_prompt, chat_template_kwargs} holding those set (see the
+    module docstring). ``chat_template_kwargs`` for a tokenizer (or processor) with no chat template is a
+    ConfigError: there is no template to pass them to."""
+    if chat_template_kwargs and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"chat_template_kwargs {chat_template_kwargs} is set, but the tokenizer has no chat template to "
+            "pass them to; remove it, or use a tokenizer with a chat template"
+        )
+    template = {"system_prompt": system_prompt, "chat_template_kwargs": chat_template_kwargs or None}
+    return {k: v for k, v in template.items() if v is not None}
+
+
+def check_template_used(source: str, template: dict, conversational: bool) -> None:
+    """ConfigError naming each template setting given when `source` has no conversational row (every row
+    is text, which no chat template renders): the setting would do nothing."""
+    if not template or conversational:
+        return
+    names = " and ".join(template)
+    is_, it, applies = ("is", "it", "applies") if len(template) == 1 else ("are", "them", "apply")
+    raise ConfigError(
+        f"{names} {is_} set, but {source} has only text rows: {names} {applies} to conversational rows "
+        f"(prompts given as messages, rendered by the chat template); remove {it}, or give the rows as messages"
+    )
+
+
+def is_conversational(record: dict) -> bool:
+    """Whether a row's prompt is given as messages (rendered with the chat template), in any format."""
+    return isinstance(record.get("prompt"), list) or isinstance(record.get("messages"), list)
+
+
 def load_preference_rows(
-    source: str, split: str | None = None, tokenizer: Any = None, skipped: list[DroppedRow] | None = None
+    source: str,
+    split: str | None = None,
+    tokenizer: Any = None,
+    skipped: list[DroppedRow] | None = None,
+    *,
+    system_prompt: str | None = None,
+    chat_template_kwargs: dict | None = None,
 ) -> PreferenceData:
     """Read and validate preference rows from ``source`` (see :func:`read_records`).
 
     Conversational rows are rendered with ``tokenizer``'s chat template, or the plain default when
-    it has none or is None. HH rows that do not split are dropped and listed in ``dropped``; every
+    it has none or is None, given ``system_prompt`` and ``chat_template_kwargs`` (see the module
+    docstring). HH rows that do not split are dropped and listed in ``dropped``; every
     other problem is collected over the whole source and raised as one DataError, as is a source
     with no usable rows. Given a ``skipped`` list (on_bad_rows=skip), bad rows are left out and each is
     appended to it instead.
     """
-    problems, rows, dropped = Problems(source), [], []
+    template = template_settings(tokenizer, system_prompt, chat_template_kwargs)
+    problems, rows, dropped, conversational = Problems(source), [], [], False
     records = read_records(source, split, problems)
     for line, record in records:
         issues: Issues = []
-        row = _parse_checked(_preference_row, record, tokenizer, issues)
+        row = _parse_checked(_preference_row, record, tokenizer, issues, template)
         for key, reason in issues:
             problems.add(line, key, reason)
         if isinstance(row, str):
@@ -444,10 +501,12 @@ def load_preference_rows(
         elif row is not None:
             row.source, row.line = source, line
             rows.append(row)
+            conversational = conversational or is_conversational(record)
     _raise_or_skip(problems, skipped)
     if not rows:
         why = f"all {len(dropped)} rows were dropped, e.g. {dropped[0]}" if dropped else "the source is empty"
         raise DataError(f"no usable preference rows ({why})", source)
+    check_template_used(source, template, conversational)
     return PreferenceData(rows, dropped)
 
 
@@ -460,59 +519,134 @@ def _raise_or_skip(problems: Problems, skipped: list[DroppedRow] | None) -> None
 
 
 def _load_rows(
-    source: str, split: str | None, tokenizer: Any, parse, kind: str, skipped: list[DroppedRow] | None = None
+    source: str,
+    split: str | None,
+    tokenizer: Any,
+    parse,
+    kind: str,
+    skipped: list[DroppedRow] | None = None,
+    *,
+    system_prompt: str | None = None,
+    chat_template_kwargs: dict | None = None,
 ) -> list:
-    """Rows of ``source`` parsed by ``parse(record, tokenizer, issues)``; every problem collected and
-    raised as one DataError (or, given ``skipped``, the bad rows left out and appended to it), as is an
-    empty source."""
-    problems, rows = Problems(source), []
+    """Rows of ``source`` parsed by ``parse(record, tokenizer, issues, template=...)``, the template settings
+    checked (see the module docstring); every problem collected and raised as one DataError (or, given
+    ``skipped``, the bad rows left out and appended to it), as is an empty source."""
+    template = template_settings(tokenizer, system_prompt, chat_template_kwargs)
+    problems, rows, conversational = Problems(source), [], False
     records = read_records(source, split, problems)
     for line, record in records:
         issues: Issues = []
-        row = _parse_checked(parse, record, tokenizer, issues)
+        row = _parse_checked(parse, record, tokenizer, issues, template)
         for key, reason in issues:
             problems.add(line, key, reason)
         if row is not None:
             row.source, row.line = source, line
             rows.append(row)
+            conversational = conversational or is_conversational(record)
     _raise_or_skip(problems, skipped)
     if not rows:
         why = f"all {len(problems.lines)} rows are bad" if problems.count else "the source is empty"
         raise DataError(f"no usable {kind} rows ({why})", source)
+    check_template_used(source, template, conversational)
     return rows
 
 
 def load_sft_rows(
-    source: str, split: str | None = None, tokenizer: Any = None, skipped: list[DroppedRow] | None = None
+    source: str,
+    split: str | None = None,
+    tokenizer: Any = None,
+    skipped: list[DroppedRow] | None = None,
+    *,
+    system_prompt: str | None = None,
+    chat_template_kwargs: dict | None = None,
 ) -> list[SFTRow]:
     """Read and validate SFT rows from ``source`` (see :func:`read_records`).
 
     For ``messages`` rows only the final assistant reply is the completion; earlier turns (assistant
     ones included) are prompt. All problems are collected and raised as one DataError, as is an
     empty source; given ``skipped`` (on_bad_rows=skip), bad rows are left out and appended to it.
+    Conversations get ``system_prompt`` and ``chat_template_kwargs`` (see the module docstring).
     """
-    return _load_rows(source, split, tokenizer, _sft_row, "SFT", skipped)
+    return _load_rows(
+        source,
+        split,
+        tokenizer,
+        _sft_row,
+        "SFT",
+        skipped,
+        system_prompt=system_prompt,
+        chat_template_kwargs=chat_template_kwargs,
+    )
 
 
 def load_unpaired_rows(
-    source: str, split: str | None = None, tokenizer: Any = None, skipped: list[DroppedRow] | None = None
+    source: str,
+    split: str | None = None,
+    tokenizer: Any = None,
+    skipped: list[DroppedRow] | None = None,
+    *,
+    system_prompt: str | None = None,
+    chat_template_kwargs: dict | None = None,
 ) -> list[UnpairedRow]:
     """Read and validate unpaired (KTO) rows: any SFT format plus a boolean ``label``. All problems are
-    collected and raised as one DataError, as is an empty source."""
-    return _load_rows(source, split, tokenizer, _unpaired_row, "unpaired", skipped)
+    collected and raised as one DataError, as is an empty source. Conversations get ``system_prompt`` and
+    ``chat_template_kwargs`` (see the module docstring)."""
+    return _load_rows(
+        source,
+        split,
+        tokenizer,
+        _unpaired_row,
+        "unpaired",
+        skipped,
+        system_prompt=system_prompt,
+        chat_template_kwargs=chat_template_kwargs,
+    )
 
 
 def load_logged_rows(
-    source: str, split: str | None = None, tokenizer: Any = None, skipped: list[DroppedRow] | None = None
+    source: str,
+    split: str | None = None,
+    tokenizer: Any = None,
+    skipped: list[DroppedRow] | None = None,
+    *,
+    system_prompt: str | None = None,
+    chat_template_kwargs: dict | None = None,
 ) -> list[LoggedRow]:
     """Read and validate logged {prompt, response, reward} rows (offline RL). All problems are collected
-    and raised as one DataError, as is an empty source."""
-    return _load_rows(source, split, tokenizer, _logged_row, "logged", skipped)
+    and raised as one DataError, as is an empty source. Conversations get ``system_prompt`` and
+    ``chat_template_kwargs`` (see the module docstring)."""
+    return _load_rows(
+        source,
+        split,
+        tokenizer,
+        _logged_row,
+        "logged",
+        skipped,
+        system_prompt=system_prompt,
+        chat_template_kwargs=chat_template_kwargs,
+    )
 
 
 def load_listwise_rows(
-    source: str, split: str | None = None, tokenizer: Any = None, skipped: list[DroppedRow] | None = None
+    source: str,
+    split: str | None = None,
+    tokenizer: Any = None,
+    skipped: list[DroppedRow] | None = None,
+    *,
+    system_prompt: str | None = None,
+    chat_template_kwargs: dict | None = None,
 ) -> list[ListwiseRow]:
     """Read and validate list rows (see the module docstring). All problems are collected and raised as
-    one DataError, as is an empty source."""
-    return _load_rows(source, split, tokenizer, _listwise_row, "listwise", skipped)
+    one DataError, as is an empty source. Conversations get ``system_prompt`` and ``chat_template_kwargs``
+    (see the module docstring)."""
+    return _load_rows(
+        source,
+        split,
+        tokenizer,
+        _listwise_row,
+        "listwise",
+        skipped,
+        system_prompt=system_prompt,
+        chat_template_kwargs=chat_template_kwargs,
+    )

@@ -35,6 +35,7 @@ from alignkit.data.chat import (
     message_problems,
     render_prompt_and_completion,
     reply_message,
+    with_system_prompt,
 )
 from alignkit.data.collate import collate_pairs_shared_prompt, pad_sequences, pair_columns
 from alignkit.data.readers import DataError
@@ -215,7 +216,7 @@ def _content_problems(message: Any, where: str) -> tuple[list[tuple[str, str]], 
 
 
 def _vision_row(
-    record: dict, processor: Any, base: Path | None, issues: Issues
+    record: dict, processor: Any, base: Path | None, issues: Issues, template: dict
 ) -> VisionPreferenceRow | None:
     n_issues = len(issues)
     preference, margin = _preference(record, issues), _margin(record, issues)
@@ -256,10 +257,15 @@ def _vision_row(
     if len(issues) > n_issues:
         return None
     texts = []
+    prompt = with_system_prompt(prompt, template.get("system_prompt"))  # as a text part, as the row's
     for key, reply in zip(("chosen", "rejected"), replies):
         try:
             prompt_text, completion = render_prompt_and_completion(
-                processor, prompt, reply, texts[0] if texts else None
+                processor,
+                prompt,
+                reply,
+                texts[0] if texts else None,
+                template_kwargs=template.get("chat_template_kwargs"),
             )
         except Exception as e:
             issues.append((key, f"cannot render with the processor's chat template: {e}"))
@@ -268,16 +274,28 @@ def _vision_row(
     return VisionPreferenceRow(*texts, preference=preference, margin=margin, images=resolved)
 
 
-def load_vision_rows(source: str, split: str | None, processor: Any, skipped=None) -> PreferenceData:
+def load_vision_rows(
+    source: str,
+    split: str | None,
+    processor: Any,
+    skipped=None,
+    *,
+    system_prompt: str | None = None,
+    chat_template_kwargs: dict | None = None,
+) -> PreferenceData:
     """Read and validate preference rows with images (see the module docstring); every problem in the source
     is reported at once (file:line, field), or, given `skipped` (on_bad_rows=skip), the bad rows are left out
-    and listed there. Images are opened once here, so an unreadable one fails before any model loads."""
+    and listed there. Images are opened once here, so an unreadable one fails before any model loads. The
+    processor's chat template gets `system_prompt` and `chat_template_kwargs`, as text rows' does
+    (`alignkit.data.rows`)."""
     base = Path(source).parent if Path(source).is_file() else None
 
-    def parse(record: dict, processor: Any, issues: Issues) -> VisionPreferenceRow | None:
-        return _vision_row(record, processor, base, issues)
+    def parse(record: dict, processor: Any, issues: Issues, *, template: dict) -> VisionPreferenceRow | None:
+        return _vision_row(record, processor, base, issues, template)
 
-    return PreferenceData(_load_rows(source, split, processor, parse, "preference-with-images", skipped))
+    settings = {"system_prompt": system_prompt, "chat_template_kwargs": chat_template_kwargs}
+    rows = _load_rows(source, split, processor, parse, "preference-with-images", skipped, **settings)
+    return PreferenceData(rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,8 +387,8 @@ def prepare_vision_data(cfg, processor, log=print) -> tuple[list[dict], list[dic
     """Tokenised (train, eval) examples of preference rows with images for `cfg` (cached like text rows)."""
     from alignkit.data.prepare import _prepare
 
-    def load(source: str, split: str, skipped):
-        data = load_vision_rows(source, split, processor, skipped)
+    def load(source: str, split: str, skipped, **template):
+        data = load_vision_rows(source, split, processor, skipped, **template)
         return data.rows, data.dropped
 
     def tokenize(rows, _tokenizer, max_length, max_prompt_length):
