@@ -115,6 +115,15 @@ def test_an_interrupted_run_resumes_bit_for_bit(tmp_path, tiny_model_dir, monkey
         assert same == {k: b[k] for k in same}, a["step"]
 
 
+def test_a_large_seed_trains_with_several_updates_per_rollout(tmp_path, tiny_model_dir):
+    """seed 18,283 with 2 updates per rollout: the minibatch shuffle's derived seed passes 2**64 (it
+    crashed the first step with an overflow)."""
+    data = write_prompts(tmp_path / "prompts.jsonl", 8)
+    cfg = config(tmp_path, tiny_model_dir, data, max_steps=1, ppo_epochs=2, seed=18_283)
+    grpo.train(cfg)
+    assert train_metrics(cfg)[0]["step"] == 1
+
+
 def test_masks_come_from_lengths_so_pad_equal_to_eos_is_safe():
     """pad id = EOS id = 2: the EOS that ends a completion is scored, the padding after it is not."""
     input_ids, attention_mask, completion_mask = layout(

@@ -98,6 +98,25 @@ def test_the_first_ratio_is_exactly_one_with_dropout_in_the_config(tmp_path, mon
     assert not torch.equal(logps[mask.bool()], old[mask.bool()])
 
 
+@pytest.mark.parametrize("seed", [18_283, 2**32 - 1])
+def test_the_largest_seeds_train(tmp_path, tiny_model_dir, seed):
+    """Every accepted seed trains: a step's minibatch shuffles are seeded from seed x 1_000_003 x 1009
+    x 1_000_003, past 2**64 above seed 18,282 (the first step crashed with an overflow)."""
+    data = write_prompts(tmp_path / "prompts.jsonl", 8)
+    cfg = config(tmp_path, tiny_model_dir, data, max_steps=1, ppo_epochs=2, minibatch_size=4, seed=seed)
+    ppo.train(cfg)
+    assert train_metrics(cfg)[0]["updates"] == 4
+
+
+def test_a_large_step_seed_shuffles_as_its_low_32_bits():
+    """The CPU generator (mt19937) reads only the low 32 bits of its seed; the derived seeds are reduced
+    modulo 2**64, which keeps those bits, so a seed below the old overflow keeps its order and a seed
+    above it shuffles as its low 32 bits do."""
+    cfg = PPOConfig(ppo_epochs=3, minibatch_size=4)
+    big = ((2**32 - 1) * 1_000_003 + 5) * 1009  # the step seed of seed 2**32 - 1 at step 5
+    assert online.minibatches(16, cfg, big) == online.minibatches(16, cfg, big % 2**32)
+
+
 def test_the_adaptive_kl_coefficient_moves_toward_its_target(tmp_path, tiny_model_dir):
     """β follows the controller's rule every step: down while the KL per completion is under the tiny
     target (step 1: the policy is the reference, KL 0), up by 1.1x a step once the policy moved away.

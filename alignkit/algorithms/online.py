@@ -69,7 +69,10 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def minibatches(n: int, cfg: OnlineConfig, seed: int) -> list[list[list[int]]]:
     """Every optimizer step of one rollout of n rows: `ppo_epochs` passes, each a seeded shuffle cut into
-    minibatches of `minibatch_size` rows, each cut into `grad_accum` micro-batches (lists of rows)."""
+    minibatches of `minibatch_size` rows, each cut into `grad_accum` micro-batches (lists of rows).
+
+    The shuffle's seed is reduced modulo 2**64 (a step's seed times 1_000_003 passes it above seed
+    ~18,282); the CPU generator reads only its low 32 bits, which the reduction keeps."""
     size = cfg.minibatch_size or n
     micro = size // cfg.grad_accum
     steps = []
@@ -78,7 +81,7 @@ def minibatches(n: int, cfg: OnlineConfig, seed: int) -> list[list[list[int]]]:
             order = list(range(n))
         else:
             order = torch.randperm(
-                n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+                n, generator=torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)
             ).tolist()
         for start in range(0, n, size):
             rows = order[start : start + size]
