@@ -409,6 +409,23 @@ def as_numbers(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(names, values))
 
 
+def gather_rows(accelerator, x: torch.Tensor) -> torch.Tensor:
+    """`x`'s rows from every process, concatenated in rank order (the first dimension may differ between
+    processes), on `x`'s device and in its dtype; `x` itself on one process. Every process gets the same
+    tensor, so statistics taken over it are the whole step's and equal on every process.
+
+    (n, ...) on process r -> (Σ_r n_r, ...)."""
+    if accelerator.num_processes == 1:
+        return x
+    device = accelerator.device
+    counts = accelerator.gather(torch.tensor([x.shape[0]], device=device)).tolist()
+    values = x.to(device, torch.float64 if x.is_floating_point() else torch.long)  # (bool cannot be sent)
+    padded = accelerator.gather(accelerator.pad_across_processes(values, dim=0))  # (W·max n, ...)
+    most = max(counts)
+    rows = [padded[r * most : r * most + n] for r, n in enumerate(counts)]
+    return torch.cat(rows).to(x.device, x.dtype)
+
+
 def fit(
     cfg: TrainConfig,
     accelerator,

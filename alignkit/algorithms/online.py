@@ -21,7 +21,7 @@ from alignkit.losses.policy import frac_reward_zero_std
 from alignkit.reference import check_reference_settings, setup_reference
 from alignkit.rewards import RewardSet
 from alignkit.rollout import Rollout, SamplingSettings, collect
-from alignkit.runtime import DataOrder, MetricsLogger, total_steps
+from alignkit.runtime import DataOrder, MetricsLogger, gather_rows, total_steps
 
 
 def check_online_settings(cfg: OnlineConfig, kl_weight: float) -> None:
@@ -101,25 +101,37 @@ def encode_prompts(rows, tokenizer, max_prompt_length: int) -> tuple[list[list[i
     return ids, cut
 
 
-def rollout_metrics(rollout: Rollout, advantages: torch.Tensor | None = None) -> dict[str, float]:
+def rollout_metrics(
+    rollout: Rollout, advantages: torch.Tensor | None = None, *, gather=None
+) -> dict[str, float]:
     """What an expert reads first about a rollout: reward per source, zero-std groups, lengths, EOS, and the
-    advantages' mean and std when the method has advantages."""
-    lengths = torch.tensor(rollout.completion_lengths, dtype=torch.float32)
+    advantages' mean and std when the method has advantages (any shape: they are flattened).
+
+    With several processes `gather` ((n, ...) -> every process's rows in rank order, `OnlineRun.gather`)
+    makes every figure the whole step's, as one process holding every row would log it; the reward
+    sources' own counters (e.g. a judge's retries) stay this process's."""
+    gather = gather or (lambda x: x)
+    scores = gather(rollout.scores)  # (N·W,) prompt-major: each process holds whole groups
+    lengths = gather(torch.tensor(rollout.completion_lengths, dtype=torch.float32))
     out = {
-        "reward": float(rollout.scores.mean()),
-        "reward_std": float(rollout.scores.std(unbiased=False)),
+        "reward": float(scores.mean()),
+        "reward_std": float(scores.std(unbiased=False)),
         "completion_length": float(lengths.mean()),
-        "frac_eos": float(rollout.ended.float().mean()),
+        "frac_eos": float(gather(rollout.ended.float()).mean()),
     }
     if advantages is not None:
+        advantages = gather(advantages.reshape(-1))
         out["advantages/mean"] = float(advantages.mean())
         out["advantages/std"] = float(advantages.std(unbiased=False))
     if rollout.group_size > 1:  # (with one completion per prompt every group is trivially unanimous)
-        out["frac_reward_zero_std"] = float(frac_reward_zero_std(rollout.scores, rollout.group_size))
-    for name, scores in rollout.source_scores.items():
-        out[f"rewards/{name}/mean"] = float(scores.mean())
-        out[f"rewards/{name}/std"] = float(scores.std(unbiased=False))
+        out["frac_reward_zero_std"] = float(frac_reward_zero_std(scores, rollout.group_size))
     out.update({f"rewards/{k}": v for k, v in rollout.reward_stats.items() if not k.startswith("reward/")})
+    for name, source in rollout.source_scores.items():  # (over every process, replacing this one's)
+        source = gather(source)
+        out[f"rewards/{name}/mean"] = float(source.mean())
+        out[f"rewards/{name}/std"] = float(source.std(unbiased=False))
+        out[f"rewards/{name}/min"] = float(source.min())
+        out[f"rewards/{name}/max"] = float(source.max())
     return out
 
 
@@ -296,6 +308,11 @@ class OnlineRun:
         resumed = self.step if latest is not None else None
         self.logger = MetricsLogger(self.output_dir, self.accelerator.is_main_process, resumed)
 
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """`x`'s rows from every process in rank order (`runtime.gather_rows`): what batch statistics,
+        the reward normaliser and logged figures must see."""
+        return gather_rows(self.accelerator, x)
+
     def step_prompts(self) -> tuple[list[int], int]:
         """(prompt indices, sampling seed) of this process for the current step."""
         seed = (self.cfg.seed * 1_000_003 + self.step) * 1009 + self.accelerator.process_index
@@ -314,6 +331,7 @@ class OnlineRun:
             group_size=group_size,
             sampling=sampling,
             seed=seed,
+            gather=self.gather,
         )
         return rollout, seed
 
