@@ -124,6 +124,22 @@ def test_a_large_seed_trains_with_several_updates_per_rollout(tmp_path, tiny_mod
     assert train_metrics(cfg)[0]["step"] == 1
 
 
+def test_the_eval_reward_is_raw_with_a_reward_normaliser(tmp_path, tiny_model_dir):
+    """reward_normalize=true: training uses normalised rewards, but the eval reward is the weighted sum of
+    the sources' raw scores (here 2 x the "e" count), comparable from one eval to the next; normalised by
+    the moving training statistics it changed with them."""
+    data = write_prompts(tmp_path / "prompts.jsonl")
+    rewards = [{**E_COUNT[0], "name": "e", "weight": 2.0}]
+    cfg = config(tmp_path, tiny_model_dir, data, max_steps=2, eval_steps=1, eval_fraction=0.25)
+    cfg.rewards, cfg.reward_normalize = rewards, True
+    grpo.train(cfg)
+    lines = [json.loads(line) for line in open(f"{cfg.output_dir}/metrics.jsonl")]
+    evals = [m for m in lines if m["split"] == "eval"]
+    assert len(evals) == 2 and evals[0]["rewards/e/mean"] > 0
+    for m in evals:
+        assert m["reward"] == pytest.approx(2 * m["rewards/e/mean"])
+
+
 def test_masks_come_from_lengths_so_pad_equal_to_eos_is_safe():
     """pad id = EOS id = 2: the EOS that ends a completion is scored, the padding after it is not."""
     input_ids, attention_mask, completion_mask = layout(

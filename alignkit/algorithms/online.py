@@ -20,6 +20,7 @@ from alignkit.logprobs import sequence_logps
 from alignkit.losses.policy import frac_reward_zero_std
 from alignkit.reference import check_reference_settings, setup_reference
 from alignkit.rewards import RewardSet
+from alignkit.rewards.compose import weighted_sum
 from alignkit.rollout import Rollout, SamplingSettings, collect
 from alignkit.runtime import DataOrder, MetricsLogger, gather_rows, total_steps
 
@@ -230,7 +231,11 @@ def sampling_settings(cfg: OnlineConfig) -> SamplingSettings:
 
 def evaluate_policy(model, tokenizer, prompts: Prompts, rewards: RewardSet, sampling, seed: int) -> dict:
     """One sample per eval prompt from `model` (the unwrapped policy), the same seed every time and the
-    reward normaliser left as it is: mean reward (total and per source) and completion length."""
+    reward normaliser left as it is: mean reward (total and per source) and completion length.
+
+    With `reward_normalize` the eval reward is the weighted sum of the sources' raw scores (unclipped: the
+    clip bounds normalised values), not the reward training uses: normalised by the moving training
+    statistics, the same completions would score differently at every eval."""
     rollout = collect(
         model,
         tokenizer,
@@ -242,8 +247,9 @@ def evaluate_policy(model, tokenizer, prompts: Prompts, rewards: RewardSet, samp
         seed=seed,
         update_rewards=False,
     )
+    total = weighted_sum(rollout.source_scores, rewards.weights) if rewards.normalize else rollout.scores
     out = {
-        "reward": float(rollout.scores.mean()),
+        "reward": float(total.mean()),
         "completion_length": sum(rollout.completion_lengths) / len(rollout.completion_lengths),
     }
     out.update({f"rewards/{n}/mean": float(v.mean()) for n, v in rollout.source_scores.items()})
