@@ -18,7 +18,7 @@ from alignkit.rollout import layout
 
 # The easy reward: how many times the letter "e" appears in the completion. A random tiny policy writes
 # random pieces of the TinyStories vocabulary; pieces with an "e" in them are easy to prefer.
-from tests.conftest import train_metrics, write_prompts
+from tests.conftest import ctrl_c, train_metrics, write_prompts
 
 E_COUNT = [{"type": "regex", "pattern": "e", "mode": "count"}]
 
@@ -99,7 +99,7 @@ def test_an_interrupted_run_resumes_bit_for_bit(tmp_path, tiny_model_dir, monkey
     def interrupt_at_step_5(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 5:
-            raise KeyboardInterrupt
+            ctrl_c()  # (step 5 is finished and saved)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(online, "collect", interrupt_at_step_5)

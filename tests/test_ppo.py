@@ -170,6 +170,59 @@ def test_an_interrupted_run_resumes_bit_for_bit(tmp_path, tiny_model_dir, monkey
         assert same == {k: b[k] for k in same}, a["step"]
 
 
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_during_a_steps_updates_never_saves_a_half_step(
+    tmp_path, tiny_model_dir, monkeypatch, presses
+):
+    """Ctrl-C (a real SIGINT) at the second of step 3's two optimizer steps. Once: step 3 is finished and
+    saved as checkpoint-3, exit 130. Twice (more than a second apart): step 3 is dropped, nothing is
+    saved and checkpoint-2 is left as it was. Either way the resumed run's every metric equals the
+    uninterrupted run's. (Before: the half-updated weights and the normaliser, which had seen step 3's
+    scores, were saved as step 2 over checkpoint-2.)"""
+    import os
+    import signal
+    import time
+
+    data = write_prompts(tmp_path / "prompts.jsonl")
+    settings = dict(
+        max_steps=4, ppo_epochs=2, kl_coef=0.05, target_kl=0.01, kl_horizon=100, reward_normalize=True,
+        save_steps=2,
+    )  # fmt: skip
+    whole = config(tmp_path / "a", tiny_model_dir, data, **settings)
+    ppo.train(whole)
+    expected = train_metrics(whole)
+
+    cut = config(tmp_path / "b", tiny_model_dir, data, **settings)
+    checkpoints = tmp_path / "b" / "out" / "checkpoints"
+    real, calls, saved = ppo.optimizer_step, {"n": 0}, {}
+
+    def ctrl_c_at_the_sixth_update(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # step 3 (2 updates a step), its second update
+            saved.update({p.name: p.read_bytes() for p in (checkpoints / "checkpoint-2").iterdir()})
+            for press in range(presses):
+                if press:
+                    time.sleep(1.1)  # (a repeat within a second is a launcher forwarding the same one)
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "optimizer_step", ctrl_c_at_the_sixth_update)
+    with pytest.raises(SystemExit) as exit_info:
+        ppo.train(cut)
+    assert exit_info.value.code == 130
+    kept = sorted(p.name for p in checkpoints.iterdir())
+    assert kept == (["checkpoint-2", "checkpoint-3"] if presses == 1 else ["checkpoint-2"])
+    assert {p.name: p.read_bytes() for p in (checkpoints / "checkpoint-2").iterdir()} == saved
+    monkeypatch.setattr(ppo, "optimizer_step", real)
+    cut.resume = True
+    ppo.train(cut)
+    resumed = train_metrics(cut)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    for a, b in zip(expected, resumed):
+        same = {k: a[k] for k in a if not k.startswith(("time/", "tokens/s"))}
+        assert same == {k: b[k] for k in same}, a["step"]
+
+
 def test_lora_policy_and_critic_with_the_adapter_off_as_the_reference(tmp_path, tiny_model_dir):
     data = write_prompts(tmp_path / "prompts.jsonl")
     cfg = config(tmp_path, tiny_model_dir, data, max_steps=3, kl_coef=0.1, lr=3e-2)

@@ -22,7 +22,7 @@ from alignkit.reference import check_reference_settings, setup_reference
 from alignkit.rewards import RewardSet
 from alignkit.rewards.compose import weighted_sum
 from alignkit.rollout import Rollout, SamplingSettings, collect
-from alignkit.runtime import DataOrder, MetricsLogger, gather_rows, total_steps
+from alignkit.runtime import DataOrder, Interrupts, MetricsLogger, gather_rows, total_steps
 
 
 def check_online_settings(cfg: OnlineConfig, kl_weight: float) -> None:
@@ -275,7 +275,9 @@ def timing_metrics(rollout: Rollout, times: tuple[float, float, float, float], *
 class OnlineRun:
     """The bookkeeping every online loop shares, around the algorithm's own step: which prompts and seed a
     step uses (`DataOrder`, functions of the seed and step), resuming from the newest checkpoint, metrics
-    lines, eval and checkpoint intervals, the progress bar, and a checkpoint on Ctrl-C.
+    lines, eval and checkpoint intervals, the progress bar, and Ctrl-C as `runtime.fit` handles it
+    (`runtime.Interrupts`: the step is finished and saved, or dropped; never saved half done: a step's
+    several optimizer steps and its reward normaliser update are one unit).
 
         run = OnlineRun(cfg, accelerator, output_dir, len(prompts.train_rows), named, log)
         with run.interruptible():
@@ -360,23 +362,25 @@ class OnlineRun:
             self.logger.log({"step": self.step, "split": "train", **record})
         if evaluate is not None and (self.step % cfg.eval_steps == 0 or self.step == self.steps):
             self.logger.log({"step": self.step, "split": "eval", **evaluate()})
-        if cfg.save_steps > 0 and self.step % cfg.save_steps == 0 and self.step < self.steps:
-            self.save()
+        saved = cfg.save_steps > 0 and self.step % cfg.save_steps == 0 and self.step < self.steps
+        path = self.save() if saved else None
+        if self.step < self.steps and self._interrupts.stop_requested():  # Ctrl-C: this step is whole
+            self._bar.close()
+            self._interrupts.stop(path if saved else self.save(), self.step)
 
     @contextlib.contextmanager
     def interruptible(self):
-        """The loop's body runs inside: a progress bar, and on Ctrl-C a checkpoint of the last finished
-        step and exit status 130 (continue with resume=true)."""
+        """The loop's body runs inside: a progress bar, and Ctrl-C handled by `runtime.Interrupts`: the
+        first finishes the step, saves it and exits 130; a second drops the step unsaved and exits 130
+        (continue with resume=true)."""
         from tqdm.auto import tqdm
 
         show = self.cfg.progress and self.accelerator.is_main_process
         self._bar = tqdm(total=self.steps, initial=self.step, disable=not show, dynamic_ncols=True)
-        try:
-            yield self
-        except KeyboardInterrupt:
-            self._bar.close()
-            path = self.save()
-            if path is not None:
-                print(f"\ninterrupted: checkpoint written to {path}; continue with resume=true")
-            raise SystemExit(130) from None
+        with Interrupts(self.accelerator) as self._interrupts:
+            try:
+                yield self
+            except KeyboardInterrupt:
+                self._bar.close()
+                self._interrupts.drop(self.step, self.checkpointer.latest())
         self._bar.close()
