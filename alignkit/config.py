@@ -298,7 +298,8 @@ class OnlineConfig(TrainConfig):
     rewards: list[dict] = field(default_factory=list)
     """Reward sources, as in `alignkit score`: e.g. [{type: vader}, {type: length, weight: -0.1}]."""
     reward_normalize: bool = False
-    """Normalise each source by its running mean and std before weighting (the state is checkpointed)."""
+    """Normalise each source by its running mean and std over every process before weighting (the state is
+    checkpointed); eval lines report the raw weighted sum."""
     reward_clip: float | None = None
     """Clip the total reward to [-reward_clip, reward_clip]; none = no clipping."""
     num_generations: int = 8

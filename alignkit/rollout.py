@@ -158,12 +158,15 @@ def collect(
     sampling: SamplingSettings,
     seed: int,
     update_rewards: bool = True,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Rollout:
     """Sample `group_size` completions of every prompt from `model` (the unwrapped policy), decode and
     score them with the reward set `rewards` (an `alignkit.rewards.RewardSet`), which reads `prompts`:
     each a conversation's messages or a text (`PromptRow.reward_input`), never the policy's rendering. Log-probs are added by
     the caller (`token_logps_in_batches`), which knows the batches training will use.
-    update_rewards=False leaves the reward set's running normaliser as it is (evaluation)."""
+    update_rewards=False leaves the reward set's running normaliser as it is (evaluation). With several
+    processes, `gather` ((B,) -> every process's (ΣB,), in rank order) lets the normaliser see the whole
+    step's scores, so every process keeps one state."""
     t0 = time.perf_counter()
     completion_ids = sample_ids(
         model,
@@ -181,7 +184,7 @@ def collect(
     rows_prompt_ids = [p for p in prompt_ids for _ in range(group_size)]
     rows_prompts = [p for p in prompts for _ in range(group_size)]
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    scored = rewards(rows_prompts, texts, update=update_rewards)
+    scored = rewards(rows_prompts, texts, update=update_rewards, gather=gather)
     t2 = time.perf_counter()
     eos = eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id

@@ -5,7 +5,8 @@ offline loop, and metrics.
 clip -> step -> schedule -> metrics reduced across processes once. `fit` is the loop every offline
 objective (SFT, DPO family, reward models) runs around it: the algorithm supplies
 `loss_fn(model, batch) -> (loss, metrics)`, called with the *prepared* model, and the data; `fit` owns
-data order, logging, evaluation, checkpoints (`alignkit.checkpoint`), resume and Ctrl-C. Online
+data order, logging, evaluation, checkpoints (`alignkit.checkpoint`), resume and Ctrl-C (`Interrupts`:
+finish the step or drop it, never save half of one). Online
 algorithms (PPO, GRPO) call `optimizer_step`, `Checkpointer` and `MetricsLogger` from their own loops.
 
 Distributed runs (`torchrun`, `accelerate launch`) get one run over N processes: every process draws its
@@ -19,6 +20,9 @@ import contextlib
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -409,6 +413,90 @@ def as_numbers(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(names, values))
 
 
+def gather_rows(accelerator, x: torch.Tensor) -> torch.Tensor:
+    """`x`'s rows from every process, concatenated in rank order (the first dimension may differ between
+    processes), on `x`'s device and in its dtype; `x` itself on one process. Every process gets the same
+    tensor, so statistics taken over it are the whole step's and equal on every process.
+
+    (n, ...) on process r -> (Σ_r n_r, ...)."""
+    if accelerator.num_processes == 1:
+        return x
+    device = accelerator.device
+    counts = accelerator.gather(torch.tensor([x.shape[0]], device=device)).tolist()
+    values = x.to(device, torch.float64 if x.is_floating_point() else torch.long)  # (bool cannot be sent)
+    padded = accelerator.gather(accelerator.pad_across_processes(values, dim=0))  # (W·max n, ...)
+    most = max(counts)
+    rows = [padded[r * most : r * most + n] for r, n in enumerate(counts)]
+    return torch.cat(rows).to(x.device, x.dtype)
+
+
+class Interrupts:
+    """Ctrl-C in a training loop never saves a half step: it finishes the step or drops it.
+
+    Inside `with Interrupts(accelerator) as interrupts:` the first SIGINT only asks to stop: the loop
+    finishes the step it is in, and at the step's end (`stop_requested`, on every process) saves that
+    step's checkpoint and exits 130 (`stop`). A second Ctrl-C more than `REPEAT_S` later raises
+    KeyboardInterrupt: the loop drops the step it is in, saves nothing (`drop`) and the last checkpoint
+    stays the last whole step. A repeat within `REPEAT_S` is the same Ctrl-C: `torchrun` and `accelerate
+    launch` forward the terminal's SIGINT to workers that already received it. Outside the main thread
+    no handler can be installed and every Ctrl-C drops the step.
+    """
+
+    REPEAT_S = 1.0
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self._asked_at: float | None = None
+        self._previous = None
+
+    def __enter__(self) -> Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _on_sigint(self, signum, frame) -> None:
+        now = time.monotonic()
+        if self._asked_at is None:
+            self._asked_at = now
+            if self.accelerator.is_main_process:
+                print(
+                    "\nCtrl-C: finishing this step, then saving it (Ctrl-C again to stop now, dropping it)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        elif now - self._asked_at > self.REPEAT_S:
+            raise KeyboardInterrupt
+
+    def stop_requested(self) -> bool:
+        """Whether Ctrl-C reached any process; every process calls it at the same step's end (one
+        all-reduce with several processes), so all of them stop after the same step."""
+        asked = torch.tensor(float(self._asked_at is not None), device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            asked = self.accelerator.reduce(asked, "sum")
+        return bool(asked > 0)
+
+    def stop(self, path: Path | None, step: int):
+        """After `stop_requested`: say where step `step` was saved (`path`, on the main process) and exit 130."""
+        if path is not None:
+            print(f"\ninterrupted after step {step}: checkpoint written to {path}; continue with resume=true")
+        raise SystemExit(130)
+
+    def drop(self, step: int, latest: Path | None):
+        """On KeyboardInterrupt: step `step` + 1 is dropped unsaved; say which checkpoint a resume starts
+        from (`latest`) and exit 130."""
+        if self.accelerator.is_main_process:
+            since = f"from {latest}" if latest is not None else "from the start (no checkpoint yet)"
+            print(
+                f"\ninterrupted: step {step + 1} dropped unfinished, nothing saved; resume=true continues {since}"
+            )
+        raise SystemExit(130)
+
+
 def fit(
     cfg: TrainConfig,
     accelerator,
@@ -478,53 +566,54 @@ def fit(
             return None
         return checkpointer.save(step, named(Frozen(snapshot) if state is not None else None))
 
-    try:
-        while step < steps:
-            model.train()
-            t0 = time.perf_counter()
-            micro = [[train_examples[i] for i in idx] for idx in order.micro_batches(step)]
-            batches = [{k: v.to(accelerator.device) for k, v in collate(mb).items()} for mb in micro]
-            tokens = sum(b["attention_mask"].sum() for b in batches)
-            record = optimizer_step(
-                accelerator,
-                model,
-                optimizer,
-                scheduler,
-                batches,
-                loss_fn,
-                units=[units(mb) if units else len(mb) for mb in micro],
-                max_grad_norm=cfg.max_grad_norm,
-            )
-            record["tokens"] = (
-                accelerator.reduce(tokens.float(), "sum") if accelerator.num_processes > 1 else tokens
-            )
-            record = as_numbers(record)  # the step's one host sync
-            step += 1
-            if state is not None:
-                snapshot = state.state_dict()
-            elapsed = time.perf_counter() - t0
-            if summarise is not None:
-                record = summarise(record)
-            record.update(step_time=elapsed, **{"tokens/s": record["tokens"] / elapsed})
-            if step == start + 1 and setup_metrics:
-                record.update(setup_metrics)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens/s']:.0f}")
-            if step % cfg.logging_steps == 0 or step == steps:
-                last = {"step": step, "split": "train", **record}
-                logger.log(last)
-            if evaluate is not None and (step % cfg.eval_steps == 0 or step == steps):
-                model.eval()
-                with torch.no_grad(), accelerator.autocast():
-                    logger.log({"step": step, "split": "eval", **evaluate(model)})
-            if cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < steps:
-                save()
-    except KeyboardInterrupt:
-        bar.close()
-        path = save()
-        if path is not None:
-            print(f"\ninterrupted: checkpoint written to {path}; continue with resume=true")
-        raise SystemExit(130) from None
+    with Interrupts(accelerator) as interrupts:
+        try:
+            while step < steps:
+                model.train()
+                t0 = time.perf_counter()
+                micro = [[train_examples[i] for i in idx] for idx in order.micro_batches(step)]
+                batches = [{k: v.to(accelerator.device) for k, v in collate(mb).items()} for mb in micro]
+                tokens = sum(b["attention_mask"].sum() for b in batches)
+                record = optimizer_step(
+                    accelerator,
+                    model,
+                    optimizer,
+                    scheduler,
+                    batches,
+                    loss_fn,
+                    units=[units(mb) if units else len(mb) for mb in micro],
+                    max_grad_norm=cfg.max_grad_norm,
+                )
+                record["tokens"] = (
+                    accelerator.reduce(tokens.float(), "sum") if accelerator.num_processes > 1 else tokens
+                )
+                record = as_numbers(record)  # the step's one host sync
+                step += 1
+                if state is not None:
+                    snapshot = state.state_dict()
+                elapsed = time.perf_counter() - t0
+                if summarise is not None:
+                    record = summarise(record)
+                record.update(step_time=elapsed, **{"tokens/s": record["tokens"] / elapsed})
+                if step == start + 1 and setup_metrics:
+                    record.update(setup_metrics)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens/s']:.0f}")
+                if step % cfg.logging_steps == 0 or step == steps:
+                    last = {"step": step, "split": "train", **record}
+                    logger.log(last)
+                if evaluate is not None and (step % cfg.eval_steps == 0 or step == steps):
+                    model.eval()
+                    with torch.no_grad(), accelerator.autocast():
+                        logger.log({"step": step, "split": "eval", **evaluate(model)})
+                saved = cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < steps
+                path = save() if saved else None
+                if step < steps and interrupts.stop_requested():  # Ctrl-C: this step is whole, stop here
+                    bar.close()
+                    interrupts.stop(path if saved else save(), step)
+        except KeyboardInterrupt:
+            bar.close()
+            interrupts.drop(step, checkpointer.latest())
     bar.close()
     return model, last
 

@@ -191,20 +191,30 @@ def pytest_make_collect_report(collector):
     return report
 
 
+def ctrl_c() -> None:
+    """Press Ctrl-C: a real SIGINT to this process (the training loops finish the step, save it and exit
+    130; a raised KeyboardInterrupt is a second Ctrl-C, which drops the step)."""
+    import signal
+
+    os.kill(os.getpid(), signal.SIGINT)
+
+
 def interrupt_then_resume(train, cfg, monkeypatch, module, name: str, call: int) -> list[dict]:
-    """Run `train(cfg)` with Ctrl-C raised at the `call`-th call of `module.name` (the loop checkpoints
-    and exits 130), then again with resume=true; returns the resumed run's train metrics lines."""
+    """Run `train(cfg)` with Ctrl-C pressed at the `call`-th call of `module.name` (the loop finishes that
+    step, checkpoints it and exits 130), then again with resume=true; returns the resumed run's train
+    metrics lines."""
     real, calls = getattr(module, name), {"n": 0}
 
     def interrupting(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == call:
-            raise KeyboardInterrupt
+            ctrl_c()
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, name, interrupting)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         train(cfg)
+    assert exit_info.value.code == 130
     monkeypatch.setattr(module, name, real)
     cfg.resume = True
     train(cfg)

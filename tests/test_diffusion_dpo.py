@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from conftest import REPO, train_metrics  # noqa: E402
+from conftest import REPO, ctrl_c, train_metrics  # noqa: E402
 
 from alignkit.algorithms import diffusion_dpo  # noqa: E402
 from alignkit.algorithms.diffusion_dpo import DenoisingPairs, DiffusionDPOConfig, NoiseDraws  # noqa: E402
@@ -358,7 +358,7 @@ def test_learns_a_colour_preference(tmp_path, pipeline_dir, colour_data):
 
 
 def test_interrupted_run_resumes_with_identical_metrics(tmp_path, pipeline_dir, colour_data, monkeypatch):
-    """Ctrl-C during step 4 -> checkpoint-3; resuming repeats the uninterrupted run's losses and MSEs bit for
+    """Ctrl-C during step 4 -> step 4 finished, checkpoint-4; resuming repeats the uninterrupted run's losses and MSEs bit for
     bit: the noise generator's draw count is in the checkpoint, so steps 4-5 draw the same t and ε."""
     full = config(tmp_path / "a", pipeline_dir, colour_data[0], max_steps=5)
     diffusion_dpo.train(full)
@@ -371,13 +371,13 @@ def test_interrupted_run_resumes_with_identical_metrics(tmp_path, pipeline_dir, 
     def interrupt_on_fourth_step(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 4:
-            raise KeyboardInterrupt
+            ctrl_c()
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", interrupt_on_fourth_step)
     with pytest.raises(SystemExit):
         diffusion_dpo.train(cut)
-    assert (tmp_path / "b" / "checkpoints" / "checkpoint-3").is_dir()
+    assert (tmp_path / "b" / "checkpoints" / "checkpoint-4").is_dir()
     monkeypatch.setattr(torch.optim.AdamW, "step", original)
     cut.resume = True
     diffusion_dpo.train(cut)

@@ -310,3 +310,112 @@ def test_two_process_ppo_on_an_encoder_decoder_keeps_the_processes_in_step(tmp_p
     assert any(n in start and not torch.equal(rank0[n], start[n]) for n in rank0)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
+
+
+# Prompts 4s+2 and 4s+3 of step s go to process 1 (batch_size 2, shuffle off), and are marked BIG: the
+# second source counts an "e" 9 more times when the prompt is BIG, so process 1's rewards are on a scale
+# ~10x process 0's.
+SCALED_E_COUNT = (
+    "rewards=[{type: regex, name: e, pattern: e, mode: count}, "
+    "{type: regex, name: big, pattern: 'e(?=.*BIG)', flags: s, mode: count, text: '{response} {prompt}', "
+    "weight: 9}]"
+)
+
+
+def scaled_prompts(path: Path) -> Path:
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": f"Tom went out {i}. It was" + (" BIG" if i % 4 >= 2 else "")}) + "\n"
+            for i in range(16)
+        )
+    )
+    return path
+
+
+def online_argv(command: str, model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        command,
+        f"model={model}",
+        f"data={data}",
+        f"output_dir={out}",
+        SCALED_E_COUNT,
+        "batch_size=2",
+        "max_new_tokens=6",
+        "lr=1e-2",
+        "shuffle=false",
+        "save_steps=0",
+        "progress=false",
+        "report=false",
+        "mixed_precision=no",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    "advantage", [("advantage=grpo", "scale_rewards=batch"), ("advantage=reinforce_pp",)], ids=lambda a: a[-1]
+)
+def test_two_process_batch_advantages_and_metrics_are_the_whole_steps(tmp_path, tiny_model_dir, advantage):
+    """GRPO's batch std and REINFORCE++'s batch statistics are the step's, not each process's: every
+    process trains on its rows of the advantages one process computes from all the step's rewards
+    (the issue's reproduction: rewards [1,0,1,0 | 10,0,10,0], G=2 gave ±0.111 / ±1.112 per process,
+    ±0.866 over the step), and every logged rollout figure is the whole step's."""
+    from alignkit.losses.policy import compute_advantages
+
+    out = tmp_path / "grpo"
+    G = 2
+    argv = online_argv(
+        "grpo", tiny_model_dir, scaled_prompts(tmp_path / "p.jsonl"), out, *advantage,
+        f"num_generations={G}", "max_steps=3", "beta=0",
+    )  # fmt: skip
+    launch(out / "dump", argv)
+    ranks = [json.loads((out / "dump" / f"rank{r}.online.json").read_text()) for r in (0, 1)]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    scale = {"scale": "batch"} if "scale_rewards=batch" in advantage else {}
+    name = advantage[0].split("=")[1]
+    for step, line in enumerate(lines):
+        shares = [torch.tensor(rank["rollouts"][step]["scores"]) for rank in ranks]
+        whole = torch.cat(shares)
+        assert shares[1].std() > 3 * shares[0].std(), shares  # the processes' scales differ
+        expected = compute_advantages(name, whole, G, **scale)
+        for r, rank in enumerate(ranks):  # one micro-batch a step: the rollout's rows in order
+            trained = torch.tensor(rank["advantages"][step])
+            assert torch.allclose(trained, expected[r * 4 : (r + 1) * 4], atol=1e-6), (step, r)
+        # the logged figures are the whole step's
+        lengths = [n for rank in ranks for n in rank["rollouts"][step]["lengths"]]
+        ended = [e for rank in ranks for e in rank["rollouts"][step]["ended"]]
+        assert line["reward"] == pytest.approx(float(whole.mean()), abs=1e-6)
+        assert line["reward_std"] == pytest.approx(float(whole.std(unbiased=False)), abs=1e-6)
+        assert line["advantages/std"] == pytest.approx(float(expected.std(unbiased=False)), abs=1e-6)
+        assert line["completion_length"] == pytest.approx(sum(lengths) / len(lengths))
+        assert line["frac_eos"] == pytest.approx(sum(ended) / len(ended))
+
+
+def test_two_process_run_with_a_reward_normaliser_resumes_exactly(tmp_path, tiny_model_dir):
+    """reward_normalize=true on 2 processes: one normaliser state, of every process's scores (identical on
+    both), so the checkpoint's is everyone's and a run killed after its step-2 checkpoint and resumed
+    ends as the uninterrupted run does, metrics and parameters (before: each process kept statistics
+    of its own scores and only the main process's were saved)."""
+    data = scaled_prompts(tmp_path / "p.jsonl")
+    settings = ("num_generations=2", "max_steps=4", "beta=0", "reward_normalize=true", "save_steps=2")
+    whole = tmp_path / "whole"
+    launch(whole / "dump", online_argv("grpo", tiny_model_dir, data, whole, *settings))
+    cut = tmp_path / "cut"  # killed after step 2's checkpoint: what was on disk then
+    (cut / "checkpoints").mkdir(parents=True)
+    shutil.copytree(whole / "checkpoints" / "checkpoint-2", cut / "checkpoints" / "checkpoint-2")
+    for name in ("metrics.jsonl", "config.yaml"):
+        if (whole / name).exists():
+            shutil.copy(whole / name, cut / name)
+    launch(cut / "dump", online_argv("grpo", tiny_model_dir, data, cut, *settings, "resume=true"))
+
+    def train_lines(out: Path) -> list[dict]:
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [
+            {k: v for k, v in m.items() if not k.startswith(("time/", "tokens/s"))}
+            for m in lines
+            if m["split"] == "train"
+        ]
+
+    assert train_lines(cut) == train_lines(whole)
+    for r in (0, 1):
+        resumed, uninterrupted = (load_file(str(d / "dump" / f"rank{r}.safetensors")) for d in (cut, whole))
+        assert all(torch.equal(resumed[n], uninterrupted[n]) for n in resumed)

@@ -18,7 +18,7 @@ from alignkit.rollout import layout
 
 # The easy reward: how many times the letter "e" appears in the completion. A random tiny policy writes
 # random pieces of the TinyStories vocabulary; pieces with an "e" in them are easy to prefer.
-from tests.conftest import train_metrics, write_prompts
+from tests.conftest import ctrl_c, train_metrics, write_prompts
 
 E_COUNT = [{"type": "regex", "pattern": "e", "mode": "count"}]
 
@@ -146,7 +146,7 @@ def test_an_interrupted_run_resumes_bit_for_bit(tmp_path, tiny_model_dir, monkey
     def interrupt_at_step_5(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 5:
-            raise KeyboardInterrupt
+            ctrl_c()  # (step 5 is finished and saved)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(online, "collect", interrupt_at_step_5)
@@ -160,6 +160,31 @@ def test_an_interrupted_run_resumes_bit_for_bit(tmp_path, tiny_model_dir, monkey
     for a, b in zip(expected, resumed):
         same = {k: a[k] for k in a if not k.startswith(("time/", "tokens/s"))}
         assert same == {k: b[k] for k in same}, a["step"]
+
+
+def test_a_large_seed_trains_with_several_updates_per_rollout(tmp_path, tiny_model_dir):
+    """seed 18,283 with 2 updates per rollout: the minibatch shuffle's derived seed passes 2**64 (it
+    crashed the first step with an overflow)."""
+    data = write_prompts(tmp_path / "prompts.jsonl", 8)
+    cfg = config(tmp_path, tiny_model_dir, data, max_steps=1, ppo_epochs=2, seed=18_283)
+    grpo.train(cfg)
+    assert train_metrics(cfg)[0]["step"] == 1
+
+
+def test_the_eval_reward_is_raw_with_a_reward_normaliser(tmp_path, tiny_model_dir):
+    """reward_normalize=true: training uses normalised rewards, but the eval reward is the weighted sum of
+    the sources' raw scores (here 2 x the "e" count), comparable from one eval to the next; normalised by
+    the moving training statistics it changed with them."""
+    data = write_prompts(tmp_path / "prompts.jsonl")
+    rewards = [{**E_COUNT[0], "name": "e", "weight": 2.0}]
+    cfg = config(tmp_path, tiny_model_dir, data, max_steps=2, eval_steps=1, eval_fraction=0.25)
+    cfg.rewards, cfg.reward_normalize = rewards, True
+    grpo.train(cfg)
+    lines = [json.loads(line) for line in open(f"{cfg.output_dir}/metrics.jsonl")]
+    evals = [m for m in lines if m["split"] == "eval"]
+    assert len(evals) == 2 and evals[0]["rewards/e/mean"] > 0
+    for m in evals:
+        assert m["reward"] == pytest.approx(2 * m["rewards/e/mean"])
 
 
 def test_masks_come_from_lengths_so_pad_equal_to_eos_is_safe():

@@ -15,6 +15,7 @@ from alignkit.algorithms import dpo
 from alignkit.cli import main
 from alignkit.config import DPOConfig
 from alignkit.losses import LOSSES
+from tests.conftest import ctrl_c
 
 GOOD = ["happy", "kind", "sunny", "warm", "smiled", "love"]
 BAD = ["sad", "angry", "cold", "cried", "dark", "lost"]
@@ -215,16 +216,16 @@ def test_bco_pair_running_mean_is_checkpointed_and_resumes_exactly(tmp_path, tin
     cut = config(tmp_path / "b")
     original = alignkit.runtime.DataOrder.micro_batches
 
-    def interrupt_at_step_3(self, step):
-        if step == 3:
-            raise KeyboardInterrupt
+    def interrupt_in_step_4(self, step):
+        if step == 3:  # (0-based)
+            ctrl_c()
         return original(self, step)
 
-    monkeypatch.setattr(alignkit.runtime.DataOrder, "micro_batches", interrupt_at_step_3)
+    monkeypatch.setattr(alignkit.runtime.DataOrder, "micro_batches", interrupt_in_step_4)
     with pytest.raises(SystemExit):
         dpo.train(cut)
-    state = torch.load(tmp_path / "b" / "checkpoints" / "checkpoint-3" / "loop_state.pt", weights_only=True)
-    assert state["count"] == 3 * 2 * 4  # 3 steps of 4 pairs, chosen and rejected rewards
+    state = torch.load(tmp_path / "b" / "checkpoints" / "checkpoint-4" / "loop_state.pt", weights_only=True)
+    assert state["count"] == 4 * 2 * 4  # 4 steps of 4 pairs, chosen and rejected rewards
     monkeypatch.setattr(alignkit.runtime.DataOrder, "micro_batches", original)
     cut.resume = True
     dpo.train(cut)

@@ -144,6 +144,25 @@ def test_a_t5_policy_with_top_k_is_scored_under_the_distribution_it_sampled(
     assert (sampler - untruncated)[mask].mean() > 0.1
 
 
+@pytest.mark.parametrize("seed", [18_283, 2**32 - 1])
+def test_the_largest_seeds_train(tmp_path, tiny_model_dir, seed):
+    """Every accepted seed trains: a step's minibatch shuffles are seeded from seed x 1_000_003 x 1009
+    x 1_000_003, past 2**64 above seed 18,282 (the first step crashed with an overflow)."""
+    data = write_prompts(tmp_path / "prompts.jsonl", 8)
+    cfg = config(tmp_path, tiny_model_dir, data, max_steps=1, ppo_epochs=2, minibatch_size=4, seed=seed)
+    ppo.train(cfg)
+    assert train_metrics(cfg)[0]["updates"] == 4
+
+
+def test_a_large_step_seed_shuffles_as_its_low_32_bits():
+    """The CPU generator (mt19937) reads only the low 32 bits of its seed; the derived seeds are reduced
+    modulo 2**64, which keeps those bits, so a seed below the old overflow keeps its order and a seed
+    above it shuffles as its low 32 bits do."""
+    cfg = PPOConfig(ppo_epochs=3, minibatch_size=4)
+    big = ((2**32 - 1) * 1_000_003 + 5) * 1009  # the step seed of seed 2**32 - 1 at step 5
+    assert online.minibatches(16, cfg, big) == online.minibatches(16, cfg, big % 2**32)
+
+
 def test_the_adaptive_kl_coefficient_moves_toward_its_target(tmp_path, tiny_model_dir):
     """β follows the controller's rule every step: down while the KL per completion is under the tiny
     target (step 1: the policy is the reference, KL 0), up by 1.1x a step once the policy moved away.
@@ -192,6 +211,59 @@ def test_an_interrupted_run_resumes_bit_for_bit(tmp_path, tiny_model_dir, monkey
     ppo.train(cut)
     resumed = train_metrics(cut)
     assert [m["step"] for m in resumed] == list(range(1, 7))
+    for a, b in zip(expected, resumed):
+        same = {k: a[k] for k in a if not k.startswith(("time/", "tokens/s"))}
+        assert same == {k: b[k] for k in same}, a["step"]
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_during_a_steps_updates_never_saves_a_half_step(
+    tmp_path, tiny_model_dir, monkeypatch, presses
+):
+    """Ctrl-C (a real SIGINT) at the second of step 3's two optimizer steps. Once: step 3 is finished and
+    saved as checkpoint-3, exit 130. Twice (more than a second apart): step 3 is dropped, nothing is
+    saved and checkpoint-2 is left as it was. Either way the resumed run's every metric equals the
+    uninterrupted run's. (Before: the half-updated weights and the normaliser, which had seen step 3's
+    scores, were saved as step 2 over checkpoint-2.)"""
+    import os
+    import signal
+    import time
+
+    data = write_prompts(tmp_path / "prompts.jsonl")
+    settings = dict(
+        max_steps=4, ppo_epochs=2, kl_coef=0.05, target_kl=0.01, kl_horizon=100, reward_normalize=True,
+        save_steps=2,
+    )  # fmt: skip
+    whole = config(tmp_path / "a", tiny_model_dir, data, **settings)
+    ppo.train(whole)
+    expected = train_metrics(whole)
+
+    cut = config(tmp_path / "b", tiny_model_dir, data, **settings)
+    checkpoints = tmp_path / "b" / "out" / "checkpoints"
+    real, calls, saved = ppo.optimizer_step, {"n": 0}, {}
+
+    def ctrl_c_at_the_sixth_update(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # step 3 (2 updates a step), its second update
+            saved.update({p.name: p.read_bytes() for p in (checkpoints / "checkpoint-2").iterdir()})
+            for press in range(presses):
+                if press:
+                    time.sleep(1.1)  # (a repeat within a second is a launcher forwarding the same one)
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "optimizer_step", ctrl_c_at_the_sixth_update)
+    with pytest.raises(SystemExit) as exit_info:
+        ppo.train(cut)
+    assert exit_info.value.code == 130
+    kept = sorted(p.name for p in checkpoints.iterdir())
+    assert kept == (["checkpoint-2", "checkpoint-3"] if presses == 1 else ["checkpoint-2"])
+    assert {p.name: p.read_bytes() for p in (checkpoints / "checkpoint-2").iterdir()} == saved
+    monkeypatch.setattr(ppo, "optimizer_step", real)
+    cut.resume = True
+    ppo.train(cut)
+    resumed = train_metrics(cut)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
     for a, b in zip(expected, resumed):
         same = {k: a[k] for k in a if not k.startswith(("time/", "tokens/s"))}
         assert same == {k: b[k] for k in same}, a["step"]

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from alignkit.algorithms import dpo, sft
 from alignkit.config import DPOConfig, ReferenceSettings, SFTConfig
+from tests.conftest import ctrl_c
 
 GOOD = ["happy", "kind", "sunny", "warm", "smiled", "love", "friends", "fun"]
 BAD = ["sad", "angry", "cold", "cried", "dark", "lost", "broke", "mean"]
@@ -84,7 +85,7 @@ def test_interrupted_run_resumes_with_identical_losses(tmp_path, tiny_model_dir,
     dpo.train(full)
     expected = [m["loss"] for m in read_metrics(full)]
 
-    # Second run: Ctrl-C during the 4th optimizer step -> a checkpoint at step 3 and exit 130.
+    # Second run: Ctrl-C during the 4th optimizer step -> step 4 finished, checkpointed, exit 130.
     cut = dpo_config(tmp_path / "b", tiny_model_dir, data, max_steps=6)
     original = torch.optim.AdamW.step
     calls = []
@@ -92,14 +93,14 @@ def test_interrupted_run_resumes_with_identical_losses(tmp_path, tiny_model_dir,
     def interrupt_on_fourth_step(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 4:
-            raise KeyboardInterrupt
+            ctrl_c()
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", interrupt_on_fourth_step)
     with pytest.raises(SystemExit) as exit_info:
         dpo.train(cut)
     assert exit_info.value.code == 130
-    assert (tmp_path / "b" / "out" / "checkpoints" / "checkpoint-3").is_dir()
+    assert [p.name for p in (tmp_path / "b" / "out" / "checkpoints").iterdir()] == ["checkpoint-4"]
     monkeypatch.setattr(torch.optim.AdamW, "step", original)
 
     cut.resume = True

@@ -176,8 +176,13 @@ def train(cfg: GRPOConfig) -> Path:
             rollout, seed = run.collect(
                 accelerator.unwrap_model(policy).model, tokenizer, prompts, rewards, sampling, G
             )
+            # Advantages over the whole step: every process's rewards, in rank order (GRPO's batch std and
+            # REINFORCE++'s batch statistics see every completion, as on one process), then this
+            # process's n_rows rows.
             scale = cfg.scale_rewards if cfg.advantage == "grpo" else None
-            advantages = compute_advantages(cfg.advantage, rollout.scores, G, scale=scale)
+            rank = accelerator.process_index
+            advantages = compute_advantages(cfg.advantage, run.gather(rollout.scores), G, scale=scale)
+            advantages = advantages[rank * n_rows : (rank + 1) * n_rows]  # (n_rows,)
             keep = rollout.ended | (not cfg.mask_truncated)
             loss_mask = rollout.completion_mask * keep.unsqueeze(-1)
             plan = minibatches(n_rows, cfg, seed)
@@ -227,7 +232,7 @@ def train(cfg: GRPOConfig) -> Path:
                 )
             t3 = time.perf_counter()
             trained = {k: torch.stack([r[k] for r in records]).mean() for k in records[0]}
-            record = {**as_numbers(trained), **rollout_metrics(rollout, advantages)}
+            record = {**as_numbers(trained), **rollout_metrics(rollout, advantages, gather=run.gather)}
             record.update(timing_metrics(rollout, (t0, t1, t2, t3), passes=cfg.ppo_epochs))
             postfix = {"reward": record["reward"], "kl": record.get("kl", 0.0)}
             run.finish_step(record, evaluate if prompts.eval_rows else None, postfix)

@@ -20,8 +20,9 @@ from alignkit.logprobs import sequence_logps
 from alignkit.losses.policy import frac_reward_zero_std
 from alignkit.reference import check_reference_settings, setup_reference
 from alignkit.rewards import RewardSet
+from alignkit.rewards.compose import weighted_sum
 from alignkit.rollout import Rollout, SamplingSettings, collect
-from alignkit.runtime import DataOrder, MetricsLogger, total_steps
+from alignkit.runtime import DataOrder, Interrupts, MetricsLogger, gather_rows, total_steps
 
 
 def check_online_settings(cfg: OnlineConfig, kl_weight: float) -> None:
@@ -85,7 +86,10 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def minibatches(n: int, cfg: OnlineConfig, seed: int) -> list[list[list[int]]]:
     """Every optimizer step of one rollout of n rows: `ppo_epochs` passes, each a seeded shuffle cut into
-    minibatches of `minibatch_size` rows, each cut into `grad_accum` micro-batches (lists of rows)."""
+    minibatches of `minibatch_size` rows, each cut into `grad_accum` micro-batches (lists of rows).
+
+    The shuffle's seed is reduced modulo 2**64 (a step's seed times 1_000_003 passes it above seed
+    ~18,282); the CPU generator reads only its low 32 bits, which the reduction keeps."""
     size = cfg.minibatch_size or n
     micro = size // cfg.grad_accum
     steps = []
@@ -94,7 +98,7 @@ def minibatches(n: int, cfg: OnlineConfig, seed: int) -> list[list[list[int]]]:
             order = list(range(n))
         else:
             order = torch.randperm(
-                n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+                n, generator=torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)
             ).tolist()
         for start in range(0, n, size):
             rows = order[start : start + size]
@@ -102,25 +106,37 @@ def minibatches(n: int, cfg: OnlineConfig, seed: int) -> list[list[list[int]]]:
     return steps
 
 
-def rollout_metrics(rollout: Rollout, advantages: torch.Tensor | None = None) -> dict[str, float]:
+def rollout_metrics(
+    rollout: Rollout, advantages: torch.Tensor | None = None, *, gather=None
+) -> dict[str, float]:
     """What an expert reads first about a rollout: reward per source, zero-std groups, lengths, EOS, and the
-    advantages' mean and std when the method has advantages."""
-    lengths = torch.tensor(rollout.completion_lengths, dtype=torch.float32)
+    advantages' mean and std when the method has advantages (any shape: they are flattened).
+
+    With several processes `gather` ((n, ...) -> every process's rows in rank order, `OnlineRun.gather`)
+    makes every figure the whole step's, as one process holding every row would log it; the reward
+    sources' own counters (e.g. a judge's retries) stay this process's."""
+    gather = gather or (lambda x: x)
+    scores = gather(rollout.scores)  # (N·W,) prompt-major: each process holds whole groups
+    lengths = gather(torch.tensor(rollout.completion_lengths, dtype=torch.float32))
     out = {
-        "reward": float(rollout.scores.mean()),
-        "reward_std": float(rollout.scores.std(unbiased=False)),
+        "reward": float(scores.mean()),
+        "reward_std": float(scores.std(unbiased=False)),
         "completion_length": float(lengths.mean()),
-        "frac_eos": float(rollout.ended.float().mean()),
+        "frac_eos": float(gather(rollout.ended.float()).mean()),
     }
     if advantages is not None:
+        advantages = gather(advantages.reshape(-1))
         out["advantages/mean"] = float(advantages.mean())
         out["advantages/std"] = float(advantages.std(unbiased=False))
     if rollout.group_size > 1:  # (with one completion per prompt every group is trivially unanimous)
-        out["frac_reward_zero_std"] = float(frac_reward_zero_std(rollout.scores, rollout.group_size))
-    for name, scores in rollout.source_scores.items():
-        out[f"rewards/{name}/mean"] = float(scores.mean())
-        out[f"rewards/{name}/std"] = float(scores.std(unbiased=False))
+        out["frac_reward_zero_std"] = float(frac_reward_zero_std(scores, rollout.group_size))
     out.update({f"rewards/{k}": v for k, v in rollout.reward_stats.items() if not k.startswith("reward/")})
+    for name, source in rollout.source_scores.items():  # (over every process, replacing this one's)
+        source = gather(source)
+        out[f"rewards/{name}/mean"] = float(source.mean())
+        out[f"rewards/{name}/std"] = float(source.std(unbiased=False))
+        out[f"rewards/{name}/min"] = float(source.min())
+        out[f"rewards/{name}/max"] = float(source.max())
     return out
 
 
@@ -230,7 +246,11 @@ def sampling_settings(cfg: OnlineConfig) -> SamplingSettings:
 
 def evaluate_policy(model, tokenizer, prompts: Prompts, rewards: RewardSet, sampling, seed: int) -> dict:
     """One sample per eval prompt from `model` (the unwrapped policy), the same seed every time and the
-    reward normaliser left as it is: mean reward (total and per source) and completion length."""
+    reward normaliser left as it is: mean reward (total and per source) and completion length.
+
+    With `reward_normalize` the eval reward is the weighted sum of the sources' raw scores (unclipped: the
+    clip bounds normalised values), not the reward training uses: normalised by the moving training
+    statistics, the same completions would score differently at every eval."""
     rollout = collect(
         model,
         tokenizer,
@@ -242,8 +262,9 @@ def evaluate_policy(model, tokenizer, prompts: Prompts, rewards: RewardSet, samp
         seed=seed,
         update_rewards=False,
     )
+    total = weighted_sum(rollout.source_scores, rewards.weights) if rewards.normalize else rollout.scores
     out = {
-        "reward": float(rollout.scores.mean()),
+        "reward": float(total.mean()),
         "completion_length": sum(rollout.completion_lengths) / len(rollout.completion_lengths),
     }
     out.update({f"rewards/{n}/mean": float(v.mean()) for n, v in rollout.source_scores.items()})
@@ -269,7 +290,9 @@ def timing_metrics(rollout: Rollout, times: tuple[float, float, float, float], *
 class OnlineRun:
     """The bookkeeping every online loop shares, around the algorithm's own step: which prompts and seed a
     step uses (`DataOrder`, functions of the seed and step), resuming from the newest checkpoint, metrics
-    lines, eval and checkpoint intervals, the progress bar, and a checkpoint on Ctrl-C.
+    lines, eval and checkpoint intervals, the progress bar, and Ctrl-C as `runtime.fit` handles it
+    (`runtime.Interrupts`: the step is finished and saved, or dropped; never saved half done: a step's
+    several optimizer steps and its reward normaliser update are one unit).
 
         run = OnlineRun(cfg, accelerator, output_dir, len(prompts.train_rows), named, log)
         with run.interruptible():
@@ -308,6 +331,11 @@ class OnlineRun:
         resumed = self.step if latest is not None else None
         self.logger = MetricsLogger(self.output_dir, self.accelerator.is_main_process, resumed)
 
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """`x`'s rows from every process in rank order (`runtime.gather_rows`): what batch statistics,
+        the reward normaliser and logged figures must see."""
+        return gather_rows(self.accelerator, x)
+
     def step_prompts(self) -> tuple[list[int], int]:
         """(prompt indices, sampling seed) of this process for the current step."""
         seed = (self.cfg.seed * 1_000_003 + self.step) * 1009 + self.accelerator.process_index
@@ -326,6 +354,7 @@ class OnlineRun:
             group_size=group_size,
             sampling=sampling,
             seed=seed,
+            gather=self.gather,
         )
         return rollout, seed
 
@@ -348,23 +377,25 @@ class OnlineRun:
             self.logger.log({"step": self.step, "split": "train", **record})
         if evaluate is not None and (self.step % cfg.eval_steps == 0 or self.step == self.steps):
             self.logger.log({"step": self.step, "split": "eval", **evaluate()})
-        if cfg.save_steps > 0 and self.step % cfg.save_steps == 0 and self.step < self.steps:
-            self.save()
+        saved = cfg.save_steps > 0 and self.step % cfg.save_steps == 0 and self.step < self.steps
+        path = self.save() if saved else None
+        if self.step < self.steps and self._interrupts.stop_requested():  # Ctrl-C: this step is whole
+            self._bar.close()
+            self._interrupts.stop(path if saved else self.save(), self.step)
 
     @contextlib.contextmanager
     def interruptible(self):
-        """The loop's body runs inside: a progress bar, and on Ctrl-C a checkpoint of the last finished
-        step and exit status 130 (continue with resume=true)."""
+        """The loop's body runs inside: a progress bar, and Ctrl-C handled by `runtime.Interrupts`: the
+        first finishes the step, saves it and exits 130; a second drops the step unsaved and exits 130
+        (continue with resume=true)."""
         from tqdm.auto import tqdm
 
         show = self.cfg.progress and self.accelerator.is_main_process
         self._bar = tqdm(total=self.steps, initial=self.step, disable=not show, dynamic_ncols=True)
-        try:
-            yield self
-        except KeyboardInterrupt:
-            self._bar.close()
-            path = self.save()
-            if path is not None:
-                print(f"\ninterrupted: checkpoint written to {path}; continue with resume=true")
-            raise SystemExit(130) from None
+        with Interrupts(self.accelerator) as self._interrupts:
+            try:
+                yield self
+            except KeyboardInterrupt:
+                self._bar.close()
+                self._interrupts.drop(self.step, self.checkpointer.latest())
         self._bar.close()

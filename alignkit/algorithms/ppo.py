@@ -321,19 +321,22 @@ def train(cfg: PPOConfig) -> Path:
             kl_coef = kl_ctl.value
             kl_ctl.update(float(sequence_kl), n_rows * accelerator.num_processes)
 
+            # Every figure over the whole step: each process's rows (or completion tokens), gathered.
             trained = {k: torch.stack([r[k] for r in records]).mean() for k in records[0]}
             mask = rollout.completion_mask.bool()
-            record = {**as_numbers(trained), **rollout_metrics(rollout, shaped["raw_advantages"][mask])}
+            raw_advantages = shaped["raw_advantages"][mask]
+            record = {**as_numbers(trained), **rollout_metrics(rollout, raw_advantages, gather=run.gather)}
+            returns, values = run.gather(shaped["returns"][mask]), run.gather(rollout.old_values[mask])
             record.update(
                 {
                     "kl_ref": float(sequence_kl),
                     "kl_coef": kl_coef,
-                    "score": float(shaped["scores"].mean()),
-                    "reward_penalised": float(shaped["rewards"].sum(-1).mean()),
-                    "returns/mean": float(shaped["returns"][mask].mean()),
-                    "values/mean": float(rollout.old_values[mask].mean()),
+                    "score": float(run.gather(shaped["scores"]).mean()),
+                    "reward_penalised": float(run.gather(shaped["rewards"].sum(-1)).mean()),
+                    "returns/mean": float(returns.mean()),
+                    "values/mean": float(values.mean()),
                     "explained_variance": float(
-                        explained_variance(rollout.old_values, shaped["returns"], rollout.completion_mask)
+                        explained_variance(values[None], returns[None], torch.ones_like(values[None]))
                     ),
                     "updates": len(records),
                     **timing_metrics(rollout, (t0, t1, t2, t3), passes=len(records) / minibatches_per_epoch),

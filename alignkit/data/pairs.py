@@ -151,7 +151,9 @@ class JudgeRanking:
     def __init__(self, judge, group_size: int):
         self.judge, self.group_size = judge, group_size
 
-    def __call__(self, prompts: list[str], responses: list[str], update: bool = True):
+    def __call__(self, prompts: list[str], responses: list[str], update: bool = True, gather=None):
+        """Round-robin win rates of each group's completions (no running statistics: `update` and
+        `gather`, a reward set's, change nothing)."""
         from alignkit.rewards.compose import RewardOutput, _describe
 
         K = self.group_size

@@ -9,6 +9,9 @@ so that sources on different scales (a logit, a 1-5 judge score, a [-1, 1] lexic
 in proportion to their weights rather than their units; `clip` bounds |r| (outliers from a reward
 model destabilise PPO). The running statistics are state: save them with the checkpoint
 (`state_dict`) and load them on resume, or scores would be normalised differently after a restart.
+With several processes each scores its own share of a batch; `gather` hands the normaliser every
+process's scores, so every process keeps the same statistics (those of the whole batch) and the one
+checkpointed is everyone's.
 
 Constraint costs (sources with `cost_threshold`) are not summed into r: each is returned with a
 `violated` flag (cost > threshold), for a constrained method (e.g. a Lagrangian as in Safe RLHF,
@@ -148,25 +151,30 @@ class RewardSet:
         }
         return cls(sources, thresholds, normalize, clip)
 
-    def __call__(self, prompts: list[Prompt], responses: list[str], update: bool = True) -> RewardOutput:
-        """Scores a batch with every source and composes them; `update=False` freezes the normaliser."""
-        return self.compose(self.score_sources(prompts, responses), update)
+    def __call__(
+        self, prompts: list[Prompt], responses: list[str], update: bool = True, gather=None
+    ) -> RewardOutput:
+        """Scores a batch with every source and composes them; `update=False` freezes the normaliser
+        (`gather`: see `compose`)."""
+        return self.compose(self.score_sources(prompts, responses), update, gather)
 
     def score_sources(self, prompts: list[Prompt], responses: list[str]) -> dict[str, torch.Tensor]:
         """Raw (B,) scores of every source, by name."""
         check_batch(prompts, responses)
         return {s.name: s.score(prompts, responses) for s in self.sources}
 
-    def compose(self, scores: dict[str, torch.Tensor], update: bool = True) -> RewardOutput:
+    def compose(self, scores: dict[str, torch.Tensor], update: bool = True, gather=None) -> RewardOutput:
         """The total reward, costs and statistics from raw per-source scores (see the module docstring).
 
-        With normalisation on, `update` first adds these scores to the running statistics.
+        With normalisation on, `update` first adds these scores to the running statistics: each source's
+        `gather(scores)` ((B,) -> the (ΣB,) scores of every process, in rank order) when this process
+        scores one share of a batch split over processes, else these scores.
         """
         terms = {}
         for name in self.weights:
             if self.normalize:
                 if update:
-                    self.stats[name].update(scores[name])
+                    self.stats[name].update(scores[name] if gather is None else gather(scores[name]))
                 terms[name] = self.stats[name].normalize(scores[name])
             else:
                 terms[name] = scores[name]

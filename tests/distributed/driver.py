@@ -1,12 +1,15 @@
 """Runs one alignkit command (as `alignkit <command> key=value ...` would) and, on every process, writes
 that process's trained parameters to DUMP_DIR/rank<r>.safetensors when `fit` returns, so a test can check
-that the processes agree and equal a 1-process run.
+that the processes agree and equal a 1-process run. Online commands also write what each process
+sampled and trained on to DUMP_DIR/rank<r>.online.json: per step, its rollout's scores, completion
+lengths and EOS flags, and (GRPO) the advantages of every micro-batch the loss saw.
 
     torchrun --standalone --nproc_per_node 2 tests/distributed/driver.py DUMP_DIR dpo model=... ...
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import alignkit.algorithms.dpo
 import alignkit.algorithms.grpo
 import alignkit.algorithms.kto
 import alignkit.algorithms.listwise
+import alignkit.algorithms.online
 import alignkit.algorithms.online_dpo
 import alignkit.algorithms.ppo
 import alignkit.algorithms.reward_model
@@ -50,11 +54,40 @@ def dumping(fit, dump_dir: Path):
     return fit_and_dump
 
 
+ONLINE: dict[str, list] = {"rollouts": [], "advantages": []}
+
+
+def recording_rollouts(collect):
+    def collect_and_record(*args, **kwargs):
+        rollout = collect(*args, **kwargs)
+        if kwargs.get("update_rewards", True):  # (a training rollout, not an eval)
+            ONLINE["rollouts"].append(
+                {
+                    "scores": rollout.scores.tolist(),
+                    "lengths": rollout.completion_lengths,
+                    "ended": rollout.ended.tolist(),
+                }
+            )
+        return rollout
+
+    return collect_and_record
+
+
+def recording_advantages(clipped_surrogate):
+    def record(logps, old_logps, advantages, mask, **kwargs):
+        ONLINE["advantages"].append(advantages.tolist())
+        return clipped_surrogate(logps, old_logps, advantages, mask, **kwargs)
+
+    return record
+
+
 def dumping_before_save(save_final, dump_dir: Path):
     """For the online loops, which own their loop: dump when the final model is saved."""
 
     def dump_and_save(accelerator, prepared, *args, **kwargs):
         dump(accelerator, prepared, dump_dir)
+        path = dump_dir / f"rank{accelerator.process_index}.online.json"
+        path.write_text(json.dumps(ONLINE))
         return save_final(accelerator, prepared, *args, **kwargs)
 
     return dump_and_save
@@ -65,6 +98,9 @@ def run(dump_dir: str, argv: list[str]) -> int:
         module.fit = dumping(module.fit, Path(dump_dir))
     for online in (alignkit.algorithms.grpo, alignkit.algorithms.ppo, alignkit.algorithms.online_dpo):
         online.save_final = dumping_before_save(online.save_final, Path(dump_dir))
+    alignkit.algorithms.online.collect = recording_rollouts(alignkit.algorithms.online.collect)
+    grpo = alignkit.algorithms.grpo
+    grpo.clipped_surrogate = recording_advantages(grpo.clipped_surrogate)
     return main(argv)
 
 
