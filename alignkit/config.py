@@ -339,7 +339,9 @@ class GRPOConfig(OnlineConfig):
     kl_estimator: str = "k3"
     """Per-token estimator of KL(policy || reference): k1, k2 or k3 (Schulman 2020)."""
     kl_importance_correction: bool = False
-    """Weight the KL estimate by the ratio policy / sampling policy (unbiased when samples are reused)."""
+    """Importance-correct the KL term by the ratio policy / sampling policy, so that its expected gradient is
+    that of KL(policy || reference) on reused samples and, for k3, on-policy too (DeepSeek-V3.2's unbiased
+    KL estimate; TRL's use_bias_correction_kl)."""
     scale_rewards: str = "group"
     """grpo: divide advantages by the group's reward std (group), the batch's (batch) or not (none)."""
     loss_aggregation: str = "auto"

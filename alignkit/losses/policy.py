@@ -138,10 +138,18 @@ def kl_estimate(
     Under autograd, as a loss term on samples from π, k2's expected gradient is exactly ∇ KL(π ‖ π_ref),
     k3's is ∇ KL(π_ref ‖ π) and k1's is zero (tests/test_policy_losses.py checks these by enumeration).
 
-    `old_logps`: when the tokens were sampled from π_old rather than π (a second PPO epoch, an off-policy
-    minibatch), each estimate is multiplied by the detached importance ratio exp(log π − log π_old), which
-    keeps it unbiased for KL(π ‖ π_ref) (DeepSeek-V3.2's unbiased KL estimate). All inputs (B, T) ->
-    (B, T); mask the result with `aggregate`.
+    `old_logps`: the importance correction for tokens sampled from q = π_old (a reused rollout; on the first
+    update q is π itself, with `old_logps = logps.detach()`). Each estimate is weighted by w = π/q =
+    exp(log π − log π_old), chosen so that, whatever q, the expected gradient E_q[∇(w·k)] is exactly
+    ∇ KL(π ‖ π_ref), the KL the penalty names:
+
+        k1, k3   w stays in the graph: E_q[∇(w·k)] = ∇ E_π[k] = ∇ KL(π ‖ π_ref), since E_π[k] = KL for every π
+                 (DeepSeek-V3.2's unbiased KL estimate, §3.1; TRL's use_bias_correction_kl). On-policy w = 1
+                 but its gradient is not 0: k3's gradient moves from ∇ KL(π_ref ‖ π) to ∇ KL(π ‖ π_ref).
+        k2       w is detached: E_q[w·∇k2] = E_π[∇k2] = ∇ KL(π ‖ π_ref); k2's value is biased, its plain
+                 gradient is the unbiased one, so only the sampling distribution needs correcting.
+
+    All inputs (B, T) -> (B, T); mask the result with `aggregate`.
     """
     log_ratio = logps - ref_logps
     if estimator == "k1":
@@ -153,7 +161,8 @@ def kl_estimate(
     else:
         raise ValueError(f"unknown KL estimator '{estimator}'. Valid: {', '.join(KL_ESTIMATORS)}")
     if old_logps is not None:
-        kl = kl * torch.exp(logps - old_logps).detach()
+        ratio = torch.exp(logps - old_logps.detach())  # (B, T)
+        kl = kl * (ratio.detach() if estimator == "k2" else ratio)
     return kl
 
 
