@@ -366,7 +366,7 @@ class PPOConfig(OnlineConfig):
     """Adaptive KL control (Ziegler et al. 2019): steer β so that the KL to the reference per completion
     (nats) stays near this; none = a fixed β."""
     kl_horizon: int = 10000
-    """Adaptive KL: completions over which a full correction of β is spread."""
+    """Adaptive KL: completions over which a full correction of β is spread (with target_kl only)."""
     vf_coef: float = 0.1
     """Weight of the value loss beside the policy loss."""
     cliprange_value: float = 0.2

@@ -157,6 +157,8 @@ def test_bad_prompts_and_reward_sources_fail_before_training(tmp_path, tiny_mode
         ({"max_length": 99}, "max_length is not used online"),
         ({"loss_aggregation": "mean"}, "loss_aggregation 'mean' is not auto or one of"),
         ({"beta": -1.0}, "'beta' must be >= 0"),
+        ({"beta": 0.0, "kl_estimator": "k2"}, "kl_estimator=k2 has no effect with beta=0"),
+        ({"beta": 0.0, "kl_importance_correction": True}, "kl_importance_correction=True has no effect with"),
     ],
 )
 def test_settings_are_checked_before_anything_loads(tmp_path, overrides, message):
@@ -167,6 +169,14 @@ def test_settings_are_checked_before_anything_loads(tmp_path, overrides, message
     cfg = config(tmp_path, "/nowhere", "/nowhere.jsonl", **{"beta": 0.1, **overrides})
     with pytest.raises(ConfigError, match=message):
         grpo.check_settings(cfg)
+
+
+def test_kl_settings_are_accepted_with_a_kl_term(tmp_path):
+    """The refusals above are about beta=0 only: with a KL term the same settings pass."""
+    cfg = config(
+        tmp_path, "/nowhere", "/nowhere.jsonl", beta=0.1, kl_estimator="k2", kl_importance_correction=True
+    )
+    grpo.check_settings(cfg)
 
 
 def test_lora_with_the_adapter_off_as_the_reference(tmp_path, tiny_model_dir):

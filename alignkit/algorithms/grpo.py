@@ -68,6 +68,13 @@ def check_settings(cfg: GRPOConfig) -> str:
         )
     if cfg.kl_estimator not in KL_ESTIMATORS:
         raise ConfigError(f"kl_estimator '{cfg.kl_estimator}' is not one of {', '.join(KL_ESTIMATORS)}")
+    if cfg.beta == 0:  # no KL term: its settings would be ignored
+        for name in ("kl_estimator", "kl_importance_correction"):
+            if getattr(cfg, name) != getattr(GRPOConfig, name):
+                raise ConfigError(
+                    f"{name}={getattr(cfg, name)} has no effect with beta=0 (no KL term, no reference); "
+                    "set beta > 0 or remove it"
+                )
     aggregation = spec.default_aggregation if cfg.loss_aggregation == "auto" else cfg.loss_aggregation
     if aggregation not in AGGREGATIONS:
         raise ConfigError(
