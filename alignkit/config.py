@@ -335,9 +335,15 @@ class GRPOConfig(OnlineConfig):
     num_generations: int = 8
     """G: completions sampled per prompt (the group each advantage is relative to)."""
     beta: float = 0.04
-    """Weight of the KL penalty to the reference in the loss (0 = no reference held)."""
-    kl_estimator: str = "k3"
-    """Per-token estimator of KL(policy || reference): k1, k2 or k3 (Schulman 2020)."""
+    """Weight of the KL penalty to the reference, in the loss or the reward (0 = no reference held)."""
+    kl_in_reward: bool | None = None
+    """Subtract beta x each completion's summed k1 KL from its reward before the advantages (true) or add
+    beta x KL to the loss (false); none = the estimator's recipe: rloo in the reward (Ahmadian et al.
+    2024, TRL), reinforce_pp in the reward at num_generations=1 and in the loss above (OpenRLHF's
+    REINFORCE++-baseline), grpo and dr_grpo in the loss."""
+    kl_estimator: str = "auto"
+    """Per-token estimator of KL(policy || reference): k1, k2 or k3 (Schulman 2020), or auto: k1 in the
+    reward; in the loss k2 for reinforce_pp (OpenRLHF's recipe) and k3 otherwise (GRPO)."""
     kl_importance_correction: bool = False
     """Importance-correct the KL term by the ratio policy / sampling policy, so that its expected gradient is
     that of KL(policy || reference) on reused samples and, for k3, on-policy too (DeepSeek-V3.2's unbiased

@@ -22,6 +22,7 @@ from alignkit.losses.policy import (
     get_advantage,
     grpo_advantages,
     kl_estimate,
+    kl_penalised_scores,
     reinforce_pp_advantages,
     rloo_advantages,
 )
@@ -155,6 +156,28 @@ def test_registry_entries():
         ADVANTAGES["grpo"].min_group_size = 1  # frozen
 
 
+def test_where_each_recipe_puts_the_kl():
+    """RLOO (Ahmadian et al. 2024; TRL's RLOOTrainer) and plain REINFORCE++ (G = 1) subtract β·Σk1 from the
+    reward; REINFORCE++-baseline (G > 1, OpenRLHF's recipe) and GRPO add a KL loss term, k2 and k3."""
+    in_reward = {(k, G): s.kl_in_reward(G) for k, s in ADVANTAGES.items() for G in (1, 4)}
+    assert in_reward == {
+        ("grpo", 1): False,
+        ("grpo", 4): False,
+        ("dr_grpo", 1): False,
+        ("dr_grpo", 4): False,
+        ("rloo", 1): True,
+        ("rloo", 4): True,
+        ("reinforce_pp", 1): True,
+        ("reinforce_pp", 4): False,
+    }
+    assert {k: s.kl_loss_estimator for k, s in ADVANTAGES.items()} == {
+        "grpo": "k3",
+        "dr_grpo": "k3",
+        "rloo": "k3",
+        "reinforce_pp": "k2",
+    }
+
+
 def test_compute_advantages_dispatches():
     close(compute_advantages("grpo", REWARDS, 4), grpo_advantages(REWARDS, 4))
     close(compute_advantages("grpo", REWARDS, 4, scale="batch"), grpo_advantages(REWARDS, 4, scale="batch"))
@@ -280,6 +303,36 @@ def test_importance_corrected_kl_has_the_reverse_kl_gradient(estimator, sampler)
     (expected,) = torch.autograd.grad((q_log.exp() * estimate).sum(), logits, retain_graph=True)
     (reverse,) = torch.autograd.grad((logp.exp() * (logp - ref)).sum(), logits)
     close(expected, reverse, atol=1e-12)
+
+
+def test_kl_penalised_scores_by_hand():
+    """x = logps − ref_logps per token, masked: row 0 [0.5, −0.2, (pad: 9, ignored)] sums to 0.3, row 1
+    [0.1, 0.1, 0.3] to 0.5. β = 0.5: scores [1, 2] -> [1 − 0.15, 2 − 0.25] = [0.85, 1.75]."""
+    ref = t(-1.0, -2.0, -3.0, -1.0, -1.0, -1.0).view(2, 3)
+    logps = ref + t(0.5, -0.2, 9.0, 0.1, 0.1, 0.3).view(2, 3)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    penalised, kl = kl_penalised_scores(t(1.0, 2.0), logps, ref, mask, beta=0.5)
+    close(kl, [0.3, 0.5])
+    close(penalised, [0.85, 1.75])
+
+
+def test_the_kl_in_the_reward_has_the_reverse_kl_gradient():
+    """In the reward, the KL reaches the policy through the score function: over one-token completions of a
+    6-outcome π, E_π[r'(y)·∇log π(y)] with r' = 0 − β·k1(y) is exactly −β·∇KL(π‖π_ref) (Σ_y π·∇log π = 0)."""
+    logits, ref, _ = _categoricals()
+    logp = torch.log_softmax(logits, 0)
+    penalised, _ = kl_penalised_scores(
+        torch.zeros(6, dtype=torch.float64),
+        logp.detach().view(6, 1),
+        ref.view(6, 1),
+        torch.ones(6, 1),
+        beta=0.3,
+    )
+    (policy_gradient,) = torch.autograd.grad(
+        (logp.exp().detach() * penalised * logp).sum(), logits, retain_graph=True
+    )
+    (reverse,) = torch.autograd.grad((logp.exp() * (logp - ref)).sum(), logits)
+    close(policy_gradient, -0.3 * reverse, atol=1e-12)
 
 
 def test_unknown_kl_estimator():
