@@ -345,11 +345,19 @@ class GRPOConfig(OnlineConfig):
     num_generations: int = 8
     """G: completions sampled per prompt (the group each advantage is relative to)."""
     beta: float = 0.04
-    """Weight of the KL penalty to the reference in the loss (0 = no reference held)."""
-    kl_estimator: str = "k3"
-    """Per-token estimator of KL(policy || reference): k1, k2 or k3 (Schulman 2020)."""
+    """Weight of the KL penalty to the reference, in the loss or the reward (0 = no reference held)."""
+    kl_in_reward: bool | None = None
+    """Subtract beta x each completion's summed k1 KL from its reward before the advantages (true) or add
+    beta x KL to the loss (false); none = the estimator's recipe: rloo in the reward (Ahmadian et al.
+    2024, TRL), reinforce_pp in the reward at num_generations=1 and in the loss above (OpenRLHF's
+    REINFORCE++-baseline), grpo and dr_grpo in the loss."""
+    kl_estimator: str = "auto"
+    """Per-token estimator of KL(policy || reference): k1, k2 or k3 (Schulman 2020), or auto: k1 in the
+    reward; in the loss k2 for reinforce_pp (OpenRLHF's recipe) and k3 otherwise (GRPO)."""
     kl_importance_correction: bool = False
-    """Weight the KL estimate by the ratio policy / sampling policy (unbiased when samples are reused)."""
+    """Importance-correct the KL term by the ratio policy / sampling policy, so that its expected gradient is
+    that of KL(policy || reference) on reused samples and, for k3, on-policy too (DeepSeek-V3.2's unbiased
+    KL estimate; TRL's use_bias_correction_kl)."""
     scale_rewards: str = "group"
     """grpo: divide advantages by the group's reward std (group), the batch's (batch) or not (none)."""
     loss_aggregation: str = "auto"
@@ -374,7 +382,7 @@ class PPOConfig(OnlineConfig):
     """Adaptive KL control (Ziegler et al. 2019): steer β so that the KL to the reference per completion
     (nats) stays near this; none = a fixed β."""
     kl_horizon: int = 10000
-    """Adaptive KL: completions over which a full correction of β is spread."""
+    """Adaptive KL: completions over which a full correction of β is spread (with target_kl only)."""
     vf_coef: float = 0.1
     """Weight of the value loss beside the policy loss."""
     cliprange_value: float = 0.2

@@ -229,6 +229,22 @@ def test_bad_prompts_and_reward_sources_fail_before_training(tmp_path, tiny_mode
         ({"max_length": 99}, "max_length is not used online"),
         ({"loss_aggregation": "mean"}, "loss_aggregation 'mean' is not auto or one of"),
         ({"beta": -1.0}, "'beta' must be >= 0"),
+        ({"beta": 0.0, "kl_estimator": "k2"}, "kl_estimator=k2 has no effect with beta=0"),
+        ({"beta": 0.0, "kl_importance_correction": True}, "kl_importance_correction=True has no effect with"),
+        ({"beta": 0.0, "kl_in_reward": True}, "kl_in_reward=True has no effect with beta=0"),
+        (
+            {"advantage": "rloo", "kl_estimator": "k3"},
+            "kl_estimator=k3 cannot be used with the KL in the reward",
+        ),
+        (
+            {"kl_in_reward": True, "kl_estimator": "k2"},
+            "kl_estimator=k2 cannot be used with the KL in the reward",
+        ),
+        (
+            {"advantage": "rloo", "kl_importance_correction": True},
+            "kl_importance_correction=True has no effect",
+        ),
+        ({"kl_estimator": "k5"}, "kl_estimator 'k5' is not auto or one of k1, k2, k3"),
     ],
 )
 def test_settings_are_checked_before_anything_loads(tmp_path, overrides, message):
@@ -239,6 +255,89 @@ def test_settings_are_checked_before_anything_loads(tmp_path, overrides, message
     cfg = config(tmp_path, "/nowhere", "/nowhere.jsonl", **{"beta": 0.1, **overrides})
     with pytest.raises(ConfigError, match=message):
         grpo.check_settings(cfg)
+
+
+def test_kl_settings_are_accepted_with_a_kl_term(tmp_path):
+    """The refusals above are about beta=0 only: with a KL term the same settings pass."""
+    cfg = config(
+        tmp_path, "/nowhere", "/nowhere.jsonl", beta=0.1, kl_estimator="k2", kl_importance_correction=True
+    )
+    grpo.check_settings(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides, in_reward, estimator",
+    [
+        ({"advantage": "grpo"}, False, "k3"),
+        ({"advantage": "dr_grpo"}, False, "k3"),
+        ({"advantage": "rloo"}, True, "k1"),
+        ({"advantage": "reinforce_pp", "num_generations": 1}, True, "k1"),
+        ({"advantage": "reinforce_pp"}, False, "k2"),
+        ({"advantage": "rloo", "kl_in_reward": False}, False, "k3"),
+        ({"advantage": "grpo", "kl_in_reward": True}, True, "k1"),
+        ({"advantage": "reinforce_pp", "kl_estimator": "k3"}, False, "k3"),
+        ({"advantage": "rloo", "kl_estimator": "k1"}, True, "k1"),
+    ],
+)
+def test_the_kl_goes_where_each_recipe_puts_it(tmp_path, overrides, in_reward, estimator):
+    """check_settings resolves kl_in_reward and kl_estimator (saved so in the run's config): the estimator's
+    recipe unless the user chose."""
+    cfg = grpo.check_settings(config(tmp_path, "/nowhere", "/nowhere.jsonl", beta=0.1, **overrides))
+    assert (cfg.kl_in_reward, cfg.kl_estimator) == (in_reward, estimator)
+
+
+@pytest.mark.parametrize(
+    "advantage, G, in_reward, estimator",
+    [
+        ("rloo", 4, True, None),
+        ("reinforce_pp", 1, True, None),
+        ("reinforce_pp", 4, False, "k2"),
+        ("grpo", 4, False, "k3"),
+    ],
+)
+def test_the_kl_in_the_reward_is_what_the_advantages_see(
+    tmp_path, tiny_model_dir, monkeypatch, advantage, G, in_reward, estimator
+):
+    """With the KL in the reward, the advantages are computed from score − β·Σ_t (log π_old − log π_ref) over
+    each completion's tokens and the loss has no KL term; with it in the loss, they see the raw scores and
+    the loss calls the recipe's estimator. Step 2, when the policy has moved from the reference."""
+    data = write_prompts(tmp_path / "prompts.jsonl")
+    rollouts, seen_rewards, estimators = [], [], set()
+    real_collect, real_advantages, real_kl = online.collect, grpo.compute_advantages, grpo.kl_estimate
+
+    def collect(*args, **kwargs):
+        rollouts.append(real_collect(*args, **kwargs))
+        return rollouts[-1]
+
+    def advantages(name, rewards, group_size, **kwargs):
+        seen_rewards.append(rewards.clone())
+        return real_advantages(name, rewards, group_size, **kwargs)
+
+    def kl(*args, estimator, **kwargs):
+        estimators.add(estimator)
+        return real_kl(*args, estimator=estimator, **kwargs)
+
+    monkeypatch.setattr(online, "collect", collect)
+    monkeypatch.setattr(grpo, "compute_advantages", advantages)
+    monkeypatch.setattr(grpo, "kl_estimate", kl)
+    cfg = config(
+        tmp_path, tiny_model_dir, data, max_steps=2, beta=0.5, advantage=advantage, num_generations=G
+    )
+    grpo.train(cfg)
+    rollout, rewards = rollouts[1], seen_rewards[1]
+    if in_reward:
+        sequence_kl = ((rollout.old_logps - rollout.ref_logps) * rollout.completion_mask).sum(-1)
+        assert sequence_kl.abs().max() > 1e-3  # the policy has moved: the penalty is not 0
+        torch.testing.assert_close(rewards, rollout.scores - 0.5 * sequence_kl)
+        assert estimators == set()
+        mask = rollout.completion_mask.bool()
+        kl_metric = train_metrics(cfg)[1]["kl"]
+        assert kl_metric == pytest.approx(
+            float((rollout.old_logps - rollout.ref_logps)[mask].mean()), rel=1e-5
+        )
+    else:
+        assert torch.equal(rewards, rollout.scores)
+        assert estimators == {estimator}
 
 
 def test_lora_with_the_adapter_off_as_the_reference(tmp_path, tiny_model_dir):

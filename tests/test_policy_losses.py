@@ -22,6 +22,7 @@ from alignkit.losses.policy import (
     get_advantage,
     grpo_advantages,
     kl_estimate,
+    kl_penalised_scores,
     reinforce_pp_advantages,
     rloo_advantages,
 )
@@ -155,6 +156,28 @@ def test_registry_entries():
         ADVANTAGES["grpo"].min_group_size = 1  # frozen
 
 
+def test_where_each_recipe_puts_the_kl():
+    """RLOO (Ahmadian et al. 2024; TRL's RLOOTrainer) and plain REINFORCE++ (G = 1) subtract β·Σk1 from the
+    reward; REINFORCE++-baseline (G > 1, OpenRLHF's recipe) and GRPO add a KL loss term, k2 and k3."""
+    in_reward = {(k, G): s.kl_in_reward(G) for k, s in ADVANTAGES.items() for G in (1, 4)}
+    assert in_reward == {
+        ("grpo", 1): False,
+        ("grpo", 4): False,
+        ("dr_grpo", 1): False,
+        ("dr_grpo", 4): False,
+        ("rloo", 1): True,
+        ("rloo", 4): True,
+        ("reinforce_pp", 1): True,
+        ("reinforce_pp", 4): False,
+    }
+    assert {k: s.kl_loss_estimator for k, s in ADVANTAGES.items()} == {
+        "grpo": "k3",
+        "dr_grpo": "k3",
+        "rloo": "k3",
+        "reinforce_pp": "k2",
+    }
+
+
 def test_compute_advantages_dispatches():
     close(compute_advantages("grpo", REWARDS, 4), grpo_advantages(REWARDS, 4))
     close(compute_advantages("grpo", REWARDS, 4, scale="batch"), grpo_advantages(REWARDS, 4, scale="batch"))
@@ -191,18 +214,24 @@ def test_kl_estimators_by_hand():
 
 
 def test_kl_importance_weighted_by_hand():
-    """With old_logps = logps − [0.1, −0.2, 0, ln 2], weights exp(logps − old) = [1.105171, 0.818731, 1, 2]:
+    """With old_logps = logps − [0.1, −0.2, 0, ln 2], weights w = exp(logps − old) = [1.105171, 0.818731, 1, 2]:
     k3·w = [0.106531·1.105171, 0.148721·0.818731, 0, 0.367879·2] = [0.117735, 0.121762, 0, 0.735759]. The
-    weight carries no gradient: d(k3·w)/d logps = w·(1 − exp(−x)), as if w were a constant."""
+    weight is π/π_old with π in the graph (DeepSeek-V3.2; TRL's use_bias_correction_kl), so
+    d(w·k3)/d logps = w·k3 + w·(1 − e^(−x)) = w·(e^(−x) − 1 + x + 1 − e^(−x)) = w·x
+    = [0.552585, −0.409365, 0, 2]. k2's weight is detached (its plain gradient is the unbiased one):
+    d(w·x²/2)/d logps = w·x = the same numbers; k1's is in the graph: d(w·x)/d logps = w·(x + 1)."""
     ref = t(0.0, 0.0, -1.0, -2.0).view(1, 4)
-    logps = (ref + t(0.5, -0.5, 0.0, 1.0).view(1, 4)).requires_grad_()
-    old = logps.detach() - t(0.1, -0.2, 0.0, math.log(2)).view(1, 4)
-    kl = kl_estimate(logps, ref, estimator="k3", old_logps=old)
-    close(kl, [[0.117735, 0.121762, 0, 0.735759]])
-    kl.sum().backward()
-    w = t(1.105171, 0.818731, 1, 2)
     x = t(0.5, -0.5, 0.0, 1.0)
-    close(logps.grad, (w * (1 - torch.exp(-x))).view(1, 4))
+    w = t(1.105171, 0.818731, 1, 2)
+    expected_grad = {"k3": w * x, "k2": w * x, "k1": w * (x + 1)}
+    for estimator, grad in expected_grad.items():
+        logps = (ref + x.view(1, 4)).requires_grad_()
+        old = logps.detach() - t(0.1, -0.2, 0.0, math.log(2)).view(1, 4)
+        kl = kl_estimate(logps, ref, estimator=estimator, old_logps=old)
+        if estimator == "k3":
+            close(kl, [[0.117735, 0.121762, 0, 0.735759]])
+        kl.sum().backward()
+        close(logps.grad, grad.view(1, 4), atol=1e-5)
 
 
 def test_k3_is_nonnegative():
@@ -257,6 +286,53 @@ def test_kl_estimators_exact_gradients():
     close(expected_grad("k3"), forward, atol=1e-12)
     close(expected_grad("k1"), torch.zeros(6), atol=1e-12)
     assert (reverse - forward).abs().max() > 1e-3  # the two claims are distinguishable
+
+
+@pytest.mark.parametrize("estimator", KL_ESTIMATORS)
+@pytest.mark.parametrize("sampler", ["off_policy", "on_policy"])
+def test_importance_corrected_kl_has_the_reverse_kl_gradient(estimator, sampler):
+    """With the correction, every estimator's expected gradient on samples from the sampling policy q is
+    exactly ∇KL(π‖π_ref), the KL the penalty names (DeepSeek-V3.2's unbiased KL estimate; TRL's
+    use_bias_correction_kl), whether q is another distribution (a reused rollout) or π itself (q = π with
+    no gradient: the first update). Exact: E_q[g(y)] = Σ_y q(y)·g(y) over the 6 outcomes, q held fixed.
+    Without the correction k3's expected gradient is ∇KL(π_ref‖π) (test above), a different vector."""
+    logits, ref, old = _categoricals()
+    logp = torch.log_softmax(logits, 0)
+    q_log = old if sampler == "off_policy" else logp.detach()
+    estimate = kl_estimate(logp, ref, estimator=estimator, old_logps=q_log)
+    (expected,) = torch.autograd.grad((q_log.exp() * estimate).sum(), logits, retain_graph=True)
+    (reverse,) = torch.autograd.grad((logp.exp() * (logp - ref)).sum(), logits)
+    close(expected, reverse, atol=1e-12)
+
+
+def test_kl_penalised_scores_by_hand():
+    """x = logps − ref_logps per token, masked: row 0 [0.5, −0.2, (pad: 9, ignored)] sums to 0.3, row 1
+    [0.1, 0.1, 0.3] to 0.5. β = 0.5: scores [1, 2] -> [1 − 0.15, 2 − 0.25] = [0.85, 1.75]."""
+    ref = t(-1.0, -2.0, -3.0, -1.0, -1.0, -1.0).view(2, 3)
+    logps = ref + t(0.5, -0.2, 9.0, 0.1, 0.1, 0.3).view(2, 3)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    penalised, kl = kl_penalised_scores(t(1.0, 2.0), logps, ref, mask, beta=0.5)
+    close(kl, [0.3, 0.5])
+    close(penalised, [0.85, 1.75])
+
+
+def test_the_kl_in_the_reward_has_the_reverse_kl_gradient():
+    """In the reward, the KL reaches the policy through the score function: over one-token completions of a
+    6-outcome π, E_π[r'(y)·∇log π(y)] with r' = 0 − β·k1(y) is exactly −β·∇KL(π‖π_ref) (Σ_y π·∇log π = 0)."""
+    logits, ref, _ = _categoricals()
+    logp = torch.log_softmax(logits, 0)
+    penalised, _ = kl_penalised_scores(
+        torch.zeros(6, dtype=torch.float64),
+        logp.detach().view(6, 1),
+        ref.view(6, 1),
+        torch.ones(6, 1),
+        beta=0.3,
+    )
+    (policy_gradient,) = torch.autograd.grad(
+        (logp.exp().detach() * penalised * logp).sum(), logits, retain_graph=True
+    )
+    (reverse,) = torch.autograd.grad((logp.exp() * (logp - ref)).sum(), logits)
+    close(policy_gradient, -0.3 * reverse, atol=1e-12)
 
 
 def test_unknown_kl_estimator():

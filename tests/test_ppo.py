@@ -317,6 +317,7 @@ def test_missing_eos_penalty_and_reward_shaping_by_hand():
         ({"kl_coef": -1.0}, "'kl_coef' must be"),
         ({"target_kl": 0.0}, "'target_kl' must be"),
         ({"target_kl": 1.0, "kl_coef": 0.0}, "target_kl .* needs a starting kl_coef > 0"),
+        ({"kl_horizon": 500}, "kl_horizon=500 has no effect without target_kl"),
         ({"gamma": 1.5}, "'gamma' must be"),
         ({"vf_coef": 0.0}, "'vf_coef' must be"),
         ({"minibatch_size": 3}, "minibatch_size=3 must divide the rollout"),

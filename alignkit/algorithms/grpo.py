@@ -13,6 +13,7 @@ and checkpoints are the offline trainers' own (alignkit.runtime, alignkit.checkp
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ from alignkit.losses.policy import (
     compute_advantages,
     get_advantage,
     kl_estimate,
+    kl_penalised_scores,
 )
 from alignkit.models import BatchForward, add_lora, disable_dropout, load_policy, load_tokenizer
 from alignkit.rollout import token_logps_in_batches
@@ -56,8 +58,9 @@ from alignkit.runtime import (
 )
 
 
-def check_settings(cfg: GRPOConfig) -> str:
-    """Validate the online settings before anything loads; returns the loss aggregation to use."""
+def check_settings(cfg: GRPOConfig) -> GRPOConfig:
+    """Validate the online settings before anything loads; returns the config with its automatic settings
+    resolved (loss_aggregation, and with beta > 0 kl_in_reward and kl_estimator), as the run saves it."""
     validate(cfg)  # every field's range (config.RANGES), beta >= 0 included
     spec = get_advantage(cfg.advantage)
     check_online_settings(cfg, cfg.beta)
@@ -66,8 +69,10 @@ def check_settings(cfg: GRPOConfig) -> str:
             f"num_generations={cfg.num_generations}: advantage '{cfg.advantage}' needs at least "
             f"{spec.min_group_size} completions per prompt"
         )
-    if cfg.kl_estimator not in KL_ESTIMATORS:
-        raise ConfigError(f"kl_estimator '{cfg.kl_estimator}' is not one of {', '.join(KL_ESTIMATORS)}")
+    if cfg.kl_estimator != "auto" and cfg.kl_estimator not in KL_ESTIMATORS:
+        raise ConfigError(
+            f"kl_estimator '{cfg.kl_estimator}' is not auto or one of {', '.join(KL_ESTIMATORS)}"
+        )
     aggregation = spec.default_aggregation if cfg.loss_aggregation == "auto" else cfg.loss_aggregation
     if aggregation not in AGGREGATIONS:
         raise ConfigError(
@@ -75,13 +80,43 @@ def check_settings(cfg: GRPOConfig) -> str:
         )
     if cfg.scale_rewards != GRPOConfig.scale_rewards and cfg.advantage != "grpo":
         raise ConfigError(f"scale_rewards is used by advantage=grpo only (got advantage={cfg.advantage})")
-    return aggregation
+    if cfg.beta == 0:  # no KL term: its settings would be ignored
+        for name in ("kl_in_reward", "kl_estimator", "kl_importance_correction"):
+            if getattr(cfg, name) != getattr(GRPOConfig, name):
+                raise ConfigError(
+                    f"{name}={getattr(cfg, name)} has no effect with beta=0 (no KL term, no reference); "
+                    "set beta > 0 or remove it"
+                )
+        return dataclasses.replace(cfg, loss_aggregation=aggregation)
+    in_reward = spec.kl_in_reward(cfg.num_generations) if cfg.kl_in_reward is None else cfg.kl_in_reward
+    if in_reward:
+        # The reward's KL is Σ k1 of the sampling policy, a number, not a loss term: nothing to choose or
+        # to importance-correct (Ahmadian et al. 2024; TRL's RLOO; OpenRLHF's reward KL is k1 too).
+        why = "kl_in_reward=true" if cfg.kl_in_reward else f"the default of advantage={cfg.advantage}"
+        if cfg.kl_estimator not in ("auto", "k1"):
+            raise ConfigError(
+                f"kl_estimator={cfg.kl_estimator} cannot be used with the KL in the reward ({why}): the "
+                "reward subtracts beta x the summed k1, log(policy/reference), of each completion; remove "
+                "kl_estimator, or set kl_in_reward=false for a KL loss term"
+            )
+        if cfg.kl_importance_correction:
+            raise ConfigError(
+                f"kl_importance_correction=True has no effect with the KL in the reward ({why}): it corrects "
+                "a KL loss term; remove it, or set kl_in_reward=false"
+            )
+    estimator = cfg.kl_estimator
+    if estimator == "auto":
+        estimator = "k1" if in_reward else spec.kl_loss_estimator
+    return dataclasses.replace(
+        cfg, loss_aggregation=aggregation, kl_in_reward=in_reward, kl_estimator=estimator
+    )
 
 
 @dataclass
 class GRPOObjective:
     """`loss_fn(model, batch)` for `optimizer_step`: the clipped surrogate on the batch's advantages plus
-    β·KL to the reference, aggregated over its `loss_mask` as `aggregation` says."""
+    β·KL to the reference (unless the KL is in the reward), aggregated over its `loss_mask` as
+    `aggregation` says. `cfg` is resolved (`check_settings`)."""
 
     cfg: GRPOConfig
     aggregation: str
@@ -106,7 +141,7 @@ class GRPOObjective:
             epsilon=self.cfg.epsilon,
             epsilon_high=self.cfg.epsilon_high,
         )
-        if self.cfg.beta > 0:
+        if self.cfg.beta > 0 and not self.cfg.kl_in_reward:
             old = old_logps if self.cfg.kl_importance_correction else None
             kl = kl_estimate(logps, batch["ref_logps"], estimator=self.cfg.kl_estimator, old_logps=old)
             per_token = per_token + self.cfg.beta * kl
@@ -119,7 +154,7 @@ class GRPOObjective:
 
 def train(cfg: GRPOConfig) -> Path:
     """Train a policy online on prompt rows against a reward set; returns the saved final model's folder."""
-    aggregation = check_settings(cfg)
+    cfg = check_settings(cfg)
     rewards = online_rewards(cfg, "grpo")
     accelerator, log, output_dir = start_run(cfg)
     G = cfg.num_generations
@@ -147,7 +182,7 @@ def train(cfg: GRPOConfig) -> Path:
     reference, _ = online_reference(cfg, model, accelerator, cfg.beta, temperature=sampling.temperature)
     if cfg.lora.enabled:
         model = disable_dropout(add_lora(model, cfg.lora))
-    objective = GRPOObjective(cfg, aggregation)
+    objective = GRPOObjective(cfg, cfg.loss_aggregation)
 
     def named() -> dict:
         return {
@@ -162,6 +197,7 @@ def train(cfg: GRPOConfig) -> Path:
     minibatches_per_epoch = n_rows // (cfg.minibatch_size or n_rows)
     updates_per_step = cfg.ppo_epochs * minibatches_per_epoch
     on_policy = updates_per_step == 1  # one update per rollout: no separate pass for the old log-probs
+    kl_in_reward = cfg.beta > 0 and cfg.kl_in_reward  # ... unless the reward's KL needs them
     optimizer, scheduler = make_optimizer(model, cfg, run.steps * updates_per_step)
     policy, optimizer = accelerator.prepare(BatchForward(model, policy_fn), optimizer)
     run.resume()
@@ -176,13 +212,6 @@ def train(cfg: GRPOConfig) -> Path:
             rollout, seed = run.collect(
                 accelerator.unwrap_model(policy).model, tokenizer, prompts, rewards, sampling, G
             )
-            # Advantages over the whole step: every process's rewards, in rank order (GRPO's batch std and
-            # REINFORCE++'s batch statistics see every completion, as on one process), then this
-            # process's n_rows rows.
-            scale = cfg.scale_rewards if cfg.advantage == "grpo" else None
-            rank = accelerator.process_index
-            advantages = compute_advantages(cfg.advantage, run.gather(rollout.scores), G, scale=scale)
-            advantages = advantages[rank * n_rows : (rank + 1) * n_rows]  # (n_rows,)
             keep = rollout.ended | (not cfg.mask_truncated)
             loss_mask = rollout.completion_mask * keep.unsqueeze(-1)
             plan = minibatches(n_rows, cfg, seed)
@@ -192,7 +221,7 @@ def train(cfg: GRPOConfig) -> Path:
             t1 = time.perf_counter()
             micro_rows = [rows_ for update in plan[:minibatches_per_epoch] for rows_ in update]
             policy.eval()  # (no dropout either way; eval skips DDP's forward bookkeeping)
-            if not on_policy:
+            if not on_policy or kl_in_reward:
                 rollout.old_logps = token_logps_in_batches(
                     lambda b: policy(b, with_entropy=False),  # noqa: B023
                     rollout,
@@ -206,6 +235,25 @@ def train(cfg: GRPOConfig) -> Path:
                     micro_rows,
                     accelerator.device,
                 )["token_logps"]
+
+            # Advantages, from the scores less β·Σk1 of each completion where the KL is in the reward.
+            scores, kl_metrics = rollout.scores, {}
+            if kl_in_reward:
+                mask = rollout.completion_mask
+                scores, sequence_kl = kl_penalised_scores(
+                    scores, rollout.old_logps, rollout.ref_logps, mask, beta=cfg.beta
+                )
+                kl_metrics = {  # "kl" as with a loss term: the mean per completion token, over every process
+                    "kl": float(run.gather(sequence_kl).sum() / run.gather(mask.sum(-1)).sum().clamp(min=1)),
+                    "reward_penalised": float(run.gather(scores).mean()),
+                }
+            # Advantages over the whole step: every process's (penalised) rewards, in rank order (GRPO's
+            # batch std and REINFORCE++'s batch statistics see every completion, as on one process), then
+            # this process's n_rows rows.
+            scale = cfg.scale_rewards if cfg.advantage == "grpo" else None
+            rank = accelerator.process_index
+            advantages = compute_advantages(cfg.advantage, run.gather(scores), G, scale=scale)
+            advantages = advantages[rank * n_rows : (rank + 1) * n_rows]  # (n_rows,)
             t2 = time.perf_counter()
 
             policy.train()
@@ -232,7 +280,11 @@ def train(cfg: GRPOConfig) -> Path:
                 )
             t3 = time.perf_counter()
             trained = {k: torch.stack([r[k] for r in records]).mean() for k in records[0]}
-            record = {**as_numbers(trained), **rollout_metrics(rollout, advantages, gather=run.gather)}
+            record = {
+                **as_numbers(trained),
+                **rollout_metrics(rollout, advantages, gather=run.gather),
+                **kl_metrics,
+            }
             record.update(timing_metrics(rollout, (t0, t1, t2, t3), passes=cfg.ppo_epochs))
             postfix = {"reward": record["reward"], "kl": record.get("kl", 0.0)}
             run.finish_step(record, evaluate if prompts.eval_rows else None, postfix)

@@ -82,6 +82,11 @@ def check_settings(cfg: PPOConfig) -> None:
     check_online_settings(cfg, cfg.kl_coef)
     if cfg.target_kl is not None and cfg.kl_coef == 0:
         raise ConfigError("target_kl (adaptive KL control) needs a starting kl_coef > 0")
+    if cfg.target_kl is None and cfg.kl_horizon != PPOConfig.kl_horizon:
+        raise ConfigError(
+            f"kl_horizon={cfg.kl_horizon} has no effect without target_kl (it paces adaptive KL control); "
+            "set target_kl or remove it"
+        )
     if cfg.value_model == "adapter" and not cfg.lora.enabled:
         raise ConfigError("value_model=adapter (the critic as a second LoRA adapter) needs lora.enabled=true")
 

@@ -3,10 +3,12 @@
 Pure functions of tensors, no model and no loop: `algorithms/grpo.py` (GRPO, Dr. GRPO, RLOO, REINFORCE++)
 and, later, `algorithms/ppo.py` call them in the order of an online step:
 
+    rewards, _ = kl_penalised_scores(scores, old_logps, ref_logps, mask, beta=beta)  # when the KL is
+                                                                     # in the reward (RLOO, REINFORCE++)
     adv   = compute_advantages(name, rewards, group_size)            # (N·G,) outcome rewards -> (N·G,)
     units = aggregation_units(mask, mode=...)                        # before the forward: optimizer_step's units
     per_token, metrics = clipped_surrogate(logps, old_logps, adv, mask)
-    per_token = per_token + beta * kl_estimate(logps, ref_logps)     # when a KL-to-reference term is used
+    per_token = per_token + beta * kl_estimate(logps, ref_logps)     # when the KL is a loss term (GRPO)
     loss, _ = aggregate(per_token, mask, mode=...)
 
 Conventions. Per-token tensors are (B, T) and come with a `mask` (B, T), 1 on completion tokens and 0 on
@@ -39,6 +41,7 @@ __all__ = [
     "get_advantage",
     "grpo_advantages",
     "kl_estimate",
+    "kl_penalised_scores",
     "reinforce_pp_advantages",
     "rloo_advantages",
 ]
@@ -138,10 +141,18 @@ def kl_estimate(
     Under autograd, as a loss term on samples from π, k2's expected gradient is exactly ∇ KL(π ‖ π_ref),
     k3's is ∇ KL(π_ref ‖ π) and k1's is zero (tests/test_policy_losses.py checks these by enumeration).
 
-    `old_logps`: when the tokens were sampled from π_old rather than π (a second PPO epoch, an off-policy
-    minibatch), each estimate is multiplied by the detached importance ratio exp(log π − log π_old), which
-    keeps it unbiased for KL(π ‖ π_ref) (DeepSeek-V3.2's unbiased KL estimate). All inputs (B, T) ->
-    (B, T); mask the result with `aggregate`.
+    `old_logps`: the importance correction for tokens sampled from q = π_old (a reused rollout; on the first
+    update q is π itself, with `old_logps = logps.detach()`). Each estimate is weighted by w = π/q =
+    exp(log π − log π_old), chosen so that, whatever q, the expected gradient E_q[∇(w·k)] is exactly
+    ∇ KL(π ‖ π_ref), the KL the penalty names:
+
+        k1, k3   w stays in the graph: E_q[∇(w·k)] = ∇ E_π[k] = ∇ KL(π ‖ π_ref), since E_π[k] = KL for every π
+                 (DeepSeek-V3.2's unbiased KL estimate, §3.1; TRL's use_bias_correction_kl). On-policy w = 1
+                 but its gradient is not 0: k3's gradient moves from ∇ KL(π_ref ‖ π) to ∇ KL(π ‖ π_ref).
+        k2       w is detached: E_q[w·∇k2] = E_π[∇k2] = ∇ KL(π ‖ π_ref); k2's value is biased, its plain
+                 gradient is the unbiased one, so only the sampling distribution needs correcting.
+
+    All inputs (B, T) -> (B, T); mask the result with `aggregate`.
     """
     log_ratio = logps - ref_logps
     if estimator == "k1":
@@ -153,8 +164,34 @@ def kl_estimate(
     else:
         raise ValueError(f"unknown KL estimator '{estimator}'. Valid: {', '.join(KL_ESTIMATORS)}")
     if old_logps is not None:
-        kl = kl * torch.exp(logps - old_logps).detach()
+        ratio = torch.exp(logps - old_logps.detach())  # (B, T)
+        kl = kl * (ratio.detach() if estimator == "k2" else ratio)
     return kl
+
+
+def kl_penalised_scores(
+    scores: torch.Tensor,
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The KL to the reference folded into each completion's reward, as one action (RLOO: Ahmadian et al.
+    2024, r(x, y) − β·log(π(y|x) / π_ref(y|x)); TRL's RLOOTrainer; plain REINFORCE++, Hu 2025):
+
+        KL_i = Σ_t mask·(log π_old(y_t) − log π_ref(y_t))      k1 summed over completion i's tokens
+        r'_i = r_i − β·KL_i
+
+    logps are those of the policy that sampled the completions (π_old, no gradient): Σ k1 is then an
+    unbiased estimate of the sequence's KL(π_old ‖ π_ref), and its place in the reward makes the policy
+    gradient carry ∇KL(π ‖ π_ref) through the score-function term (a loss-term k1 would have none).
+    scores: (N,); logps, ref_logps, mask: (N, T). Returns (penalised scores (N,), KL_i (N,)), detached;
+    feed the first to `compute_advantages` (gathered over processes like any reward).
+    """
+    k1 = kl_estimate(logps, ref_logps, estimator="k1").detach()  # (N, T)
+    sequence_kl = torch.where(mask.bool(), k1, torch.zeros_like(k1)).sum(-1)  # (N,), padding never leaks in
+    return scores - beta * sequence_kl.to(scores.dtype), sequence_kl
 
 
 # --- group advantages ------------------------------------------------------------------------------------
@@ -248,8 +285,10 @@ def reinforce_pp_advantages(rewards: torch.Tensor, group_size: int, *, eps: floa
     std of the centred rewards (unlike GRPO, no per-group division); with G = 1 it also subtracts the
     batch mean, the only baseline plain REINFORCE++ has. The statistics here are over completions, one
     value each; OpenRLHF whitens per token, which weights a completion by its length. A KL penalty folded
-    into the reward (as the paper does) belongs in `rewards` before this is called. Gather rewards over
-    processes first. rewards: (N·G,) prompt-major -> (N·G,).
+    into the reward (as the paper does, for G = 1) belongs in `rewards` before this is called
+    (`kl_penalised_scores`: the completion's summed KL, where the paper and OpenRLHF pay each token's KL
+    into that token's reward-to-go). Gather rewards over processes first. rewards: (N·G,) prompt-major
+    -> (N·G,).
     """
     grouped = _grouped(rewards, group_size, "reinforce_pp_advantages")  # (N, G)
     centred = grouped - grouped.mean(dim=1, keepdim=True) if group_size > 1 else grouped
@@ -283,10 +322,18 @@ class AdvantageSpec:
     """Where it comes from."""
     params: tuple[str, ...] = ()
     """The keyword settings `fn` takes (`compute_advantages` refuses any other)."""
+    kl_in_reward: Callable[[int], bool] = lambda group_size: False
+    """`kl_in_reward(G)`: whether its recipe, at G completions per prompt, subtracts β·Σ_t k1 from each
+    completion's reward before the advantages (`kl_penalised_scores`) rather than adding β·KL to the loss;
+    the default of the training config's kl_in_reward."""
+    kl_loss_estimator: str = "k3"
+    """The per-token KL estimator (one of `KL_ESTIMATORS`) its recipe adds to the loss when the KL is not
+    in the reward; the default of the training config's kl_estimator."""
 
 
 ADVANTAGES: dict[str, AdvantageSpec] = {
-    # The GRPO paper's objective (eq. 3) averages each completion's tokens, then the G completions.
+    # The GRPO paper's objective (eq. 3) averages each completion's tokens, then the G completions; its KL
+    # is a k3 loss term (eq. 4), as in TRL's GRPOTrainer (Dr. GRPO keeps GRPO's).
     "grpo": AdvantageSpec(
         grpo_advantages, "sequence_mean", 2, "Shao et al. 2024, DeepSeekMath (arXiv:2402.03300)", ("scale",)
     ),
@@ -297,12 +344,26 @@ ADVANTAGES: dict[str, AdvantageSpec] = {
     # RLOO treats a completion as one action, loss −A·log π(y|x) = −A·Σ_t log π(y_t): every token weighs
     # the same, which "constant" reproduces exactly (scaled by 1/L); "token_mean" would rescale each step by
     # the sampled lengths and "sequence_mean" would down-weight the tokens of long completions.
+    # Its KL is in the reward, r(x, y) − β·log(π(y|x)/π_ref(y|x)) of the whole completion (as TRL's
+    # RLOOTrainer).
     "rloo": AdvantageSpec(
-        rloo_advantages, "constant", 2, "Ahmadian et al. 2024, Back to Basics (arXiv:2402.14740)"
+        rloo_advantages,
+        "constant",
+        2,
+        "Ahmadian et al. 2024, Back to Basics (arXiv:2402.14740)",
+        kl_in_reward=lambda group_size: True,
     ),
-    # REINFORCE++ (and OpenRLHF, where it was introduced) averages over all tokens of the batch.
+    # REINFORCE++ (and OpenRLHF, where it was introduced) averages over all tokens of the batch. Plain
+    # REINFORCE++ (G = 1, OpenRLHF's `reinforce`) has the KL in the reward (the paper's KL penalty); its
+    # authors' REINFORCE++-baseline recipe (G > 1, OpenRLHF's `reinforce_baseline`) a k2 loss term
+    # (`--use_kl_loss --kl_estimator k2`), k2 being the estimator whose gradient is ∇KL(π ‖ π_ref).
     "reinforce_pp": AdvantageSpec(
-        reinforce_pp_advantages, "token_mean", 1, "Hu 2025, REINFORCE++ (arXiv:2501.03262)"
+        reinforce_pp_advantages,
+        "token_mean",
+        1,
+        "Hu 2025, REINFORCE++ (arXiv:2501.03262)",
+        kl_in_reward=lambda group_size: group_size == 1,
+        kl_loss_estimator="k2",
     ),
 }
 
