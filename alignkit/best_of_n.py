@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from alignkit.config import RANGES, ConfigError, at_least, between, validate
 from alignkit.data.prompts import encode_prompt
 from alignkit.evaluate import mean_and_stderr
 from alignkit.generation import _sample_seed, sample_ids
+from alignkit.io import append_jsonl, atomic_write, cut_torn_line, read_jsonl
 from alignkit.models import DTYPES
 from alignkit.retrieval import BACKENDS
 from alignkit.rewards.compose import RewardSet
@@ -164,47 +164,23 @@ def candidate_record(index: int, c: Candidates, chosen: int, extra: dict | None 
     }
 
 
-def append_record(f, record: dict) -> None:
-    """Writes one line and makes it durable (flush + fsync) before returning."""
-    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-
-
 def read_finished(path: Path) -> list[dict]:
     """The whole lines of a candidates.jsonl written by an earlier run. A torn last line (no newline, or
     not JSON: the run was killed while writing it) is cut off the file; a bad line before the last, or
     lines out of prompt order, are an error naming path:line."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    records, good_end, line_no = [], 0, 0
-    while good_end < len(data):
-        line_no += 1
-        end = data.find(b"\n", good_end)
-        last = end == -1 or end == len(data) - 1
-        try:
-            if end == -1:
-                raise ValueError("no newline")
-            record = json.loads(data[good_end:end])
-        except ValueError:
-            if last:
-                print(f"{path}:{line_no}: dropping a torn last line (the run was stopped while writing it)")
-                break
+    found = read_jsonl(path)
+    if found.bad:
+        line, why = found.bad[0]
+        raise ValueError(f"{path}:{line}: {why}; delete the file or set overwrite=true")
+    for expected, (line, record) in enumerate(zip(found.lines, found.records)):
+        if record.get("index") != expected:
             raise ValueError(
-                f"{path}:{line_no}: not a JSON line; delete the file or set overwrite=true"
-            ) from None
-        if record.get("index") != len(records):
-            raise ValueError(
-                f"{path}:{line_no}: index {record.get('index')}, expected {len(records)} (lines are written in "
+                f"{path}:{line}: index {record.get('index')}, expected {expected} (lines are written in "
                 "prompt order); delete the file or set overwrite=true"
             )
-        records.append(record)
-        good_end = end + 1
-    if good_end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(good_end)
-    return records
+    if cut_torn_line(path, found):
+        print(f"{path}:{found.torn_line}: dropping a torn last line (the run was stopped while writing it)")
+    return found.records
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -478,13 +454,11 @@ def run(cfg: GenerateConfig) -> dict:
             extras = chooser(model, todo, range(first, stop)) if chooser else [{} for _ in todo]
             for i, (c, extra) in enumerate(zip(todo, extras)):
                 by = extra["candidates"]["icdpo"] if chooser else c.totals
-                append_record(f, candidate_record(first + i, c, choose_best(by), extra))
+                append_jsonl(f, candidate_record(first + i, c, choose_best(by), extra), durable=True)
     records = read_finished(path)
     summary = summarize(records)
     summary["resumed_at"] = done
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(out / "summary.json")
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(format_summary(summary))
     print(f"candidates in {path}; summary in {out / 'summary.json'}")
     return summary

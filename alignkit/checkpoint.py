@@ -22,7 +22,6 @@ spliced from two; every loop that checkpoints through a Checkpointer gets this w
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -32,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from alignkit.config import config_to_dict
 from alignkit.config_io import load_yaml
+from alignkit.io import follow_umask
 
 # Settings that do not change what a run trains: where and how often it writes, how long it runs (a resumed
 # run may extend max_steps or epochs), the progress bar and memory-only knobs. Everything else is in the
@@ -118,17 +118,6 @@ class Frozen:
 
     def state_dict(self) -> dict:
         return self.state
-
-
-def follow_umask(path: Path) -> None:
-    """Give the file `path`, or every file under the folder `path`, the permissions of a new file under the
-    process umask (safetensors writes its files 0600, where everything else is created 0666 & ~umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    path = Path(path)
-    for file in [path] if path.is_file() else path.rglob("*"):
-        if file.is_file() and not file.is_symlink():
-            file.chmod(0o666 & ~umask)
 
 
 def _is_model(obj) -> bool:

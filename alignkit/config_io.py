@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from alignkit.io import atomic_write
+
 # Organisational sections a YAML file may group top-level keys under (`train: {lr: ...}` or
 # `train.lr=...` on the command line both set `lr`).
 SECTION_ALIASES = ("train",)
@@ -358,10 +360,7 @@ def save_config(cfg: Any, output_dir: str | Path) -> Path:
     path = Path(output_dir) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     text = f"# resolved {type(cfg).__name__}\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, text)
 
 
 def describe(cls: type) -> str:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from alignkit.checkpoint import follow_umask
 from alignkit.config import ConfigError
+from alignkit.io import follow_umask
 from alignkit.models import DTYPES, check_model_source, check_tokenizer_source, freeze
 
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")

@@ -34,6 +34,7 @@ import torch
 from alignkit.config import RANGES, ConfigError, at_least, between, validate
 from alignkit.data.prompts import load_prompt_rows
 from alignkit.generation import eos_ids, sample
+from alignkit.io import atomic_write
 from alignkit.logprobs import completion_logps
 from alignkit.models import DTYPES, check_model_source
 from alignkit.rewards.compose import RewardSet
@@ -413,9 +414,7 @@ def write_reports(report: dict, output_dir: str | Path, stem: str = "eval_report
     for path, text in zip(
         paths, (json.dumps(report, indent=2, ensure_ascii=False) + "\n", format_markdown(report))
     ):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)  # never a half-written report
+        atomic_write(path, text)  # never a half-written report
     return paths
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.checkpoint import follow_umask
+from alignkit.io import follow_umask
 
 
 class BatchForward(torch.nn.Module):

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from alignkit.checkpoint import follow_umask
 from alignkit.config import ConfigError
 from alignkit.data.prepare import cache_dir
 from alignkit.data.tokenize import fingerprint, source_fingerprint
+from alignkit.io import atomic_path
 from alignkit.models import BatchForward, freeze, load_causal_lm
 
 REFERENCE_MODES = ("precomputed", "copy", "adapter")
@@ -133,11 +133,8 @@ def attach_precomputed_reference(
         else:
             ref = reference_logps(forward, examples, collate, cfg.batch_size * 2, accelerator)
             if accelerator.is_main_process:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                save_file(ref, str(tmp))
-                follow_umask(tmp)  # safetensors writes 0600; the run's other files follow the umask
-                tmp.replace(path)
+                with atomic_path(path) as tmp:  # (which also gives safetensors' 0600 file the umask's mode)
+                    save_file(ref, str(tmp))
             log(f"reference log-probs for {len(examples)} {name} examples computed and cached in {path}")
         for column, values in ref.items():
             for e, v in zip(examples, values.tolist()):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import sys
 import traceback
@@ -26,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from alignkit import plots
+from alignkit.io import atomic_write, read_jsonl
 from alignkit.report_html import page
 
 REPORT_FILE = "report.html"
@@ -82,31 +82,6 @@ class Run:
     """What could not be read (a truncated last line, a missing file), shown on the page."""
 
 
-def read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
-    """The JSON objects of a .jsonl file and a note per line skipped: a last line without its newline that
-    does not parse is a line the run was still writing (running or crashed); another bad line is named by
-    number. Never raises for the content."""
-    text = path.read_text(encoding="utf-8", errors="replace")
-    lines = text.split("\n")
-    rows, notes = [], []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):  # no newline after it
-                notes.append(f"{path}:{number}: truncated last line skipped (the run was writing it)")
-            else:
-                notes.append(f"{path}:{number}: not a JSON object, skipped")
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            notes.append(f"{path}:{number}: not a JSON object, skipped")
-    return rows, notes
-
-
 def load_run(path: str | Path, name: str | None = None) -> Run:
     """Read everything a report shows from run directory `path`; a missing piece is simply absent."""
     path = Path(path)
@@ -114,8 +89,9 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
         raise ValueError(f"{path}: not a run directory (does not exist or is not a folder)")
     run = Run(path, name or path.resolve().name)
     if (path / "metrics.jsonl").is_file():
-        run.records, notes = read_jsonl(path / "metrics.jsonl")
-        run.notes += notes
+        found = read_jsonl(path / "metrics.jsonl")
+        run.records = found.records
+        run.notes += found.skipped()
     if (path / "config.yaml").is_file():
         run.config_text = (path / "config.yaml").read_text(encoding="utf-8")
         try:
@@ -138,8 +114,9 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
             else:
                 run.notes.append(f"{file}: not a JSON object; left out")
     if (path / "dropped_rows.jsonl").is_file():
-        run.dropped, notes = read_jsonl(path / "dropped_rows.jsonl")
-        run.notes += notes
+        found = read_jsonl(path / "dropped_rows.jsonl")
+        run.dropped = found.records
+        run.notes += found.skipped()
     if (path / "data_stats.json").is_file():
         try:
             stats = json.loads((path / "data_stats.json").read_text(encoding="utf-8"))
@@ -344,9 +321,7 @@ def write_report(run_dirs: list[str | Path], output_dir: str | Path | None = Non
     )
     out.mkdir(parents=True, exist_ok=True)
     path = out / REPORT_FILE
-    tmp = path.with_name(f".{REPORT_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(path)  # a reader never sees half a page
+    atomic_write(path, html)  # a reader never sees half a page
     return path, notes
 
 

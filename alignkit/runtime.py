@@ -33,6 +33,7 @@ import torch
 
 from alignkit.checkpoint import Checkpointer, Frozen
 from alignkit.config import MIXED_PRECISION, TrainConfig
+from alignkit.io import atomic_write, read_jsonl
 from alignkit.tracking import check_report_to, finish_trackers, log_record, start_trackers
 
 
@@ -309,20 +310,14 @@ class MetricsLogger:
         self.enabled = enabled
         if enabled and resume_step is not None and self.path.exists():
             # Drop lines from steps after the checkpoint: the resumed run writes them again. A line torn by
-            # a kill mid-write is dropped too, and said.
-            kept = []
-            for n, line in enumerate(self.path.read_text().splitlines(), 1):
-                try:
-                    record = json.loads(line) if line.strip() else None
-                except json.JSONDecodeError:
-                    print(f"{self.path}:{n}: not a complete JSON line (a write cut short); dropped")
-                    continue
-                if isinstance(record, dict) and record.get("step", 0) <= resume_step:
-                    kept.append(line)
-            self.path.write_text("".join(line + "\n" for line in kept))
+            # a kill mid-write, or otherwise unreadable, is dropped too, and said.
+            found = read_jsonl(self.path)
+            for note in found.skipped():
+                print(note)
+            kept = [r for r in found.records if r.get("step", 0) <= resume_step]
+            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")
+            atomic_write(self.path, "")
 
     def log(self, record: dict) -> None:
         if self.enabled:

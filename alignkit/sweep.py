@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignkit.config import RANGES, ConfigError, from_mapping, load_config, save_config, validate
+from alignkit.io import atomic_write
 from alignkit.rundir import claim_output_dir, part_resume_flags
 
 GOALS = ("max", "min")
@@ -165,7 +166,7 @@ def write_frontier(cfg: SweepConfig, rows: list[dict], root: Path) -> None:
     front = pareto_front([r["x"] for r in rows], [r["y"] for r in rows], cfg.x_goal, cfg.y_goal)
     for row, on in zip(rows, front):
         row["pareto"] = on
-    (root / "sweep.json").write_text(json.dumps({"x": cfg.x, "y": cfg.y, "points": rows}, indent=1))
+    atomic_write(root / "sweep.json", json.dumps({"x": cfg.x, "y": cfg.y, "points": rows}, indent=1))
 
     def num(v, se):
         return f"{v:.4g}" + (f" ± {se:.2g}" if se is not None else "")
@@ -184,7 +185,7 @@ def write_frontier(cfg: SweepConfig, rows: list[dict], root: Path) -> None:
         "\nOn the front by the means; ± is the standard error over prompts (`alignkit eval`), and points whose "
         "intervals overlap on both axes are not told apart by this evaluation."
     )
-    (root / "sweep.md").write_text("\n".join(table) + "\n")
+    atomic_write(root / "sweep.md", "\n".join(table) + "\n")
     print("\n".join(table))
     if plots.available():
         png = plots.frontier(

@@ -138,12 +138,12 @@ SLOW_RUN = """
 import json, sys, time
 import alignkit.best_of_n as best_of_n
 
-append_record = best_of_n.append_record
-def stalling(f, record):
+append_jsonl = best_of_n.append_jsonl
+def stalling(f, record, **kwargs):
     if record["index"] == 3:  # prompt 3 sampled and scored, not yet written: the test kills the run here
         time.sleep(300)
-    append_record(f, record)
-best_of_n.append_record = stalling
+    append_jsonl(f, record, **kwargs)
+best_of_n.append_jsonl = stalling
 best_of_n.run(best_of_n.GenerateConfig(**json.loads(sys.argv[1])))
 print("finished")
 """
@@ -211,7 +211,7 @@ def test_read_finished_refuses_a_bad_line_before_the_last(tmp_path):
     path = tmp_path / "candidates.jsonl"
     good = json.dumps(_record(0, [1.0], 0))
     path.write_text(good + "\n" + "{not json\n" + json.dumps(_record(1, [1.0], 0)) + "\n")
-    with pytest.raises(ValueError, match=r"candidates.jsonl:2: not a JSON line"):
+    with pytest.raises(ValueError, match=r"candidates.jsonl:2: not JSON; delete the file"):
         read_finished(path)
     path.write_text(good + "\n" + json.dumps(_record(5, [1.0], 0)) + "\n")
     with pytest.raises(ValueError, match=r":2: index 5, expected 1"):

@@ -16,6 +16,7 @@ from alignkit.algorithms import dpo, sft
 from alignkit.cli import main
 from alignkit.config import DPOConfig, SFTConfig
 from alignkit.demo import DEMO_MODEL
+from alignkit.io import read_jsonl
 
 TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 needs_matplotlib = pytest.mark.skipif(not plots.available(), reason="matplotlib is not installed")
@@ -66,12 +67,12 @@ def fake_run(root, name, beta, losses, *, eval_every=2, final=True):
 def test_a_half_written_last_line_is_skipped_and_named(tmp_path):
     rows = [{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.6}]
     path = write_jsonl(tmp_path / "metrics.jsonl", rows, tail='{"step": 3, "lo')
-    got, notes = report.read_jsonl(path)
-    assert got == rows
-    assert notes == [f"{path}:3: truncated last line skipped (the run was writing it)"]
+    found = read_jsonl(path)
+    assert found.records == rows
+    assert found.skipped() == [f"{path}:3: truncated last line skipped (the run was writing it)"]
     path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
-    got, notes = report.read_jsonl(path)
-    assert got == [{"step": 1}, {"step": 2}] and notes == [f"{path}:2: not a JSON object, skipped"]
+    found = read_jsonl(path)
+    assert found.records == [{"step": 1}, {"step": 2}] and found.skipped() == [f"{path}:2: not JSON, skipped"]
 
 
 def test_unreadable_files_become_notes_not_errors(tmp_path):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,8 +31,8 @@ from alignkit.algorithms import dpo
 from alignkit.algorithms.online import Prompts, evaluate_policy, load_prompts, sampling_settings
 from alignkit.config import RANGES, ConfigError, DPOConfig, above, at_least, between, save_config, validate
 from alignkit.data.pairs import GAP_USES, STRATEGIES, JudgeRanking, build_pairs, pair_columns
+from alignkit.io import atomic_write, read_jsonl, write_jsonl
 from alignkit.models import load_causal_lm, load_tokenizer
-from alignkit.report import read_jsonl
 from alignkit.rewards import RewardSet
 from alignkit.rewards.registry import build_reward
 from alignkit.rollout import collect
@@ -137,13 +136,6 @@ def round_prompts(n: int, per_round: int, k: int, seed: int) -> list[int]:
     return [perm[(start + i) % n] for i in range(per_round)]
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """All rows, or nothing: written beside `path` and renamed over it."""
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
-
-
 def sample_round(policy, tokenizer, prompts: Prompts, idx: list[int], scorer, cfg, seed: int) -> list[dict]:
     """One row per prompt: its token ids and its k completions (text, token ids as sampled, per-source
     scores, total)."""
@@ -235,7 +227,7 @@ def round_config(cfg: IterativeDPOConfig, k: int, policy: str, pairs_path: Path)
 def metric_lines(run_dir: Path) -> list[dict]:
     """The complete lines of a run's metrics.jsonl (none when it has none; a line torn by a kill is left out)."""
     path = run_dir / "metrics.jsonl"
-    return read_jsonl(path)[0] if path.exists() else []
+    return read_jsonl(path).records
 
 
 def last_train_metrics(train_dir: Path) -> dict:
@@ -317,12 +309,12 @@ def train(cfg: IterativeDPOConfig) -> Path:
             state.wait_for_everyone()
             if main:
                 parts = [rdir / f"samples.part-{r}.jsonl" for r in range(world)]
-                by_index = {row["index"]: row for part in parts for row in read_jsonl(part)[0]}
+                by_index = {row["index"]: row for part in parts for row in read_jsonl(part).records}
                 write_jsonl(samples_path, [by_index[i] for i in idx])
                 for part in parts:
                     part.unlink()
             state.wait_for_everyone()
-        samples = read_jsonl(samples_path)[0]
+        samples = read_jsonl(samples_path).records
         if have_samples:
             log(f"round {k}: {len(samples)} prompts' samples read back from {samples_path}")
         rows, pair_stats = pair_rows(samples, cfg)
@@ -353,7 +345,7 @@ def train(cfg: IterativeDPOConfig) -> Path:
             record.update(held_out(policy))
         logger.log(record)
         if main:
-            (rdir / "round.json").write_text(json.dumps(record, indent=1))
+            atomic_write(rdir / "round.json", json.dumps(record, indent=1))
     link = root / "final"
     if main:
         if link.is_symlink():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from alignkit.data.tokenize import (
     tokenize_sft_rows,
     tokenizer_fingerprint,
 )
+from alignkit.io import atomic_write
 
 
 def cache_dir(cfg) -> Path:
@@ -57,10 +57,7 @@ def report_dropped(cfg, dropped: list[DroppedRow], log=print) -> None:
     if not dropped:
         return
     path = Path(cfg.output_dir) / "dropped_rows.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(asdict(d), ensure_ascii=False) + "\n" for d in dropped))
-    tmp.replace(path)
+    atomic_write(path, "".join(json.dumps(asdict(d), ensure_ascii=False) + "\n" for d in dropped))
     listed = "\n  ".join(str(d) for d in dropped)
     log(f"{len(dropped)} rows left out of the run (listed in {path}):\n  {listed}")
 
@@ -131,10 +128,7 @@ def write_data_stats(output_dir: str | Path, data: dict) -> None:
     stats = {name: data[f"{name}_stats"] for name in ("train", "eval")}
     stats["unusable rows"] = len(data["dropped"])
     path = Path(output_dir) / "data_stats.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".data_stats.{os.getpid()}.tmp")  # every process writes the same numbers
-    tmp.write_text(json.dumps(stats, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write(path, json.dumps(stats, indent=1) + "\n")  # every process writes the same numbers
 
 
 def prepare_preference_data(cfg, tokenizer, log=print) -> tuple[list[dict], list[dict]]:

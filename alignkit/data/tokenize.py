@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignkit.data.rows import ListwiseRow, LoggedRow, PreferenceRow, SFTRow, UnpairedRow
+from alignkit.io import atomic_write
 
 
 @dataclass
@@ -236,9 +237,5 @@ def cached(path: Path, build):
         with open(path) as f:
             return json.load(f)
     value = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(value, f)
-    tmp.replace(path)
+    atomic_write(path, json.dumps(value))
     return value

@@ -19,6 +19,7 @@ import torch
 from alignkit.config import RANGES, ConfigError, above, at_least, validate
 from alignkit.data.chat import json_type
 from alignkit.data.readers import DataError, Problems, encoding_problems, line_ranges, read_records
+from alignkit.io import append_jsonl, atomic_path, atomic_write
 from alignkit.rewards.compose import RewardSet
 from alignkit.rewards.registry import parse_spec
 
@@ -159,9 +160,8 @@ def run(cfg: ScoreConfig) -> dict:
     out = reward_set.compose(scores)
 
     output = Path(cfg.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    # a crash never leaves a half-written output behind
+    with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for i, row in enumerate(rows):
             scored = dict(row)
             for name, values in scores.items():
@@ -171,8 +171,7 @@ def run(cfg: ScoreConfig) -> dict:
                 scored[f"violated_{name}"] = bool(flags[i])
             for name, flags in fallbacks.items():
                 scored[f"fallback_{name}"] = flags[i]
-            f.write(json.dumps(scored, ensure_ascii=False) + "\n")
-    tmp.replace(output)  # a crash never leaves a half-written output behind
+            append_jsonl(f, scored)
 
     summary = {name: summarize(values) for name, values in scores.items()}
     summary["reward"] = summarize(out.total)
@@ -202,6 +201,6 @@ def run(cfg: ScoreConfig) -> dict:
         "config": asdict(cfg),
     }
     summary_file = summary_path(output)
-    summary_file.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write(summary_file, json.dumps(report, indent=2) + "\n")
     print(f"\nsummary written to {summary_file}")
     return report
