@@ -203,26 +203,19 @@ def write_frontier(cfg: SweepConfig, rows: list[dict], root: Path) -> None:
 def run(cfg: SweepConfig) -> list[dict]:
     """Train and evaluate every point, then write the frontier; returns the points' rows."""
     from alignkit import evaluate
-    from alignkit.cli import _commands
+    from alignkit.commands import COMMANDS
 
     validate(cfg)
-    commands = _commands()
-    if cfg.command not in commands or cfg.command in (
-        "sweep",
-        "eval",
-        "score",
-        "report",
-        "demo",
-        "generate",
-        "diffusion-dpo",
-    ):
+    command = COMMANDS.get(cfg.command)
+    if command is None or not (command.trains and command.language_model):
         raise ConfigError(
             f"command '{cfg.command}' is not a training command whose model alignkit eval can compare"
         )
-    command = commands[cfg.command]
     points = sweep_points(cfg)
     root = Path(cfg.output_dir)
-    configs = [point_config(cfg, command.config, p, root / f"point-{k}") for k, p in enumerate(points, 1)]
+    configs = [
+        point_config(cfg, command.config_class, p, root / f"point-{k}") for k, p in enumerate(points, 1)
+    ]
     for name in (cfg.x, cfg.y):
         check_metric_name(name)
     if not cfg.eval.get("prompts"):

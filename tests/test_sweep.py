@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-import alignkit.cli as cli
+import alignkit.algorithms.online_dpo as online_dpo
 from alignkit.config import ConfigError
 from alignkit.sweep import SweepConfig, grid_points, metric, pareto_front, run
 from tests.conftest import write_prompts
@@ -103,7 +103,7 @@ def test_a_two_point_sweep_is_trained_evaluated_and_resumed(tmp_path, tiny_model
     assert (root / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Resumed with every point evaluated: nothing trains or samples again, and the frontier is the same.
-    monkeypatch.setattr(cli, "_online_dpo", lambda c: pytest.fail("trained again"))
+    monkeypatch.setattr(online_dpo, "train", lambda c: pytest.fail("trained again"))
     import alignkit.evaluate as evaluate
 
     monkeypatch.setattr(evaluate, "run", lambda c: pytest.fail("evaluated again"))
