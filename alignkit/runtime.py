@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.checkpoint import Checkpointer, Frozen
+from alignkit.checkpoint import Checkpointer, Frozen, default_fingerprint
 from alignkit.config import MIXED_PRECISION, TrainConfig
 from alignkit.tracking import check_report_to, finish_trackers, log_record, start_trackers
 
@@ -143,6 +143,7 @@ def claim_run_dir(cfg: TrainConfig, accelerator) -> None:
         resume=cfg.resume,
         overwrite=cfg.overwrite,
         fingerprint=run_fingerprint(cfg),
+        defaults=default_fingerprint(cfg),
         remove=accelerator.is_main_process,
     )
     accelerator.wait_for_everyone()
@@ -543,7 +544,7 @@ def fit(
     if cfg.resume and latest is None and accelerator.is_main_process:
         print(f"resume=true but no checkpoint in {checkpointer.root}; starting from step 0")
     if latest is not None:
-        start = checkpointer.load(latest, named())["step"]
+        start = checkpointer.load(latest, named(), defaults=default_fingerprint(cfg))["step"]
         if accelerator.is_main_process:
             print(f"resumed from {latest} at step {start}")
     logger = MetricsLogger(output_dir, accelerator.is_main_process, start if latest is not None else None)

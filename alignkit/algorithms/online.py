@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from alignkit.checkpoint import Checkpointer
+from alignkit.checkpoint import Checkpointer, default_fingerprint
 from alignkit.config import ConfigError, OnlineConfig, TrainConfig
 from alignkit.data.checks import unknown_text_rows
 from alignkit.data.prepare import _split_eval, bad_rows_list, report_dropped
@@ -326,7 +326,8 @@ class OnlineRun:
         """Restore the newest checkpoint's state when `cfg.resume` (after the optimizer is prepared)."""
         latest = self.checkpointer.latest() if self.cfg.resume else None
         if latest is not None:
-            self.step = self.checkpointer.load(latest, self.named())["step"]
+            defaults = default_fingerprint(self.cfg)
+            self.step = self.checkpointer.load(latest, self.named(), defaults=defaults)["step"]
             self.log(f"resumed from {latest} at step {self.step}")
         resumed = self.step if latest is not None else None
         self.logger = MetricsLogger(self.output_dir, self.accelerator.is_main_process, resumed)
