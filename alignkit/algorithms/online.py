@@ -25,10 +25,11 @@ from alignkit.rollout import Rollout, SamplingSettings, collect
 from alignkit.runtime import DataOrder, Interrupts, MetricsLogger, gather_rows, total_steps
 
 
-def check_online_settings(cfg: OnlineConfig, kl_weight: float) -> None:
+def check_online_settings(cfg: OnlineConfig, kl_weight: float, kl_name: str) -> None:
     """The checks every online method needs before anything loads: rewards given, the rollout cut into
     whole minibatches and micro-batches, clip ranges, and a reference mode that applies online (when
-    `kl_weight` > 0 a reference is held)."""
+    `kl_weight`, the setting `kl_name`, is > 0 a reference is held; at 0 none is, and a `reference.*`
+    setting changed from its default would be ignored, so it is an error naming it)."""
     if not cfg.rewards and not getattr(cfg, "judge", None):  # (online DPO may rank with a judge instead)
         raise ConfigError("rewards is empty: give at least one reward source, e.g. 'rewards=[{type: vader}]'")
     if cfg.max_length != TrainConfig.max_length:
@@ -47,6 +48,15 @@ def check_online_settings(cfg: OnlineConfig, kl_weight: float) -> None:
                 "use reference.mode=copy, or adapter with lora.enabled=true"
             )
         check_reference_settings(cfg)
+        return
+    default = type(cfg)().reference
+    for f in dataclasses.fields(default):
+        value = getattr(cfg.reference, f.name)
+        if value != getattr(default, f.name):
+            raise ConfigError(
+                f"reference.{f.name}={value} has no effect with {kl_name}=0 (no KL term, no reference is "
+                f"held); set {kl_name} > 0 or remove it"
+            )
 
 
 def token_logps(

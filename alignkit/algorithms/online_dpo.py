@@ -97,7 +97,7 @@ def check_settings(cfg: OnlineDPOConfig):
         raise ConfigError(
             "with a judge, rewards only score eval prompts: set eval_data or eval_fraction, or drop rewards"
         )
-    check_online_settings(cfg, cfg.beta)
+    check_online_settings(cfg, cfg.beta, "beta")
     if cfg.ppo_epochs != 1 or cfg.minibatch_size:
         raise ConfigError("online DPO takes one update per rollout: ppo_epochs=1 and minibatch_size=0")
     if cfg.gap_as != "none" and cfg.loss != "sigmoid":

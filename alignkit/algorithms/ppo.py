@@ -79,7 +79,7 @@ def check_settings(cfg: PPOConfig) -> None:
     """Validate the PPO settings before anything loads: every field's range (config.RANGES), then what
     needs several fields at once."""
     validate(cfg)
-    check_online_settings(cfg, cfg.kl_coef)
+    check_online_settings(cfg, cfg.kl_coef, "kl_coef")
     if cfg.target_kl is not None and cfg.kl_coef == 0:
         raise ConfigError("target_kl (adaptive KL control) needs a starting kl_coef > 0")
     if cfg.target_kl is None and cfg.kl_horizon != PPOConfig.kl_horizon:
