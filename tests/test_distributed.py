@@ -419,3 +419,41 @@ def test_two_process_run_with_a_reward_normaliser_resumes_exactly(tmp_path, tiny
     for r in (0, 1):
         resumed, uninterrupted = (load_file(str(d / "dump" / f"rank{r}.safetensors")) for d in (cut, whole))
         assert all(torch.equal(resumed[n], uninterrupted[n]) for n in resumed)
+
+
+def test_two_process_ppo_whitens_with_the_whole_steps_statistics(tmp_path, tiny_model_dir):
+    """PPO's reward whitening (whiten_rewards=true) and advantage whitening take the mean and std of the
+    whole step, every process's completion tokens, as OpenRLHF all-reduces them: each process's whitened
+    values are its slice of one process whitening the step's values (process 1's rewards are ~10x
+    process 0's). The logged score, returns, values and explained variance are the whole step's too."""
+    from alignkit.losses.ppo import explained_variance, whiten
+
+    out = tmp_path / "ppo"
+    argv = online_argv(
+        "ppo", tiny_model_dir, scaled_prompts(tmp_path / "p.jsonl"), out,
+        "max_steps=2", "kl_coef=0.05", "whiten_rewards=true",
+    )  # fmt: skip
+    launch(out / "dump", argv)
+    ranks = [json.loads((out / "dump" / f"rank{r}.online.json").read_text()) for r in (0, 1)]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and [len(rank["whitened"]) for rank in ranks] == [4, 4]  # rewards, advantages
+    for call in range(4):
+        shares = [torch.tensor(rank["whitened"][call]["values"]) for rank in ranks]
+        whole = torch.cat(shares)
+        if call % 2 == 0:  # the rewards: process 1's scale is ~10x process 0's
+            assert shares[1].abs().max() > 3 * shares[0].abs().max(), shares
+        shift_mean = ranks[0]["whitened"][call]["shift_mean"]
+        expected = whiten(whole[None], torch.ones_like(whole[None]), shift_mean=shift_mean)[0]
+        got = torch.cat([torch.tensor(rank["whitened"][call]["whitened"]) for rank in ranks])
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for step, line in enumerate(lines):
+        shaped = {
+            k: torch.tensor([x for rank in ranks for x in rank["shaped"][step][k]])
+            for k in ranks[0]["shaped"][0]
+        }
+        returns, values = shaped["returns"], shaped["values"]
+        assert line["score"] == pytest.approx(float(shaped["scores"].mean()), abs=1e-5)
+        assert line["returns/mean"] == pytest.approx(float(returns.mean()), abs=1e-5)
+        assert line["values/mean"] == pytest.approx(float(values.mean()), abs=1e-5)
+        ev = explained_variance(values[None], returns[None], torch.ones_like(values[None]))
+        assert line["explained_variance"] == pytest.approx(float(ev), abs=1e-5)

@@ -157,23 +157,24 @@ class PPOObjective:
         return loss, metrics
 
 
-def shape_rewards(cfg: PPOConfig, rollout, kl_coef: float) -> dict[str, torch.Tensor]:
+def shape_rewards(cfg: PPOConfig, rollout, kl_coef: float, *, gather=None) -> dict[str, torch.Tensor]:
     """The rollout's per-token rewards, advantages and returns (all (N, T)), from its scores, log-probs
     and values: missing-EOS penalty -> −β·KL per token + score on the last token -> optional reward
-    whitening -> GAE -> whitened advantages."""
+    whitening -> GAE -> whitened advantages. With several processes `gather` (`OnlineRun.gather`) makes
+    both whitenings take the whole step's statistics, every process's completion tokens."""
     mask = rollout.completion_mask
     scores = rollout.scores.clone()
     if cfg.missing_eos_penalty is not None:
         scores = scores - cfg.missing_eos_penalty * (~rollout.ended).float()
     rewards, kl = kl_penalised_rewards(scores, rollout.old_logps, rollout.ref_logps, mask, kl_coef=kl_coef)
     if cfg.whiten_rewards:
-        rewards = whiten(rewards, mask, shift_mean=False)
+        rewards = whiten(rewards, mask, shift_mean=False, gather=gather)
     advantages, returns = gae(rewards, rollout.old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
     return {
         "scores": scores,
         "rewards": rewards,
         "kl": kl,
-        "advantages": whiten(advantages, mask),
+        "advantages": whiten(advantages, mask, gather=gather),
         "raw_advantages": advantages,
         "returns": returns,
     }
@@ -282,7 +283,7 @@ def train(cfg: PPOConfig) -> Path:
                     micro_rows,
                     device,  # noqa: B023
                 )["token_logps"]
-            shaped = shape_rewards(cfg, rollout, kl_ctl.value)
+            shaped = shape_rewards(cfg, rollout, kl_ctl.value, gather=run.gather)
             keep = rollout.ended | (not cfg.mask_truncated)
             loss_mask = rollout.completion_mask * keep.unsqueeze(-1)
             t2 = time.perf_counter()
