@@ -431,6 +431,17 @@ def gather_rows(accelerator, x: torch.Tensor) -> torch.Tensor:
     return torch.cat(rows).to(x.device, x.dtype)
 
 
+def gather_objects(accelerator, obj) -> list:
+    """[`obj` of process 0, of process 1, ...]: a picklable object from every process, in rank order, on
+    every process (`[obj]` on one process). For what is not a tensor of rows: counters whose keys differ
+    between processes, pair statistics."""
+    if accelerator.num_processes == 1:
+        return [obj]
+    from accelerate.utils import gather_object
+
+    return gather_object([obj])
+
+
 class Interrupts:
     """Ctrl-C in a training loop never saves a half step: it finishes the step or drops it.
 

@@ -22,7 +22,7 @@ from alignkit.reference import check_reference_settings, setup_reference
 from alignkit.rewards import RewardSet
 from alignkit.rewards.compose import weighted_sum
 from alignkit.rollout import Rollout, SamplingSettings, collect
-from alignkit.runtime import DataOrder, Interrupts, MetricsLogger, gather_rows, total_steps
+from alignkit.runtime import DataOrder, Interrupts, MetricsLogger, gather_objects, gather_rows, total_steps
 
 
 def check_online_settings(cfg: OnlineConfig, kl_weight: float, kl_name: str) -> None:
@@ -346,6 +346,11 @@ class OnlineRun:
         """`x`'s rows from every process in rank order (`runtime.gather_rows`): what batch statistics,
         the reward normaliser and logged figures must see."""
         return gather_rows(self.accelerator, x)
+
+    def gather_objects(self, obj) -> list:
+        """`obj` of every process, in rank order (`runtime.gather_objects`): counters and statistics that
+        are not rows of a tensor, for the logged figures."""
+        return gather_objects(self.accelerator, obj)
 
     def step_prompts(self) -> tuple[list[int], int]:
         """(prompt indices, sampling seed) of this process for the current step."""

@@ -35,7 +35,7 @@ from alignkit.algorithms.online import (
     with_default_lr,
 )
 from alignkit.config import RANGES, ConfigError, OnlineConfig, above, at_least, validate
-from alignkit.data.pairs import GAP_USES, JudgeRanking, build_pairs, pair_columns
+from alignkit.data.pairs import GAP_USES, JudgeRanking, build_pairs, pair_columns, sum_pair_stats
 from alignkit.losses import get_loss
 from alignkit.models import BatchForward, add_lora, disable_dropout, load_policy, load_tokenizer
 from alignkit.rewards.registry import build_reward
@@ -199,12 +199,11 @@ def train(cfg: OnlineDPOConfig) -> Path:
             pairs, stats = build_pairs(
                 scores, strategy="best_worst", min_gap=cfg.min_gap, completions=completion_ids
             )
-            # Every process takes part in every step (DDP); one with no pair of its own trains on its first
-            # prompt's pair with weight 0, and a step with no pair anywhere is not taken.
-            n_pairs = torch.tensor(float(len(pairs)), device=accelerator.device)
-            total_pairs = (
-                float(accelerator.reduce(n_pairs, "sum")) if accelerator.num_processes > 1 else float(n_pairs)
-            )
+            # The step's pair statistics, over every process's table. Every process takes part in every
+            # step (DDP); one with no pair of its own trains on its first prompt's pair with weight 0, and
+            # a step with no pair anywhere is not taken.
+            stats = sum_pair_stats(run.gather_objects(stats))
+            total_pairs = stats.pairs
             weight = 1.0 if pairs else 0.0
             if not pairs:
                 pairs = build_pairs(scores[:1], min_gap=-1.0)[0]

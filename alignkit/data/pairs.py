@@ -53,6 +53,20 @@ class PairStats:
         return {f"pairs/{k}": float(v) for k, v in vars(self).items() if v is not None}
 
 
+def sum_pair_stats(parts: list[PairStats]) -> PairStats:
+    """The statistics of several tables taken as one (e.g. every process's share of a step): the counts
+    summed, `gap_mean` the mean gap over every kept pair (each part's weighted by its pairs)."""
+    total = PairStats(
+        prompts=sum(p.prompts for p in parts),
+        pairs=sum(p.pairs for p in parts),
+        below_gap=sum(p.below_gap for p in parts),
+        duplicates=sum(p.duplicates for p in parts),
+    )
+    if total.pairs:
+        total.gap_mean = sum(p.gap_mean * p.pairs for p in parts if p.pairs) / total.pairs
+    return total
+
+
 def build_pairs(
     scores: torch.Tensor,
     *,

@@ -2,7 +2,7 @@
 that process's trained parameters to DUMP_DIR/rank<r>.safetensors when `fit` returns, so a test can check
 that the processes agree and equal a 1-process run. Online commands also write what each process
 sampled and trained on to DUMP_DIR/rank<r>.online.json: per step, its rollout's scores, completion
-lengths and EOS flags, (GRPO) the advantages of every micro-batch the loss saw, and (PPO) every whitening's
+lengths and EOS flags, (GRPO) the advantages of every micro-batch the loss saw, (online-dpo) its pair statistics, and (PPO) every whitening's
 entries before and after and what the logged figures are taken from.
 
     torchrun --standalone --nproc_per_node 2 tests/distributed/driver.py DUMP_DIR dpo model=... ...
@@ -55,7 +55,7 @@ def dumping(fit, dump_dir: Path):
     return fit_and_dump
 
 
-ONLINE: dict[str, list] = {"rollouts": [], "advantages": [], "whitened": [], "shaped": []}
+ONLINE: dict[str, list] = {"rollouts": [], "advantages": [], "whitened": [], "shaped": [], "pairs": []}
 
 
 def recording_rollouts(collect):
@@ -67,6 +67,7 @@ def recording_rollouts(collect):
                     "scores": rollout.scores.tolist(),
                     "lengths": rollout.completion_lengths,
                     "ended": rollout.ended.tolist(),
+                    "reward_stats": rollout.reward_stats,
                 }
             )
         return rollout
@@ -116,6 +117,19 @@ def recording_shaped(shape_rewards):
     return record
 
 
+def recording_pairs(build_pairs):
+    """online-dpo's build_pairs, recording each step's pair statistics of this process's table (not the
+    weight-0 stand-in pair of a process that has none)."""
+
+    def record(scores, **kwargs):
+        pairs, stats = build_pairs(scores, **kwargs)
+        if "completions" in kwargs:
+            ONLINE["pairs"].append({"stats": stats.as_dict(), "gaps": [p.gap for p in pairs]})
+        return pairs, stats
+
+    return record
+
+
 def dumping_before_save(save_final, dump_dir: Path):
     """For the online loops, which own their loop: dump when the final model is saved."""
 
@@ -136,6 +150,8 @@ def run(dump_dir: str, argv: list[str]) -> int:
     alignkit.algorithms.online.collect = recording_rollouts(alignkit.algorithms.online.collect)
     grpo = alignkit.algorithms.grpo
     grpo.clipped_surrogate = recording_advantages(grpo.clipped_surrogate)
+    online_dpo = alignkit.algorithms.online_dpo
+    online_dpo.build_pairs = recording_pairs(online_dpo.build_pairs)
     ppo = alignkit.algorithms.ppo
     ppo.whiten = recording_whitening(ppo.whiten)
     ppo.shape_rewards = recording_shaped(ppo.shape_rewards)
