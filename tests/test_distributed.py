@@ -482,3 +482,40 @@ def test_two_process_online_dpo_logs_the_whole_steps_pair_statistics(tmp_path, t
             assert line["pairs/gap_mean"] == pytest.approx(sum(gaps) / len(gaps))
         else:
             assert "pairs/gap_mean" not in line
+
+
+def test_two_process_reward_source_counters_are_reduced_over_processes(tmp_path, tiny_model_dir):
+    """The reward sources' own figures are the whole step's: a judge's counters (answers, fallbacks,
+    requests, ...: cumulative counts) summed over the processes, a classifier ensemble's uncertainty (a
+    mean over the rows it scored) averaged over them weighted by rows (equal here: 4 rows each)."""
+    from conftest import TINYSTORIES, build_tiny_classifier
+
+    words = ["tom", "went", "out", "it", "was", "big", ".", *map(str, range(16))]
+    classifier = build_tiny_classifier(tmp_path / "cls", ["reward_0", "reward_1", "reward_2"], words)
+    judge = (
+        f"{{type: judge, name: judge, backend: local, model: {TINYSTORIES}, template: toxicity, "
+        "max_tokens: 4, parse_retries: 0, device: cpu, weight: 0.1}"
+    )
+    rewards = f"rewards=[{{type: classifier, name: cls, model: {classifier}, text: '{{prompt}} {{response}}'}}, {judge}]"
+    out = tmp_path / "grpo"
+    argv = online_argv(
+        "grpo", tiny_model_dir, scaled_prompts(tmp_path / "p.jsonl"), out, "num_generations=2", "max_steps=2", "beta=0"
+    )  # fmt: skip
+    argv = [rewards if a.startswith("rewards=") else a for a in argv]
+    launch(out / "dump", argv)
+    ranks = [json.loads((out / "dump" / f"rank{r}.online.json").read_text()) for r in (0, 1)]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2
+    for step, line in enumerate(lines):
+        shares = [rank["rollouts"][step]["reward_stats"] for rank in ranks]
+        counters = {k.split("/", 1)[1] for share in shares for k in share if k.startswith("judge/")}
+        counters -= {"mean", "std", "min", "max"}  # (the scores' own statistics: gathered separately)
+        assert {"answers", "scored", "backend_requests"} <= counters
+        for name in counters:
+            expected = sum(share.get(f"judge/{name}", 0.0) for share in shares)
+            assert line[f"rewards/judge/{name}"] == expected, (step, name)
+        uncertainty = [share["cls/uncertainty"] for share in shares]
+        assert (
+            abs(uncertainty[0] - uncertainty[1]) > 1e-8
+        )  # the processes differ (a random tiny BERT: a little)
+        assert line["rewards/cls/uncertainty"] == pytest.approx(sum(uncertainty) / 2, rel=1e-12)

@@ -282,7 +282,7 @@ def train(cfg: GRPOConfig) -> Path:
             trained = {k: torch.stack([r[k] for r in records]).mean() for k in records[0]}
             record = {
                 **as_numbers(trained),
-                **rollout_metrics(rollout, advantages, gather=run.gather),
+                **rollout_metrics(rollout, advantages, gather=run.gather, gather_objects=run.gather_objects),
                 **kl_metrics,
             }
             record.update(timing_metrics(rollout, (t0, t1, t2, t3), passes=cfg.ppo_epochs))

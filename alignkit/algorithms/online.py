@@ -20,6 +20,7 @@ from alignkit.logprobs import sequence_logps
 from alignkit.losses.policy import frac_reward_zero_std
 from alignkit.reference import check_reference_settings, setup_reference
 from alignkit.rewards import RewardSet
+from alignkit.rewards.base import reduce_metrics
 from alignkit.rewards.compose import weighted_sum
 from alignkit.rollout import Rollout, SamplingSettings, collect
 from alignkit.runtime import DataOrder, Interrupts, MetricsLogger, gather_objects, gather_rows, total_steps
@@ -117,15 +118,18 @@ def minibatches(n: int, cfg: OnlineConfig, seed: int) -> list[list[list[int]]]:
 
 
 def rollout_metrics(
-    rollout: Rollout, advantages: torch.Tensor | None = None, *, gather=None
+    rollout: Rollout, advantages: torch.Tensor | None = None, *, gather=None, gather_objects=None
 ) -> dict[str, float]:
-    """What an expert reads first about a rollout: reward per source, zero-std groups, lengths, EOS, and the
+    """What an expert reads first about a rollout: reward per source, zero-std groups, lengths, EOS, the
+    reward sources' own figures (a judge's retries and fallbacks, an ensemble's uncertainty), and the
     advantages' mean and std when the method has advantages (any shape: they are flattened).
 
     With several processes `gather` ((n, ...) -> every process's rows in rank order, `OnlineRun.gather`)
-    makes every figure the whole step's, as one process holding every row would log it; the reward
-    sources' own counters (e.g. a judge's retries) stay this process's."""
+    and `gather_objects` (an object -> every process's, `OnlineRun.gather_objects`) make every figure the
+    whole step's, as one process holding every row would log it: the sources' counters summed over the
+    processes, their means weighted by rows (`rewards.base.reduce_metrics`)."""
     gather = gather or (lambda x: x)
+    gather_objects = gather_objects or (lambda x: [x])
     scores = gather(rollout.scores)  # (N·W,) prompt-major: each process holds whole groups
     lengths = gather(torch.tensor(rollout.completion_lengths, dtype=torch.float32))
     out = {
@@ -140,13 +144,15 @@ def rollout_metrics(
         out["advantages/std"] = float(advantages.std(unbiased=False))
     if rollout.group_size > 1:  # (with one completion per prompt every group is trivially unanimous)
         out["frac_reward_zero_std"] = float(frac_reward_zero_std(scores, rollout.group_size))
-    out.update({f"rewards/{k}": v for k, v in rollout.reward_stats.items() if not k.startswith("reward/")})
-    for name, source in rollout.source_scores.items():  # (over every process, replacing this one's)
+    for name, source in rollout.source_scores.items():  # (over every process)
         source = gather(source)
         out[f"rewards/{name}/mean"] = float(source.mean())
         out[f"rewards/{name}/std"] = float(source.std(unbiased=False))
         out[f"rewards/{name}/min"] = float(source.min())
         out[f"rewards/{name}/max"] = float(source.max())
+    parts = gather_objects(rollout.source_metrics)  # every process's {source: its metrics()}
+    for name in rollout.source_metrics:
+        out.update({f"rewards/{name}/{k}": v for k, v in reduce_metrics([p[name] for p in parts]).items()})
     return out
 
 

@@ -246,7 +246,12 @@ def train(cfg: OnlineDPOConfig) -> Path:
                 )
                 record.update(as_numbers(trained))
             t3 = time.perf_counter()
-            record.update({**rollout_metrics(rollout, gather=run.gather), **stats.as_dict()})
+            record.update(
+                {
+                    **rollout_metrics(rollout, gather=run.gather, gather_objects=run.gather_objects),
+                    **stats.as_dict(),
+                }
+            )
             record.update(timing_metrics(rollout, (t0, t1, t2, t3), passes=1.0))
             postfix = {"reward": record["reward"], "pairs": record["pairs/pairs"]}
             run.finish_step(record, evaluate if prompts.eval_rows and rewards is not None else None, postfix)

@@ -331,7 +331,12 @@ def train(cfg: PPOConfig) -> Path:
             trained = {k: torch.stack([r[k] for r in records]).mean() for k in records[0]}
             mask = rollout.completion_mask.bool()
             raw_advantages = shaped["raw_advantages"][mask]
-            record = {**as_numbers(trained), **rollout_metrics(rollout, raw_advantages, gather=run.gather)}
+            record = {
+                **as_numbers(trained),
+                **rollout_metrics(
+                    rollout, raw_advantages, gather=run.gather, gather_objects=run.gather_objects
+                ),
+            }
             returns, values = run.gather(shaped["returns"][mask]), run.gather(rollout.old_values[mask])
             record.update(
                 {

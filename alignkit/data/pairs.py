@@ -175,11 +175,9 @@ class JudgeRanking:
             raise ValueError(f"{len(responses)} completions do not split into groups of {K}")
         groups = [responses[g : g + K] for g in range(0, len(responses), K)]
         total = round_robin_scores(self.judge.compare, prompts[::K], groups).flatten().float()
-        stats = {
-            **_describe(total, "judge_win_rate"),
-            **{f"judge/{k}": v for k, v in self.judge.metrics().items()},
-        }
-        return RewardOutput(total, {"judge_win_rate": total}, stats=stats)
+        metrics = self.judge.metrics()
+        stats = {**_describe(total, "judge_win_rate"), **{f"judge/{k}": float(v) for k, v in metrics.items()}}
+        return RewardOutput(total, {"judge_win_rate": total}, stats=stats, metrics={"judge": metrics})
 
     def state_dict(self) -> dict:
         return {}
