@@ -370,7 +370,7 @@ def check_config(cfg: GenerateConfig) -> None:
 def claim(cfg: GenerateConfig) -> None:
     """The refuse / resume / overwrite rules of `rundir.claim_output_dir`; resuming under other settings
     than the run's config.yaml (bar RESUMABLE_CHANGES) is an error naming them."""
-    from alignkit.checkpoint import fingerprint_differences, load_yaml, run_fingerprint
+    from alignkit.checkpoint import default_fingerprint, fingerprint_differences, load_yaml, run_fingerprint
     from alignkit.rundir import claim_output_dir
 
     out = Path(cfg.output_dir)
@@ -388,7 +388,7 @@ def claim(cfg: GenerateConfig) -> None:
     current = run_fingerprint(cfg)
     for key in RESUMABLE_CHANGES:
         saved.pop(key, None), current.pop(key, None)
-    differences = fingerprint_differences(saved, current)
+    differences = fingerprint_differences(saved, current, default_fingerprint(cfg))
     if differences:
         raise ConfigError(
             f"{out} was generated with other settings: {'; '.join(differences)}. Resume with its own "

@@ -75,14 +75,30 @@ def run_fingerprint(cfg) -> dict:
     return json.loads(json.dumps(flat))  # as it reads back from state.json (tuples become lists)
 
 
-def fingerprint_differences(saved: dict, current: dict) -> list[str]:
-    """'key (checkpoint: A, now: B)' for every setting that differs between two fingerprints."""
+def default_fingerprint(cfg) -> dict:
+    """The fingerprint of `cfg`'s config class at its defaults: what a setting newer than a checkpoint is
+    taken to have been when the checkpoint was written."""
+    return run_fingerprint(type(cfg)())
+
+
+def fingerprint_differences(saved: dict, current: dict, defaults: dict | None = None) -> list[str]:
+    """'key (checkpoint: A, now: B)' for every setting that differs between two fingerprints.
+
+    A setting the checkpoint predates (absent from `saved`, written before the setting existed) is no
+    change when its current value is its default in `defaults` (`default_fingerprint`): the older code ran
+    as the default does. At any other value it is one, reported as 'checkpoint: absent'."""
+    defaults = defaults or {}
     keys = [*saved, *(k for k in current if k not in saved)]
     missing = object()
+
+    def shown(fingerprint: dict, k: str) -> str:
+        return json.dumps(fingerprint[k]) if k in fingerprint else "absent"
+
     return [
-        f"{k} (checkpoint: {json.dumps(saved.get(k))}, now: {json.dumps(current.get(k))})"
+        f"{k} (checkpoint: {shown(saved, k)}, now: {shown(current, k)})"
         for k in keys
         if saved.get(k, missing) != current.get(k, missing)
+        and not (k not in saved and k in defaults and current[k] == defaults[k])
     ]
 
 
@@ -94,13 +110,14 @@ def saved_fingerprint(output_dir: Path) -> dict | None:
     return run_fingerprint(load_yaml(path.read_text()) or {})
 
 
-def check_fingerprint(path: Path, current: dict | None) -> None:
+def check_fingerprint(path: Path, current: dict | None, defaults: dict | None = None) -> None:
     """ValueError naming the differing settings when checkpoint `path` was written under other settings
-    that shape training than `current` (checkpoints without a fingerprint, and current=None, pass)."""
+    that shape training than `current` (checkpoints without a fingerprint, and current=None, pass);
+    `defaults`: see `fingerprint_differences`."""
     saved = json.loads((Path(path) / "state.json").read_text()).get("fingerprint")
     if saved is None or current is None:
         return
-    differences = fingerprint_differences(saved, current)
+    differences = fingerprint_differences(saved, current, defaults)
     if differences:
         raise ValueError(
             f"{path} was written with other settings than this run's: {'; '.join(differences)}. Resume "
@@ -171,14 +188,16 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def load(self, path: Path, state: dict[str, object]) -> dict:
+    def load(self, path: Path, state: dict[str, object], *, defaults: dict | None = None) -> dict:
         """Restore every object of `state` from checkpoint `path` (and the RNG states); returns the
         checkpoint's state.json record (its `step` and the `extra` it was saved with).
 
         An object the checkpoint lacks, a model weight the model lacks, or settings that shape training other
         than this run's fingerprint, is an error: a checkpoint of another run or model must not be half-loaded.
+        `defaults` (the run's `default_fingerprint`) lets a checkpoint that predates a setting resume at
+        that setting's default.
         """
-        check_fingerprint(path, saved_fingerprint(self.root.parent))
+        check_fingerprint(path, saved_fingerprint(self.root.parent), defaults)
         for name, obj in state.items():
             if _is_model(obj):
                 file = path / f"{name}.safetensors"

@@ -57,6 +57,9 @@ class Rollout:
     reward_stats: dict[str, float]
     """Per-source statistics of the batch, as the reward set reports them."""
     group_size: int
+    source_metrics: dict[str, dict] = field(default_factory=dict)
+    """Every reward source's own `metrics()` (counters, `RowMean`s), by name, for reducing over processes
+    (`rewards.base.reduce_metrics`)."""
     old_logps: torch.Tensor | None = None
     """(N, T) per-token log-probs of the policy that sampled, under its sampling distribution (tempered,
     and renormalised over the top_k / top_p kept set)."""
@@ -211,6 +214,7 @@ def collect(
         source_scores={k: v.float() for k, v in scored.scores.items()},
         reward_stats=scored.stats,
         group_size=group_size,
+        source_metrics=scored.metrics,
         timings={"generation": t1 - t0, "scoring": t2 - t1},
         **encoder,
     )

@@ -69,6 +69,7 @@ def claim_output_dir(
     resume: bool = False,
     overwrite: bool = False,
     fingerprint: dict | None = None,
+    defaults: dict | None = None,
     patterns: tuple[str, ...] = RUN_FILES,
     remove: bool = True,
 ) -> None:
@@ -76,7 +77,8 @@ def claim_output_dir(
 
     Nothing there, or nothing a run produced (a config.yaml alone: the run stopped before its first step):
     go. resume=true: go from the last checkpoint, but one written under other settings than `fingerprint`
-    is an error naming them, and so is a run there with no checkpoint (resuming would start it again). overwrite=true: the files of the run there are deleted first (when
+    is an error naming them (a setting the checkpoint predates counts only at a value other than its
+    default in `defaults`: `checkpoint.fingerprint_differences`), and so is a run there with no checkpoint (resuming would start it again). overwrite=true: the files of the run there are deleted first (when
     `remove`; in a multi-process run only the main process removes). Otherwise: ConfigError naming what is
     there and the ways on.
     """
@@ -97,7 +99,7 @@ def claim_output_dir(
                 f"resume=true, but output_dir {root} holds a run with no checkpoint to continue from "
                 f"({_describe(root, found)}); replace it with overwrite=true, or choose another output_dir"
             )
-        check_fingerprint(latest, fingerprint)
+        check_fingerprint(latest, fingerprint, defaults)
         return
     if overwrite:
         if remove:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.checkpoint import Checkpointer, Frozen
+from alignkit.checkpoint import Checkpointer, Frozen, default_fingerprint
 from alignkit.config import MIXED_PRECISION, TrainConfig
 from alignkit.io import atomic_write, read_jsonl
 from alignkit.tracking import check_report_to, finish_trackers, log_record, start_trackers
@@ -144,6 +144,7 @@ def claim_run_dir(cfg: TrainConfig, accelerator) -> None:
         resume=cfg.resume,
         overwrite=cfg.overwrite,
         fingerprint=run_fingerprint(cfg),
+        defaults=default_fingerprint(cfg),
         remove=accelerator.is_main_process,
     )
     accelerator.wait_for_everyone()
@@ -425,6 +426,17 @@ def gather_rows(accelerator, x: torch.Tensor) -> torch.Tensor:
     return torch.cat(rows).to(x.device, x.dtype)
 
 
+def gather_objects(accelerator, obj) -> list:
+    """[`obj` of process 0, of process 1, ...]: a picklable object from every process, in rank order, on
+    every process (`[obj]` on one process). For what is not a tensor of rows: counters whose keys differ
+    between processes, pair statistics."""
+    if accelerator.num_processes == 1:
+        return [obj]
+    from accelerate.utils import gather_object
+
+    return gather_object([obj])
+
+
 class Interrupts:
     """Ctrl-C in a training loop never saves a half step: it finishes the step or drops it.
 
@@ -538,7 +550,7 @@ def fit(
     if cfg.resume and latest is None and accelerator.is_main_process:
         print(f"resume=true but no checkpoint in {checkpointer.root}; starting from step 0")
     if latest is not None:
-        start = checkpointer.load(latest, named())["step"]
+        start = checkpointer.load(latest, named(), defaults=default_fingerprint(cfg))["step"]
         if accelerator.is_main_process:
             print(f"resumed from {latest} at step {start}")
     logger = MetricsLogger(output_dir, accelerator.is_main_process, start if latest is not None else None)

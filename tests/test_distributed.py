@@ -226,7 +226,7 @@ def test_two_process_online_dpo_keeps_the_processes_in_step(tmp_path, tiny_model
     ranks_agree_and_moved(out / "dump", tiny_model_dir)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    assert any(r["pairs/below_gap"] > 0 for r in records)  # (rank 0's own count) the tie path ran
+    assert any(r["pairs/below_gap"] > 0 for r in records)  # the tie path ran
 
 
 def test_two_process_iterative_dpo_shares_the_sampling_and_trains_as_one(tmp_path, tiny_model_dir):
@@ -419,3 +419,103 @@ def test_two_process_run_with_a_reward_normaliser_resumes_exactly(tmp_path, tiny
     for r in (0, 1):
         resumed, uninterrupted = (load_file(str(d / "dump" / f"rank{r}.safetensors")) for d in (cut, whole))
         assert all(torch.equal(resumed[n], uninterrupted[n]) for n in resumed)
+
+
+def test_two_process_ppo_whitens_with_the_whole_steps_statistics(tmp_path, tiny_model_dir):
+    """PPO's reward whitening (whiten_rewards=true) and advantage whitening take the mean and std of the
+    whole step, every process's completion tokens, as OpenRLHF all-reduces them: each process's whitened
+    values are its slice of one process whitening the step's values (process 1's rewards are ~10x
+    process 0's). The logged score, returns, values and explained variance are the whole step's too."""
+    from alignkit.losses.ppo import explained_variance, whiten
+
+    out = tmp_path / "ppo"
+    argv = online_argv(
+        "ppo", tiny_model_dir, scaled_prompts(tmp_path / "p.jsonl"), out,
+        "max_steps=2", "kl_coef=0.05", "whiten_rewards=true",
+    )  # fmt: skip
+    launch(out / "dump", argv)
+    ranks = [json.loads((out / "dump" / f"rank{r}.online.json").read_text()) for r in (0, 1)]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and [len(rank["whitened"]) for rank in ranks] == [4, 4]  # rewards, advantages
+    for call in range(4):
+        shares = [torch.tensor(rank["whitened"][call]["values"]) for rank in ranks]
+        whole = torch.cat(shares)
+        if call % 2 == 0:  # the rewards: process 1's scale is ~10x process 0's
+            assert shares[1].abs().max() > 3 * shares[0].abs().max(), shares
+        shift_mean = ranks[0]["whitened"][call]["shift_mean"]
+        expected = whiten(whole[None], torch.ones_like(whole[None]), shift_mean=shift_mean)[0]
+        got = torch.cat([torch.tensor(rank["whitened"][call]["whitened"]) for rank in ranks])
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for step, line in enumerate(lines):
+        shaped = {
+            k: torch.tensor([x for rank in ranks for x in rank["shaped"][step][k]])
+            for k in ranks[0]["shaped"][0]
+        }
+        returns, values = shaped["returns"], shaped["values"]
+        assert line["score"] == pytest.approx(float(shaped["scores"].mean()), abs=1e-5)
+        assert line["returns/mean"] == pytest.approx(float(returns.mean()), abs=1e-5)
+        assert line["values/mean"] == pytest.approx(float(values.mean()), abs=1e-5)
+        ev = explained_variance(values[None], returns[None], torch.ones_like(values[None]))
+        assert line["explained_variance"] == pytest.approx(float(ev), abs=1e-5)
+
+
+def test_two_process_online_dpo_logs_the_whole_steps_pair_statistics(tmp_path, tiny_model_dir):
+    """online-dpo's pairs/* figures are the whole step's: counts (prompts, pairs, below_gap, duplicates)
+    summed over the processes' tables, the mean gap over every kept pair. Process 1's rewards are ~10x
+    process 0's, so with min_gap=2 its pairs clear the gap where process 0's mostly do not."""
+    out = tmp_path / "online-dpo"
+    argv = online_argv(
+        "online-dpo", tiny_model_dir, scaled_prompts(tmp_path / "p.jsonl"), out,
+        "num_generations=2", "max_steps=3", "min_gap=2",
+    )  # fmt: skip
+    launch(out / "dump", argv)
+    ranks = [json.loads((out / "dump" / f"rank{r}.online.json").read_text()) for r in (0, 1)]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 3
+    shares = [[rank["pairs"][step]["stats"] for rank in ranks] for step in range(3)]
+    assert any(a["pairs/below_gap"] != b["pairs/below_gap"] for a, b in shares)  # the processes differ
+    for line, (a, b), step in zip(lines, shares, range(3)):
+        for key in ("pairs/prompts", "pairs/pairs", "pairs/below_gap", "pairs/duplicates"):
+            assert line[key] == a[key] + b[key], (step, key)
+        gaps = [g for rank in ranks for g in rank["pairs"][step]["gaps"]]
+        if gaps:
+            assert line["pairs/gap_mean"] == pytest.approx(sum(gaps) / len(gaps))
+        else:
+            assert "pairs/gap_mean" not in line
+
+
+def test_two_process_reward_source_counters_are_reduced_over_processes(tmp_path, tiny_model_dir):
+    """The reward sources' own figures are the whole step's: a judge's counters (answers, fallbacks,
+    requests, ...: cumulative counts) summed over the processes, a classifier ensemble's uncertainty (a
+    mean over the rows it scored) averaged over them weighted by rows (equal here: 4 rows each)."""
+    from conftest import TINYSTORIES, build_tiny_classifier
+
+    words = ["tom", "went", "out", "it", "was", "big", ".", *map(str, range(16))]
+    classifier = build_tiny_classifier(tmp_path / "cls", ["reward_0", "reward_1", "reward_2"], words)
+    judge = (
+        f"{{type: judge, name: judge, backend: local, model: {TINYSTORIES}, template: toxicity, "
+        "max_tokens: 4, parse_retries: 0, device: cpu, weight: 0.1}"
+    )
+    rewards = f"rewards=[{{type: classifier, name: cls, model: {classifier}, text: '{{prompt}} {{response}}'}}, {judge}]"
+    out = tmp_path / "grpo"
+    argv = online_argv(
+        "grpo", tiny_model_dir, scaled_prompts(tmp_path / "p.jsonl"), out, "num_generations=2", "max_steps=2", "beta=0"
+    )  # fmt: skip
+    argv = [rewards if a.startswith("rewards=") else a for a in argv]
+    launch(out / "dump", argv)
+    ranks = [json.loads((out / "dump" / f"rank{r}.online.json").read_text()) for r in (0, 1)]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2
+    for step, line in enumerate(lines):
+        shares = [rank["rollouts"][step]["reward_stats"] for rank in ranks]
+        counters = {k.split("/", 1)[1] for share in shares for k in share if k.startswith("judge/")}
+        counters -= {"mean", "std", "min", "max"}  # (the scores' own statistics: gathered separately)
+        assert {"answers", "scored", "backend_requests"} <= counters
+        for name in counters:
+            expected = sum(share.get(f"judge/{name}", 0.0) for share in shares)
+            assert line[f"rewards/judge/{name}"] == expected, (step, name)
+        uncertainty = [share["cls/uncertainty"] for share in shares]
+        assert (
+            abs(uncertainty[0] - uncertainty[1]) > 1e-8
+        )  # the processes differ (a random tiny BERT: a little)
+        assert line["rewards/cls/uncertainty"] == pytest.approx(sum(uncertainty) / 2, rel=1e-12)

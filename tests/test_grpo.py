@@ -233,6 +233,11 @@ def test_bad_prompts_and_reward_sources_fail_before_training(tmp_path, tiny_mode
         ({"beta": 0.0, "kl_importance_correction": True}, "kl_importance_correction=True has no effect with"),
         ({"beta": 0.0, "kl_in_reward": True}, "kl_in_reward=True has no effect with beta=0"),
         (
+            {"beta": 0.0, "reference": {"mode": "copy", "model": "other"}},
+            "reference.model=other has no effect with beta=0",
+        ),
+        ({"beta": 0.0, "reference": {"mode": "adapter"}}, "reference.mode=adapter has no effect with beta=0"),
+        (
             {"advantage": "rloo", "kl_estimator": "k3"},
             "kl_estimator=k3 cannot be used with the KL in the reward",
         ),

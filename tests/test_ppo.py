@@ -322,6 +322,10 @@ def test_missing_eos_penalty_and_reward_shaping_by_hand():
         ({"vf_coef": 0.0}, "'vf_coef' must be"),
         ({"minibatch_size": 3}, "minibatch_size=3 must divide the rollout"),
         ({"reference": {"mode": "precomputed"}}, "does not apply to online training"),
+        (
+            {"kl_coef": 0.0, "reference": {"mode": "copy", "model": "other"}},
+            "reference.model=other has no effect with kl_coef=0",
+        ),
     ],
 )
 def test_settings_are_checked_before_anything_loads(tmp_path, overrides, message):

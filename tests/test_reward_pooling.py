@@ -185,7 +185,8 @@ def test_ensemble_members_are_seeded_and_scored_as_mean_and_std(bert_dir, tmp_pa
     mean, std = members.mean(0), ((members - members.mean(0)) ** 2).mean(0).sqrt()  # population std
     source = build_reward(spec)
     torch.testing.assert_close(source.score(prompts, chosen), mean, atol=1e-6, rtol=0)
-    assert source.metrics()["uncertainty"] == pytest.approx(float(std.mean()), abs=1e-6)
+    assert source.metrics()["uncertainty"].value == pytest.approx(float(std.mean()), abs=1e-6)
+    assert source.metrics()["uncertainty"].rows == len(chosen)  # (a mean over the rows scored)
     assert float(mean.mean()) == pytest.approx(logged["rewards/chosen"], abs=1e-5)  # save/load round trip
     pessimistic = build_reward({**spec, "uncertainty_weight": 0.5}).score(prompts, chosen)
     torch.testing.assert_close(pessimistic, mean - 0.5 * std, atol=1e-6, rtol=0)

@@ -373,3 +373,17 @@ def test_score_command_reports_bad_rows_and_bad_sources(tmp_path, capsys):
     )
     assert main(["score", f"data={data}", f"output={output}"]) == 1
     assert "no reward sources" in capsys.readouterr().err
+
+
+def test_source_metrics_reduce_over_processes_as_counts_and_row_weighted_means():
+    """reduce_metrics: what one process holding every row would report. Counts are summed, a key one
+    process lacks counting 0 there; a RowMean is averaged by rows: (0.5·2 + 0.2·6) / 8 = 0.275."""
+    from alignkit.rewards.base import RowMean, reduce_metrics
+
+    parts = [
+        {"fallbacks": 2.0, "uncertainty": RowMean(0.5, 2)},
+        {"fallbacks": 1.0, "fallbacks_timeout": 1.0, "uncertainty": RowMean(0.2, 6)},
+    ]
+    out = reduce_metrics(parts)
+    assert out == {"fallbacks": 3.0, "uncertainty": pytest.approx(0.275), "fallbacks_timeout": 1.0}
+    assert reduce_metrics(parts[:1]) == {"fallbacks": 2.0, "uncertainty": 0.5}  # one process: as it is

@@ -187,3 +187,22 @@ def test_demo_refuses_a_used_output_dir(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "already holds a run (demo_report.json)" in err and "overwrite=true" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_checkpoint_that_predates_a_setting_resumes_at_its_default(tmp_path, tiny_model_dir):
+    """A run checkpointed before a setting existed (its fingerprint lacks the key) resumes when the setting
+    is at its default, as the older code ran; at any other value the change is named and refused."""
+    sft.train(sft_config(tmp_path, tiny_model_dir, max_steps=4, save_steps=2))
+    for checkpoint in (tmp_path / "out" / "checkpoints").iterdir():  # as an older alignkit wrote them
+        state = json.loads((checkpoint / "state.json").read_text())
+        del state["fingerprint"]["chat_template_kwargs"], state["fingerprint"]["system_prompt"]
+        (checkpoint / "state.json").write_text(json.dumps(state))
+
+    newer = sft_config(tmp_path, tiny_model_dir, max_steps=6, resume=True, system_prompt="Be brief.")
+    with pytest.raises(ValueError, match=r"system_prompt \(checkpoint: absent, now: \"Be brief.\"\)") as err:
+        sft.train(newer)
+    assert "chat_template_kwargs" not in str(err.value)  # at its default: no change
+
+    upgraded = sft_config(tmp_path, tiny_model_dir, max_steps=6, resume=True)
+    sft.train(upgraded)
+    assert steps(upgraded) == [1, 2, 3, 4, 5, 6]

@@ -63,7 +63,7 @@ def check_settings(cfg: GRPOConfig) -> GRPOConfig:
     resolved (loss_aggregation, and with beta > 0 kl_in_reward and kl_estimator), as the run saves it."""
     validate(cfg)  # every field's range (config.RANGES), beta >= 0 included
     spec = get_advantage(cfg.advantage)
-    check_online_settings(cfg, cfg.beta)
+    check_online_settings(cfg, cfg.beta, "beta")
     if cfg.num_generations < spec.min_group_size:
         raise ConfigError(
             f"num_generations={cfg.num_generations}: advantage '{cfg.advantage}' needs at least "
@@ -282,7 +282,7 @@ def train(cfg: GRPOConfig) -> Path:
             trained = {k: torch.stack([r[k] for r in records]).mean() for k in records[0]}
             record = {
                 **as_numbers(trained),
-                **rollout_metrics(rollout, advantages, gather=run.gather),
+                **rollout_metrics(rollout, advantages, gather=run.gather, gather_objects=run.gather_objects),
                 **kl_metrics,
             }
             record.update(timing_metrics(rollout, (t0, t1, t2, t3), passes=cfg.ppo_epochs))

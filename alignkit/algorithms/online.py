@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from alignkit.checkpoint import Checkpointer
+from alignkit.checkpoint import Checkpointer, default_fingerprint
 from alignkit.config import ConfigError, OnlineConfig, TrainConfig
 from alignkit.data.checks import unknown_text_rows
 from alignkit.data.prepare import _split_eval, bad_rows_list, report_dropped
@@ -20,15 +20,17 @@ from alignkit.logprobs import sequence_logps
 from alignkit.losses.policy import frac_reward_zero_std
 from alignkit.reference import check_reference_settings, setup_reference
 from alignkit.rewards import RewardSet
+from alignkit.rewards.base import reduce_metrics
 from alignkit.rewards.compose import weighted_sum
 from alignkit.rollout import Rollout, SamplingSettings, collect
-from alignkit.runtime import DataOrder, Interrupts, MetricsLogger, gather_rows, total_steps
+from alignkit.runtime import DataOrder, Interrupts, MetricsLogger, gather_objects, gather_rows, total_steps
 
 
-def check_online_settings(cfg: OnlineConfig, kl_weight: float) -> None:
+def check_online_settings(cfg: OnlineConfig, kl_weight: float, kl_name: str) -> None:
     """The checks every online method needs before anything loads: rewards given, the rollout cut into
     whole minibatches and micro-batches, clip ranges, and a reference mode that applies online (when
-    `kl_weight` > 0 a reference is held)."""
+    `kl_weight`, the setting `kl_name`, is > 0 a reference is held; at 0 none is, and a `reference.*`
+    setting changed from its default would be ignored, so it is an error naming it)."""
     if not cfg.rewards and not getattr(cfg, "judge", None):  # (online DPO may rank with a judge instead)
         raise ConfigError("rewards is empty: give at least one reward source, e.g. 'rewards=[{type: vader}]'")
     if cfg.max_length != TrainConfig.max_length:
@@ -47,6 +49,15 @@ def check_online_settings(cfg: OnlineConfig, kl_weight: float) -> None:
                 "use reference.mode=copy, or adapter with lora.enabled=true"
             )
         check_reference_settings(cfg)
+        return
+    default = type(cfg)().reference
+    for f in dataclasses.fields(default):
+        value = getattr(cfg.reference, f.name)
+        if value != getattr(default, f.name):
+            raise ConfigError(
+                f"reference.{f.name}={value} has no effect with {kl_name}=0 (no KL term, no reference is "
+                f"held); set {kl_name} > 0 or remove it"
+            )
 
 
 def token_logps(
@@ -107,15 +118,18 @@ def minibatches(n: int, cfg: OnlineConfig, seed: int) -> list[list[list[int]]]:
 
 
 def rollout_metrics(
-    rollout: Rollout, advantages: torch.Tensor | None = None, *, gather=None
+    rollout: Rollout, advantages: torch.Tensor | None = None, *, gather=None, gather_objects=None
 ) -> dict[str, float]:
-    """What an expert reads first about a rollout: reward per source, zero-std groups, lengths, EOS, and the
+    """What an expert reads first about a rollout: reward per source, zero-std groups, lengths, EOS, the
+    reward sources' own figures (a judge's retries and fallbacks, an ensemble's uncertainty), and the
     advantages' mean and std when the method has advantages (any shape: they are flattened).
 
     With several processes `gather` ((n, ...) -> every process's rows in rank order, `OnlineRun.gather`)
-    makes every figure the whole step's, as one process holding every row would log it; the reward
-    sources' own counters (e.g. a judge's retries) stay this process's."""
+    and `gather_objects` (an object -> every process's, `OnlineRun.gather_objects`) make every figure the
+    whole step's, as one process holding every row would log it: the sources' counters summed over the
+    processes, their means weighted by rows (`rewards.base.reduce_metrics`)."""
     gather = gather or (lambda x: x)
+    gather_objects = gather_objects or (lambda x: [x])
     scores = gather(rollout.scores)  # (N·W,) prompt-major: each process holds whole groups
     lengths = gather(torch.tensor(rollout.completion_lengths, dtype=torch.float32))
     out = {
@@ -130,13 +144,15 @@ def rollout_metrics(
         out["advantages/std"] = float(advantages.std(unbiased=False))
     if rollout.group_size > 1:  # (with one completion per prompt every group is trivially unanimous)
         out["frac_reward_zero_std"] = float(frac_reward_zero_std(scores, rollout.group_size))
-    out.update({f"rewards/{k}": v for k, v in rollout.reward_stats.items() if not k.startswith("reward/")})
-    for name, source in rollout.source_scores.items():  # (over every process, replacing this one's)
+    for name, source in rollout.source_scores.items():  # (over every process)
         source = gather(source)
         out[f"rewards/{name}/mean"] = float(source.mean())
         out[f"rewards/{name}/std"] = float(source.std(unbiased=False))
         out[f"rewards/{name}/min"] = float(source.min())
         out[f"rewards/{name}/max"] = float(source.max())
+    parts = gather_objects(rollout.source_metrics)  # every process's {source: its metrics()}
+    for name in rollout.source_metrics:
+        out.update({f"rewards/{name}/{k}": v for k, v in reduce_metrics([p[name] for p in parts]).items()})
     return out
 
 
@@ -326,7 +342,8 @@ class OnlineRun:
         """Restore the newest checkpoint's state when `cfg.resume` (after the optimizer is prepared)."""
         latest = self.checkpointer.latest() if self.cfg.resume else None
         if latest is not None:
-            self.step = self.checkpointer.load(latest, self.named())["step"]
+            defaults = default_fingerprint(self.cfg)
+            self.step = self.checkpointer.load(latest, self.named(), defaults=defaults)["step"]
             self.log(f"resumed from {latest} at step {self.step}")
         resumed = self.step if latest is not None else None
         self.logger = MetricsLogger(self.output_dir, self.accelerator.is_main_process, resumed)
@@ -335,6 +352,11 @@ class OnlineRun:
         """`x`'s rows from every process in rank order (`runtime.gather_rows`): what batch statistics,
         the reward normaliser and logged figures must see."""
         return gather_rows(self.accelerator, x)
+
+    def gather_objects(self, obj) -> list:
+        """`obj` of every process, in rank order (`runtime.gather_objects`): counters and statistics that
+        are not rows of a tensor, for the logged figures."""
+        return gather_objects(self.accelerator, obj)
 
     def step_prompts(self) -> tuple[list[int], int]:
         """(prompt indices, sampling seed) of this process for the current step."""

@@ -35,7 +35,7 @@ from alignkit.algorithms.online import (
     with_default_lr,
 )
 from alignkit.config import RANGES, ConfigError, OnlineConfig, above, at_least, validate
-from alignkit.data.pairs import GAP_USES, JudgeRanking, build_pairs, pair_columns
+from alignkit.data.pairs import GAP_USES, JudgeRanking, build_pairs, pair_columns, sum_pair_stats
 from alignkit.losses import get_loss
 from alignkit.models import BatchForward, add_lora, disable_dropout, load_policy, load_tokenizer
 from alignkit.rewards.registry import build_reward
@@ -97,7 +97,7 @@ def check_settings(cfg: OnlineDPOConfig):
         raise ConfigError(
             "with a judge, rewards only score eval prompts: set eval_data or eval_fraction, or drop rewards"
         )
-    check_online_settings(cfg, cfg.beta)
+    check_online_settings(cfg, cfg.beta, "beta")
     if cfg.ppo_epochs != 1 or cfg.minibatch_size:
         raise ConfigError("online DPO takes one update per rollout: ppo_epochs=1 and minibatch_size=0")
     if cfg.gap_as != "none" and cfg.loss != "sigmoid":
@@ -199,12 +199,11 @@ def train(cfg: OnlineDPOConfig) -> Path:
             pairs, stats = build_pairs(
                 scores, strategy="best_worst", min_gap=cfg.min_gap, completions=completion_ids
             )
-            # Every process takes part in every step (DDP); one with no pair of its own trains on its first
-            # prompt's pair with weight 0, and a step with no pair anywhere is not taken.
-            n_pairs = torch.tensor(float(len(pairs)), device=accelerator.device)
-            total_pairs = (
-                float(accelerator.reduce(n_pairs, "sum")) if accelerator.num_processes > 1 else float(n_pairs)
-            )
+            # The step's pair statistics, over every process's table. Every process takes part in every
+            # step (DDP); one with no pair of its own trains on its first prompt's pair with weight 0, and
+            # a step with no pair anywhere is not taken.
+            stats = sum_pair_stats(run.gather_objects(stats))
+            total_pairs = stats.pairs
             weight = 1.0 if pairs else 0.0
             if not pairs:
                 pairs = build_pairs(scores[:1], min_gap=-1.0)[0]
@@ -247,7 +246,12 @@ def train(cfg: OnlineDPOConfig) -> Path:
                 )
                 record.update(as_numbers(trained))
             t3 = time.perf_counter()
-            record.update({**rollout_metrics(rollout, gather=run.gather), **stats.as_dict()})
+            record.update(
+                {
+                    **rollout_metrics(rollout, gather=run.gather, gather_objects=run.gather_objects),
+                    **stats.as_dict(),
+                }
+            )
             record.update(timing_metrics(rollout, (t0, t1, t2, t3), passes=1.0))
             postfix = {"reward": record["reward"], "pairs": record["pairs/pairs"]}
             run.finish_step(record, evaluate if prompts.eval_rows and rewards is not None else None, postfix)

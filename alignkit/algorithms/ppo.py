@@ -79,7 +79,7 @@ def check_settings(cfg: PPOConfig) -> None:
     """Validate the PPO settings before anything loads: every field's range (config.RANGES), then what
     needs several fields at once."""
     validate(cfg)
-    check_online_settings(cfg, cfg.kl_coef)
+    check_online_settings(cfg, cfg.kl_coef, "kl_coef")
     if cfg.target_kl is not None and cfg.kl_coef == 0:
         raise ConfigError("target_kl (adaptive KL control) needs a starting kl_coef > 0")
     if cfg.target_kl is None and cfg.kl_horizon != PPOConfig.kl_horizon:
@@ -157,23 +157,24 @@ class PPOObjective:
         return loss, metrics
 
 
-def shape_rewards(cfg: PPOConfig, rollout, kl_coef: float) -> dict[str, torch.Tensor]:
+def shape_rewards(cfg: PPOConfig, rollout, kl_coef: float, *, gather=None) -> dict[str, torch.Tensor]:
     """The rollout's per-token rewards, advantages and returns (all (N, T)), from its scores, log-probs
     and values: missing-EOS penalty -> −β·KL per token + score on the last token -> optional reward
-    whitening -> GAE -> whitened advantages."""
+    whitening -> GAE -> whitened advantages. With several processes `gather` (`OnlineRun.gather`) makes
+    both whitenings take the whole step's statistics, every process's completion tokens."""
     mask = rollout.completion_mask
     scores = rollout.scores.clone()
     if cfg.missing_eos_penalty is not None:
         scores = scores - cfg.missing_eos_penalty * (~rollout.ended).float()
     rewards, kl = kl_penalised_rewards(scores, rollout.old_logps, rollout.ref_logps, mask, kl_coef=kl_coef)
     if cfg.whiten_rewards:
-        rewards = whiten(rewards, mask, shift_mean=False)
+        rewards = whiten(rewards, mask, shift_mean=False, gather=gather)
     advantages, returns = gae(rewards, rollout.old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
     return {
         "scores": scores,
         "rewards": rewards,
         "kl": kl,
-        "advantages": whiten(advantages, mask),
+        "advantages": whiten(advantages, mask, gather=gather),
         "raw_advantages": advantages,
         "returns": returns,
     }
@@ -282,7 +283,7 @@ def train(cfg: PPOConfig) -> Path:
                     micro_rows,
                     device,  # noqa: B023
                 )["token_logps"]
-            shaped = shape_rewards(cfg, rollout, kl_ctl.value)
+            shaped = shape_rewards(cfg, rollout, kl_ctl.value, gather=run.gather)
             keep = rollout.ended | (not cfg.mask_truncated)
             loss_mask = rollout.completion_mask * keep.unsqueeze(-1)
             t2 = time.perf_counter()
@@ -330,7 +331,12 @@ def train(cfg: PPOConfig) -> Path:
             trained = {k: torch.stack([r[k] for r in records]).mean() for k in records[0]}
             mask = rollout.completion_mask.bool()
             raw_advantages = shaped["raw_advantages"][mask]
-            record = {**as_numbers(trained), **rollout_metrics(rollout, raw_advantages, gather=run.gather)}
+            record = {
+                **as_numbers(trained),
+                **rollout_metrics(
+                    rollout, raw_advantages, gather=run.gather, gather_objects=run.gather_objects
+                ),
+            }
             returns, values = run.gather(shaped["returns"][mask]), run.gather(rollout.old_values[mask])
             record.update(
                 {

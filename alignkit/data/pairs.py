@@ -53,6 +53,20 @@ class PairStats:
         return {f"pairs/{k}": float(v) for k, v in vars(self).items() if v is not None}
 
 
+def sum_pair_stats(parts: list[PairStats]) -> PairStats:
+    """The statistics of several tables taken as one (e.g. every process's share of a step): the counts
+    summed, `gap_mean` the mean gap over every kept pair (each part's weighted by its pairs)."""
+    total = PairStats(
+        prompts=sum(p.prompts for p in parts),
+        pairs=sum(p.pairs for p in parts),
+        below_gap=sum(p.below_gap for p in parts),
+        duplicates=sum(p.duplicates for p in parts),
+    )
+    if total.pairs:
+        total.gap_mean = sum(p.gap_mean * p.pairs for p in parts if p.pairs) / total.pairs
+    return total
+
+
 def build_pairs(
     scores: torch.Tensor,
     *,
@@ -161,11 +175,9 @@ class JudgeRanking:
             raise ValueError(f"{len(responses)} completions do not split into groups of {K}")
         groups = [responses[g : g + K] for g in range(0, len(responses), K)]
         total = round_robin_scores(self.judge.compare, prompts[::K], groups).flatten().float()
-        stats = {
-            **_describe(total, "judge_win_rate"),
-            **{f"judge/{k}": v for k, v in self.judge.metrics().items()},
-        }
-        return RewardOutput(total, {"judge_win_rate": total}, stats=stats)
+        metrics = self.judge.metrics()
+        stats = {**_describe(total, "judge_win_rate"), **{f"judge/{k}": float(v) for k, v in metrics.items()}}
+        return RewardOutput(total, {"judge_win_rate": total}, stats=stats, metrics={"judge": metrics})
 
     def state_dict(self) -> dict:
         return {}

@@ -17,6 +17,8 @@ completion token t is chosen (read from the hidden state that predicts token t).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 __all__ = [
@@ -111,16 +113,28 @@ def gae(
 
 
 def whiten(
-    values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """(values − mean) / std over the masked entries (unbiased std); 0 off the mask.
 
     shift_mean=False only rescales (keeps the mean): the rule for rewards, whose sign carries meaning.
     Advantages are whitened with the mean removed (Huang et al. 2024, detail 7). (B, T) -> (B, T).
+    With several processes each holding a share of a step, `gather` ((n,) -> every process's (Σn,)
+    entries, in rank order) makes the mean and std the whole step's, as one process holding every row
+    would take them (OpenRLHF all-reduces them the same way); only this process's values are returned.
     """
     m = mask.to(values.dtype)
-    mean = _masked_mean(values, mask)
-    whitened = (values - mean) * torch.rsqrt(_masked_var(values, mask) + eps)
+    entries = values[mask.bool()]  # (n,) this process's masked entries
+    if gather is not None:
+        entries = gather(entries)  # (Σn,) every process's
+    ones = torch.ones_like(entries)
+    mean = _masked_mean(entries, ones)
+    whitened = (values - mean) * torch.rsqrt(_masked_var(entries, ones) + eps)
     if not shift_mean:
         whitened = whitened + mean
     return whitened * m

@@ -12,8 +12,10 @@ conversation and the response (`rewards.classifier`).
 
 whatever it runs on inside (a classifier on a GPU, an LLM judge behind HTTP, a lexicon). Scores come
 back on the CPU so that sources on different devices compose; a trainer moves the total to its
-device. `source.metrics()` returns counters worth logging (judge fallbacks, cache hits); rule-based
-sources return {}.
+device. `source.metrics()` returns counters worth logging (judge fallbacks, cache hits), and means over
+the rows of the last batch scored as `RowMean`s (a classifier ensemble's uncertainty); rule-based
+sources return {}. With several processes each scoring a share of a step, `reduce_metrics` makes them
+the whole step's: counts summed, means weighted by rows.
 
 Sources are built from config dicts by `alignkit.rewards.registry` (`build_reward`). This module
 imports no other reward module, so every source can import it.
@@ -33,6 +35,18 @@ from alignkit.data.chat import render_messages
 Prompt = str | list[dict]
 
 
+@dataclass(frozen=True)
+class RowMean:
+    """A source's metric that is a mean over the `rows` it was taken on (e.g. an ensemble's uncertainty on
+    the last batch): `reduce_metrics` weights it by them, where a plain number, a count, is summed."""
+
+    value: float
+    rows: int
+
+    def __float__(self) -> float:
+        return self.value
+
+
 @runtime_checkable
 class RewardSource(Protocol):
     """Anything that scores (prompt, response) pairs; see the module docstring."""
@@ -44,9 +58,25 @@ class RewardSource(Protocol):
         """(B,) float32 scores on the CPU, one per (prompt, response) pair."""
         ...
 
-    def metrics(self) -> dict[str, float]:
-        """Counters accumulated since the source was built (e.g. judge fallbacks); {} if none."""
+    def metrics(self) -> dict[str, float | RowMean]:
+        """Counters accumulated since the source was built (e.g. judge fallbacks), and `RowMean`s of the
+        last batch scored; {} if none."""
         ...
+
+
+def reduce_metrics(parts: list[dict[str, float | RowMean]]) -> dict[str, float]:
+    """Several processes' `metrics()` of one source (each of its share of a step) as one process holding
+    every row would report them: counts summed (a key a process lacks counts 0 there), `RowMean`s averaged
+    weighted by their rows. Keys in the order they first appear."""
+    out: dict[str, float] = {}
+    for key in dict.fromkeys(k for part in parts for k in part):
+        values = [part[key] for part in parts if key in part]
+        means = [v for v in values if isinstance(v, RowMean)]
+        if not means:
+            out[key] = float(sum(values))
+        elif sum(m.rows for m in means):
+            out[key] = sum(m.value * m.rows for m in means) / sum(m.rows for m in means)
+    return out
 
 
 @dataclass

@@ -29,7 +29,15 @@ from alignkit.config import ConfigError
 from alignkit.data.chat import render_messages
 from alignkit.data.tokenize import adds_special_tokens
 from alignkit.models import DTYPES, load_sequence_classifier, reward_labels, tokenizer_kwargs
-from alignkit.rewards.base import Prompt, SourceOptions, as_scores, check_batch, check_template, fill
+from alignkit.rewards.base import (
+    Prompt,
+    RowMean,
+    SourceOptions,
+    as_scores,
+    check_batch,
+    check_template,
+    fill,
+)
 
 
 @dataclass
@@ -137,7 +145,7 @@ class ClassifierReward:
             )
         if self.members and options.function_to_apply == "softmax":
             raise ConfigError(f"{where}: softmax over ensemble members means nothing; use none or sigmoid")
-        self.uncertainty = None  # the members' mean std on the last batch scored
+        self.uncertainty: RowMean | None = None  # the members' mean std on the last batch scored
         has_template = bool(getattr(self.tokenizer, "chat_template", None))
         if options.chat_template and not has_template:
             raise ConfigError(f"{where}: chat_template=true, but {tokenizer} has no chat template")
@@ -205,7 +213,7 @@ class ClassifierReward:
         if self.members:
             values = logits.sigmoid() if self.options.function_to_apply == "sigmoid" else logits  # (B, K)
             mean, std = values.mean(-1), values.std(-1, correction=0)  # (B,), (B,)
-            self.uncertainty = float(std.mean()) if std.numel() else None
+            self.uncertainty = RowMean(float(std.mean()), std.numel()) if std.numel() else None
             if self.options.output == "uncertainty":
                 return as_scores(std, len(responses), self.name)
             return as_scores(mean - self.options.uncertainty_weight * std, len(responses), self.name)
@@ -217,7 +225,8 @@ class ClassifierReward:
             values = logits[:, self.label]
         return as_scores(values, len(responses), self.name)
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self) -> dict[str, float | RowMean]:
+        """The members' mean std on the last batch scored (`uncertainty`, a `RowMean` of its rows)."""
         return {} if self.uncertainty is None else {"uncertainty": self.uncertainty}
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from alignkit.rewards.base import Prompt, RewardSource, check_batch
+from alignkit.rewards.base import Prompt, RewardSource, RowMean, check_batch
 from alignkit.rewards.registry import build_rewards
 
 
@@ -103,6 +103,9 @@ class RewardOutput:
     """(B,) bool: the cost is over its threshold."""
     stats: dict[str, float] = field(default_factory=dict)
     """Per-source statistics of this batch and the sources' counters, as 'name/stat': value."""
+    metrics: dict[str, dict[str, float | RowMean]] = field(default_factory=dict)
+    """Every source's own `metrics()` as it returned them, by source name (`RowMean`s kept), for
+    `base.reduce_metrics` over processes."""
 
 
 def _describe(x: torch.Tensor, prefix: str) -> dict[str, float]:
@@ -180,17 +183,18 @@ class RewardSet:
                 terms[name] = scores[name]
         total = clip(weighted_sum(terms, self.weights), self.clip)
         costs, violated, stats = {}, {}, {}
+        metrics = {s.name: s.metrics() for s in self.sources}
         for name, threshold in self.cost_thresholds.items():
             costs[name], violated[name] = constraint(scores[name], threshold)
             if violated[name].numel():
                 stats[f"{name}/violation_rate"] = float(violated[name].float().mean())
         for s in self.sources:
             stats.update(_describe(scores[s.name], s.name))
-            stats.update({f"{s.name}/{k}": v for k, v in s.metrics().items()})
+            stats.update({f"{s.name}/{k}": float(v) for k, v in metrics[s.name].items()})
         stats.update(_describe(total, "reward"))
         if self.clip is not None and total.numel():
             stats["reward/clip_fraction"] = float((total.abs() >= self.clip).float().mean())
-        return RewardOutput(total, scores, costs, violated, stats)
+        return RewardOutput(total, scores, costs, violated, stats, metrics)
 
     def state_dict(self) -> dict:
         """The normalisers' running statistics, per source."""

@@ -175,7 +175,9 @@ def run(cfg: ScoreConfig) -> dict:
 
     summary = {name: summarize(values) for name, values in scores.items()}
     summary["reward"] = summarize(out.total)
-    counters = {s.name: s.metrics() for s in reward_set.sources if s.metrics()}
+    counters = {
+        s.name: {k: float(v) for k, v in s.metrics().items()} for s in reward_set.sources if s.metrics()
+    }
     violations = {
         name: {"threshold": reward_set.cost_thresholds[name], "violation_rate": float(flags.float().mean())}
         for name, flags in out.violated.items()

@@ -2,7 +2,8 @@
 that process's trained parameters to DUMP_DIR/rank<r>.safetensors when `fit` returns, so a test can check
 that the processes agree and equal a 1-process run. Online commands also write what each process
 sampled and trained on to DUMP_DIR/rank<r>.online.json: per step, its rollout's scores, completion
-lengths and EOS flags, and (GRPO) the advantages of every micro-batch the loss saw.
+lengths and EOS flags, (GRPO) the advantages of every micro-batch the loss saw, (online-dpo) its pair statistics, and (PPO) every whitening's
+entries before and after and what the logged figures are taken from.
 
     torchrun --standalone --nproc_per_node 2 tests/distributed/driver.py DUMP_DIR dpo model=... ...
 """
@@ -54,7 +55,7 @@ def dumping(fit, dump_dir: Path):
     return fit_and_dump
 
 
-ONLINE: dict[str, list] = {"rollouts": [], "advantages": []}
+ONLINE: dict[str, list] = {"rollouts": [], "advantages": [], "whitened": [], "shaped": [], "pairs": []}
 
 
 def recording_rollouts(collect):
@@ -66,6 +67,7 @@ def recording_rollouts(collect):
                     "scores": rollout.scores.tolist(),
                     "lengths": rollout.completion_lengths,
                     "ended": rollout.ended.tolist(),
+                    "reward_stats": rollout.reward_stats,
                 }
             )
         return rollout
@@ -77,6 +79,53 @@ def recording_advantages(clipped_surrogate):
     def record(logps, old_logps, advantages, mask, **kwargs):
         ONLINE["advantages"].append(advantages.tolist())
         return clipped_surrogate(logps, old_logps, advantages, mask, **kwargs)
+
+    return record
+
+
+def recording_whitening(whiten):
+    """PPO's whiten, recording each call's masked entries before and after (rewards, then advantages)."""
+
+    def record(values, mask, **kwargs):
+        out = whiten(values, mask, **kwargs)
+        on = mask.bool()
+        shift_mean = kwargs.get("shift_mean", True)
+        ONLINE["whitened"].append(
+            {"values": values[on].tolist(), "whitened": out[on].tolist(), "shift_mean": shift_mean}
+        )
+        return out
+
+    return record
+
+
+def recording_shaped(shape_rewards):
+    """PPO's shape_rewards, recording what its logged figures are taken from: this process's scores (after
+    the EOS penalty), and the returns and the critic's values on its completion tokens."""
+
+    def record(cfg, rollout, kl_coef, **kwargs):
+        shaped = shape_rewards(cfg, rollout, kl_coef, **kwargs)
+        on = rollout.completion_mask.bool()
+        ONLINE["shaped"].append(
+            {
+                "scores": shaped["scores"].tolist(),
+                "returns": shaped["returns"][on].tolist(),
+                "values": rollout.old_values[on].tolist(),
+            }
+        )
+        return shaped
+
+    return record
+
+
+def recording_pairs(build_pairs):
+    """online-dpo's build_pairs, recording each step's pair statistics of this process's table (not the
+    weight-0 stand-in pair of a process that has none)."""
+
+    def record(scores, **kwargs):
+        pairs, stats = build_pairs(scores, **kwargs)
+        if "completions" in kwargs:
+            ONLINE["pairs"].append({"stats": stats.as_dict(), "gaps": [p.gap for p in pairs]})
+        return pairs, stats
 
     return record
 
@@ -101,6 +150,11 @@ def run(dump_dir: str, argv: list[str]) -> int:
     alignkit.algorithms.online.collect = recording_rollouts(alignkit.algorithms.online.collect)
     grpo = alignkit.algorithms.grpo
     grpo.clipped_surrogate = recording_advantages(grpo.clipped_surrogate)
+    online_dpo = alignkit.algorithms.online_dpo
+    online_dpo.build_pairs = recording_pairs(online_dpo.build_pairs)
+    ppo = alignkit.algorithms.ppo
+    ppo.whiten = recording_whitening(ppo.whiten)
+    ppo.shape_rewards = recording_shaped(ppo.shape_rewards)
     return main(argv)
 
 
