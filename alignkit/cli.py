@@ -6,7 +6,7 @@ import json
 import sys
 
 from alignkit.commands import COMMANDS
-from alignkit.config import ConfigError, describe, load_config
+from alignkit.config.load import ConfigError, describe, load_config
 
 USAGE = "usage: alignkit <command> [CONFIG.yaml] [key=value ...]\n       alignkit <command> --help"
 

@@ -56,37 +56,37 @@ def run_dpo(cfg):
 
 COMMANDS: dict[str, Command] = {
     "sft": Command(
-        "alignkit.config:SFTConfig",
+        "alignkit.config.base:SFTConfig",
         "alignkit.algorithms.sft:train",
         "supervised fine-tuning on prompt/completion rows",
     ),
     "dpo": Command(
-        "alignkit.config:DPOConfig",
+        "alignkit.config.base:DPOConfig",
         "alignkit.commands:run_dpo",
         "offline preference optimisation (DPO family) on preference pairs",
     ),
     "kto": Command(
-        "alignkit.config:KTOConfig",
+        "alignkit.config.base:KTOConfig",
         "alignkit.algorithms.kto:train",
         "unpaired preference optimisation (KTO, BCO) on labelled completions",
     ),
     "listwise": Command(
-        "alignkit.config:ListwiseConfig",
+        "alignkit.config.base:ListwiseConfig",
         "alignkit.algorithms.listwise:train",
         "listwise preference optimisation on ranked or scored response lists",
     ),
     "grpo": Command(
-        "alignkit.config:GRPOConfig",
+        "alignkit.config.base:GRPOConfig",
         "alignkit.algorithms.grpo:train",
         "online RL on prompts against a reward set: GRPO, Dr. GRPO, RLOO, REINFORCE++",
     ),
     "rloo": Command(
-        "alignkit.config:RLOOConfig",
+        "alignkit.config.base:RLOOConfig",
         "alignkit.algorithms.grpo:train",
         "online RL with the RLOO advantage (alignkit grpo advantage=rloo)",
     ),
     "ppo": Command(
-        "alignkit.config:PPOConfig",
+        "alignkit.config.base:PPOConfig",
         "alignkit.algorithms.ppo:train",
         "online RL with a critic and a KL-penalised reward (PPO), causal or T5 policies",
     ),
@@ -117,7 +117,7 @@ COMMANDS: dict[str, Command] = {
         "distil an aligned teacher into a student (GKD: forward/reverse KL, JSD)",
     ),
     "reward": Command(
-        "alignkit.config:RewardConfig",
+        "alignkit.config.base:RewardConfig",
         "alignkit.algorithms.reward_model:train",
         "a Bradley–Terry reward model (classifier) from preference pairs",
         language_model=False,
@@ -135,14 +135,14 @@ COMMANDS: dict[str, Command] = {
         trains=False,
     ),
     "eval": Command(
-        "alignkit.evaluate:EvalConfig",
-        "alignkit.evaluate:run",
+        "alignkit.evaluation.compare:EvalConfig",
+        "alignkit.evaluation.compare:run",
         "base vs aligned model on held-out prompts: rewards, win rate, KL, fluency",
         trains=False,
     ),
     "generate": Command(
-        "alignkit.best_of_n:GenerateConfig",
-        "alignkit.best_of_n:run",
+        "alignkit.inference.best_of_n:GenerateConfig",
+        "alignkit.inference.best_of_n:run",
         "best-of-n (or ICDPO) sampling: n candidates per prompt, scored, the best kept",
         trains=False,
     ),
@@ -153,8 +153,8 @@ COMMANDS: dict[str, Command] = {
         trains=False,
     ),
     "report": Command(
-        "alignkit.report:ReportConfig",
-        "alignkit.report:run",
+        "alignkit.report.build:ReportConfig",
+        "alignkit.report.build:run",
         "an HTML report (curves, tables, config) of one or more run directories",
         trains=False,
         positional="runs",

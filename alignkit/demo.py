@@ -5,7 +5,7 @@ The policy is the real pretrained TinyStories-656K model shipped with the packag
 two continuations per story opening, the one the VADER sentiment analyser scores more positive is
 `chosen`. The demo runs DPO against the frozen base, reloads the saved model from disk (evaluate what you
 ship), and compares base and aligned on held-out openings with the same sampling seeds through
-`alignkit.evaluate.compare_policies` with a VADER reward set: mean VADER sentiment before and after with the
+`alignkit.evaluation.compare.compare_policies` with a VADER reward set: mean VADER sentiment before and after with the
 paired difference, win rate, KL to the base, the base model's perplexity on each policy's samples
 (fluency), and samples side by side (docs/evaluation.md explains every number).
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from alignkit.config import RANGES, above, at_least
+from alignkit.config.load import RANGES, above, at_least
 
 ASSETS = Path(str(resources.files("alignkit") / "assets"))
 DEMO_MODEL = ASSETS / "tinystories-656k"
@@ -75,10 +75,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     """Train, reload, compare, print; returns the report (also written to output_dir/demo_report.json
     and, as Markdown, demo_report.md)."""
     from alignkit.algorithms.dpo import train
-    from alignkit.config import DPOConfig
-    from alignkit.evaluate import compare_policies, format_markdown, write_reports
-    from alignkit.models import load_causal_lm, load_tokenizer
-    from alignkit.report import report_after_run
+    from alignkit.config.base import DPOConfig
+    from alignkit.evaluation.compare import compare_policies, format_markdown, write_reports
+    from alignkit.models.load import load_causal_lm, load_tokenizer
+    from alignkit.report.build import report_after_run
     from alignkit.rewards import RewardSet
 
     dpo = DPOConfig(

@@ -216,7 +216,7 @@ def _split_causal_lm(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
         # A DDP / DeepSpeed wrapper: calling its inner modules here would skip the gradient all-reduce.
         raise TypeError(
             f"completion_logps got a {type(model).__name__} wrapper; run it inside the wrapped module's "
-            "forward (alignkit.models.BatchForward) so that the wrapper's hooks run"
+            "forward (alignkit.models.load.BatchForward) so that the wrapper's hooks run"
         )
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = getattr(inner, getattr(inner, "base_model_prefix", "model"), None)
@@ -258,11 +258,11 @@ def completion_logps(
     temperature draws from (1 = the model's own); top_k / top_p: renormalised over the kept set, as a
     sampler truncating so draws (`token_logps_from_hidden`). with_entropy: also return each scored position's
     entropy (a diagnostic online RL logs). model_inputs: a function of the backbone returning more keyword
-    inputs for it (a vision-language model's image features: `alignkit.vision.image_inputs`).
+    inputs for it (a vision-language model's image features: `alignkit.models.vision.image_inputs`).
     Only positions predicting a completion token are projected to the vocabulary.
 
     Called on a model that accelerate prepared, this reaches past the DDP / FSDP wrapper: call it inside
-    a wrapped module's forward (`alignkit.models.BatchForward`) so that the wrapper's hooks run.
+    a wrapped module's forward (`alignkit.models.load.BatchForward`) so that the wrapper's hooks run.
     """
     backbone, head, transform = _split_causal_lm(model)
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
@@ -324,7 +324,7 @@ def completion_states(
     """The hidden states that predict a batch's completion tokens (one backbone pass, no projection), for
     losses over the full next-token distribution (distillation: `alignkit.losses.distill`). The same
     positions, in the same order, as `completion_logps` scores. Call it inside a wrapped module's forward
-    (`alignkit.models.BatchForward`), as `completion_logps`."""
+    (`alignkit.models.load.BatchForward`), as `completion_logps`."""
     backbone, head, transform = _split_causal_lm(model)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     _, rows, cols = _completion_positions(completion_mask)
@@ -435,7 +435,7 @@ def seq2seq_completion_logps(
     if hasattr(model, "module") and not hasattr(model, "get_base_model"):
         raise TypeError(
             f"seq2seq_completion_logps got a {type(model).__name__} wrapper; run it inside the wrapped "
-            "module's forward (alignkit.models.BatchForward)"
+            "module's forward (alignkit.models.load.BatchForward)"
         )
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = encoder_decoder_states(model, batch)  # (B, T, H)
@@ -500,7 +500,7 @@ def check_logps_match_forward(model: torch.nn.Module, *, length: int = 8) -> Non
     VLMs (text only) and encoder-decoders (the probe as source and decoder input).
 
     Costs two forwards of `length` tokens without gradients, in eval mode (dropout off; the model's mode is
-    restored); `alignkit.models.load_causal_lm` runs it once on each model it loads, on the device the
+    restored); `alignkit.models.load.load_causal_lm` runs it once on each model it loads, on the device the
     model will run on."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = inner.config

@@ -18,9 +18,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alignkit.config import RANGES, ConfigError, from_mapping, load_config, save_config, validate
+from alignkit.config.load import RANGES, ConfigError, from_mapping, load_config, save_config, validate
 from alignkit.io import atomic_write
-from alignkit.rundir import claim_output_dir, part_resume_flags
+from alignkit.training.rundir import claim_output_dir, part_resume_flags
 
 GOALS = ("max", "min")
 
@@ -161,7 +161,7 @@ def pareto_front(xs: list[float], ys: list[float], x_goal: str = "min", y_goal: 
 def write_frontier(cfg: SweepConfig, rows: list[dict], root: Path) -> None:
     """sweep.json (every point: label, settings, x, y, standard errors, on the front), sweep.md (the same
     as a table) and sweep.png (the plot, when matplotlib is installed)."""
-    from alignkit import plots
+    from alignkit.report import plots
 
     front = pareto_front([r["x"] for r in rows], [r["y"] for r in rows], cfg.x_goal, cfg.y_goal)
     for row, on in zip(rows, front):
@@ -202,8 +202,8 @@ def write_frontier(cfg: SweepConfig, rows: list[dict], root: Path) -> None:
 
 def run(cfg: SweepConfig) -> list[dict]:
     """Train and evaluate every point, then write the frontier; returns the points' rows."""
-    from alignkit import evaluate
     from alignkit.commands import COMMANDS
+    from alignkit.evaluation import compare as evaluate
 
     validate(cfg)
     command = COMMANDS.get(cfg.command)

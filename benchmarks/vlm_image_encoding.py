@@ -39,7 +39,7 @@ def median_ms(fn, repeats: int, device: str) -> float:
 
 def main() -> None:
     from alignkit.algorithms.dpo import pair_logps
-    from alignkit.config import DPOConfig
+    from alignkit.config.base import DPOConfig
     from alignkit.data.vision import (
         collate_vision_pairs,
         collate_vision_shared_prompt,
@@ -47,8 +47,8 @@ def main() -> None:
         prepare_vision_data,
     )
     from alignkit.logprobs import completion_logps
-    from alignkit.models import load_causal_lm
-    from alignkit.vision import freeze_vision
+    from alignkit.models.load import load_causal_lm
+    from alignkit.models.vision import freeze_vision
     from tests.test_vlm_dpo import build_llava, write_colour_pairs
 
     parser = argparse.ArgumentParser()

@@ -25,9 +25,9 @@ import random
 import time
 from pathlib import Path
 
-from alignkit.evaluate import mean_and_stderr, vader_compound
+from alignkit.evaluation.compare import mean_and_stderr, vader_compound
 from alignkit.generation import sample
-from alignkit.models import load_causal_lm, load_tokenizer
+from alignkit.models.load import load_causal_lm, load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "alignkit" / "assets" / "tinystories-656k"

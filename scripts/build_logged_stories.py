@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from alignkit.generation import sample
-from alignkit.models import load_causal_lm, load_tokenizer
+from alignkit.models.load import load_causal_lm, load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "alignkit" / "assets" / "tinystories-656k"

@@ -141,7 +141,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer():
     """The real TinyStories tokenizer (a hard prompt/completion boundary case)."""
-    from alignkit.models import load_tokenizer
+    from alignkit.models.load import load_tokenizer
 
     return load_tokenizer(str(TINYSTORIES))
 

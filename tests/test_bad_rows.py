@@ -8,7 +8,7 @@ from alignkit.cli import main
 from alignkit.data.checks import duplicate_rows, lost_share, unknown_text_rows
 from alignkit.data.prompts import load_prompt_rows
 from alignkit.data.rows import SFTRow
-from alignkit.models import load_tokenizer
+from alignkit.models.load import load_tokenizer
 from tests.conftest import TINYSTORIES
 
 

@@ -13,7 +13,9 @@ from dataclasses import asdict
 
 import pytest
 
-from alignkit.best_of_n import (
+from alignkit.config.load import ConfigError
+from alignkit.generation import _sample_seed
+from alignkit.inference.best_of_n import (
     GenerateConfig,
     choose_best,
     read_finished,
@@ -21,8 +23,6 @@ from alignkit.best_of_n import (
     sample_and_score,
     summarize,
 )
-from alignkit.config import ConfigError
-from alignkit.generation import _sample_seed
 from alignkit.rewards import RewardSet
 from tests.conftest import REPO, write_prompts
 
@@ -106,7 +106,7 @@ def test_generate_keeps_the_argmax_of_the_reward(tiny_model_dir, tmp_path, token
     assert json.loads(open(f"{cfg.output_dir}/summary.json").read())["chosen"] == summary["chosen"]
 
     # The function the iterative methods call gives chunk 1 (prompts 2, 3) back exactly.
-    from alignkit.models import load_causal_lm
+    from alignkit.models.load import load_causal_lm
 
     model = load_causal_lm(str(tiny_model_dir))
     chunk = sample_and_score(
@@ -136,7 +136,7 @@ def test_n_equal_1_is_plain_sampling(tiny_model_dir, tmp_path):
 
 SLOW_RUN = """
 import json, sys, time
-import alignkit.best_of_n as best_of_n
+import alignkit.inference.best_of_n as best_of_n
 
 append_jsonl = best_of_n.append_jsonl
 def stalling(f, record, **kwargs):
@@ -222,8 +222,8 @@ def test_read_finished_refuses_a_bad_line_before_the_last(tmp_path):
 
 @pytest.mark.parametrize("name", ["best_of_n.yaml", "icdpo.yaml"])
 def test_the_example_configs_load_and_name_shipped_files(name):
-    from alignkit.best_of_n import check_config
-    from alignkit.config import load_config
+    from alignkit.config.load import load_config
+    from alignkit.inference.best_of_n import check_config
 
     cfg = load_config(GenerateConfig, str(REPO / "examples" / "inference" / name))
     check_config(cfg)

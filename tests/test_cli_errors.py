@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from alignkit.cli import main
-from alignkit.models import load_tokenizer
+from alignkit.models.load import load_tokenizer
 
 
 @pytest.fixture

@@ -4,18 +4,8 @@ import pytest
 import yaml
 
 from alignkit.cli import main
-from alignkit.config import (
-    ConfigError,
-    ConstraintSettings,
-    DPOConfig,
-    KTOConfig,
-    ListwiseConfig,
-    SFTConfig,
-    describe,
-    field_docs,
-    load_config,
-    save_config,
-)
+from alignkit.config.base import ConstraintSettings, DPOConfig, KTOConfig, ListwiseConfig, SFTConfig
+from alignkit.config.load import ConfigError, describe, field_docs, load_config, save_config
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -93,7 +83,7 @@ def test_yaml_no_is_a_string_not_a_boolean(tmp_path):
 
 
 def test_every_range_is_checked_at_load_time_naming_the_key():
-    from alignkit.config import GRPOConfig
+    from alignkit.config.base import GRPOConfig
 
     with pytest.raises(ConfigError) as err:
         load_config(
@@ -135,8 +125,9 @@ def test_range_errors_are_one_line_before_anything_loads(capsys):
 
 
 def test_dtype_choices_match_the_models_table():
-    from alignkit.config import RANGES, TrainConfig
-    from alignkit.models import DTYPES
+    from alignkit.config.base import TrainConfig
+    from alignkit.config.load import RANGES
+    from alignkit.models.load import DTYPES
 
     assert RANGES[TrainConfig]["dtype"] == tuple(DTYPES)
 

@@ -19,7 +19,7 @@ from alignkit.algorithms.distill import (
     frozen_teacher,
     vocabulary_mismatch,
 )
-from alignkit.config import ConfigError
+from alignkit.config.load import ConfigError
 from alignkit.losses.distill import chunked_divergence, divergence_beta, generalized_jsd
 
 P, Q = [0.5, 0.5], [0.9, 0.1]  # teacher, student
@@ -82,7 +82,7 @@ def test_gradient_moves_the_student_toward_the_teacher():
 def test_chunked_divergence_equals_the_naive_full_vocabulary_one(tiny_model_dir, tmp_path):
     """On two tiny models of different widths: per-row sums and gradients equal those of full (B, T, V)
     logits, for chunks smaller than, and as large as, the batch's completion tokens."""
-    from alignkit.models import load_causal_lm
+    from alignkit.models.load import load_causal_lm
 
     student = load_causal_lm(str(tiny_model_dir))
     teacher = load_causal_lm(str(build_tiny_llama(tmp_path / "wide", seed=3, hidden=48)))

@@ -1,4 +1,4 @@
-"""`alignkit eval` and alignkit.evaluate's comparison: shared seeds, win rate, percent change, KL, reports."""
+"""`alignkit eval` and alignkit.evaluation.compare's comparison: shared seeds, win rate, percent change, KL, reports."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 import alignkit
 from alignkit.cli import main
 from alignkit.data.readers import DataError
-from alignkit.evaluate import (
+from alignkit.evaluation.compare import (
     EvalConfig,
     compare_policies,
     format_markdown,
@@ -24,7 +24,7 @@ from alignkit.evaluate import (
     win_rate,
 )
 from alignkit.generation import sample
-from alignkit.models import load_causal_lm
+from alignkit.models.load import load_causal_lm
 from alignkit.rewards import RewardSet
 
 TINYSTORIES = Path(alignkit.__file__).parent / "assets" / "tinystories-656k"

@@ -1,4 +1,4 @@
-"""Sampling (alignkit.generation) and before/after evaluation (alignkit.evaluate) on the shipped model."""
+"""Sampling (alignkit.generation) and before/after evaluation (alignkit.evaluation.compare) on the shipped model."""
 
 from __future__ import annotations
 
@@ -11,17 +11,17 @@ import pytest
 import torch
 
 import alignkit
-from alignkit.evaluate import (
+from alignkit.evaluation.compare import (
     compare_policies,
     completion_nll,
     format_markdown,
     mean_and_stderr,
     perplexity,
-    vader_compound,
 )
 from alignkit.generation import sample
-from alignkit.models import load_causal_lm, load_tokenizer
+from alignkit.models.load import load_causal_lm, load_tokenizer
 from alignkit.rewards import RewardSet
+from alignkit.rewards.rules import vader_compound
 
 MODEL = Path(alignkit.__file__).parent / "assets" / "tinystories-656k"
 EOS = 2

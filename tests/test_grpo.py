@@ -12,7 +12,8 @@ import torch
 import alignkit.algorithms.grpo as grpo
 import alignkit.algorithms.online as online
 from alignkit.cli import main
-from alignkit.config import ConfigError, GRPOConfig
+from alignkit.config.base import GRPOConfig
+from alignkit.config.load import ConfigError
 from alignkit.data.readers import DataError
 from alignkit.rollout import layout
 
@@ -253,7 +254,7 @@ def test_bad_prompts_and_reward_sources_fail_before_training(tmp_path, tiny_mode
     ],
 )
 def test_settings_are_checked_before_anything_loads(tmp_path, overrides, message):
-    from alignkit.config import ReferenceSettings
+    from alignkit.config.base import ReferenceSettings
 
     if "reference" in overrides:
         overrides = {**overrides, "reference": ReferenceSettings(**overrides["reference"])}

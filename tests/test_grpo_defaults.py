@@ -11,8 +11,8 @@ import pytest
 import alignkit
 from alignkit.algorithms.online import default_lr
 from alignkit.cli import main
-from alignkit.evaluate import compare_policies, read_prompts
-from alignkit.models import load_causal_lm, load_tokenizer
+from alignkit.evaluation.compare import compare_policies, read_prompts
+from alignkit.models.load import load_causal_lm, load_tokenizer
 from alignkit.rewards import RewardSet
 
 ASSETS = Path(alignkit.__file__).parent / "assets"

@@ -9,14 +9,14 @@ import math
 import pytest
 import torch
 
-from alignkit.best_of_n import GenerateConfig, run
-from alignkit.icdpo import demo_block, demonstration_ids, fit_demo_block, icdpo_logps, icdpo_scores
-from alignkit.retrieval import bm25_scores, lexical_tokens, mean_pool, minilm_path, retrieve, top_k
+from alignkit.inference.best_of_n import GenerateConfig, run
+from alignkit.inference.icdpo import demo_block, demonstration_ids, fit_demo_block, icdpo_logps, icdpo_scores
+from alignkit.inference.retrieval import bm25_scores, lexical_tokens, mean_pool, minilm_path, retrieve, top_k
 from tests.conftest import write_prompts
 
 
 def test_icdpo_scores_equal_two_forward_passes_by_hand(tiny_model_dir):
-    from alignkit.models import load_causal_lm
+    from alignkit.models.load import load_causal_lm
 
     model = load_causal_lm(str(tiny_model_dir)).eval()
     blocks = [[1, 40, 41, 42, 2], [1, 50, 2]]
@@ -119,7 +119,7 @@ def test_generate_with_icdpo_keeps_the_best_icdpo_score(tiny_model_dir, tmp_path
     )
     summary = run(cfg)
     lines = [json.loads(line) for line in open(tmp_path / "icdpo" / "candidates.jsonl")]
-    from alignkit.models import load_causal_lm
+    from alignkit.models.load import load_causal_lm
 
     model = load_causal_lm(str(tiny_model_dir)).eval()
     demo_ids = demonstration_ids([r["prompt"] for r in rows], [r["chosen"] for r in rows], tokenizer)

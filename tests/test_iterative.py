@@ -12,7 +12,7 @@ import torch
 
 import alignkit.algorithms.iterative as iterative
 from alignkit.algorithms.iterative import IterativeDPOConfig
-from alignkit.config import ConfigError
+from alignkit.config.load import ConfigError
 from alignkit.data.pairs import JudgeRanking, build_pairs, pair_columns, round_robin_scores
 from tests.conftest import write_prompts
 
@@ -144,7 +144,7 @@ def test_two_rounds_raise_the_reward(tmp_path, tiny_model_dir):
 def test_a_crashed_run_resumes_at_its_round_and_step(tmp_path, tiny_model_dir, monkeypatch):
     """Crash in round 2's DPO after its step-4 checkpoint; resume=true samples nothing again and ends with
     the metrics of an uninterrupted run, line for line."""
-    import alignkit.runtime as runtime
+    import alignkit.training.runtime as runtime
 
     data = write_prompts(tmp_path / "prompts.jsonl", 8)
     whole = config(

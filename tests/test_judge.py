@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from alignkit.cli import main
-from alignkit.config import ConfigError
+from alignkit.config.load import ConfigError
 from alignkit.rewards import build_reward
 from alignkit.rewards.backends import JudgeError, _retry_after
 from alignkit.rewards.cache import JudgeCache

@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import yaml
 
-from alignkit.config import ConfigError
+from alignkit.config.load import ConfigError
 from alignkit.rewards import RewardSet, build_reward, build_rewards
 from alignkit.rewards.backends import JudgeError
 from alignkit.rewards.base import fill

@@ -17,7 +17,7 @@ import torch
 import transformers as tf
 
 from alignkit.logprobs import completion_logps, completion_states, seq2seq_completion_logps
-from alignkit.models import load_causal_lm
+from alignkit.models.load import load_causal_lm
 
 V = 128  # vocabulary
 SIZES = dict(

@@ -9,11 +9,11 @@ import random
 import pytest
 import torch
 
-import alignkit.reference
-import alignkit.runtime
+import alignkit.models.reference
+import alignkit.training.runtime
 from alignkit.algorithms import dpo
 from alignkit.cli import main
-from alignkit.config import DPOConfig
+from alignkit.config.base import DPOConfig
 from alignkit.losses import LOSSES
 from tests.conftest import ctrl_c
 
@@ -163,24 +163,24 @@ def test_margin_column_with_an_objective_that_ignores_it_is_an_error(tmp_path, t
 def test_reference_free_objectives_never_compute_or_load_a_reference(
     tmp_path, tiny_model_dir, shared, monkeypatch, name
 ):
-    import alignkit.models
+    import alignkit.models.load
 
     loaded = []
-    real_load = alignkit.models.load_causal_lm
+    real_load = alignkit.models.load.load_causal_lm
 
     def counting_load(*a, **k):
         loaded.append(a[0])
         return real_load(*a, **k)
 
     # The policy loads through models.load_policy, a reference through reference.py's import: count both.
-    monkeypatch.setattr(alignkit.models, "load_causal_lm", counting_load)
-    monkeypatch.setattr(alignkit.reference, "load_causal_lm", counting_load)
+    monkeypatch.setattr(alignkit.models.load, "load_causal_lm", counting_load)
+    monkeypatch.setattr(alignkit.models.reference, "load_causal_lm", counting_load)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a reference-free objective computed reference log-probs")
 
     monkeypatch.setattr(dpo, "attach_precomputed_reference", forbidden)
-    monkeypatch.setattr(alignkit.reference, "reference_logps", forbidden)
+    monkeypatch.setattr(alignkit.models.reference, "reference_logps", forbidden)
     cache = tmp_path / "cache"
     out = tmp_path / "o"
     assert main(cli_args(tiny_model_dir, shared["data"], out, f"loss={name}", f"cache_dir={cache}")) == 0
@@ -214,19 +214,19 @@ def test_bco_pair_running_mean_is_checkpointed_and_resumes_exactly(tmp_path, tin
     assert expected[0][1] == 0.0 and expected[-1][1] != 0.0  # δ starts at 0 and tracks the rewards
 
     cut = config(tmp_path / "b")
-    original = alignkit.runtime.DataOrder.micro_batches
+    original = alignkit.training.runtime.DataOrder.micro_batches
 
     def interrupt_in_step_4(self, step):
         if step == 3:  # (0-based)
             ctrl_c()
         return original(self, step)
 
-    monkeypatch.setattr(alignkit.runtime.DataOrder, "micro_batches", interrupt_in_step_4)
+    monkeypatch.setattr(alignkit.training.runtime.DataOrder, "micro_batches", interrupt_in_step_4)
     with pytest.raises(SystemExit):
         dpo.train(cut)
     state = torch.load(tmp_path / "b" / "checkpoints" / "checkpoint-4" / "loop_state.pt", weights_only=True)
     assert state["count"] == 4 * 2 * 4  # 4 steps of 4 pairs, chosen and rejected rewards
-    monkeypatch.setattr(alignkit.runtime.DataOrder, "micro_batches", original)
+    monkeypatch.setattr(alignkit.training.runtime.DataOrder, "micro_batches", original)
     cut.resume = True
     dpo.train(cut)
     assert [(m["loss"], m["delta"]) for m in train_metrics(tmp_path / "b")] == expected
@@ -236,7 +236,7 @@ def test_paired_loss_and_its_running_delta_on_tensors():
     """dpo.paired_loss is the objective on tensors: sigmoid DPO by hand, h = (−1 − −2) − (−3 − −2) = 2,
     loss = −log σ(β·h) = log(1 + e^−0.2) at β = 0.1; and PairedObjective moves bco_pair's δ by the mean
     of the batch's implicit rewards, only in training mode."""
-    from alignkit.config import DPOConfig
+    from alignkit.config.base import DPOConfig
     from alignkit.losses import get_loss
 
     policy = {
@@ -260,7 +260,7 @@ def test_paired_loss_and_its_running_delta_on_tensors():
             return moved
 
     cfg = DPOConfig(beta=0.1, loss="bco_pair")
-    reference = alignkit.reference.Reference("precomputed", ("chosen", "rejected"))
+    reference = alignkit.models.reference.Reference("precomputed", ("chosen", "rejected"))
     objective = dpo.PairedObjective(cfg, get_loss("bco_pair"), reference)
     batch = {**batch, "ref_chosen": ref["chosen"], "ref_rejected": ref["rejected"]}
     model = Model().eval()

@@ -12,7 +12,8 @@ from conftest import interrupt_then_resume, train_metrics
 
 from alignkit.algorithms import offline_rl
 from alignkit.algorithms.offline_rl import OfflineRLConfig, row_weights
-from alignkit.config import ConfigError, LoraSettings, ReferenceSettings
+from alignkit.config.base import LoraSettings, ReferenceSettings
+from alignkit.config.load import ConfigError
 from alignkit.data.rows import DataError, load_logged_rows
 from alignkit.losses.weighted import (
     advantages,
@@ -129,7 +130,7 @@ def logp_gap(model_dir, tokenizer) -> float:
     """Per-token log-prob of the high-reward response minus the low-reward one, on one prompt."""
     from alignkit.data.collate import collate_sft
     from alignkit.logprobs import completion_logps
-    from alignkit.models import load_causal_lm
+    from alignkit.models.load import load_causal_lm
 
     model = load_causal_lm(str(model_dir))
     prompt = tokenizer("Tom went out 3. It was")["input_ids"]

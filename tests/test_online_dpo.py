@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import alignkit.algorithms.online_dpo as online_dpo
 from alignkit.algorithms.online_dpo import OnlineDPOConfig, pair_sums
-from alignkit.config import ConfigError
+from alignkit.config.load import ConfigError
 from tests.conftest import train_metrics, write_prompts
 from tests.test_iterative import E_COUNT, lines, untimed
 
@@ -158,7 +158,7 @@ def test_log_probs_are_the_policys_own_at_temperature_1_however_it_samples(
 
 
 def test_an_interrupted_run_resumes_to_the_same_metrics(tmp_path, tiny_model_dir, monkeypatch):
-    import alignkit.runtime as runtime
+    import alignkit.training.runtime as runtime
 
     data = write_prompts(tmp_path / "prompts.jsonl", 8)
     whole = config(
@@ -206,7 +206,7 @@ def test_an_interrupted_run_resumes_to_the_same_metrics(tmp_path, tiny_model_dir
     ],
 )
 def test_settings_are_checked_before_anything_loads(tmp_path, overrides, message):
-    from alignkit.config import from_mapping
+    from alignkit.config.load import from_mapping
 
     cfg = config(tmp_path, tmp_path / "no-model", str(tmp_path / "no-data.jsonl"))
     for key, value in overrides.items():

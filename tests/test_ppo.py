@@ -11,7 +11,8 @@ import torch
 
 import alignkit.algorithms.online as online
 import alignkit.algorithms.ppo as ppo
-from alignkit.config import ConfigError, PPOConfig
+from alignkit.config.base import PPOConfig
+from alignkit.config.load import ConfigError
 from tests.conftest import train_metrics, write_prompts
 
 E_COUNT = [{"type": "regex", "pattern": "e", "mode": "count"}]
@@ -329,7 +330,7 @@ def test_missing_eos_penalty_and_reward_shaping_by_hand():
     ],
 )
 def test_settings_are_checked_before_anything_loads(tmp_path, overrides, message):
-    from alignkit.config import ReferenceSettings
+    from alignkit.config.base import ReferenceSettings
 
     if "reference" in overrides:
         overrides = {**overrides, "reference": ReferenceSettings(**overrides["reference"])}
@@ -339,7 +340,7 @@ def test_settings_are_checked_before_anything_loads(tmp_path, overrides, message
 
 
 @pytest.mark.skipif(
-    not __import__("alignkit.runtime").runtime.native_bf16(), reason="this CPU has no native bf16"
+    not __import__("alignkit.training.runtime").runtime.native_bf16(), reason="this CPU has no native bf16"
 )
 def test_under_bf16_autocast_the_adapter_off_reference_equals_the_untrained_policy(tmp_path, tiny_model_dir):
     """mixed_precision=bf16 (what auto picks on a CPU with AVX512-BF16): the reference runs under the same
@@ -357,7 +358,7 @@ def test_under_bf16_autocast_the_adapter_off_reference_equals_the_untrained_poli
 def test_a_critic_from_a_reward_model_starts_at_its_scores(tmp_path, tiny_model_dir):
     """value_model=PATH: the critic is the reward model's backbone and head, so its value at position t
     is the reward model's score read at t - 1 (the state in which token t is chosen), 0 at position 0."""
-    from alignkit.models import load_causal_lm, load_reward_model, value_model_from
+    from alignkit.models.load import load_causal_lm, load_reward_model, value_model_from
 
     rm = load_reward_model(str(tiny_model_dir), pad_token_id=0)
     torch.nn.init.normal_(rm.score.weight)  # a head that is not all zeros
@@ -386,7 +387,7 @@ def test_the_critic_as_a_second_adapter_on_the_shared_base(tmp_path, tiny, reque
     every adapter off (KL 0 at the first rollout), and the saved model is the policy's adapter alone."""
     from safetensors.torch import load_file
 
-    import alignkit.models as models
+    import alignkit.models.load as models
 
     model_dir = request.getfixturevalue(tiny)
     seen = {}

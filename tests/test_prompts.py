@@ -13,7 +13,7 @@ import json
 import pytest
 
 from alignkit.data.readers import DataError
-from alignkit.models import load_tokenizer
+from alignkit.models.load import load_tokenizer
 from tests.conftest import TINYSTORIES
 
 BOS = 1
@@ -46,7 +46,7 @@ def conversation(text: str) -> dict:
 
 def online_prompts(tmp_path, tokenizer, rows, **settings):
     from alignkit.algorithms.online import load_prompts
-    from alignkit.config import GRPOConfig
+    from alignkit.config.base import GRPOConfig
 
     cfg = GRPOConfig(
         data=write_rows(tmp_path / "prompts.jsonl", rows), output_dir=str(tmp_path / "out"), **settings
@@ -58,10 +58,10 @@ def online_prompts(tmp_path, tokenizer, rows, **settings):
 def test_every_command_encodes_a_chat_prompt_with_exactly_one_bos(tmp_path, tiny_model_dir, template):
     """grpo/rloo/ppo/online-dpo/iterative-dpo/distill (load_prompts), generate (best_of_n), eval and the
     local judge (generation.sample) and ICDPO's demonstrations: one BOS at the front, never two."""
-    from alignkit.best_of_n import sample_candidates
     from alignkit.generation import sample
-    from alignkit.icdpo import demonstration_ids
-    from alignkit.models import load_causal_lm
+    from alignkit.inference.best_of_n import sample_candidates
+    from alignkit.inference.icdpo import demonstration_ids
+    from alignkit.models.load import load_causal_lm
 
     tokenizer = tokenizer_with(template)
     prompts = online_prompts(tmp_path, tokenizer, [conversation("Tell me a story."), {"prompt": "Once"}])
@@ -159,7 +159,7 @@ def test_rewards_read_the_conversation_in_their_own_template_or_its_content(tmp_
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from alignkit.best_of_n import GenerateConfig, run
+    from alignkit.inference.best_of_n import GenerateConfig, run
 
     policy = tmp_path / "policy"
     shutil.copytree(tiny_model_dir, policy)
@@ -205,8 +205,8 @@ def test_online_rollouts_give_rewards_the_conversation_not_the_policys_markup(tm
     import dataclasses
 
     from alignkit.algorithms.online import evaluate_policy, sampling_settings
-    from alignkit.config import GRPOConfig
-    from alignkit.models import load_causal_lm
+    from alignkit.config.base import GRPOConfig
+    from alignkit.models.load import load_causal_lm
     from alignkit.rewards import RewardSet
 
     tokenizer = tokenizer_with(WRITES_BOS)
@@ -224,7 +224,7 @@ def test_a_tokenizer_set_to_append_eos_gives_causal_prompts_without_it(tmp_path)
     text and chat prompts alike end where their text ends, as the offline path's prompts do. An
     encoder-decoder's source (PPO on T5) keeps it: T5 was trained on inputs ending in its EOS."""
     from alignkit.algorithms.online import load_prompts
-    from alignkit.config import PPOConfig
+    from alignkit.config.base import PPOConfig
     from alignkit.data.prompts import encode_prompt
 
     tokenizer = tokenizer_with(NO_BOS)
@@ -250,7 +250,7 @@ def test_ppo_encodes_its_prompts_as_its_policy_reads_them(tmp_path, policy, requ
     """ppo (the one command with encoder-decoder policies) asks for sources that keep their EOS for a T5
     policy, and for prompts that end at their text for a causal one."""
     from alignkit.algorithms import ppo
-    from alignkit.config import PPOConfig
+    from alignkit.config.base import PPOConfig
     from tests.conftest import write_prompts
 
     class Loaded(Exception):

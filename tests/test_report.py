@@ -11,12 +11,13 @@ import subprocess
 
 import pytest
 
-from alignkit import plots, report
 from alignkit.algorithms import dpo, sft
 from alignkit.cli import main
-from alignkit.config import DPOConfig, SFTConfig
+from alignkit.config.base import DPOConfig, SFTConfig
 from alignkit.demo import DEMO_MODEL
 from alignkit.io import read_jsonl
+from alignkit.report import build as report
+from alignkit.report import plots
 
 TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 needs_matplotlib = pytest.mark.skipif(not plots.available(), reason="matplotlib is not installed")
@@ -301,7 +302,7 @@ def test_tensorboard_holds_the_metrics_jsonl_values(trained_run):
 
 
 def test_report_to_is_checked_and_a_missing_tracker_package_is_named(tmp_path, monkeypatch):
-    from alignkit.tracking import check_report_to, start_trackers
+    from alignkit.training.tracking import check_report_to, start_trackers
 
     with pytest.raises(ValueError, match="report_to 'tensorbord' is not one of none, tensorboard, wandb"):
         check_report_to("tensorbord")

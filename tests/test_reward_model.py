@@ -14,13 +14,13 @@ from transformers import AutoModelForSequenceClassification
 
 from alignkit.algorithms.reward_model import classifier_pairs, make_collate, pair_rewards
 from alignkit.cli import main
-from alignkit.config import RewardConfig
+from alignkit.config.base import RewardConfig
 from alignkit.data.rows import load_preference_rows
 from alignkit.data.tokenize import tokenize_preference_rows
 from alignkit.losses.reward import bradley_terry_loss
-from alignkit.models import disable_dropout, load_causal_lm, load_tokenizer
+from alignkit.models.load import disable_dropout, load_causal_lm, load_tokenizer
 from alignkit.rewards import build_reward
-from alignkit.runtime import DataOrder
+from alignkit.training.runtime import DataOrder
 from tests.conftest import TINYSTORIES
 
 GOOD = ["happy", "kind", "sunny", "warm", "smiled", "love", "friends", "fun"]
@@ -377,7 +377,7 @@ def test_settings_that_cannot_apply_are_errors(bert_dir, tmp_path, capsys):
 def test_every_reward_setting_is_documented():
     import dataclasses
 
-    from alignkit.config import field_docs
+    from alignkit.config.load import field_docs
 
     docs = field_docs(RewardConfig)
     assert all(docs.get(f.name) for f in dataclasses.fields(RewardConfig))
@@ -386,7 +386,7 @@ def test_every_reward_setting_is_documented():
 
 def test_shipped_minilm_example_is_a_valid_config():
     """The documented run's config loads (its run itself is docs/reward_models.md, not a test)."""
-    from alignkit.config import load_config
+    from alignkit.config.load import load_config
     from tests.conftest import REPO
 
     cfg = load_config(RewardConfig, str(REPO / "examples" / "reward_minilm.yaml"), ["model=x"])

@@ -20,9 +20,9 @@ from alignkit.algorithms.reward_model import (
     train,
 )
 from alignkit.cli import main
-from alignkit.config import ConfigError
-from alignkit.modeling_reward import pool
-from alignkit.models import load_reward_model, load_tokenizer
+from alignkit.config.load import ConfigError
+from alignkit.models.load import load_reward_model, load_tokenizer
+from alignkit.models.pooled_reward import pool
 from alignkit.rewards.compose import RewardSet
 from alignkit.rewards.registry import build_reward
 from tests.conftest import TINYSTORIES

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from alignkit.cli import main
-from alignkit.config import ConfigError, field_docs, load_config
+from alignkit.config.load import ConfigError, field_docs, load_config
 from alignkit.rewards import (
     RewardSet,
     RunningMeanStd,
@@ -151,14 +151,6 @@ def test_vader_and_profanity_order_obvious_cases():
     assert both.max() < 0.2
 
 
-def test_evaluate_reexports_vader_compound():
-    from alignkit.evaluate import vader_compound as from_evaluate
-    from alignkit.rewards.rules import vader_compound
-
-    assert from_evaluate is vader_compound
-    assert vader_compound(["The box is on the table."]) == [0.0]
-
-
 def test_length_and_regex_by_hand():
     responses = ["one two three", "a b c d e f g", "", "Final answer: 42. Final answer: 43"]
     prompts = [""] * 4
@@ -216,7 +208,7 @@ def test_a_spec_imports_only_its_own_source_module():
     loading the classifier or judge modules (and the model code they bring)."""
     code = (
         "import json, sys\n"
-        "from alignkit.config import ConfigError\n"
+        "from alignkit.config.load import ConfigError\n"
         "from alignkit.rewards import build_reward\n"
         "loaded = lambda: sorted(m for m in sys.modules if m.startswith('alignkit.rewards.'))\n"
         "try:\n"

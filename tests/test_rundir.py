@@ -9,10 +9,11 @@ import stat
 import pytest
 
 from alignkit.algorithms import dpo, sft
-from alignkit.checkpoint import run_fingerprint
 from alignkit.cli import main
-from alignkit.config import ConfigError, DPOConfig, SFTConfig
-from alignkit.rundir import claim_output_dir
+from alignkit.config.base import DPOConfig, SFTConfig
+from alignkit.config.load import ConfigError
+from alignkit.training.checkpoint import run_fingerprint
+from alignkit.training.rundir import claim_output_dir
 
 
 def sft_rows(path, n=16):

@@ -9,10 +9,10 @@ import warnings
 import pytest
 import torch
 
-import alignkit.runtime as runtime
-from alignkit.checkpoint import Checkpointer, Frozen
-from alignkit.config import TrainConfig
-from alignkit.runtime import make_optimizer, optimizer_step
+import alignkit.training.runtime as runtime
+from alignkit.config.base import TrainConfig
+from alignkit.training.checkpoint import Checkpointer, Frozen
+from alignkit.training.runtime import make_optimizer, optimizer_step
 
 
 def token_mean_loss(model, batch):

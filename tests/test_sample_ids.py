@@ -12,7 +12,7 @@ from test_generation_evaluate import ENDING
 from test_generation_evaluate import PROMPTS as STORIES
 
 from alignkit.generation import _decoder, draw_tokens, sample_ids
-from alignkit.models import load_causal_lm
+from alignkit.models.load import load_causal_lm
 
 EOS = 2
 # Different lengths (so batches are left-padded); the last one makes the model end its story (EOS)

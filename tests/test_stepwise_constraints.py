@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from alignkit.algorithms import dpo, sdpo
 from alignkit.cli import main
-from alignkit.config import ConstraintSettings, DPOConfig
+from alignkit.config.base import ConstraintSettings, DPOConfig
 from alignkit.data.collate import collate_pairs
 from alignkit.data.prepare import prepare_preference_data
 from alignkit.losses.constraints import (
@@ -24,7 +24,7 @@ from alignkit.losses.constraints import (
     implicit_rewards,
     nll_anchor,
 )
-from alignkit.models import load_causal_lm, load_tokenizer
+from alignkit.models.load import load_causal_lm, load_tokenizer
 
 GOOD = ["happy", "kind", "sunny", "warm", "smiled", "love"]
 BAD = ["sad", "angry", "cold", "cried", "dark", "lost"]
@@ -212,7 +212,7 @@ def test_stepwise_dpo_stage_two_is_measured_against_stage_one(tmp_path, tiny_mod
 def test_stepwise_dpo_resumes_in_the_stage_that_was_cut_short(tmp_path, tiny_model_dir, monkeypatch):
     """A crash in stage 2 before its first checkpoint: resume=true skips stage 1 and runs stage 2 again, to the
     metrics of an uninterrupted run."""
-    import alignkit.runtime as runtime
+    import alignkit.training.runtime as runtime
 
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs(16))
     whole = config(tmp_path, tiny_model_dir, data, "whole", stages=2, report=False)

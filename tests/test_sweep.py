@@ -8,7 +8,7 @@ import json
 import pytest
 
 import alignkit.algorithms.online_dpo as online_dpo
-from alignkit.config import ConfigError
+from alignkit.config.load import ConfigError
 from alignkit.sweep import SweepConfig, grid_points, metric, pareto_front, run
 from tests.conftest import write_prompts
 from tests.test_iterative import E_COUNT
@@ -104,7 +104,7 @@ def test_a_two_point_sweep_is_trained_evaluated_and_resumed(tmp_path, tiny_model
 
     # Resumed with every point evaluated: nothing trains or samples again, and the frontier is the same.
     monkeypatch.setattr(online_dpo, "train", lambda c: pytest.fail("trained again"))
-    import alignkit.evaluate as evaluate
+    import alignkit.evaluation.compare as evaluate
 
     monkeypatch.setattr(evaluate, "run", lambda c: pytest.fail("evaluated again"))
     cfg.resume = True

@@ -14,7 +14,8 @@ import json
 import pytest
 
 from alignkit.algorithms.offline_rl import OfflineRLConfig
-from alignkit.config import ConfigError, DPOConfig, KTOConfig, ListwiseConfig, RewardConfig, SFTConfig
+from alignkit.config.base import DPOConfig, KTOConfig, ListwiseConfig, RewardConfig, SFTConfig
+from alignkit.config.load import ConfigError
 from alignkit.data import prepare
 from alignkit.data.tokenize import encode_prompt_completions
 from tests.test_prompts import tokenizer_with

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from alignkit.algorithms import dpo, sft
-from alignkit.config import DPOConfig, ReferenceSettings, SFTConfig
+from alignkit.config.base import DPOConfig, ReferenceSettings, SFTConfig
 from tests.conftest import ctrl_c
 
 GOOD = ["happy", "kind", "sunny", "warm", "smiled", "love", "friends", "fun"]

@@ -1,4 +1,4 @@
-"""DPO on vision-language models (alignkit.data.vision, alignkit.vision) and mDPO, with tiny random LLaVA and
+"""DPO on vision-language models (alignkit.data.vision, alignkit.models.vision) and mDPO, with tiny random LLaVA and
 Qwen2-VL models built here: word-level tokenizers built with `tokenizers`, image processors constructed in
 code, 8-pixel PNG images written by the test."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignkit.config import DPOConfig
+from alignkit.config.base import DPOConfig
 
 pytest.importorskip("PIL")
 
@@ -304,7 +304,7 @@ def test_dpo_lowers_the_loss_on_a_learnable_image_task(vlm, tmp_path):
     projector are frozen (freeze_vision default): their saved weights equal the initial ones."""
     from safetensors.torch import load_file
 
-    from alignkit.vision import VISION_MODULES
+    from alignkit.models.vision import VISION_MODULES
 
     name, model = vlm
     cfg = vlm_config(model, write_colour_pairs(tmp_path / "data"), tmp_path / "out")
@@ -343,7 +343,7 @@ def test_each_pair_s_images_are_encoded_once(tmp_path_factory, tmp_path):
     forward that encodes each row's image separately."""
     from alignkit.algorithms.dpo import pair_logps
     from alignkit.data.vision import collate_vision_pairs, load_processor, prepare_vision_data
-    from alignkit.models import load_causal_lm
+    from alignkit.models.load import load_causal_lm
 
     model_dir = build_llava(tmp_path_factory.mktemp("llava-once"), seed=1)
     processor = load_processor(str(model_dir))
@@ -415,7 +415,7 @@ def test_corrupt_image_is_seeded_and_keeps_the_size():
 
 def test_vision_settings_on_a_text_model_are_errors(tiny_model_dir, tmp_path):
     from alignkit.algorithms.dpo import train
-    from alignkit.config import ConfigError
+    from alignkit.config.load import ConfigError
 
     data = tmp_path / "pairs.jsonl"
     data.write_text(json.dumps({"prompt": "a", "chosen": " b", "rejected": " c"}) + "\n")
@@ -460,8 +460,8 @@ def test_share_prompt_row_gives_the_two_row_log_probs(name, tmp_path_factory, tm
         load_processor,
         prepare_vision_data,
     )
-    from alignkit.models import load_causal_lm
-    from alignkit.vision import uses_mrope
+    from alignkit.models.load import load_causal_lm
+    from alignkit.models.vision import uses_mrope
 
     model_dir = BUILDERS[name](tmp_path_factory.mktemp(f"{name}-share"), seed=4)
     processor = load_processor(str(model_dir))
@@ -488,7 +488,7 @@ def test_shipped_example_configs_run_on_a_tiny_model(example, tmp_path_factory, 
     """examples/vlm_dpo/<model>.yaml with its shipped rows and images, the real model swapped for the tiny
     one of the same family and the run shrunk: it loads, validates and trains (LLaVA's: LoRA, adapter-off
     reference, one row per pair)."""
-    from alignkit.config import load_config
+    from alignkit.config.load import load_config
     from tests.conftest import REPO
 
     model_dir = BUILDERS[example](tmp_path_factory.mktemp(f"{example}-example"), seed=5)

@@ -272,8 +272,8 @@ def test_log_probs_equal_a_plain_forward(family, tmp_path):
     tokens. Without the suffix type PaliGemma's completion tokens would see the tokens after them."""
     from alignkit.algorithms.dpo import pair_logps
     from alignkit.data.vision import collate_vision_pairs, load_processor, prepare_vision_data
-    from alignkit.models import load_causal_lm
-    from alignkit.vision import vision_setup
+    from alignkit.models.load import load_causal_lm
+    from alignkit.models.vision import vision_setup
 
     name, model_dir = family
     data = write_two_size_pairs(tmp_path / "data", n=3)

@@ -8,9 +8,9 @@ where diffusers loads it (`pipe.load_lora_weights(output_dir/final)`). The maths
 alignkit.losses.diffusion; `denoising_errors` is the batch function the prepared UNet runs;
 `DenoisingPairs` turns a batch into the noised inputs (one t and one ε per pair, shared by both images) and
 the loss. diffusers is an optional extra (`pip install alignkit[diffusion]`), imported only when a run
-loads a pipeline (alignkit.diffusion_models).
+loads a pipeline (alignkit.models.diffusion).
 
-The model is a folder in the Stable Diffusion 1.x / 2.x or the SDXL layout (see alignkit.diffusion_models),
+The model is a folder in the Stable Diffusion 1.x / 2.x or the SDXL layout (see alignkit.models.diffusion),
 local or a hub name. The VAE and the text encoder(s) are frozen; latents are the VAE posterior's
 mean times its scaling factor (deterministic, so cached and on-the-fly latents are the same numbers).
 Training noise comes from a generator seeded by (seed, process, draw count), the count saved in every
@@ -26,10 +26,12 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config import RANGES, ConfigError, LoraSettings, TrainConfig, above, at_least
+from alignkit.config.base import LoraSettings, TrainConfig
+from alignkit.config.load import RANGES, ConfigError, above, at_least
 from alignkit.data.images import ImagePair, load_image_pairs, pixel_values, size_time_ids
 from alignkit.data.prepare import _split_eval, bad_rows_list, report_dropped
-from alignkit.diffusion_models import (
+from alignkit.losses.diffusion import DIFFUSION_LOSSES, denoising_mse, diffusion_dpo_loss
+from alignkit.models.diffusion import (
     UNET_ATTENTION,
     Pipeline,
     add_unet_lora,
@@ -40,10 +42,9 @@ from alignkit.diffusion_models import (
     load_pipeline,
     save_unet,
 )
-from alignkit.losses.diffusion import DIFFUSION_LOSSES, denoising_mse, diffusion_dpo_loss
-from alignkit.models import BatchForward, freeze
-from alignkit.reference import Reference
-from alignkit.runtime import evaluate_in_batches, finish_run, fit, start_run
+from alignkit.models.load import BatchForward, freeze
+from alignkit.models.reference import Reference
+from alignkit.training.runtime import evaluate_in_batches, finish_run, fit, start_run
 
 
 @dataclass

@@ -26,14 +26,15 @@ import torch
 
 from alignkit.algorithms.online import OnlineRun, load_prompts
 from alignkit.algorithms.sft import completion_tokens
-from alignkit.config import RANGES, ConfigError, TrainConfig, above, at_least, between, validate
+from alignkit.config.base import TrainConfig
+from alignkit.config.load import RANGES, ConfigError, above, at_least, between, validate
 from alignkit.data.collate import collate_sft
 from alignkit.generation import sample_ids
 from alignkit.logprobs import CompletionStates, completion_states
 from alignkit.losses.distill import DIVERGENCES, chunked_divergence, divergence_beta
-from alignkit.models import BatchForward, add_lora, check_model_source, load_policy, load_tokenizer
-from alignkit.reference import adapter_disabled, frozen_model
-from alignkit.runtime import as_numbers, make_optimizer, optimizer_step, save_final, start_run
+from alignkit.models.load import BatchForward, add_lora, check_model_source, load_policy, load_tokenizer
+from alignkit.models.reference import adapter_disabled, frozen_model
+from alignkit.training.runtime import as_numbers, make_optimizer, optimizer_step, save_final, start_run
 
 
 @dataclass

@@ -17,22 +17,23 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config import ConfigError, ConstraintSettings, DPOConfig
+from alignkit.config.base import ConstraintSettings, DPOConfig
+from alignkit.config.load import ConfigError
 from alignkit.data.collate import additive_mask, collate_pairs, collate_pairs_shared_prompt
 from alignkit.data.prepare import prepare_preference_data
 from alignkit.logprobs import completion_logps
 from alignkit.losses import LOSSES, LossSpec, RunningMean, check_params, get_loss, preference_loss
 from alignkit.losses.constraints import check_constraints, constraint_losses, implicit_rewards
 from alignkit.losses.mdpo import mdpo_terms
-from alignkit.models import BatchForward, add_lora, load_policy, load_tokenizer, shared_prompt_fits
-from alignkit.reference import (
+from alignkit.models.load import BatchForward, add_lora, load_policy, load_tokenizer, shared_prompt_fits
+from alignkit.models.reference import (
     Reference,
     attach_precomputed_reference,
     check_reference_settings,
     setup_reference,
 )
-from alignkit.runtime import evaluate_in_batches, fit, save_final, start_run, used_indices
-from alignkit.vision import check_vision_settings, freeze_vision, image_inputs, vision_setup
+from alignkit.models.vision import check_vision_settings, freeze_vision, image_inputs, vision_setup
+from alignkit.training.runtime import evaluate_in_batches, fit, save_final, start_run, used_indices
 
 PAIR_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 

@@ -8,7 +8,7 @@ Reads top to bottom: prompts -> policy (+ reference) -> for each step: rollout (
 each prompt, score them, log-probs of the sampling policy and the reference) -> group advantages ->
 `ppo_epochs` x minibatches of the shared optimizer step on the clipped surrogate + β·KL -> metrics ->
 checkpoint. The maths is in alignkit.losses.policy; the rollout in alignkit.rollout; the optimizer step
-and checkpoints are the offline trainers' own (alignkit.runtime, alignkit.checkpoint).
+and checkpoints are the offline trainers' own (alignkit.training.runtime, alignkit.training.checkpoint).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from alignkit.algorithms.online import (
     token_logps,
     with_default_lr,
 )
-from alignkit.config import ConfigError, GRPOConfig, validate
+from alignkit.config.base import GRPOConfig
+from alignkit.config.load import ConfigError, validate
 from alignkit.losses.policy import (
     AGGREGATIONS,
     KL_ESTIMATORS,
@@ -47,9 +48,9 @@ from alignkit.losses.policy import (
     kl_estimate,
     kl_penalised_scores,
 )
-from alignkit.models import BatchForward, add_lora, disable_dropout, load_policy, load_tokenizer
+from alignkit.models.load import BatchForward, add_lora, disable_dropout, load_policy, load_tokenizer
 from alignkit.rollout import token_logps_in_batches
-from alignkit.runtime import (
+from alignkit.training.runtime import (
     as_numbers,
     make_optimizer,
     optimizer_step,

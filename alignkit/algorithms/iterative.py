@@ -29,15 +29,16 @@ import torch
 
 from alignkit.algorithms import dpo
 from alignkit.algorithms.online import Prompts, evaluate_policy, load_prompts, sampling_settings
-from alignkit.config import RANGES, ConfigError, DPOConfig, above, at_least, between, save_config, validate
+from alignkit.config.base import DPOConfig
+from alignkit.config.load import RANGES, ConfigError, above, at_least, between, save_config, validate
 from alignkit.data.pairs import GAP_USES, STRATEGIES, JudgeRanking, build_pairs, pair_columns
 from alignkit.io import atomic_write, read_jsonl, write_jsonl
-from alignkit.models import load_causal_lm, load_tokenizer
+from alignkit.models.load import load_causal_lm, load_tokenizer
 from alignkit.rewards import RewardSet
 from alignkit.rewards.registry import build_reward
 from alignkit.rollout import collect
-from alignkit.rundir import claim_output_dir, part_resume_flags
-from alignkit.runtime import MetricsLogger, process_state
+from alignkit.training.rundir import claim_output_dir, part_resume_flags
+from alignkit.training.runtime import MetricsLogger, process_state
 
 
 @dataclass
@@ -353,7 +354,7 @@ def train(cfg: IterativeDPOConfig) -> Path:
         if not link.exists():
             link.symlink_to(Path(policy_path).relative_to(root), target_is_directory=True)
         if cfg.report:
-            from alignkit.report import report_after_run
+            from alignkit.report.build import report_after_run
 
             report_after_run(root, log)
     return Path(policy_path)

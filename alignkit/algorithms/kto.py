@@ -20,20 +20,29 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config import ConfigError, KTOConfig
+from alignkit.config.base import KTOConfig
+from alignkit.config.load import ConfigError
 from alignkit.data.collate import collate_unpaired, mismatched_partners
 from alignkit.data.prepare import prepare_unpaired_data
 from alignkit.logprobs import completion_logps
 from alignkit.losses import LossSpec, RunningMean, check_params, get_unpaired_loss
 from alignkit.losses.unpaired import UNPAIRED_LOSSES, kto_reference_point
-from alignkit.models import BatchForward, add_lora, load_policy, load_tokenizer
-from alignkit.reference import (
+from alignkit.models.load import BatchForward, add_lora, load_policy, load_tokenizer
+from alignkit.models.reference import (
     Reference,
     attach_precomputed_reference,
     check_reference_settings,
     setup_reference,
 )
-from alignkit.runtime import as_numbers, data_order, fit, save_final, start_run, total_steps, used_indices
+from alignkit.training.runtime import (
+    as_numbers,
+    data_order,
+    fit,
+    save_final,
+    start_run,
+    total_steps,
+    used_indices,
+)
 
 FIELDS = ("prompt_ids", "completion_ids")
 

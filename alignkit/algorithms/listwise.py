@@ -19,20 +19,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from alignkit.config import ConfigError, ListwiseConfig
+from alignkit.config.base import ListwiseConfig
+from alignkit.config.load import ConfigError
 from alignkit.data.collate import collate_lists
 from alignkit.data.prepare import prepare_listwise_data
 from alignkit.logprobs import completion_logps
 from alignkit.losses import LossSpec, check_params, get_listwise_loss
 from alignkit.losses.listwise import LISTWISE_LOSSES, soft_targets
-from alignkit.models import BatchForward, add_lora, load_policy, load_tokenizer
-from alignkit.reference import (
+from alignkit.models.load import BatchForward, add_lora, load_policy, load_tokenizer
+from alignkit.models.reference import (
     Reference,
     attach_precomputed_reference,
     check_reference_settings,
     setup_reference,
 )
-from alignkit.runtime import evaluate_in_batches, fit, save_final, start_run, used_indices
+from alignkit.training.runtime import evaluate_in_batches, fit, save_final, start_run, used_indices
 
 FIELDS = ("prompt_ids", "responses_ids")
 

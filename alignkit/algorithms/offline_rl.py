@@ -23,16 +23,8 @@ import torch
 
 from alignkit.algorithms.distill import base_model_teacher, completion_divergence, frozen_teacher
 from alignkit.algorithms.sft import completion_tokens
-from alignkit.config import (
-    RANGES,
-    ConfigError,
-    ReferenceSettings,
-    TrainConfig,
-    above,
-    at_least,
-    between,
-    validate,
-)
+from alignkit.config.base import ReferenceSettings, TrainConfig
+from alignkit.config.load import RANGES, ConfigError, above, at_least, between, validate
 from alignkit.data.collate import collate_sft
 from alignkit.data.prepare import prepare_logged_data
 from alignkit.logprobs import completion_logps
@@ -44,9 +36,9 @@ from alignkit.losses.weighted import (
     raft_keep,
     weighted_nll,
 )
-from alignkit.models import BatchForward, add_lora, load_policy, load_tokenizer
-from alignkit.reference import check_reference_settings, frozen_model
-from alignkit.runtime import as_numbers, fit, save_final, start_run
+from alignkit.models.load import BatchForward, add_lora, load_policy, load_tokenizer
+from alignkit.models.reference import check_reference_settings, frozen_model
+from alignkit.training.runtime import as_numbers, fit, save_final, start_run
 
 METHODS = ("awr", "raft")
 AWR_ONLY = ("baseline", "temperature", "max_weight")

@@ -11,19 +11,27 @@ from dataclasses import dataclass
 
 import torch
 
-from alignkit.checkpoint import Checkpointer, default_fingerprint
-from alignkit.config import ConfigError, OnlineConfig, TrainConfig
+from alignkit.config.base import OnlineConfig, TrainConfig
+from alignkit.config.load import ConfigError
 from alignkit.data.checks import unknown_text_rows
 from alignkit.data.prepare import _split_eval, bad_rows_list, report_dropped
 from alignkit.data.prompts import PromptRow, encode_prompt_rows, load_prompt_rows
 from alignkit.logprobs import sequence_logps
 from alignkit.losses.policy import frac_reward_zero_std
-from alignkit.reference import check_reference_settings, setup_reference
+from alignkit.models.reference import check_reference_settings, setup_reference
 from alignkit.rewards import RewardSet
 from alignkit.rewards.base import reduce_metrics
 from alignkit.rewards.compose import weighted_sum
 from alignkit.rollout import Rollout, SamplingSettings, collect
-from alignkit.runtime import DataOrder, Interrupts, MetricsLogger, gather_objects, gather_rows, total_steps
+from alignkit.training.checkpoint import Checkpointer, default_fingerprint
+from alignkit.training.runtime import (
+    DataOrder,
+    Interrupts,
+    MetricsLogger,
+    gather_objects,
+    gather_rows,
+    total_steps,
+)
 
 
 def check_online_settings(cfg: OnlineConfig, kl_weight: float, kl_name: str) -> None:

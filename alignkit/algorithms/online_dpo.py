@@ -34,13 +34,14 @@ from alignkit.algorithms.online import (
     token_logps,
     with_default_lr,
 )
-from alignkit.config import RANGES, ConfigError, OnlineConfig, above, at_least, validate
+from alignkit.config.base import OnlineConfig
+from alignkit.config.load import RANGES, ConfigError, above, at_least, validate
 from alignkit.data.pairs import GAP_USES, JudgeRanking, build_pairs, pair_columns, sum_pair_stats
 from alignkit.losses import get_loss
-from alignkit.models import BatchForward, add_lora, disable_dropout, load_policy, load_tokenizer
+from alignkit.models.load import BatchForward, add_lora, disable_dropout, load_policy, load_tokenizer
 from alignkit.rewards.registry import build_reward
 from alignkit.rollout import Rollout, token_logps_in_batches
-from alignkit.runtime import as_numbers, make_optimizer, optimizer_step, save_final, start_run
+from alignkit.training.runtime import as_numbers, make_optimizer, optimizer_step, save_final, start_run
 
 
 @dataclass

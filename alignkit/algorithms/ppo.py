@@ -42,7 +42,8 @@ from alignkit.algorithms.online import (
     token_logps,
     with_default_lr,
 )
-from alignkit.config import ConfigError, PPOConfig, validate
+from alignkit.config.base import PPOConfig
+from alignkit.config.load import ConfigError, validate
 from alignkit.losses.policy import aggregate, aggregation_units, clipped_surrogate
 from alignkit.losses.ppo import (
     AdaptiveKLController,
@@ -53,7 +54,7 @@ from alignkit.losses.ppo import (
     kl_penalised_rewards,
     whiten,
 )
-from alignkit.models import (
+from alignkit.models.load import (
     VALUE_ADAPTER,
     BatchForward,
     ValueModel,
@@ -66,7 +67,7 @@ from alignkit.models import (
     value_model_from,
 )
 from alignkit.rollout import token_logps_in_batches
-from alignkit.runtime import (
+from alignkit.training.runtime import (
     as_numbers,
     make_optimizer,
     optimizer_step,

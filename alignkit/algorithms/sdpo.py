@@ -19,9 +19,10 @@ import dataclasses
 from pathlib import Path
 
 from alignkit.algorithms import dpo
-from alignkit.config import DPOConfig, save_config
-from alignkit.rundir import claim_output_dir, part_resume_flags
-from alignkit.runtime import process_state
+from alignkit.config.base import DPOConfig
+from alignkit.config.load import save_config
+from alignkit.training.rundir import claim_output_dir, part_resume_flags
+from alignkit.training.runtime import process_state
 
 
 def stage_config(cfg: DPOConfig, k: int, previous_final: Path | None) -> DPOConfig:

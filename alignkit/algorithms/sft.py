@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config import SFTConfig
+from alignkit.config.base import SFTConfig
 from alignkit.data.collate import collate_sft
 from alignkit.data.prepare import prepare_sft_data
 from alignkit.logprobs import completion_logps
-from alignkit.models import BatchForward, add_lora, load_policy, load_tokenizer
-from alignkit.runtime import as_numbers, fit, save_final, start_run
+from alignkit.models.load import BatchForward, add_lora, load_policy, load_tokenizer
+from alignkit.training.runtime import as_numbers, fit, save_final, start_run
 
 
 def completion_tokens(examples: list[dict]) -> int:

@@ -47,7 +47,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
-from alignkit.config import ConfigError
+from alignkit.config.load import ConfigError
 from alignkit.data.chat import Issues, conversation_texts, json_type, render_messages, split_hh
 from alignkit.data.readers import DataError, DroppedRow, Problems, encoding_problems, read_records
 

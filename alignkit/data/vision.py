@@ -467,7 +467,7 @@ def collate_vision_shared_prompt(examples: list[dict], pad_id: int, *, processor
     (a 4D mask; the prompt, image tokens included, computed once per pair) and the image inputs: each pair's
     images encoded once, in the order the segments' image placeholders appear row by row. `prompt_spans`
     (S, 4) holds each segment's row, prompt offset, prompt length and number of images, in that order, for
-    models that place tokens with multimodal RoPE (`alignkit.vision.mrope_positions`)."""
+    models that place tokens with multimodal RoPE (`alignkit.models.vision.mrope_positions`)."""
     batch = collate_pairs_shared_prompt(examples, pad_id)
     R, T = batch["input_ids"].shape
     placed = []  # (pair, row, offset of its prompt) in the order the backbone fills image placeholders

@@ -326,7 +326,7 @@ class LocalChatBackend:
     ):
         import torch
 
-        from alignkit.models import load_causal_lm, load_tokenizer
+        from alignkit.models.load import load_causal_lm, load_tokenizer
 
         self.tokenizer = load_tokenizer(tokenizer or model, trust_remote_code=trust_remote_code)
         self.template_kwargs = dict(chat_template_kwargs or {})

@@ -17,7 +17,7 @@ import importlib
 import json
 from types import ModuleType
 
-from alignkit.config import ConfigError
+from alignkit.config.load import ConfigError
 from alignkit.rewards.backends import (
     RETRYABLE_STATUS,
     JudgeError,

@@ -28,7 +28,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from alignkit.config import ConfigError
+from alignkit.config.load import ConfigError
 from alignkit.data.chat import render_messages
 
 # A prompt as reward sources get it: a text, or a conversation (a list of {"role", "content"} messages).

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from alignkit.config import ConfigError
+from alignkit.config.load import ConfigError
 from alignkit.data.chat import render_messages
 from alignkit.data.tokenize import adds_special_tokens
-from alignkit.models import DTYPES, load_sequence_classifier, reward_labels, tokenizer_kwargs
+from alignkit.models.load import DTYPES, load_sequence_classifier, reward_labels, tokenizer_kwargs
 from alignkit.rewards.base import (
     Prompt,
     RowMean,

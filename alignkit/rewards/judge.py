@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from alignkit.config import ConfigError
-from alignkit.models import DTYPES
+from alignkit.config.load import ConfigError
+from alignkit.models.load import DTYPES
 from alignkit.rewards.backends import HTTPChatBackend, JudgeError, LocalChatBackend, log
 from alignkit.rewards.backends_cloud import SDKS, AnthropicBackend, BedrockBackend, require_sdk
 from alignkit.rewards.base import Prompt, SourceOptions, as_scores, check_batch, fill, prompt_text

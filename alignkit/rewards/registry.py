@@ -18,7 +18,7 @@ from __future__ import annotations
 import difflib
 import importlib
 
-from alignkit.config import ConfigError, from_mapping
+from alignkit.config.load import ConfigError, from_mapping
 from alignkit.rewards.base import RewardSource, SourceOptions
 
 __all__ = ["REWARD_TYPES", "build_reward", "build_rewards", "parse_spec", "reward_type", "reward_types"]

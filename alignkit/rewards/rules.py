@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from alignkit.config import ConfigError
+from alignkit.config.load import ConfigError
 from alignkit.rewards.base import Prompt, SourceOptions, as_scores, check_batch, check_template, fill
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config import RANGES, ConfigError, above, at_least, validate
+from alignkit.config.load import RANGES, ConfigError, above, at_least, validate
 from alignkit.data.chat import json_type
 from alignkit.data.readers import DataError, Problems, encoding_problems, line_ranges, read_records
 from alignkit.io import append_jsonl, atomic_path, atomic_write

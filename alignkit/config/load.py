@@ -1,7 +1,7 @@
 """How alignkit reads, checks and describes its dataclass configs: YAML files plus dotted `key=value`
 overrides (unknown keys are errors), values coerced to the fields' types, range checks (`RANGES`, one table
 per config class, filled by the modules that define the classes), and `--help` text from the docstring
-under every field. The configs themselves are in alignkit.config (and, for newer commands, beside their
+under every field. The configs themselves are in alignkit.config.base (and, for newer commands, beside their
 command); this module imports none of them.
 """
 

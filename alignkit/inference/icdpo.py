@@ -6,7 +6,7 @@ The same model plays two parts: with demonstrations of preferred behaviour in it
 
     s(y) = log p(y | d, x) - log p(y | x)                                          (Song et al., eq. 6)
 
-where d is the demonstration block: the demonstrations most similar to x (`alignkit.retrieval`), each
+where d is the demonstration block: the demonstrations most similar to x (`alignkit.inference.retrieval`), each
 rendered as one document (`demo_template`, then EOS), the most similar one last, nearest the prompt. s(y)
 is the log-ratio DPO's implicit reward takes between an aligned and a reference policy (with β = 1); the
 candidate with the largest s is kept. Both log-probs come from `evaluate.completion_nll`, i.e. the one
@@ -21,7 +21,7 @@ cut: a prompt whose longest candidate does not fit even without demonstrations i
 from __future__ import annotations
 
 from alignkit.data.prompts import encode_prompt
-from alignkit.evaluate import completion_nll
+from alignkit.evaluation.compare import completion_nll
 
 
 def demonstration_ids(
@@ -106,7 +106,7 @@ class IcdpoChooser:
     def from_config(cls, cfg, prompts: list[str], tokenizer) -> IcdpoChooser:
         """Reads `cfg.demos` (every bad row at once, file:line: field), renders the demonstrations and
         retrieves `cfg.num_demos` of them for every prompt by `cfg.retriever`."""
-        from alignkit.retrieval import resolve_backend, retrieve
+        from alignkit.inference.retrieval import resolve_backend, retrieve
         from alignkit.rewards.score import ScoreConfig, read_pairs
 
         _, demo_prompts, responses = read_pairs(

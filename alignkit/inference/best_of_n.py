@@ -6,7 +6,7 @@ is kept:
 
 - method=reward (best-of-n): the candidate with the largest total reward;
 - method=icdpo: the candidate with the largest ICDPO score log p(y | demos, x) - log p(y | x)
-  (`alignkit.icdpo`), demonstrations retrieved from a file of preferred (prompt, response) rows. The
+  (`alignkit.inference.icdpo`), demonstrations retrieved from a file of preferred (prompt, response) rows. The
   rewards are still computed, to report how often ICDPO's choice is the reward's and what it gains.
 
 Ties go to the lowest index (the first candidate sampled among the best); a NaN score never wins.
@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config import RANGES, ConfigError, at_least, between, validate
+from alignkit.config.load import RANGES, ConfigError, at_least, between, validate
 from alignkit.data.prompts import encode_prompt
-from alignkit.evaluate import mean_and_stderr
+from alignkit.evaluation.compare import mean_and_stderr
 from alignkit.generation import _sample_seed, sample_ids
+from alignkit.inference.retrieval import BACKENDS
 from alignkit.io import append_jsonl, atomic_write, cut_torn_line, read_jsonl
-from alignkit.models import DTYPES
-from alignkit.retrieval import BACKENDS
+from alignkit.models.load import DTYPES
 from alignkit.rewards.compose import RewardSet
 
 METHODS = ("reward", "icdpo")
@@ -370,8 +370,13 @@ def check_config(cfg: GenerateConfig) -> None:
 def claim(cfg: GenerateConfig) -> None:
     """The refuse / resume / overwrite rules of `rundir.claim_output_dir`; resuming under other settings
     than the run's config.yaml (bar RESUMABLE_CHANGES) is an error naming them."""
-    from alignkit.checkpoint import default_fingerprint, fingerprint_differences, load_yaml, run_fingerprint
-    from alignkit.rundir import claim_output_dir
+    from alignkit.training.checkpoint import (
+        default_fingerprint,
+        fingerprint_differences,
+        load_yaml,
+        run_fingerprint,
+    )
+    from alignkit.training.rundir import claim_output_dir
 
     out = Path(cfg.output_dir)
     if not (cfg.resume and (out / "candidates.jsonl").exists()):
@@ -399,9 +404,9 @@ def claim(cfg: GenerateConfig) -> None:
 def run(cfg: GenerateConfig) -> dict:
     """`alignkit generate`: samples, scores and chooses for every unfinished prompt, appending one durable
     line per prompt to output_dir/candidates.jsonl; writes and prints the summary; returns it."""
-    from alignkit.config import save_config
+    from alignkit.config.load import save_config
     from alignkit.data.prompts import encode_prompt_rows, load_prompt_rows
-    from alignkit.models import check_model_source, load_causal_lm, load_tokenizer
+    from alignkit.models.load import check_model_source, load_causal_lm, load_tokenizer
 
     check_config(cfg)
     check_model_source(cfg.model)
@@ -413,7 +418,7 @@ def run(cfg: GenerateConfig) -> dict:
     prompts = [r.reward_input for r in rows]  # conversations stay messages, for the rewards
     chooser = None
     if cfg.method == "icdpo":
-        from alignkit.icdpo import IcdpoChooser
+        from alignkit.inference.icdpo import IcdpoChooser
         from alignkit.rewards.base import prompt_text
 
         chooser = IcdpoChooser.from_config(cfg, [prompt_text(p) for p in prompts], tokenizer)

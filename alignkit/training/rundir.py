@@ -12,8 +12,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from alignkit.checkpoint import Checkpointer, check_fingerprint, sorted_checkpoints
-from alignkit.config import ConfigError
+from alignkit.config.load import ConfigError
+from alignkit.training.checkpoint import Checkpointer, check_fingerprint, sorted_checkpoints
 
 # What a training run writes into output_dir (glob patterns); the cache/ folder is keyed by content and kept.
 RUN_FILES = (

@@ -1,6 +1,6 @@
 """The report page as one HTML string: inline CSS, figures inlined as base64 PNGs, every value escaped.
 
-Only markup lives here; what to show is decided in alignkit.report.
+Only markup lives here; what to show is decided in alignkit.report.build.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import base64
 import html
 from collections import Counter
 
-from alignkit import plots
+from alignkit.report import plots
 
 MAX_DROPPED_SHOWN = 50
 
@@ -195,7 +195,7 @@ def data_section(run) -> str:
 def page(runs, *, summaries, curves, charts, differences, notes) -> str:
     """The whole report page.
 
-    runs: alignkit.report.Run objects; summaries: one {column: text} per run; curves / charts: (title, file
+    runs: alignkit.report.build.Run objects; summaries: one {column: text} per run; curves / charts: (title, file
     name, PNG bytes) of the training curves and of the before/after charts; differences: (config key,
     value per run); notes: what could not be read."""
     title = "alignkit report: " + ", ".join(run.name for run in runs)

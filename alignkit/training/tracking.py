@@ -42,7 +42,7 @@ def start_trackers(accelerator, cfg) -> None:
             f"report_to={cfg.report_to} needs the {package} package: pip install {package} "
             "(or report_to=none)"
         )
-    from alignkit.config_io import _flatten, config_to_dict
+    from alignkit.config.load import _flatten, config_to_dict
 
     # Trackers take scalars and strings only: lists (reward sources, constraints) and None as JSON text.
     hparams = {

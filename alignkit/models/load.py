@@ -139,7 +139,7 @@ def load_causal_lm(
     two forwards of 8 tokens on `device`). Off only where the model just generates text."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSeq2SeqLM
 
-    from alignkit.vision import is_vision_language
+    from alignkit.models.vision import is_vision_language
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
@@ -260,7 +260,7 @@ def reward_labels(num_labels: int) -> dict[int, str]:
 
 def is_pooled_reward_model(name_or_path: str) -> bool:
     """Whether a local folder holds a `PooledRewardModel` (`alignkit reward` with a pooling its backbone's
-    stock classifier does not do; alignkit/modeling_reward.py)."""
+    stock classifier does not do; alignkit/models/pooled_reward.py)."""
     import json
 
     path = _local(name_or_path)
@@ -274,7 +274,7 @@ def tokenizer_kwargs(name_or_path: str) -> dict:
     AutoTokenizer would otherwise try to load as remote code, asking whether to trust it); else {}."""
     if not is_pooled_reward_model(name_or_path):
         return {}
-    from alignkit.modeling_reward import PooledRewardConfig
+    from alignkit.models.pooled_reward import PooledRewardConfig
 
     return {"config": PooledRewardConfig.from_pretrained(name_or_path)}
 
@@ -285,7 +285,7 @@ def load_sequence_classifier(name_or_path: str, **kwargs):
     from transformers import AutoModelForSequenceClassification
 
     if is_pooled_reward_model(name_or_path):
-        from alignkit.modeling_reward import PooledRewardModel
+        from alignkit.models.pooled_reward import PooledRewardModel
 
         kwargs.pop("trust_remote_code", None)
         return PooledRewardModel.from_pretrained(name_or_path, **kwargs)
@@ -311,7 +311,7 @@ def load_reward_model(
     (`classifier_from_causal_lm`); a sequence-classifier checkpoint (e.g. a saved reward model) or an
     encoder (BERT-like) loads through AutoModelForSequenceClassification(num_labels), the encoder's
     head new. With `pooling` (mean, cls or last) the head reads that pooling of the backbone's states
-    instead (`PooledRewardModel.around`, alignkit/modeling_reward.py). from_causal_lm: whether `name_or_path` is
+    instead (`PooledRewardModel.around`, alignkit/models/pooled_reward.py). from_causal_lm: whether `name_or_path` is
     a causal LM (default: unless its architecture is an encoder's). `pad_token_id` is written into the
     config: decoder classifiers find the last real token through it, in training and wherever the saved
     model is used.
@@ -337,7 +337,7 @@ def load_reward_model(
                 name_or_path, dtype, attn_implementation, trust_remote_code, check_logps=False
             )
         if pooling is not None and not classifier:
-            from alignkit.modeling_reward import PooledRewardModel
+            from alignkit.models.pooled_reward import PooledRewardModel
 
             backbone = (
                 getattr(lm, lm.base_model_prefix) if lm else AutoModel.from_pretrained(name_or_path, **kwargs)

@@ -1,7 +1,6 @@
 """The configs of alignkit's commands, as dataclasses with a one-line docstring under every field (what
 `alignkit <command> --help` shows), and their value ranges. Reading YAML and overrides, coercion, range
-checks and `--help` text are alignkit.config_io's; its names are re-exported here, so
-`from alignkit.config import load_config, validate, RANGES, ...` keeps working.
+checks and `--help` text are alignkit.config.load's.
 """
 
 from __future__ import annotations
@@ -9,24 +8,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from alignkit.config_io import (  # noqa: F401 (re-exported)
+from alignkit.config.load import (
     FRACTION,
     RANGES,
     RELATIONS,
-    SECTION_ALIASES,
-    ConfigError,
-    Range,
     above,
     at_least,
     between,
-    config_to_dict,
-    describe,
-    field_docs,
     from_mapping,
-    load_config,
-    range_problems,
-    save_config,
-    validate,
 )
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -414,7 +403,7 @@ class RLOOConfig(GRPOConfig):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Ranges of the classes above (alignkit.config_io.RANGES; see there).
+# Ranges of the classes above (alignkit.config.load.RANGES; see there).
 
 
 def max_length_above_prompt(cfg) -> str | None:

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import yaml
 
-from alignkit import plots
 from alignkit.io import atomic_write, read_jsonl
-from alignkit.report_html import page
+from alignkit.report import plots
+from alignkit.report.html import page
 
 REPORT_FILE = "report.html"
 PLOTS_DIR = "report_plots"
@@ -221,7 +221,7 @@ def duration(seconds: float) -> str:
 
 def config_differences(runs: list[Run]) -> list[tuple[str, list[str]]]:
     """(key, value per run) for every config key whose value differs between the runs (output_dir aside)."""
-    from alignkit.config_io import _flatten
+    from alignkit.config.load import _flatten
 
     if len(runs) < 2 or any(run.config is None for run in runs):
         return []

@@ -29,8 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from alignkit.config import config_to_dict
-from alignkit.config_io import load_yaml
+from alignkit.config.load import config_to_dict, load_yaml
 from alignkit.io import follow_umask
 
 # Settings that do not change what a run trains: where and how often it writes, how long it runs (a resumed

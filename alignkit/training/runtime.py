@@ -5,7 +5,7 @@ offline loop, and metrics.
 clip -> step -> schedule -> metrics reduced across processes once. `fit` is the loop every offline
 objective (SFT, DPO family, reward models) runs around it: the algorithm supplies
 `loss_fn(model, batch) -> (loss, metrics)`, called with the *prepared* model, and the data; `fit` owns
-data order, logging, evaluation, checkpoints (`alignkit.checkpoint`), resume and Ctrl-C (`Interrupts`:
+data order, logging, evaluation, checkpoints (`alignkit.training.checkpoint`), resume and Ctrl-C (`Interrupts`:
 finish the step or drop it, never save half of one). Online
 algorithms (PPO, GRPO) call `optimizer_step`, `Checkpointer` and `MetricsLogger` from their own loops.
 
@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from alignkit.checkpoint import Checkpointer, Frozen, default_fingerprint
-from alignkit.config import MIXED_PRECISION, TrainConfig
+from alignkit.config.base import MIXED_PRECISION, TrainConfig
 from alignkit.io import atomic_write, read_jsonl
-from alignkit.tracking import check_report_to, finish_trackers, log_record, start_trackers
+from alignkit.training.checkpoint import Checkpointer, Frozen, default_fingerprint
+from alignkit.training.tracking import check_report_to, finish_trackers, log_record, start_trackers
 
 
 def native_bf16() -> bool:
@@ -117,8 +117,8 @@ def start_run(cfg: TrainConfig, *, check_sources: Callable | None = None):
     default `models.check_run_sources`; a diffusion pipeline has other folders), and output_dir claimed
     (`claim_run_dir`). `log` prints on the main process only.
     """
-    from alignkit.config import save_config, validate
-    from alignkit.models import check_run_sources
+    from alignkit.config.load import save_config, validate
+    from alignkit.models.load import check_run_sources
 
     validate(cfg)
     (check_sources or check_run_sources)(cfg)
@@ -135,9 +135,9 @@ def start_run(cfg: TrainConfig, *, check_sources: Callable | None = None):
 def claim_run_dir(cfg: TrainConfig, accelerator) -> None:
     """A fresh run never destroys or splices another: output_dir holding a run is an error unless
     resume=true (under the same settings: the checkpoint's fingerprint) or overwrite=true (the main
-    process deletes that run's files first). See alignkit.rundir."""
-    from alignkit.checkpoint import run_fingerprint
-    from alignkit.rundir import claim_output_dir
+    process deletes that run's files first). See alignkit.training.rundir."""
+    from alignkit.training.checkpoint import run_fingerprint
+    from alignkit.training.rundir import claim_output_dir
 
     claim_output_dir(
         cfg.output_dir,
@@ -521,7 +521,7 @@ def fit(
 ) -> tuple[torch.nn.Module, dict]:
     """Run the optimisation loop; returns (the prepared model, the last logged train metrics).
 
-    model: the module every loss calls (an `alignkit.models.BatchForward`), prepared here with its
+    model: the module every loss calls (an `alignkit.models.load.BatchForward`), prepared here with its
     optimizer; loss_fn(prepared model, batch) returns the micro-batch loss and metrics (see
     `optimizer_step`). units(examples) counts what a micro-batch's loss is a mean over (default: its
     rows; SFT's token-mean loss counts completion tokens). evaluate(prepared model) returns eval metrics.
@@ -644,7 +644,7 @@ def save_final(accelerator, model, tokenizer, output_dir: Path, merge_lora: bool
     end the run (`finish_run`: trackers closed, report written). Every training command ends here.
 
     model: the prepared module `fit` returned (a BatchForward around the model) or the model itself."""
-    from alignkit.models import BatchForward, save_model
+    from alignkit.models.load import BatchForward, save_model
 
     final = Path(output_dir) / "final"
     accelerator.wait_for_everyone()
@@ -666,7 +666,7 @@ def finish_run(accelerator, output_dir: Path, log=print) -> None:
     saved config says report=false. A report that fails warns and returns: the saved run is never lost."""
     finish_trackers(accelerator)
     if accelerator.is_main_process:
-        from alignkit.report import report_after_run
+        from alignkit.report.build import report_after_run
 
         report_after_run(output_dir, log)
 

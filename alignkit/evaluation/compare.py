@@ -31,16 +31,15 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config import RANGES, ConfigError, at_least, between, validate
+from alignkit.config.load import RANGES, ConfigError, at_least, between, validate
 from alignkit.data.prompts import load_prompt_rows
 from alignkit.generation import eos_ids, sample
 from alignkit.io import atomic_write
 from alignkit.logprobs import completion_logps
-from alignkit.models import DTYPES, check_model_source
+from alignkit.models.load import DTYPES, check_model_source
 from alignkit.rewards.compose import RewardSet
 from alignkit.rewards.registry import parse_spec
-from alignkit.rewards.rules import vader_compound
-from alignkit.rundir import claim_output_dir
+from alignkit.training.rundir import claim_output_dir
 
 __all__ = [
     "EvalConfig",
@@ -54,7 +53,6 @@ __all__ = [
     "read_prompts",
     "run",
     "score_stats",
-    "vader_compound",
     "win_rate",
     "write_reports",
 ]
@@ -503,7 +501,7 @@ def _check(cfg: EvalConfig) -> None:
 def run(cfg: EvalConfig) -> dict:
     """`alignkit eval`: validates, loads, compares, writes output_dir/eval_report.{json,md} and report.html,
     prints the Markdown; returns the report (with the resolved config under "config")."""
-    from alignkit.models import load_causal_lm, load_tokenizer
+    from alignkit.models.load import load_causal_lm, load_tokenizer
 
     _check(cfg)
     read_prompts(cfg.prompts)  # bad rows fail before any model is loaded
@@ -546,7 +544,7 @@ def run(cfg: EvalConfig) -> dict:
     json_path, md_path = write_reports(report, cfg.output_dir)
     print(md_path.read_text(encoding="utf-8"))
     print(f"reports written to {json_path} and {md_path}")
-    from alignkit.report import report_after_run
+    from alignkit.report.build import report_after_run
 
     report_after_run(cfg.output_dir)  # the HTML page, with the before/after chart
     return report

@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from alignkit.config import ConfigError
+from alignkit.config.load import ConfigError
 from alignkit.data.prepare import cache_dir
 from alignkit.data.tokenize import fingerprint, source_fingerprint
 from alignkit.io import atomic_path
-from alignkit.models import BatchForward, freeze, load_causal_lm
+from alignkit.models.load import BatchForward, freeze, load_causal_lm
 
 REFERENCE_MODES = ("precomputed", "copy", "adapter")
 

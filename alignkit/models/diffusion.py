@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config import ConfigError
+from alignkit.config.load import ConfigError
 from alignkit.io import follow_umask
-from alignkit.models import DTYPES, check_model_source, check_tokenizer_source, freeze
+from alignkit.models.load import DTYPES, check_model_source, check_tokenizer_source, freeze
 
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_PARTS = (*SD_PARTS, "text_encoder_2", "tokenizer_2")
