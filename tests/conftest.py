@@ -13,7 +13,7 @@ import torch
 # Tests compare numbers computed in float32 (hand-derived losses, 1- vs 2-process updates, micro-batch
 # splits). mixed_precision=auto picks bf16 autocast on CPUs that compute it natively (AVX512-BF16, AMX),
 # which would make those comparisons depend on the machine; the launcher variable that `auto` honours
-# (runtime.resolve_mixed_precision) pins fp32 here and in every process a test starts. Tests of the auto
+# (training.setup.resolve_mixed_precision) pins fp32 here and in every process a test starts. Tests of the auto
 # choice itself unset it, and tests/test_ppo.py runs bf16 autocast where the CPU has it.
 os.environ["ACCELERATE_MIXED_PRECISION"] = "no"
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alignkit.training.runtime import DataOrder
+from alignkit.training.order import DataOrder
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "distributed"))

@@ -144,7 +144,7 @@ def test_two_rounds_raise_the_reward(tmp_path, tiny_model_dir):
 def test_a_crashed_run_resumes_at_its_round_and_step(tmp_path, tiny_model_dir, monkeypatch):
     """Crash in round 2's DPO after its step-4 checkpoint; resume=true samples nothing again and ends with
     the metrics of an uninterrupted run, line for line."""
-    import alignkit.training.runtime as runtime
+    import alignkit.training.loop as loop
 
     data = write_prompts(tmp_path / "prompts.jsonl", 8)
     whole = config(
@@ -152,7 +152,7 @@ def test_a_crashed_run_resumes_at_its_round_and_step(tmp_path, tiny_model_dir, m
     )
     iterative.train(whole)
 
-    real_step, calls = runtime.optimizer_step, []
+    real_step, calls = loop.optimizer_step, []
 
     def crash_in_round_two(*args, **kwargs):
         calls.append(1)
@@ -160,11 +160,11 @@ def test_a_crashed_run_resumes_at_its_round_and_step(tmp_path, tiny_model_dir, m
             raise RuntimeError("simulated crash")
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(runtime, "optimizer_step", crash_in_round_two)
+    monkeypatch.setattr(loop, "optimizer_step", crash_in_round_two)
     cut = config(tmp_path, tiny_model_dir, data, max_steps=6, save_steps=2, output_dir=str(tmp_path / "cut"))
     with pytest.raises(RuntimeError, match="simulated crash"):
         iterative.train(cut)
-    monkeypatch.setattr(runtime, "optimizer_step", real_step)
+    monkeypatch.setattr(loop, "optimizer_step", real_step)
     sampled = []
     monkeypatch.setattr(iterative, "sample_round", lambda *a, **k: sampled.append(1))
     iterative.train(

@@ -19,7 +19,7 @@ from alignkit.logprobs import completion_logps
 from alignkit.losses import UNPAIRED_LOSSES
 from alignkit.losses.unpaired import bco_loss, kto_loss, kto_reference_point
 from alignkit.models.load import load_causal_lm, load_tokenizer
-from alignkit.training.runtime import data_order
+from alignkit.training.order import data_order
 
 GOOD = ["happy", "kind", "sunny", "warm", "smiled", "love"]
 BAD = ["sad", "angry", "cold", "cried", "dark", "lost"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import alignkit.models.reference
-import alignkit.training.runtime
+import alignkit.training.order
 from alignkit.algorithms import dpo
 from alignkit.cli import main
 from alignkit.config.base import DPOConfig
@@ -214,19 +214,19 @@ def test_bco_pair_running_mean_is_checkpointed_and_resumes_exactly(tmp_path, tin
     assert expected[0][1] == 0.0 and expected[-1][1] != 0.0  # δ starts at 0 and tracks the rewards
 
     cut = config(tmp_path / "b")
-    original = alignkit.training.runtime.DataOrder.micro_batches
+    original = alignkit.training.order.DataOrder.micro_batches
 
     def interrupt_in_step_4(self, step):
         if step == 3:  # (0-based)
             ctrl_c()
         return original(self, step)
 
-    monkeypatch.setattr(alignkit.training.runtime.DataOrder, "micro_batches", interrupt_in_step_4)
+    monkeypatch.setattr(alignkit.training.order.DataOrder, "micro_batches", interrupt_in_step_4)
     with pytest.raises(SystemExit):
         dpo.train(cut)
     state = torch.load(tmp_path / "b" / "checkpoints" / "checkpoint-4" / "loop_state.pt", weights_only=True)
     assert state["count"] == 4 * 2 * 4  # 4 steps of 4 pairs, chosen and rejected rewards
-    monkeypatch.setattr(alignkit.training.runtime.DataOrder, "micro_batches", original)
+    monkeypatch.setattr(alignkit.training.order.DataOrder, "micro_batches", original)
     cut.resume = True
     dpo.train(cut)
     assert [(m["loss"], m["delta"]) for m in train_metrics(tmp_path / "b")] == expected

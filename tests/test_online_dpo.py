@@ -158,8 +158,6 @@ def test_log_probs_are_the_policys_own_at_temperature_1_however_it_samples(
 
 
 def test_an_interrupted_run_resumes_to_the_same_metrics(tmp_path, tiny_model_dir, monkeypatch):
-    import alignkit.training.runtime as runtime
-
     data = write_prompts(tmp_path / "prompts.jsonl", 8)
     whole = config(
         tmp_path, tiny_model_dir, data, max_steps=6, save_steps=3, output_dir=str(tmp_path / "whole")
@@ -178,7 +176,6 @@ def test_an_interrupted_run_resumes_to_the_same_metrics(tmp_path, tiny_model_dir
     with pytest.raises(RuntimeError, match="simulated crash"):
         online_dpo.train(cut)
     monkeypatch.setattr(online_dpo, "optimizer_step", real)
-    del runtime
     online_dpo.train(
         config(
             tmp_path,

@@ -485,7 +485,7 @@ SPLITS = {
 @pytest.mark.parametrize("mode", AGGREGATIONS)
 @pytest.mark.parametrize("split", SPLITS)
 def test_aggregation_is_invariant_to_the_split(mode, split):
-    """runtime.optimizer_step scales micro-batch m's loss by W·units_m / U (U: units of the whole step on
+    """training.step.optimizer_step scales micro-batch m's loss by W·units_m / U (U: units of the whole step on
     all W processes) and DDP averages gradients over processes, so the step's objective is
     Σ_m units_m/U · loss_m. It must equal the whole batch's aggregate, in value and gradient."""
     g = torch.Generator().manual_seed(4)

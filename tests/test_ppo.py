@@ -340,7 +340,8 @@ def test_settings_are_checked_before_anything_loads(tmp_path, overrides, message
 
 
 @pytest.mark.skipif(
-    not __import__("alignkit.training.runtime").runtime.native_bf16(), reason="this CPU has no native bf16"
+    not __import__("alignkit.training.setup").training.setup.native_bf16(),
+    reason="this CPU has no native bf16",
 )
 def test_under_bf16_autocast_the_adapter_off_reference_equals_the_untrained_policy(tmp_path, tiny_model_dir):
     """mixed_precision=bf16 (what auto picks on a CPU with AVX512-BF16): the reference runs under the same

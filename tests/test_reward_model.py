@@ -20,7 +20,7 @@ from alignkit.data.tokenize import tokenize_preference_rows
 from alignkit.losses.reward import bradley_terry_loss
 from alignkit.models.load import disable_dropout, load_causal_lm, load_tokenizer
 from alignkit.rewards import build_reward
-from alignkit.training.runtime import DataOrder
+from alignkit.training.order import DataOrder
 from tests.conftest import TINYSTORIES
 
 GOOD = ["happy", "kind", "sunny", "warm", "smiled", "love", "friends", "fun"]

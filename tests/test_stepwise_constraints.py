@@ -212,12 +212,12 @@ def test_stepwise_dpo_stage_two_is_measured_against_stage_one(tmp_path, tiny_mod
 def test_stepwise_dpo_resumes_in_the_stage_that_was_cut_short(tmp_path, tiny_model_dir, monkeypatch):
     """A crash in stage 2 before its first checkpoint: resume=true skips stage 1 and runs stage 2 again, to the
     metrics of an uninterrupted run."""
-    import alignkit.training.runtime as runtime
+    import alignkit.training.loop as loop
 
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs(16))
     whole = config(tmp_path, tiny_model_dir, data, "whole", stages=2, report=False)
     sdpo.train(whole)
-    real_step, calls = runtime.optimizer_step, []
+    real_step, calls = loop.optimizer_step, []
 
     def crash_in_stage_two(*args, **kwargs):
         calls.append(1)
@@ -225,10 +225,10 @@ def test_stepwise_dpo_resumes_in_the_stage_that_was_cut_short(tmp_path, tiny_mod
             raise RuntimeError("simulated crash")
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(runtime, "optimizer_step", crash_in_stage_two)
+    monkeypatch.setattr(loop, "optimizer_step", crash_in_stage_two)
     with pytest.raises(RuntimeError, match="simulated crash"):
         sdpo.train(config(tmp_path, tiny_model_dir, data, "cut", stages=2, report=False))
-    monkeypatch.setattr(runtime, "optimizer_step", real_step)
+    monkeypatch.setattr(loop, "optimizer_step", real_step)
     trained = []
     real_train = dpo.train
     monkeypatch.setattr(

@@ -44,7 +44,9 @@ from alignkit.models.diffusion import (
 )
 from alignkit.models.load import BatchForward, freeze
 from alignkit.models.reference import Reference
-from alignkit.training.runtime import evaluate_in_batches, finish_run, fit, start_run
+from alignkit.training.loop import fit
+from alignkit.training.setup import finish_run, start_run
+from alignkit.training.step import evaluate_in_batches
 
 
 @dataclass

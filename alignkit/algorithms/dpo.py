@@ -33,7 +33,10 @@ from alignkit.models.reference import (
     setup_reference,
 )
 from alignkit.models.vision import check_vision_settings, freeze_vision, image_inputs, vision_setup
-from alignkit.training.runtime import evaluate_in_batches, fit, save_final, start_run, used_indices
+from alignkit.training.loop import fit
+from alignkit.training.order import used_indices
+from alignkit.training.setup import save_final, start_run
+from alignkit.training.step import evaluate_in_batches
 
 PAIR_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 

@@ -8,7 +8,7 @@ Reads top to bottom: prompts -> policy (+ reference) -> for each step: rollout (
 each prompt, score them, log-probs of the sampling policy and the reference) -> group advantages ->
 `ppo_epochs` x minibatches of the shared optimizer step on the clipped surrogate + β·KL -> metrics ->
 checkpoint. The maths is in alignkit.losses.policy; the rollout in alignkit.rollout; the optimizer step
-and checkpoints are the offline trainers' own (alignkit.training.runtime, alignkit.training.checkpoint).
+and checkpoints are the offline trainers' own (alignkit.training: step, loop, checkpoint).
 """
 
 from __future__ import annotations
@@ -50,13 +50,8 @@ from alignkit.losses.policy import (
 )
 from alignkit.models.load import BatchForward, add_lora, disable_dropout, load_policy, load_tokenizer
 from alignkit.rollout import token_logps_in_batches
-from alignkit.training.runtime import (
-    as_numbers,
-    make_optimizer,
-    optimizer_step,
-    save_final,
-    start_run,
-)
+from alignkit.training.setup import save_final, start_run
+from alignkit.training.step import as_numbers, make_optimizer, optimizer_step
 
 
 def check_settings(cfg: GRPOConfig) -> GRPOConfig:

@@ -37,8 +37,9 @@ from alignkit.models.load import load_causal_lm, load_tokenizer
 from alignkit.rewards import RewardSet
 from alignkit.rewards.registry import build_reward
 from alignkit.rollout import collect
+from alignkit.training.loop import MetricsLogger
 from alignkit.training.rundir import claim_output_dir, part_resume_flags
-from alignkit.training.runtime import MetricsLogger, process_state
+from alignkit.training.setup import process_state
 
 
 @dataclass

@@ -34,15 +34,10 @@ from alignkit.models.reference import (
     check_reference_settings,
     setup_reference,
 )
-from alignkit.training.runtime import (
-    as_numbers,
-    data_order,
-    fit,
-    save_final,
-    start_run,
-    total_steps,
-    used_indices,
-)
+from alignkit.training.loop import fit
+from alignkit.training.order import data_order, total_steps, used_indices
+from alignkit.training.setup import save_final, start_run
+from alignkit.training.step import as_numbers
 
 FIELDS = ("prompt_ids", "completion_ids")
 

@@ -33,7 +33,10 @@ from alignkit.models.reference import (
     check_reference_settings,
     setup_reference,
 )
-from alignkit.training.runtime import evaluate_in_batches, fit, save_final, start_run, used_indices
+from alignkit.training.loop import fit
+from alignkit.training.order import used_indices
+from alignkit.training.setup import save_final, start_run
+from alignkit.training.step import evaluate_in_batches
 
 FIELDS = ("prompt_ids", "responses_ids")
 

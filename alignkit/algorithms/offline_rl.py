@@ -38,7 +38,9 @@ from alignkit.losses.weighted import (
 )
 from alignkit.models.load import BatchForward, add_lora, load_policy, load_tokenizer
 from alignkit.models.reference import check_reference_settings, frozen_model
-from alignkit.training.runtime import as_numbers, fit, save_final, start_run
+from alignkit.training.loop import fit
+from alignkit.training.setup import save_final, start_run
+from alignkit.training.step import as_numbers
 
 METHODS = ("awr", "raft")
 AWR_ONLY = ("baseline", "temperature", "max_weight")

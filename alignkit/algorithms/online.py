@@ -24,14 +24,9 @@ from alignkit.rewards.base import reduce_metrics
 from alignkit.rewards.compose import weighted_sum
 from alignkit.rollout import Rollout, SamplingSettings, collect
 from alignkit.training.checkpoint import Checkpointer, default_fingerprint
-from alignkit.training.runtime import (
-    DataOrder,
-    Interrupts,
-    MetricsLogger,
-    gather_objects,
-    gather_rows,
-    total_steps,
-)
+from alignkit.training.loop import Interrupts, MetricsLogger
+from alignkit.training.order import DataOrder, total_steps
+from alignkit.training.setup import gather_objects, gather_rows
 
 
 def check_online_settings(cfg: OnlineConfig, kl_weight: float, kl_name: str) -> None:

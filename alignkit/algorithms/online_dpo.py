@@ -41,7 +41,8 @@ from alignkit.losses import get_loss
 from alignkit.models.load import BatchForward, add_lora, disable_dropout, load_policy, load_tokenizer
 from alignkit.rewards.registry import build_reward
 from alignkit.rollout import Rollout, token_logps_in_batches
-from alignkit.training.runtime import as_numbers, make_optimizer, optimizer_step, save_final, start_run
+from alignkit.training.setup import save_final, start_run
+from alignkit.training.step import as_numbers, make_optimizer, optimizer_step
 
 
 @dataclass

@@ -67,13 +67,8 @@ from alignkit.models.load import (
     value_model_from,
 )
 from alignkit.rollout import token_logps_in_batches
-from alignkit.training.runtime import (
-    as_numbers,
-    make_optimizer,
-    optimizer_step,
-    save_final,
-    start_run,
-)
+from alignkit.training.setup import save_final, start_run
+from alignkit.training.step import as_numbers, make_optimizer, optimizer_step
 
 
 def check_settings(cfg: PPOConfig) -> None:

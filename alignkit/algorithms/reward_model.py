@@ -47,7 +47,9 @@ from alignkit.models.load import (
     load_tokenizer,
     sliding_window,
 )
-from alignkit.training.runtime import evaluate_in_batches, fit, save_final, start_run
+from alignkit.training.loop import fit
+from alignkit.training.setup import save_final, start_run
+from alignkit.training.step import evaluate_in_batches
 
 ST_POOLING_MODES = {
     "pooling_mode_mean_tokens": "mean",

@@ -22,7 +22,7 @@ from alignkit.algorithms import dpo
 from alignkit.config.base import DPOConfig
 from alignkit.config.load import save_config
 from alignkit.training.rundir import claim_output_dir, part_resume_flags
-from alignkit.training.runtime import process_state
+from alignkit.training.setup import process_state
 
 
 def stage_config(cfg: DPOConfig, k: int, previous_final: Path | None) -> DPOConfig:

@@ -18,7 +18,9 @@ from alignkit.data.collate import collate_sft
 from alignkit.data.prepare import prepare_sft_data
 from alignkit.logprobs import completion_logps
 from alignkit.models.load import BatchForward, add_lora, load_policy, load_tokenizer
-from alignkit.training.runtime import as_numbers, fit, save_final, start_run
+from alignkit.training.loop import fit
+from alignkit.training.setup import save_final, start_run
+from alignkit.training.step import as_numbers
 
 
 def completion_tokens(examples: list[dict]) -> int:

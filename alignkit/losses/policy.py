@@ -403,7 +403,7 @@ def compute_advantages(
 
 
 def aggregation_units(mask: torch.Tensor, *, mode: str) -> torch.Tensor:
-    """What a micro-batch's aggregated loss is a mean over, for `runtime.optimizer_step(units=...)`.
+    """What a micro-batch's aggregated loss is a mean over, for `training.step.optimizer_step(units=...)`.
 
     mask: (B, T). Returns a 0-dim float tensor: the number of completion tokens (`token_mean`) or of
     sequences, B, padding rows included (`sequence_mean`, `constant`). It depends only on the mask, so the
@@ -426,7 +426,7 @@ def aggregate(
     """A micro-batch's loss from per-token losses, written once for every online method.
 
     per_token_loss, mask: (B, T), n_b = Σ_t mask[b, t]. Returns (loss, units): the loss is a mean over
-    `units` (`aggregation_units`), so that `runtime.optimizer_step`, which weights micro-batch m by
+    `units` (`aggregation_units`), so that `training.step.optimizer_step`, which weights micro-batch m by
     units_m / Σ units over every micro-batch and process, yields the same loss and gradient however the
     step's batch is split:
 

@@ -8,7 +8,7 @@ overlaid), eval_report.json / demo_report.json (before/after and sample tables),
 config, and which settings differ between runs), data_stats.json and dropped_rows.jsonl (rows, truncation,
 dropped rows and why). It works on a finished, running or crashed run: a half-written last line of a jsonl
 file is skipped and named in the page's notes, never an error. Every training run writes its report when it
-ends (`report=true`, `runtime.finish_run`), as do `alignkit eval` and `alignkit demo`.
+ends (`report=true`, `training.setup.finish_run`), as do `alignkit eval` and `alignkit demo`.
 """
 
 from __future__ import annotations

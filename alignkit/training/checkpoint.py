@@ -3,7 +3,7 @@
 sampling-seed counter).
 
 A checkpoint is written to a temporary folder and renamed into place, so a run killed while writing one
-never picks it up; the newest `keep` are kept. With the data order fixed by the seed (`runtime.DataOrder`),
+never picks it up; the newest `keep` are kept. With the data order fixed by the seed (`training.order.DataOrder`),
 the named state, the RNG states and the step are everything a resumed run needs to repeat the
 uninterrupted one exactly.
 
@@ -15,7 +15,7 @@ Layout of checkpoints/checkpoint-<step>/:
 
 The fingerprint (`run_fingerprint`) is every setting that shapes what is trained (model, data, loss and its
 parameters, learning rate, batch sizes, seed, ...), read from the run's output_dir/config.yaml (which
-`runtime.start_run` writes), so that resuming under different ones is an error naming them, not a run
+`training.setup.start_run` writes), so that resuming under different ones is an error naming them, not a run
 spliced from two; every loop that checkpoints through a Checkpointer gets this without doing anything.
 """
 

@@ -1,6 +1,6 @@
 """Experiment trackers (`report_to=tensorboard|wandb`) through accelerate: started with the resolved config
-by `runtime.start_run`, fed by `runtime.MetricsLogger` with the numbers it writes to metrics.jsonl, closed
-by `runtime.finish_run`.
+by `training.setup.start_run`, fed by `training.loop.MetricsLogger` with the numbers it writes to metrics.jsonl, closed
+by `training.setup.finish_run`.
 
 The run's accelerator is found by its output_dir (`_RUNS`), so every loop that writes metrics through a
 MetricsLogger (fit, GRPO, PPO, ...) is tracked without handing the accelerator down to it.

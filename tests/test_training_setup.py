@@ -9,10 +9,10 @@ import warnings
 import pytest
 import torch
 
-import alignkit.training.runtime as runtime
+import alignkit.training.setup as setup
 from alignkit.config.base import TrainConfig
 from alignkit.training.checkpoint import Checkpointer, Frozen
-from alignkit.training.runtime import make_optimizer, optimizer_step
+from alignkit.training.step import make_optimizer, optimizer_step
 
 
 def token_mean_loss(model, batch):
@@ -37,7 +37,7 @@ def test_optimizer_step_takes_the_mean_over_every_unit_of_the_step():
     expected = [p.grad.clone() for p in reference.parameters()]
 
     cfg = TrainConfig(lr=0.1, warmup_ratio=0.0, lr_scheduler="constant", mixed_precision="no")
-    accelerator = runtime.make_accelerator(cfg)  # fp32, whatever an earlier test in this process used
+    accelerator = setup.make_accelerator(cfg)  # fp32, whatever an earlier test in this process used
     optimizer, scheduler = make_optimizer(model, cfg, steps=1)
     seen = []  # the gradients the optimizer steps on
     optimizer.register_step_pre_hook(lambda *_: seen.append([p.grad.clone() for p in model.parameters()]))
@@ -139,38 +139,38 @@ def test_a_frozen_snapshot_is_what_gets_saved(tmp_path):
 @pytest.mark.parametrize("native", [True, False])
 def test_mixed_precision_auto_follows_the_hardware(monkeypatch, native):
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    monkeypatch.setattr(runtime, "native_bf16", lambda: native)
-    assert runtime.resolve_mixed_precision("auto") == ("bf16" if native else "no")
-    assert runtime.resolve_mixed_precision("no") == "no"
+    monkeypatch.setattr(setup, "native_bf16", lambda: native)
+    assert setup.resolve_mixed_precision("auto") == ("bf16" if native else "no")
+    assert setup.resolve_mixed_precision("no") == "no"
 
 
 def test_explicit_bf16_on_an_emulating_cpu_warns_naming_the_flag(monkeypatch):
-    monkeypatch.setattr(runtime, "native_bf16", lambda: False)
+    monkeypatch.setattr(setup, "native_bf16", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.warns(UserWarning, match=r"mixed_precision=bf16 .* emulated .* ~10x"):
-        assert runtime.resolve_mixed_precision("bf16") == "bf16"
-    monkeypatch.setattr(runtime, "native_bf16", lambda: True)
+        assert setup.resolve_mixed_precision("bf16") == "bf16"
+    monkeypatch.setattr(setup, "native_bf16", lambda: True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert runtime.resolve_mixed_precision("bf16") == "bf16"
+        assert setup.resolve_mixed_precision("bf16") == "bf16"
     with pytest.raises(ValueError, match="mixed_precision 'fp8' is not one of auto, no, bf16, fp16"):
-        runtime.resolve_mixed_precision("fp8")
+        setup.resolve_mixed_precision("fp8")
 
 
 def test_native_bf16_reads_the_cpu_flags(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert runtime.native_bf16() is False
+    assert setup.native_bf16() is False
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert runtime.native_bf16() is True
+    assert setup.native_bf16() is True
 
 
 def test_mixed_precision_auto_takes_the_launchers_setting(monkeypatch):
     """Under `accelerate launch`, auto is what its config asked for; an explicit setting still wins."""
-    monkeypatch.setattr(runtime, "native_bf16", lambda: True)
+    monkeypatch.setattr(setup, "native_bf16", lambda: True)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
-    assert runtime.resolve_mixed_precision("auto") == "fp16"
-    assert runtime.resolve_mixed_precision("no") == "no"
+    assert setup.resolve_mixed_precision("auto") == "fp16"
+    assert setup.resolve_mixed_precision("no") == "no"
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
-    assert runtime.resolve_mixed_precision("auto") == "bf16"
+    assert setup.resolve_mixed_precision("auto") == "bf16"

@@ -1,0 +1,241 @@
+"""The run loop's bookkeeping: the metrics log, Ctrl-C between steps, and `fit`, the loop every offline objective
+(SFT, the DPO family, reward models) runs.
+
+The algorithm supplies `loss_fn(model, batch) -> (loss, metrics)`, called with the *prepared* model, and the
+data; `fit` owns data order, logging, evaluation, checkpoints (`training.checkpoint`), resume and Ctrl-C.
+Distributed runs (`torchrun`, `accelerate launch`) are one run over N processes: every process draws its own
+share of each step (`training.order.DataOrder`), the loss of a step is the mean over the rows (or tokens) of
+all processes, and only the main process writes.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from alignkit.config.base import TrainConfig
+from alignkit.io import atomic_write, read_jsonl
+from alignkit.training.checkpoint import Checkpointer, Frozen, default_fingerprint
+from alignkit.training.order import data_order, total_steps
+from alignkit.training.step import as_numbers, make_optimizer, optimizer_step
+from alignkit.training.tracking import log_record
+
+
+class MetricsLogger:
+    """Appends one JSON object per line to output_dir/metrics.jsonl (main process only), and sends the same
+    numbers to the run's `report_to` tracker (`tracking.log_record`) when start_run started one."""
+
+    def __init__(self, output_dir: Path, enabled: bool = True, resume_step: int | None = None):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        if enabled and resume_step is not None and self.path.exists():
+            # Drop lines from steps after the checkpoint: the resumed run writes them again. A line torn by
+            # a kill mid-write, or otherwise unreadable, is dropped too, and said.
+            found = read_jsonl(self.path)
+            for note in found.skipped():
+                print(note)
+            kept = [r for r in found.records if r.get("step", 0) <= resume_step]
+            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        elif enabled:
+            atomic_write(self.path, "")
+
+    def log(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            log_record(self.path.parent, record)
+
+
+class Interrupts:
+    """Ctrl-C in a training loop never saves a half step: it finishes the step or drops it.
+
+    Inside `with Interrupts(accelerator) as interrupts:` the first SIGINT only asks to stop: the loop
+    finishes the step it is in, and at the step's end (`stop_requested`, on every process) saves that
+    step's checkpoint and exits 130 (`stop`). A second Ctrl-C more than `REPEAT_S` later raises
+    KeyboardInterrupt: the loop drops the step it is in, saves nothing (`drop`) and the last checkpoint
+    stays the last whole step. A repeat within `REPEAT_S` is the same Ctrl-C: `torchrun` and `accelerate
+    launch` forward the terminal's SIGINT to workers that already received it. Outside the main thread
+    no handler can be installed and every Ctrl-C drops the step.
+    """
+
+    REPEAT_S = 1.0
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self._asked_at: float | None = None
+        self._previous = None
+
+    def __enter__(self) -> Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _on_sigint(self, signum, frame) -> None:
+        now = time.monotonic()
+        if self._asked_at is None:
+            self._asked_at = now
+            if self.accelerator.is_main_process:
+                print(
+                    "\nCtrl-C: finishing this step, then saving it (Ctrl-C again to stop now, dropping it)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        elif now - self._asked_at > self.REPEAT_S:
+            raise KeyboardInterrupt
+
+    def stop_requested(self) -> bool:
+        """Whether Ctrl-C reached any process; every process calls it at the same step's end (one
+        all-reduce with several processes), so all of them stop after the same step."""
+        asked = torch.tensor(float(self._asked_at is not None), device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            asked = self.accelerator.reduce(asked, "sum")
+        return bool(asked > 0)
+
+    def stop(self, path: Path | None, step: int):
+        """After `stop_requested`: say where step `step` was saved (`path`, on the main process) and exit 130."""
+        if path is not None:
+            print(f"\ninterrupted after step {step}: checkpoint written to {path}; continue with resume=true")
+        raise SystemExit(130)
+
+    def drop(self, step: int, latest: Path | None):
+        """On KeyboardInterrupt: step `step` + 1 is dropped unsaved; say which checkpoint a resume starts
+        from (`latest`) and exit 130."""
+        if self.accelerator.is_main_process:
+            since = f"from {latest}" if latest is not None else "from the start (no checkpoint yet)"
+            print(
+                f"\ninterrupted: step {step + 1} dropped unfinished, nothing saved; resume=true continues {since}"
+            )
+        raise SystemExit(130)
+
+
+def fit(
+    cfg: TrainConfig,
+    accelerator,
+    model: torch.nn.Module,
+    train_examples: list[dict],
+    collate: Callable[[list[dict]], dict],
+    loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]],
+    *,
+    evaluate: Callable[[torch.nn.Module], dict] | None = None,
+    units: Callable[[list[dict]], float] | None = None,
+    setup_metrics: dict | None = None,
+    state=None,
+    lengths: list[int] | None = None,
+    summarise: Callable[[dict], dict] | None = None,
+) -> tuple[torch.nn.Module, dict]:
+    """Run the optimisation loop; returns (the prepared model, the last logged train metrics).
+
+    model: the module every loss calls (an `alignkit.models.load.BatchForward`), prepared here with its
+    optimizer; loss_fn(prepared model, batch) returns the micro-batch loss and metrics (see
+    `optimizer_step`). units(examples) counts what a micro-batch's loss is a mean over (default: its
+    rows; SFT's token-mean loss counts completion tokens). evaluate(prepared model) returns eval metrics.
+    setup_metrics (e.g. the seconds a one-off reference pass took) are added to the first logged record.
+    state, an object with state_dict() / load_state_dict() (e.g. a loss's running statistics), is saved in
+    every checkpoint as it was at the end of that step and restored on resume, so a resumed run repeats
+    the uninterrupted one exactly. lengths (one per training example) makes every step draw rows of
+    similar length (`group_by_length`). summarise(record) derives the logged metrics from a step's
+    averaged ones (e.g. a class's mean reward from the mean of reward x indicator and the class's share).
+    """
+    output_dir = Path(cfg.output_dir)
+    order = data_order(cfg, len(train_examples), accelerator, lengths)
+    steps = total_steps(cfg, order)
+    optimizer, scheduler = make_optimizer(model, cfg, steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    checkpointer = Checkpointer(output_dir, cfg.save_total_limit)
+
+    def named(loop_state=None) -> dict:
+        out = {"model": accelerator.unwrap_model(model), "optimizer": optimizer, "scheduler": scheduler}
+        if state is not None:
+            out["loop_state"] = loop_state if loop_state is not None else state
+        return out
+
+    start = 0
+    latest = checkpointer.latest() if cfg.resume else None
+    if cfg.resume and latest is None and accelerator.is_main_process:
+        print(f"resume=true but no checkpoint in {checkpointer.root}; starting from step 0")
+    if latest is not None:
+        start = checkpointer.load(latest, named(), defaults=default_fingerprint(cfg))["step"]
+        if accelerator.is_main_process:
+            print(f"resumed from {latest} at step {start}")
+    logger = MetricsLogger(output_dir, accelerator.is_main_process, start if latest is not None else None)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=steps,
+        initial=start,
+        disable=not (cfg.progress and accelerator.is_main_process),
+        dynamic_ncols=True,
+    )
+    last: dict = {}
+    step = start
+    snapshot = state.state_dict() if state is not None else None  # as at the end of step `step`
+
+    def save() -> Path | None:
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            return None
+        return checkpointer.save(step, named(Frozen(snapshot) if state is not None else None))
+
+    with Interrupts(accelerator) as interrupts:
+        try:
+            while step < steps:
+                model.train()
+                t0 = time.perf_counter()
+                micro = [[train_examples[i] for i in idx] for idx in order.micro_batches(step)]
+                batches = [{k: v.to(accelerator.device) for k, v in collate(mb).items()} for mb in micro]
+                tokens = sum(b["attention_mask"].sum() for b in batches)
+                record = optimizer_step(
+                    accelerator,
+                    model,
+                    optimizer,
+                    scheduler,
+                    batches,
+                    loss_fn,
+                    units=[units(mb) if units else len(mb) for mb in micro],
+                    max_grad_norm=cfg.max_grad_norm,
+                )
+                record["tokens"] = (
+                    accelerator.reduce(tokens.float(), "sum") if accelerator.num_processes > 1 else tokens
+                )
+                record = as_numbers(record)  # the step's one host sync
+                step += 1
+                if state is not None:
+                    snapshot = state.state_dict()
+                elapsed = time.perf_counter() - t0
+                if summarise is not None:
+                    record = summarise(record)
+                record.update(step_time=elapsed, **{"tokens/s": record["tokens"] / elapsed})
+                if step == start + 1 and setup_metrics:
+                    record.update(setup_metrics)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens/s']:.0f}")
+                if step % cfg.logging_steps == 0 or step == steps:
+                    last = {"step": step, "split": "train", **record}
+                    logger.log(last)
+                if evaluate is not None and (step % cfg.eval_steps == 0 or step == steps):
+                    model.eval()
+                    with torch.no_grad(), accelerator.autocast():
+                        logger.log({"step": step, "split": "eval", **evaluate(model)})
+                saved = cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < steps
+                path = save() if saved else None
+                if step < steps and interrupts.stop_requested():  # Ctrl-C: this step is whole, stop here
+                    bar.close()
+                    interrupts.stop(path if saved else save(), step)
+        except KeyboardInterrupt:
+            bar.close()
+            interrupts.drop(step, checkpointer.latest())
+    bar.close()
+    return model, last
