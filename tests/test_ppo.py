@@ -359,7 +359,9 @@ def test_under_bf16_autocast_the_adapter_off_reference_equals_the_untrained_poli
 def test_a_critic_from_a_reward_model_starts_at_its_scores(tmp_path, tiny_model_dir):
     """value_model=PATH: the critic is the reward model's backbone and head, so its value at position t
     is the reward model's score read at t - 1 (the state in which token t is chosen), 0 at position 0."""
-    from alignkit.models.load import load_causal_lm, load_reward_model, value_model_from
+    from alignkit.models.load import load_causal_lm
+    from alignkit.models.reward import load_reward_model
+    from alignkit.models.value import value_model_from
 
     rm = load_reward_model(str(tiny_model_dir), pad_token_id=0)
     torch.nn.init.normal_(rm.score.weight)  # a head that is not all zeros
@@ -388,11 +390,11 @@ def test_the_critic_as_a_second_adapter_on_the_shared_base(tmp_path, tiny, reque
     every adapter off (KL 0 at the first rollout), and the saved model is the policy's adapter alone."""
     from safetensors.torch import load_file
 
-    import alignkit.models.load as models
+    import alignkit.models.value as value_models
 
     model_dir = request.getfixturevalue(tiny)
     seen = {}
-    real = models.value_adapter_on
+    real = value_models.value_adapter_on
 
     def spy(policy, lora_config, device):
         value = real(policy, lora_config, device)

@@ -21,8 +21,9 @@ from alignkit.algorithms.reward_model import (
 )
 from alignkit.cli import main
 from alignkit.config.load import ConfigError
-from alignkit.models.load import load_reward_model, load_tokenizer
-from alignkit.models.pooled_reward import pool
+from alignkit.models.load import load_tokenizer
+from alignkit.models.modeling_reward import pool
+from alignkit.models.reward import load_reward_model
 from alignkit.rewards.compose import RewardSet
 from alignkit.rewards.registry import build_reward
 from tests.conftest import TINYSTORIES

@@ -32,7 +32,8 @@ from alignkit.data.collate import collate_sft
 from alignkit.generation import sample_ids
 from alignkit.logprobs import CompletionStates, completion_states
 from alignkit.losses.distill import DIVERGENCES, chunked_divergence, divergence_beta
-from alignkit.models.load import BatchForward, add_lora, check_model_source, load_policy, load_tokenizer
+from alignkit.models.load import BatchForward, check_model_source, load_policy, load_tokenizer
+from alignkit.models.lora import add_lora
 from alignkit.models.reference import adapter_disabled, frozen_model
 from alignkit.training.setup import save_final, start_run
 from alignkit.training.step import as_numbers, make_optimizer, optimizer_step

@@ -25,7 +25,8 @@ from alignkit.logprobs import completion_logps
 from alignkit.losses import LOSSES, LossSpec, RunningMean, check_params, get_loss, preference_loss
 from alignkit.losses.constraints import check_constraints, constraint_losses, implicit_rewards
 from alignkit.losses.mdpo import mdpo_terms
-from alignkit.models.load import BatchForward, add_lora, load_policy, load_tokenizer, shared_prompt_fits
+from alignkit.models.load import BatchForward, load_policy, load_tokenizer, shared_prompt_fits
+from alignkit.models.lora import add_lora
 from alignkit.models.reference import (
     Reference,
     attach_precomputed_reference,

@@ -48,7 +48,8 @@ from alignkit.losses.policy import (
     kl_estimate,
     kl_penalised_scores,
 )
-from alignkit.models.load import BatchForward, add_lora, disable_dropout, load_policy, load_tokenizer
+from alignkit.models.load import BatchForward, disable_dropout, load_policy, load_tokenizer
+from alignkit.models.lora import add_lora
 from alignkit.rollout import token_logps_in_batches
 from alignkit.training.setup import save_final, start_run
 from alignkit.training.step import as_numbers, make_optimizer, optimizer_step

@@ -27,7 +27,8 @@ from alignkit.data.prepare import prepare_unpaired_data
 from alignkit.logprobs import completion_logps
 from alignkit.losses import LossSpec, RunningMean, check_params, get_unpaired_loss
 from alignkit.losses.unpaired import UNPAIRED_LOSSES, kto_reference_point
-from alignkit.models.load import BatchForward, add_lora, load_policy, load_tokenizer
+from alignkit.models.load import BatchForward, load_policy, load_tokenizer
+from alignkit.models.lora import add_lora
 from alignkit.models.reference import (
     Reference,
     attach_precomputed_reference,

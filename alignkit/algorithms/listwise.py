@@ -26,7 +26,8 @@ from alignkit.data.prepare import prepare_listwise_data
 from alignkit.logprobs import completion_logps
 from alignkit.losses import LossSpec, check_params, get_listwise_loss
 from alignkit.losses.listwise import LISTWISE_LOSSES, soft_targets
-from alignkit.models.load import BatchForward, add_lora, load_policy, load_tokenizer
+from alignkit.models.load import BatchForward, load_policy, load_tokenizer
+from alignkit.models.lora import add_lora
 from alignkit.models.reference import (
     Reference,
     attach_precomputed_reference,

@@ -36,7 +36,8 @@ from alignkit.losses.weighted import (
     raft_keep,
     weighted_nll,
 )
-from alignkit.models.load import BatchForward, add_lora, load_policy, load_tokenizer
+from alignkit.models.load import BatchForward, load_policy, load_tokenizer
+from alignkit.models.lora import add_lora
 from alignkit.models.reference import check_reference_settings, frozen_model
 from alignkit.training.loop import fit
 from alignkit.training.setup import save_final, start_run

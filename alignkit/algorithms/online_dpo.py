@@ -38,7 +38,8 @@ from alignkit.config.base import OnlineConfig
 from alignkit.config.load import RANGES, ConfigError, above, at_least, validate
 from alignkit.data.pairs import GAP_USES, JudgeRanking, build_pairs, pair_columns, sum_pair_stats
 from alignkit.losses import get_loss
-from alignkit.models.load import BatchForward, add_lora, disable_dropout, load_policy, load_tokenizer
+from alignkit.models.load import BatchForward, disable_dropout, load_policy, load_tokenizer
+from alignkit.models.lora import add_lora
 from alignkit.rewards.registry import build_reward
 from alignkit.rollout import Rollout, token_logps_in_batches
 from alignkit.training.setup import save_final, start_run

@@ -55,17 +55,14 @@ from alignkit.losses.ppo import (
     whiten,
 )
 from alignkit.models.load import (
-    VALUE_ADAPTER,
     BatchForward,
-    ValueModel,
-    add_lora,
     disable_dropout,
     is_encoder_decoder,
     load_policy,
     load_tokenizer,
-    value_adapter_on,
-    value_model_from,
 )
+from alignkit.models.lora import add_lora
+from alignkit.models.value import VALUE_ADAPTER, ValueModel, value_adapter_on, value_model_from
 from alignkit.rollout import token_logps_in_batches
 from alignkit.training.setup import save_final, start_run
 from alignkit.training.step import as_numbers, make_optimizer, optimizer_step

@@ -8,7 +8,7 @@ The reward of a response is one number from a sequence classifier reading `promp
 head on the pooling the backbone was trained with (`pooling`, `resolve_pooling`): the last token of a
 causal LM, an encoder's [CLS] head (the stock `...ForSequenceClassification`, one label "reward"), or
 the mean of the token states for a sentence-transformers encoder such as all-MiniLM-L6-v2
-(`alignkit.models.pooled_reward.PooledRewardModel`, saved with its own code). `ensemble=K` trains K heads
+(`alignkit.models.modeling_reward.PooledRewardModel`, saved with its own code). `ensemble=K` trains K heads
 on one backbone (labels reward_0 ... reward_{K-1}), each from its own seed and Poisson bootstrap
 resample of the pairs; the reward is their mean, their std an uncertainty. Scored through the
 classifier reward source:
@@ -38,15 +38,9 @@ from alignkit.config.load import ConfigError
 from alignkit.data.collate import additive_mask, collate_pairs, collate_pairs_shared_prompt
 from alignkit.data.prepare import prepare_preference_data
 from alignkit.losses.reward import bradley_terry_loss
-from alignkit.models.load import (
-    BatchForward,
-    add_lora,
-    disable_dropout,
-    is_encoder,
-    load_reward_model,
-    load_tokenizer,
-    sliding_window,
-)
+from alignkit.models.load import BatchForward, disable_dropout, load_tokenizer, sliding_window
+from alignkit.models.lora import add_lora
+from alignkit.models.reward import is_encoder, load_reward_model
 from alignkit.training.loop import fit
 from alignkit.training.setup import save_final, start_run
 from alignkit.training.step import evaluate_in_batches

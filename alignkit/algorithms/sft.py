@@ -17,7 +17,8 @@ from alignkit.config.base import SFTConfig
 from alignkit.data.collate import collate_sft
 from alignkit.data.prepare import prepare_sft_data
 from alignkit.logprobs import completion_logps
-from alignkit.models.load import BatchForward, add_lora, load_policy, load_tokenizer
+from alignkit.models.load import BatchForward, load_policy, load_tokenizer
+from alignkit.models.lora import add_lora
 from alignkit.training.loop import fit
 from alignkit.training.setup import save_final, start_run
 from alignkit.training.step import as_numbers

@@ -28,7 +28,8 @@ import torch
 from alignkit.config.load import ConfigError
 from alignkit.data.chat import render_messages
 from alignkit.data.tokenize import adds_special_tokens
-from alignkit.models.load import DTYPES, load_sequence_classifier, reward_labels, tokenizer_kwargs
+from alignkit.models.load import DTYPES, tokenizer_kwargs
+from alignkit.models.reward import load_sequence_classifier, reward_labels
 from alignkit.rewards.base import (
     Prompt,
     RowMean,
