@@ -135,8 +135,8 @@ COMMANDS: dict[str, Command] = {
         trains=False,
     ),
     "eval": Command(
-        "alignkit.evaluation.compare:EvalConfig",
-        "alignkit.evaluation.compare:run",
+        "alignkit.evaluation.command:EvalConfig",
+        "alignkit.evaluation.command:run",
         "base vs aligned model on held-out prompts: rewards, win rate, KL, fluency",
         trains=False,
     ),

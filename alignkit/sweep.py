@@ -203,7 +203,7 @@ def write_frontier(cfg: SweepConfig, rows: list[dict], root: Path) -> None:
 def run(cfg: SweepConfig) -> list[dict]:
     """Train and evaluate every point, then write the frontier; returns the points' rows."""
     from alignkit.commands import COMMANDS
-    from alignkit.evaluation import compare as evaluate
+    from alignkit.evaluation import command as evaluate
 
     validate(cfg)
     command = COMMANDS.get(cfg.command)

@@ -25,7 +25,8 @@ import random
 import time
 from pathlib import Path
 
-from alignkit.evaluation.compare import mean_and_stderr, vader_compound
+from alignkit.rewards.rules import vader_compound
+from alignkit.evaluation.stats import mean_and_stderr
 from alignkit.generation import sample
 from alignkit.models.load import load_causal_lm, load_tokenizer
 

@@ -14,15 +14,9 @@ import torch
 import alignkit
 from alignkit.cli import main
 from alignkit.data.readers import DataError
-from alignkit.evaluation.compare import (
-    EvalConfig,
-    compare_policies,
-    format_markdown,
-    percent_change,
-    read_prompts,
-    score_stats,
-    win_rate,
-)
+from alignkit.evaluation.command import EvalConfig, read_prompts
+from alignkit.evaluation.compare import compare_policies, format_markdown
+from alignkit.evaluation.stats import percent_change, score_stats, win_rate
 from alignkit.generation import sample
 from alignkit.models.load import load_causal_lm
 from alignkit.rewards import RewardSet

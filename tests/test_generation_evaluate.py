@@ -11,13 +11,8 @@ import pytest
 import torch
 
 import alignkit
-from alignkit.evaluation.compare import (
-    compare_policies,
-    completion_nll,
-    format_markdown,
-    mean_and_stderr,
-    perplexity,
-)
+from alignkit.evaluation.compare import compare_policies, completion_nll, format_markdown, perplexity
+from alignkit.evaluation.stats import mean_and_stderr
 from alignkit.generation import sample
 from alignkit.models.load import load_causal_lm, load_tokenizer
 from alignkit.rewards import RewardSet

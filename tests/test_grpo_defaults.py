@@ -11,7 +11,8 @@ import pytest
 import alignkit
 from alignkit.algorithms.online import default_lr
 from alignkit.cli import main
-from alignkit.evaluation.compare import compare_policies, read_prompts
+from alignkit.evaluation.command import read_prompts
+from alignkit.evaluation.compare import compare_policies
 from alignkit.models.load import load_causal_lm, load_tokenizer
 from alignkit.rewards import RewardSet
 

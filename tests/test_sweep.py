@@ -104,7 +104,7 @@ def test_a_two_point_sweep_is_trained_evaluated_and_resumed(tmp_path, tiny_model
 
     # Resumed with every point evaluated: nothing trains or samples again, and the frontier is the same.
     monkeypatch.setattr(online_dpo, "train", lambda c: pytest.fail("trained again"))
-    import alignkit.evaluation.compare as evaluate
+    import alignkit.evaluation.command as evaluate
 
     monkeypatch.setattr(evaluate, "run", lambda c: pytest.fail("evaluated again"))
     cfg.resume = True

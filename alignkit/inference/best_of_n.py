@@ -32,7 +32,7 @@ import torch
 
 from alignkit.config.load import RANGES, ConfigError, at_least, between, validate
 from alignkit.data.prompts import encode_prompt
-from alignkit.evaluation.compare import mean_and_stderr
+from alignkit.evaluation.stats import mean_and_stderr
 from alignkit.generation import _sample_seed, sample_ids
 from alignkit.inference.retrieval import BACKENDS
 from alignkit.io import append_jsonl, atomic_write, cut_torn_line, read_jsonl
