@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from alignkit.algorithms import dpo, sft
 from alignkit.config.base import DPOConfig, ReferenceSettings, SFTConfig
+from alignkit.training.loop import RunInterrupted
 from tests.conftest import ctrl_c
 
 GOOD = ["happy", "kind", "sunny", "warm", "smiled", "love", "friends", "fun"]
@@ -97,9 +98,9 @@ def test_interrupted_run_resumes_with_identical_losses(tmp_path, tiny_model_dir,
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", interrupt_on_fourth_step)
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(RunInterrupted) as stopped:  # a KeyboardInterrupt: a notebook stops as on any Ctrl-C
         dpo.train(cut)
-    assert exit_info.value.code == 130
+    assert (stopped.value.step, stopped.value.dropped) == (4, False)
     assert [p.name for p in (tmp_path / "b" / "out" / "checkpoints").iterdir()] == ["checkpoint-4"]
     monkeypatch.setattr(torch.optim.AdamW, "step", original)
 
@@ -274,3 +275,26 @@ def test_lora_run_saves_adapter_or_merged_model(tmp_path, tiny_model_dir, merge)
         name for (name, p), q in zip(model.named_parameters(), base.parameters()) if not torch.equal(p, q)
     ]
     assert changed and all("proj" in n for n in changed)  # only adapted linear layers moved
+
+
+def test_a_saved_adapter_loads_as_its_base_with_the_adapter_merged_and_evaluates(tmp_path, tiny_model_dir):
+    """lora.merge=false saves the adapter alone; load_causal_lm (and so alignkit eval, generate, a next
+    round) loads it onto its base and merges it: the logits equal peft's own base + adapter."""
+    from peft import PeftModel
+
+    from alignkit.cli import main
+    from alignkit.models.load import load_causal_lm
+
+    data = write_jsonl(tmp_path / "train.jsonl", sentiment_pairs(16, seed=5))
+    cfg = dpo_config(tmp_path, tiny_model_dir, data, max_steps=2, reference=ReferenceSettings(mode="adapter"))
+    cfg.lora.enabled, cfg.lora.r = True, 4
+    final = dpo.train(cfg)
+    assert not (final / "config.json").exists()  # the adapter alone
+    ids = torch.tensor([[1, 5, 9, 42, 7]])
+    ours = load_causal_lm(str(final))(input_ids=ids).logits
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), final).eval()
+    torch.testing.assert_close(ours, peft(input_ids=ids).logits)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "I feel"}, {"prompt": "The day"}])
+    argv = ["eval", f"base_model={tiny_model_dir}", f"model={final}", f"prompts={prompts}"]
+    assert main([*argv, f"output_dir={tmp_path / 'eval'}", "max_new_tokens=4", "num_samples=1"]) == 0
+    assert (tmp_path / "eval" / "eval_report.json").is_file()

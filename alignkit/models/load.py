@@ -136,7 +136,8 @@ def load_causal_lm(
     """A causal LM from a hub name or local directory, safetensors weights only; with `encoder_decoder_ok`
     (algorithms that support them, e.g. PPO) an encoder-decoder LM (AutoModelForSeq2SeqLM: T5, BART, ...)
     when the checkpoint is one; a vision-language model (AutoModelForImageTextToText: LLaVA, Qwen2-VL, ...)
-    when it is one. The pad id is written into the config when it has none. On `device` when given.
+    when it is one; a folder holding a saved LoRA adapter alone, as its base model with the adapter merged
+    in (`adapter_base`). The pad id is written into the config when it has none. On `device` when given.
 
     check_logps: refuse a model whose log-probs alignkit would compute wrongly (a family whose forward
     transforms its logits in a way alignkit does not know: `alignkit.logprobs.check_logps_match_forward`,
@@ -147,6 +148,26 @@ def load_causal_lm(
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+    base = adapter_base(name_or_path)
+    if base is not None:  # a saved LoRA adapter (lora.merge=false): its base with the adapter merged in
+        from peft import PeftModel
+
+        model = load_causal_lm(
+            base,
+            dtype,
+            attn_implementation,
+            trust_remote_code,
+            encoder_decoder_ok=encoder_decoder_ok,
+            check_logps=False,
+        )
+        model = PeftModel.from_pretrained(model, name_or_path).merge_and_unload()
+        return _finish_loading(
+            model,
+            pad_token_id,
+            gradient_checkpointing=gradient_checkpointing,
+            device=device,
+            check_logps=check_logps,
+        )
     seq2seq = encoder_decoder_ok and is_encoder_decoder(name_or_path, trust_remote_code)
     kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if attn_implementation:
@@ -155,6 +176,35 @@ def load_causal_lm(
     if not seq2seq and is_vision_language(name_or_path, trust_remote_code):
         auto = AutoModelForImageTextToText
     model = auto.from_pretrained(name_or_path, **kwargs)
+    return _finish_loading(
+        model,
+        pad_token_id,
+        gradient_checkpointing=gradient_checkpointing,
+        device=device,
+        check_logps=check_logps,
+    )
+
+
+def adapter_base(name_or_path: str) -> str | None:
+    """The base model of a folder that holds a saved LoRA adapter alone (adapter_config.json and no
+    config.json: what a run with lora.enabled=true and lora.merge=false saves), else None."""
+    import json
+
+    path = local_folder(name_or_path)
+    if path is None or (path / "config.json").is_file() or not (path / "adapter_config.json").is_file():
+        return None
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(
+            f"{path / 'adapter_config.json'}: no base_model_name_or_path to load the adapter onto"
+        )
+    return base
+
+
+def _finish_loading(
+    model, pad_token_id: int | None, *, gradient_checkpointing: bool, device, check_logps: bool
+):
+    """The steps every loaded model takes: pad id, activation checkpointing, device, the log-prob check."""
     if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id
         if model.generation_config is not None:
