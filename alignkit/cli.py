@@ -54,8 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         # actionable message (file:line, field, path); no traceback.
         print(f"alignkit {name}: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C before training started (the training loops checkpoint their own)
-        print(f"\nalignkit {name}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        from alignkit.training.loop import RunInterrupted
+
+        if not isinstance(e, RunInterrupted):  # Ctrl-C before training started (a loop says what it saved)
+            print(f"\nalignkit {name}: interrupted", file=sys.stderr)
         return 130
     return 0
 

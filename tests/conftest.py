@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from alignkit.training.loop import RunInterrupted
+
 # Tests compare numbers computed in float32 (hand-derived losses, 1- vs 2-process updates, micro-batch
 # splits). mixed_precision=auto picks bf16 autocast on CPUs that compute it natively (AVX512-BF16, AMX),
 # which would make those comparisons depend on the machine; the launcher variable that `auto` honours
@@ -192,8 +194,8 @@ def pytest_make_collect_report(collector):
 
 
 def ctrl_c() -> None:
-    """Press Ctrl-C: a real SIGINT to this process (the training loops finish the step, save it and exit
-    130; a raised KeyboardInterrupt is a second Ctrl-C, which drops the step)."""
+    """Press Ctrl-C: a real SIGINT to this process (the training loops finish the step, save it and raise
+    RunInterrupted, a KeyboardInterrupt; a raised KeyboardInterrupt is a second Ctrl-C, which drops the step)."""
     import signal
 
     os.kill(os.getpid(), signal.SIGINT)
@@ -201,7 +203,7 @@ def ctrl_c() -> None:
 
 def interrupt_then_resume(train, cfg, monkeypatch, module, name: str, call: int) -> list[dict]:
     """Run `train(cfg)` with Ctrl-C pressed at the `call`-th call of `module.name` (the loop finishes that
-    step, checkpoints it and exits 130), then again with resume=true; returns the resumed run's train
+    step, checkpoints it and raises RunInterrupted), then again with resume=true; returns the resumed run's train
     metrics lines."""
     real, calls = getattr(module, name), {"n": 0}
 
@@ -212,9 +214,9 @@ def interrupt_then_resume(train, cfg, monkeypatch, module, name: str, call: int)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, name, interrupting)
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(RunInterrupted) as stopped:
         train(cfg)
-    assert exit_info.value.code == 130
+    assert not stopped.value.dropped and stopped.value.checkpoint is not None
     monkeypatch.setattr(module, name, real)
     cfg.resume = True
     train(cfg)

@@ -74,6 +74,43 @@ def test_ctrl_c_during_set_up_is_one_line_and_exit_130(tmp_path, rows, tiny_mode
     assert one_line_error(capsys, argv, code=130) == "alignkit sft: interrupted"
 
 
+def test_ctrl_c_in_the_training_loop_saves_the_step_and_exits_130(
+    tmp_path, rows, tiny_model_dir, capsys, monkeypatch
+):
+    """The loop finishes the step Ctrl-C arrived in, saves it, says where, and raises RunInterrupted (a
+    KeyboardInterrupt, as the Python API leaves it); the CLI turns that into 130 without a second message."""
+    import alignkit.training.loop as loop
+    from tests.conftest import ctrl_c
+
+    real, calls = loop.optimizer_step, []
+
+    def pressed_in_step_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            ctrl_c()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "optimizer_step", pressed_in_step_two)
+    out = tmp_path / "o"
+    argv = [
+        "sft",
+        f"model={tiny_model_dir}",
+        f"data={rows}",
+        f"output_dir={out}",
+        "max_steps=4",
+        "batch_size=1",
+        "progress=false",
+    ]
+    assert main(argv) == 130
+    captured = capsys.readouterr()
+    assert (
+        f"interrupted after step 2: checkpoint written to {out / 'checkpoints' / 'checkpoint-2'}"
+        in captured.out
+    )
+    assert "alignkit sft: interrupted" not in captured.err and "Traceback" not in captured.err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-2"]
+
+
 def test_eval_names_the_missing_model_and_keeps_an_earlier_report(tmp_path, tiny_model_dir, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Once"}\n')

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from alignkit.training.loop import RunInterrupted
+
 pytest.importorskip("diffusers")
 
 from conftest import REPO, ctrl_c, train_metrics  # noqa: E402
@@ -376,7 +378,7 @@ def test_interrupted_run_resumes_with_identical_metrics(tmp_path, pipeline_dir, 
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", interrupt_on_fourth_step)
-    with pytest.raises(SystemExit):
+    with pytest.raises(RunInterrupted):
         diffusion_dpo.train(cut)
     assert (tmp_path / "b" / "checkpoints" / "checkpoint-4").is_dir()
     monkeypatch.setattr(torch.optim.AdamW, "step", original)

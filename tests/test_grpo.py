@@ -16,6 +16,7 @@ from alignkit.config.base import GRPOConfig
 from alignkit.config.load import ConfigError
 from alignkit.data.readers import DataError
 from alignkit.rollout import layout
+from alignkit.training.loop import RunInterrupted
 
 # The easy reward: how many times the letter "e" appears in the completion. A random tiny policy writes
 # random pieces of the TinyStories vocabulary; pieces with an "e" in them are easy to prefer.
@@ -151,7 +152,7 @@ def test_an_interrupted_run_resumes_bit_for_bit(tmp_path, tiny_model_dir, monkey
         return real(*args, **kwargs)
 
     monkeypatch.setattr(online, "collect", interrupt_at_step_5)
-    with pytest.raises(SystemExit):
+    with pytest.raises(RunInterrupted):
         grpo.train(cut)
     monkeypatch.setattr(online, "collect", real)
     cut.resume = True

@@ -15,6 +15,7 @@ from alignkit.algorithms import dpo
 from alignkit.cli import main
 from alignkit.config.base import DPOConfig
 from alignkit.losses import LOSSES
+from alignkit.training.loop import RunInterrupted
 from tests.conftest import ctrl_c
 
 GOOD = ["happy", "kind", "sunny", "warm", "smiled", "love"]
@@ -222,7 +223,7 @@ def test_bco_pair_running_mean_is_checkpointed_and_resumes_exactly(tmp_path, tin
         return original(self, step)
 
     monkeypatch.setattr(alignkit.training.order.DataOrder, "micro_batches", interrupt_in_step_4)
-    with pytest.raises(SystemExit):
+    with pytest.raises(RunInterrupted):
         dpo.train(cut)
     state = torch.load(tmp_path / "b" / "checkpoints" / "checkpoint-4" / "loop_state.pt", weights_only=True)
     assert state["count"] == 4 * 2 * 4  # 4 steps of 4 pairs, chosen and rejected rewards

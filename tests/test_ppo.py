@@ -13,6 +13,7 @@ import alignkit.algorithms.online as online
 import alignkit.algorithms.ppo as ppo
 from alignkit.config.base import PPOConfig
 from alignkit.config.load import ConfigError
+from alignkit.training.loop import RunInterrupted
 from tests.conftest import train_metrics, write_prompts
 
 E_COUNT = [{"type": "regex", "pattern": "e", "mode": "count"}]
@@ -205,7 +206,7 @@ def test_an_interrupted_run_resumes_bit_for_bit(tmp_path, tiny_model_dir, monkey
         return real(*args, **kwargs)
 
     monkeypatch.setattr(online, "collect", interrupt_at_step_4)
-    with pytest.raises(SystemExit):
+    with pytest.raises(RunInterrupted):
         ppo.train(cut)
     monkeypatch.setattr(online, "collect", real)
     cut.resume = True
@@ -254,9 +255,9 @@ def test_ctrl_c_during_a_steps_updates_never_saves_a_half_step(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ppo, "optimizer_step", ctrl_c_at_the_sixth_update)
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(RunInterrupted) as stopped:
         ppo.train(cut)
-    assert exit_info.value.code == 130
+    assert stopped.value.dropped == (presses == 2) and stopped.value.step == 3 - stopped.value.dropped
     kept = sorted(p.name for p in checkpoints.iterdir())
     assert kept == (["checkpoint-2", "checkpoint-3"] if presses == 1 else ["checkpoint-2"])
     assert {p.name: p.read_bytes() for p in (checkpoints / "checkpoint-2").iterdir()} == saved

@@ -24,7 +24,7 @@ from alignkit.rewards.base import reduce_metrics
 from alignkit.rewards.compose import weighted_sum
 from alignkit.rollout import Rollout, SamplingSettings, collect
 from alignkit.training.checkpoint import Checkpointer, default_fingerprint
-from alignkit.training.loop import Interrupts, MetricsLogger
+from alignkit.training.loop import Interrupts, MetricsLogger, RunInterrupted
 from alignkit.training.order import DataOrder, total_steps
 from alignkit.training.setup import gather_objects, gather_rows
 
@@ -410,9 +410,9 @@ class OnlineRun:
 
     @contextlib.contextmanager
     def interruptible(self):
-        """The loop's body runs inside: a progress bar, and Ctrl-C handled by `runtime.Interrupts`: the
-        first finishes the step, saves it and exits 130; a second drops the step unsaved and exits 130
-        (continue with resume=true)."""
+        """The loop's body runs inside: a progress bar, and Ctrl-C handled by `training.loop.Interrupts`: the
+        first finishes the step, saves it and raises `RunInterrupted`; a second drops the step unsaved and
+        raises it too (the CLI exits 130; continue with resume=true)."""
         from tqdm.auto import tqdm
 
         show = self.cfg.progress and self.accelerator.is_main_process
@@ -420,6 +420,8 @@ class OnlineRun:
         with Interrupts(self.accelerator) as self._interrupts:
             try:
                 yield self
+            except RunInterrupted:
+                raise
             except KeyboardInterrupt:
                 self._bar.close()
                 self._interrupts.drop(self.step, self.checkpointer.latest())

@@ -53,14 +53,25 @@ class MetricsLogger:
             log_record(self.path.parent, record)
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """A training loop stopped by Ctrl-C, after saving its last whole step (`step`; `checkpoint`, the folder
+    it is in, None where nothing could be saved), or after dropping the step it was in (`dropped`). A
+    KeyboardInterrupt, so a notebook's `alignkit.train(...)` stops as Ctrl-C always stops Python code; the
+    CLI turns it into exit status 130. Continue with resume=true."""
+
+    def __init__(self, step: int, checkpoint: Path | None, *, dropped: bool):
+        super().__init__(f"interrupted after step {step}" + (" (the next one dropped)" if dropped else ""))
+        self.step, self.checkpoint, self.dropped = step, checkpoint, dropped
+
+
 class Interrupts:
     """Ctrl-C in a training loop never saves a half step: it finishes the step or drops it.
 
     Inside `with Interrupts(accelerator) as interrupts:` the first SIGINT only asks to stop: the loop
     finishes the step it is in, and at the step's end (`stop_requested`, on every process) saves that
-    step's checkpoint and exits 130 (`stop`). A second Ctrl-C more than `REPEAT_S` later raises
-    KeyboardInterrupt: the loop drops the step it is in, saves nothing (`drop`) and the last checkpoint
-    stays the last whole step. A repeat within `REPEAT_S` is the same Ctrl-C: `torchrun` and `accelerate
+    step's checkpoint and raises `RunInterrupted` (`stop`). A second Ctrl-C more than `REPEAT_S` later raises
+    KeyboardInterrupt: the loop drops the step it is in, saves nothing (`drop`, which raises
+    `RunInterrupted` too) and the last checkpoint stays the last whole step. A repeat within `REPEAT_S` is the same Ctrl-C: `torchrun` and `accelerate
     launch` forward the terminal's SIGINT to workers that already received it. Outside the main thread
     no handler can be installed and every Ctrl-C drops the step.
     """
@@ -104,20 +115,21 @@ class Interrupts:
         return bool(asked > 0)
 
     def stop(self, path: Path | None, step: int):
-        """After `stop_requested`: say where step `step` was saved (`path`, on the main process) and exit 130."""
+        """After `stop_requested`: say where step `step` was saved (`path`, on the main process) and raise
+        `RunInterrupted`."""
         if path is not None:
             print(f"\ninterrupted after step {step}: checkpoint written to {path}; continue with resume=true")
-        raise SystemExit(130)
+        raise RunInterrupted(step, path, dropped=False)
 
     def drop(self, step: int, latest: Path | None):
         """On KeyboardInterrupt: step `step` + 1 is dropped unsaved; say which checkpoint a resume starts
-        from (`latest`) and exit 130."""
+        from (`latest`) and raise `RunInterrupted`."""
         if self.accelerator.is_main_process:
             since = f"from {latest}" if latest is not None else "from the start (no checkpoint yet)"
             print(
                 f"\ninterrupted: step {step + 1} dropped unfinished, nothing saved; resume=true continues {since}"
             )
-        raise SystemExit(130)
+        raise RunInterrupted(step, latest, dropped=True)
 
 
 def fit(
@@ -234,6 +246,8 @@ def fit(
                 if step < steps and interrupts.stop_requested():  # Ctrl-C: this step is whole, stop here
                     bar.close()
                     interrupts.stop(path if saved else save(), step)
+        except RunInterrupted:
+            raise
         except KeyboardInterrupt:
             bar.close()
             interrupts.drop(step, checkpointer.latest())
