@@ -8,6 +8,7 @@ command); this module imports none of them.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import difflib
 import inspect
@@ -324,24 +325,58 @@ def _flatten(mapping: dict, prefix: str = "") -> list[tuple[str, Any]]:
     return items
 
 
+def _apply_file(cfg: Any, path: str | Path) -> None:
+    """Set on `cfg` every setting of the YAML file `path` (file and key named in errors)."""
+    try:
+        with open(path) as f:
+            data = load_yaml(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
+    for key, value in _flatten(data):
+        try:
+            _set(cfg, key, value)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+
+def build_config(cls: type, source: Any = None, overrides: dict | None = None):
+    """A validated `cls` config for the Python API, with load_config's key, type and range checks.
+
+    source: None (the defaults), a `cls` instance (copied, never changed), a mapping of settings (nested
+    sections or dotted keys, as in a YAML file), or the path of a YAML file. overrides: settings applied
+    after it, as keyword arguments give them (`max_steps=20`, `lora={"enabled": True}` or
+    `**{"lora.r": 8}`); later wins."""
+    if isinstance(source, cls):
+        cfg = copy.deepcopy(source)
+    elif dataclasses.is_dataclass(source):
+        raise ConfigError(
+            f"expected a {cls.__name__} (or a mapping, or a YAML path), got a {type(source).__name__}"
+        )
+    else:
+        cfg = cls()
+        if isinstance(source, (str, Path)):
+            _apply_file(cfg, source)
+        elif isinstance(source, dict):
+            for key, value in _flatten(source):
+                _set(cfg, key, value)
+        elif source is not None:
+            raise ConfigError(
+                f"expected a {cls.__name__}, a mapping or a YAML path, got {type(source).__name__}"
+            )
+    for key, value in _flatten(overrides or {}):
+        _set(cfg, key, value)
+    return validate(cfg)
+
+
 def load_config(cls: type, path: str | None = None, overrides: list[str] | None = None):
     """Build a `cls` config from an optional YAML file and `key=value` overrides (later wins)."""
     cfg = cls()
     if path:
-        try:
-            with open(path) as f:
-                data = load_yaml(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
-        for key, value in _flatten(data):
-            try:
-                _set(cfg, key, value)
-            except ConfigError as e:
-                raise ConfigError(f"{path}: {e}") from None
+        _apply_file(cfg, path)
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
