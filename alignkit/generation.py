@@ -27,7 +27,7 @@ from alignkit.data.prompts import encode_prompt
 from alignkit.logprobs import truncation_warpers
 
 
-def _sample_seed(seed: int, index: int) -> int:
+def sample_seed(seed: int, index: int) -> int:
     """A well-mixed 64-bit seed for sample `index` of a call seeded `seed`.
 
     Hashing (rather than e.g. `seed * 2**32 + index`) matters: the CPU generator (mt19937) keeps only
@@ -329,7 +329,7 @@ def sample_ids(
         module, cache_key = decoder
         generator = None
         if temperature > 0:
-            generator = torch.Generator(device=device).manual_seed(_sample_seed(seed, 0) % 2**63)
+            generator = torch.Generator(device=device).manual_seed(sample_seed(seed, 0) % 2**63)
         eos_tensor = torch.tensor(sorted(eos), dtype=torch.long, device=device)
         # Share each prompt's encoding among its samples when a batch holds whole groups.
         repeats = num_samples if batch_size % num_samples == 0 else 1
@@ -364,7 +364,7 @@ def _sample_ids_with_generate(
     out: list[list[int]] = []
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(_sample_seed(seed, 0) % 2**63)
+        torch.manual_seed(sample_seed(seed, 0) % 2**63)
         for start in range(0, len(rows), batch_size):
             input_ids, attention_mask = _left_pad(
                 rows[start : start + batch_size], config.pad_token_id, device
@@ -432,7 +432,7 @@ def sample(
             processors = LogitsProcessorList(warpers)
             if not greedy:
                 generators = [
-                    torch.Generator(device=device).manual_seed(_sample_seed(seed, start + i))
+                    torch.Generator(device=device).manual_seed(sample_seed(seed, start + i))
                     for i in range(len(batch))
                 ]
                 processors.append(_GumbelSampler(generators))

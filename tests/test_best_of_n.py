@@ -14,7 +14,7 @@ from dataclasses import asdict
 import pytest
 
 from alignkit.config.load import ConfigError
-from alignkit.generation import _sample_seed
+from alignkit.generation import sample_seed
 from alignkit.inference.best_of_n import (
     GenerateConfig,
     choose_best,
@@ -117,7 +117,7 @@ def test_generate_keeps_the_argmax_of_the_reward(tiny_model_dir, tmp_path, token
         rewards,
         n=4,
         max_new_tokens=8,
-        seed=_sample_seed(0, 1) % 2**63,
+        seed=sample_seed(0, 1) % 2**63,
         batch_size=cfg.batch_size,
     )
     for c, r in zip(chunk, lines[2:4]):

@@ -22,7 +22,7 @@ import torch
 from alignkit.cli import main
 from alignkit.config.load import ConfigError
 from alignkit.rewards import build_reward
-from alignkit.rewards.backends import JudgeError, _retry_after
+from alignkit.rewards.backends import JudgeError, retry_after_seconds
 from alignkit.rewards.cache import JudgeCache
 from alignkit.rewards.judge import TEMPLATES, extract_score, parse_preference, parse_score
 from tests.conftest import REPO, TINYSTORIES
@@ -112,8 +112,12 @@ def test_templates_ask_for_what_the_parser_reads():
         assert "{prompt}" in template.user and "{response}" in template.user
         assert extract_score("Justification.\nScore: 3") == 3.0
     assert "Verdict: A" in TEMPLATES["pairwise"].user and "{response_b}" in TEMPLATES["pairwise"].user
-    assert _retry_after("2") == 2.0 and _retry_after("soon") is None
-    assert 0 <= _retry_after(time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 5))) <= 6
+    assert retry_after_seconds("2") == 2.0 and retry_after_seconds("soon") is None
+    assert (
+        0
+        <= retry_after_seconds(time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 5)))
+        <= 6
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch
 from alignkit.config.base import LoraSettings, TrainConfig
 from alignkit.config.load import RANGES, ConfigError, above, at_least
 from alignkit.data.images import ImagePair, load_image_pairs, pixel_values, size_time_ids
-from alignkit.data.prepare import _split_eval, bad_rows_list, report_dropped
+from alignkit.data.prepare import bad_rows_list, report_dropped, split_eval
 from alignkit.losses.diffusion import DIFFUSION_LOSSES, denoising_mse, diffusion_dpo_loss
 from alignkit.models.diffusion import (
     UNET_ATTENTION,
@@ -297,7 +297,7 @@ def read_pairs(cfg: DiffusionDPOConfig, log=print) -> tuple[list[ImagePair], lis
         held_out = load_image_pairs(cfg.eval_data, cfg.eval_split, skipped)
         train_rows, eval_rows, ties = train.rows, held_out.rows, ties + held_out.ties
     else:
-        train_rows, eval_rows = _split_eval(train.rows, cfg.eval_fraction, cfg.seed)
+        train_rows, eval_rows = split_eval(train.rows, cfg.eval_fraction, cfg.seed)
     if ties:
         log(f"{ties} tied pairs (label_0 = 0.5: no preferred image) dropped")
     report_dropped(cfg, skipped or [], log)

@@ -14,7 +14,7 @@ import torch
 from alignkit.config.base import OnlineConfig, TrainConfig
 from alignkit.config.load import ConfigError
 from alignkit.data.checks import unknown_text_rows
-from alignkit.data.prepare import _split_eval, bad_rows_list, report_dropped
+from alignkit.data.prepare import bad_rows_list, report_dropped, split_eval
 from alignkit.data.prompts import PromptRow, encode_prompt_rows, load_prompt_rows
 from alignkit.logprobs import sequence_logps
 from alignkit.losses.policy import frac_reward_zero_std
@@ -183,7 +183,7 @@ def load_prompts(cfg, tokenizer, log=print, *, encoder_decoder: bool = False) ->
         eval_rows = load_prompt_rows(cfg.eval_data, cfg.eval_split, tokenizer, skipped, **template)
         train_rows = rows
     else:
-        train_rows, eval_rows = _split_eval(rows, cfg.eval_fraction, cfg.seed)
+        train_rows, eval_rows = split_eval(rows, cfg.eval_fraction, cfg.seed)
     for warning in unknown_text_rows(train_rows + eval_rows, tokenizer):
         log(warning)
     train_rows, train_ids, cut = encode_prompt_rows(

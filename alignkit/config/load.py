@@ -315,11 +315,11 @@ def _takes_mapping(annotation: Any) -> bool:
     return False
 
 
-def _flatten(mapping: dict, prefix: str = "") -> list[tuple[str, Any]]:
+def flatten_settings(mapping: dict, prefix: str = "") -> list[tuple[str, Any]]:
     items = []
     for k, v in mapping.items():
         if isinstance(v, dict):
-            items.extend(_flatten(v, f"{prefix}{k}."))
+            items.extend(flatten_settings(v, f"{prefix}{k}."))
         else:
             items.append((f"{prefix}{k}", v))
     return items
@@ -336,7 +336,7 @@ def _apply_file(cfg: Any, path: str | Path) -> None:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
-    for key, value in _flatten(data):
+    for key, value in flatten_settings(data):
         try:
             _set(cfg, key, value)
         except ConfigError as e:
@@ -361,13 +361,13 @@ def build_config(cls: type, source: Any = None, overrides: dict | None = None):
         if isinstance(source, (str, Path)):
             _apply_file(cfg, source)
         elif isinstance(source, dict):
-            for key, value in _flatten(source):
+            for key, value in flatten_settings(source):
                 _set(cfg, key, value)
         elif source is not None:
             raise ConfigError(
                 f"expected a {cls.__name__}, a mapping or a YAML path, got {type(source).__name__}"
             )
-    for key, value in _flatten(overrides or {}):
+    for key, value in flatten_settings(overrides or {}):
         _set(cfg, key, value)
     return validate(cfg)
 

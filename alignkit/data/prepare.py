@@ -34,7 +34,7 @@ def cache_dir(cfg) -> Path:
     return Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.output_dir) / "cache"
 
 
-def _split_eval(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+def split_eval(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     """A seeded random `fraction` of rows for evaluation, the rest for training."""
     if fraction <= 0:
         return rows, []
@@ -62,7 +62,9 @@ def report_dropped(cfg, dropped: list[DroppedRow], log=print) -> None:
     log(f"{len(dropped)} rows left out of the run (listed in {path}):\n  {listed}")
 
 
-def _prepare(cfg, tokenizer, load_rows, tokenize_rows, kind: str, log=print) -> tuple[list[dict], list[dict]]:
+def prepare_cached(
+    cfg, tokenizer, load_rows, tokenize_rows, kind: str, log=print
+) -> tuple[list[dict], list[dict]]:
     key = fingerprint(
         kind,
         source_fingerprint(cfg.data),
@@ -87,7 +89,7 @@ def _prepare(cfg, tokenizer, load_rows, tokenize_rows, kind: str, log=print) -> 
             eval_rows, eval_dropped = load_rows(cfg.eval_data, cfg.eval_split, skipped, **template)
             dropped = dropped + eval_dropped
         else:
-            train_rows, eval_rows = _split_eval(train_rows, cfg.eval_fraction, cfg.seed)
+            train_rows, eval_rows = split_eval(train_rows, cfg.eval_fraction, cfg.seed)
         loaded = train_rows + eval_rows
         out = {
             "dropped": [asdict(d) for d in (skipped or []) + dropped],
@@ -138,12 +140,12 @@ def prepare_preference_data(cfg, tokenizer, log=print) -> tuple[list[dict], list
         data = load_preference_rows(source, split, tokenizer, skipped, **template)
         return data.rows, data.dropped
 
-    return _prepare(cfg, tokenizer, load, tokenize_preference_rows, "preference", log)
+    return prepare_cached(cfg, tokenizer, load, tokenize_preference_rows, "preference", log)
 
 
 def prepare_sft_data(cfg, tokenizer, log=print) -> tuple[list[dict], list[dict]]:
     """Tokenised (train, eval) SFT examples for `cfg`."""
-    return _prepare(
+    return prepare_cached(
         cfg,
         tokenizer,
         lambda s, split, skipped, **template: (load_sft_rows(s, split, tokenizer, skipped, **template), []),
@@ -155,7 +157,7 @@ def prepare_sft_data(cfg, tokenizer, log=print) -> tuple[list[dict], list[dict]]
 
 def prepare_unpaired_data(cfg, tokenizer, log=print) -> tuple[list[dict], list[dict]]:
     """Tokenised (train, eval) unpaired examples {prompt_ids, completion_ids, label, line} for `cfg`."""
-    return _prepare(
+    return prepare_cached(
         cfg,
         tokenizer,
         lambda s, split, skipped, **template: (
@@ -170,7 +172,7 @@ def prepare_unpaired_data(cfg, tokenizer, log=print) -> tuple[list[dict], list[d
 
 def prepare_logged_data(cfg, tokenizer, log=print) -> tuple[list[dict], list[dict]]:
     """Tokenised (train, eval) logged examples {prompt_ids, completion_ids, reward, line} (offline RL)."""
-    return _prepare(
+    return prepare_cached(
         cfg,
         tokenizer,
         lambda s, split, skipped, **template: (
@@ -185,7 +187,7 @@ def prepare_logged_data(cfg, tokenizer, log=print) -> tuple[list[dict], list[dic
 
 def prepare_listwise_data(cfg, tokenizer, log=print) -> tuple[list[dict], list[dict]]:
     """Tokenised (train, eval) list examples {prompt_ids, responses_ids, scores | probs | ranking, line}."""
-    return _prepare(
+    return prepare_cached(
         cfg,
         tokenizer,
         lambda s, split, skipped, **template: (

@@ -35,7 +35,7 @@ from typing import Any
 
 from alignkit.data.chat import Issues, json_type, messages_problems, render_messages, with_system_prompt
 from alignkit.data.readers import DataError, DroppedRow, Problems, encoding_problems
-from alignkit.data.rows import _load_rows, _raise_or_skip, check_template_used, template_settings
+from alignkit.data.rows import check_template_used, load_row_file, raise_or_skip, template_settings
 from alignkit.data.tokenize import adds_special_tokens, truncate
 
 PROMPT_FORMATS = "{prompt: string}; {prompt: [messages]}; or {messages: [messages]}"
@@ -108,7 +108,7 @@ def encode_prompt_rows(
         kept.append(row)
         ids.append(encoded)
     for source_problems in problems.values():
-        _raise_or_skip(source_problems, skipped)
+        raise_or_skip(source_problems, skipped)
     if rows and not kept:
         raise DataError(f"no usable prompts: every one is over max_prompt_length={max_prompt_length}")
     return kept, ids, cut
@@ -181,11 +181,11 @@ def load_prompt_rows(
                 else:
                     for _, reason in encoding_problems(prompt, ""):
                         problems.add(n, None, reason)
-            _raise_or_skip(problems, skipped)
+            raise_or_skip(problems, skipped)
             good = [PromptRow(p, None, source, n) for n, p in enumerate(data, 1) if n not in problems.lines]
             if not good:
                 raise DataError("no prompts (the list is empty)" if not data else "no usable prompts", source)
             check_template_used(source, template, conversational=False)
             return good
     settings = {"system_prompt": system_prompt, "chat_template_kwargs": chat_template_kwargs}
-    return _load_rows(source, split, tokenizer, _prompt_row, "prompt", skipped, **settings)
+    return load_row_file(source, split, tokenizer, _prompt_row, "prompt", skipped, **settings)

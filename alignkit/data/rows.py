@@ -181,7 +181,7 @@ def _text(record: dict, key: str, issues: Issues, expected: str, completion: boo
     return None
 
 
-def _preference(record: dict, issues: Issues) -> float | None:
+def preference_field(record: dict, issues: Issues) -> float | None:
     value = record.get("preference")
     if value is None:
         return None
@@ -194,7 +194,7 @@ def _preference(record: dict, issues: Issues) -> float | None:
     return float(value)
 
 
-def _margin(record: dict, issues: Issues) -> float | None:
+def margin_field(record: dict, issues: Issues) -> float | None:
     value = record.get("margin")
     if value is None:
         return None
@@ -245,8 +245,8 @@ def _preference_row(
 ) -> PreferenceRow | str | None:
     """A row; or, for an HH row that does not split, the reason as a string; or None with issues."""
     n_issues = len(issues)
-    preference = _preference(record, issues)
-    margin = _margin(record, issues)
+    preference = preference_field(record, issues)
+    margin = margin_field(record, issues)
     flags = {k: _flag(record, k, issues) for k in ("chosen_flagged", "rejected_flagged")}
     ids = _token_ids(record, issues)
     prompt = record.get("prompt")
@@ -502,7 +502,7 @@ def load_preference_rows(
             row.source, row.line = source, line
             rows.append(row)
             conversational = conversational or is_conversational(record)
-    _raise_or_skip(problems, skipped)
+    raise_or_skip(problems, skipped)
     if not rows:
         why = f"all {len(dropped)} rows were dropped, e.g. {dropped[0]}" if dropped else "the source is empty"
         raise DataError(f"no usable preference rows ({why})", source)
@@ -510,7 +510,7 @@ def load_preference_rows(
     return PreferenceData(rows, dropped)
 
 
-def _raise_or_skip(problems: Problems, skipped: list[DroppedRow] | None) -> None:
+def raise_or_skip(problems: Problems, skipped: list[DroppedRow] | None) -> None:
     """Raise every problem at once; or, given a `skipped` list, record the bad rows there (the whole
     source's problems, such as an unreadable file, are still raised)."""
     problems.raise_if_any(skip=skipped is not None)
@@ -518,7 +518,7 @@ def _raise_or_skip(problems: Problems, skipped: list[DroppedRow] | None) -> None
         skipped.extend(problems.dropped())
 
 
-def _load_rows(
+def load_row_file(
     source: str,
     split: str | None,
     tokenizer: Any,
@@ -544,7 +544,7 @@ def _load_rows(
             row.source, row.line = source, line
             rows.append(row)
             conversational = conversational or is_conversational(record)
-    _raise_or_skip(problems, skipped)
+    raise_or_skip(problems, skipped)
     if not rows:
         why = f"all {len(problems.lines)} rows are bad" if problems.count else "the source is empty"
         raise DataError(f"no usable {kind} rows ({why})", source)
@@ -568,7 +568,7 @@ def load_sft_rows(
     empty source; given ``skipped`` (on_bad_rows=skip), bad rows are left out and appended to it.
     Conversations get ``system_prompt`` and ``chat_template_kwargs`` (see the module docstring).
     """
-    return _load_rows(
+    return load_row_file(
         source,
         split,
         tokenizer,
@@ -592,7 +592,7 @@ def load_unpaired_rows(
     """Read and validate unpaired (KTO) rows: any SFT format plus a boolean ``label``. All problems are
     collected and raised as one DataError, as is an empty source. Conversations get ``system_prompt`` and
     ``chat_template_kwargs`` (see the module docstring)."""
-    return _load_rows(
+    return load_row_file(
         source,
         split,
         tokenizer,
@@ -616,7 +616,7 @@ def load_logged_rows(
     """Read and validate logged {prompt, response, reward} rows (offline RL). All problems are collected
     and raised as one DataError, as is an empty source. Conversations get ``system_prompt`` and
     ``chat_template_kwargs`` (see the module docstring)."""
-    return _load_rows(
+    return load_row_file(
         source,
         split,
         tokenizer,
@@ -640,7 +640,7 @@ def load_listwise_rows(
     """Read and validate list rows (see the module docstring). All problems are collected and raised as
     one DataError, as is an empty source. Conversations get ``system_prompt`` and ``chat_template_kwargs``
     (see the module docstring)."""
-    return _load_rows(
+    return load_row_file(
         source,
         split,
         tokenizer,

@@ -39,7 +39,7 @@ from alignkit.data.chat import (
 )
 from alignkit.data.collate import collate_pairs_shared_prompt, pad_sequences, pair_columns
 from alignkit.data.readers import DataError
-from alignkit.data.rows import PreferenceData, PreferenceRow, _load_rows, _margin, _preference
+from alignkit.data.rows import PreferenceData, PreferenceRow, load_row_file, margin_field, preference_field
 from alignkit.data.tokenize import (
     TokenStats,
     encode_prompt_completions,
@@ -219,7 +219,7 @@ def _vision_row(
     record: dict, processor: Any, base: Path | None, issues: Issues, template: dict
 ) -> VisionPreferenceRow | None:
     n_issues = len(issues)
-    preference, margin = _preference(record, issues), _margin(record, issues)
+    preference, margin = preference_field(record, issues), margin_field(record, issues)
     images, prompt = record.get("images"), record.get("prompt")
     if isinstance(images, str):
         images = [images]
@@ -294,7 +294,7 @@ def load_vision_rows(
         return _vision_row(record, processor, base, issues, template)
 
     settings = {"system_prompt": system_prompt, "chat_template_kwargs": chat_template_kwargs}
-    rows = _load_rows(source, split, processor, parse, "preference-with-images", skipped, **settings)
+    rows = load_row_file(source, split, processor, parse, "preference-with-images", skipped, **settings)
     return PreferenceData(rows)
 
 
@@ -385,7 +385,7 @@ def tokenize_vision_rows(
 
 def prepare_vision_data(cfg, processor, log=print) -> tuple[list[dict], list[dict]]:
     """Tokenised (train, eval) examples of preference rows with images for `cfg` (cached like text rows)."""
-    from alignkit.data.prepare import _prepare
+    from alignkit.data.prepare import prepare_cached
 
     def load(source: str, split: str, skipped, **template):
         data = load_vision_rows(source, split, processor, skipped, **template)
@@ -395,7 +395,7 @@ def prepare_vision_data(cfg, processor, log=print) -> tuple[list[dict], list[dic
         return tokenize_vision_rows(rows, processor, max_length, max_prompt_length)
 
     kind = f"vision-preference-{processor_fingerprint(processor)}"
-    return _prepare(cfg, processor.tokenizer, load, tokenize, kind, log)
+    return prepare_cached(cfg, processor.tokenizer, load, tokenize, kind, log)
 
 
 # ---------------------------------------------------------------------------------------------

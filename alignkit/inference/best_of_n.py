@@ -33,7 +33,7 @@ import torch
 from alignkit.config.load import RANGES, ConfigError, at_least, between, validate
 from alignkit.data.prompts import encode_prompt
 from alignkit.evaluation.stats import mean_and_stderr
-from alignkit.generation import _sample_seed, sample_ids
+from alignkit.generation import sample_ids, sample_seed
 from alignkit.inference.retrieval import BACKENDS
 from alignkit.io import append_jsonl, atomic_write, cut_torn_line, read_jsonl
 from alignkit.models.load import DTYPES
@@ -450,7 +450,7 @@ def run(cfg: GenerateConfig) -> dict:
     with open(path, "a", encoding="utf-8") as f:
         for start in starts:
             stop = min(start + C, len(prompts))
-            seed = _sample_seed(cfg.seed, start // C) % 2**63
+            seed = sample_seed(cfg.seed, start // C) % 2**63
             chunk = sample_candidates(
                 model, tokenizer, prompts[start:stop], prompt_ids[start:stop], seed=seed, **sampling
             )

@@ -221,11 +221,11 @@ def duration(seconds: float) -> str:
 
 def config_differences(runs: list[Run]) -> list[tuple[str, list[str]]]:
     """(key, value per run) for every config key whose value differs between the runs (output_dir aside)."""
-    from alignkit.config.load import _flatten
+    from alignkit.config.load import flatten_settings
 
     if len(runs) < 2 or any(run.config is None for run in runs):
         return []
-    flat = [dict(_flatten(run.config)) for run in runs]
+    flat = [dict(flatten_settings(run.config)) for run in runs]
     keys = list(dict.fromkeys(k for f in flat for k in f))
     return [
         (k, [json.dumps(f.get(k)) for f in flat])

@@ -69,7 +69,7 @@ def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
     return SECRET_HEADER.sub(lambda m: m.group(1) + "***", text)
 
 
-def _retry_after(value: str | None) -> float | None:
+def retry_after_seconds(value: str | None) -> float | None:
     """Seconds to wait from a Retry-After header (delay-seconds or an HTTP date), or None."""
     if not value:
         return None
@@ -277,7 +277,7 @@ class HTTPChatBackend(RemoteChatBackend):
                     "(not retried: check base_url, model and the API key variable)",
                     row_level=e.code in ROW_LEVEL_STATUS,
                 ) from None
-            raise Retry(f"HTTP {e.code}", _retry_after(e.headers.get("Retry-After"))) from None
+            raise Retry(f"HTTP {e.code}", retry_after_seconds(e.headers.get("Retry-After"))) from None
         except (TimeoutError, urllib.error.URLError, http.client.HTTPException, ConnectionError) as e:
             why = getattr(e, "reason", None) or e
             raise Retry(

@@ -23,8 +23,8 @@ from alignkit.rewards.backends import (
     JudgeError,
     RemoteChatBackend,
     Retry,
-    _retry_after,
     read_api_key,
+    retry_after_seconds,
 )
 
 # backend -> (module to import, pip package, extra of alignkit that installs it)
@@ -120,10 +120,10 @@ class AnthropicBackend(RemoteChatBackend):
                     f"check model, base_url and the key in ${self.api_key_env})"
                 ) from None
             headers = e.response.headers
-            wait_ms = _retry_after(headers.get("retry-after-ms"))
+            wait_ms = retry_after_seconds(headers.get("retry-after-ms"))
             raise Retry(
                 f"HTTP {status}: {detail[:100]}",
-                wait_ms / 1000 if wait_ms is not None else _retry_after(headers.get("retry-after")),
+                wait_ms / 1000 if wait_ms is not None else retry_after_seconds(headers.get("retry-after")),
             ) from None
         except sdk.APIResponseValidationError:
             raise Retry("a response that is not a Messages API answer") from None
@@ -252,7 +252,7 @@ class BedrockBackend(RemoteChatBackend):
                     f"judge endpoint {self.target} answered HTTP {status} {detail} (not retried: check the "
                     "model id, that your account has access to it in this region, and the AWS credentials)"
                 ) from None
-            retry_after = _retry_after(meta.get("HTTPHeaders", {}).get("retry-after"))
+            retry_after = retry_after_seconds(meta.get("HTTPHeaders", {}).get("retry-after"))
             raise Retry(f"HTTP {status}: {detail[:100]}", retry_after) from None
         except (errors.ReadTimeoutError, errors.ConnectTimeoutError):
             raise Retry("timeout") from None

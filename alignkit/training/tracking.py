@@ -42,12 +42,12 @@ def start_trackers(accelerator, cfg) -> None:
             f"report_to={cfg.report_to} needs the {package} package: pip install {package} "
             "(or report_to=none)"
         )
-    from alignkit.config.load import _flatten, config_to_dict
+    from alignkit.config.load import config_to_dict, flatten_settings
 
     # Trackers take scalars and strings only: lists (reward sources, constraints) and None as JSON text.
     hparams = {
         k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
-        for k, v in _flatten(config_to_dict(cfg))
+        for k, v in flatten_settings(config_to_dict(cfg))
     }
     if cfg.report_to == "wandb":
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
