@@ -309,8 +309,8 @@ def timing_metrics(rollout: Rollout, times: tuple[float, float, float, float], *
 class OnlineRun:
     """The bookkeeping every online loop shares, around the algorithm's own step: which prompts and seed a
     step uses (`DataOrder`, functions of the seed and step), resuming from the newest checkpoint, metrics
-    lines, eval and checkpoint intervals, the progress bar, and Ctrl-C as `runtime.fit` handles it
-    (`runtime.Interrupts`: the step is finished and saved, or dropped; never saved half done: a step's
+    lines, eval and checkpoint intervals, the progress bar, and Ctrl-C as `training.loop.fit` handles it
+    (`training.loop.Interrupts`: the step is finished and saved, or dropped; never saved half done: a step's
     several optimizer steps and its reward normaliser update are one unit).
 
         run = OnlineRun(cfg, accelerator, output_dir, len(prompts.train_rows), named, log)
@@ -352,12 +352,12 @@ class OnlineRun:
         self.logger = MetricsLogger(self.output_dir, self.accelerator.is_main_process, resumed)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """`x`'s rows from every process in rank order (`runtime.gather_rows`): what batch statistics,
+        """`x`'s rows from every process in rank order (`training.setup.gather_rows`): what batch statistics,
         the reward normaliser and logged figures must see."""
         return gather_rows(self.accelerator, x)
 
     def gather_objects(self, obj) -> list:
-        """`obj` of every process, in rank order (`runtime.gather_objects`): counters and statistics that
+        """`obj` of every process, in rank order (`training.setup.gather_objects`): counters and statistics that
         are not rows of a tensor, for the logged figures."""
         return gather_objects(self.accelerator, obj)
 
