@@ -542,3 +542,32 @@ def check_logps_match_forward(model: torch.nn.Module, *, length: int = 8) -> Non
             "Gemma, Granite, Cohere, Falcon-H1, MiniCPM3 and HyperCLOVA X families). Training or scoring with "
             "it would use wrong log-probs; report the model type to alignkit so that its transform is added."
         )
+
+
+def token_logps(
+    model,
+    batch: dict,
+    *,
+    chunk_size: int,
+    temperature: float,
+    with_entropy: bool,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> dict:
+    """{"token_logps": (B, T) log-probs of the completion tokens under softmax(logits / temperature),
+    renormalised over the top_k / top_p kept set when given, and "token_entropy" (B, T) when asked}; the
+    batch function the prepared policy runs (a causal or, for batches with `encoder_input_ids`, an
+    encoder-decoder policy)."""
+    out = sequence_logps(
+        model,
+        batch,
+        chunk_size=chunk_size,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        with_entropy=with_entropy,
+    )
+    logps = {"token_logps": out.token_logps}
+    if out.token_entropy is not None:
+        logps["token_entropy"] = out.token_entropy
+    return logps

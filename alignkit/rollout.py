@@ -17,7 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from alignkit.config.base import OnlineConfig
 from alignkit.generation import eos_ids, sample_ids
+from alignkit.losses.policy import frac_reward_zero_std
+from alignkit.rewards.base import reduce_metrics
 
 
 @dataclass
@@ -218,3 +221,69 @@ def collect(
         timings={"generation": t1 - t0, "scoring": t2 - t1},
         **encoder,
     )
+
+
+def rollout_metrics(
+    rollout: Rollout, advantages: torch.Tensor | None = None, *, gather=None, gather_objects=None
+) -> dict[str, float]:
+    """What an expert reads first about a rollout: reward per source, zero-std groups, lengths, EOS, the
+    reward sources' own figures (a judge's retries and fallbacks, an ensemble's uncertainty), and the
+    advantages' mean and std when the method has advantages (any shape: they are flattened).
+
+    With several processes `gather` ((n, ...) -> every process's rows in rank order, `OnlineRun.gather`)
+    and `gather_objects` (an object -> every process's, `OnlineRun.gather_objects`) make every figure the
+    whole step's, as one process holding every row would log it: the sources' counters summed over the
+    processes, their means weighted by rows (`rewards.base.reduce_metrics`)."""
+    gather = gather or (lambda x: x)
+    gather_objects = gather_objects or (lambda x: [x])
+    scores = gather(rollout.scores)  # (N·W,) prompt-major: each process holds whole groups
+    lengths = gather(torch.tensor(rollout.completion_lengths, dtype=torch.float32))
+    out = {
+        "reward": float(scores.mean()),
+        "reward_std": float(scores.std(unbiased=False)),
+        "completion_length": float(lengths.mean()),
+        "frac_eos": float(gather(rollout.ended.float()).mean()),
+    }
+    if advantages is not None:
+        advantages = gather(advantages.reshape(-1))
+        out["advantages/mean"] = float(advantages.mean())
+        out["advantages/std"] = float(advantages.std(unbiased=False))
+    if rollout.group_size > 1:  # (with one completion per prompt every group is trivially unanimous)
+        out["frac_reward_zero_std"] = float(frac_reward_zero_std(scores, rollout.group_size))
+    for name, source in rollout.source_scores.items():  # (over every process)
+        source = gather(source)
+        out[f"rewards/{name}/mean"] = float(source.mean())
+        out[f"rewards/{name}/std"] = float(source.std(unbiased=False))
+        out[f"rewards/{name}/min"] = float(source.min())
+        out[f"rewards/{name}/max"] = float(source.max())
+    parts = gather_objects(rollout.source_metrics)  # every process's {source: its metrics()}
+    for name in rollout.source_metrics:
+        out.update({f"rewards/{name}/{k}": v for k, v in reduce_metrics([p[name] for p in parts]).items()})
+    return out
+
+
+def sampling_settings(cfg: OnlineConfig) -> SamplingSettings:
+    """How the config samples completions (top_k 0 and top_p 1 mean no truncation)."""
+    return SamplingSettings(
+        cfg.max_new_tokens,
+        cfg.temperature,
+        cfg.top_k or None,
+        cfg.top_p if cfg.top_p < 1 else None,
+        cfg.generation_batch_size,
+    )
+
+
+def timing_metrics(rollout: Rollout, times: tuple[float, float, float, float], *, passes: float) -> dict:
+    """Where a step's time went: generation and scoring (from the rollout), log-probs (t1 -> t2) and
+    training (t2 -> t3) of a step that started at t0, with tokens/s of generation and of training
+    (`passes` over the rollout's tokens)."""
+    t0, t1, t2, t3 = times
+    return {
+        "time/generation": rollout.timings["generation"],
+        "time/scoring": rollout.timings["scoring"],
+        "time/logprobs": t2 - t1,
+        "time/training": t3 - t2,
+        "time/step": t3 - t0,
+        "tokens/s/generation": rollout.num_tokens / max(rollout.timings["generation"], 1e-9),
+        "tokens/s/training": float(rollout.attention_mask.sum()) * passes / max(t3 - t2, 1e-9),
+    }

@@ -25,10 +25,10 @@ import random
 import time
 from pathlib import Path
 
-from alignkit.rewards.rules import vader_compound
 from alignkit.evaluation.stats import mean_and_stderr
 from alignkit.generation import sample
 from alignkit.models.load import load_causal_lm, load_tokenizer
+from alignkit.rewards.rules import vader_compound
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "alignkit" / "assets" / "tinystories-656k"

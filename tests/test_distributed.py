@@ -426,7 +426,8 @@ def test_two_process_ppo_whitens_with_the_whole_steps_statistics(tmp_path, tiny_
     whole step, every process's completion tokens, as OpenRLHF all-reduces them: each process's whitened
     values are its slice of one process whitening the step's values (process 1's rewards are ~10x
     process 0's). The logged score, returns, values and explained variance are the whole step's too."""
-    from alignkit.losses.ppo import explained_variance, whiten
+    from alignkit.losses.masks import whiten
+    from alignkit.losses.ppo import explained_variance
 
     out = tmp_path / "ppo"
     argv = online_argv(

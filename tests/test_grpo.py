@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import alignkit.algorithms.grpo as grpo
-import alignkit.algorithms.online as online
+import alignkit.training.loop as online_loop
 from alignkit.cli import main
 from alignkit.config.base import GRPOConfig
 from alignkit.config.load import ConfigError
@@ -143,7 +143,7 @@ def test_an_interrupted_run_resumes_bit_for_bit(tmp_path, tiny_model_dir, monkey
 
     cut = config(tmp_path / "b", tiny_model_dir, data, max_steps=6, beta=0.05, reward_normalize=True)
     calls = {"n": 0}
-    real = online.collect
+    real = online_loop.collect
 
     def interrupt_at_step_5(*args, **kwargs):
         calls["n"] += 1
@@ -151,10 +151,10 @@ def test_an_interrupted_run_resumes_bit_for_bit(tmp_path, tiny_model_dir, monkey
             ctrl_c()  # (step 5 is finished and saved)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(online, "collect", interrupt_at_step_5)
+    monkeypatch.setattr(online_loop, "collect", interrupt_at_step_5)
     with pytest.raises(RunInterrupted):
         grpo.train(cut)
-    monkeypatch.setattr(online, "collect", real)
+    monkeypatch.setattr(online_loop, "collect", real)
     cut.resume = True
     grpo.train(cut)
     resumed = train_metrics(cut)
@@ -310,7 +310,7 @@ def test_the_kl_in_the_reward_is_what_the_advantages_see(
     the loss calls the recipe's estimator. Step 2, when the policy has moved from the reference."""
     data = write_prompts(tmp_path / "prompts.jsonl")
     rollouts, seen_rewards, estimators = [], [], set()
-    real_collect, real_advantages, real_kl = online.collect, grpo.compute_advantages, grpo.kl_estimate
+    real_collect, real_advantages, real_kl = online_loop.collect, grpo.compute_advantages, grpo.kl_estimate
 
     def collect(*args, **kwargs):
         rollouts.append(real_collect(*args, **kwargs))
@@ -324,7 +324,7 @@ def test_the_kl_in_the_reward_is_what_the_advantages_see(
         estimators.add(estimator)
         return real_kl(*args, estimator=estimator, **kwargs)
 
-    monkeypatch.setattr(online, "collect", collect)
+    monkeypatch.setattr(online_loop, "collect", collect)
     monkeypatch.setattr(grpo, "compute_advantages", advantages)
     monkeypatch.setattr(grpo, "kl_estimate", kl)
     cfg = config(

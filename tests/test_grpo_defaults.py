@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 import alignkit
-from alignkit.algorithms.online import default_lr
 from alignkit.cli import main
 from alignkit.evaluation.command import read_prompts
 from alignkit.evaluation.compare import compare_policies
 from alignkit.models.load import load_causal_lm, load_tokenizer
 from alignkit.rewards import RewardSet
+from alignkit.training.step import default_lr
 
 ASSETS = Path(alignkit.__file__).parent / "assets"
 MODEL = ASSETS / "tinystories-656k"

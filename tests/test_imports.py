@@ -1,4 +1,7 @@
-"""No import cycles between alignkit modules.
+"""The package's layers (docs/architecture.md): no import cycles, no import of a higher layer or of another
+module's private names, and no algorithm borrowing a sibling's helpers.
+
+No import cycles between alignkit modules:
 
 A module that imports a sibling which imports it back works or fails depending on which of the two is
 imported first (the second sees the first half-initialised), and the pair can no longer be understood,
@@ -216,3 +219,127 @@ def test_checker_finds_cycles_through_every_import_form_and_ignores_deferred_one
         deferred[frozenset({"pkg.g", "pkg.h"})].splitlines()[1]
         == f"  {tmp_path / 'pkg' / 'h.py'}:3: pkg.h imports pkg.g"
     )
+
+
+# The layers, lowest first (docs/architecture.md). A module may import its own layer and those before it,
+# deferred (in-function) imports included; modules of one rank (a tuple) may import each other.
+LAYERS: list[tuple[str, ...]] = [
+    ("io",),
+    ("config",),
+    ("data",),
+    ("losses",),
+    ("logprobs",),  # (below models: the load-time log-prob check and the critic use it; it loads nothing)
+    ("models",),
+    ("generation",),
+    ("rewards",),
+    ("rollout",),
+    ("report",),
+    ("training",),
+    ("evaluation", "inference"),
+    ("algorithms",),
+    ("commands", "sweep", "demo"),
+    ("cli",),
+    ("",),  # alignkit/__init__.py: the public API
+]
+RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
+
+
+def layer_of(module: str) -> str:
+    """'alignkit.training.loop' -> 'training'; 'alignkit' -> '' (the package's __init__)."""
+    return module.split(".")[1] if "." in module else ""
+
+
+def layer_violations(graph: Edges, modules: dict[str, Path]) -> list[str]:
+    """Every import of a module in a higher layer than the importer's, as path:line: a imports b."""
+    out = []
+    for name, targets in sorted(graph.items()):
+        for target, line in sorted(targets.items()):
+            if RANK[layer_of(target)] > RANK[layer_of(name)]:
+                out.append(
+                    f"{modules[name].relative_to(REPO)}:{line}: {name} ({layer_of(name)}) imports {target}"
+                )
+    return out
+
+
+def private_imports(root: Path, package: str) -> list[str]:
+    """Every `from alignkit.x import _name` of another module's private name, as path:line."""
+    out = []
+    for name, path in module_names(root, package).items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and (node.module or "").startswith(package)
+                and node.level == 0
+            ):
+                for alias in node.names:
+                    if alias.name.startswith("_") and not alias.name.startswith("__"):
+                        out.append(
+                            f"{path.relative_to(REPO)}:{node.lineno}: {name} imports {node.module}.{alias.name}"
+                        )
+    return out
+
+
+def test_every_module_sits_in_a_layer():
+    modules = module_names(REPO / "alignkit", "alignkit")
+    assert not [m for m in modules if layer_of(m) not in RANK], "add the new top-level module to LAYERS"
+
+
+def test_imports_only_point_down_the_layers_deferred_ones_included():
+    modules = module_names(REPO / "alignkit", "alignkit")
+    bad = layer_violations(import_graph(REPO / "alignkit", "alignkit", deferred=True), modules)
+    assert not bad, "imports of a higher layer (move the shared part down a layer):\n" + "\n".join(bad)
+
+
+def test_no_cycles_counting_deferred_imports():
+    cycles = find_cycles(REPO / "alignkit", "alignkit", deferred=True)
+    assert not cycles, "import cycles, counting imports inside functions:\n" + "\n".join(cycles.values())
+
+
+def test_no_module_imports_another_modules_private_names():
+    bad = private_imports(REPO / "alignkit", "alignkit")
+    assert not bad, (
+        "private names imported from another module (make them public or move them):\n" + "\n".join(bad)
+    )
+
+
+def test_an_algorithm_takes_only_a_siblings_train():
+    """Composition (iterative-dpo running dpo.train) is fine; a sibling's helpers belong a layer down."""
+    bad = []
+    for name, path in module_names(REPO / "alignkit", "alignkit").items():
+        if not name.startswith("alignkit.algorithms."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("alignkit.algorithms."):
+                bad += [
+                    f"{path.relative_to(REPO)}:{node.lineno}: {node.module}.{a.name}"
+                    for a in node.names
+                    if a.name != "train"
+                ]
+            elif isinstance(node, ast.Import):
+                bad += [
+                    f"{path.relative_to(REPO)}:{node.lineno}: import {a.name}"
+                    for a in node.names
+                    if a.name.startswith("alignkit.algorithms.")
+                ]
+    assert not bad, "an algorithm imports a sibling's helpers:\n" + "\n".join(bad)
+
+
+def test_layer_checker_flags_an_upward_import(tmp_path):
+    """A synthetic tree: data/x.py importing training.y (deferred) breaks the layering; training importing
+    data does not."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "training").mkdir()
+    for folder in ("", "data", "training"):
+        (tmp_path / folder / "__init__.py").write_text("")
+    (tmp_path / "data" / "x.py").write_text("def f():\n    from alignkit.training import y\n")
+    (tmp_path / "training" / "y.py").write_text("import alignkit.data.x\n")
+    graph = import_graph(tmp_path, "alignkit", deferred=True)
+    modules = module_names(tmp_path, "alignkit")
+    found = [
+        (name, target)
+        for name, targets in graph.items()
+        for target in targets
+        if RANK[layer_of(target)] > RANK[layer_of(name)]
+    ]
+    assert found == [("alignkit.data.x", "alignkit.training.y")]
+    assert modules["alignkit.data.x"].name == "x.py"

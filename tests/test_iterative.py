@@ -13,7 +13,8 @@ import torch
 import alignkit.algorithms.iterative as iterative
 from alignkit.algorithms.iterative import IterativeDPOConfig
 from alignkit.config.load import ConfigError
-from alignkit.data.pairs import JudgeRanking, build_pairs, pair_columns, round_robin_scores
+from alignkit.data.pairs import build_pairs, pair_columns
+from alignkit.rewards.ranking import JudgeRanking, round_robin_scores
 from tests.conftest import write_prompts
 
 E_COUNT = [{"type": "regex", "pattern": "e", "mode": "count"}]

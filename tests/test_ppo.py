@@ -9,8 +9,9 @@ import json
 import pytest
 import torch
 
-import alignkit.algorithms.online as online
 import alignkit.algorithms.ppo as ppo
+import alignkit.training.loop as online_loop
+import alignkit.training.order as order
 from alignkit.config.base import PPOConfig
 from alignkit.config.load import ConfigError
 from alignkit.training.loop import RunInterrupted
@@ -162,7 +163,7 @@ def test_a_large_step_seed_shuffles_as_its_low_32_bits():
     above it shuffles as its low 32 bits do."""
     cfg = PPOConfig(ppo_epochs=3, minibatch_size=4)
     big = ((2**32 - 1) * 1_000_003 + 5) * 1009  # the step seed of seed 2**32 - 1 at step 5
-    assert online.minibatches(16, cfg, big) == online.minibatches(16, cfg, big % 2**32)
+    assert order.minibatches(16, cfg, big) == order.minibatches(16, cfg, big % 2**32)
 
 
 def test_the_adaptive_kl_coefficient_moves_toward_its_target(tmp_path, tiny_model_dir):
@@ -197,7 +198,7 @@ def test_an_interrupted_run_resumes_bit_for_bit(tmp_path, tiny_model_dir, monkey
 
     cut = config(tmp_path / "b", tiny_model_dir, data, **settings)
     calls = {"n": 0}
-    real = online.collect
+    real = online_loop.collect
 
     def interrupt_at_step_4(*args, **kwargs):
         calls["n"] += 1
@@ -205,10 +206,10 @@ def test_an_interrupted_run_resumes_bit_for_bit(tmp_path, tiny_model_dir, monkey
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(online, "collect", interrupt_at_step_4)
+    monkeypatch.setattr(online_loop, "collect", interrupt_at_step_4)
     with pytest.raises(RunInterrupted):
         ppo.train(cut)
-    monkeypatch.setattr(online, "collect", real)
+    monkeypatch.setattr(online_loop, "collect", real)
     cut.resume = True
     ppo.train(cut)
     resumed = train_metrics(cut)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from alignkit.losses.masks import whiten
 from alignkit.losses.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -13,7 +14,6 @@ from alignkit.losses.ppo import (
     gae,
     kl_penalised_rewards,
     last_token_index,
-    whiten,
 )
 
 

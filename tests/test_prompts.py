@@ -45,8 +45,8 @@ def conversation(text: str) -> dict:
 
 
 def online_prompts(tmp_path, tokenizer, rows, **settings):
-    from alignkit.algorithms.online import load_prompts
     from alignkit.config.base import GRPOConfig
+    from alignkit.data.prompts import load_prompts
 
     cfg = GRPOConfig(
         data=write_rows(tmp_path / "prompts.jsonl", rows), output_dir=str(tmp_path / "out"), **settings
@@ -204,10 +204,11 @@ def test_online_rollouts_give_rewards_the_conversation_not_the_policys_markup(tm
     {prompt} finds the user's words at the start, not '<|start_story|><|user|>'."""
     import dataclasses
 
-    from alignkit.algorithms.online import evaluate_policy, sampling_settings
     from alignkit.config.base import GRPOConfig
+    from alignkit.evaluation.policy import evaluate_policy
     from alignkit.models.load import load_causal_lm
     from alignkit.rewards import RewardSet
+    from alignkit.rollout import sampling_settings
 
     tokenizer = tokenizer_with(WRITES_BOS)
     prompts = online_prompts(tmp_path, tokenizer, [conversation("Tell me a story.")])
@@ -223,9 +224,8 @@ def test_a_tokenizer_set_to_append_eos_gives_causal_prompts_without_it(tmp_path)
     after every text it encodes. A causal policy continues its prompt, so the prompt must not end in an EOS:
     text and chat prompts alike end where their text ends, as the offline path's prompts do. An
     encoder-decoder's source (PPO on T5) keeps it: T5 was trained on inputs ending in its EOS."""
-    from alignkit.algorithms.online import load_prompts
     from alignkit.config.base import PPOConfig
-    from alignkit.data.prompts import encode_prompt
+    from alignkit.data.prompts import encode_prompt, load_prompts
 
     tokenizer = tokenizer_with(NO_BOS)
     tokenizer.add_bos_token, tokenizer.add_eos_token = True, True

@@ -11,30 +11,27 @@ token of the step, so it does not depend on how the step is split into micro-bat
 
 Teacher and student may differ in size but must share the vocabulary (`vocabulary_mismatch`). Held-out
 prompts (`eval_data` / `eval_fraction`) get one fixed teacher sample each, drawn once; the eval metric is
-the per-token divergence on them, logged before the first step (step 0) and every `eval_steps`.
-"""
+the per-token divergence on them, logged before the first step (step 0) and every `eval_steps`."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from alignkit.algorithms.online import OnlineRun, load_prompts
-from alignkit.algorithms.sft import completion_tokens
 from alignkit.config.base import TrainConfig
 from alignkit.config.load import RANGES, ConfigError, above, at_least, between, validate
-from alignkit.data.collate import collate_sft
+from alignkit.data.collate import collate_sft, completion_tokens
+from alignkit.data.prompts import load_prompts
 from alignkit.generation import sample_ids
-from alignkit.logprobs import CompletionStates, completion_states
-from alignkit.losses.distill import DIVERGENCES, chunked_divergence, divergence_beta
+from alignkit.losses.distill import DIVERGENCES, divergence_beta
 from alignkit.models.load import BatchForward, check_model_source, load_policy, load_tokenizer
 from alignkit.models.lora import add_lora
-from alignkit.models.reference import adapter_disabled, frozen_model
+from alignkit.models.reference import frozen_model
+from alignkit.models.teacher import completion_divergence, frozen_teacher
+from alignkit.training.loop import OnlineRun
 from alignkit.training.setup import save_final, start_run
 from alignkit.training.step import as_numbers, make_optimizer, optimizer_step
 
@@ -134,69 +131,6 @@ def vocabulary_mismatch(student: tuple[str, object, int], teacher: tuple[str, ob
         "Distillation compares their next-token distributions token by token: use a student built on the "
         "teacher's tokenizer"
     )
-
-
-# The teacher of a batch: (student model as the batch function got it, batch) -> its CompletionStates.
-Teacher = Callable[[torch.nn.Module, dict], CompletionStates]
-
-
-def frozen_teacher(teacher: torch.nn.Module) -> Teacher:
-    """The states of a separate frozen model (a distillation teacher, or offline RL's reference copy)."""
-
-    def states(model, batch: dict) -> CompletionStates:
-        with torch.no_grad():
-            return completion_states(
-                teacher, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-            )
-
-    return states
-
-
-def base_model_teacher(model, batch: dict) -> CompletionStates:
-    """The states of the LoRA policy's own base, adapter off (reference.mode=adapter); its head is the
-    base layer when the adapter wraps the head too."""
-    with torch.no_grad(), adapter_disabled(model):
-        states = completion_states(
-            model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-        )
-    return dataclasses.replace(states, head=getattr(states.head, "base_layer", states.head))
-
-
-def completion_divergence(
-    model,
-    batch: dict,
-    teacher: Teacher,
-    *,
-    beta: float,
-    temperature: float,
-    chunk_size: int,
-    with_logps: bool = False,
-) -> dict[str, torch.Tensor]:
-    """{"divergence": (B,) the per-token JSD(β) of student `model` from `teacher` summed over each row's
-    completion tokens, "tokens": (B,) their number, and with `with_logps` "logps": (B,) the student's
-    log-prob sums of those tokens}: one backbone pass per model, the vocabulary projected a chunk at a
-    time. The batch function the prepared student runs."""
-    student = completion_states(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-    target = teacher(model, batch)
-    div, logps = chunked_divergence(
-        student.hidden,
-        target.hidden,
-        student.logits,
-        target.logits,
-        beta=beta,
-        temperature=temperature,
-        chunk_size=chunk_size,
-        targets=student.targets if with_logps else None,
-    )  # (N,), (N,) or None
-
-    def per_row(values: torch.Tensor) -> torch.Tensor:  # (N,) -> (B,)
-        zeros = torch.zeros(batch["input_ids"].shape[0], dtype=torch.float32, device=values.device)
-        return zeros.index_add(0, student.rows, values)
-
-    out = {"divergence": per_row(div), "tokens": per_row(torch.ones_like(div))}
-    if logps is not None:
-        out["logps"] = per_row(logps)
-    return out
 
 
 def distill_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from alignkit.config.base import ConstraintSettings, DPOConfig
+from alignkit.config.checks import check_reference_settings
 from alignkit.config.load import ConfigError
 from alignkit.data.collate import additive_mask, collate_pairs, collate_pairs_shared_prompt
 from alignkit.data.prepare import prepare_preference_data
@@ -27,12 +28,7 @@ from alignkit.losses.constraints import check_constraints, constraint_losses, im
 from alignkit.losses.mdpo import mdpo_terms
 from alignkit.models.load import BatchForward, load_policy, load_tokenizer, shared_prompt_fits
 from alignkit.models.lora import add_lora
-from alignkit.models.reference import (
-    Reference,
-    attach_precomputed_reference,
-    check_reference_settings,
-    setup_reference,
-)
+from alignkit.models.reference import Reference, attach_precomputed_reference, setup_reference
 from alignkit.models.vision import check_vision_settings, freeze_vision, image_inputs, vision_setup
 from alignkit.training.loop import fit
 from alignkit.training.order import used_indices

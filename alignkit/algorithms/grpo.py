@@ -20,23 +20,13 @@ from pathlib import Path
 
 import torch
 
-from alignkit.algorithms.online import (
-    OnlineRun,
-    check_online_settings,
-    evaluate_policy,
-    load_prompts,
-    masked_mean,
-    minibatches,
-    online_reference,
-    online_rewards,
-    rollout_metrics,
-    sampling_settings,
-    timing_metrics,
-    token_logps,
-    with_default_lr,
-)
 from alignkit.config.base import GRPOConfig
+from alignkit.config.checks import check_online_settings
 from alignkit.config.load import ConfigError, validate
+from alignkit.data.prompts import load_prompts
+from alignkit.evaluation.policy import evaluate_policy
+from alignkit.logprobs import token_logps
+from alignkit.losses.masks import masked_mean
 from alignkit.losses.policy import (
     AGGREGATIONS,
     KL_ESTIMATORS,
@@ -50,9 +40,13 @@ from alignkit.losses.policy import (
 )
 from alignkit.models.load import BatchForward, disable_dropout, load_policy, load_tokenizer
 from alignkit.models.lora import add_lora
-from alignkit.rollout import token_logps_in_batches
+from alignkit.models.reference import online_reference
+from alignkit.rewards.compose import online_rewards
+from alignkit.rollout import rollout_metrics, sampling_settings, timing_metrics, token_logps_in_batches
+from alignkit.training.loop import OnlineRun
+from alignkit.training.order import minibatches
 from alignkit.training.setup import save_final, start_run
-from alignkit.training.step import as_numbers, make_optimizer, optimizer_step
+from alignkit.training.step import as_numbers, make_optimizer, optimizer_step, with_default_lr
 
 
 def check_settings(cfg: GRPOConfig) -> GRPOConfig:

@@ -28,15 +28,17 @@ from pathlib import Path
 import torch
 
 from alignkit.algorithms import dpo
-from alignkit.algorithms.online import Prompts, evaluate_policy, load_prompts, sampling_settings
 from alignkit.config.base import DPOConfig
 from alignkit.config.load import RANGES, ConfigError, above, at_least, between, save_config, validate
-from alignkit.data.pairs import GAP_USES, STRATEGIES, JudgeRanking, build_pairs, pair_columns
+from alignkit.data.pairs import GAP_USES, STRATEGIES, build_pairs, pair_columns
+from alignkit.data.prompts import Prompts, load_prompts
+from alignkit.evaluation.policy import evaluate_policy
 from alignkit.io import atomic_write, read_jsonl, write_jsonl
 from alignkit.models.load import load_causal_lm, load_tokenizer
 from alignkit.rewards import RewardSet
+from alignkit.rewards.ranking import JudgeRanking
 from alignkit.rewards.registry import build_reward
-from alignkit.rollout import collect
+from alignkit.rollout import collect, sampling_settings
 from alignkit.training.loop import MetricsLogger
 from alignkit.training.rundir import claim_output_dir, part_resume_flags
 from alignkit.training.setup import process_state

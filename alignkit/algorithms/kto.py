@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from alignkit.config.base import KTOConfig
+from alignkit.config.checks import check_reference_settings
 from alignkit.config.load import ConfigError
 from alignkit.data.collate import collate_unpaired, mismatched_partners
 from alignkit.data.prepare import prepare_unpaired_data
@@ -29,12 +30,7 @@ from alignkit.losses import LossSpec, RunningMean, check_params, get_unpaired_lo
 from alignkit.losses.unpaired import UNPAIRED_LOSSES, kto_reference_point
 from alignkit.models.load import BatchForward, load_policy, load_tokenizer
 from alignkit.models.lora import add_lora
-from alignkit.models.reference import (
-    Reference,
-    attach_precomputed_reference,
-    check_reference_settings,
-    setup_reference,
-)
+from alignkit.models.reference import Reference, attach_precomputed_reference, setup_reference
 from alignkit.training.loop import fit
 from alignkit.training.order import data_order, total_steps, used_indices
 from alignkit.training.setup import save_final, start_run

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from alignkit.config.base import ListwiseConfig
+from alignkit.config.checks import check_reference_settings
 from alignkit.config.load import ConfigError
 from alignkit.data.collate import collate_lists
 from alignkit.data.prepare import prepare_listwise_data
@@ -28,12 +29,7 @@ from alignkit.losses import LossSpec, check_params, get_listwise_loss
 from alignkit.losses.listwise import LISTWISE_LOSSES, soft_targets
 from alignkit.models.load import BatchForward, load_policy, load_tokenizer
 from alignkit.models.lora import add_lora
-from alignkit.models.reference import (
-    Reference,
-    attach_precomputed_reference,
-    check_reference_settings,
-    setup_reference,
-)
+from alignkit.models.reference import Reference, attach_precomputed_reference, setup_reference
 from alignkit.training.loop import fit
 from alignkit.training.order import used_indices
 from alignkit.training.setup import save_final, start_run

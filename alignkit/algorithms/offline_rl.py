@@ -21,11 +21,10 @@ from pathlib import Path
 
 import torch
 
-from alignkit.algorithms.distill import base_model_teacher, completion_divergence, frozen_teacher
-from alignkit.algorithms.sft import completion_tokens
 from alignkit.config.base import ReferenceSettings, TrainConfig
+from alignkit.config.checks import check_reference_settings
 from alignkit.config.load import RANGES, ConfigError, above, at_least, between, validate
-from alignkit.data.collate import collate_sft
+from alignkit.data.collate import collate_sft, completion_tokens
 from alignkit.data.prepare import prepare_logged_data
 from alignkit.logprobs import completion_logps
 from alignkit.losses.weighted import (
@@ -38,7 +37,8 @@ from alignkit.losses.weighted import (
 )
 from alignkit.models.load import BatchForward, load_policy, load_tokenizer
 from alignkit.models.lora import add_lora
-from alignkit.models.reference import check_reference_settings, frozen_model
+from alignkit.models.reference import frozen_model
+from alignkit.models.teacher import base_model_teacher, completion_divergence, frozen_teacher
 from alignkit.training.loop import fit
 from alignkit.training.setup import save_final, start_run
 from alignkit.training.step import as_numbers

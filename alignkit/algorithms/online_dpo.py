@@ -21,29 +21,30 @@ from pathlib import Path
 import torch
 
 from alignkit.algorithms import dpo
-from alignkit.algorithms.online import (
-    OnlineRun,
-    check_online_settings,
-    evaluate_policy,
-    load_prompts,
-    online_reference,
-    online_rewards,
-    rollout_metrics,
-    sampling_settings,
-    timing_metrics,
-    token_logps,
-    with_default_lr,
-)
 from alignkit.config.base import OnlineConfig
+from alignkit.config.checks import check_online_settings
 from alignkit.config.load import RANGES, ConfigError, above, at_least, validate
-from alignkit.data.pairs import GAP_USES, JudgeRanking, build_pairs, pair_columns, sum_pair_stats
+from alignkit.data.pairs import GAP_USES, build_pairs, pair_columns, sum_pair_stats
+from alignkit.data.prompts import load_prompts
+from alignkit.evaluation.policy import evaluate_policy
+from alignkit.logprobs import token_logps
 from alignkit.losses import get_loss
 from alignkit.models.load import BatchForward, disable_dropout, load_policy, load_tokenizer
 from alignkit.models.lora import add_lora
+from alignkit.models.reference import online_reference
+from alignkit.rewards.compose import online_rewards
+from alignkit.rewards.ranking import JudgeRanking
 from alignkit.rewards.registry import build_reward
-from alignkit.rollout import Rollout, token_logps_in_batches
+from alignkit.rollout import (
+    Rollout,
+    rollout_metrics,
+    sampling_settings,
+    timing_metrics,
+    token_logps_in_batches,
+)
+from alignkit.training.loop import OnlineRun
 from alignkit.training.setup import save_final, start_run
-from alignkit.training.step import as_numbers, make_optimizer, optimizer_step
+from alignkit.training.step import as_numbers, make_optimizer, optimizer_step, with_default_lr
 
 
 @dataclass

@@ -9,8 +9,8 @@ log-probs of the sampling policy and the reference, the critic's values) -> per-
 on the last token, −β·KL on every token) -> GAE -> whitened advantages -> `ppo_epochs` x shuffled
 minibatches of the shared optimizer step on the clipped surrogate + vf_coef · clipped value loss (early
 stop at a target approx KL) -> adapt β -> metrics -> checkpoint. The maths is in alignkit.losses.ppo and
-alignkit.losses.policy; the rollout in alignkit.rollout; what every online method shares in
-alignkit.algorithms.online.
+alignkit.losses.policy; the rollout in alignkit.rollout; the run loop every online method shares in
+alignkit.training.loop (OnlineRun).
 
 Policy and critic are one module (`PolicyAndValue`) trained by one optimizer on the summed loss, as
 TRL's PPOv2 and the InstructGPT recipe do: one prepared module, one gradient sync, one step per minibatch.
@@ -27,23 +27,13 @@ from pathlib import Path
 
 import torch
 
-from alignkit.algorithms.online import (
-    OnlineRun,
-    check_online_settings,
-    evaluate_policy,
-    load_prompts,
-    masked_mean,
-    minibatches,
-    online_reference,
-    online_rewards,
-    rollout_metrics,
-    sampling_settings,
-    timing_metrics,
-    token_logps,
-    with_default_lr,
-)
 from alignkit.config.base import PPOConfig
+from alignkit.config.checks import check_online_settings
 from alignkit.config.load import ConfigError, validate
+from alignkit.data.prompts import load_prompts
+from alignkit.evaluation.policy import evaluate_policy
+from alignkit.logprobs import token_logps
+from alignkit.losses.masks import masked_mean, whiten
 from alignkit.losses.policy import aggregate, aggregation_units, clipped_surrogate
 from alignkit.losses.ppo import (
     AdaptiveKLController,
@@ -52,7 +42,6 @@ from alignkit.losses.ppo import (
     explained_variance,
     gae,
     kl_penalised_rewards,
-    whiten,
 )
 from alignkit.models.load import (
     BatchForward,
@@ -62,10 +51,14 @@ from alignkit.models.load import (
     load_tokenizer,
 )
 from alignkit.models.lora import add_lora
+from alignkit.models.reference import online_reference
 from alignkit.models.value import VALUE_ADAPTER, ValueModel, value_adapter_on, value_model_from
-from alignkit.rollout import token_logps_in_batches
+from alignkit.rewards.compose import online_rewards
+from alignkit.rollout import rollout_metrics, sampling_settings, timing_metrics, token_logps_in_batches
+from alignkit.training.loop import OnlineRun
+from alignkit.training.order import minibatches
 from alignkit.training.setup import save_final, start_run
-from alignkit.training.step import as_numbers, make_optimizer, optimizer_step
+from alignkit.training.step import as_numbers, make_optimizer, optimizer_step, with_default_lr
 
 
 def check_settings(cfg: PPOConfig) -> None:

@@ -3,8 +3,7 @@
     alignkit sft model=PATH data=rows.jsonl output_dir=out
 
 The loss is the mean over all completion tokens of an optimizer step (not a mean of per-micro-batch
-means), so it does not depend on how the step is split into micro-batches or devices.
-"""
+means), so it does not depend on how the step is split into micro-batches or devices."""
 
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ from pathlib import Path
 import torch
 
 from alignkit.config.base import SFTConfig
-from alignkit.data.collate import collate_sft
+from alignkit.data.collate import collate_sft, completion_tokens
 from alignkit.data.prepare import prepare_sft_data
 from alignkit.logprobs import completion_logps
 from alignkit.models.load import BatchForward, load_policy, load_tokenizer
@@ -22,11 +21,6 @@ from alignkit.models.lora import add_lora
 from alignkit.training.loop import fit
 from alignkit.training.setup import save_final, start_run
 from alignkit.training.step import as_numbers
-
-
-def completion_tokens(examples: list[dict]) -> int:
-    """Number of completion tokens the loss is taken over."""
-    return sum(len(e["completion_ids"]) for e in examples)
 
 
 def completion_nll(model, batch: dict, chunk_size: int = 1024) -> dict[str, torch.Tensor]:

@@ -180,3 +180,8 @@ def collate_lists(examples: list[dict], pad_id: int) -> dict:
             slots.append(b * K + k)
         list_mask[b, : len(ex["responses_ids"])] = True
     return {**pad_sequences(sequences, starts, pad_id), "list_mask": list_mask, "slot": torch.tensor(slots)}
+
+
+def completion_tokens(examples: list[dict]) -> int:
+    """Number of completion tokens the loss is taken over."""
+    return sum(len(e["completion_ids"]) for e in examples)

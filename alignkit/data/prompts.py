@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.data.chat import Issues, json_type, messages_problems, render_messages, with_system_prompt
+from alignkit.data.checks import unknown_text_rows
+from alignkit.data.prepare import bad_rows_list, report_dropped, split_eval
 from alignkit.data.readers import DataError, DroppedRow, Problems, encoding_problems
 from alignkit.data.rows import check_template_used, load_row_file, raise_or_skip, template_settings
 from alignkit.data.tokenize import adds_special_tokens, truncate
@@ -189,3 +191,43 @@ def load_prompt_rows(
             return good
     settings = {"system_prompt": system_prompt, "chat_template_kwargs": chat_template_kwargs}
     return load_row_file(source, split, tokenizer, _prompt_row, "prompt", skipped, **settings)
+
+
+@dataclass
+class Prompts:
+    """A run's training and eval prompts, as rows (text, where they came from) and token ids."""
+
+    train_rows: list[PromptRow]
+    eval_rows: list[PromptRow]
+    train_ids: list[list[int]]
+    eval_ids: list[list[int]]
+
+
+def load_prompts(cfg, tokenizer, log=print, *, encoder_decoder: bool = False) -> Prompts:
+    """The config's prompt rows, validated (file:line:field) and tokenised by the one prompt encoder
+    (`data.prompts`: one BOS; a causal prompt ends at its text, an `encoder_decoder` policy's source keeps
+    the EOS its tokenizer appends; a conversation over max_prompt_length refused) before any model loads; the
+    eval prompts are `eval_data` or an `eval_fraction` of `data`. Conversations get the config's
+    system_prompt and chat_template_kwargs. With on_bad_rows=skip bad rows are left out, listed in the
+    log and in output_dir/dropped_rows.jsonl."""
+    skipped = bad_rows_list(cfg)  # on_bad_rows=skip collects the bad rows here instead of refusing
+    template = {"system_prompt": cfg.system_prompt, "chat_template_kwargs": cfg.chat_template_kwargs}
+    rows = load_prompt_rows(cfg.data, cfg.data_split, tokenizer, skipped, **template)
+    if cfg.eval_data:
+        eval_rows = load_prompt_rows(cfg.eval_data, cfg.eval_split, tokenizer, skipped, **template)
+        train_rows = rows
+    else:
+        train_rows, eval_rows = split_eval(rows, cfg.eval_fraction, cfg.seed)
+    for warning in unknown_text_rows(train_rows + eval_rows, tokenizer):
+        log(warning)
+    train_rows, train_ids, cut = encode_prompt_rows(
+        train_rows, tokenizer, cfg.max_prompt_length, skipped, encoder_decoder=encoder_decoder
+    )
+    eval_rows, eval_ids, eval_cut = encode_prompt_rows(
+        eval_rows, tokenizer, cfg.max_prompt_length, skipped, encoder_decoder=encoder_decoder
+    )
+    report_dropped(cfg, skipped or [], log)
+    log(
+        f"{len(train_rows)} training and {len(eval_rows)} eval prompts; {cut + eval_cut} cut to max_prompt_length"
+    )
+    return Prompts(train_rows, eval_rows, train_ids, eval_ids)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from alignkit.losses.masks import masked_mean
 from alignkit.losses.registry import lookup
 
 __all__ = [
@@ -49,12 +50,6 @@ __all__ = [
 KL_ESTIMATORS = ("k1", "k2", "k3")
 AGGREGATIONS = ("token_mean", "sequence_mean", "constant")
 GRPO_SCALES = ("group", "batch", "none")
-
-
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` over the tokens where `mask` is 1 (0 when there are none), detached, 0-dim."""
-    mask = mask.to(values.dtype)
-    return ((values * mask).sum() / mask.sum().clamp(min=1)).detach()
 
 
 # --- the clipped surrogate -------------------------------------------------------------------------------
@@ -107,15 +102,15 @@ def clipped_surrogate(
     with torch.no_grad():
         low = (advantages < 0) & (ratio < 1 - epsilon)
         high = (advantages > 0) & (ratio > 1 + eps_high)
-        clip_low = _masked_mean(low.to(logps.dtype), mask)
-        clip_high = _masked_mean(high.to(logps.dtype), mask)
+        clip_low = masked_mean(low.to(logps.dtype), mask).detach()
+        clip_high = masked_mean(high.to(logps.dtype), mask).detach()
         safe_log_ratio = torch.where(mask, log_ratio, torch.zeros_like(log_ratio))
         metrics = {
             "clip_frac/low": clip_low,
             "clip_frac/high": clip_high,
             "clip_frac": clip_low + clip_high,
-            "approx_kl": _masked_mean(torch.expm1(safe_log_ratio) - safe_log_ratio, mask),
-            "ratio/mean": _masked_mean(torch.exp(safe_log_ratio), mask),
+            "approx_kl": masked_mean(torch.expm1(safe_log_ratio) - safe_log_ratio, mask).detach(),
+            "ratio/mean": masked_mean(torch.exp(safe_log_ratio), mask).detach(),
         }
     return per_token_loss, metrics
 

@@ -12,14 +12,13 @@ al. 2022; the "N implementation details of RLHF with PPO", Huang et al. 2024):
 Per-token tensors are (B, T) with a `mask` (B, T), 1 on completion tokens and 0 on prompt and padding, the
 completion tokens of a row contiguous. Position t of `values` is V(s_t), the value of the state in which
 completion token t is chosen (read from the hidden state that predicts token t). Metrics are detached
-0-dim tensors.
-"""
+0-dim tensors."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
+
+from alignkit.losses.masks import masked_mean, masked_var
 
 __all__ = [
     "AdaptiveKLController",
@@ -29,21 +28,7 @@ __all__ = [
     "gae",
     "kl_penalised_rewards",
     "last_token_index",
-    "whiten",
 ]
-
-
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1)
-
-
-def _masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Unbiased variance of the masked entries (Bessel's correction; 0 with fewer than 2 of them)."""
-    mask = mask.to(values.dtype)
-    n = mask.sum()
-    mean = (values * mask).sum() / n.clamp(min=1)
-    return (((values - mean) * mask).square().sum() / (n - 1).clamp(min=1)).where(n > 1, n * 0)
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -112,34 +97,6 @@ def gae(
     return advantages, returns
 
 
-def whiten(
-    values: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    shift_mean: bool = True,
-    eps: float = 1e-8,
-    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """(values − mean) / std over the masked entries (unbiased std); 0 off the mask.
-
-    shift_mean=False only rescales (keeps the mean): the rule for rewards, whose sign carries meaning.
-    Advantages are whitened with the mean removed (Huang et al. 2024, detail 7). (B, T) -> (B, T).
-    With several processes each holding a share of a step, `gather` ((n,) -> every process's (Σn,)
-    entries, in rank order) makes the mean and std the whole step's, as one process holding every row
-    would take them (OpenRLHF all-reduces them the same way); only this process's values are returned.
-    """
-    m = mask.to(values.dtype)
-    entries = values[mask.bool()]  # (n,) this process's masked entries
-    if gather is not None:
-        entries = gather(entries)  # (Σn,) every process's
-    ones = torch.ones_like(entries)
-    mean = _masked_mean(entries, ones)
-    whitened = (values - mean) * torch.rsqrt(_masked_var(entries, ones) + eps)
-    if not shift_mean:
-        whitened = whitened + mean
-    return whitened * m
-
-
 def clipped_value_loss(
     values: torch.Tensor,
     old_values: torch.Tensor,
@@ -164,12 +121,12 @@ def clipped_value_loss(
         clipped_v = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
         clipped = (clipped_v - returns).square()
         per_token = 0.5 * torch.maximum(unclipped, clipped)
-        clip_frac = _masked_mean((clipped > unclipped).to(values.dtype), mask).detach()
+        clip_frac = masked_mean((clipped > unclipped).to(values.dtype), mask).detach()
     else:
         per_token = 0.5 * unclipped
         clip_frac = torch.zeros((), device=values.device)
     per_token = torch.where(mask.bool(), per_token, torch.zeros_like(per_token))
-    metrics = {"value_clip_frac": clip_frac, "value_error": _masked_mean(unclipped.detach(), mask)}
+    metrics = {"value_clip_frac": clip_frac, "value_error": masked_mean(unclipped.detach(), mask)}
     return per_token, metrics
 
 
@@ -178,8 +135,8 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     returns exactly, 0 = no better than their mean, < 0 = worse. NaN when the returns do not vary.
     (B, T), (B, T), (B, T) -> 0-dim, detached."""
     values, returns = values.detach().float(), returns.detach().float()
-    var_returns = _masked_var(returns, mask)
-    return 1 - _masked_var(returns - values, mask) / var_returns
+    var_returns = masked_var(returns, mask)
+    return 1 - masked_var(returns - values, mask) / var_returns
 
 
 class FixedKLController:

@@ -9,8 +9,7 @@ measure the policy against, in one of three modes (`reference.mode`):
 - adapter: with LoRA, the policy's own base model with the adapter switched off.
 
 A batch function `fn(model, batch) -> {name: (B,) or (B, K)}` (e.g. `dpo.pair_logps`) is what is
-computed, for the reference exactly as for the policy; `Reference(batch)` returns it.
-"""
+computed, for the reference exactly as for the policy; `Reference(batch)` returns it."""
 
 from __future__ import annotations
 
@@ -23,29 +22,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from alignkit.config.load import ConfigError
+from alignkit.config.base import OnlineConfig
 from alignkit.data.prepare import cache_dir
 from alignkit.data.tokenize import fingerprint, source_fingerprint
 from alignkit.io import atomic_path
+from alignkit.logprobs import token_logps
 from alignkit.models.load import BatchForward, freeze, load_causal_lm
-
-REFERENCE_MODES = ("precomputed", "copy", "adapter")
-
-
-def check_reference_settings(cfg) -> None:
-    """`reference.mode` is known, and `adapter` has an adapter to switch off."""
-    mode = cfg.reference.mode
-    if mode not in REFERENCE_MODES:
-        raise ConfigError(f"reference.mode '{mode}' is not one of {', '.join(REFERENCE_MODES)}")
-    if mode == "adapter" and not cfg.lora.enabled:
-        raise ConfigError(
-            "reference.mode=adapter needs lora.enabled=true (the reference is the base without it)"
-        )
-    if mode == "adapter" and cfg.reference.model not in (None, cfg.model):
-        raise ConfigError(
-            "reference.model is not used by reference.mode=adapter (the reference is the policy's base); "
-            "remove it or use reference.mode=precomputed or copy"
-        )
 
 
 def model_fingerprint(name_or_path: str) -> str:
@@ -229,3 +211,21 @@ def setup_reference(
     elif mode == "copy":
         frozen = BatchForward(frozen_model(cfg, cfg.reference.model or cfg.model, accelerator.device), fn)
     return Reference(mode, names, frozen, accelerator.unwrap_model, accelerator.autocast), setup_metrics
+
+
+def online_reference(cfg: OnlineConfig, model, accelerator, kl_weight: float, *, temperature: float):
+    """(reference or None, reference_fn): the frozen reference of an online run, set up before LoRA wraps
+    `model`, whose batch function `reference_fn` gives per-token log-probs at `temperature`, untruncated:
+    the sampling temperature for the policy-gradient methods (with top_k / top_p the KL to it is
+    KL(π_trunc ‖ π_ref,τ): the reference is a model, not a sampler), 1 for online DPO. No reference is held
+    when `kl_weight` is 0."""
+
+    def reference_fn(m, batch: dict) -> dict:
+        return token_logps(
+            m, batch, chunk_size=cfg.logprob_chunk_size, temperature=temperature, with_entropy=False
+        )
+
+    if kl_weight <= 0:
+        return None, reference_fn
+    reference, _ = setup_reference(cfg, model, accelerator, reference_fn, ("token_logps",), None)
+    return reference, reference_fn

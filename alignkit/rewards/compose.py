@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from alignkit.config.base import OnlineConfig
+from alignkit.config.load import ConfigError
 from alignkit.rewards.base import Prompt, RewardSource, RowMean, check_batch
 from alignkit.rewards.registry import build_rewards
 
@@ -108,7 +110,7 @@ class RewardOutput:
     `base.reduce_metrics` over processes."""
 
 
-def _describe(x: torch.Tensor, prefix: str) -> dict[str, float]:
+def describe_scores(x: torch.Tensor, prefix: str) -> dict[str, float]:
     x = x.float()
     if x.numel() == 0:
         return {}
@@ -189,9 +191,9 @@ class RewardSet:
             if violated[name].numel():
                 stats[f"{name}/violation_rate"] = float(violated[name].float().mean())
         for s in self.sources:
-            stats.update(_describe(scores[s.name], s.name))
+            stats.update(describe_scores(scores[s.name], s.name))
             stats.update({f"{s.name}/{k}": float(v) for k, v in metrics[s.name].items()})
-        stats.update(_describe(total, "reward"))
+        stats.update(describe_scores(total, "reward"))
         if self.clip is not None and total.numel():
             stats["reward/clip_fraction"] = float((total.abs() >= self.clip).float().mean())
         return RewardOutput(total, scores, costs, violated, stats, metrics)
@@ -206,3 +208,15 @@ class RewardSet:
             raise ValueError(f"reward normaliser state lacks sources {sorted(missing)}")
         for name, rms in self.stats.items():
             rms.load_state_dict(state[name])
+
+
+def online_rewards(cfg: OnlineConfig, command: str) -> RewardSet:
+    """The config's reward set; sources with a constraint cost are refused (they would drop out of the
+    total unseen: no online method trains against costs yet)."""
+    rewards = RewardSet.from_specs(cfg.rewards, normalize=cfg.reward_normalize, clip=cfg.reward_clip)
+    if rewards.cost_thresholds:
+        raise ConfigError(
+            f"rewards: {', '.join(rewards.cost_thresholds)} set cost_threshold, and {command} does not train "
+            "against constraint costs yet; give the source a negative weight instead"
+        )
+    return rewards

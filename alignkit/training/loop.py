@@ -10,6 +10,7 @@ all processes, and only the main process writes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -20,10 +21,14 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config.base import TrainConfig
+from alignkit.config.base import OnlineConfig, TrainConfig
+from alignkit.data.prompts import Prompts
 from alignkit.io import atomic_write, read_jsonl
+from alignkit.rewards import RewardSet
+from alignkit.rollout import collect
 from alignkit.training.checkpoint import Checkpointer, Frozen, default_fingerprint
-from alignkit.training.order import data_order, total_steps
+from alignkit.training.order import DataOrder, data_order, total_steps
+from alignkit.training.setup import gather_objects, gather_rows
 from alignkit.training.step import as_numbers, make_optimizer, optimizer_step
 from alignkit.training.tracking import log_record
 
@@ -253,3 +258,125 @@ def fit(
             interrupts.drop(step, checkpointer.latest())
     bar.close()
     return model, last
+
+
+class OnlineRun:
+    """The bookkeeping every online loop shares, around the algorithm's own step: which prompts and seed a
+    step uses (`DataOrder`, functions of the seed and step), resuming from the newest checkpoint, metrics
+    lines, eval and checkpoint intervals, the progress bar, and Ctrl-C as `training.loop.fit` handles it
+    (`training.loop.Interrupts`: the step is finished and saved, or dropped; never saved half done: a step's
+    several optimizer steps and its reward normaliser update are one unit).
+
+        run = OnlineRun(cfg, accelerator, output_dir, len(prompts.train_rows), named, log)
+        with run.interruptible():
+            while run.step < run.steps:
+                rollout, seed = run.collect(policy, tokenizer, prompts, rewards, sampling, G)
+                ...                                     # advantages, updates
+                run.finish_step(record, evaluate)
+
+    `named()` returns the named state a checkpoint holds (models, optimizer, scheduler, reward normaliser,
+    ...); it is restored here when `cfg.resume` finds a checkpoint.
+    """
+
+    def __init__(self, cfg: OnlineConfig, accelerator, output_dir, n_prompts: int, named, log=print):
+        self.cfg, self.accelerator, self.named = cfg, accelerator, named
+        self.order = DataOrder(
+            n_prompts,
+            cfg.batch_size,
+            1,
+            cfg.seed,
+            accelerator.num_processes,
+            accelerator.process_index,
+            cfg.shuffle,
+        )
+        self.steps = total_steps(cfg, self.order)
+        self.checkpointer = Checkpointer(output_dir, cfg.save_total_limit)
+        self.output_dir, self.log = output_dir, log
+        self.step = 0
+        self.logger: MetricsLogger | None = None
+
+    def resume(self) -> None:
+        """Restore the newest checkpoint's state when `cfg.resume` (after the optimizer is prepared)."""
+        latest = self.checkpointer.latest() if self.cfg.resume else None
+        if latest is not None:
+            defaults = default_fingerprint(self.cfg)
+            self.step = self.checkpointer.load(latest, self.named(), defaults=defaults)["step"]
+            self.log(f"resumed from {latest} at step {self.step}")
+        resumed = self.step if latest is not None else None
+        self.logger = MetricsLogger(self.output_dir, self.accelerator.is_main_process, resumed)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """`x`'s rows from every process in rank order (`training.setup.gather_rows`): what batch statistics,
+        the reward normaliser and logged figures must see."""
+        return gather_rows(self.accelerator, x)
+
+    def gather_objects(self, obj) -> list:
+        """`obj` of every process, in rank order (`training.setup.gather_objects`): counters and statistics that
+        are not rows of a tensor, for the logged figures."""
+        return gather_objects(self.accelerator, obj)
+
+    def step_prompts(self) -> tuple[list[int], int]:
+        """(prompt indices, sampling seed) of this process for the current step."""
+        seed = (self.cfg.seed * 1_000_003 + self.step) * 1009 + self.accelerator.process_index
+        return self.order.micro_batches(self.step)[0], seed
+
+    def collect(self, policy, tokenizer, prompts: Prompts, rewards: RewardSet, sampling, group_size: int):
+        """(rollout, seed): this process's rollout of the current step, `group_size` completions of each
+        of its prompts from `policy` (the unwrapped model), sampled with the step's seed."""
+        idx, seed = self.step_prompts()
+        rollout = collect(
+            policy,
+            tokenizer,
+            [prompts.train_ids[i] for i in idx],
+            [prompts.train_rows[i].reward_input for i in idx],
+            rewards,
+            group_size=group_size,
+            sampling=sampling,
+            seed=seed,
+            gather=self.gather,
+        )
+        return rollout, seed
+
+    def save(self):
+        """Write a checkpoint of the current step (main process); returns its folder or None."""
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        return self.checkpointer.save(self.step, self.named())
+
+    def finish_step(self, record: dict, evaluate=None, postfix: dict | None = None) -> None:
+        """Count the step done; log its record, evaluate (`evaluate(step) -> dict`) and checkpoint when
+        the intervals say so."""
+        cfg = self.cfg
+        self.step += 1
+        self._bar.update(1)
+        if postfix:
+            self._bar.set_postfix({k: f"{v:.3f}" for k, v in postfix.items()})
+        if self.step % cfg.logging_steps == 0 or self.step == self.steps:
+            self.logger.log({"step": self.step, "split": "train", **record})
+        if evaluate is not None and (self.step % cfg.eval_steps == 0 or self.step == self.steps):
+            self.logger.log({"step": self.step, "split": "eval", **evaluate()})
+        saved = cfg.save_steps > 0 and self.step % cfg.save_steps == 0 and self.step < self.steps
+        path = self.save() if saved else None
+        if self.step < self.steps and self._interrupts.stop_requested():  # Ctrl-C: this step is whole
+            self._bar.close()
+            self._interrupts.stop(path if saved else self.save(), self.step)
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """The loop's body runs inside: a progress bar, and Ctrl-C handled by `training.loop.Interrupts`: the
+        first finishes the step, saves it and raises `RunInterrupted`; a second drops the step unsaved and
+        raises it too (the CLI exits 130; continue with resume=true)."""
+        from tqdm.auto import tqdm
+
+        show = self.cfg.progress and self.accelerator.is_main_process
+        self._bar = tqdm(total=self.steps, initial=self.step, disable=not show, dynamic_ncols=True)
+        with Interrupts(self.accelerator) as self._interrupts:
+            try:
+                yield self
+            except RunInterrupted:
+                raise
+            except KeyboardInterrupt:
+                self._bar.close()
+                self._interrupts.drop(self.step, self.checkpointer.latest())
+        self._bar.close()

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from alignkit.config.base import TrainConfig
+from alignkit.config.base import OnlineConfig, TrainConfig
 
 
 @dataclass
@@ -139,3 +139,25 @@ def total_steps(cfg: TrainConfig, order: DataOrder) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
     return max(1, math.ceil(cfg.epochs * order.steps_per_epoch - 1e-9))
+
+
+def minibatches(n: int, cfg: OnlineConfig, seed: int) -> list[list[list[int]]]:
+    """Every optimizer step of one rollout of n rows: `ppo_epochs` passes, each a seeded shuffle cut into
+    minibatches of `minibatch_size` rows, each cut into `grad_accum` micro-batches (lists of rows).
+
+    The shuffle's seed is reduced modulo 2**64 (a step's seed times 1_000_003 passes it above seed
+    ~18,282); the CPU generator reads only its low 32 bits, which the reduction keeps."""
+    size = cfg.minibatch_size or n
+    micro = size // cfg.grad_accum
+    steps = []
+    for epoch in range(cfg.ppo_epochs):
+        if cfg.ppo_epochs == 1 and size == n:
+            order = list(range(n))
+        else:
+            order = torch.randperm(
+                n, generator=torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)
+            ).tolist()
+        for start in range(0, n, size):
+            rows = order[start : start + size]
+            steps.append([rows[m : m + micro] for m in range(0, size, micro)])
+    return steps

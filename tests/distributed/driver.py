@@ -20,11 +20,11 @@ import alignkit.algorithms.dpo
 import alignkit.algorithms.grpo
 import alignkit.algorithms.kto
 import alignkit.algorithms.listwise
-import alignkit.algorithms.online
 import alignkit.algorithms.online_dpo
 import alignkit.algorithms.ppo
 import alignkit.algorithms.reward_model
 import alignkit.algorithms.sft
+import alignkit.training.loop
 from alignkit.cli import main
 
 ALGORITHMS = (
@@ -147,7 +147,7 @@ def run(dump_dir: str, argv: list[str]) -> int:
         module.fit = dumping(module.fit, Path(dump_dir))
     for online in (alignkit.algorithms.grpo, alignkit.algorithms.ppo, alignkit.algorithms.online_dpo):
         online.save_final = dumping_before_save(online.save_final, Path(dump_dir))
-    alignkit.algorithms.online.collect = recording_rollouts(alignkit.algorithms.online.collect)
+    alignkit.training.loop.collect = recording_rollouts(alignkit.training.loop.collect)
     grpo = alignkit.algorithms.grpo
     grpo.clipped_surrogate = recording_advantages(grpo.clipped_surrogate)
     online_dpo = alignkit.algorithms.online_dpo

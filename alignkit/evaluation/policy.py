@@ -1,0 +1,37 @@
+"""A policy's reward on held-out prompts during training: one sample per prompt, fixed seed, the reward
+normaliser untouched.
+"""
+
+from __future__ import annotations
+
+from alignkit.data.prompts import Prompts
+from alignkit.rewards import RewardSet
+from alignkit.rewards.compose import weighted_sum
+from alignkit.rollout import collect
+
+
+def evaluate_policy(model, tokenizer, prompts: Prompts, rewards: RewardSet, sampling, seed: int) -> dict:
+    """One sample per eval prompt from `model` (the unwrapped policy), the same seed every time and the
+    reward normaliser left as it is: mean reward (total and per source) and completion length.
+
+    With `reward_normalize` the eval reward is the weighted sum of the sources' raw scores (unclipped: the
+    clip bounds normalised values), not the reward training uses: normalised by the moving training
+    statistics, the same completions would score differently at every eval."""
+    rollout = collect(
+        model,
+        tokenizer,
+        prompts.eval_ids,
+        [r.reward_input for r in prompts.eval_rows],
+        rewards,
+        group_size=1,
+        sampling=sampling,
+        seed=seed,
+        update_rewards=False,
+    )
+    total = weighted_sum(rollout.source_scores, rewards.weights) if rewards.normalize else rollout.scores
+    out = {
+        "reward": float(total.mean()),
+        "completion_length": sum(rollout.completion_lengths) / len(rollout.completion_lengths),
+    }
+    out.update({f"rewards/{n}/mean": float(v.mean()) for n, v in rollout.source_scores.items()})
+    return out
