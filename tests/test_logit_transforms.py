@@ -150,7 +150,7 @@ def test_logps_entropy_and_logits_equal_the_models_own(family):
         states = completion_states(model, ids, mask, completion)
         expected = logits[:, :-1][completion[:, 1:].bool()].float()  # (N, V)
         torch.testing.assert_close(states.logits(states.hidden), expected, atol=1e-5, rtol=1e-5)
-    from alignkit.logprobs import check_logps_match_forward
+    from alignkit.models.load import check_logps_match_forward
 
     check_logps_match_forward(model)  # the load-time guard lets it through
 
@@ -183,7 +183,7 @@ def test_t5gemma_decoder_softcap():
             logps, entropy = own_logps(logits[:, :-1], decoder[:, 1:], temperature)
             torch.testing.assert_close(out.token_logps[:, 1:], logps, atol=1e-5, rtol=0)
             torch.testing.assert_close(out.token_entropy[:, 1:], entropy, atol=1e-5, rtol=0)
-    from alignkit.logprobs import check_logps_match_forward
+    from alignkit.models.load import check_logps_match_forward
 
     check_logps_match_forward(model)
 
@@ -225,7 +225,7 @@ def test_the_guard_allows_half_precision_rounding_but_not_a_missed_transform(mon
     """A bf16 Gemma 2 whose logits reach its softcap of 30 rounds the cap in bf16 where alignkit computes
     it in float32 (0.12 nats apart, more than a fixed 0.1 would allow): the guard lets it through. The same model with a forward that
     also doubles its logits is refused, in bf16 too."""
-    from alignkit.logprobs import check_logps_match_forward
+    from alignkit.models.load import check_logps_match_forward
 
     model = build(tf.Gemma2Config, tf.Gemma2ForCausalLM, head_dim=8, final_logit_softcapping=30.0)
     with torch.no_grad():

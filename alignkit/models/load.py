@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from alignkit.io import follow_umask
+from alignkit.logprobs import completion_logps, seq2seq_completion_logps
 
 
 class BatchForward(torch.nn.Module):
@@ -140,7 +141,7 @@ def load_causal_lm(
     in (`adapter_base`). The pad id is written into the config when it has none. On `device` when given.
 
     check_logps: refuse a model whose log-probs alignkit would compute wrongly (a family whose forward
-    transforms its logits in a way alignkit does not know: `alignkit.logprobs.check_logps_match_forward`,
+    transforms its logits in a way alignkit does not know: `alignkit.models.load.check_logps_match_forward`,
     two forwards of 8 tokens on `device`). Off only where the model just generates text."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSeq2SeqLM
 
@@ -214,8 +215,6 @@ def _finish_loading(
     if device is not None:
         model = model.to(device)
     if check_logps:
-        from alignkit.logprobs import check_logps_match_forward
-
         check_logps_match_forward(model)
     return model
 
@@ -351,3 +350,68 @@ def tokenizer_kwargs(name_or_path: str) -> dict:
     from alignkit.models.modeling_reward import PooledRewardConfig
 
     return {"config": PooledRewardConfig.from_pretrained(name_or_path)}
+
+
+def _probe_ids(config, length: int) -> torch.Tensor:
+    """(length,) distinct token ids of the (text) vocabulary, seeded, none of them a token the config
+    names (BOS, EOS, pad, a VLM's image token: a forward without an image refuses those)."""
+    text = config.get_text_config(decoder=True)
+    special = set()
+    for source in (config, text):
+        for key, value in source.to_dict().items():
+            if key.endswith(("_token_id", "_token_index", "_token_ids")):
+                special.update(value if isinstance(value, list) else [value])
+    order = torch.randperm(text.vocab_size, generator=torch.Generator().manual_seed(0))
+    return torch.tensor([i for i in order.tolist() if i not in special][:length])
+
+
+def check_logps_match_forward(model: torch.nn.Module, *, length: int = 8) -> None:
+    """Refuse a model whose log-probs, as alignkit computes them (backbone, then the head and
+    `logit_transform` at the scored positions only), differ from log_softmax of the logits its own forward
+    returns, on one row of `length` probe tokens: a family that transforms its logits in a way alignkit
+    does not know fails here, naming its model type, instead of training on wrong numbers. Causal LMs,
+    VLMs (text only) and encoder-decoders (the probe as source and decoder input).
+
+    Costs two forwards of `length` tokens without gradients, in eval mode (dropout off; the model's mode is
+    restored); `alignkit.models.load.load_causal_lm` runs it once on each model it loads, on the device the
+    model will run on."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = inner.config
+    parameter = next(inner.parameters())
+    ids = _probe_ids(config, length)[None].to(parameter.device)  # (1, L)
+    mask = torch.ones_like(ids)
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    was_training = inner.training
+    inner.eval()
+    try:
+        with torch.no_grad():
+            if encoder_decoder:
+                batch = {"encoder_input_ids": ids, "encoder_attention_mask": mask, "input_ids": ids}
+                batch |= {"attention_mask": mask, "completion_mask": mask}
+                ours = seq2seq_completion_logps(model, batch).token_logps[0, 1:]  # (L-1,)
+                logits = model(
+                    input_ids=ids, attention_mask=mask, decoder_input_ids=ids, use_cache=False
+                ).logits
+            else:
+                ours = completion_logps(model, ids, mask, mask).token_logps[0, 1:]  # (L-1,)
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (1, L, V)
+    finally:
+        inner.train(was_training)
+    own = torch.log_softmax(logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]  # (L-1,)
+    gap = (ours - own).abs().max().item()
+    # Rounding: the model's forward applies its softcap / scale in its own dtype where alignkit upcasts the
+    # head's output first, so the two may differ by an ulp or two of the largest logit: 2 ulps of bf16 at
+    # |z| = 27 are 0.42 nats, of float32 6e-6. Measured on tiny bf16 models whose raw logits reach 45: 0.12
+    # nats on a Gemma 2 (softcap 30; a fixed 0.1 would refuse it), 0 on Granite (1/16) and Cohere (1/16);
+    # under 2e-6 in float32. The same models with their transform missed: 17, 513 and 724 nats.
+    eps = max(torch.finfo(parameter.dtype).eps, torch.finfo(logits.dtype).eps)
+    tolerance = 1e-3 + 2 * eps * logits.float().abs().max().item()
+    if not gap <= tolerance:  # NaN too
+        raise ValueError(
+            f"alignkit's log-probs for model type '{config.model_type}' ({type(inner).__name__}) differ from "
+            f"log_softmax of the model's own logits by up to {gap:.3g} nats on {length - 1} probe tokens "
+            f"(tolerance {tolerance:.3g}): its forward transforms the output head's logits in a way alignkit "
+            "does not apply (alignkit.logprobs.logit_transform knows the logit scales and softcaps of the "
+            "Gemma, Granite, Cohere, Falcon-H1, MiniCPM3 and HyperCLOVA X families). Training or scoring with "
+            "it would use wrong log-probs; report the model type to alignkit so that its transform is added."
+        )
