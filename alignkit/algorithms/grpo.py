@@ -199,6 +199,8 @@ def train(cfg: GRPOConfig) -> Path:
 
     with run.interruptible():
         while run.step < run.steps:
+            # 1. Rollout: this step's prompts (seeded by the step, so a resume redraws them) -> G samples
+            # each -> rewards. (N·G rows, prompt-major)
             t0 = time.perf_counter()
             rollout, seed = run.collect(
                 accelerator.unwrap_model(policy).model, tokenizer, prompts, rewards, sampling, G
@@ -207,8 +209,8 @@ def train(cfg: GRPOConfig) -> Path:
             loss_mask = rollout.completion_mask * keep.unsqueeze(-1)
             plan = minibatches(n_rows, cfg, seed)
 
-            # Log-probs of the sampling policy and the reference, in the micro-batches of the first
-            # minibatches, so that before the first update the ratio is exactly 1.
+            # 2. Log-probs of the sampling policy and the reference, (N·G, T), in the micro-batches of the
+            # first minibatches, so that before the first update the ratio is exactly 1.
             t1 = time.perf_counter()
             micro_rows = [rows_ for update in plan[:minibatches_per_epoch] for rows_ in update]
             policy.eval()  # (no dropout either way; eval skips DDP's forward bookkeeping)
@@ -227,7 +229,7 @@ def train(cfg: GRPOConfig) -> Path:
                     accelerator.device,
                 )["token_logps"]
 
-            # Advantages, from the scores less β·Σk1 of each completion where the KL is in the reward.
+            # 3. Advantages, from the scores less β·Σk1 of each completion where the KL is in the reward.
             scores, kl_metrics = rollout.scores, {}
             if kl_in_reward:
                 mask = rollout.completion_mask
@@ -247,6 +249,7 @@ def train(cfg: GRPOConfig) -> Path:
             advantages = advantages[rank * n_rows : (rank + 1) * n_rows]  # (n_rows,)
             t2 = time.perf_counter()
 
+            # 4. Updates: ppo_epochs x minibatches, each one optimizer step over its micro-batches.
             policy.train()
             records = []
             for update in plan:
@@ -269,6 +272,7 @@ def train(cfg: GRPOConfig) -> Path:
                         max_grad_norm=cfg.max_grad_norm,
                     )
                 )
+            # 5. Metrics, over every process; 6. checkpoint (and eval) at the step's end, in finish_step.
             t3 = time.perf_counter()
             trained = {k: torch.stack([r[k] for r in records]).mean() for k in records[0]}
             record = {

@@ -237,6 +237,7 @@ def train(cfg: PPOConfig) -> Path:
 
     with run.interruptible():
         while run.step < run.steps:
+            # 1. Rollout: this step's prompts (seeded by the step) -> one sample each -> reward-model scores.
             t0 = time.perf_counter()
             rollout, seed = run.collect(
                 accelerator.unwrap_model(model).policy,
@@ -248,7 +249,7 @@ def train(cfg: PPOConfig) -> Path:
             )
             plan = minibatches(n_rows, cfg, seed)
 
-            # The sampling policy's log-probs and the critic's values in the micro-batches of the first
+            # 2. The sampling policy's log-probs and the critic's values, (B, T), in the micro-batches of the first
             # epoch (so that before the first update the ratio is exactly 1), then the reference's.
             t1 = time.perf_counter()
             micro_rows = [rows for update in plan[:minibatches_per_epoch] for rows in update]
@@ -269,11 +270,13 @@ def train(cfg: PPOConfig) -> Path:
                     micro_rows,
                     device,  # noqa: B023
                 )["token_logps"]
+            # 3. Advantages: per-token rewards (score on the last token, −β·k1 on every token) -> GAE, whitened.
             shaped = shape_rewards(cfg, rollout, kl_ctl.value, gather=run.gather)
             keep = rollout.ended | (not cfg.mask_truncated)
             loss_mask = rollout.completion_mask * keep.unsqueeze(-1)
             t2 = time.perf_counter()
 
+            # 4. Updates: ppo_epochs x minibatches (early stop at a target approx KL), policy and critic in one step.
             model.train()
             records = []
             for update in plan:
@@ -313,7 +316,8 @@ def train(cfg: PPOConfig) -> Path:
             kl_coef = kl_ctl.value
             kl_ctl.update(float(sequence_kl), n_rows * accelerator.num_processes)
 
-            # Every figure over the whole step: each process's rows (or completion tokens), gathered.
+            # 5. Metrics, every figure over the whole step: each process's rows (or completion tokens),
+            # gathered; 6. checkpoint (and eval) at the step's end, in finish_step.
             trained = {k: torch.stack([r[k] for r in records]).mean() for k in records[0]}
             mask = rollout.completion_mask.bool()
             raw_advantages = shaped["raw_advantages"][mask]
