@@ -33,6 +33,12 @@ class SamplingSettings:
     top_p: float | None = None
     batch_size: int = 64
 
+    def scoring(self) -> dict:
+        """The settings the sampling policy's log-probs are scored with (`logprobs`' keywords): the
+        distribution it drew from, tempered and renormalised over the top_k / top_p kept set (a reference
+        stays untruncated at the temperature: `models.reference.online_reference`)."""
+        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
+
 
 @dataclass
 class Rollout:

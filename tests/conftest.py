@@ -201,10 +201,8 @@ def ctrl_c() -> None:
     os.kill(os.getpid(), signal.SIGINT)
 
 
-def interrupt_then_resume(train, cfg, monkeypatch, module, name: str, call: int) -> list[dict]:
-    """Run `train(cfg)` with Ctrl-C pressed at the `call`-th call of `module.name` (the loop finishes that
-    step, checkpoints it and raises RunInterrupted), then again with resume=true; returns the resumed run's train
-    metrics lines."""
+def ctrl_c_at(monkeypatch, module, name: str, call: int):
+    """Patch `module.name` to press Ctrl-C at its `call`-th call (then run as usual); returns the original."""
     real, calls = getattr(module, name), {"n": 0}
 
     def interrupting(*args, **kwargs):
@@ -214,6 +212,14 @@ def interrupt_then_resume(train, cfg, monkeypatch, module, name: str, call: int)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, name, interrupting)
+    return real
+
+
+def interrupt_then_resume(train, cfg, monkeypatch, module, name: str, call: int) -> list[dict]:
+    """Run `train(cfg)` with Ctrl-C pressed at the `call`-th call of `module.name` (the loop finishes that
+    step, checkpoints it and raises RunInterrupted), then again with resume=true; returns the resumed run's train
+    metrics lines."""
+    real = ctrl_c_at(monkeypatch, module, name, call)
     with pytest.raises(RunInterrupted) as stopped:
         train(cfg)
     assert not stopped.value.dropped and stopped.value.checkpoint is not None

@@ -13,7 +13,7 @@ import alignkit
 from alignkit.cli import main
 from alignkit.config.load import ConfigError
 from alignkit.training.loop import RunInterrupted
-from tests.conftest import REPO, ctrl_c
+from tests.conftest import REPO, ctrl_c_at
 
 SFT = REPO / "examples" / "sft.jsonl"
 
@@ -68,15 +68,7 @@ def test_ctrl_c_inside_train_raises_keyboard_interrupt_and_resume_finishes(
 ):
     import alignkit.training.loop as loop
 
-    real, calls = loop.optimizer_step, []
-
-    def pressed_in_step_two(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            ctrl_c()
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "optimizer_step", pressed_in_step_two)
+    real = ctrl_c_at(monkeypatch, loop, "optimizer_step", 2)  # Ctrl-C in step 2
     run = settings(tiny_model_dir, tmp_path / "o") | {"save_steps": 0, "progress": False}
     with pytest.raises(KeyboardInterrupt) as stopped:  # not SystemExit: a notebook keeps its kernel
         alignkit.train("sft", **run)

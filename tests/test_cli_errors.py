@@ -80,17 +80,9 @@ def test_ctrl_c_in_the_training_loop_saves_the_step_and_exits_130(
     """The loop finishes the step Ctrl-C arrived in, saves it, says where, and raises RunInterrupted (a
     KeyboardInterrupt, as the Python API leaves it); the CLI turns that into 130 without a second message."""
     import alignkit.training.loop as loop
-    from tests.conftest import ctrl_c
+    from tests.conftest import ctrl_c_at
 
-    real, calls = loop.optimizer_step, []
-
-    def pressed_in_step_two(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            ctrl_c()
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "optimizer_step", pressed_in_step_two)
+    ctrl_c_at(monkeypatch, loop, "optimizer_step", 2)  # Ctrl-C in step 2
     out = tmp_path / "o"
     argv = [
         "sft",

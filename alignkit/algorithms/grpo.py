@@ -158,14 +158,7 @@ def train(cfg: GRPOConfig) -> Path:
     model = disable_dropout(load_policy(cfg, tokenizer.pad_token_id, accelerator.device))
     cfg = with_default_lr(cfg, model, log)
     sampling = sampling_settings(cfg)
-    # The policy is scored under the distribution it samples from: tempered, and renormalised over the
-    # top_k / top_p kept set (the reference stays untruncated at the temperature: online_reference).
-    fn_kwargs = {
-        "chunk_size": cfg.logprob_chunk_size,
-        "temperature": sampling.temperature,
-        "top_k": sampling.top_k,
-        "top_p": sampling.top_p,
-    }
+    fn_kwargs = {"chunk_size": cfg.logprob_chunk_size, **sampling.scoring()}  # as the sampler drew
 
     def policy_fn(m, batch: dict, with_entropy: bool = True) -> dict:
         return token_logps(m, batch, **fn_kwargs, with_entropy=with_entropy)

@@ -185,14 +185,7 @@ def train(cfg: PPOConfig) -> Path:
     shared_base = cfg.value_model == "adapter"  # the critic: a second adapter on the policy's base
     value = None if shared_base else value_model_from(lm, cfg.value_model, cfg, accelerator.device)
     sampling = sampling_settings(cfg)
-    # The policy is scored under the distribution it samples from: tempered, and renormalised over the
-    # top_k / top_p kept set (the reference stays untruncated at the temperature: online_reference).
-    fn_kwargs = {
-        "chunk_size": cfg.logprob_chunk_size,
-        "temperature": sampling.temperature,
-        "top_k": sampling.top_k,
-        "top_p": sampling.top_p,
-    }
+    fn_kwargs = {"chunk_size": cfg.logprob_chunk_size, **sampling.scoring()}  # as the sampler drew
 
     reference, reference_fn = online_reference(
         cfg, lm, accelerator, cfg.kl_coef, temperature=sampling.temperature
