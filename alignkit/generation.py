@@ -110,7 +110,7 @@ def _check_counts(num_samples: int, max_new_tokens: int, batch_size: int) -> Non
         )
 
 
-def _settings(model, tokenizer, max_new_tokens, temperature, top_k, top_p, *, do_sample: bool = False):
+def _settings(model, tokenizer, max_new_tokens, temperature, *, top_k, top_p, do_sample: bool = False):
     """(GenerationConfig, logits warpers, EOS ids) for sampling the model's own tempered, truncated
     softmax: penalties a checkpoint's generation_config may carry are off, so on-policy algorithms can
     score the samples with the model's log-probs."""
@@ -307,7 +307,7 @@ def sample_ids(
             f"backend must be 'auto' (the lean loop when it can drive the model) or 'generate', got {backend!r}"
         )
     config, warpers, eos = _settings(
-        model, tokenizer, max_new_tokens, temperature, top_k, top_p, do_sample=True
+        model, tokenizer, max_new_tokens, temperature, top_k=top_k, top_p=top_p, do_sample=True
     )
     device = next(model.parameters()).device
     was_training = model.training
@@ -388,6 +388,7 @@ def sample(
     tokenizer,
     prompts: list[str],
     num_samples: int = 1,
+    *,
     max_new_tokens: int = 48,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -414,7 +415,7 @@ def sample(
     must have a pad token (its id only fills positions the attention mask hides).
     """
     _check_counts(num_samples, max_new_tokens, batch_size)
-    config, warpers, eos = _settings(model, tokenizer, max_new_tokens, temperature, top_k, top_p)
+    config, warpers, eos = _settings(model, tokenizer, max_new_tokens, temperature, top_k=top_k, top_p=top_p)
     pad_id = config.pad_token_id
     device = next(model.parameters()).device
     greedy = temperature == 0

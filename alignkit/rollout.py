@@ -143,6 +143,7 @@ def token_logps_in_batches(
     rollout: Rollout,
     batches: list[list[int]],
     device: torch.device,
+    *,
     keys: tuple[str, ...] = ("token_logps",),
 ) -> dict[str, torch.Tensor]:
     """{key: (N, T) float32} of the per-token outputs `forward(batch)[key]` over the rollout (log-probs
@@ -164,8 +165,8 @@ def collect(
     tokenizer,
     prompt_ids: list[list[int]],
     prompts: list[str | list[dict]],
-    rewards,
     *,
+    rewards,
     group_size: int,
     sampling: SamplingSettings,
     seed: int,

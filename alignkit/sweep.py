@@ -193,7 +193,7 @@ def write_frontier(cfg: SweepConfig, rows: list[dict], root: Path) -> None:
             [r["x"] for r in rows],
             [r["y"] for r in rows],
             [r["label"] for r in rows],
-            front,
+            on_front=front,
             axis_labels=(cfg.x, cfg.y),
             errors=([r["x_se"] for r in rows], [r["y_se"] for r in rows]),
         )

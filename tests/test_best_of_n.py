@@ -114,7 +114,7 @@ def test_generate_keeps_the_argmax_of_the_reward(tiny_model_dir, tmp_path, token
         tokenizer,
         [r["prompt"] for r in lines[2:4]],
         None,  # the tokenizer's encoding, as the command's
-        rewards,
+        rewards=rewards,
         n=4,
         max_new_tokens=8,
         seed=sample_seed(0, 1) % 2**63,

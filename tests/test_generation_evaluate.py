@@ -61,19 +61,25 @@ def test_sampling_is_reproducible_and_changes_with_the_seed(model, tokenizer):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.0])
 def test_left_padded_batches_sample_what_one_at_a_time_samples(model, tokenizer, temperature):
-    batched = sample(model, tokenizer, PROMPTS, 2, 24, temperature=temperature, seed=7, batch_size=6)
-    single = sample(model, tokenizer, PROMPTS, 2, 24, temperature=temperature, seed=7, batch_size=1)
-    odd = sample(model, tokenizer, PROMPTS, 2, 24, temperature=temperature, seed=7, batch_size=4)
+    batched = sample(
+        model, tokenizer, PROMPTS, 2, max_new_tokens=24, temperature=temperature, seed=7, batch_size=6
+    )
+    single = sample(
+        model, tokenizer, PROMPTS, 2, max_new_tokens=24, temperature=temperature, seed=7, batch_size=1
+    )
+    odd = sample(
+        model, tokenizer, PROMPTS, 2, max_new_tokens=24, temperature=temperature, seed=7, batch_size=4
+    )
     assert ids(batched) == ids(single) == ids(odd)
 
 
 def test_checkpoint_generation_settings_do_not_reshape_the_distribution(model, tokenizer):
-    expected = sample(model, tokenizer, PROMPTS, 2, 16, seed=8)
+    expected = sample(model, tokenizer, PROMPTS, 2, max_new_tokens=16, seed=8)
     saved = model.generation_config
     model.generation_config = copy.deepcopy(saved)
     model.generation_config.update(repetition_penalty=5.0, no_repeat_ngram_size=1, min_new_tokens=16)
     try:
-        assert ids(sample(model, tokenizer, PROMPTS, 2, 16, seed=8)) == ids(expected)
+        assert ids(sample(model, tokenizer, PROMPTS, 2, max_new_tokens=16, seed=8)) == ids(expected)
     finally:
         model.generation_config = saved
 
@@ -107,8 +113,8 @@ def test_sampling_draws_from_the_model_distribution(model, tokenizer):
     top3 = set(p.topk(3).indices.tolist())
     truncated = sample(model, tokenizer, [prompt], num_samples=64, max_new_tokens=1, top_k=3, seed=3)
     assert {s.completion_ids[0] for s in truncated} <= top3
-    assert ids(sample(model, tokenizer, [prompt], 4, 8, top_k=1, seed=5)) == ids(
-        sample(model, tokenizer, [prompt], 4, 8, temperature=0.0)
+    assert ids(sample(model, tokenizer, [prompt], 4, max_new_tokens=8, top_k=1, seed=5)) == ids(
+        sample(model, tokenizer, [prompt], 4, max_new_tokens=8, temperature=0.0)
     )
 
 

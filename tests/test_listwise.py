@@ -36,7 +36,7 @@ FULL = torch.ones(2, 2, dtype=torch.bool)
 @pytest.mark.parametrize("beta", [0.1, 0.5, 2.0])
 def test_two_responses_with_a_one_hot_target_or_an_order_are_sigmoid_dpo(beta):
     dpo = preference_loss(
-        "sigmoid", POLICY[:, 0], POLICY[:, 1], REFERENCE[:, 0], REFERENCE[:, 1], beta=beta
+        "sigmoid", POLICY[:, 0], POLICY[:, 1], REFERENCE[:, 0], ref_rejected_logps=REFERENCE[:, 1], beta=beta
     ).losses
     one_hot = t([1.0, 0.0], [1.0, 0.0])
     soft = listwise_soft_loss(POLICY, REFERENCE, FULL, target=one_hot, beta=beta)
@@ -47,7 +47,13 @@ def test_two_responses_with_a_one_hot_target_or_an_order_are_sigmoid_dpo(beta):
     # a soft target (p, 1 − p) is DPO with the soft label p
     p = t([0.7, 0.3], [0.4, 0.6])
     soft_label = preference_loss(
-        "sigmoid", POLICY[:, 0], POLICY[:, 1], REFERENCE[:, 0], REFERENCE[:, 1], beta=beta, preference=p[:, 0]
+        "sigmoid",
+        POLICY[:, 0],
+        POLICY[:, 1],
+        REFERENCE[:, 0],
+        ref_rejected_logps=REFERENCE[:, 1],
+        beta=beta,
+        preference=p[:, 0],
     ).losses
     torch.testing.assert_close(
         listwise_soft_loss(POLICY, REFERENCE, FULL, target=p, beta=beta).losses, soft_label
@@ -57,7 +63,7 @@ def test_two_responses_with_a_one_hot_target_or_an_order_are_sigmoid_dpo(beta):
     b = POLICY.clone().requires_grad_()
     listwise_soft_loss(a, REFERENCE, FULL, target=one_hot, beta=beta).losses.sum().backward()
     preference_loss(
-        "sigmoid", b[:, 0], b[:, 1], REFERENCE[:, 0], REFERENCE[:, 1], beta=beta
+        "sigmoid", b[:, 0], b[:, 1], REFERENCE[:, 0], ref_rejected_logps=REFERENCE[:, 1], beta=beta
     ).losses.sum().backward()
     torch.testing.assert_close(a.grad, b.grad)
 

@@ -45,27 +45,39 @@ def test_sigmoid_dpo_by_hand(beta, label_smoothing, preference, expected):
 
 def test_soft_label_one_is_plain_dpo_and_half_has_no_gradient_at_zero_margin():
     chosen = t(-1.0, -4.0).requires_grad_()
-    plain = preference_loss("sigmoid", chosen, t(-3.0, -2.0), t(-2.0, -2.5), t(-2.0, -1.0), beta=0.3)
+    plain = preference_loss(
+        "sigmoid", chosen, t(-3.0, -2.0), t(-2.0, -2.5), ref_rejected_logps=t(-2.0, -1.0), beta=0.3
+    )
     soft = preference_loss(
-        "sigmoid", chosen, t(-3.0, -2.0), t(-2.0, -2.5), t(-2.0, -1.0), beta=0.3, preference=t(1.0, 1.0)
+        "sigmoid",
+        chosen,
+        t(-3.0, -2.0),
+        t(-2.0, -2.5),
+        ref_rejected_logps=t(-2.0, -1.0),
+        beta=0.3,
+        preference=t(1.0, 1.0),
     )
     torch.testing.assert_close(plain.losses, soft.losses)
     # p = 0.5 at h = 0: d loss / d h = β(σ(βh) − p) = 0
     h0 = t(-2.0).requires_grad_()
-    out = preference_loss("sigmoid", h0, t(-2.0), t(-2.0), t(-2.0), beta=0.3, preference=t(0.5))
+    out = preference_loss(
+        "sigmoid", h0, t(-2.0), t(-2.0), ref_rejected_logps=t(-2.0), beta=0.3, preference=t(0.5)
+    )
     out.losses.sum().backward()
     assert h0.grad.item() == 0.0
 
 
 def test_gradient_pushes_chosen_up_and_rejected_down():
     chosen, rejected = t(-2.0).requires_grad_(), t(-2.0).requires_grad_()
-    preference_loss("sigmoid", chosen, rejected, t(-2.0), t(-2.0), beta=0.1).losses.sum().backward()
+    preference_loss(
+        "sigmoid", chosen, rejected, t(-2.0), ref_rejected_logps=t(-2.0), beta=0.1
+    ).losses.sum().backward()
     assert chosen.grad.item() < 0 < rejected.grad.item()  # descent raises chosen, lowers rejected
 
 
 def test_registry_errors_are_clear():
     with pytest.raises(ValueError, match="unknown preference loss 'sigmoud'.*Did you mean 'sigmoid'"):
-        preference_loss("sigmoud", t(-1.0), t(-2.0), t(-1.0), t(-1.0))
+        preference_loss("sigmoud", t(-1.0), t(-2.0), t(-1.0), ref_rejected_logps=t(-1.0))
     with pytest.raises(ValueError, match="needs reference log-probs"):
         preference_loss("sigmoid", t(-1.0), t(-2.0))
     assert LOSSES["sigmoid"].needs_reference
@@ -193,14 +205,15 @@ def test_gpo_family_by_hand(name):
 def test_gpo_logistic_is_sigmoid_dpo_and_gpo_hinge_is_slic():
     g = torch.Generator().manual_seed(0)
     logps = [-10 * torch.rand(8, generator=g, dtype=torch.float64) for _ in range(4)]
+    pair = dict(zip(("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps"), logps))
     for beta in (0.1, 0.7):
         torch.testing.assert_close(
-            preference_loss("gpo_logistic", *logps, beta=beta).losses,
-            preference_loss("sigmoid", *logps, beta=beta).losses,
+            preference_loss("gpo_logistic", **pair, beta=beta).losses,
+            preference_loss("sigmoid", **pair, beta=beta).losses,
         )
         torch.testing.assert_close(
-            preference_loss("gpo_hinge", *logps, beta=beta).losses,
-            preference_loss("hinge", *logps, beta=beta).losses,
+            preference_loss("gpo_hinge", **pair, beta=beta).losses,
+            preference_loss("hinge", **pair, beta=beta).losses,
         )
 
 
@@ -327,7 +340,14 @@ def test_zero_margin_is_plain_dpo_and_soft_half_label_rests_at_the_margin():
     # p = 0.5: the gradient with respect to h vanishes where βh = m (0.3·2 = 0.6)
     chosen = t(-1.0).requires_grad_()
     out = preference_loss(
-        "sigmoid", chosen, t(-3.0), t(-2.0), t(-2.0), beta=0.3, preference=t(0.5), margin=t(0.6)
+        "sigmoid",
+        chosen,
+        t(-3.0),
+        t(-2.0),
+        ref_rejected_logps=t(-2.0),
+        beta=0.3,
+        preference=t(0.5),
+        margin=t(0.6),
     )
     out.losses.sum().backward()
     assert chosen.grad.item() == pytest.approx(0.0, abs=1e-15)
@@ -341,7 +361,9 @@ LENGTH_ARGS = dict(chosen_lengths=t(2.0), rejected_lengths=t(2.0))
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_every_objective_pushes_chosen_up_and_rejected_down(name):
     chosen, rejected = t(-2.0).requires_grad_(), t(-2.0).requires_grad_()
-    out = preference_loss(name, chosen, rejected, t(-2.0), t(-2.0), **LENGTH_ARGS, **EXTRA.get(name, {}))
+    out = preference_loss(
+        name, chosen, rejected, t(-2.0), ref_rejected_logps=t(-2.0), **LENGTH_ARGS, **EXTRA.get(name, {})
+    )
     out.losses.sum().backward()
     assert chosen.grad.item() < 0 < rejected.grad.item()  # descent raises chosen, lowers rejected
 
@@ -352,8 +374,11 @@ def test_every_objective_gradient_matches_finite_differences(name):
     logps = [(-1 - 9 * torch.rand(5, generator=g, dtype=torch.float64)).requires_grad_() for _ in range(4)]
     lengths = dict(chosen_lengths=t(3, 5, 2, 7, 4), rejected_lengths=t(6, 2, 3, 3, 9))
 
-    def f(*x):
-        return preference_loss(name, *x, **lengths, beta=0.4, **EXTRA.get(name, {})).losses
+    def f(chosen, rejected, ref_chosen, ref_rejected):
+        refs = {"ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+        return preference_loss(
+            name, chosen, rejected, **refs, **lengths, beta=0.4, **EXTRA.get(name, {})
+        ).losses
 
     assert torch.autograd.gradcheck(f, logps)
 
@@ -363,7 +388,9 @@ def test_reference_free_objectives_ignore_the_reference(name):
     chosen, rejected = t(-4.0, -7.5), t(-12.0, -3.0)
     lengths = dict(chosen_lengths=t(2.0, 5.0), rejected_lengths=t(4.0, 3.0))
     without = preference_loss(name, chosen, rejected, **lengths)
-    garbage = preference_loss(name, chosen, rejected, t(123.0, float("nan")), t(-1e9, 0.0), **lengths)
+    garbage = preference_loss(
+        name, chosen, rejected, t(123.0, float("nan")), ref_rejected_logps=t(-1e9, 0.0), **lengths
+    )
     torch.testing.assert_close(without.losses, garbage.losses)
     assert torch.isfinite(without.losses).all()
 

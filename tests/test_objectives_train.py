@@ -249,7 +249,7 @@ def test_paired_loss_and_its_running_delta_on_tensors():
     ref = {"chosen": torch.tensor([-2.0]), "rejected": torch.tensor([-2.0])}
     batch = {"preference": torch.tensor([1.0])}
     cfg = DPOConfig(beta=0.1)
-    loss, metrics, _ = dpo.paired_loss(cfg, get_loss("sigmoid"), policy, ref, batch)
+    loss, metrics, _ = dpo.paired_loss(cfg, get_loss("sigmoid"), policy, ref, batch=batch)
     assert float(loss) == pytest.approx(math.log1p(math.exp(-0.2)), rel=1e-6)
     assert float(metrics["rewards/margins"]) == pytest.approx(0.2, rel=1e-6)
     assert float(metrics["rewards/accuracies"]) == 1.0

@@ -71,10 +71,12 @@ def test_weighted_loss_does_not_depend_on_the_split():
     logps = torch.tensor([-3.0, -5.0, -2.0, -7.0])
     weights, tokens = torch.tensor([1.5, 0.2, 1.0, 1.3]), torch.tensor([3.0, 5.0, 1.0, 4.0])
     kl = torch.tensor([0.3, 0.1, 0.0, 0.2])
-    whole = weighted_nll(logps, weights, tokens, kl, 0.5)
+    whole = weighted_nll(logps, weights, tokens, kl, kl_coef=0.5)
     assert float(whole) == pytest.approx((1.5 * 3 + 0.2 * 5 + 2 + 1.3 * 7 + 0.5 * 0.6) / 13)
     halves = [slice(0, 1), slice(1, 4)]
-    split = sum(weighted_nll(logps[s], weights[s], tokens[s], kl[s], 0.5) * tokens[s].sum() for s in halves)
+    split = sum(
+        weighted_nll(logps[s], weights[s], tokens[s], kl[s], kl_coef=0.5) * tokens[s].sum() for s in halves
+    )
     assert float(split / tokens.sum()) == pytest.approx(float(whole))
 
 

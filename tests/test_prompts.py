@@ -216,7 +216,10 @@ def test_online_rollouts_give_rewards_the_conversation_not_the_policys_markup(tm
     rewards = RewardSet.from_specs([{"type": "regex", "pattern": r"^Tell me a story\.$", "text": "{prompt}"}])
     model = load_causal_lm(str(tiny_model_dir)).eval()
     sampling = sampling_settings(GRPOConfig(max_new_tokens=2))
-    assert evaluate_policy(model, tokenizer, prompts, rewards, sampling, seed=0)["rewards/regex/mean"] == 1.0
+    assert (
+        evaluate_policy(model, tokenizer, prompts, rewards, sampling=sampling, seed=0)["rewards/regex/mean"]
+        == 1.0
+    )
 
 
 def test_a_tokenizer_set_to_append_eos_gives_causal_prompts_without_it(tmp_path):

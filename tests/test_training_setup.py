@@ -48,8 +48,8 @@ def test_optimizer_step_takes_the_mean_over_every_unit_of_the_step():
         model,
         optimizer,
         scheduler,
-        batches,
-        token_mean_loss,
+        micro_batches=batches,
+        loss_fn=token_mean_loss,
         units=[float(w[s].sum()) for s in splits],
         max_grad_norm=0.0,
     )

@@ -120,7 +120,7 @@ def check_settings(cfg: DiffusionDPOConfig) -> None:
 
 
 def tokenize_pairs(
-    pairs: list[ImagePair], pipeline: Pipeline, resolution: int, start: int = 0, log=print
+    pairs: list[ImagePair], pipeline: Pipeline, resolution: int, start: int = 0, *, log=print
 ) -> list[dict]:
     """Examples {"input_ids" (and "input_ids_2" for SDXL), "attention_mask", "chosen", "rejected", "index"},
     plus SDXL's "chosen_time_ids" / "rejected_time_ids": each prompt padded to its text encoder's length
@@ -164,7 +164,7 @@ def make_collate(resolution: int):
     return collate
 
 
-def cache_latents(examples: list[dict], vae, resolution: int, batch_size: int, autocast) -> None:
+def cache_latents(examples: list[dict], vae, resolution: int, batch_size: int, *, autocast) -> None:
     """Encode every example's two images once, in batches, and keep the latents on the examples (CPU)."""
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
@@ -314,12 +314,14 @@ def train(cfg: DiffusionDPOConfig) -> Path:
     train_pairs, eval_pairs = read_pairs(cfg, log)
     pipe = load_pipeline(cfg.model, cfg.dtype, accelerator.device, cfg.gradient_checkpointing)
     check_resolution(cfg.resolution, pipe.vae, pipe.unet)
-    train_examples = tokenize_pairs(train_pairs, pipe, cfg.resolution, 0, log)
-    eval_examples = tokenize_pairs(eval_pairs, pipe, cfg.resolution, len(train_pairs), log)
+    train_examples = tokenize_pairs(train_pairs, pipe, cfg.resolution, 0, log=log)
+    eval_examples = tokenize_pairs(eval_pairs, pipe, cfg.resolution, len(train_pairs), log=log)
     if cfg.cache_latents:
         with torch.no_grad():
             examples = train_examples + eval_examples
-            cache_latents(examples, pipe.vae, cfg.resolution, cfg.vae_batch_size, accelerator.autocast)
+            cache_latents(
+                examples, pipe.vae, cfg.resolution, cfg.vae_batch_size, autocast=accelerator.autocast
+            )
         log(f"latents of {2 * (len(train_examples) + len(eval_examples))} images cached")
 
     # The reference: the UNet with its adapter switched off, or (full fine-tuning) a frozen copy.
@@ -338,7 +340,7 @@ def train(cfg: DiffusionDPOConfig) -> Path:
 
     def evaluate(prepared) -> dict:
         return evaluate_in_batches(
-            prepared, eval_examples, cfg.batch_size, collate, objective, accelerator.device
+            prepared, eval_examples, cfg.batch_size, collate, loss_fn=objective, device=accelerator.device
         )
 
     prepared, _ = fit(
@@ -346,8 +348,8 @@ def train(cfg: DiffusionDPOConfig) -> Path:
         accelerator,
         BatchForward(unet, denoising_errors),
         train_examples,
-        collate,
-        objective,
+        collate=collate,
+        loss_fn=objective,
         evaluate=evaluate if eval_examples else None,
         state=noise,
     )

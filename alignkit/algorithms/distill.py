@@ -255,8 +255,8 @@ def train(cfg: DistillConfig) -> Path:
                 policy,
                 optimizer,
                 scheduler,
-                [to_device(collate_sft(g, tokenizer.pad_token_id)) for g in groups],
-                distill_loss,
+                micro_batches=[to_device(collate_sft(g, tokenizer.pad_token_id)) for g in groups],
+                loss_fn=distill_loss,
                 units=[completion_tokens(g) for g in groups],
                 max_grad_norm=cfg.max_grad_norm,
             )
@@ -271,4 +271,4 @@ def train(cfg: DistillConfig) -> Path:
                 }
             )
             run.finish_step(record, evaluate if eval_examples else None, {"loss": record["loss"]})
-    return save_final(accelerator, policy, tokenizer, output_dir, cfg.lora.merge, log)
+    return save_final(accelerator, policy, tokenizer, output_dir, merge_lora=cfg.lora.merge, log=log)

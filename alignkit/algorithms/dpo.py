@@ -221,8 +221,8 @@ def paired_loss(
     spec: LossSpec,
     policy: dict[str, torch.Tensor],
     ref: dict[str, torch.Tensor],
-    batch: dict,
     *,
+    batch: dict,
     delta: float | None = None,
 ):
     """The objective `cfg.loss` plus its constraints on one batch -> (loss, metrics, LossOutput).
@@ -241,7 +241,14 @@ def paired_loss(
     if "delta" in spec.inputs:
         params["delta"] = delta if delta is not None else 0.0
     out = preference_loss(
-        cfg.loss, chosen, rejected, ref_chosen, ref_rejected, n_chosen, n_rejected, **params
+        cfg.loss,
+        chosen,
+        rejected,
+        ref_chosen,
+        ref_rejected_logps=ref_rejected,
+        chosen_lengths=n_chosen,
+        rejected_lengths=n_rejected,
+        **params,
     )
     losses, constraint_metrics = out.losses, {}
     if getattr(cfg, "constraints", None):  # (online DPO has none)
@@ -295,7 +302,9 @@ class PairedObjective:
     def __call__(self, model, batch: dict):
         policy = model(batch)
         ref = self.reference(model, batch) if self.spec.needs_reference else {}
-        loss, metrics, out = paired_loss(self.cfg, self.spec, policy, ref, batch, delta=self.reward_mean.mean)
+        loss, metrics, out = paired_loss(
+            self.cfg, self.spec, policy, ref, batch=batch, delta=self.reward_mean.mean
+        )
         if "delta" in self.spec.inputs and model.training:  # evaluation does not move δ
             self.reward_mean.update(self.gather(torch.cat([out.chosen_rewards, out.rejected_rewards])))
         return loss, metrics
@@ -354,13 +363,17 @@ def train(cfg: DPOConfig, *, part: tuple[int, int] | None = None) -> Path:
         used = [train_examples[i] for i in used_indices(cfg, len(train_examples), accelerator)]
         splits = {"train": used, "eval": eval_examples}
         fields = PAIR_FIELDS + (("images",) if vlm else ())
-        attach_precomputed_reference(cfg, forward, splits, accelerator, collate, fields, log)
+        attach_precomputed_reference(
+            cfg, forward, splits, accelerator, collate=collate, fields=fields, log=log
+        )
 
     # The reference: log-probs of the frozen starting point (or of `reference.model`).
     reference, setup_metrics = None, {}
     if spec.needs_reference:
         names = ("chosen", "rejected") + (("corrupt_chosen",) if cfg.mdpo else ())
-        reference, setup_metrics = setup_reference(cfg, model, accelerator, logps, names, precompute)
+        reference, setup_metrics = setup_reference(
+            cfg, model, accelerator, logps, names=names, precompute=precompute
+        )
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora)
         if vlm and cfg.freeze_vision:  # "all-linear" adapters in the vision tower stay at their zero start
@@ -370,7 +383,7 @@ def train(cfg: DPOConfig, *, part: tuple[int, int] | None = None) -> Path:
 
     def evaluate(prepared) -> dict:
         return evaluate_in_batches(
-            prepared, eval_examples, cfg.batch_size, collate, objective, accelerator.device
+            prepared, eval_examples, cfg.batch_size, collate, loss_fn=objective, device=accelerator.device
         )
 
     prepared, _ = fit(
@@ -378,12 +391,12 @@ def train(cfg: DPOConfig, *, part: tuple[int, int] | None = None) -> Path:
         accelerator,
         BatchForward(model, logps),
         train_examples,
-        collate,
-        objective,
+        collate=collate,
+        loss_fn=objective,
         evaluate=evaluate if eval_examples else None,
         setup_metrics=setup_metrics,
         state=objective.reward_mean if "delta" in spec.inputs else None,
     )
 
     saved_with = vlm.processor if vlm else tokenizer  # a VLM's processor saves its tokenizer too
-    return save_final(accelerator, prepared, saved_with, output_dir, cfg.lora.merge, log)
+    return save_final(accelerator, prepared, saved_with, output_dir, merge_lora=cfg.lora.merge, log=log)

@@ -188,7 +188,7 @@ def train(cfg: GRPOConfig) -> Path:
 
     def evaluate() -> dict:
         model = accelerator.unwrap_model(policy).model
-        return evaluate_policy(model, tokenizer, prompts, rewards, sampling, cfg.seed + 1)
+        return evaluate_policy(model, tokenizer, prompts, rewards, sampling=sampling, seed=cfg.seed + 1)
 
     with run.interruptible():
         while run.step < run.steps:
@@ -259,8 +259,8 @@ def train(cfg: GRPOConfig) -> Path:
                         policy,
                         optimizer,
                         scheduler,
-                        batches,
-                        objective,
+                        micro_batches=batches,
+                        loss_fn=objective,
                         units=[objective.units(b) for b in batches],
                         max_grad_norm=cfg.max_grad_norm,
                     )
@@ -276,4 +276,4 @@ def train(cfg: GRPOConfig) -> Path:
             record.update(timing_metrics(rollout, (t0, t1, t2, t3), passes=cfg.ppo_epochs))
             postfix = {"reward": record["reward"], "kl": record.get("kl", 0.0)}
             run.finish_step(record, evaluate if prompts.eval_rows else None, postfix)
-    return save_final(accelerator, policy, tokenizer, output_dir, cfg.lora.merge, log)
+    return save_final(accelerator, policy, tokenizer, output_dir, merge_lora=cfg.lora.merge, log=log)

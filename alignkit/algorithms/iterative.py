@@ -140,7 +140,9 @@ def round_prompts(n: int, per_round: int, k: int, seed: int) -> list[int]:
     return [perm[(start + i) % n] for i in range(per_round)]
 
 
-def sample_round(policy, tokenizer, prompts: Prompts, idx: list[int], scorer, cfg, seed: int) -> list[dict]:
+def sample_round(
+    policy, tokenizer, prompts: Prompts, idx: list[int], *, scorer, cfg, seed: int
+) -> list[dict]:
     """One row per prompt: its token ids and its k completions (text, token ids as sampled, per-source
     scores, total)."""
     K = cfg.num_generations
@@ -149,7 +151,7 @@ def sample_round(policy, tokenizer, prompts: Prompts, idx: list[int], scorer, cf
         tokenizer,
         [prompts.train_ids[i] for i in idx],
         [prompts.train_rows[i].reward_input for i in idx],
-        scorer,
+        rewards=scorer,
         group_size=K,
         sampling=sampling_settings(cfg),  # (the fields OnlineConfig has, under the same names)
         seed=seed,
@@ -286,7 +288,9 @@ def train(cfg: IterativeDPOConfig) -> Path:
         return model.eval()
 
     def held_out(model) -> dict:
-        scores = evaluate_policy(model, tokenizer, prompts, evaluator, sampling_settings(cfg), cfg.seed + 1)
+        scores = evaluate_policy(
+            model, tokenizer, prompts, evaluator, sampling=sampling_settings(cfg), seed=cfg.seed + 1
+        )
         return {f"eval/{k}": v for k, v in scores.items()}
 
     policy = load(policy_path)
@@ -308,7 +312,11 @@ def train(cfg: IterativeDPOConfig) -> Path:
                 f"round {k} of {cfg.rounds}: sampling {K} completions of {len(idx)} prompts from {policy_path}"
             )
             seed = cfg.seed * 1000 + k + 7919 * rank
-            share = sample_round(policy, tokenizer, prompts, mine, scorer, cfg, seed=seed) if mine else []
+            share = (
+                sample_round(policy, tokenizer, prompts, mine, scorer=scorer, cfg=cfg, seed=seed)
+                if mine
+                else []
+            )
             write_jsonl(rdir / f"samples.part-{rank}.jsonl", share)
             state.wait_for_everyone()
             if main:

@@ -207,19 +207,27 @@ def train(cfg: KTOConfig) -> Path:
         used = [train_examples[i] for i in used_indices(cfg, len(train_examples), accelerator)]
         splits = {"train": used, "eval": eval_examples}
         plain = make_collate("train", mismatched=False)
-        attach_precomputed_reference(cfg, forward, splits, accelerator, plain, FIELDS, log)
+        attach_precomputed_reference(cfg, forward, splits, accelerator, collate=plain, fields=FIELDS, log=log)
         if not needs_kl:
             return
         batches = {"train": train_batches, "eval": eval_batches(len(eval_examples), cfg.batch_size)}
         for split, examples in (("train", train_examples), ("eval", eval_examples)):
             pairs = mismatched_examples(examples, batches[split]) if examples else []
             attach_precomputed_reference(
-                cfg, forward, {f"{split}-mismatched": pairs}, accelerator, plain, FIELDS, log
+                cfg,
+                forward,
+                {f"{split}-mismatched": pairs},
+                accelerator,
+                collate=plain,
+                fields=FIELDS,
+                log=log,
             )
             kl_reference[split] = {p["pair"]: p["ref_completion"] for p in pairs}
 
     names = ("completion", "mismatched") if needs_kl else ("completion",)
-    reference, setup_metrics = setup_reference(cfg, model, accelerator, sums, names, precompute)
+    reference, setup_metrics = setup_reference(
+        cfg, model, accelerator, sums, names=names, precompute=precompute
+    )
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora)
     model.train()
@@ -242,12 +250,12 @@ def train(cfg: KTOConfig) -> Path:
         accelerator,
         BatchForward(model, sums),
         train_examples,
-        make_collate("train", needs_kl),
-        objective,
+        collate=make_collate("train", needs_kl),
+        loss_fn=objective,
         evaluate=evaluate if eval_examples else None,
         setup_metrics=setup_metrics,
         state=objective.reward_mean if "delta" in spec.inputs else None,
         summarise=summarise,
     )
 
-    return save_final(accelerator, prepared, tokenizer, output_dir, cfg.lora.merge, log)
+    return save_final(accelerator, prepared, tokenizer, output_dir, merge_lora=cfg.lora.merge, log=log)

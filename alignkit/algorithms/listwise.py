@@ -154,9 +154,13 @@ def train(cfg: ListwiseConfig) -> Path:
     def precompute(forward) -> None:
         used = [train_examples[i] for i in used_indices(cfg, len(train_examples), accelerator)]
         splits = {"train": used, "eval": eval_examples}
-        attach_precomputed_reference(cfg, forward, splits, accelerator, collate, FIELDS, log)
+        attach_precomputed_reference(
+            cfg, forward, splits, accelerator, collate=collate, fields=FIELDS, log=log
+        )
 
-    reference, setup_metrics = setup_reference(cfg, model, accelerator, logps, ("responses",), precompute)
+    reference, setup_metrics = setup_reference(
+        cfg, model, accelerator, logps, names=("responses",), precompute=precompute
+    )
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora)
     model.train()
@@ -164,7 +168,7 @@ def train(cfg: ListwiseConfig) -> Path:
 
     def evaluate(prepared) -> dict:
         return evaluate_in_batches(
-            prepared, eval_examples, cfg.batch_size, collate, objective, accelerator.device
+            prepared, eval_examples, cfg.batch_size, collate, loss_fn=objective, device=accelerator.device
         )
 
     prepared, _ = fit(
@@ -172,10 +176,10 @@ def train(cfg: ListwiseConfig) -> Path:
         accelerator,
         BatchForward(model, logps),
         train_examples,
-        collate,
-        objective,
+        collate=collate,
+        loss_fn=objective,
         evaluate=evaluate if eval_examples else None,
         setup_metrics=setup_metrics,
     )
 
-    return save_final(accelerator, model, tokenizer, output_dir, cfg.lora.merge, log)
+    return save_final(accelerator, model, tokenizer, output_dir, merge_lora=cfg.lora.merge, log=log)

@@ -149,7 +149,7 @@ class WeightedObjective:
     def __call__(self, model, batch: dict):
         out = model(batch)
         kl = out.get("divergence")
-        loss = weighted_nll(out["logps"], batch["weight"], out["tokens"], kl, self.kl_coef)
+        loss = weighted_nll(out["logps"], batch["weight"], out["tokens"], kl, kl_coef=self.kl_coef)
         n = out["tokens"].sum().clamp(min=1)
         metrics = {"loss": loss.detach(), "nll": -out["logps"].detach().sum() / n}
         if kl is not None:
@@ -237,10 +237,10 @@ def train(cfg: OfflineRLConfig) -> Path:
         accelerator,
         BatchForward(model, sums),
         train_examples,
-        collate,
-        WeightedObjective(cfg.kl_coef),
+        collate=collate,
+        loss_fn=WeightedObjective(cfg.kl_coef),
         evaluate=evaluate if eval_examples else None,
         units=completion_tokens,
         setup_metrics=stats,
     )
-    return save_final(accelerator, prepared, tokenizer, output_dir, cfg.lora.merge, log)
+    return save_final(accelerator, prepared, tokenizer, output_dir, merge_lora=cfg.lora.merge, log=log)

@@ -188,7 +188,12 @@ def train(cfg: OnlineDPOConfig) -> Path:
 
     def evaluate() -> dict:
         return evaluate_policy(
-            accelerator.unwrap_model(policy).model, tokenizer, prompts, rewards, sampling, cfg.seed + 1
+            accelerator.unwrap_model(policy).model,
+            tokenizer,
+            prompts,
+            rewards,
+            sampling=sampling,
+            seed=cfg.seed + 1,
         )
 
     with run.interruptible():
@@ -243,8 +248,8 @@ def train(cfg: OnlineDPOConfig) -> Path:
                     policy,
                     optimizer,
                     scheduler,
-                    batches,
-                    objective,
+                    micro_batches=batches,
+                    loss_fn=objective,
                     units=[weight * len(g) for g in groups],
                     max_grad_norm=cfg.max_grad_norm,
                 )
@@ -259,4 +264,4 @@ def train(cfg: OnlineDPOConfig) -> Path:
             record.update(timing_metrics(rollout, (t0, t1, t2, t3), passes=1.0))
             postfix = {"reward": record["reward"], "pairs": record["pairs/pairs"]}
             run.finish_step(record, evaluate if prompts.eval_rows and rewards is not None else None, postfix)
-    return save_final(accelerator, policy, tokenizer, output_dir, cfg.lora.merge, log)
+    return save_final(accelerator, policy, tokenizer, output_dir, merge_lora=cfg.lora.merge, log=log)

@@ -226,7 +226,7 @@ def train(cfg: PPOConfig) -> Path:
 
     def evaluate() -> dict:
         policy = accelerator.unwrap_model(model).policy
-        return evaluate_policy(policy, tokenizer, prompts, rewards, sampling, cfg.seed + 1)
+        return evaluate_policy(policy, tokenizer, prompts, rewards, sampling=sampling, seed=cfg.seed + 1)
 
     with run.interruptible():
         while run.step < run.steps:
@@ -292,8 +292,8 @@ def train(cfg: PPOConfig) -> Path:
                         model,
                         optimizer,
                         scheduler,
-                        batches,
-                        objective,
+                        micro_batches=batches,
+                        loss_fn=objective,
                         units=[objective.units(b) for b in batches],
                         max_grad_norm=cfg.max_grad_norm,
                     )
@@ -341,4 +341,4 @@ def train(cfg: PPOConfig) -> Path:
     policy = accelerator.unwrap_model(model).policy
     if shared_base:  # the saved model is the policy: its adapter alone
         policy.delete_adapter(VALUE_ADAPTER)
-    return save_final(accelerator, policy, tokenizer, output_dir, cfg.lora.merge, log)
+    return save_final(accelerator, policy, tokenizer, output_dir, merge_lora=cfg.lora.merge, log=log)

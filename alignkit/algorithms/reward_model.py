@@ -358,8 +358,8 @@ def train(cfg: RewardConfig) -> Path:
         cfg.dtype,
         cfg.attn_implementation,
         cfg.trust_remote_code,
-        cfg.gradient_checkpointing,
-        tokenizer.pad_token_id,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        pad_token_id=tokenizer.pad_token_id,
         from_causal_lm=not encoder,
         pooling=None if pooling == native_pooling(encoder) else pooling,
         num_labels=cfg.ensemble,
@@ -390,21 +390,23 @@ def train(cfg: RewardConfig) -> Path:
     eval_order = sorted(eval_examples, key=length)  # similar lengths batched together; order-free metrics
 
     def evaluate(prepared) -> dict:
-        return evaluate_in_batches(prepared, eval_order, cfg.batch_size, collate, loss_fn, accelerator.device)
+        return evaluate_in_batches(
+            prepared, eval_order, cfg.batch_size, collate, loss_fn=loss_fn, device=accelerator.device
+        )
 
     prepared, _ = fit(
         cfg,
         accelerator,
         BatchForward(model, pair_rewards),
         train_examples,
-        collate,
-        loss_fn,
+        collate=collate,
+        loss_fn=loss_fn,
         evaluate=evaluate if eval_examples else None,
         lengths=[length(e) for e in train_examples] if cfg.group_by_length else None,
     )
 
     tokenizer.truncation_side = "left"  # over max_length, users' texts lose prompt, not response
-    final = save_final(accelerator, prepared, tokenizer, output_dir, cfg.lora.merge, log)
+    final = save_final(accelerator, prepared, tokenizer, output_dir, merge_lora=cfg.lora.merge, log=log)
     log(
         f"score with the reward model as {{type: classifier, model: {final}, "
         f'text: "{{prompt}}{{response}}", max_length: {cfg.max_length}}}'

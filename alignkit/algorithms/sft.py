@@ -74,10 +74,10 @@ def train(cfg: SFTConfig) -> Path:
         accelerator,
         BatchForward(model, nll),
         train_examples,
-        collate,
-        sft_loss,
+        collate=collate,
+        loss_fn=sft_loss,
         evaluate=evaluate if eval_examples else None,
         units=completion_tokens,
     )
 
-    return save_final(accelerator, prepared, tokenizer, output_dir, cfg.lora.merge, log)
+    return save_final(accelerator, prepared, tokenizer, output_dir, merge_lora=cfg.lora.merge, log=log)

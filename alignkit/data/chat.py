@@ -184,8 +184,8 @@ def conversation_texts(
     prompt: Any,
     replies: list[tuple[str, Any]],
     issues: Issues,
-    prompt_field: str = "prompt",
     *,
+    prompt_field: str = "prompt",
     system_prompt: str | None = None,
     chat_template_kwargs: dict | None = None,
 ) -> list[str] | None:

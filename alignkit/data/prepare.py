@@ -63,7 +63,7 @@ def report_dropped(cfg, dropped: list[DroppedRow], log=print) -> None:
 
 
 def prepare_cached(
-    cfg, tokenizer, load_rows, tokenize_rows, kind: str, log=print
+    cfg, tokenizer, load_rows, tokenize_rows, *, kind: str, log=print
 ) -> tuple[list[dict], list[dict]]:
     key = fingerprint(
         kind,
@@ -140,7 +140,7 @@ def prepare_preference_data(cfg, tokenizer, log=print) -> tuple[list[dict], list
         data = load_preference_rows(source, split, tokenizer, skipped, **template)
         return data.rows, data.dropped
 
-    return prepare_cached(cfg, tokenizer, load, tokenize_preference_rows, "preference", log)
+    return prepare_cached(cfg, tokenizer, load, tokenize_preference_rows, kind="preference", log=log)
 
 
 def prepare_sft_data(cfg, tokenizer, log=print) -> tuple[list[dict], list[dict]]:
@@ -150,8 +150,8 @@ def prepare_sft_data(cfg, tokenizer, log=print) -> tuple[list[dict], list[dict]]
         tokenizer,
         lambda s, split, skipped, **template: (load_sft_rows(s, split, tokenizer, skipped, **template), []),
         tokenize_sft_rows,
-        "sft",
-        log,
+        kind="sft",
+        log=log,
     )
 
 
@@ -165,8 +165,8 @@ def prepare_unpaired_data(cfg, tokenizer, log=print) -> tuple[list[dict], list[d
             [],
         ),
         tokenize_sft_rows,
-        "unpaired",
-        log,
+        kind="unpaired",
+        log=log,
     )
 
 
@@ -180,8 +180,8 @@ def prepare_logged_data(cfg, tokenizer, log=print) -> tuple[list[dict], list[dic
             [],
         ),
         tokenize_sft_rows,
-        "logged",
-        log,
+        kind="logged",
+        log=log,
     )
 
 
@@ -195,6 +195,6 @@ def prepare_listwise_data(cfg, tokenizer, log=print) -> tuple[list[dict], list[d
             [],
         ),
         tokenize_listwise_rows,
-        "listwise",
-        log,
+        kind="listwise",
+        log=log,
     )

@@ -105,7 +105,9 @@ def encode_prompt_rows(
                     "start or its generation prompt); shorten it or raise max_prompt_length",
                 )
                 continue
-            encoded, _ = truncate(encoded, [], max_prompt_length, max_prompt_length, tokenizer.bos_token_id)
+            encoded, _ = truncate(
+                encoded, [], max_prompt_length, max_prompt_length, bos_token_id=tokenizer.bos_token_id
+            )
             cut += 1
         kept.append(row)
         ids.append(encoded)
@@ -190,7 +192,7 @@ def load_prompt_rows(
             check_template_used(source, template, conversational=False)
             return good
     settings = {"system_prompt": system_prompt, "chat_template_kwargs": chat_template_kwargs}
-    return load_row_file(source, split, tokenizer, _prompt_row, "prompt", skipped, **settings)
+    return load_row_file(source, split, tokenizer, _prompt_row, kind="prompt", skipped=skipped, **settings)
 
 
 @dataclass

@@ -159,7 +159,7 @@ class PreferenceData:
 # validating one record; each helper appends (field, reason) to `issues` and returns None on error
 
 
-def _parse_checked(parse, record: dict, tokenizer: Any, issues: Issues, template: dict):
+def _parse_checked(parse, record: dict, tokenizer: Any, issues: Issues, *, template: dict):
     """``parse(record, tokenizer, issues, template=template)``, and None with a problem per text field
     (TEXT_KEYS) holding text that UTF-8 cannot encode."""
     bad = [p for key in TEXT_KEYS if key in record for p in encoding_problems(record[key], key)]
@@ -168,7 +168,7 @@ def _parse_checked(parse, record: dict, tokenizer: Any, issues: Issues, template
     return None if bad else row
 
 
-def _text(record: dict, key: str, issues: Issues, expected: str, completion: bool) -> str | None:
+def _text(record: dict, key: str, issues: Issues, expected: str, *, completion: bool) -> str | None:
     value = record.get(key)
     if value is None:
         issues.append((key, f"missing (expected {expected})"))
@@ -493,7 +493,7 @@ def load_preference_rows(
     records = read_records(source, split, problems)
     for line, record in records:
         issues: Issues = []
-        row = _parse_checked(_preference_row, record, tokenizer, issues, template)
+        row = _parse_checked(_preference_row, record, tokenizer, issues, template=template)
         for key, reason in issues:
             problems.add(line, key, reason)
         if isinstance(row, str):
@@ -523,9 +523,9 @@ def load_row_file(
     split: str | None,
     tokenizer: Any,
     parse,
+    *,
     kind: str,
     skipped: list[DroppedRow] | None = None,
-    *,
     system_prompt: str | None = None,
     chat_template_kwargs: dict | None = None,
 ) -> list:
@@ -537,7 +537,7 @@ def load_row_file(
     records = read_records(source, split, problems)
     for line, record in records:
         issues: Issues = []
-        row = _parse_checked(parse, record, tokenizer, issues, template)
+        row = _parse_checked(parse, record, tokenizer, issues, template=template)
         for key, reason in issues:
             problems.add(line, key, reason)
         if row is not None:
@@ -573,8 +573,8 @@ def load_sft_rows(
         split,
         tokenizer,
         _sft_row,
-        "SFT",
-        skipped,
+        kind="SFT",
+        skipped=skipped,
         system_prompt=system_prompt,
         chat_template_kwargs=chat_template_kwargs,
     )
@@ -597,8 +597,8 @@ def load_unpaired_rows(
         split,
         tokenizer,
         _unpaired_row,
-        "unpaired",
-        skipped,
+        kind="unpaired",
+        skipped=skipped,
         system_prompt=system_prompt,
         chat_template_kwargs=chat_template_kwargs,
     )
@@ -621,8 +621,8 @@ def load_logged_rows(
         split,
         tokenizer,
         _logged_row,
-        "logged",
-        skipped,
+        kind="logged",
+        skipped=skipped,
         system_prompt=system_prompt,
         chat_template_kwargs=chat_template_kwargs,
     )
@@ -645,8 +645,8 @@ def load_listwise_rows(
         split,
         tokenizer,
         _listwise_row,
-        "listwise",
-        skipped,
+        kind="listwise",
+        skipped=skipped,
         system_prompt=system_prompt,
         chat_template_kwargs=chat_template_kwargs,
     )

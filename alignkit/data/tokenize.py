@@ -97,6 +97,7 @@ def truncate(
     completion_ids: list[list[int]],
     max_length: int,
     max_prompt_length: int,
+    *,
     bos_token_id: int | None,
     stats: TokenStats | None = None,
 ) -> tuple[list[int], list[list[int]]]:
@@ -132,7 +133,12 @@ def tokenize_preference_rows(
                 tokenizer, row.prompt, [row.chosen, row.rejected]
             )
         prompt_ids, (chosen, rejected) = truncate(
-            prompt_ids, [chosen, rejected], max_length, max_prompt_length, tokenizer.bos_token_id, stats
+            prompt_ids,
+            [chosen, rejected],
+            max_length,
+            max_prompt_length,
+            bos_token_id=tokenizer.bos_token_id,
+            stats=stats,
         )
         if not chosen or not rejected or not prompt_ids:
             stats.dropped_empty += 1
@@ -164,7 +170,12 @@ def tokenize_sft_rows(
     for row in rows:
         prompt_ids, (completion,) = encode_prompt_completions(tokenizer, row.prompt, [row.completion])
         prompt_ids, (completion,) = truncate(
-            prompt_ids, [completion], max_length, max_prompt_length, tokenizer.bos_token_id, stats
+            prompt_ids,
+            [completion],
+            max_length,
+            max_prompt_length,
+            bos_token_id=tokenizer.bos_token_id,
+            stats=stats,
         )
         if not completion or not prompt_ids:
             stats.dropped_empty += 1
@@ -189,7 +200,12 @@ def tokenize_listwise_rows(
     for row in rows:
         prompt_ids, responses = encode_prompt_completions(tokenizer, row.prompt, row.responses)
         prompt_ids, responses = truncate(
-            prompt_ids, responses, max_length, max_prompt_length, tokenizer.bos_token_id, stats
+            prompt_ids,
+            responses,
+            max_length,
+            max_prompt_length,
+            bos_token_id=tokenizer.bos_token_id,
+            stats=stats,
         )
         if not prompt_ids or not all(responses):
             stats.dropped_empty += 1

@@ -216,7 +216,7 @@ def _content_problems(message: Any, where: str) -> tuple[list[tuple[str, str]], 
 
 
 def _vision_row(
-    record: dict, processor: Any, base: Path | None, issues: Issues, template: dict
+    record: dict, processor: Any, base: Path | None, issues: Issues, *, template: dict
 ) -> VisionPreferenceRow | None:
     n_issues = len(issues)
     preference, margin = preference_field(record, issues), margin_field(record, issues)
@@ -291,10 +291,12 @@ def load_vision_rows(
     base = Path(source).parent if Path(source).is_file() else None
 
     def parse(record: dict, processor: Any, issues: Issues, *, template: dict) -> VisionPreferenceRow | None:
-        return _vision_row(record, processor, base, issues, template)
+        return _vision_row(record, processor, base, issues, template=template)
 
     settings = {"system_prompt": system_prompt, "chat_template_kwargs": chat_template_kwargs}
-    rows = load_row_file(source, split, processor, parse, "preference-with-images", skipped, **settings)
+    rows = load_row_file(
+        source, split, processor, parse, kind="preference-with-images", skipped=skipped, **settings
+    )
     return PreferenceData(rows)
 
 
@@ -395,7 +397,7 @@ def prepare_vision_data(cfg, processor, log=print) -> tuple[list[dict], list[dic
         return tokenize_vision_rows(rows, processor, max_length, max_prompt_length)
 
     kind = f"vision-preference-{processor_fingerprint(processor)}"
-    return prepare_cached(cfg, processor.tokenizer, load, tokenize, kind, log)
+    return prepare_cached(cfg, processor.tokenizer, load, tokenize, kind=kind, log=log)
 
 
 # ---------------------------------------------------------------------------------------------

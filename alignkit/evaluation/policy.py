@@ -10,7 +10,7 @@ from alignkit.rewards.compose import weighted_sum
 from alignkit.rollout import collect
 
 
-def evaluate_policy(model, tokenizer, prompts: Prompts, rewards: RewardSet, sampling, seed: int) -> dict:
+def evaluate_policy(model, tokenizer, prompts: Prompts, rewards: RewardSet, *, sampling, seed: int) -> dict:
     """One sample per eval prompt from `model` (the unwrapped policy), the same seed every time and the
     reward normaliser left as it is: mean reward (total and per source) and completion length.
 
@@ -22,7 +22,7 @@ def evaluate_policy(model, tokenizer, prompts: Prompts, rewards: RewardSet, samp
         tokenizer,
         prompts.eval_ids,
         [r.reward_input for r in prompts.eval_rows],
-        rewards,
+        rewards=rewards,
         group_size=1,
         sampling=sampling,
         seed=seed,

@@ -113,6 +113,7 @@ def sample_and_score(
     tokenizer,
     prompts: list[str],
     prompt_ids: list[list[int]] | None,
+    *,
     rewards: RewardSet,
     **sampling,
 ) -> list[Candidates]:

@@ -119,7 +119,11 @@ class IcdpoChooser:
             f"{len(demo_prompts)} demonstrations from {cfg.demos}; retrieving {cfg.num_demos} per prompt by {backend}"
         )
         retrieved = retrieve(
-            prompts, demo_prompts, min(cfg.num_demos, len(demo_prompts)), backend, cfg.embedding_model
+            prompts,
+            demo_prompts,
+            min(cfg.num_demos, len(demo_prompts)),
+            backend,
+            model_path=cfg.embedding_model,
         )
         demo_ids = demonstration_ids(demo_prompts, responses, tokenizer, cfg.demo_template)
         return cls(demo_ids, retrieved, cfg.max_length, cfg.scoring_batch_size)

@@ -132,7 +132,7 @@ def similarities(
 
 
 def retrieve(
-    queries: list[str], documents: list[str], k: int, backend: str = "auto", model_path: str = ""
+    queries: list[str], documents: list[str], k: int, backend: str = "auto", *, model_path: str = ""
 ) -> list[list[int]]:
     """Indices of the `k` documents most similar to each query, most similar first (module docstring)."""
     if k < 1:

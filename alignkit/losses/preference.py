@@ -295,6 +295,7 @@ def preference_loss(
     chosen_logps: torch.Tensor,
     rejected_logps: torch.Tensor,
     ref_chosen_logps: torch.Tensor | None = None,
+    *,
     ref_rejected_logps: torch.Tensor | None = None,
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,

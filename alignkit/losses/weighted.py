@@ -97,6 +97,7 @@ def weighted_nll(
     weights: torch.Tensor,
     tokens: torch.Tensor,
     kl: torch.Tensor | None = None,
+    *,
     kl_coef: float = 0.0,
 ) -> torch.Tensor:
     """The micro-batch loss (Σ_i w_i·(−log π(y_i|x_i)) + β·Σ_i KL_i) / Σ_i n_i: a mean over completion

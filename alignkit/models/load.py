@@ -127,9 +127,9 @@ def load_causal_lm(
     dtype: str = "float32",
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
+    *,
     gradient_checkpointing: bool = False,
     pad_token_id: int | None = None,
-    *,
     encoder_decoder_ok: bool = False,
     device=None,
     check_logps: bool = True,
@@ -274,8 +274,8 @@ def load_policy(
         cfg.dtype,
         cfg.attn_implementation,
         cfg.trust_remote_code,
-        cfg.gradient_checkpointing,
-        pad_token_id,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        pad_token_id=pad_token_id,
         encoder_decoder_ok=encoder_decoder_ok,
         device=device,
     )
@@ -313,7 +313,7 @@ def freeze(model) -> torch.nn.Module:
 
 
 def save_model(
-    model, tokenizer, path: str | Path, merge_lora: bool = False, state_dict: dict | None = None
+    model, tokenizer, path: str | Path, merge_lora: bool = False, *, state_dict: dict | None = None
 ) -> Path:
     """save_pretrained as safetensors: full weights, or the LoRA adapter (merged into the base if asked).
     `state_dict`: the weights to write when the model's own are sharded (gathered by the caller)."""

@@ -41,7 +41,7 @@ def model_fingerprint(name_or_path: str) -> str:
 
 
 @torch.no_grad()
-def reference_logps(forward, examples: list[dict], collate, batch_size: int, accelerator) -> dict:
+def reference_logps(forward, examples: list[dict], collate, batch_size: int, *, accelerator) -> dict:
     """`forward(batch)` -> {name: (B,) or (B, K)} over every example, concatenated per name (float32, on
     the CPU), each example computed once over all processes: process r takes examples r, r+W, r+2W, ...,
     and the results are gathered, so every process returns all of them in order."""
@@ -76,6 +76,7 @@ def attach_precomputed_reference(
     forward,
     splits: dict[str, list[dict]],
     accelerator,
+    *,
     collate,
     fields: tuple[str, ...],
     log=print,
@@ -113,7 +114,7 @@ def attach_precomputed_reference(
             ref = load_file(str(path))
             log(f"reference log-probs for {name} loaded from {path}")
         else:
-            ref = reference_logps(forward, examples, collate, cfg.batch_size * 2, accelerator)
+            ref = reference_logps(forward, examples, collate, cfg.batch_size * 2, accelerator=accelerator)
             if accelerator.is_main_process:
                 with atomic_path(path) as tmp:  # (which also gives safetensors' 0600 file the umask's mode)
                     save_file(ref, str(tmp))
@@ -191,7 +192,7 @@ def frozen_model(cfg, name_or_path: str, device) -> torch.nn.Module:
 
 
 def setup_reference(
-    cfg, model, accelerator, fn: Callable, names: tuple[str, ...], precompute: Callable
+    cfg, model, accelerator, fn: Callable, *, names: tuple[str, ...], precompute: Callable
 ) -> tuple[Reference, dict]:
     """The run's `Reference`, set up before training (and before LoRA is added to `model`).
 
@@ -227,5 +228,7 @@ def online_reference(cfg: OnlineConfig, model, accelerator, kl_weight: float, *,
 
     if kl_weight <= 0:
         return None, reference_fn
-    reference, _ = setup_reference(cfg, model, accelerator, reference_fn, ("token_logps",), None)
+    reference, _ = setup_reference(
+        cfg, model, accelerator, reference_fn, names=("token_logps",), precompute=None
+    )
     return reference, reference_fn

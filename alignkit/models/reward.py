@@ -80,10 +80,10 @@ def load_reward_model(
     dtype: str = "float32",
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
+    *,
     gradient_checkpointing: bool = False,
     pad_token_id: int | None = None,
     from_causal_lm: bool | None = None,
-    *,
     pooling: str | None = None,
     num_labels: int = 1,
 ):

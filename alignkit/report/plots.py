@@ -98,8 +98,8 @@ def frontier(
     xs: list[float],
     ys: list[float],
     labels: list[str],
-    on_front: list[bool],
     *,
+    on_front: list[bool],
     axis_labels: tuple[str, str],
     errors: tuple[list[float | None], list[float | None]] | None = None,
 ) -> bytes:

@@ -157,7 +157,7 @@ def gather_objects(accelerator, obj) -> list:
     return gather_object([obj])
 
 
-def save_final(accelerator, model, tokenizer, output_dir: Path, merge_lora: bool, log=print) -> Path:
+def save_final(accelerator, model, tokenizer, output_dir: Path, *, merge_lora: bool, log=print) -> Path:
     """Save the trained model (save_pretrained, safetensors) to output_dir/final on the main process, then
     end the run (`finish_run`: trackers closed, report written). Every training command ends here.
 

@@ -48,9 +48,9 @@ def optimizer_step(
     model: torch.nn.Module,
     optimizer,
     scheduler,
+    *,
     micro_batches: list[dict],
     loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]],
-    *,
     units: list[float] | None = None,
     max_grad_norm: float = 1.0,
 ) -> dict[str, torch.Tensor]:
@@ -120,7 +120,7 @@ def as_numbers(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def evaluate_in_batches(
-    model, examples: list[dict], batch_size: int, collate: Callable, loss_fn: Callable, device
+    model, examples: list[dict], batch_size: int, collate: Callable, *, loss_fn: Callable, device
 ) -> dict:
     """Every metric of `loss_fn(model, batch)` over `examples`, in batches, each batch weighted by its rows."""
     totals: dict[str, torch.Tensor] = {}
