@@ -488,25 +488,18 @@ def load_preference_rows(
     with no usable rows. Given a ``skipped`` list (on_bad_rows=skip), bad rows are left out and each is
     appended to it instead.
     """
-    template = template_settings(tokenizer, system_prompt, chat_template_kwargs)
-    problems, rows, dropped, conversational = Problems(source), [], [], False
-    records = read_records(source, split, problems)
-    for line, record in records:
-        issues: Issues = []
-        row = _parse_checked(_preference_row, record, tokenizer, issues, template=template)
-        for key, reason in issues:
-            problems.add(line, key, reason)
-        if isinstance(row, str):
-            dropped.append(DroppedRow(source, line, row))
-        elif row is not None:
-            row.source, row.line = source, line
-            rows.append(row)
-            conversational = conversational or is_conversational(record)
-    raise_or_skip(problems, skipped)
-    if not rows:
-        why = f"all {len(dropped)} rows were dropped, e.g. {dropped[0]}" if dropped else "the source is empty"
-        raise DataError(f"no usable preference rows ({why})", source)
-    check_template_used(source, template, conversational)
+    dropped: list[DroppedRow] = []
+    settings = {"system_prompt": system_prompt, "chat_template_kwargs": chat_template_kwargs}
+    rows = load_row_file(
+        source,
+        split,
+        tokenizer,
+        _preference_row,
+        kind="preference",
+        skipped=skipped,
+        dropped=dropped,
+        **settings,
+    )
     return PreferenceData(rows, dropped)
 
 
@@ -526,12 +519,15 @@ def load_row_file(
     *,
     kind: str,
     skipped: list[DroppedRow] | None = None,
+    dropped: list[DroppedRow] | None = None,
     system_prompt: str | None = None,
     chat_template_kwargs: dict | None = None,
 ) -> list:
     """Rows of ``source`` parsed by ``parse(record, tokenizer, issues, template=...)``, the template settings
     checked (see the module docstring); every problem collected and raised as one DataError (or, given
-    ``skipped``, the bad rows left out and appended to it), as is an empty source."""
+    ``skipped``, the bad rows left out and appended to it), as is an empty source. Given ``dropped``,
+    ``parse`` may return a string instead of a row: the row is dropped for that reason (an HH row that
+    does not split) and listed there."""
     template = template_settings(tokenizer, system_prompt, chat_template_kwargs)
     problems, rows, conversational = Problems(source), [], False
     records = read_records(source, split, problems)
@@ -540,13 +536,22 @@ def load_row_file(
         row = _parse_checked(parse, record, tokenizer, issues, template=template)
         for key, reason in issues:
             problems.add(line, key, reason)
-        if row is not None:
+        if isinstance(row, str) and dropped is not None:
+            dropped.append(DroppedRow(source, line, row))
+        elif row is not None:
             row.source, row.line = source, line
             rows.append(row)
             conversational = conversational or is_conversational(record)
     raise_or_skip(problems, skipped)
     if not rows:
-        why = f"all {len(problems.lines)} rows are bad" if problems.count else "the source is empty"
+        if dropped is not None:
+            why = (
+                f"all {len(dropped)} rows were dropped, e.g. {dropped[0]}"
+                if dropped
+                else "the source is empty"
+            )
+        else:
+            why = f"all {len(problems.lines)} rows are bad" if problems.count else "the source is empty"
         raise DataError(f"no usable {kind} rows ({why})", source)
     check_template_used(source, template, conversational)
     return rows
