@@ -162,28 +162,26 @@ def load_causal_lm(
             check_logps=False,
         )
         model = PeftModel.from_pretrained(model, name_or_path).merge_and_unload()
-        return _finish_loading(
-            model,
-            pad_token_id,
-            gradient_checkpointing=gradient_checkpointing,
-            device=device,
-            check_logps=check_logps,
-        )
-    seq2seq = encoder_decoder_ok and is_encoder_decoder(name_or_path, trust_remote_code)
-    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code, "use_safetensors": True}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
-    if not seq2seq and is_vision_language(name_or_path, trust_remote_code):
-        auto = AutoModelForImageTextToText
-    model = auto.from_pretrained(name_or_path, **kwargs)
-    return _finish_loading(
-        model,
-        pad_token_id,
-        gradient_checkpointing=gradient_checkpointing,
-        device=device,
-        check_logps=check_logps,
-    )
+    else:
+        seq2seq = encoder_decoder_ok and is_encoder_decoder(name_or_path, trust_remote_code)
+        kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code, "use_safetensors": True}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+        if not seq2seq and is_vision_language(name_or_path, trust_remote_code):
+            auto = AutoModelForImageTextToText
+        model = auto.from_pretrained(name_or_path, **kwargs)
+    if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = pad_token_id
+        if model.generation_config is not None:
+            model.generation_config.pad_token_id = pad_token_id
+    if gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    if device is not None:
+        model = model.to(device)
+    if check_logps:
+        check_logps_match_forward(model)
+    return model
 
 
 def adapter_base(name_or_path: str) -> str | None:
@@ -200,23 +198,6 @@ def adapter_base(name_or_path: str) -> str | None:
             f"{path / 'adapter_config.json'}: no base_model_name_or_path to load the adapter onto"
         )
     return base
-
-
-def _finish_loading(
-    model, pad_token_id: int | None, *, gradient_checkpointing: bool, device, check_logps: bool
-):
-    """The steps every loaded model takes: pad id, activation checkpointing, device, the log-prob check."""
-    if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = pad_token_id
-        if model.generation_config is not None:
-            model.generation_config.pad_token_id = pad_token_id
-    if gradient_checkpointing:
-        enable_activation_checkpointing(model)
-    if device is not None:
-        model = model.to(device)
-    if check_logps:
-        check_logps_match_forward(model)
-    return model
 
 
 def is_encoder_decoder(name_or_path: str, trust_remote_code: bool = False) -> bool:
