@@ -191,7 +191,7 @@ def train(cfg: DistillConfig) -> Path:
             "scheduler": scheduler,
         }
 
-    run = OnlineRun(cfg, accelerator, output_dir, len(prompts.train_rows), named, log)
+    run = OnlineRun(cfg, accelerator, len(prompts.train_rows), named=named, log=log)
     optimizer, scheduler = make_optimizer(student, cfg, run.steps)
     policy, optimizer = accelerator.prepare(BatchForward(student, divergence_of), optimizer)
     run.resume()

@@ -176,7 +176,7 @@ def train(cfg: GRPOConfig) -> Path:
             "rewards": rewards,
         }
 
-    run = OnlineRun(cfg, accelerator, output_dir, len(prompts.train_rows), named, log)
+    run = OnlineRun(cfg, accelerator, len(prompts.train_rows), named=named, log=log)
     n_rows = cfg.batch_size * G
     minibatches_per_epoch = n_rows // (cfg.minibatch_size or n_rows)
     updates_per_step = cfg.ppo_epochs * minibatches_per_epoch
@@ -196,7 +196,7 @@ def train(cfg: GRPOConfig) -> Path:
             # each -> rewards. (N·G rows, prompt-major)
             t0 = time.perf_counter()
             rollout, seed = run.collect(
-                accelerator.unwrap_model(policy).model, tokenizer, prompts, rewards, sampling, G
+                accelerator.unwrap_model(policy).model, tokenizer, prompts, rewards, sampling=sampling, group_size=G
             )
             keep = rollout.ended | (not cfg.mask_truncated)
             loss_mask = rollout.completion_mask * keep.unsqueeze(-1)

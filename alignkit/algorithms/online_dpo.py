@@ -180,7 +180,7 @@ def train(cfg: OnlineDPOConfig) -> Path:
             "objective": objective.reward_mean,
         }
 
-    run = OnlineRun(cfg, accelerator, output_dir, len(prompts.train_rows), named, log)
+    run = OnlineRun(cfg, accelerator, len(prompts.train_rows), named=named, log=log)
     optimizer, scheduler = make_optimizer(model, cfg, run.steps)
     policy, optimizer = accelerator.prepare(BatchForward(model, policy_fn), optimizer)
     sampling = sampling_settings(cfg)
@@ -200,7 +200,7 @@ def train(cfg: OnlineDPOConfig) -> Path:
         while run.step < run.steps:
             t0 = time.perf_counter()
             rollout, _ = run.collect(
-                accelerator.unwrap_model(policy).model, tokenizer, prompts, scorer, sampling, G
+                accelerator.unwrap_model(policy).model, tokenizer, prompts, scorer, sampling=sampling, group_size=G
             )
             scores = rollout.scores.view(-1, G)
             ids = rollout.completion_ids()

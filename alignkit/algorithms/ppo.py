@@ -216,7 +216,7 @@ def train(cfg: PPOConfig) -> Path:
             "kl_controller": kl_ctl,
         }
 
-    run = OnlineRun(cfg, accelerator, output_dir, len(prompts.train_rows), named, log)
+    run = OnlineRun(cfg, accelerator, len(prompts.train_rows), named=named, log=log)
     n_rows = cfg.batch_size * cfg.num_generations
     minibatches_per_epoch = n_rows // (cfg.minibatch_size or n_rows)
     module = PolicyAndValue(lm, value, **fn_kwargs)
@@ -237,8 +237,8 @@ def train(cfg: PPOConfig) -> Path:
                 tokenizer,
                 prompts,
                 rewards,
-                sampling,
-                cfg.num_generations,
+                sampling=sampling,
+                group_size=cfg.num_generations,
             )
             plan = minibatches(n_rows, cfg, seed)
 

@@ -137,6 +137,110 @@ class Interrupts:
         raise RunInterrupted(step, latest, dropped=True)
 
 
+class Run:
+    """The one run loop's bookkeeping, around an algorithm's own step: the number of steps (`order` and
+    `total_steps`), resuming from the newest checkpoint, metrics lines, eval and checkpoint intervals, the
+    progress bar, and Ctrl-C (`Interrupts`: a step is finished and saved, or dropped; never saved half done).
+    `fit` (every offline objective) and `OnlineRun` (every online command) run it:
+
+        run = Run(cfg, accelerator, order, named=named)
+        ...                                     # prepare the model and optimizer
+        run.resume()
+        with run.interruptible():
+            while run.step < run.steps:
+                ...                             # the step: one optimizer step, or a rollout and its updates
+                run.finish_step(record, evaluate)
+
+    `named()` returns the named state a checkpoint holds (models, optimizer, scheduler, loop state, ...); it
+    is restored by `resume` when `cfg.resume` finds a checkpoint. `log` prints on the main process.
+    """
+
+    def __init__(
+        self, cfg: TrainConfig, accelerator, order: DataOrder, *, named: Callable[[], dict], log=None
+    ):
+        self.cfg, self.accelerator, self.order, self.named = cfg, accelerator, order, named
+        self.log = log or (print if accelerator.is_main_process else (lambda *a, **k: None))
+        self.steps = total_steps(cfg, order)
+        self.checkpointer = Checkpointer(Path(cfg.output_dir), cfg.save_total_limit)
+        self.step = 0
+        self.start = 0
+        """The step the run started (or resumed) at."""
+        self.last: dict = {}
+        """The last logged train record."""
+        self.logger: MetricsLogger | None = None
+
+    def resume(self) -> None:
+        """Restore the newest checkpoint's state when `cfg.resume` (after the optimizer is prepared), and
+        open the metrics log (dropping the lines of steps after the checkpoint)."""
+        latest = self.checkpointer.latest() if self.cfg.resume else None
+        if self.cfg.resume and latest is None:
+            self.log(f"resume=true but no checkpoint in {self.checkpointer.root}; starting from step 0")
+        if latest is not None:
+            defaults = default_fingerprint(self.cfg)
+            self.step = self.start = self.checkpointer.load(latest, self.named(), defaults=defaults)["step"]
+            self.log(f"resumed from {latest} at step {self.step}")
+        resumed = self.step if latest is not None else None
+        self.logger = MetricsLogger(Path(self.cfg.output_dir), self.accelerator.is_main_process, resumed)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """`x`'s rows from every process in rank order (`training.setup.gather_rows`): what batch statistics,
+        the reward normaliser and logged figures must see."""
+        return gather_rows(self.accelerator, x)
+
+    def gather_objects(self, obj) -> list:
+        """`obj` of every process, in rank order (`training.setup.gather_objects`): counters and statistics that
+        are not rows of a tensor, for the logged figures."""
+        return gather_objects(self.accelerator, obj)
+
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (main process); returns its folder or None."""
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        return self.checkpointer.save(self.step, self.named())
+
+    def finish_step(
+        self, record: dict, evaluate: Callable[[], dict] | None = None, postfix: dict | None = None
+    ):
+        """Count the step done; log its record, evaluate (`evaluate() -> dict`) and checkpoint when the
+        intervals say so; on Ctrl-C, save this whole step and stop. `postfix`: the progress bar's figures
+        (numbers, or text already formatted)."""
+        cfg = self.cfg
+        self.step += 1
+        self._bar.update(1)
+        if postfix:
+            self._bar.set_postfix({k: v if isinstance(v, str) else f"{v:.3f}" for k, v in postfix.items()})
+        if self.step % cfg.logging_steps == 0 or self.step == self.steps:
+            self.last = {"step": self.step, "split": "train", **record}
+            self.logger.log(self.last)
+        if evaluate is not None and (self.step % cfg.eval_steps == 0 or self.step == self.steps):
+            self.logger.log({"step": self.step, "split": "eval", **evaluate()})
+        saved = cfg.save_steps > 0 and self.step % cfg.save_steps == 0 and self.step < self.steps
+        path = self.save() if saved else None
+        if self.step < self.steps and self._interrupts.stop_requested():  # Ctrl-C: this step is whole
+            self._bar.close()
+            self._interrupts.stop(path if saved else self.save(), self.step)
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """The loop's body runs inside: a progress bar, and Ctrl-C handled by `Interrupts`: the first finishes
+        the step, saves it and raises `RunInterrupted`; a second drops the step unsaved and raises it too
+        (the CLI exits 130; continue with resume=true)."""
+        from tqdm.auto import tqdm
+
+        show = self.cfg.progress and self.accelerator.is_main_process
+        self._bar = tqdm(total=self.steps, initial=self.step, disable=not show, dynamic_ncols=True)
+        with Interrupts(self.accelerator) as self._interrupts:
+            try:
+                yield self
+            except RunInterrupted:
+                raise
+            except KeyboardInterrupt:
+                self._bar.close()
+                self._interrupts.drop(self.step, self.checkpointer.latest())
+        self._bar.close()
+
+
 def fit(
     cfg: TrainConfig,
     accelerator,
@@ -152,7 +256,7 @@ def fit(
     lengths: list[int] | None = None,
     summarise: Callable[[dict], dict] | None = None,
 ) -> tuple[torch.nn.Module, dict]:
-    """Run the optimisation loop; returns (the prepared model, the last logged train metrics).
+    """Run the optimisation loop (`Run`); returns (the prepared model, the last logged train metrics).
 
     model: the module every loss calls (an `alignkit.models.load.BatchForward`), prepared here with its
     optimizer; loss_fn(prepared model, batch) returns the micro-batch loss and metrics (see
@@ -165,122 +269,103 @@ def fit(
     similar length (`group_by_length`). summarise(record) derives the logged metrics from a step's
     averaged ones (e.g. a class's mean reward from the mean of reward x indicator and the class's share).
     """
-    output_dir = Path(cfg.output_dir)
     order = data_order(cfg, len(train_examples), accelerator, lengths)
-    steps = total_steps(cfg, order)
-    optimizer, scheduler = make_optimizer(model, cfg, steps)
+    optimizer, scheduler = make_optimizer(model, cfg, total_steps(cfg, order))
     model, optimizer = accelerator.prepare(model, optimizer)
-    checkpointer = Checkpointer(output_dir, cfg.save_total_limit)
+    snapshot = None  # the loop state as at the end of step `run.step`
 
-    def named(loop_state=None) -> dict:
+    def named() -> dict:
         out = {"model": accelerator.unwrap_model(model), "optimizer": optimizer, "scheduler": scheduler}
-        if state is not None:
-            out["loop_state"] = loop_state if loop_state is not None else state
+        if state is not None:  # restored into `state`; saved as it was at the step's end
+            out["loop_state"] = Frozen(snapshot) if snapshot is not None else state
         return out
 
-    start = 0
-    latest = checkpointer.latest() if cfg.resume else None
-    if cfg.resume and latest is None and accelerator.is_main_process:
-        print(f"resume=true but no checkpoint in {checkpointer.root}; starting from step 0")
-    if latest is not None:
-        start = checkpointer.load(latest, named(), defaults=default_fingerprint(cfg))["step"]
-        if accelerator.is_main_process:
-            print(f"resumed from {latest} at step {start}")
-    logger = MetricsLogger(output_dir, accelerator.is_main_process, start if latest is not None else None)
+    run = Run(cfg, accelerator, order, named=named)
+    run.resume()
+    snapshot = state.state_dict() if state is not None else None
 
-    from tqdm.auto import tqdm
+    def evaluated() -> dict:
+        model.eval()
+        with torch.no_grad(), accelerator.autocast():
+            return evaluate(model)
 
-    bar = tqdm(
-        total=steps,
-        initial=start,
-        disable=not (cfg.progress and accelerator.is_main_process),
-        dynamic_ncols=True,
+    with run.interruptible():
+        while run.step < run.steps:
+            t0 = time.perf_counter()
+            micro = [[train_examples[i] for i in idx] for idx in order.micro_batches(run.step)]
+            record = fit_step(
+                cfg,
+                accelerator,
+                model,
+                micro,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                collate=collate,
+                loss_fn=loss_fn,
+                units=units,
+            )
+            if state is not None:
+                snapshot = state.state_dict()
+            elapsed = time.perf_counter() - t0
+            if summarise is not None:
+                record = summarise(record)
+            record.update(step_time=elapsed, **{"tokens/s": record["tokens"] / elapsed})
+            if run.step == run.start and setup_metrics:
+                record.update(setup_metrics)
+            postfix = {"loss": f"{record['loss']:.4f}", "tok_s": f"{record['tokens/s']:.0f}"}
+            run.finish_step(record, evaluated if evaluate is not None else None, postfix)
+    return model, run.last
+
+
+def fit_step(
+    cfg: TrainConfig,
+    accelerator,
+    model,
+    micro: list[list[dict]],
+    *,
+    optimizer,
+    scheduler,
+    collate,
+    loss_fn,
+    units,
+) -> dict:
+    """One optimizer step of `fit` over this process's micro-batches of examples (`micro`); returns its
+    record as numbers (the step's one host sync), with the tokens of every process."""
+    model.train()
+    batches = [{k: v.to(accelerator.device) for k, v in collate(mb).items()} for mb in micro]
+    tokens = sum(b["attention_mask"].sum() for b in batches)
+    record = optimizer_step(
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        micro_batches=batches,
+        loss_fn=loss_fn,
+        units=[units(mb) if units else len(mb) for mb in micro],
+        max_grad_norm=cfg.max_grad_norm,
     )
-    last: dict = {}
-    step = start
-    snapshot = state.state_dict() if state is not None else None  # as at the end of step `step`
-
-    def save() -> Path | None:
-        accelerator.wait_for_everyone()
-        if not accelerator.is_main_process:
-            return None
-        return checkpointer.save(step, named(Frozen(snapshot) if state is not None else None))
-
-    with Interrupts(accelerator) as interrupts:
-        try:
-            while step < steps:
-                model.train()
-                t0 = time.perf_counter()
-                micro = [[train_examples[i] for i in idx] for idx in order.micro_batches(step)]
-                batches = [{k: v.to(accelerator.device) for k, v in collate(mb).items()} for mb in micro]
-                tokens = sum(b["attention_mask"].sum() for b in batches)
-                record = optimizer_step(
-                    accelerator,
-                    model,
-                    optimizer,
-                    scheduler,
-                    micro_batches=batches,
-                    loss_fn=loss_fn,
-                    units=[units(mb) if units else len(mb) for mb in micro],
-                    max_grad_norm=cfg.max_grad_norm,
-                )
-                record["tokens"] = (
-                    accelerator.reduce(tokens.float(), "sum") if accelerator.num_processes > 1 else tokens
-                )
-                record = as_numbers(record)  # the step's one host sync
-                step += 1
-                if state is not None:
-                    snapshot = state.state_dict()
-                elapsed = time.perf_counter() - t0
-                if summarise is not None:
-                    record = summarise(record)
-                record.update(step_time=elapsed, **{"tokens/s": record["tokens"] / elapsed})
-                if step == start + 1 and setup_metrics:
-                    record.update(setup_metrics)
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens/s']:.0f}")
-                if step % cfg.logging_steps == 0 or step == steps:
-                    last = {"step": step, "split": "train", **record}
-                    logger.log(last)
-                if evaluate is not None and (step % cfg.eval_steps == 0 or step == steps):
-                    model.eval()
-                    with torch.no_grad(), accelerator.autocast():
-                        logger.log({"step": step, "split": "eval", **evaluate(model)})
-                saved = cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < steps
-                path = save() if saved else None
-                if step < steps and interrupts.stop_requested():  # Ctrl-C: this step is whole, stop here
-                    bar.close()
-                    interrupts.stop(path if saved else save(), step)
-        except RunInterrupted:
-            raise
-        except KeyboardInterrupt:
-            bar.close()
-            interrupts.drop(step, checkpointer.latest())
-    bar.close()
-    return model, last
+    record["tokens"] = accelerator.reduce(tokens.float(), "sum") if accelerator.num_processes > 1 else tokens
+    return as_numbers(record)
 
 
-class OnlineRun:
-    """The bookkeeping every online loop shares, around the algorithm's own step: which prompts and seed a
-    step uses (`DataOrder`, functions of the seed and step), resuming from the newest checkpoint, metrics
-    lines, eval and checkpoint intervals, the progress bar, and Ctrl-C as `training.loop.fit` handles it
-    (`training.loop.Interrupts`: the step is finished and saved, or dropped; never saved half done: a step's
-    several optimizer steps and its reward normaliser update are one unit).
+class OnlineRun(Run):
+    """The run loop of every online command: `Run` over the prompt rows (`batch_size` prompts a step), plus
+    which prompts and sampling seed a step uses (functions of the seed and step, so a resume redraws them)
+    and the step's rollout.
 
-        run = OnlineRun(cfg, accelerator, output_dir, len(prompts.train_rows), named, log)
+        run = OnlineRun(cfg, accelerator, len(prompts.train_rows), named=named, log=log)
+        ...
         with run.interruptible():
             while run.step < run.steps:
-                rollout, seed = run.collect(policy, tokenizer, prompts, rewards, sampling, G)
+                rollout, seed = run.collect(policy, tokenizer, prompts, rewards, sampling, group_size=G)
                 ...                                     # advantages, updates
                 run.finish_step(record, evaluate)
-
-    `named()` returns the named state a checkpoint holds (models, optimizer, scheduler, reward normaliser,
-    ...); it is restored here when `cfg.resume` finds a checkpoint.
     """
 
-    def __init__(self, cfg: OnlineConfig, accelerator, output_dir, n_prompts: int, named, log=print):
-        self.cfg, self.accelerator, self.named = cfg, accelerator, named
-        self.order = DataOrder(
+    def __init__(
+        self, cfg: OnlineConfig, accelerator, n_prompts: int, *, named: Callable[[], dict], log=None
+    ):
+        order = DataOrder(
             n_prompts,
             cfg.batch_size,
             1,
@@ -289,38 +374,14 @@ class OnlineRun:
             accelerator.process_index,
             cfg.shuffle,
         )
-        self.steps = total_steps(cfg, self.order)
-        self.checkpointer = Checkpointer(output_dir, cfg.save_total_limit)
-        self.output_dir, self.log = output_dir, log
-        self.step = 0
-        self.logger: MetricsLogger | None = None
-
-    def resume(self) -> None:
-        """Restore the newest checkpoint's state when `cfg.resume` (after the optimizer is prepared)."""
-        latest = self.checkpointer.latest() if self.cfg.resume else None
-        if latest is not None:
-            defaults = default_fingerprint(self.cfg)
-            self.step = self.checkpointer.load(latest, self.named(), defaults=defaults)["step"]
-            self.log(f"resumed from {latest} at step {self.step}")
-        resumed = self.step if latest is not None else None
-        self.logger = MetricsLogger(self.output_dir, self.accelerator.is_main_process, resumed)
-
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """`x`'s rows from every process in rank order (`training.setup.gather_rows`): what batch statistics,
-        the reward normaliser and logged figures must see."""
-        return gather_rows(self.accelerator, x)
-
-    def gather_objects(self, obj) -> list:
-        """`obj` of every process, in rank order (`training.setup.gather_objects`): counters and statistics that
-        are not rows of a tensor, for the logged figures."""
-        return gather_objects(self.accelerator, obj)
+        super().__init__(cfg, accelerator, order, named=named, log=log)
 
     def step_prompts(self) -> tuple[list[int], int]:
         """(prompt indices, sampling seed) of this process for the current step."""
         seed = (self.cfg.seed * 1_000_003 + self.step) * 1009 + self.accelerator.process_index
         return self.order.micro_batches(self.step)[0], seed
 
-    def collect(self, policy, tokenizer, prompts: Prompts, rewards: RewardSet, sampling, group_size: int):
+    def collect(self, policy, tokenizer, prompts: Prompts, rewards: RewardSet, *, sampling, group_size: int):
         """(rollout, seed): this process's rollout of the current step, `group_size` completions of each
         of its prompts from `policy` (the unwrapped model), sampled with the step's seed."""
         idx, seed = self.step_prompts()
@@ -336,47 +397,3 @@ class OnlineRun:
             gather=self.gather,
         )
         return rollout, seed
-
-    def save(self):
-        """Write a checkpoint of the current step (main process); returns its folder or None."""
-        self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process:
-            return None
-        return self.checkpointer.save(self.step, self.named())
-
-    def finish_step(self, record: dict, evaluate=None, postfix: dict | None = None) -> None:
-        """Count the step done; log its record, evaluate (`evaluate(step) -> dict`) and checkpoint when
-        the intervals say so."""
-        cfg = self.cfg
-        self.step += 1
-        self._bar.update(1)
-        if postfix:
-            self._bar.set_postfix({k: f"{v:.3f}" for k, v in postfix.items()})
-        if self.step % cfg.logging_steps == 0 or self.step == self.steps:
-            self.logger.log({"step": self.step, "split": "train", **record})
-        if evaluate is not None and (self.step % cfg.eval_steps == 0 or self.step == self.steps):
-            self.logger.log({"step": self.step, "split": "eval", **evaluate()})
-        saved = cfg.save_steps > 0 and self.step % cfg.save_steps == 0 and self.step < self.steps
-        path = self.save() if saved else None
-        if self.step < self.steps and self._interrupts.stop_requested():  # Ctrl-C: this step is whole
-            self._bar.close()
-            self._interrupts.stop(path if saved else self.save(), self.step)
-
-    @contextlib.contextmanager
-    def interruptible(self):
-        """The loop's body runs inside: a progress bar, and Ctrl-C handled by `training.loop.Interrupts`: the
-        first finishes the step, saves it and raises `RunInterrupted`; a second drops the step unsaved and
-        raises it too (the CLI exits 130; continue with resume=true)."""
-        from tqdm.auto import tqdm
-
-        show = self.cfg.progress and self.accelerator.is_main_process
-        self._bar = tqdm(total=self.steps, initial=self.step, disable=not show, dynamic_ncols=True)
-        with Interrupts(self.accelerator) as self._interrupts:
-            try:
-                yield self
-            except RunInterrupted:
-                raise
-            except KeyboardInterrupt:
-                self._bar.close()
-                self._interrupts.drop(self.step, self.checkpointer.latest())
-        self._bar.close()
