@@ -166,27 +166,13 @@ def shape_rewards(cfg: PPOConfig, rollout, kl_coef: float, *, gather=None) -> di
     }
 
 
-def train(cfg: PPOConfig) -> Path:
-    """Train a policy with PPO on prompt rows against a reward set; returns the saved final model's folder."""
-    check_settings(cfg)
-    rewards = online_rewards(cfg, "ppo")
-    accelerator, log, output_dir = start_run(cfg)
-
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
-    seq2seq = is_encoder_decoder(cfg.model, cfg.trust_remote_code)
-    prompts = load_prompts(cfg, tokenizer, log, encoder_decoder=seq2seq)  # a T5 source keeps its EOS
-
-    # Policy, critic (built from the policy's weights before any adapter) and reference; dropout off in
-    # all three, so the first ratio is exactly 1 and the values are deterministic.
-    lm = disable_dropout(
-        load_policy(cfg, tokenizer.pad_token_id, accelerator.device, encoder_decoder_ok=True)
-    )
-    cfg = with_default_lr(cfg, lm, log)
-    shared_base = cfg.value_model == "adapter"  # the critic: a second adapter on the policy's base
+def critic_and_reference(cfg: PPOConfig, lm, accelerator, sampling):
+    """(policy, critic, reference, the reference's forward) around the loaded policy `lm`: the critic is
+    built from the policy's weights before any adapter (or, value_model=adapter, is a second adapter on the
+    policy's base: critic None until the adapters exist); with LoRA the policy gets its adapter and the
+    critic its own. Dropout stays off everywhere, so the first ratio is exactly 1 and values deterministic."""
+    shared_base = cfg.value_model == "adapter"
     value = None if shared_base else value_model_from(lm, cfg.value_model, cfg, accelerator.device)
-    sampling = sampling_settings(cfg)
-    fn_kwargs = {"chunk_size": cfg.logprob_chunk_size, **sampling.scoring()}  # as the sampler drew
-
     reference, reference_fn = online_reference(
         cfg, lm, accelerator, cfg.kl_coef, temperature=sampling.temperature
     )
@@ -199,7 +185,44 @@ def train(cfg: PPOConfig) -> Path:
                 add_lora(value.backbone, cfg.lora, task_type="FEATURE_EXTRACTION")
             )
             value.head.requires_grad_(True)
-    reference_forward = BatchForward(lm, reference_fn)  # adapter mode: the policy with its adapter off
+    return lm, value, reference, BatchForward(lm, reference_fn)  # adapter mode: the policy, adapter off
+
+
+def critic_metrics(shaped: dict, rollout, gather) -> dict:
+    """The step's score, penalised reward, mean return and value, and the critic's explained variance, over
+    every process's completions (`gather`)."""
+    mask = rollout.completion_mask.bool()
+    returns, values = gather(shaped["returns"][mask]), gather(rollout.old_values[mask])
+    return {
+        "score": float(gather(shaped["scores"]).mean()),
+        "reward_penalised": float(gather(shaped["rewards"].sum(-1)).mean()),
+        "returns/mean": float(returns.mean()),
+        "values/mean": float(values.mean()),
+        "explained_variance": float(
+            explained_variance(values[None], returns[None], torch.ones_like(values[None]))
+        ),
+    }
+
+
+def train(cfg: PPOConfig) -> Path:
+    """Train a policy with PPO on prompt rows against a reward set; returns the saved final model's folder."""
+    check_settings(cfg)
+    rewards = online_rewards(cfg, "ppo")
+    accelerator, log, output_dir = start_run(cfg)
+
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
+    seq2seq = is_encoder_decoder(cfg.model, cfg.trust_remote_code)
+    prompts = load_prompts(cfg, tokenizer, log, encoder_decoder=seq2seq)  # a T5 source keeps its EOS
+
+    # Policy, critic and reference, dropout off in all three (`critic_and_reference`).
+    lm = disable_dropout(
+        load_policy(cfg, tokenizer.pad_token_id, accelerator.device, encoder_decoder_ok=True)
+    )
+    cfg = with_default_lr(cfg, lm, log)
+    sampling = sampling_settings(cfg)
+    fn_kwargs = {"chunk_size": cfg.logprob_chunk_size, **sampling.scoring()}  # as the sampler drew
+    lm, value, reference, reference_forward = critic_and_reference(cfg, lm, accelerator, sampling)
+    shared_base = cfg.value_model == "adapter"
     kl_ctl = (
         AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
         if cfg.target_kl is not None
@@ -320,18 +343,11 @@ def train(cfg: PPOConfig) -> Path:
                     rollout, raw_advantages, gather=run.gather, gather_objects=run.gather_objects
                 ),
             }
-            returns, values = run.gather(shaped["returns"][mask]), run.gather(rollout.old_values[mask])
             record.update(
                 {
                     "kl_ref": float(sequence_kl),
                     "kl_coef": kl_coef,
-                    "score": float(run.gather(shaped["scores"]).mean()),
-                    "reward_penalised": float(run.gather(shaped["rewards"].sum(-1)).mean()),
-                    "returns/mean": float(returns.mean()),
-                    "values/mean": float(values.mean()),
-                    "explained_variance": float(
-                        explained_variance(values[None], returns[None], torch.ones_like(values[None]))
-                    ),
+                    **critic_metrics(shaped, rollout, run.gather),
                     "updates": len(records),
                     **timing_metrics(rollout, (t0, t1, t2, t3), passes=len(records) / minibatches_per_epoch),
                 }
