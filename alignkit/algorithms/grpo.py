@@ -196,7 +196,12 @@ def train(cfg: GRPOConfig) -> Path:
             # each -> rewards. (N·G rows, prompt-major)
             t0 = time.perf_counter()
             rollout, seed = run.collect(
-                accelerator.unwrap_model(policy).model, tokenizer, prompts, rewards, sampling=sampling, group_size=G
+                accelerator.unwrap_model(policy).model,
+                tokenizer,
+                prompts,
+                rewards,
+                sampling=sampling,
+                group_size=G,
             )
             keep = rollout.ended | (not cfg.mask_truncated)
             loss_mask = rollout.completion_mask * keep.unsqueeze(-1)

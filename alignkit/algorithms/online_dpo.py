@@ -200,7 +200,12 @@ def train(cfg: OnlineDPOConfig) -> Path:
         while run.step < run.steps:
             t0 = time.perf_counter()
             rollout, _ = run.collect(
-                accelerator.unwrap_model(policy).model, tokenizer, prompts, scorer, sampling=sampling, group_size=G
+                accelerator.unwrap_model(policy).model,
+                tokenizer,
+                prompts,
+                scorer,
+                sampling=sampling,
+                group_size=G,
             )
             scores = rollout.scores.view(-1, G)
             ids = rollout.completion_ids()

@@ -23,7 +23,7 @@ from alignkit.training.setup import save_final, start_run
 from alignkit.training.step import as_numbers
 
 
-def completion_nll(model, batch: dict, chunk_size: int = 1024) -> dict[str, torch.Tensor]:
+def summed_nll(model, batch: dict, chunk_size: int = 1024) -> dict[str, torch.Tensor]:
     """{"nll": summed negative log-likelihood of the batch's completion tokens, "tokens": their number};
     the batch function the prepared policy runs."""
     out = completion_logps(
@@ -56,7 +56,7 @@ def train(cfg: SFTConfig) -> Path:
         return collate_sft(examples, tokenizer.pad_token_id)
 
     def nll(m, batch: dict) -> dict:
-        return completion_nll(m, batch, cfg.logprob_chunk_size)
+        return summed_nll(m, batch, cfg.logprob_chunk_size)
 
     def evaluate(prepared) -> dict:
         totals = {"nll": 0.0, "tokens": 0.0}

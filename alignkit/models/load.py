@@ -10,6 +10,7 @@ import torch
 
 from alignkit.io import follow_umask
 from alignkit.logprobs import completion_logps, seq2seq_completion_logps
+from alignkit.models.compat import enable_activation_checkpointing
 
 
 class BatchForward(torch.nn.Module):
@@ -232,16 +233,6 @@ def shared_prompt_fits(name_or_path: str, max_length: int, trust_remote_code: bo
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     window = sliding_window(config)
     return window if window is not None and window < max_length else None
-
-
-def enable_activation_checkpointing(model) -> None:
-    """Recompute activations in backward (non-reentrant), whatever the transformers release calls it."""
-    # transformers 5 renamed the method and its argument; older releases only have the old names.
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
 
 
 def load_policy(

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
 
 import torch
+
+from alignkit.models.compat import checkpointing_enabled, get_peft_model
 
 
 def add_lora(model, lora, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
@@ -14,7 +15,7 @@ def add_lora(model, lora, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
     task_type SEQ_CLS (classifiers: reward and value models) also keeps the new head (`score` or
     `classifier`) fully trainable and saves it with the adapter.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     targets = lora.target_modules
     if targets != "all-linear":
@@ -26,17 +27,9 @@ def add_lora(model, lora, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
         target_modules=targets,
         task_type=task_type,
     )
-    name = (
-        "is_activation_checkpointing"
-        if hasattr(type(model), "is_activation_checkpointing")
-        else "is_gradient_checkpointing"
-    )
-    if getattr(model, name, False):
+    if checkpointing_enabled(model):
         model.enable_input_require_grads()
-    with warnings.catch_warnings():
-        # peft still asks for transformers' deprecated `is_gradient_checkpointing`; nothing for a user to do.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, config)
+    return get_peft_model(model, config)
 
 
 @contextlib.contextmanager

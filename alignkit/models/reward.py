@@ -6,12 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from alignkit.models.load import (
-    DTYPES,
-    enable_activation_checkpointing,
-    is_pooled_reward_model,
-    load_causal_lm,
-)
+from alignkit.models.compat import enable_activation_checkpointing
+from alignkit.models.load import DTYPES, is_pooled_reward_model, load_causal_lm
 
 
 def is_encoder(config) -> bool:

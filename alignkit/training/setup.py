@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from alignkit.config.base import MIXED_PRECISION, TrainConfig
+from alignkit.models.compat import reset_accelerator_state
 from alignkit.training.checkpoint import default_fingerprint
 from alignkit.training.tracking import check_report_to, finish_trackers, start_trackers
 
@@ -74,10 +75,7 @@ def make_accelerator(cfg: TrainConfig):
     # accelerate keeps one process-wide AcceleratorState and refuses a second Accelerator with another
     # mixed precision; a process that runs several trainings (a notebook, sDPO's stages, the tests) starts
     # each from a fresh one. The distributed PartialState (the process group) is kept.
-    from accelerate.state import AcceleratorState
-
-    if hasattr(AcceleratorState, "_reset_state"):
-        AcceleratorState._reset_state(reset_partial_state=False)
+    reset_accelerator_state()
     tracked = check_report_to(cfg.report_to)
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
