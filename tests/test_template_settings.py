@@ -160,7 +160,7 @@ def test_vision_rows_get_the_settings_as_a_text_part(tmp_path):
     from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from alignkit.data.vision import prepare_vision_data, read_image
+    from alignkit.data.vision_rows import prepare_vision_data, read_image
     from tests.test_vlm_dpo import WORDS, word_tokenizer, write_colour_pairs
 
     dot = "{% if enable_thinking is defined and not enable_thinking %} .{% endif %}"

@@ -1,4 +1,4 @@
-"""DPO on vision-language models (alignkit.data.vision, alignkit.models.vision) and mDPO, with tiny random LLaVA and
+"""DPO on vision-language models (alignkit.data.vision_rows, alignkit.models.vision) and mDPO, with tiny random LLaVA and
 Qwen2-VL models built here: word-level tokenizers built with `tokenizers`, image processors constructed in
 code, 8-pixel PNG images written by the test."""
 
@@ -129,7 +129,7 @@ def build_qwen2vl(path: Path, seed: int = 0) -> Path:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from alignkit.data.vision import image_only_processor
+    from alignkit.data.vision_rows import image_only_processor
 
     tok = word_tokenizer(QWEN_SPECIALS, [*WORDS, "user", "assistant"])
     image_processor = Qwen2VLImageProcessorPil(
@@ -234,7 +234,7 @@ def test_boundary_and_image_token_counts(vlm, tmp_path):
     """The prompt's image placeholder expands to the model's count (LLaVA 16, Qwen2-VL 4); the expanded
     prompt is exactly the processor's ids for the prompt; the completion mask covers the response tokens
     (and EOS) and nothing of the prompt; Qwen2-VL's mm_token_type_ids mark the image tokens."""
-    from alignkit.data.vision import (
+    from alignkit.data.vision_rows import (
         collate_vision_pairs,
         image_token_count,
         load_processor,
@@ -270,7 +270,7 @@ def test_boundary_and_image_token_counts(vlm, tmp_path):
 
 def test_truncation_that_would_cut_image_tokens_is_an_error(vlm, tmp_path):
     from alignkit.data.readers import DataError
-    from alignkit.data.vision import load_processor, load_vision_rows, tokenize_vision_rows
+    from alignkit.data.vision_rows import load_processor, load_vision_rows, tokenize_vision_rows
 
     name, model = vlm
     processor = load_processor(str(model))
@@ -284,7 +284,7 @@ def test_truncation_that_would_cut_image_tokens_is_an_error(vlm, tmp_path):
 
 def test_bad_image_rows_are_reported_with_file_and_line(vlm, tmp_path):
     from alignkit.data.readers import DataError
-    from alignkit.data.vision import load_processor, load_vision_rows
+    from alignkit.data.vision_rows import load_processor, load_vision_rows
 
     processor = load_processor(str(vlm[1]))
     data = write_colour_pairs(tmp_path, n=2)
@@ -342,7 +342,7 @@ def test_each_pair_s_images_are_encoded_once(tmp_path_factory, tmp_path):
     """The vision tower sees B images for B pairs (not 2B), and the log-probs equal those of the plain
     forward that encodes each row's image separately."""
     from alignkit.algorithms.dpo import pair_logps
-    from alignkit.data.vision import collate_vision_pairs, load_processor, prepare_vision_data
+    from alignkit.data.vision_rows import collate_vision_pairs, load_processor, prepare_vision_data
     from alignkit.models.load import load_causal_lm
 
     model_dir = build_llava(tmp_path_factory.mktemp("llava-once"), seed=1)
@@ -402,7 +402,7 @@ def test_mdpo_run_starts_at_three_ln2_and_logs_its_metrics(tmp_path_factory, tmp
 def test_corrupt_image_is_seeded_and_keeps_the_size():
     from PIL import Image
 
-    from alignkit.data.vision import corrupt_image
+    from alignkit.data.vision_rows import corrupt_image
 
     image = Image.new("RGB", (16, 8), (255, 0, 0))
     image.paste((0, 0, 255), (8, 0, 16, 8))  # left half red, right half blue
@@ -454,7 +454,7 @@ def test_share_prompt_row_gives_the_two_row_log_probs(name, tmp_path_factory, tm
     gives the log-probs of the two-row layout, for LLaVA and for Qwen2-VL, whose multimodal-RoPE positions
     (image tokens on their grid) are rebuilt per segment (`vision.mrope_positions`)."""
     from alignkit.algorithms.dpo import pair_logps
-    from alignkit.data.vision import (
+    from alignkit.data.vision_rows import (
         collate_vision_pairs,
         collate_vision_shared_prompt,
         load_processor,
@@ -505,7 +505,7 @@ def test_base64_images_give_the_examples_of_image_files(tmp_path):
     """An image given as a data URI or as bare base64 is the image its file holds: same tokens, same pixels."""
     import base64
 
-    from alignkit.data.vision import (
+    from alignkit.data.vision_rows import (
         collate_vision_pairs,
         load_processor,
         load_vision_rows,

@@ -219,7 +219,7 @@ def test_boundary_and_image_token_counts_with_two_image_sizes(family, tmp_path):
     model takes them (`model_token_types`) reach the batch. A prompt too long for
     max_prompt_length is an error that counts its image tokens."""
     from alignkit.data.readers import DataError
-    from alignkit.data.vision import (
+    from alignkit.data.vision_rows import (
         collate_vision_pairs,
         collate_vision_shared_prompt,
         image_token_count,
@@ -271,7 +271,7 @@ def test_log_probs_equal_a_plain_forward(family, tmp_path):
     processor gives them, token_type_ids as `model_token_types`), gathered by hand on the completion
     tokens. Without the suffix type PaliGemma's completion tokens would see the tokens after them."""
     from alignkit.algorithms.dpo import pair_logps
-    from alignkit.data.vision import collate_vision_pairs, load_processor, prepare_vision_data
+    from alignkit.data.vision_rows import collate_vision_pairs, load_processor, prepare_vision_data
     from alignkit.models.load import load_causal_lm
     from alignkit.models.vision import vision_setup
 

@@ -28,7 +28,7 @@ import torch
 
 from alignkit.config.base import LoraSettings, TrainConfig
 from alignkit.config.load import RANGES, ConfigError, above, at_least
-from alignkit.data.images import ImagePair, load_image_pairs, pixel_values, size_time_ids
+from alignkit.data.image_pairs import ImagePair, load_image_pairs, pixel_values, size_time_ids
 from alignkit.data.prepare import bad_rows_list, report_dropped, split_eval
 from alignkit.losses.diffusion import DIFFUSION_LOSSES, denoising_mse, diffusion_dpo_loss
 from alignkit.models.diffusion import (

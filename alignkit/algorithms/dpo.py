@@ -44,7 +44,7 @@ def pair_logps(model, batch: dict, chunk_size: int = 1024) -> dict[str, torch.Te
 
     Two layouts (alignkit.data.collate): rows of packed [prompt | chosen | rejected] segments with a 4D
     mask (`share_prompt`, each prompt computed once), or 2B rows, chosen then rejected. With images
-    (alignkit.data.vision) each pair's images are encoded once in either layout, and mDPO batches (two-row)
+    (alignkit.data.vision_rows) each pair's images are encoded once in either layout, and mDPO batches (two-row)
     add B rows of the chosen response under corrupted images ("corrupt_chosen", "n_corrupt_chosen").
     """
     if "allowed" in batch:

@@ -1,7 +1,7 @@
 """mDPO's extra terms (Wang et al. 2024, "mDPO: Conditional Preference Optimization for Multimodal Large
 Language Models", eq. 3-5): a pure function of per-sequence log-prob sums.
 
-With m the image, m' a corrupted copy (`data.vision.corrupt_image`), y_w the chosen response and
+With m the image, m' a corrupted copy (`data.vision_rows.corrupt_image`), y_w the chosen response and
 r(y | m) = β·(log πθ(y|m,x) − log πref(y|m,x)):
 
     conditional  L_CoPO = −log σ( r(y_w | m) − r(y_w | m') )     the answer must depend on the real image

@@ -4,7 +4,7 @@ pair's images once.
 A VLM (LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration, ...) is a causal LM whose backbone
 also takes image inputs: `logprobs.completion_logps` runs it as it runs a text model, with the keyword inputs
 `image_inputs` builds. A pair's chosen and rejected responses show the same images, so in either batch
-layout (`data.vision.collate_vision_shared_prompt`: one [prompt | chosen | rejected] row per pair;
+layout (`data.vision_rows.collate_vision_shared_prompt`: one [prompt | chosen | rejected] row per pair;
 `collate_vision_pairs`: one row per sequence) the vision tower runs once per pair and its features go to
 the backbone as precomputed `mm_encoder_outputs`, never encoded twice.
 """
@@ -162,7 +162,7 @@ def vision_setup(cfg, log=print) -> VisionRun:
     """The `VisionRun` of a vision-language model (`check_vision_settings` said it is one): its processor,
     and share_prompt's one-row layout unless mdpo, a multimodal RoPE other than Qwen2-VL's, or a mask built
     from token_type_ids (Gemma 3, PaliGemma) needs one row per sequence."""
-    from alignkit.data.vision import (
+    from alignkit.data.vision_rows import (
         Corruption,
         collate_vision_pairs,
         collate_vision_shared_prompt,
