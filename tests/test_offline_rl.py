@@ -14,7 +14,8 @@ from alignkit.algorithms import offline_rl
 from alignkit.algorithms.offline_rl import OfflineRLConfig, row_weights
 from alignkit.config.base import LoraSettings, ReferenceSettings
 from alignkit.config.load import ConfigError
-from alignkit.data.rows import DataError, load_logged_rows
+from alignkit.data.load import load_logged_rows
+from alignkit.data.readers import DataError
 from alignkit.losses.weighted import (
     advantages,
     awr_weights,

@@ -2,7 +2,7 @@
 
     alignkit kto model=PATH data=rows.jsonl output_dir=out batch_size=8
 
-Rows are {prompt, completion, label: true/false}, text or conversational (alignkit.data.rows). Reads top
+Rows are {prompt, completion, label: true/false}, text or conversational (alignkit.data.parse). Reads top
 to bottom: data -> policy -> reference log-probs -> loss -> fit -> save.
 
 KTO measures each completion's implicit reward against a reference point z0, the policy's KL from the

@@ -3,7 +3,7 @@ optional KL penalty to the reference.
 
     alignkit offline-rl model=PATH data=logged.jsonl output_dir=out method=awr
 
-Rows are {prompt, response, reward} (alignkit.data.rows), e.g. a deployed model's responses scored by
+Rows are {prompt, response, reward} (alignkit.data.parse), e.g. a deployed model's responses scored by
 `alignkit score`. Reads top to bottom: rows -> weights (or the RAFT filter), computed once over the
 training rows (`alignkit.losses.weighted`) -> policy (and reference) -> weighted NLL -> fit -> save.
 

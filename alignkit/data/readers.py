@@ -2,7 +2,7 @@
 
 `read_records` turns a .jsonl/.json/.parquet file, a saved dataset folder or a Hugging Face dataset name
 into (line, record) pairs; `DataError` and `Problems` collect every problem of a file into one error.
-Validation of the records' fields lives in alignkit.data.rows.
+Validation of the records' fields lives in alignkit.data.parse.
 """
 
 from __future__ import annotations
