@@ -24,7 +24,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper
 
 from alignkit.data.prompts import encode_prompt
-from alignkit.logprobs import truncation_warpers
+from alignkit.logprobs.transforms import truncation_warpers
 
 
 def sample_seed(seed: int, index: int) -> int:

@@ -132,7 +132,7 @@ def config(tmp_path, model, data, **overrides) -> OfflineRLConfig:
 def logp_gap(model_dir, tokenizer) -> float:
     """Per-token log-prob of the high-reward response minus the low-reward one, on one prompt."""
     from alignkit.data.collate import collate_sft
-    from alignkit.logprobs import completion_logps
+    from alignkit.logprobs.completion import completion_logps
     from alignkit.models.load import load_causal_lm
 
     model = load_causal_lm(str(model_dir))

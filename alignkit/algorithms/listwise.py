@@ -24,7 +24,7 @@ from alignkit.config.checks import check_reference_settings
 from alignkit.config.load import ConfigError
 from alignkit.data.collate import collate_lists
 from alignkit.data.prepare import prepare_listwise_data
-from alignkit.logprobs import completion_logps
+from alignkit.logprobs.completion import completion_logps
 from alignkit.losses import LossSpec, check_params, get_listwise_loss
 from alignkit.losses.listwise import LISTWISE_LOSSES, soft_targets
 from alignkit.models.load import BatchForward, load_policy, load_tokenizer

@@ -26,7 +26,7 @@ from alignkit.config.checks import check_reference_settings
 from alignkit.config.load import RANGES, ConfigError, above, at_least, between, validate
 from alignkit.data.collate import collate_sft, completion_tokens
 from alignkit.data.prepare import prepare_logged_data
-from alignkit.logprobs import completion_logps
+from alignkit.logprobs.completion import completion_logps
 from alignkit.losses.weighted import (
     BASELINES,
     advantages,

@@ -32,7 +32,7 @@ import torch
 from alignkit.evaluation.stats import compare_scores, score_stats
 from alignkit.generation import eos_ids, sample
 from alignkit.io import atomic_write
-from alignkit.logprobs import completion_logps
+from alignkit.logprobs.completion import completion_logps
 from alignkit.rewards.compose import RewardSet
 
 
@@ -46,7 +46,7 @@ def completion_nll(
     """Summed negative log-likelihood of each completion given its prompt, and its token count.
 
     Rows are `prompt_ids[i] + completion_ids[i]`, right-padded into batches of `batch_size`; only the
-    completion tokens are scored (through `alignkit.logprobs.completion_logps`, at temperature 1: the
+    completion tokens are scored (through `alignkit.logprobs.completion.completion_logps`, at temperature 1: the
     model's own distribution). The model is run in eval mode and given back in the mode it was in.
     """
     if len(prompt_ids) != len(completion_ids):

@@ -26,7 +26,7 @@ from alignkit.config.base import OnlineConfig
 from alignkit.data.prepare import cache_dir
 from alignkit.data.tokenize import fingerprint, source_fingerprint
 from alignkit.io import atomic_path
-from alignkit.logprobs import token_logps
+from alignkit.logprobs.completion import token_logps
 from alignkit.models.load import BatchForward, freeze, load_causal_lm
 
 
