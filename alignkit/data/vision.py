@@ -376,7 +376,7 @@ def tokenize_vision_rows(
             row.source,
             row.line,
             "prompt",
-            sorted(r.line for r, _, _ in too_long),
+            lines=sorted(r.line for r, _, _ in too_long),
         )
     examples, stats = tokenize_preference_rows(list(kept.values()), tokenizer, max_length, max_prompt_length)
     for e in examples:
