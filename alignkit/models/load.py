@@ -392,7 +392,8 @@ def check_logps_match_forward(model: torch.nn.Module, *, length: int = 8) -> Non
             f"alignkit's log-probs for model type '{config.model_type}' ({type(inner).__name__}) differ from "
             f"log_softmax of the model's own logits by up to {gap:.3g} nats on {length - 1} probe tokens "
             f"(tolerance {tolerance:.3g}): its forward transforms the output head's logits in a way alignkit "
-            "does not apply (alignkit.logprobs.transforms.logit_transform knows the logit scales and softcaps of "
-            "the Gemma, Granite, Cohere, Falcon-H1, MiniCPM3 and HyperCLOVA X families). Training or scoring with "
-            "it would use wrong log-probs; report the model type to alignkit so that its transform is added."
+            "does not apply (alignkit.logprobs.transforms.logit_transform knows the logit scales and "
+            "softcaps of the Gemma, Granite, Cohere, Falcon-H1, MiniCPM3 and HyperCLOVA X families). Training "
+            "or scoring with it would use wrong log-probs; report the model type to alignkit so that its "
+            "transform is added."
         )
