@@ -24,7 +24,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper
 
 from alignkit.data.prompts import encode_prompt
-from alignkit.logprobs import truncation_warpers
+from alignkit.logprobs.transforms import truncation_warpers
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -326,34 +326,65 @@ def sample_ids(
                 batch_size=batch_size,
                 device=device,
             )
-        module, cache_key = decoder
-        generator = None
-        if temperature > 0:
-            generator = torch.Generator(device=device).manual_seed(sample_seed(seed, 0) % 2**63)
-        eos_tensor = torch.tensor(sorted(eos), dtype=torch.long, device=device)
-        # Share each prompt's encoding among its samples when a batch holds whole groups.
-        repeats = num_samples if batch_size % num_samples == 0 else 1
-        rows = prompt_ids if repeats > 1 else [ids for ids in prompt_ids for _ in range(num_samples)]
-        out: list[list[int]] = []
-        for start in range(0, len(rows), batch_size // repeats):
-            input_ids, attention_mask = _left_pad(
-                rows[start : start + batch_size // repeats], config.pad_token_id, device
-            )
-            out += _decode(
-                module,
-                cache_key,
-                input_ids,
-                attention_mask,
-                max_new_tokens=max_new_tokens,
-                warpers=warpers,
-                eos=eos_tensor,
-                pad_id=config.pad_token_id,
-                generator=generator,
-                repeats=repeats,
-            )
-        return out
+        return _sample_ids_with_loop(
+            decoder,
+            prompt_ids,
+            num_samples=num_samples,
+            config=config,
+            warpers=warpers,
+            eos=eos,
+            seed=seed,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            device=device,
+        )
     finally:
         model.train(was_training)
+
+
+def _sample_ids_with_loop(
+    decoder,
+    prompt_ids,
+    *,
+    num_samples,
+    config,
+    warpers,
+    eos,
+    seed,
+    temperature,
+    max_new_tokens,
+    batch_size,
+    device,
+) -> list[list[int]]:
+    """`sample_ids` through the lean KV-cache loop (`_decode`) on `decoder`, `_decoder(model)`'s (module,
+    cache keyword): one generator seeded with `seed` draws every token (none for greedy decoding)."""
+    module, cache_key = decoder
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator(device=device).manual_seed(sample_seed(seed, 0) % 2**63)
+    eos_tensor = torch.tensor(sorted(eos), dtype=torch.long, device=device)
+    # Share each prompt's encoding among its samples when a batch holds whole groups.
+    repeats = num_samples if batch_size % num_samples == 0 else 1
+    rows = prompt_ids if repeats > 1 else [ids for ids in prompt_ids for _ in range(num_samples)]
+    out: list[list[int]] = []
+    for start in range(0, len(rows), batch_size // repeats):
+        input_ids, attention_mask = _left_pad(
+            rows[start : start + batch_size // repeats], config.pad_token_id, device
+        )
+        out += _decode(
+            module,
+            cache_key,
+            input_ids,
+            attention_mask,
+            max_new_tokens=max_new_tokens,
+            warpers=warpers,
+            eos=eos_tensor,
+            pad_id=config.pad_token_id,
+            generator=generator,
+            repeats=repeats,
+        )
+    return out
 
 
 def _sample_ids_with_generate(

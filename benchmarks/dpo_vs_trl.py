@@ -39,7 +39,7 @@ def build_fixture(root: Path) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from alignkit.data.rows import load_preference_rows
+    from alignkit.data.load import load_preference_rows
 
     root.mkdir(parents=True, exist_ok=True)
     data = load_preference_rows(str(HH))

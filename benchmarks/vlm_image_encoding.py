@@ -46,7 +46,7 @@ def main() -> None:
         load_processor,
         prepare_vision_data,
     )
-    from alignkit.logprobs import completion_logps
+    from alignkit.logprobs.completion import completion_logps
     from alignkit.models.load import load_causal_lm
     from alignkit.models.vision import freeze_vision
     from tests.test_vlm_dpo import build_llava, write_colour_pairs

@@ -70,7 +70,7 @@ def random_llama(path: Path, tokenizer, *, hidden: int, layers: int, seed: int =
 def write_rows(root: Path) -> None:
     """sft_rows.jsonl (prompt + each reply of the first rows), train_prompts.jsonl and
     heldout_prompts.jsonl (the distinct prompts of the last HELD_OUT rows that no training row has)."""
-    from alignkit.data.rows import load_preference_rows
+    from alignkit.data.load import load_preference_rows
 
     rows = load_preference_rows(str(HH)).rows
     train = rows[:-HELD_OUT]

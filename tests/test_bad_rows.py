@@ -128,14 +128,14 @@ def test_a_lone_surrogate_in_any_text_field_is_reported_at_its_row_and_field(tmp
     """JSON's \\u escapes can write half a UTF-16 pair ("x\\ud800"): Python reads it as a str that no
     tokenizer can encode. Every row format refuses it when the rows are read, naming file:line:field,
     rather than failing with a traceback in the tokenizer or the unknown-text warning later."""
-    from alignkit.data.rows import (
-        DataError,
+    from alignkit.data.load import (
         load_listwise_rows,
         load_logged_rows,
         load_preference_rows,
         load_sft_rows,
         load_unpaired_rows,
     )
+    from alignkit.data.readers import DataError
 
     bad = "x\ud800"
     user = {"role": "user", "content": "Hi."}

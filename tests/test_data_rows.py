@@ -8,16 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.data.rows import (
-    DataError,
-    PreferenceRow,
-    SFTRow,
-    load_preference_rows,
-    load_sft_rows,
-    read_records,
-    render_messages,
-    split_hh,
-)
+from alignkit.data.chat import render_messages, split_hh
+from alignkit.data.load import load_preference_rows, load_sft_rows
+from alignkit.data.readers import DataError, read_records
+from alignkit.data.rows import PreferenceRow, SFTRow
 
 HH_FILE = Path(__file__).resolve().parents[1] / "examples" / "data" / "hh-harmless-1600.jsonl"
 

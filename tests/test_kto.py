@@ -13,9 +13,10 @@ from alignkit.algorithms import kto
 from alignkit.cli import main
 from alignkit.config.base import KTOConfig, ReferenceSettings
 from alignkit.data.collate import collate_unpaired, mismatched_partners
+from alignkit.data.load import load_unpaired_rows
 from alignkit.data.prepare import prepare_unpaired_data
-from alignkit.data.rows import DataError, load_unpaired_rows
-from alignkit.logprobs import completion_logps
+from alignkit.data.readers import DataError
+from alignkit.logprobs.completion import completion_logps
 from alignkit.losses import UNPAIRED_LOSSES
 from alignkit.losses.unpaired import bco_loss, kto_loss, kto_reference_point
 from alignkit.models.load import load_causal_lm, load_tokenizer

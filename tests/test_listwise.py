@@ -10,7 +10,8 @@ import torch
 
 from alignkit.cli import main
 from alignkit.data.collate import collate_lists
-from alignkit.data.rows import DataError, load_listwise_rows
+from alignkit.data.load import load_listwise_rows
+from alignkit.data.readers import DataError
 from alignkit.losses import LISTWISE_LOSSES, preference_loss
 from alignkit.losses.listwise import listwise_soft_loss, plackett_luce_loss, soft_targets
 

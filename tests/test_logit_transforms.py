@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers as tf
 
-from alignkit.logprobs import completion_logps, completion_states, seq2seq_completion_logps
+from alignkit.logprobs.completion import completion_logps, completion_states, seq2seq_completion_logps
 from alignkit.models.load import load_causal_lm
 
 V = 128  # vocabulary

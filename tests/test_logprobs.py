@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from alignkit.data.collate import collate_pairs, pad_sequences
-from alignkit.logprobs import completion_logps
+from alignkit.logprobs.completion import completion_logps
 
 
 def naive_token_logps(model, input_ids, attention_mask, completion_mask):
@@ -184,7 +184,7 @@ def test_seq2seq_logps_equal_the_full_forward(tmp_path, tie):
     from conftest import build_tiny_t5
     from transformers import AutoModelForSeq2SeqLM
 
-    from alignkit.logprobs import seq2seq_completion_logps
+    from alignkit.logprobs.completion import seq2seq_completion_logps
 
     model = AutoModelForSeq2SeqLM.from_pretrained(build_tiny_t5(tmp_path / "t5", tie=tie)).eval()
     g = torch.Generator().manual_seed(0)

@@ -14,7 +14,8 @@ from alignkit.algorithms import offline_rl
 from alignkit.algorithms.offline_rl import OfflineRLConfig, row_weights
 from alignkit.config.base import LoraSettings, ReferenceSettings
 from alignkit.config.load import ConfigError
-from alignkit.data.rows import DataError, load_logged_rows
+from alignkit.data.load import load_logged_rows
+from alignkit.data.readers import DataError
 from alignkit.losses.weighted import (
     advantages,
     awr_weights,
@@ -131,7 +132,7 @@ def config(tmp_path, model, data, **overrides) -> OfflineRLConfig:
 def logp_gap(model_dir, tokenizer) -> float:
     """Per-token log-prob of the high-reward response minus the low-reward one, on one prompt."""
     from alignkit.data.collate import collate_sft
-    from alignkit.logprobs import completion_logps
+    from alignkit.logprobs.completion import completion_logps
     from alignkit.models.load import load_causal_lm
 
     model = load_causal_lm(str(model_dir))

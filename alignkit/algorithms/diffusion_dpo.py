@@ -332,7 +332,7 @@ def train(cfg: DiffusionDPOConfig) -> Path:
     unet.train()
     mode = "adapter" if cfg.lora.enabled else "copy"
     reference = Reference(
-        mode, ("chosen", "rejected"), frozen, accelerator.unwrap_model, accelerator.autocast
+        mode, ("chosen", "rejected"), frozen, accelerator.unwrap_model, autocast=accelerator.autocast
     )
     noise = NoiseDraws(cfg.seed, accelerator.process_index)
     objective = DenoisingPairs(cfg, pipe, reference, noise)

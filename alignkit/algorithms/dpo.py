@@ -22,7 +22,7 @@ from alignkit.config.checks import check_reference_settings
 from alignkit.config.load import ConfigError
 from alignkit.data.collate import additive_mask, collate_pairs, collate_pairs_shared_prompt
 from alignkit.data.prepare import prepare_preference_data
-from alignkit.logprobs import completion_logps
+from alignkit.logprobs.completion import completion_logps
 from alignkit.losses import LOSSES, LossSpec, RunningMean, check_params, get_loss, preference_loss
 from alignkit.losses.constraints import check_constraints, constraint_losses, implicit_rewards
 from alignkit.losses.mdpo import mdpo_terms

@@ -25,7 +25,7 @@ from alignkit.config.checks import check_online_settings
 from alignkit.config.load import ConfigError, validate
 from alignkit.data.prompts import load_prompts
 from alignkit.evaluation.policy import evaluate_policy
-from alignkit.logprobs import token_logps
+from alignkit.logprobs.completion import token_logps
 from alignkit.losses.masks import masked_mean
 from alignkit.losses.policy import (
     AGGREGATIONS,

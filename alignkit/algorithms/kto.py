@@ -2,7 +2,7 @@
 
     alignkit kto model=PATH data=rows.jsonl output_dir=out batch_size=8
 
-Rows are {prompt, completion, label: true/false}, text or conversational (alignkit.data.rows). Reads top
+Rows are {prompt, completion, label: true/false}, text or conversational (alignkit.data.parse). Reads top
 to bottom: data -> policy -> reference log-probs -> loss -> fit -> save.
 
 KTO measures each completion's implicit reward against a reference point z0, the policy's KL from the
@@ -25,7 +25,7 @@ from alignkit.config.checks import check_reference_settings
 from alignkit.config.load import ConfigError
 from alignkit.data.collate import collate_unpaired, mismatched_partners
 from alignkit.data.prepare import prepare_unpaired_data
-from alignkit.logprobs import completion_logps
+from alignkit.logprobs.completion import completion_logps
 from alignkit.losses import LossSpec, RunningMean, check_params, get_unpaired_loss
 from alignkit.losses.unpaired import UNPAIRED_LOSSES, kto_reference_point
 from alignkit.models.load import BatchForward, load_policy, load_tokenizer

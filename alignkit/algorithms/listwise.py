@@ -3,7 +3,7 @@
     alignkit listwise model=PATH data=lists.jsonl loss=soft temperature=0.5
     alignkit listwise model=PATH data=ranked.jsonl loss=plackett_luce
 
-Rows are {prompt, responses: [...], scores | probs | ranking: [...]} (alignkit.data.rows). The implicit
+Rows are {prompt, responses: [...], scores | probs | ranking: [...]} (alignkit.data.parse). The implicit
 rewards β·(log πθ − log πref) of a list's responses are pushed towards the target distribution (`soft`:
 softmax(scores / temperature), or the row's probs) or the ranking (`plackett_luce`: the row's ranking, or
 its scores / probs in decreasing order). Every response of every list in a micro-batch goes through the
@@ -24,7 +24,7 @@ from alignkit.config.checks import check_reference_settings
 from alignkit.config.load import ConfigError
 from alignkit.data.collate import collate_lists
 from alignkit.data.prepare import prepare_listwise_data
-from alignkit.logprobs import completion_logps
+from alignkit.logprobs.completion import completion_logps
 from alignkit.losses import LossSpec, check_params, get_listwise_loss
 from alignkit.losses.listwise import LISTWISE_LOSSES, soft_targets
 from alignkit.models.load import BatchForward, load_policy, load_tokenizer

@@ -3,7 +3,7 @@ optional KL penalty to the reference.
 
     alignkit offline-rl model=PATH data=logged.jsonl output_dir=out method=awr
 
-Rows are {prompt, response, reward} (alignkit.data.rows), e.g. a deployed model's responses scored by
+Rows are {prompt, response, reward} (alignkit.data.parse), e.g. a deployed model's responses scored by
 `alignkit score`. Reads top to bottom: rows -> weights (or the RAFT filter), computed once over the
 training rows (`alignkit.losses.weighted`) -> policy (and reference) -> weighted NLL -> fit -> save.
 
@@ -26,7 +26,7 @@ from alignkit.config.checks import check_reference_settings
 from alignkit.config.load import RANGES, ConfigError, above, at_least, between, validate
 from alignkit.data.collate import collate_sft, completion_tokens
 from alignkit.data.prepare import prepare_logged_data
-from alignkit.logprobs import completion_logps
+from alignkit.logprobs.completion import completion_logps
 from alignkit.losses.weighted import (
     BASELINES,
     advantages,

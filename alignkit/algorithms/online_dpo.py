@@ -27,7 +27,7 @@ from alignkit.config.load import RANGES, ConfigError, above, at_least, validate
 from alignkit.data.pairs import GAP_USES, build_pairs, pair_columns, sum_pair_stats
 from alignkit.data.prompts import load_prompts
 from alignkit.evaluation.policy import evaluate_policy
-from alignkit.logprobs import token_logps
+from alignkit.logprobs.completion import token_logps
 from alignkit.losses import get_loss
 from alignkit.models.load import BatchForward, disable_dropout, load_policy, load_tokenizer
 from alignkit.models.lora import add_lora

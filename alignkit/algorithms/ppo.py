@@ -32,7 +32,7 @@ from alignkit.config.checks import check_online_settings
 from alignkit.config.load import ConfigError, validate
 from alignkit.data.prompts import load_prompts
 from alignkit.evaluation.policy import evaluate_policy
-from alignkit.logprobs import token_logps
+from alignkit.logprobs.completion import token_logps
 from alignkit.losses.masks import masked_mean, whiten
 from alignkit.losses.policy import aggregate, aggregation_units, clipped_surrogate
 from alignkit.losses.ppo import (

@@ -15,7 +15,7 @@ import torch
 from alignkit.config.base import SFTConfig
 from alignkit.data.collate import collate_sft, completion_tokens
 from alignkit.data.prepare import prepare_sft_data
-from alignkit.logprobs import completion_logps
+from alignkit.logprobs.completion import completion_logps
 from alignkit.models.load import BatchForward, load_policy, load_tokenizer
 from alignkit.models.lora import add_lora
 from alignkit.training.loop import fit

@@ -11,7 +11,7 @@ the equivalent HH transcript train on exactly the same text::
 Anthropic HH transcripts (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``) are split by :func:`split_hh`.
 
 The functions here know nothing about files: they report ``(field, reason)`` pairs or raise
-``ValueError`` with a reason, and the caller (``alignkit.data.rows``) adds the file and line.
+``ValueError`` with a reason, and the caller (``alignkit.data.parse`` / ``load``) adds the file and line.
 """
 
 from __future__ import annotations

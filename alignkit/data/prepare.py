@@ -9,14 +9,14 @@ from pathlib import Path
 import torch
 
 from alignkit.data.checks import duplicate_rows, unknown_text_rows
-from alignkit.data.readers import DroppedRow
-from alignkit.data.rows import (
+from alignkit.data.load import (
     load_listwise_rows,
     load_logged_rows,
     load_preference_rows,
     load_sft_rows,
     load_unpaired_rows,
 )
+from alignkit.data.readers import DroppedRow
 from alignkit.data.tokenize import (
     cached,
     fingerprint,

@@ -35,9 +35,9 @@ from typing import Any
 
 from alignkit.data.chat import Issues, json_type, messages_problems, render_messages, with_system_prompt
 from alignkit.data.checks import unknown_text_rows
+from alignkit.data.load import check_template_used, load_row_file, raise_or_skip, template_settings
 from alignkit.data.prepare import bad_rows_list, report_dropped, split_eval
 from alignkit.data.readers import DataError, DroppedRow, Problems, encoding_problems
-from alignkit.data.rows import check_template_used, load_row_file, raise_or_skip, template_settings
 from alignkit.data.tokenize import adds_special_tokens, truncate
 
 PROMPT_FORMATS = "{prompt: string}; {prompt: [messages]}; or {messages: [messages]}"

@@ -2,7 +2,7 @@
 
 `read_records` turns a .jsonl/.json/.parquet file, a saved dataset folder or a Hugging Face dataset name
 into (line, record) pairs; `DataError` and `Problems` collect every problem of a file into one error.
-Validation of the records' fields lives in alignkit.data.rows.
+Validation of the records' fields lives in alignkit.data.parse.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class DataError(ValueError):
         source: str = "",
         line: int | None = None,
         field: str | None = None,
+        *,
         lines: list[int] | None = None,
     ):
         self.problem, self.source, self.line, self.field = problem, source, line, field
@@ -99,7 +100,9 @@ class Problems:
         for (field, problem), lines in in_file_order[:MAX_REPORTED]:
             numbered = [n for n in lines if n is not None]
             out.append(
-                DataError(problem, self.source, lines[0], field, numbered if len(numbered) > 1 else None)
+                DataError(
+                    problem, self.source, lines[0], field, lines=numbered if len(numbered) > 1 else None
+                )
             )
         return out
 

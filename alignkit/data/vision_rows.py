@@ -38,8 +38,10 @@ from alignkit.data.chat import (
     with_system_prompt,
 )
 from alignkit.data.collate import collate_pairs_shared_prompt, pad_sequences, pair_columns
+from alignkit.data.load import load_row_file
+from alignkit.data.parse import margin_field, preference_field
 from alignkit.data.readers import DataError
-from alignkit.data.rows import PreferenceData, PreferenceRow, load_row_file, margin_field, preference_field
+from alignkit.data.rows import PreferenceData, PreferenceRow
 from alignkit.data.tokenize import (
     TokenStats,
     encode_prompt_completions,
@@ -287,7 +289,7 @@ def load_vision_rows(
     is reported at once (file:line, field), or, given `skipped` (on_bad_rows=skip), the bad rows are left out
     and listed there. Images are opened once here, so an unreadable one fails before any model loads. The
     processor's chat template gets `system_prompt` and `chat_template_kwargs`, as text rows' does
-    (`alignkit.data.rows`)."""
+    (`alignkit.data.load`)."""
     base = Path(source).parent if Path(source).is_file() else None
 
     def parse(record: dict, processor: Any, issues: Issues, *, template: dict) -> VisionPreferenceRow | None:
@@ -374,7 +376,7 @@ def tokenize_vision_rows(
             row.source,
             row.line,
             "prompt",
-            sorted(r.line for r, _, _ in too_long),
+            lines=sorted(r.line for r, _, _ in too_long),
         )
     examples, stats = tokenize_preference_rows(list(kept.values()), tokenizer, max_length, max_prompt_length)
     for e in examples:

@@ -32,7 +32,7 @@ import torch
 from alignkit.evaluation.stats import compare_scores, score_stats
 from alignkit.generation import eos_ids, sample
 from alignkit.io import atomic_write
-from alignkit.logprobs import completion_logps
+from alignkit.logprobs.completion import completion_logps
 from alignkit.rewards.compose import RewardSet
 
 
@@ -46,8 +46,8 @@ def completion_nll(
     """Summed negative log-likelihood of each completion given its prompt, and its token count.
 
     Rows are `prompt_ids[i] + completion_ids[i]`, right-padded into batches of `batch_size`; only the
-    completion tokens are scored (through `alignkit.logprobs.completion_logps`, at temperature 1: the
-    model's own distribution). The model is run in eval mode and given back in the mode it was in.
+    completion tokens are scored (through `alignkit.logprobs.completion.completion_logps`, at temperature 1:
+    the model's own distribution). The model is run in eval mode and given back in the mode it was in.
     """
     if len(prompt_ids) != len(completion_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
@@ -135,6 +135,7 @@ def compare_policies(
     if not prompts:
         raise ValueError("compare_policies of no prompts")
     n = num_samples
+    # 1. Sample both policies on the same prompts with the same seeds.
     sampling = dict(
         num_samples=n,
         max_new_tokens=max_new_tokens,
@@ -146,34 +147,15 @@ def compare_policies(
     )
     policies = {"base": base_model, "aligned": aligned_model}
     samples = {name: sample(model, tokenizer, prompts, **sampling) for name, model in policies.items()}
-
-    # Score both sets at once: (2 * P * n,), base first.
-    both = samples["base"] + samples["aligned"]
+    # 2. Score both sample sets; 3. the log-likelihoods of each under the models.
     given = list(reward_prompts if reward_prompts is not None else prompts)
     if len(given) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(given)} reward_prompts")
-    per_sample = [p for p in given for _ in range(n)]  # samples are prompt-major
-    raw = rewards.score_sources(per_sample + per_sample, [s.text for s in both])
-    composed = rewards.compose(raw)
-    half = len(samples["base"])
-    scores = {name: (values[:half], values[half:]) for name, values in raw.items()}
-    names = list(raw)
-    if len(names) > 1:
-        scores["total"] = (composed.total[:half], composed.total[half:])
-
-    # Log-likelihoods: the aligned samples under both models (KL, and the base's fluency of them) and
-    # the base samples under the base model.
-    ids = {name: ([s.prompt_ids for s in ss], [s.completion_ids for s in ss]) for name, ss in samples.items()}
-    nll_aligned, counts_aligned = completion_nll(aligned_model, *ids["aligned"], batch_size)
-    nll_base_of_aligned, _ = completion_nll(base_model, *ids["aligned"], batch_size)
-    nll_base_of_base, counts_base = completion_nll(base_model, *ids["base"], batch_size)
-    # log p_aligned(y) - log p_base(y) per aligned sample y: (P * n,)
-    log_ratio = torch.tensor(nll_base_of_aligned, dtype=torch.float64) - torch.tensor(
-        nll_aligned, dtype=torch.float64
+    scores, names = _score_both(rewards, given, samples, n)
+    likelihoods = _likelihood_stats(
+        base_model, aligned_model, tokenizer, samples, num_samples=n, batch_size=batch_size
     )
-    kl = score_stats(log_ratio, n)
-    kl["per_token"] = float(log_ratio.sum()) / max(sum(counts_aligned), 1)
-
+    # 4. The report.
     report: dict = {
         "settings": {
             "num_prompts": len(prompts),
@@ -190,27 +172,78 @@ def compare_policies(
     }
     if "total" in scores:
         report["total"] = compare_scores(*scores["total"], n)
-    report["kl"] = kl
+    report.update(likelihoods)  # kl, base, aligned
+    report["examples"] = _examples(prompts, samples, scores, num_samples=n, num_examples=num_examples)
+    return report
+
+
+def _score_both(
+    rewards: RewardSet, reward_prompts: list, samples: dict, num_samples: int
+) -> tuple[dict, list]:
+    """Both sample sets scored by every source of `rewards` in one call and composed together (so a
+    normalising RewardSet uses the same statistics for both), given what the sources read for each prompt.
+    Returns ({source: (base scores, aligned scores)}, each (P * n,), plus "total": the composed reward,
+    when there are several sources; the source names)."""
+    # Score both sets at once: (2 * P * n,), base first.
+    both = samples["base"] + samples["aligned"]
+    per_sample = [p for p in reward_prompts for _ in range(num_samples)]  # samples are prompt-major
+    raw = rewards.score_sources(per_sample + per_sample, [s.text for s in both])
+    composed = rewards.compose(raw)
+    half = len(samples["base"])
+    scores = {name: (values[:half], values[half:]) for name, values in raw.items()}
+    names = list(raw)
+    if len(names) > 1:
+        scores["total"] = (composed.total[:half], composed.total[half:])
+    return scores, names
+
+
+def _likelihood_stats(
+    base_model, aligned_model, tokenizer, samples: dict, *, num_samples: int, batch_size: int
+) -> dict:
+    """{kl, base, aligned} of the report (see `compare_policies`): the aligned samples scored under both
+    models (KL(aligned || base), and the base model's fluency of them), the base samples under the base
+    model; and each sample set's mean completion tokens and EOS fraction."""
+    n = num_samples
+    policies = {"base": base_model, "aligned": aligned_model}
+    ids = {name: ([s.prompt_ids for s in ss], [s.completion_ids for s in ss]) for name, ss in samples.items()}
+    nll_aligned, counts_aligned = completion_nll(aligned_model, *ids["aligned"], batch_size)
+    nll_base_of_aligned, _ = completion_nll(base_model, *ids["aligned"], batch_size)
+    nll_base_of_base, counts_base = completion_nll(base_model, *ids["base"], batch_size)
+    # log p_aligned(y) - log p_base(y) per aligned sample y: (P * n,)
+    log_ratio = torch.tensor(nll_base_of_aligned, dtype=torch.float64) - torch.tensor(
+        nll_aligned, dtype=torch.float64
+    )
+    kl = score_stats(log_ratio, n)
+    kl["per_token"] = float(log_ratio.sum()) / max(sum(counts_aligned), 1)
+    stats: dict = {"kl": kl}
     for name, nll, counts in (
         ("base", nll_base_of_base, counts_base),
         ("aligned", nll_base_of_aligned, counts_aligned),
     ):
         completions = ids[name][1]
         stop_ids = eos_ids(policies[name], tokenizer)  # the ids sampling stopped at
-        report[name] = {
+        stats[name] = {
             "base_model_perplexity": _perplexity(nll, counts),
             "mean_tokens": sum(len(c) for c in completions) / len(completions),
             "eos_fraction": sum(bool(c) and c[-1] in stop_ids for c in completions) / len(completions),
         }
-    report["examples"] = []
+    return stats
+
+
+def _examples(
+    prompts: list[str], samples: dict, scores: dict, *, num_samples: int, num_examples: int
+) -> list:
+    """The first sample of each of the first `num_examples` prompts, base and aligned side by side, with
+    every score of each."""
+    examples = []
     for i in range(min(num_examples, len(prompts))):
-        j = i * n  # the first sample of prompt i
+        j = i * num_samples  # the first sample of prompt i
         row = {"prompt": prompts[i]}
         for side, name in enumerate(("base", "aligned")):
             row[name] = samples[name][j].text
             row[f"{name}_scores"] = {source: float(pair[side][j]) for source, pair in scores.items()}
-        report["examples"].append(row)
-    return report
+        examples.append(row)
+    return examples
 
 
 def _cell(text: str, width: int = 240) -> str:

@@ -10,7 +10,7 @@ where d is the demonstration block: the demonstrations most similar to x (`align
 rendered as one document (`demo_template`, then EOS), the most similar one last, nearest the prompt. s(y)
 is the log-ratio DPO's implicit reward takes between an aligned and a reference policy (with β = 1); the
 candidate with the largest s is kept. Both log-probs come from `evaluation.compare.completion_nll`, i.e. the one
-log-prob primitive `logprobs.completion_logps`, batched.
+log-prob primitive `logprobs.completion.completion_logps`, batched.
 
 Context length: every candidate of a prompt sees the same demonstration block, so that their scores are
 comparable; when [block | prompt | longest candidate] is longer than the model's context, the block is

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from alignkit.io import follow_umask
-from alignkit.logprobs import completion_logps, seq2seq_completion_logps
+from alignkit.logprobs.completion import completion_logps, seq2seq_completion_logps
 from alignkit.models.compat import enable_activation_checkpointing
 
 
@@ -383,7 +383,8 @@ def check_logps_match_forward(model: torch.nn.Module, *, length: int = 8) -> Non
             f"alignkit's log-probs for model type '{config.model_type}' ({type(inner).__name__}) differ from "
             f"log_softmax of the model's own logits by up to {gap:.3g} nats on {length - 1} probe tokens "
             f"(tolerance {tolerance:.3g}): its forward transforms the output head's logits in a way alignkit "
-            "does not apply (alignkit.logprobs.logit_transform knows the logit scales and softcaps of the "
-            "Gemma, Granite, Cohere, Falcon-H1, MiniCPM3 and HyperCLOVA X families). Training or scoring with "
-            "it would use wrong log-probs; report the model type to alignkit so that its transform is added."
+            "does not apply (alignkit.logprobs.transforms.logit_transform knows the logit scales and "
+            "softcaps of the Gemma, Granite, Cohere, Falcon-H1, MiniCPM3 and HyperCLOVA X families). Training "
+            "or scoring with it would use wrong log-probs; report the model type to alignkit so that its "
+            "transform is added."
         )

@@ -26,7 +26,7 @@ from alignkit.config.base import OnlineConfig
 from alignkit.data.prepare import cache_dir
 from alignkit.data.tokenize import fingerprint, source_fingerprint
 from alignkit.io import atomic_path
-from alignkit.logprobs import token_logps
+from alignkit.logprobs.completion import token_logps
 from alignkit.models.load import BatchForward, freeze, load_causal_lm
 
 
@@ -138,6 +138,7 @@ class Reference:
         names: tuple[str, ...],
         frozen=None,
         unwrap: Callable = lambda m: m,
+        *,
         autocast: Callable = contextlib.nullcontext,
     ):
         self.mode, self.names, self.frozen, self.unwrap = mode, names, frozen, unwrap
@@ -211,7 +212,8 @@ def setup_reference(
         setup_metrics = {"reference_time": time.perf_counter() - t0}
     elif mode == "copy":
         frozen = BatchForward(frozen_model(cfg, cfg.reference.model or cfg.model, accelerator.device), fn)
-    return Reference(mode, names, frozen, accelerator.unwrap_model, accelerator.autocast), setup_metrics
+    reference = Reference(mode, names, frozen, accelerator.unwrap_model, autocast=accelerator.autocast)
+    return reference, setup_metrics
 
 
 def online_reference(cfg: OnlineConfig, model, accelerator, kl_weight: float, *, temperature: float):

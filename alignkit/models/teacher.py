@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from alignkit.logprobs import CompletionStates, completion_states
+from alignkit.logprobs.completion import CompletionStates, completion_states
 from alignkit.losses.distill import chunked_divergence
 from alignkit.models.reference import adapter_disabled
 

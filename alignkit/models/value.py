@@ -34,7 +34,7 @@ class ValueModel(torch.nn.Module):
         """(B, T) values of the batch's sequence positions (0 at position 0, which nothing predicts)."""
         with only_adapter(self.backbone, self.adapter):
             if self.encoder_decoder:
-                from alignkit.logprobs import encoder_decoder_states
+                from alignkit.logprobs.completion import encoder_decoder_states
 
                 hidden = encoder_decoder_states(self.backbone, batch)
             else:

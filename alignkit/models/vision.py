@@ -2,8 +2,8 @@
 pair's images once.
 
 A VLM (LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration, ...) is a causal LM whose backbone
-also takes image inputs: `logprobs.completion_logps` runs it as it runs a text model, with the keyword inputs
-`image_inputs` builds. A pair's chosen and rejected responses show the same images, so in either batch
+also takes image inputs: `logprobs.completion.completion_logps` runs it as it runs a text model, with the
+keyword inputs `image_inputs` builds. A pair's chosen and rejected responses show the same images, so in either batch
 layout (`data.vision_rows.collate_vision_shared_prompt`: one [prompt | chosen | rejected] row per pair;
 `collate_vision_pairs`: one row per sequence) the vision tower runs once per pair and its features go to
 the backbone as precomputed `mm_encoder_outputs`, never encoded twice.

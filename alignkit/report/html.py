@@ -77,6 +77,14 @@ def eval_section(name: str, report: dict) -> str:
             f"policy, the same seeds for both (seed {esc(s.get('seed'))}); {esc(s.get('max_new_tokens'))} new "
             f"tokens, temperature {esc(s.get('temperature'))}.</p>"
         )
+    parts += [_eval_rewards(report), _eval_fluency(report), _eval_samples(report)]
+    parts = [part for part in parts if part]
+    return f"<h3>{esc(name)}</h3>" + "".join(parts) if parts else ""
+
+
+def _eval_rewards(report: dict) -> str:
+    """The rewards table: each source's (and the total's) base and aligned means, their difference, the
+    change and the win rate; "" when the report has none."""
     rewards = dict(report.get("rewards") or {})
     if "total" in report:
         rewards["total"] = report["total"]
@@ -94,65 +102,67 @@ def eval_section(name: str, report: dict) -> str:
                 num(r.get("win_rate"), ".3f"),
             ]
         )
-    if rows:
-        parts.append("<h3>Rewards before and after</h3>")
-        parts.append(
-            table(
-                [
-                    "source",
-                    "base mean ± s.e.",
-                    "aligned mean ± s.e.",
-                    "difference ± paired s.e.",
-                    "change",
-                    "win rate",
-                ],
-                rows,
-                numeric={1, 2, 3, 4, 5},
-                cls="rewards",
-            )
-        )
+    if not rows:
+        return ""
+    header = [
+        "source",
+        "base mean ± s.e.",
+        "aligned mean ± s.e.",
+        "difference ± paired s.e.",
+        "change",
+        "win rate",
+    ]
+    return "<h3>Rewards before and after</h3>" + table(header, rows, numeric={1, 2, 3, 4, 5}, cls="rewards")
+
+
+def _eval_fluency(report: dict) -> str:
+    """The fluency and KL table: each side's base-model perplexity, length and EOS fraction, and the KL;
+    "" without both sides."""
     base, aligned, kl = report.get("base") or {}, report.get("aligned") or {}, report.get("kl") or {}
-    if base and aligned:
-        fluency = [
-            [label, num(base.get(key), spec), num(aligned.get(key), spec)]
-            for label, key, spec in (
-                ("base-model perplexity", "base_model_perplexity", ".2f"),
-                ("mean completion tokens", "mean_tokens", ".1f"),
-                ("EOS fraction", "eos_fraction", ".3f"),
-            )
-        ]
-        if kl:
-            fluency.append(
-                [
-                    "KL(aligned ‖ base), nats per sequence",
-                    "",
-                    f"{num(kl.get('mean'), '.4f')} ± {num(kl.get('stderr'), '.4f')}",
-                ]
-            )
-        parts.append("<h3>Fluency and KL</h3>" + table(["", "base", "aligned"], fluency, numeric={1, 2}))
-    examples = report.get("examples") or []
-    if examples:
-        rows = []
-        for k, ex in enumerate(examples, 1):
-            scored = {
-                side: ", ".join(f"{src} {num(v)}" for src, v in (ex.get(f"{side}_scores") or {}).items())
-                for side in ("base", "aligned")
-            }
-            rows.append(
-                [
-                    k,
-                    ex.get("prompt", ""),
-                    ex.get("base", ""),
-                    scored["base"],
-                    ex.get("aligned", ""),
-                    scored["aligned"],
-                ]
-            )
-        parts.append("<h3>Samples</h3>")
-        parts.append(
-            table(["#", "prompt", "base", "base score", "aligned", "aligned score"], rows, {0}, "samples")
+    if not (base and aligned):
+        return ""
+    fluency = [
+        [label, num(base.get(key), spec), num(aligned.get(key), spec)]
+        for label, key, spec in (
+            ("base-model perplexity", "base_model_perplexity", ".2f"),
+            ("mean completion tokens", "mean_tokens", ".1f"),
+            ("EOS fraction", "eos_fraction", ".3f"),
         )
-    return f"<h3>{esc(name)}</h3>" + "".join(parts) if parts else ""
+    ]
+    if kl:
+        fluency.append(
+            [
+                "KL(aligned ‖ base), nats per sequence",
+                "",
+                f"{num(kl.get('mean'), '.4f')} ± {num(kl.get('stderr'), '.4f')}",
+            ]
+        )
+    return "<h3>Fluency and KL</h3>" + table(["", "base", "aligned"], fluency, numeric={1, 2})
+
+
+def _eval_samples(report: dict) -> str:
+    """The samples side by side, with their scores; "" when the report has none."""
+    examples = report.get("examples") or []
+    if not examples:
+        return ""
+    rows = []
+    for k, ex in enumerate(examples, 1):
+        scored = {
+            side: ", ".join(f"{src} {num(v)}" for src, v in (ex.get(f"{side}_scores") or {}).items())
+            for side in ("base", "aligned")
+        }
+        rows.append(
+            [
+                k,
+                ex.get("prompt", ""),
+                ex.get("base", ""),
+                scored["base"],
+                ex.get("aligned", ""),
+                scored["aligned"],
+            ]
+        )
+    header = ["#", "prompt", "base", "base score", "aligned", "aligned score"]
+    return "<h3>Samples</h3>" + table(header, rows, {0}, "samples")
 
 
 def data_section(run) -> str:

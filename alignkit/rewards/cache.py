@@ -71,6 +71,7 @@ class JudgeCache:
         judge: str,
         template: str,
         prompt: str,
+        *,
         response: str,
         answer: str,
         score: float | None,

@@ -131,6 +131,7 @@ class RewardSet:
         cost_thresholds: dict[str, float] | None = None,
         normalize: bool = False,
         clip: float | None = None,
+        *,
         eps: float = 1e-8,
     ):
         names = [s.name for s in sources]

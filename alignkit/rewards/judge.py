@@ -426,7 +426,9 @@ class JudgeReward:
                 results[i], reasons[i] = value, reason
                 if self.cache is not None:
                     prompt, response, _ = items[i]
-                    self.cache.put(keys[i], judge, template, prompt, response, answer, value)
+                    self.cache.put(
+                        keys[i], judge, template, prompt, response=response, answer=answer, score=value
+                    )
             self.counts["parse_retries"] += len(retry)
             conversations = {i: conversations[i] for i in retry}
             if not conversations:

@@ -124,54 +124,16 @@ def _json_number(x: float) -> float | None:
 
 def run(cfg: ScoreConfig) -> dict:
     """Scores `cfg.data` with `cfg.rewards`, writes `cfg.output` and its summary; returns the summary."""
-    if not cfg.rewards:
-        raise ConfigError(
-            "no reward sources: set 'rewards' to a list of {type: ...} mappings in the YAML file"
-        )
-    if not cfg.data or not cfg.output:
-        raise ConfigError("set data=<rows to score> and output=<scored .jsonl>")
-    validate(cfg)
-    existing = [str(p) for p in (Path(cfg.output), summary_path(cfg.output)) if p.exists()]
-    if existing and not cfg.overwrite:
-        raise ConfigError(
-            f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: set overwrite=true "
-            "to replace, or choose another output"
-        )
-    for i, spec in enumerate(cfg.rewards):
-        parse_spec(spec, f"rewards[{i}]")  # cheap: a typo in the config fails before the data is read
+    _check_before_reading(cfg)
     rows, prompts, responses = read_pairs(cfg)  # bad rows fail before any model is loaded
     reward_set = RewardSet.from_specs(cfg.rewards, cfg.normalize, cfg.clip)
-
-    starts = range(0, len(rows), cfg.batch_size)
-    if cfg.progress and len(starts) > 1:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="scoring", unit="batch")
-    batches, fallbacks = [], {}
-    for i in starts:
-        batches.append(
-            reward_set.score_sources(prompts[i : i + cfg.batch_size], responses[i : i + cfg.batch_size])
-        )
-        for source in reward_set.sources:  # judges say which rows got their fallback score
-            if hasattr(source, "last_fallbacks"):
-                fallbacks.setdefault(source.name, []).extend(source.last_fallbacks)
-    scores = {name: torch.cat([b[name] for b in batches]) for name in batches[0]}
+    scores, fallbacks = _score_in_batches(
+        reward_set, prompts, responses, batch_size=cfg.batch_size, progress=cfg.progress
+    )
     # Composed over all rows at once, so that normalisation uses the statistics of the whole file.
     out = reward_set.compose(scores)
-
     output = Path(cfg.output)
-    # a crash never leaves a half-written output behind
-    with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for i, row in enumerate(rows):
-            scored = dict(row)
-            for name, values in scores.items():
-                scored[f"score_{name}"] = _json_number(float(values[i]))
-            scored["reward"] = _json_number(float(out.total[i]))
-            for name, flags in out.violated.items():
-                scored[f"violated_{name}"] = bool(flags[i])
-            for name, flags in fallbacks.items():
-                scored[f"fallback_{name}"] = flags[i]
-            append_jsonl(f, scored)
+    _write_scored_rows(output, rows, scores=scores, composed=out, fallbacks=fallbacks)
 
     summary = {name: summarize(values) for name, values in scores.items()}
     summary["reward"] = summarize(out.total)
@@ -206,3 +168,59 @@ def run(cfg: ScoreConfig) -> dict:
     atomic_write(summary_file, json.dumps(report, indent=2) + "\n")
     print(f"\nsummary written to {summary_file}")
     return report
+
+
+def _check_before_reading(cfg: ScoreConfig) -> None:
+    """ConfigError for what is wrong before any data is read: no sources, no data or output, a value out of
+    range, an output that exists (without overwrite), a source spec that does not parse."""
+    if not cfg.rewards:
+        raise ConfigError(
+            "no reward sources: set 'rewards' to a list of {type: ...} mappings in the YAML file"
+        )
+    if not cfg.data or not cfg.output:
+        raise ConfigError("set data=<rows to score> and output=<scored .jsonl>")
+    validate(cfg)
+    existing = [str(p) for p in (Path(cfg.output), summary_path(cfg.output)) if p.exists()]
+    if existing and not cfg.overwrite:
+        raise ConfigError(
+            f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: set overwrite=true "
+            "to replace, or choose another output"
+        )
+    for i, spec in enumerate(cfg.rewards):
+        parse_spec(spec, f"rewards[{i}]")  # cheap: a typo in the config fails before the data is read
+
+
+def _score_in_batches(
+    reward_set: RewardSet, prompts: list, responses: list, *, batch_size: int, progress: bool
+) -> tuple[dict, dict]:
+    """({source: (N,) scores}, {judge: [whether each row got its fallback score]}): every source's scores of
+    the rows, `batch_size` rows at a time (with a progress bar when asked and there are several batches)."""
+    starts = range(0, len(prompts), batch_size)
+    if progress and len(starts) > 1:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="scoring", unit="batch")
+    batches, fallbacks = [], {}
+    for i in starts:
+        batches.append(reward_set.score_sources(prompts[i : i + batch_size], responses[i : i + batch_size]))
+        for source in reward_set.sources:  # judges say which rows got their fallback score
+            if hasattr(source, "last_fallbacks"):
+                fallbacks.setdefault(source.name, []).extend(source.last_fallbacks)
+    return {name: torch.cat([b[name] for b in batches]) for name in batches[0]}, fallbacks
+
+
+def _write_scored_rows(output: Path, rows: list, *, scores: dict, composed, fallbacks: dict) -> None:
+    """`output`: every row with its `score_<source>` columns, `reward` (the `composed` total), a
+    `violated_<cost>` and a `fallback_<judge>` flag per cost and judge; written whole or not at all."""
+    # a crash never leaves a half-written output behind
+    with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for i, row in enumerate(rows):
+            scored = dict(row)
+            for name, values in scores.items():
+                scored[f"score_{name}"] = _json_number(float(values[i]))
+            scored["reward"] = _json_number(float(composed.total[i]))
+            for name, flags in composed.violated.items():
+                scored[f"violated_{name}"] = bool(flags[i])
+            for name, flags in fallbacks.items():
+                scored[f"fallback_{name}"] = flags[i]
+            append_jsonl(f, scored)
