@@ -16,8 +16,9 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import ClassVar
 
-from alignkit.config.load import RANGES, above, at_least
+from alignkit.config.load import above, at_least
 
 ASSETS = Path(str(resources.files("alignkit") / "assets"))
 DEMO_MODEL = ASSETS / "tinystories-656k"
@@ -58,17 +59,16 @@ class DemoConfig:
     overwrite: bool = False
     """Replace an earlier demo run in output_dir (without it, a used output_dir is an error)."""
 
-
-RANGES[DemoConfig] = {
-    "epochs": above(0),
-    "batch_size": at_least(1),
-    "lr": above(0),
-    "beta": above(0),
-    "seed": at_least(0),
-    "samples_per_opening": at_least(1),
-    "max_new_tokens": at_least(1),
-    "num_heldout": at_least(1),
-}
+    ranges: ClassVar[dict] = {
+        "epochs": above(0),
+        "batch_size": at_least(1),
+        "lr": above(0),
+        "beta": above(0),
+        "seed": at_least(0),
+        "samples_per_opening": at_least(1),
+        "max_new_tokens": at_least(1),
+        "num_heldout": at_least(1),
+    }
 
 
 def run_demo(cfg: DemoConfig) -> dict:

@@ -17,8 +17,9 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
-from alignkit.config.load import RANGES, ConfigError, from_mapping, load_config, save_config, validate
+from alignkit.config.load import ConfigError, from_mapping, load_config, save_config, validate
 from alignkit.io import atomic_write
 from alignkit.training.rundir import claim_output_dir, part_resume_flags
 
@@ -62,8 +63,7 @@ class SweepConfig:
     overwrite: bool = False
     """Replace a sweep already in output_dir (its files are deleted first)."""
 
-
-RANGES[SweepConfig] = {"x_goal": GOALS, "y_goal": GOALS}
+    ranges: ClassVar[dict] = {"x_goal": GOALS, "y_goal": GOALS}
 
 
 def grid_points(grid: dict) -> list[dict]:

@@ -124,12 +124,35 @@ def test_range_errors_are_one_line_before_anything_loads(capsys):
     assert err == "alignkit sft: 'batch_size' must be >= 1, got 0"
 
 
+def test_every_declared_range_names_a_field_of_its_class():
+    """Ranges are declared on the config classes and read through each class's MRO: a key naming no field
+    (a typo, or a field renamed) would check nothing, silently; a relation must be a function."""
+    import dataclasses
+
+    from alignkit.commands import COMMANDS
+    from alignkit.config.load import Range
+
+    classes = {ConstraintSettings}
+    for command in COMMANDS.values():
+        cfg = command.config_class()
+        classes |= {k for k in type(cfg).__mro__ if dataclasses.is_dataclass(k)}
+        classes |= {
+            type(v) for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(v := getattr(cfg, f.name))
+        }
+    assert len(classes) > 20
+    for klass in classes:
+        names = {f.name for f in dataclasses.fields(klass)}
+        ranges = vars(klass).get("ranges", {})
+        assert set(ranges) <= names, f"{klass.__name__}.ranges names no field: {set(ranges) - names}"
+        assert all(isinstance(r, Range) or (isinstance(r, tuple) and r) for r in ranges.values()), klass
+        assert all(callable(check) for check in vars(klass).get("relations", ())), klass
+
+
 def test_dtype_choices_match_the_models_table():
     from alignkit.config.base import TrainConfig
-    from alignkit.config.load import RANGES
     from alignkit.models.load import DTYPES
 
-    assert RANGES[TrainConfig]["dtype"] == tuple(DTYPES)
+    assert TrainConfig.ranges["dtype"] == tuple(DTYPES)
 
 
 def test_mapping_fields_load_from_yaml_sections_and_dotted_overrides(tmp_path):

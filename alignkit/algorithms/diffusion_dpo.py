@@ -23,11 +23,12 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from alignkit.config.base import LoraSettings, TrainConfig
-from alignkit.config.load import RANGES, ConfigError, above, at_least
+from alignkit.config.load import ConfigError, above, at_least
 from alignkit.data.images import ImagePair, load_image_pairs, pixel_values, size_time_ids
 from alignkit.data.prepare import bad_rows_list, report_dropped, split_eval
 from alignkit.losses.diffusion import DIFFUSION_LOSSES, denoising_mse, diffusion_dpo_loss
@@ -80,13 +81,14 @@ class DiffusionDPOConfig(TrainConfig):
     """LoRA on the UNet's attention projections (lora.enabled=false trains the whole UNet, against a
     frozen copy)."""
 
+    ranges: ClassVar[dict] = {
+        "beta": above(0),
+        "loss": tuple(DIFFUSION_LOSSES),
+        "resolution": at_least(8),
+        "vae_batch_size": at_least(1),
+    }
 
-RANGES[DiffusionDPOConfig] = {
-    "beta": above(0),
-    "loss": tuple(DIFFUSION_LOSSES),
-    "resolution": at_least(8),
-    "vae_batch_size": at_least(1),
-}
+
 # TrainConfig settings with no meaning for a diffusion pipeline: set to anything but their default, an error.
 UNUSED = (
     "tokenizer",

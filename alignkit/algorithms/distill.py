@@ -18,11 +18,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from alignkit.config.base import TrainConfig
-from alignkit.config.load import RANGES, ConfigError, above, at_least, between, validate
+from alignkit.config.load import ConfigError, above, at_least, between, validate
 from alignkit.data.collate import collate_sft, completion_tokens
 from alignkit.data.prompts import load_prompts
 from alignkit.generation import sample_ids
@@ -71,18 +72,17 @@ class DistillConfig(TrainConfig):
     save_steps: int = 20
     """Write a checkpoint every this many steps (0 = only on interrupt)."""
 
-
-RANGES[DistillConfig] = {
-    "divergence": tuple(DIVERGENCES),
-    "beta": between(0, 1),
-    "distill_temperature": above(0),
-    "student_fraction": between(0, 1),
-    "max_new_tokens": at_least(1),
-    "temperature": above(0),
-    "top_k": at_least(0),
-    "top_p": between(0, 1, low_open=True),
-    "generation_batch_size": at_least(1),
-}
+    ranges: ClassVar[dict] = {
+        "divergence": tuple(DIVERGENCES),
+        "beta": between(0, 1),
+        "distill_temperature": above(0),
+        "student_fraction": between(0, 1),
+        "max_new_tokens": at_least(1),
+        "temperature": above(0),
+        "top_k": at_least(0),
+        "top_p": between(0, 1, low_open=True),
+        "generation_batch_size": at_least(1),
+    }
 
 
 def check_distill_settings(cfg: DistillConfig) -> None:

@@ -24,12 +24,13 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from alignkit.algorithms import dpo
 from alignkit.config.base import DPOConfig
-from alignkit.config.load import RANGES, ConfigError, above, at_least, between, save_config, validate
+from alignkit.config.load import ConfigError, above, at_least, between, save_config, validate
 from alignkit.data.pairs import GAP_USES, STRATEGIES, build_pairs, pair_columns
 from alignkit.data.prompts import Prompts, load_prompts
 from alignkit.evaluation.policy import evaluate_policy
@@ -91,21 +92,20 @@ class IterativeDPOConfig(DPOConfig):
     """Each round is measured against its starting policy (iterative DPO); false: against `model` (or
     `reference.model`) in every round."""
 
-
-RANGES[IterativeDPOConfig] = {
-    "rounds": at_least(1),
-    "prompts_per_round": at_least(0),
-    "num_generations": at_least(2),
-    "max_new_tokens": at_least(1),
-    "temperature": above(0),
-    "top_k": at_least(0),
-    "top_p": between(0, 1, low_open=True),
-    "generation_batch_size": at_least(1),
-    "max_pairs_per_prompt": at_least(0),
-    "soft_label_temperature": above(0),
-    "pairs": STRATEGIES,
-    "gap_as": GAP_USES,
-}
+    ranges: ClassVar[dict] = {
+        "rounds": at_least(1),
+        "prompts_per_round": at_least(0),
+        "num_generations": at_least(2),
+        "max_new_tokens": at_least(1),
+        "temperature": above(0),
+        "top_k": at_least(0),
+        "top_p": between(0, 1, low_open=True),
+        "generation_batch_size": at_least(1),
+        "max_pairs_per_prompt": at_least(0),
+        "soft_label_temperature": above(0),
+        "pairs": STRATEGIES,
+        "gap_as": GAP_USES,
+    }
 
 
 def check_settings(cfg: IterativeDPOConfig) -> None:

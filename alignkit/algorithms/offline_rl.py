@@ -18,12 +18,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from alignkit.config.base import ReferenceSettings, TrainConfig
 from alignkit.config.checks import check_reference_settings
-from alignkit.config.load import RANGES, ConfigError, above, at_least, between, validate
+from alignkit.config.load import ConfigError, above, at_least, between, validate
 from alignkit.data.collate import collate_sft, completion_tokens
 from alignkit.data.prepare import prepare_logged_data
 from alignkit.logprobs import completion_logps
@@ -73,16 +74,15 @@ class OfflineRLConfig(TrainConfig):
     reference: ReferenceSettings = field(default_factory=lambda: ReferenceSettings(mode="copy"))
     """The frozen reference of the KL penalty: copy (a frozen copy) or adapter (with LoRA: the base)."""
 
-
-RANGES[OfflineRLConfig] = {
-    "method": METHODS,
-    "baseline": BASELINES,
-    "temperature": above(0),
-    "max_weight": above(0),
-    "top_fraction": between(0, 1, low_open=True),
-    "rank_within": ("prompt", "all"),
-    "kl_coef": at_least(0),
-}
+    ranges: ClassVar[dict] = {
+        "method": METHODS,
+        "baseline": BASELINES,
+        "temperature": above(0),
+        "max_weight": above(0),
+        "top_fraction": between(0, 1, low_open=True),
+        "rank_within": ("prompt", "all"),
+        "kl_coef": at_least(0),
+    }
 
 
 def check_offline_settings(cfg: OfflineRLConfig) -> None:

@@ -17,13 +17,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from alignkit.algorithms import dpo
 from alignkit.config.base import OnlineConfig
 from alignkit.config.checks import check_online_settings
-from alignkit.config.load import RANGES, ConfigError, above, at_least, validate
+from alignkit.config.load import ConfigError, above, at_least, validate
 from alignkit.data.pairs import GAP_USES, build_pairs, pair_columns, sum_pair_stats
 from alignkit.data.prompts import load_prompts
 from alignkit.evaluation.policy import evaluate_policy
@@ -85,13 +86,12 @@ class OnlineDPOConfig(OnlineConfig):
     lr: float | None = 5e-7
     """Peak learning rate (AdamW); none = scaled to the policy as for grpo (docs/online_rl.md)."""
 
-
-RANGES[OnlineDPOConfig] = {
-    "num_generations": at_least(2),
-    "beta": above(0),
-    "soft_label_temperature": above(0),
-    "gap_as": GAP_USES,
-}
+    ranges: ClassVar[dict] = {
+        "num_generations": at_least(2),
+        "beta": above(0),
+        "soft_label_temperature": above(0),
+        "gap_as": GAP_USES,
+    }
 
 
 def check_settings(cfg: OnlineDPOConfig):

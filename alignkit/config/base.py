@@ -7,16 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from alignkit.config.load import (
-    FRACTION,
-    RANGES,
-    RELATIONS,
-    above,
-    at_least,
-    between,
-    from_mapping,
-)
+from alignkit.config.load import FRACTION, above, at_least, between, from_mapping
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 
@@ -38,6 +31,8 @@ class LoraSettings:
     merge: bool = False
     """Save the final model with the adapter merged into full weights (else the adapter alone)."""
 
+    ranges: ClassVar[dict] = {"r": at_least(1), "alpha": above(0), "dropout": between(0, 1, high_open=True)}
+
 
 @dataclass
 class ReferenceSettings:
@@ -48,6 +43,23 @@ class ReferenceSettings:
     in memory) or adapter (with lora.enabled: the base model with the adapter switched off)."""
     model: str | None = None
     """Reference weights when different from `model` (precomputed / copy); default: the policy's start."""
+
+    ranges: ClassVar[dict] = {"mode": ("precomputed", "copy", "adapter")}
+
+
+def max_length_above_prompt(cfg) -> str | None:
+    """A max_prompt_length that is set must leave max_length room for a completion. (Left at its default
+    with a short max_length, prompts are still cut to max_prompt_length and completions to the rest; online
+    configs, which have max_new_tokens, do not use max_length.)"""
+    default = {f.name: f.default for f in dataclasses.fields(cfg)}["max_prompt_length"]
+    if hasattr(cfg, "max_new_tokens") or cfg.max_prompt_length == default:
+        return None
+    if cfg.max_length > cfg.max_prompt_length:
+        return None
+    return (
+        f"'max_length' ({cfg.max_length}) must be greater than 'max_prompt_length' ({cfg.max_prompt_length}), "
+        "leaving room for the completion"
+    )
 
 
 @dataclass
@@ -141,6 +153,31 @@ class TrainConfig:
     report_to: str = "none"
     """Also log metrics to an experiment tracker through accelerate: none, tensorboard or wandb."""
 
+    ranges: ClassVar[dict] = {
+        "eval_fraction": between(0, 1, high_open=True),
+        "max_steps": at_least(0, -1),
+        "epochs": above(0),
+        "batch_size": at_least(1),
+        "grad_accum": at_least(1),
+        "lr": above(0),
+        "lr_scheduler": ("linear", "cosine", "constant"),
+        "warmup_ratio": FRACTION,
+        "weight_decay": at_least(0),
+        "max_grad_norm": at_least(0),
+        "max_length": at_least(1),
+        "max_prompt_length": at_least(1),
+        "seed": between(0, 2**32 - 1),
+        "dtype": ("float32", "bfloat16", "float16", "auto"),
+        "mixed_precision": MIXED_PRECISION,
+        "logging_steps": at_least(1),
+        "eval_steps": at_least(1),
+        "save_steps": at_least(0),
+        "save_total_limit": at_least(1),
+        "logprob_chunk_size": at_least(1),
+        "on_bad_rows": ("refuse", "skip"),
+    }
+    relations: ClassVar[tuple] = (max_length_above_prompt,)
+
 
 @dataclass
 class SFTConfig(TrainConfig):
@@ -174,6 +211,13 @@ class RewardConfig(TrainConfig):
     folder's own pooling, else the stock classifier's: cls for encoders, last for causal LMs)."""
     ensemble: int = 1
     """K > 1: K heads on one backbone, each from its own seed and bootstrap resample; rewards are their mean."""
+
+    ranges: ClassVar[dict] = {
+        "backbone": ("auto", "causal", "encoder"),
+        "center_rewards_coefficient": at_least(0),
+        "pooling": ("auto", "mean", "cls", "last"),
+        "ensemble": at_least(1),
+    }
 
 
 @dataclass
@@ -239,6 +283,14 @@ class DPOConfig(TrainConfig):
             for i, c in enumerate(self.constraints)
         ]
 
+    # The objectives' own parameters (beta, label_smoothing, gamma, nll_weight, the KTO weights) and the
+    # constraints are checked by their registries (losses.check_params, check_constraints) before a run starts.
+    ranges: ClassVar[dict] = {
+        "stages": at_least(1),
+        "mdpo_corruption": ("crop", "mask"),
+        "mdpo_keep": between(0, 1, low_open=True),
+    }
+
 
 @dataclass
 class KTOConfig(TrainConfig):
@@ -272,6 +324,8 @@ class ListwiseConfig(TrainConfig):
     """soft: the target distribution of a row with `scores` is softmax(scores / temperature)."""
     reference: ReferenceSettings = field(default_factory=ReferenceSettings)
     """The frozen reference (reference.mode=precomputed|copy|adapter, reference.model=PATH)."""
+
+    ranges: ClassVar[dict] = {"temperature": above(0)}
 
 
 @dataclass
@@ -324,6 +378,20 @@ class OnlineConfig(TrainConfig):
     save_steps: int = 20
     """Write a checkpoint every this many steps (0 = only on interrupt)."""
 
+    ranges: ClassVar[dict] = {
+        "reward_clip": above(0),
+        "num_generations": at_least(1),
+        "max_new_tokens": at_least(1),
+        "temperature": above(0),
+        "top_k": at_least(0),
+        "top_p": between(0, 1, low_open=True),
+        "ppo_epochs": at_least(1),
+        "minibatch_size": at_least(0),
+        "epsilon": above(0),
+        "epsilon_high": above(0),
+        "generation_batch_size": at_least(1),
+    }
+
 
 @dataclass
 class GRPOConfig(OnlineConfig):
@@ -351,6 +419,12 @@ class GRPOConfig(OnlineConfig):
     """grpo: divide advantages by the group's reward std (group), the batch's (batch) or not (none)."""
     loss_aggregation: str = "auto"
     """token_mean (DAPO), sequence_mean (GRPO paper), constant (Dr. GRPO) or auto (the estimator's own)."""
+
+    ranges: ClassVar[dict] = {
+        "advantage": ("grpo", "dr_grpo", "rloo", "reinforce_pp"),
+        "beta": at_least(0),
+        "scale_rewards": ("group", "batch", "none"),
+    }
 
 
 @dataclass
@@ -392,6 +466,17 @@ class PPOConfig(OnlineConfig):
     LoRA adapter with its own head on the policy's shared frozen base, no copy) or a trained reward model
     (hub name or folder, e.g. `alignkit reward` output; causal policies) whose backbone and head start it."""
 
+    ranges: ClassVar[dict] = {
+        "kl_coef": at_least(0),
+        "target_kl": above(0),
+        "kl_horizon": at_least(1),
+        "vf_coef": above(0),
+        "cliprange_value": at_least(0),
+        "gamma": FRACTION,
+        "lam": FRACTION,
+        "early_stop_kl": at_least(0),
+    }
+
 
 @dataclass
 class RLOOConfig(GRPOConfig):
@@ -400,96 +485,3 @@ class RLOOConfig(GRPOConfig):
 
     advantage: str = "rloo"
     """Advantage estimator: grpo, dr_grpo, rloo or reinforce_pp (docs/online_rl.md)."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Ranges of the classes above (alignkit.config.load.RANGES; see there).
-
-
-def max_length_above_prompt(cfg) -> str | None:
-    """A max_prompt_length that is set must leave max_length room for a completion. (Left at its default
-    with a short max_length, prompts are still cut to max_prompt_length and completions to the rest; online
-    configs, which have max_new_tokens, do not use max_length.)"""
-    default = {f.name: f.default for f in dataclasses.fields(cfg)}["max_prompt_length"]
-    if hasattr(cfg, "max_new_tokens") or cfg.max_prompt_length == default:
-        return None
-    if cfg.max_length > cfg.max_prompt_length:
-        return None
-    return (
-        f"'max_length' ({cfg.max_length}) must be greater than 'max_prompt_length' ({cfg.max_prompt_length}), "
-        "leaving room for the completion"
-    )
-
-
-RANGES.update(
-    {
-        LoraSettings: {"r": at_least(1), "alpha": above(0), "dropout": between(0, 1, high_open=True)},
-        ReferenceSettings: {"mode": ("precomputed", "copy", "adapter")},
-        TrainConfig: {
-            "eval_fraction": between(0, 1, high_open=True),
-            "max_steps": at_least(0, -1),
-            "epochs": above(0),
-            "batch_size": at_least(1),
-            "grad_accum": at_least(1),
-            "lr": above(0),
-            "lr_scheduler": ("linear", "cosine", "constant"),
-            "warmup_ratio": FRACTION,
-            "weight_decay": at_least(0),
-            "max_grad_norm": at_least(0),
-            "max_length": at_least(1),
-            "max_prompt_length": at_least(1),
-            "seed": between(0, 2**32 - 1),
-            "dtype": ("float32", "bfloat16", "float16", "auto"),
-            "mixed_precision": MIXED_PRECISION,
-            "logging_steps": at_least(1),
-            "eval_steps": at_least(1),
-            "save_steps": at_least(0),
-            "save_total_limit": at_least(1),
-            "logprob_chunk_size": at_least(1),
-            "on_bad_rows": ("refuse", "skip"),
-        },
-        RewardConfig: {
-            "backbone": ("auto", "causal", "encoder"),
-            "center_rewards_coefficient": at_least(0),
-            "pooling": ("auto", "mean", "cls", "last"),
-            "ensemble": at_least(1),
-        },
-        # The objectives' own parameters (beta, label_smoothing, gamma, nll_weight, the KTO weights) and the
-        # constraints are checked by their registries (losses.check_params, check_constraints) before a run starts.
-        DPOConfig: {
-            "stages": at_least(1),
-            "mdpo_corruption": ("crop", "mask"),
-            "mdpo_keep": between(0, 1, low_open=True),
-        },
-        ListwiseConfig: {"temperature": above(0)},
-        OnlineConfig: {
-            "reward_clip": above(0),
-            "num_generations": at_least(1),
-            "max_new_tokens": at_least(1),
-            "temperature": above(0),
-            "top_k": at_least(0),
-            "top_p": between(0, 1, low_open=True),
-            "ppo_epochs": at_least(1),
-            "minibatch_size": at_least(0),
-            "epsilon": above(0),
-            "epsilon_high": above(0),
-            "generation_batch_size": at_least(1),
-        },
-        GRPOConfig: {
-            "advantage": ("grpo", "dr_grpo", "rloo", "reinforce_pp"),
-            "beta": at_least(0),
-            "scale_rewards": ("group", "batch", "none"),
-        },
-        PPOConfig: {
-            "kl_coef": at_least(0),
-            "target_kl": above(0),
-            "kl_horizon": at_least(1),
-            "vf_coef": above(0),
-            "cliprange_value": at_least(0),
-            "gamma": FRACTION,
-            "lam": FRACTION,
-            "early_stop_kl": at_least(0),
-        },
-    }
-)
-RELATIONS[TrainConfig] = [max_length_above_prompt]

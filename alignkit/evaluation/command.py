@@ -5,10 +5,11 @@ compared (`evaluation.compare`), written as eval_report.json / .md and the run's
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 import torch
 
-from alignkit.config.load import RANGES, ConfigError, at_least, between, validate
+from alignkit.config.load import ConfigError, at_least, between, validate
 from alignkit.data.prompts import load_prompt_rows
 from alignkit.evaluation.compare import compare_policies, write_reports
 from alignkit.models.load import DTYPES, check_model_source
@@ -60,18 +61,17 @@ class EvalConfig:
     overwrite: bool = False
     """Replace the eval_report.json / .md already in output_dir (without it, they are an error)."""
 
-
-RANGES[EvalConfig] = {
-    "num_prompts": at_least(0),
-    "num_samples": at_least(1),
-    "max_new_tokens": at_least(1),
-    "temperature": at_least(0),
-    "top_k": at_least(1),
-    "top_p": between(0, 1, low_open=True),
-    "batch_size": at_least(1),
-    "num_examples": at_least(0),
-    "dtype": tuple(DTYPES),
-}
+    ranges: ClassVar[dict] = {
+        "num_prompts": at_least(0),
+        "num_samples": at_least(1),
+        "max_new_tokens": at_least(1),
+        "temperature": at_least(0),
+        "top_k": at_least(1),
+        "top_p": between(0, 1, low_open=True),
+        "batch_size": at_least(1),
+        "num_examples": at_least(0),
+        "dtype": tuple(DTYPES),
+    }
 
 
 def read_prompts(

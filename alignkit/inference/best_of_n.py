@@ -27,10 +27,11 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
-from alignkit.config.load import RANGES, ConfigError, at_least, between, validate
+from alignkit.config.load import ConfigError, at_least, between, validate
 from alignkit.data.prompts import encode_prompt
 from alignkit.evaluation.stats import mean_and_stderr
 from alignkit.generation import sample_ids, sample_seed
@@ -332,24 +333,23 @@ class GenerateConfig:
     progress: bool = True
     """Show a console progress bar."""
 
-
-RANGES[GenerateConfig] = {
-    "num_prompts": at_least(0),
-    "max_prompt_length": at_least(1),
-    "method": METHODS,
-    "n": at_least(1),
-    "max_new_tokens": at_least(1),
-    "temperature": at_least(0),
-    "top_k": at_least(1),
-    "top_p": between(0, 1, low_open=True),
-    "chunk_prompts": at_least(1),
-    "batch_size": at_least(1),
-    "scoring_batch_size": at_least(1),
-    "num_demos": at_least(1),
-    "retriever": BACKENDS,
-    "max_length": at_least(0),
-    "dtype": tuple(DTYPES),
-}
+    ranges: ClassVar[dict] = {
+        "num_prompts": at_least(0),
+        "max_prompt_length": at_least(1),
+        "method": METHODS,
+        "n": at_least(1),
+        "max_new_tokens": at_least(1),
+        "temperature": at_least(0),
+        "top_k": at_least(1),
+        "top_p": between(0, 1, low_open=True),
+        "chunk_prompts": at_least(1),
+        "batch_size": at_least(1),
+        "scoring_batch_size": at_least(1),
+        "num_demos": at_least(1),
+        "retriever": BACKENDS,
+        "max_length": at_least(0),
+        "dtype": tuple(DTYPES),
+    }
 
 
 def check_config(cfg: GenerateConfig) -> None:

@@ -13,10 +13,11 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
-from alignkit.config.load import RANGES, ConfigError, above, at_least, validate
+from alignkit.config.load import ConfigError, above, at_least, validate
 from alignkit.data.chat import json_type
 from alignkit.data.readers import DataError, Problems, encoding_problems, line_ranges, read_records
 from alignkit.io import append_jsonl, atomic_path, atomic_write
@@ -53,8 +54,7 @@ class ScoreConfig:
     overwrite: bool = False
     """Replace `output` and its summary when they exist (without it, that is an error)."""
 
-
-RANGES[ScoreConfig] = {"batch_size": at_least(1), "clip": above(0)}
+    ranges: ClassVar[dict] = {"batch_size": at_least(1), "clip": above(0)}
 
 
 def summary_path(output: str | Path) -> Path:
