@@ -4,8 +4,9 @@ import pytest
 import yaml
 
 from alignkit.cli import main
-from alignkit.config.base import ConstraintSettings, DPOConfig, KTOConfig, ListwiseConfig, SFTConfig
 from alignkit.config.load import ConfigError, describe, field_docs, load_config, save_config
+from alignkit.config.preference import ConstraintSettings, DPOConfig, KTOConfig, ListwiseConfig
+from alignkit.config.supervised import SFTConfig
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -83,7 +84,7 @@ def test_yaml_no_is_a_string_not_a_boolean(tmp_path):
 
 
 def test_every_range_is_checked_at_load_time_naming_the_key():
-    from alignkit.config.base import GRPOConfig
+    from alignkit.config.online import GRPOConfig
 
     with pytest.raises(ConfigError) as err:
         load_config(
@@ -148,18 +149,37 @@ def test_every_declared_range_names_a_field_of_its_class():
         assert all(callable(check) for check in vars(klass).get("relations", ())), klass
 
 
-def test_dtype_choices_match_the_models_table():
-    from alignkit.config.base import TrainConfig
+def test_the_names_a_config_accepts_are_the_implementations_keys():
+    """A config module imports nothing above io, so where an implementation higher up keys a table by a
+    setting's names, the names are declared in the config: adding an implementation without its name (or a
+    name without its implementation) fails here, not in a user's run."""
+    from alignkit.config.base import DTYPE_NAMES, TrainConfig
+    from alignkit.config.online import GRPOConfig
+    from alignkit.config.preference import DIFFUSION_LOSS_NAMES, DiffusionDPOConfig
+    from alignkit.config.supervised import DIVERGENCE_NAMES, DistillConfig
+    from alignkit.config.tools import EvalConfig, GenerateConfig
+    from alignkit.losses.diffusion import DIFFUSION_LOSSES
+    from alignkit.losses.distill import DIVERGENCES
+    from alignkit.losses.policy import ADVANTAGES
     from alignkit.models.load import DTYPES
 
-    assert TrainConfig.ranges["dtype"] == tuple(DTYPES)
+    assert DTYPE_NAMES == tuple(DTYPES)
+    assert (
+        TrainConfig.ranges["dtype"]
+        == EvalConfig.ranges["dtype"]
+        == GenerateConfig.ranges["dtype"]
+        == DTYPE_NAMES
+    )
+    assert DIFFUSION_LOSS_NAMES == tuple(DIFFUSION_LOSSES) == DiffusionDPOConfig.ranges["loss"]
+    assert DIVERGENCE_NAMES == tuple(DIVERGENCES) == DistillConfig.ranges["divergence"]
+    assert GRPOConfig.ranges["advantage"] == tuple(ADVANTAGES)
 
 
 def test_mapping_fields_load_from_yaml_sections_and_dotted_overrides(tmp_path):
     """A free-form dict field (a judge spec, a sweep's eval settings) is not a config section: YAML nesting
     and key.sub=value overrides fill the mapping key by key, nested keys included."""
-    from alignkit.algorithms.online_dpo import OnlineDPOConfig
-    from alignkit.sweep import SweepConfig
+    from alignkit.config.online import OnlineDPOConfig
+    from alignkit.config.tools import SweepConfig
 
     path = tmp_path / "sweep.yaml"
     path.write_text("eval:\n  prompts: p.jsonl\n  num_samples: 2\nsettings:\n  lora: {enabled: true, r: 4}\n")

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config.base import PPOConfig
 from alignkit.config.checks import check_online_settings
 from alignkit.config.load import ConfigError, validate
+from alignkit.config.online import PPOConfig
 from alignkit.data.prompts import load_prompts
 from alignkit.evaluation.policy import evaluate_policy
 from alignkit.logprobs import token_logps

@@ -33,8 +33,9 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config.base import RewardConfig, TrainConfig
+from alignkit.config.base import TrainConfig
 from alignkit.config.load import ConfigError
+from alignkit.config.supervised import RewardConfig
 from alignkit.data.collate import additive_mask, collate_pairs, collate_pairs_shared_prompt
 from alignkit.data.prepare import prepare_preference_data
 from alignkit.losses.reward import bradley_terry_loss
