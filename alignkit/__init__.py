@@ -38,7 +38,14 @@ _EXPORTS = {
     },
     **{
         name: f"alignkit.config.preference:{name}"
-        for name in ("DPOConfig", "KTOConfig", "ListwiseConfig", "IterativeDPOConfig", "DiffusionDPOConfig")
+        for name in (
+            "PreferenceConfig",
+            "DPOConfig",
+            "KTOConfig",
+            "ListwiseConfig",
+            "IterativeDPOConfig",
+            "DiffusionDPOConfig",
+        )
     },
     **{
         name: f"alignkit.config.online:{name}"

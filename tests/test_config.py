@@ -39,14 +39,32 @@ def test_type_errors():
 
 
 def test_every_field_is_documented():
-    for cls in (DPOConfig, SFTConfig, KTOConfig, ListwiseConfig, ConstraintSettings):
-        docs = field_docs(cls)
-        import dataclasses
+    import dataclasses
 
+    from alignkit.commands import COMMANDS
+
+    for cls in (ConstraintSettings, *(command.config_class for command in COMMANDS.values())):
+        docs = field_docs(cls)
         assert all(docs.get(f.name) for f in dataclasses.fields(cls)), cls
     text = describe(DPOConfig)
     assert "beta = 0.1\n      Strength of the KL tie" in text
     assert "lora.r = 16" in text
+
+
+def test_preference_configs_share_their_base_and_keep_their_own_defaults_and_help():
+    """dpo, kto and listwise take lr, beta, loss and reference from PreferenceConfig; each keeps its own
+    objective, and its own words for beta in --help."""
+    from alignkit.config.preference import PreferenceConfig
+
+    for cls, loss, beta_doc in (
+        (DPOConfig, "sigmoid", "(DPO's β); for orpo, λ"),
+        (KTOConfig, "kto", "(KTO's β)"),
+        (ListwiseConfig, "soft", "Scale β of the implicit rewards"),
+    ):
+        cfg = cls()
+        assert isinstance(cfg, PreferenceConfig)
+        assert (cfg.lr, cfg.beta, cfg.loss, cfg.reference.mode) == (5e-7, 0.1, loss, "precomputed")
+        assert beta_doc in field_docs(cls)["beta"]
 
 
 def test_resolved_config_round_trips(tmp_path):

@@ -43,11 +43,29 @@ class ConstraintSettings:
 
 
 @dataclass
-class DPOConfig(TrainConfig):
-    """Offline preference optimisation (DPO and its family) on preference pairs."""
+class PreferenceConfig(TrainConfig):
+    """What the offline preference commands (dpo, kto, listwise) share: a learning rate for a policy that
+    starts close to its optimum, an objective by name with its strength β, and the frozen reference the
+    objective measures the policy against. Each command's own config says what its β and objectives are."""
 
     lr: float = 5e-7
     """Peak learning rate (AdamW)."""
+    beta: float = 0.1
+    """Strength of the KL tie to the reference (β; docs/objectives.md)."""
+    loss: str = "sigmoid"
+    """The objective by name, from the command's loss registry (docs/objectives.md)."""
+    reference: ReferenceSettings = field(default_factory=ReferenceSettings)
+    """The frozen reference (reference.mode=precomputed|copy|adapter, reference.model=PATH)."""
+
+    # No ranges for beta and the objectives' own parameters (label_smoothing, gamma, nll_weight, the KTO
+    # weights): their registries check them against the objective chosen (losses.check_params), before a
+    # run starts.
+
+
+@dataclass
+class DPOConfig(PreferenceConfig):
+    """Offline preference optimisation (DPO and its family) on preference pairs."""
+
     beta: float = 0.1
     """Strength of the KL tie to the reference (DPO's β); for orpo, λ (docs/objectives.md)."""
     loss: str = "sigmoid"
@@ -58,8 +76,6 @@ class DPOConfig(TrainConfig):
     """SimPO's target reward margin γ (reward units, β·mean log-prob; SimPO's gamma_beta_ratio is γ/β)."""
     nll_weight: float = 1.0
     """Weight α of the per-token NLL on the chosen completion that cpo and rpo add."""
-    reference: ReferenceSettings = field(default_factory=ReferenceSettings)
-    """The frozen reference (reference.mode=precomputed|copy|adapter, reference.model=PATH)."""
     share_prompt: bool = True
     """Compute each pair's prompt once: one [prompt|chosen|rejected] row with a 4D mask (sdpa/eager)."""
     constraints: list[ConstraintSettings] = field(default_factory=list)
@@ -77,8 +93,7 @@ class DPOConfig(TrainConfig):
     mdpo_keep: float = 0.2
     """mdpo: the largest share of the image's area the random box keeps (drawn per row, seeded)."""
 
-    # The objectives' own parameters (beta, label_smoothing, gamma, nll_weight, the KTO weights) and the
-    # constraints are checked by their registries (losses.check_params, check_constraints) before a run starts.
+    # The constraints are checked by their registry (check_constraints) before a run starts.
     ranges: ClassVar[dict] = {
         "stages": at_least(1),
         "mdpo_corruption": ("crop", "mask"),
@@ -94,11 +109,9 @@ class DPOConfig(TrainConfig):
 
 
 @dataclass
-class KTOConfig(TrainConfig):
+class KTOConfig(PreferenceConfig):
     """Unpaired preference optimisation (KTO, BCO) on {prompt, completion, label} rows."""
 
-    lr: float = 5e-7
-    """Peak learning rate (AdamW)."""
     beta: float = 0.1
     """Strength of the KL tie to the reference (KTO's β)."""
     loss: str = "kto"
@@ -107,24 +120,18 @@ class KTOConfig(TrainConfig):
     """λ_D, the weight of rows labelled desirable (true)."""
     undesirable_weight: float = 1.0
     """λ_U, the weight of rows labelled undesirable (false)."""
-    reference: ReferenceSettings = field(default_factory=ReferenceSettings)
-    """The frozen reference (reference.mode=precomputed|copy|adapter, reference.model=PATH)."""
 
 
 @dataclass
-class ListwiseConfig(TrainConfig):
+class ListwiseConfig(PreferenceConfig):
     """Listwise preference optimisation on {prompt, responses, scores | probs | ranking} rows."""
 
-    lr: float = 5e-7
-    """Peak learning rate (AdamW)."""
     beta: float = 0.1
     """Scale β of the implicit rewards β·(log πθ − log πref) that are softmaxed over each list."""
     loss: str = "soft"
     """Listwise objective by name: soft (cross-entropy to a target distribution) or plackett_luce."""
     temperature: float = 1.0
     """soft: the target distribution of a row with `scores` is softmax(scores / temperature)."""
-    reference: ReferenceSettings = field(default_factory=ReferenceSettings)
-    """The frozen reference (reference.mode=precomputed|copy|adapter, reference.model=PATH)."""
 
     ranges: ClassVar[dict] = {"temperature": above(0)}
 

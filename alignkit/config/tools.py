@@ -16,6 +16,7 @@ from alignkit.config.load import above, at_least, between
 RETRIEVERS = ("auto", "minilm", "bm25")
 """How ICDPO finds a prompt's demonstrations (alignkit.inference.retrieval)."""
 GOALS = ("max", "min")
+"""Whether a larger or a smaller number is better on a sweep's frontier axis."""
 
 ASSETS = Path(str(resources.files("alignkit") / "assets"))
 DEMO_MODEL = ASSETS / "tinystories-656k"
@@ -24,7 +25,26 @@ DEMO_HELDOUT = ASSETS / "demo" / "heldout_openings.json"
 
 
 @dataclass
-class EvalConfig:
+class PromptSampling:
+    """The settings eval and generate share, with the same meaning: how a conversational prompt row is
+    rendered, and which tokens sampling draws from (top_k / top_p: none = off)."""
+
+    system_prompt: str | None = None
+    """Conversational prompt rows: a system message put first in every conversation without one (rows
+    with their own keep theirs); rendered by the policy's chat template."""
+    chat_template_kwargs: dict = field(default_factory=dict)
+    """Conversational prompt rows: extra variables for the chat template, e.g. {enable_thinking: false}
+    (Qwen3), passed to apply_chat_template."""
+    top_k: int | None = None
+    """Sample among the k most likely tokens only (none = off)."""
+    top_p: float | None = None
+    """Nucleus sampling: the smallest set of tokens with this much probability (none = off)."""
+
+    ranges: ClassVar[dict] = {"top_k": at_least(1), "top_p": between(0, 1, low_open=True)}
+
+
+@dataclass
+class EvalConfig(PromptSampling):
     """Compare a base and an aligned model on held-out prompts, scored by one or more reward sources."""
 
     base_model: str = ""
@@ -41,18 +61,8 @@ class EvalConfig:
     """Samples per prompt and policy (sample j of both policies shares its seed)."""
     max_new_tokens: int = 48
     """Longest completion, in tokens."""
-    system_prompt: str | None = None
-    """Conversational prompt rows: a system message put first in every conversation without one (rows
-    with their own keep theirs); rendered by the policy's chat template."""
-    chat_template_kwargs: dict = field(default_factory=dict)
-    """Conversational prompt rows: extra variables for the chat template, e.g. {enable_thinking: false}
-    (Qwen3), passed to apply_chat_template."""
     temperature: float = 1.0
     """Sampling temperature (0 = greedy); the KL estimate needs 1 and no top_k / top_p."""
-    top_k: int | None = None
-    """Sample among the k most likely tokens only (none = off)."""
-    top_p: float | None = None
-    """Nucleus sampling: the smallest set of tokens with this much probability (none = off)."""
     seed: int = 0
     """Seed of the (shared) sampling noise."""
     batch_size: int = 32
@@ -71,8 +81,6 @@ class EvalConfig:
         "num_samples": at_least(1),
         "max_new_tokens": at_least(1),
         "temperature": at_least(0),
-        "top_k": at_least(1),
-        "top_p": between(0, 1, low_open=True),
         "batch_size": at_least(1),
         "num_examples": at_least(0),
         "dtype": DTYPE_NAMES,
@@ -80,7 +88,7 @@ class EvalConfig:
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(PromptSampling):
     """Best-of-n (or ICDPO) generation: n samples per prompt, scored, the best kept; resumable JSONL."""
 
     model: str = ""
@@ -100,18 +108,8 @@ class GenerateConfig:
     """Candidates sampled per prompt."""
     max_new_tokens: int = 48
     """Longest candidate, in tokens."""
-    system_prompt: str | None = None
-    """Conversational prompt rows: a system message put first in every conversation without one (rows
-    with their own keep theirs); rendered by the policy's chat template."""
-    chat_template_kwargs: dict = field(default_factory=dict)
-    """Conversational prompt rows: extra variables for the chat template, e.g. {enable_thinking: false}
-    (Qwen3), passed to apply_chat_template."""
     temperature: float = 1.0
     """Sampling temperature (0 = greedy: every candidate the same)."""
-    top_k: int | None = None
-    """Sample among the k most likely tokens only (none = off)."""
-    top_p: float | None = None
-    """Nucleus sampling: the smallest set of tokens with this much probability (none = off)."""
     seed: int = 0
     """Seed of the sampling noise (chunk c of prompts is sampled with a seed derived from (seed, c))."""
     chunk_prompts: int = 16
@@ -154,8 +152,6 @@ class GenerateConfig:
         "n": at_least(1),
         "max_new_tokens": at_least(1),
         "temperature": at_least(0),
-        "top_k": at_least(1),
-        "top_p": between(0, 1, low_open=True),
         "chunk_prompts": at_least(1),
         "batch_size": at_least(1),
         "scoring_batch_size": at_least(1),
