@@ -31,33 +31,30 @@ __version__ = "0.1.0"
 
 # name -> "module:attribute", imported on first use (PEP 562), so `import alignkit` stays light
 _EXPORTS = {
+    **{name: f"alignkit.config.base:{name}" for name in ("TrainConfig", "LoraSettings", "ReferenceSettings")},
     **{
-        name: f"alignkit.config.base:{name}"
+        name: f"alignkit.config.supervised:{name}"
+        for name in ("SFTConfig", "RewardConfig", "OfflineRLConfig", "DistillConfig")
+    },
+    **{
+        name: f"alignkit.config.preference:{name}"
         for name in (
-            "TrainConfig",
-            "SFTConfig",
+            "PreferenceConfig",
             "DPOConfig",
             "KTOConfig",
             "ListwiseConfig",
-            "RewardConfig",
-            "OnlineConfig",
-            "GRPOConfig",
-            "RLOOConfig",
-            "PPOConfig",
-            "LoraSettings",
-            "ReferenceSettings",
+            "IterativeDPOConfig",
+            "DiffusionDPOConfig",
         )
     },
-    "IterativeDPOConfig": "alignkit.algorithms.iterative:IterativeDPOConfig",
-    "OnlineDPOConfig": "alignkit.algorithms.online_dpo:OnlineDPOConfig",
-    "DiffusionDPOConfig": "alignkit.algorithms.diffusion_dpo:DiffusionDPOConfig",
-    "DistillConfig": "alignkit.algorithms.distill:DistillConfig",
-    "OfflineRLConfig": "alignkit.algorithms.offline_rl:OfflineRLConfig",
-    "EvalConfig": "alignkit.evaluation.command:EvalConfig",
-    "GenerateConfig": "alignkit.inference.best_of_n:GenerateConfig",
-    "ScoreConfig": "alignkit.rewards.score:ScoreConfig",
-    "SweepConfig": "alignkit.sweep:SweepConfig",
-    "ReportConfig": "alignkit.report.build:ReportConfig",
+    **{
+        name: f"alignkit.config.online:{name}"
+        for name in ("OnlineConfig", "GRPOConfig", "RLOOConfig", "PPOConfig", "OnlineDPOConfig")
+    },
+    **{
+        name: f"alignkit.config.tools:{name}"
+        for name in ("EvalConfig", "GenerateConfig", "ScoreConfig", "SweepConfig", "ReportConfig")
+    },
     "ConfigError": "alignkit.config.load:ConfigError",
     "RunInterrupted": "alignkit.training.loop:RunInterrupted",
     "RewardSet": "alignkit.rewards.compose:RewardSet",

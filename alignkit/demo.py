@@ -13,69 +13,16 @@ paired difference, win rate, KL to the base, the base model's perplexity on each
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
-from alignkit.config.load import RANGES, above, at_least
-
-ASSETS = Path(str(resources.files("alignkit") / "assets"))
-DEMO_MODEL = ASSETS / "tinystories-656k"
-DEMO_PAIRS = ASSETS / "demo" / "pairs.jsonl"
-DEMO_HELDOUT = ASSETS / "demo" / "heldout_openings.json"
-
-
-@dataclass
-class DemoConfig:
-    """The demo's settings; the defaults are the documented run."""
-
-    output_dir: str = "runs/demo"
-    """Where the DPO run, the final model, demo_report.json / demo_report.md and report.html are written."""
-    model: str = str(DEMO_MODEL)
-    """Policy to align (default: the shipped TinyStories-656K)."""
-    data: str = str(DEMO_PAIRS)
-    """Preference pairs (default: the shipped VADER-labelled pairs)."""
-    heldout: str = str(DEMO_HELDOUT)
-    """JSON list of held-out story openings to evaluate on."""
-    epochs: float = 5.0
-    """Passes over the pairs."""
-    batch_size: int = 16
-    """Pairs per optimizer step."""
-    lr: float = 6e-4
-    """Peak learning rate (warm-up 10%, then cosine decay)."""
-    beta: float = 0.1
-    """DPO β."""
-    seed: int = 0
-    """Seed for training and for the (shared) evaluation sampling."""
-    samples_per_opening: int = 4
-    """Samples per held-out opening and policy."""
-    max_new_tokens: int = 48
-    """Length of each evaluation sample."""
-    num_heldout: int = 64
-    """How many held-out openings to evaluate on (at most the file's count)."""
-    progress: bool = True
-    """Show a progress bar while training."""
-    overwrite: bool = False
-    """Replace an earlier demo run in output_dir (without it, a used output_dir is an error)."""
-
-
-RANGES[DemoConfig] = {
-    "epochs": above(0),
-    "batch_size": at_least(1),
-    "lr": above(0),
-    "beta": above(0),
-    "seed": at_least(0),
-    "samples_per_opening": at_least(1),
-    "max_new_tokens": at_least(1),
-    "num_heldout": at_least(1),
-}
+from alignkit.config.tools import DemoConfig
 
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Train, reload, compare, print; returns the report (also written to output_dir/demo_report.json
     and, as Markdown, demo_report.md)."""
     from alignkit.algorithms.dpo import train
-    from alignkit.config.base import DPOConfig
+    from alignkit.config.preference import DPOConfig
     from alignkit.evaluation.compare import compare_policies, format_markdown, write_reports
     from alignkit.models.load import load_causal_lm, load_tokenizer
     from alignkit.report.build import report_after_run

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from alignkit.config.base import OnlineConfig
+from alignkit.config.online import OnlineConfig
 from alignkit.generation import eos_ids, sample_ids
 from alignkit.losses.policy import frac_reward_zero_std
 from alignkit.rewards.base import reduce_metrics

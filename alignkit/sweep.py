@@ -15,55 +15,12 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from alignkit.config.load import RANGES, ConfigError, from_mapping, load_config, save_config, validate
+from alignkit.config.load import ConfigError, from_mapping, load_config, save_config, validate
+from alignkit.config.tools import SweepConfig
 from alignkit.io import atomic_write
 from alignkit.training.rundir import claim_output_dir, part_resume_flags
-
-GOALS = ("max", "min")
-
-
-@dataclass
-class SweepConfig:
-    """A training command run at several settings, each point evaluated, the Pareto front of two eval
-    numbers written as a table and a plot (docs/iterative.md, "Pareto sweeps")."""
-
-    command: str = "grpo"
-    """The training command every point runs: grpo, rloo, ppo, dpo, online-dpo, iterative-dpo, kto, ..."""
-    config: str | None = None
-    """The command's YAML config, shared by every point."""
-    settings: dict = field(default_factory=dict)
-    """Settings shared by every point, over `config` ({key: value}; dotted keys for sections)."""
-    points: list[dict] = field(default_factory=list)
-    """The points, each a dict of settings: e.g. [{beta: 0.01}, {beta: 0.1}] or reward sets with other weights."""
-    grid: dict = field(default_factory=dict)
-    """Or a grid: {key: [values]}, every combination a point (in the order the keys are given)."""
-    labels: list[str] = field(default_factory=list)
-    """A short name per point for the table and the plot (default: its settings)."""
-    eval: dict = field(default_factory=dict)
-    """`alignkit eval` settings for every point (prompts, rewards, num_samples, ...); base_model defaults to
-    the command's `model`, model to the point's final model."""
-    x: str = "kl"
-    """Frontier x axis, a number of the eval report: reward (the total, or the one source), rewards/NAME (a
-    source's aligned mean), gain, gain/NAME (aligned − base), win_rate, win_rate/NAME, kl, perplexity,
-    mean_tokens."""
-    y: str = "reward"
-    """Frontier y axis (same choices as x)."""
-    x_goal: str = "min"
-    """Whether a larger (max) or a smaller (min) x is better."""
-    y_goal: str = "max"
-    """Whether a larger (max) or a smaller (min) y is better."""
-    output_dir: str = "runs/sweep"
-    """Where the points' runs and the frontier table and plot are written."""
-    resume: bool = False
-    """Skip the evaluated points of the sweep in output_dir and continue the interrupted one."""
-    overwrite: bool = False
-    """Replace a sweep already in output_dir (its files are deleted first)."""
-
-
-RANGES[SweepConfig] = {"x_goal": GOALS, "y_goal": GOALS}
 
 
 def grid_points(grid: dict) -> list[dict]:

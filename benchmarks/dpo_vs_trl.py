@@ -85,7 +85,7 @@ def peak_rss_mib() -> float:
 
 def run_alignkit(fixture: Path, args) -> dict:
     from alignkit.algorithms import dpo
-    from alignkit.config.base import DPOConfig
+    from alignkit.config.preference import DPOConfig
 
     out = fixture / "run-alignkit"
     cfg = DPOConfig(

@@ -72,7 +72,7 @@ def run(
 ) -> dict:
     """Train one option, then score the held-out pairs with the saved model; the row of the table."""
     from alignkit.algorithms.reward_model import train
-    from alignkit.config.base import RewardConfig
+    from alignkit.config.supervised import RewardConfig
     from alignkit.data.load import load_preference_rows
     from alignkit.models.load import load_tokenizer
     from alignkit.rewards.registry import build_reward

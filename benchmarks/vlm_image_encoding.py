@@ -39,7 +39,7 @@ def median_ms(fn, repeats: int, device: str) -> float:
 
 def main() -> None:
     from alignkit.algorithms.dpo import pair_logps
-    from alignkit.config.base import DPOConfig
+    from alignkit.config.preference import DPOConfig
     from alignkit.data.vision_rows import (
         collate_vision_pairs,
         collate_vision_shared_prompt,

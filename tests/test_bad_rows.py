@@ -173,7 +173,8 @@ def test_a_lone_surrogate_in_any_text_field_is_reported_at_its_row_and_field(tmp
             load(str(path))
         assert f"{path}:2: field '{field}'" in str(info.value), (load.__name__, str(info.value))
         assert "surrogate" in str(info.value)
-    from alignkit.rewards.score import ScoreConfig, read_pairs  # `alignkit score` and ICDPO's demos
+    from alignkit.config.tools import ScoreConfig  # `alignkit score` and ICDPO's demos
+    from alignkit.rewards.score import read_pairs
 
     path.write_text(
         json.dumps({"prompt": "P.", "response": "fine"})

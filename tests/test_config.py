@@ -4,8 +4,9 @@ import pytest
 import yaml
 
 from alignkit.cli import main
-from alignkit.config.base import ConstraintSettings, DPOConfig, KTOConfig, ListwiseConfig, SFTConfig
 from alignkit.config.load import ConfigError, describe, field_docs, load_config, save_config
+from alignkit.config.preference import ConstraintSettings, DPOConfig, KTOConfig, ListwiseConfig
+from alignkit.config.supervised import SFTConfig
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -38,14 +39,32 @@ def test_type_errors():
 
 
 def test_every_field_is_documented():
-    for cls in (DPOConfig, SFTConfig, KTOConfig, ListwiseConfig, ConstraintSettings):
-        docs = field_docs(cls)
-        import dataclasses
+    import dataclasses
 
+    from alignkit.commands import COMMANDS
+
+    for cls in (ConstraintSettings, *(command.config_class for command in COMMANDS.values())):
+        docs = field_docs(cls)
         assert all(docs.get(f.name) for f in dataclasses.fields(cls)), cls
     text = describe(DPOConfig)
     assert "beta = 0.1\n      Strength of the KL tie" in text
     assert "lora.r = 16" in text
+
+
+def test_preference_configs_share_their_base_and_keep_their_own_defaults_and_help():
+    """dpo, kto and listwise take lr, beta, loss and reference from PreferenceConfig; each keeps its own
+    objective, and its own words for beta in --help."""
+    from alignkit.config.preference import PreferenceConfig
+
+    for cls, loss, beta_doc in (
+        (DPOConfig, "sigmoid", "(DPO's β); for orpo, λ"),
+        (KTOConfig, "kto", "(KTO's β)"),
+        (ListwiseConfig, "soft", "Scale β of the implicit rewards"),
+    ):
+        cfg = cls()
+        assert isinstance(cfg, PreferenceConfig)
+        assert (cfg.lr, cfg.beta, cfg.loss, cfg.reference.mode) == (5e-7, 0.1, loss, "precomputed")
+        assert beta_doc in field_docs(cls)["beta"]
 
 
 def test_resolved_config_round_trips(tmp_path):
@@ -83,7 +102,7 @@ def test_yaml_no_is_a_string_not_a_boolean(tmp_path):
 
 
 def test_every_range_is_checked_at_load_time_naming_the_key():
-    from alignkit.config.base import GRPOConfig
+    from alignkit.config.online import GRPOConfig
 
     with pytest.raises(ConfigError) as err:
         load_config(
@@ -124,19 +143,61 @@ def test_range_errors_are_one_line_before_anything_loads(capsys):
     assert err == "alignkit sft: 'batch_size' must be >= 1, got 0"
 
 
-def test_dtype_choices_match_the_models_table():
-    from alignkit.config.base import TrainConfig
-    from alignkit.config.load import RANGES
+def test_every_declared_range_names_a_field_of_its_class():
+    """Ranges are declared on the config classes and read through each class's MRO: a key naming no field
+    (a typo, or a field renamed) would check nothing, silently; a relation must be a function."""
+    import dataclasses
+
+    from alignkit.commands import COMMANDS
+    from alignkit.config.load import Range
+
+    classes = {ConstraintSettings}
+    for command in COMMANDS.values():
+        cfg = command.config_class()
+        classes |= {k for k in type(cfg).__mro__ if dataclasses.is_dataclass(k)}
+        classes |= {
+            type(v) for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(v := getattr(cfg, f.name))
+        }
+    assert len(classes) > 20
+    for klass in classes:
+        names = {f.name for f in dataclasses.fields(klass)}
+        ranges = vars(klass).get("ranges", {})
+        assert set(ranges) <= names, f"{klass.__name__}.ranges names no field: {set(ranges) - names}"
+        assert all(isinstance(r, Range) or (isinstance(r, tuple) and r) for r in ranges.values()), klass
+        assert all(callable(check) for check in vars(klass).get("relations", ())), klass
+
+
+def test_the_names_a_config_accepts_are_the_implementations_keys():
+    """A config module imports nothing above io, so where an implementation higher up keys a table by a
+    setting's names, the names are declared in the config: adding an implementation without its name (or a
+    name without its implementation) fails here, not in a user's run."""
+    from alignkit.config.base import DTYPE_NAMES, TrainConfig
+    from alignkit.config.online import GRPOConfig
+    from alignkit.config.preference import DIFFUSION_LOSS_NAMES, DiffusionDPOConfig
+    from alignkit.config.supervised import DIVERGENCE_NAMES, DistillConfig
+    from alignkit.config.tools import EvalConfig, GenerateConfig
+    from alignkit.losses.diffusion import DIFFUSION_LOSSES
+    from alignkit.losses.distill import DIVERGENCES
+    from alignkit.losses.policy import ADVANTAGES
     from alignkit.models.load import DTYPES
 
-    assert RANGES[TrainConfig]["dtype"] == tuple(DTYPES)
+    assert DTYPE_NAMES == tuple(DTYPES)
+    assert (
+        TrainConfig.ranges["dtype"]
+        == EvalConfig.ranges["dtype"]
+        == GenerateConfig.ranges["dtype"]
+        == DTYPE_NAMES
+    )
+    assert DIFFUSION_LOSS_NAMES == tuple(DIFFUSION_LOSSES) == DiffusionDPOConfig.ranges["loss"]
+    assert DIVERGENCE_NAMES == tuple(DIVERGENCES) == DistillConfig.ranges["divergence"]
+    assert GRPOConfig.ranges["advantage"] == tuple(ADVANTAGES)
 
 
 def test_mapping_fields_load_from_yaml_sections_and_dotted_overrides(tmp_path):
     """A free-form dict field (a judge spec, a sweep's eval settings) is not a config section: YAML nesting
     and key.sub=value overrides fill the mapping key by key, nested keys included."""
-    from alignkit.algorithms.online_dpo import OnlineDPOConfig
-    from alignkit.sweep import SweepConfig
+    from alignkit.config.online import OnlineDPOConfig
+    from alignkit.config.tools import SweepConfig
 
     path = tmp_path / "sweep.yaml"
     path.write_text("eval:\n  prompts: p.jsonl\n  num_samples: 2\nsettings:\n  lora: {enabled: true, r: 4}\n")

@@ -21,9 +21,10 @@ pytest.importorskip("diffusers")
 from conftest import REPO, ctrl_c, train_metrics  # noqa: E402
 
 from alignkit.algorithms import diffusion_dpo  # noqa: E402
-from alignkit.algorithms.diffusion_dpo import DenoisingPairs, DiffusionDPOConfig, NoiseDraws  # noqa: E402
+from alignkit.algorithms.diffusion_dpo import DenoisingPairs, NoiseDraws  # noqa: E402
 from alignkit.config.base import LoraSettings
 from alignkit.config.load import ConfigError
+from alignkit.config.preference import DiffusionDPOConfig
 from alignkit.data.image_pairs import load_image_pairs, pixel_values, size_time_ids  # noqa: E402
 from alignkit.data.readers import DataError  # noqa: E402
 from alignkit.losses.diffusion import denoising_mse, diffusion_dpo_loss  # noqa: E402

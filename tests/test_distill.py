@@ -13,8 +13,9 @@ import torch
 from conftest import TINYSTORIES, build_tiny_llama, interrupt_then_resume, train_metrics, write_prompts
 
 from alignkit.algorithms import distill
-from alignkit.algorithms.distill import DistillConfig, vocabulary_mismatch
+from alignkit.algorithms.distill import vocabulary_mismatch
 from alignkit.config.load import ConfigError
+from alignkit.config.supervised import DistillConfig
 from alignkit.losses.distill import chunked_divergence, divergence_beta, generalized_jsd
 from alignkit.models.teacher import completion_divergence, frozen_teacher
 

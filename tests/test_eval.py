@@ -13,8 +13,9 @@ import torch
 
 import alignkit
 from alignkit.cli import main
+from alignkit.config.tools import EvalConfig
 from alignkit.data.readers import DataError
-from alignkit.evaluation.command import EvalConfig, read_prompts
+from alignkit.evaluation.command import read_prompts
 from alignkit.evaluation.compare import compare_policies, format_markdown
 from alignkit.evaluation.stats import percent_change, score_stats, win_rate
 from alignkit.generation import sample

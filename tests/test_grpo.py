@@ -12,8 +12,8 @@ import torch
 import alignkit.algorithms.grpo as grpo
 import alignkit.training.loop as online_loop
 from alignkit.cli import main
-from alignkit.config.base import GRPOConfig
 from alignkit.config.load import ConfigError
+from alignkit.config.online import GRPOConfig
 from alignkit.data.readers import DataError
 from alignkit.rollout import layout
 from alignkit.training.loop import RunInterrupted

@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from alignkit.inference.best_of_n import GenerateConfig, run
+from alignkit.config.tools import GenerateConfig
+from alignkit.inference.best_of_n import run
 from alignkit.inference.icdpo import demo_block, demonstration_ids, fit_demo_block, icdpo_logps, icdpo_scores
 from alignkit.inference.retrieval import bm25_scores, lexical_tokens, mean_pool, minilm_path, retrieve, top_k
 from tests.conftest import write_prompts

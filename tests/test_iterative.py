@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import alignkit.algorithms.iterative as iterative
-from alignkit.algorithms.iterative import IterativeDPOConfig
 from alignkit.config.load import ConfigError
+from alignkit.config.preference import IterativeDPOConfig
 from alignkit.data.pairs import build_pairs, pair_columns
 from alignkit.rewards.ranking import JudgeRanking, round_robin_scores
 from tests.conftest import write_prompts

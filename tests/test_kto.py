@@ -11,7 +11,8 @@ import torch
 
 from alignkit.algorithms import kto
 from alignkit.cli import main
-from alignkit.config.base import KTOConfig, ReferenceSettings
+from alignkit.config.base import ReferenceSettings
+from alignkit.config.preference import KTOConfig
 from alignkit.data.collate import collate_unpaired, mismatched_partners
 from alignkit.data.load import load_unpaired_rows
 from alignkit.data.prepare import prepare_unpaired_data

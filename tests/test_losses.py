@@ -399,7 +399,7 @@ def test_registry_states_what_each_objective_takes():
     import dataclasses
     import inspect
 
-    from alignkit.config.base import DPOConfig
+    from alignkit.config.preference import DPOConfig
     from alignkit.losses.registry import PARAM_CHECKS
 
     config_fields = {f.name for f in dataclasses.fields(DPOConfig)}

@@ -13,7 +13,7 @@ import alignkit.models.reference
 import alignkit.training.order
 from alignkit.algorithms import dpo
 from alignkit.cli import main
-from alignkit.config.base import DPOConfig
+from alignkit.config.preference import DPOConfig
 from alignkit.losses import LOSSES
 from alignkit.training.loop import RunInterrupted
 from tests.conftest import ctrl_c
@@ -237,7 +237,7 @@ def test_paired_loss_and_its_running_delta_on_tensors():
     """dpo.paired_loss is the objective on tensors: sigmoid DPO by hand, h = (−1 − −2) − (−3 − −2) = 2,
     loss = −log σ(β·h) = log(1 + e^−0.2) at β = 0.1; and PairedObjective moves bco_pair's δ by the mean
     of the batch's implicit rewards, only in training mode."""
-    from alignkit.config.base import DPOConfig
+    from alignkit.config.preference import DPOConfig
     from alignkit.losses import get_loss
 
     policy = {

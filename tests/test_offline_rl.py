@@ -11,9 +11,10 @@ import torch
 from conftest import interrupt_then_resume, train_metrics
 
 from alignkit.algorithms import offline_rl
-from alignkit.algorithms.offline_rl import OfflineRLConfig, row_weights
+from alignkit.algorithms.offline_rl import row_weights
 from alignkit.config.base import LoraSettings, ReferenceSettings
 from alignkit.config.load import ConfigError
+from alignkit.config.supervised import OfflineRLConfig
 from alignkit.data.load import load_logged_rows
 from alignkit.data.readers import DataError
 from alignkit.losses.weighted import (

@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 import alignkit.algorithms.online_dpo as online_dpo
-from alignkit.algorithms.online_dpo import OnlineDPOConfig, pair_sums
+from alignkit.algorithms.online_dpo import pair_sums
 from alignkit.config.load import ConfigError
+from alignkit.config.online import OnlineDPOConfig
 from tests.conftest import train_metrics, write_prompts
 from tests.test_iterative import E_COUNT, lines, untimed
 

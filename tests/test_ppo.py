@@ -12,8 +12,8 @@ import torch
 import alignkit.algorithms.ppo as ppo
 import alignkit.training.loop as online_loop
 import alignkit.training.order as order
-from alignkit.config.base import PPOConfig
 from alignkit.config.load import ConfigError
+from alignkit.config.online import PPOConfig
 from alignkit.training.loop import RunInterrupted
 from tests.conftest import train_metrics, write_prompts
 

@@ -9,8 +9,8 @@ import json
 import pytest
 
 import alignkit.algorithms.ppo as ppo
-from alignkit.config.base import PPOConfig
 from alignkit.config.load import load_config
+from alignkit.config.online import PPOConfig
 from tests.conftest import REPO, build_tiny_classifier, build_tiny_t5
 
 WORDS = "the a council city said would was were of to and in on for by it new".split()

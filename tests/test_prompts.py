@@ -45,7 +45,7 @@ def conversation(text: str) -> dict:
 
 
 def online_prompts(tmp_path, tokenizer, rows, **settings):
-    from alignkit.config.base import GRPOConfig
+    from alignkit.config.online import GRPOConfig
     from alignkit.data.prompts import load_prompts
 
     cfg = GRPOConfig(
@@ -159,7 +159,8 @@ def test_rewards_read_the_conversation_in_their_own_template_or_its_content(tmp_
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from alignkit.inference.best_of_n import GenerateConfig, run
+    from alignkit.config.tools import GenerateConfig
+    from alignkit.inference.best_of_n import run
 
     policy = tmp_path / "policy"
     shutil.copytree(tiny_model_dir, policy)
@@ -204,7 +205,7 @@ def test_online_rollouts_give_rewards_the_conversation_not_the_policys_markup(tm
     {prompt} finds the user's words at the start, not '<|start_story|><|user|>'."""
     import dataclasses
 
-    from alignkit.config.base import GRPOConfig
+    from alignkit.config.online import GRPOConfig
     from alignkit.evaluation.policy import evaluate_policy
     from alignkit.models.load import load_causal_lm
     from alignkit.rewards import RewardSet
@@ -227,7 +228,7 @@ def test_a_tokenizer_set_to_append_eos_gives_causal_prompts_without_it(tmp_path)
     after every text it encodes. A causal policy continues its prompt, so the prompt must not end in an EOS:
     text and chat prompts alike end where their text ends, as the offline path's prompts do. An
     encoder-decoder's source (PPO on T5) keeps it: T5 was trained on inputs ending in its EOS."""
-    from alignkit.config.base import PPOConfig
+    from alignkit.config.online import PPOConfig
     from alignkit.data.prompts import encode_prompt, load_prompts
 
     tokenizer = tokenizer_with(NO_BOS)
@@ -253,7 +254,7 @@ def test_ppo_encodes_its_prompts_as_its_policy_reads_them(tmp_path, policy, requ
     """ppo (the one command with encoder-decoder policies) asks for sources that keep their EOS for a T5
     policy, and for prompts that end at their text for a causal one."""
     from alignkit.algorithms import ppo
-    from alignkit.config.base import PPOConfig
+    from alignkit.config.online import PPOConfig
     from tests.conftest import write_prompts
 
     class Loaded(Exception):

@@ -13,8 +13,9 @@ import pytest
 
 from alignkit.algorithms import dpo, sft
 from alignkit.cli import main
-from alignkit.config.base import DPOConfig, SFTConfig
-from alignkit.demo import DEMO_MODEL
+from alignkit.config.preference import DPOConfig
+from alignkit.config.supervised import SFTConfig
+from alignkit.config.tools import DEMO_MODEL
 from alignkit.io import read_jsonl
 from alignkit.report import build as report
 from alignkit.report import plots

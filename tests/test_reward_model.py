@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification
 
 from alignkit.algorithms.reward_model import classifier_pairs, make_collate, pair_rewards
 from alignkit.cli import main
-from alignkit.config.base import RewardConfig
+from alignkit.config.supervised import RewardConfig
 from alignkit.data.load import load_preference_rows
 from alignkit.data.tokenize import tokenize_preference_rows
 from alignkit.losses.reward import bradley_terry_loss

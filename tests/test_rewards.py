@@ -14,6 +14,7 @@ import yaml
 
 from alignkit.cli import main
 from alignkit.config.load import ConfigError, field_docs, load_config
+from alignkit.config.tools import ScoreConfig
 from alignkit.rewards import (
     RewardSet,
     RunningMeanStd,
@@ -26,7 +27,6 @@ from alignkit.rewards import (
 from alignkit.rewards.base import RewardSource, SourceOptions
 from alignkit.rewards.classifier import resolve_label
 from alignkit.rewards.registry import REWARD_TYPES, reward_types
-from alignkit.rewards.score import ScoreConfig
 from tests.conftest import REPO, TINYSTORIES, build_tiny_classifier
 
 WORDS = "the a good bad happy sad movie story dog cat was is very not great awful i love hate it".split()

@@ -10,8 +10,9 @@ import pytest
 
 from alignkit.algorithms import dpo, sft
 from alignkit.cli import main
-from alignkit.config.base import DPOConfig, SFTConfig
 from alignkit.config.load import ConfigError
+from alignkit.config.preference import DPOConfig
+from alignkit.config.supervised import SFTConfig
 from alignkit.training.checkpoint import run_fingerprint
 from alignkit.training.rundir import claim_output_dir
 

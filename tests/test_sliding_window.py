@@ -11,7 +11,8 @@ from transformers import MistralConfig, MistralForCausalLM, Qwen2Config
 
 from alignkit.algorithms import dpo, reward_model
 from alignkit.algorithms.dpo import make_collate, pair_logps
-from alignkit.config.base import DPOConfig, RewardConfig
+from alignkit.config.preference import DPOConfig
+from alignkit.config.supervised import RewardConfig
 from alignkit.models.load import shared_prompt_fits, sliding_window
 from tests.conftest import TINYSTORIES, TOKENIZER_FILES, train_metrics
 

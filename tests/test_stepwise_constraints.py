@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from alignkit.algorithms import dpo, sdpo
 from alignkit.cli import main
-from alignkit.config.base import ConstraintSettings, DPOConfig
+from alignkit.config.preference import ConstraintSettings, DPOConfig
 from alignkit.data.collate import collate_pairs
 from alignkit.data.prepare import prepare_preference_data
 from alignkit.losses.constraints import (

@@ -9,7 +9,8 @@ import pytest
 
 import alignkit.algorithms.online_dpo as online_dpo
 from alignkit.config.load import ConfigError
-from alignkit.sweep import SweepConfig, grid_points, metric, pareto_front, run
+from alignkit.config.tools import SweepConfig
+from alignkit.sweep import grid_points, metric, pareto_front, run
 from tests.conftest import write_prompts
 from tests.test_iterative import E_COUNT
 

@@ -13,9 +13,9 @@ import json
 
 import pytest
 
-from alignkit.algorithms.offline_rl import OfflineRLConfig
-from alignkit.config.base import DPOConfig, KTOConfig, ListwiseConfig, RewardConfig, SFTConfig
 from alignkit.config.load import ConfigError
+from alignkit.config.preference import DPOConfig, KTOConfig, ListwiseConfig
+from alignkit.config.supervised import OfflineRLConfig, RewardConfig, SFTConfig
 from alignkit.data import prepare
 from alignkit.data.tokenize import encode_prompt_completions
 from tests.test_prompts import tokenizer_with
@@ -191,7 +191,8 @@ def test_vision_rows_get_the_settings_as_a_text_part(tmp_path):
 
 
 def test_diffusion_dpo_refuses_the_settings(tmp_path):
-    from alignkit.algorithms.diffusion_dpo import DiffusionDPOConfig, check_settings
+    from alignkit.algorithms.diffusion_dpo import check_settings
+    from alignkit.config.preference import DiffusionDPOConfig
 
     for setting, value in SETTINGS.items():
         with pytest.raises(ConfigError, match=f"{setting} is not used by diffusion-dpo"):
@@ -201,7 +202,8 @@ def test_diffusion_dpo_refuses_the_settings(tmp_path):
 def test_iterative_dpo_rounds_train_on_their_pairs_as_rendered(tmp_path):
     """iterative-dpo renders its prompts with the settings when it samples; a round's DPO run trains on the
     pairs it wrote (text, pre-tokenised), which the settings must not be applied to again (nor refused)."""
-    from alignkit.algorithms.iterative import IterativeDPOConfig, round_config
+    from alignkit.algorithms.iterative import round_config
+    from alignkit.config.preference import IterativeDPOConfig
 
     tokenizer = tokenizer_with(THINKING)
     rendered = "<|system|>Be kind.\n<|user|>Tell me a story.\n<|assistant|><think></think>"

@@ -10,7 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from alignkit.algorithms import dpo, sft
-from alignkit.config.base import DPOConfig, ReferenceSettings, SFTConfig
+from alignkit.config.base import ReferenceSettings
+from alignkit.config.preference import DPOConfig
+from alignkit.config.supervised import SFTConfig
 from alignkit.training.loop import RunInterrupted
 from tests.conftest import ctrl_c
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignkit.config.base import DPOConfig
+from alignkit.config.preference import DPOConfig
 
 pytest.importorskip("PIL")
 

@@ -21,18 +21,17 @@ eval batch, so eval metrics at different steps compare the same t and ε.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from alignkit.config.base import LoraSettings, TrainConfig
-from alignkit.config.load import RANGES, ConfigError, above, at_least
+from alignkit.config.load import ConfigError
+from alignkit.config.preference import UNET_ATTENTION, DiffusionDPOConfig
 from alignkit.data.image_pairs import ImagePair, load_image_pairs, pixel_values, size_time_ids
 from alignkit.data.prepare import bad_rows_list, report_dropped, split_eval
-from alignkit.losses.diffusion import DIFFUSION_LOSSES, denoising_mse, diffusion_dpo_loss
+from alignkit.losses.diffusion import denoising_mse, diffusion_dpo_loss
 from alignkit.models.diffusion import (
-    UNET_ATTENTION,
     Pipeline,
     add_unet_lora,
     check_pipeline_source,
@@ -48,45 +47,6 @@ from alignkit.training.loop import fit
 from alignkit.training.setup import finish_run, start_run
 from alignkit.training.step import evaluate_in_batches
 
-
-@dataclass
-class DiffusionDPOConfig(TrainConfig):
-    """Diffusion-DPO on image preference pairs (docs/diffusion_dpo.md)."""
-
-    model: str = ""
-    """Pipeline: a hub name or local folder in the Stable Diffusion 1.x/2.x layout (unet/, vae/,
-    text_encoder/, tokenizer/, scheduler/) or SDXL's (plus text_encoder_2/, tokenizer_2/)."""
-    data: str = ""
-    """Pairs: rows {prompt, chosen_image, rejected_image} or Pick-a-Pic {caption, jpg_0, jpg_1, label_0}
-    (.jsonl/.json/.parquet or a dataset name)."""
-    beta: float = 5000.0
-    """β in L = −log σ(−β/2·Δ), the paper's convention (the diffusers script's beta_dpo = β/2)."""
-    loss: str = "sigmoid"
-    """sigmoid (Diffusion-DPO) or ipo (the IPO-style squared loss on the same margin)."""
-    lr: float = 1e-5
-    """Peak learning rate (AdamW)."""
-    resolution: int = 512
-    """Images are resized (shorter side) and centre-cropped to resolution x resolution pixels."""
-    cache_latents: bool = False
-    """Encode every image with the VAE once before training and keep the latents in memory (fastest over
-    several epochs; costs 4·(resolution/8)² floats per image)."""
-    vae_batch_size: int = 8
-    """Images encoded by the VAE at once when caching latents."""
-    lora: LoraSettings = field(
-        default_factory=lambda: LoraSettings(
-            enabled=True, r=8, alpha=8, dropout=0.0, target_modules=UNET_ATTENTION
-        )
-    )
-    """LoRA on the UNet's attention projections (lora.enabled=false trains the whole UNet, against a
-    frozen copy)."""
-
-
-RANGES[DiffusionDPOConfig] = {
-    "beta": above(0),
-    "loss": tuple(DIFFUSION_LOSSES),
-    "resolution": at_least(8),
-    "vae_batch_size": at_least(1),
-}
 # TrainConfig settings with no meaning for a diffusion pipeline: set to anything but their default, an error.
 UNUSED = (
     "tokenizer",

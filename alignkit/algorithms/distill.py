@@ -16,17 +16,17 @@ the per-token divergence on them, logged before the first step (step 0) and ever
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from alignkit.config.base import TrainConfig
-from alignkit.config.load import RANGES, ConfigError, above, at_least, between, validate
+from alignkit.config.load import ConfigError, validate
+from alignkit.config.supervised import DistillConfig
 from alignkit.data.collate import collate_sft, completion_tokens
 from alignkit.data.prompts import load_prompts
 from alignkit.generation import sample_ids
-from alignkit.losses.distill import DIVERGENCES, divergence_beta
+from alignkit.losses.distill import divergence_beta
 from alignkit.models.load import BatchForward, check_model_source, load_policy, load_tokenizer
 from alignkit.models.lora import add_lora
 from alignkit.models.reference import frozen_model
@@ -34,55 +34,6 @@ from alignkit.models.teacher import completion_divergence, frozen_teacher
 from alignkit.training.loop import OnlineRun
 from alignkit.training.setup import save_final, start_run
 from alignkit.training.step import as_numbers, make_optimizer, optimizer_step
-
-
-@dataclass
-class DistillConfig(TrainConfig):
-    """Distil an aligned teacher into a student on prompt rows (GKD; docs/distillation.md)."""
-
-    teacher: str = ""
-    """The aligned teacher: a hub name or local folder; must share the student's vocabulary."""
-    lr: float = 5e-5
-    """Peak learning rate (AdamW)."""
-    warmup_ratio: float = 0.0
-    """Fraction of the steps spent warming the learning rate up from 0."""
-    batch_size: int = 8
-    """Prompts per step on each process (cut into `grad_accum` micro-batches)."""
-    divergence: str = "jsd"
-    """forward_kl (KL(teacher ‖ student)), reverse_kl (KL(student ‖ teacher)) or jsd (generalised JSD(β))."""
-    beta: float = 0.5
-    """jsd: β of JSD(β) = β·KL(P ‖ M) + (1 − β)·KL(Q ‖ M), M = β·P + (1 − β)·Q (P teacher, Q student)."""
-    distill_temperature: float = 1.0
-    """τ: both distributions are softmax(logits / τ) in the divergence (no τ² factor)."""
-    student_fraction: float = 0.5
-    """λ: the probability that a step trains on student samples (on-policy) rather than teacher samples."""
-    max_new_tokens: int = 48
-    """Longest sampled completion, in tokens."""
-    temperature: float = 1.0
-    """Sampling temperature of the completions (teacher's and student's)."""
-    top_k: int = 0
-    """Sample among the k most likely tokens only (0 = all)."""
-    top_p: float = 1.0
-    """Nucleus sampling: the smallest set of tokens holding this much probability (1 = all)."""
-    generation_batch_size: int = 64
-    """Completions generated at once (bounds generation memory)."""
-    eval_steps: int = 20
-    """Evaluate the divergence on the held-out prompts every this many steps (and at the end)."""
-    save_steps: int = 20
-    """Write a checkpoint every this many steps (0 = only on interrupt)."""
-
-
-RANGES[DistillConfig] = {
-    "divergence": tuple(DIVERGENCES),
-    "beta": between(0, 1),
-    "distill_temperature": above(0),
-    "student_fraction": between(0, 1),
-    "max_new_tokens": at_least(1),
-    "temperature": above(0),
-    "top_k": at_least(0),
-    "top_p": between(0, 1, low_open=True),
-    "generation_batch_size": at_least(1),
-}
 
 
 def check_distill_settings(cfg: DistillConfig) -> None:

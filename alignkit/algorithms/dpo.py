@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config.base import ConstraintSettings, DPOConfig
 from alignkit.config.checks import check_reference_settings
 from alignkit.config.load import ConfigError
+from alignkit.config.preference import ConstraintSettings, DPOConfig
 from alignkit.data.collate import additive_mask, collate_pairs, collate_pairs_shared_prompt
 from alignkit.data.prepare import prepare_preference_data
 from alignkit.logprobs.completion import completion_logps

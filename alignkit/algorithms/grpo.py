@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config.base import GRPOConfig
 from alignkit.config.checks import check_online_settings
 from alignkit.config.load import ConfigError, validate
+from alignkit.config.online import GRPOConfig
 from alignkit.data.prompts import load_prompts
 from alignkit.evaluation.policy import evaluate_policy
 from alignkit.logprobs.completion import token_logps
@@ -52,7 +52,7 @@ from alignkit.training.step import as_numbers, make_optimizer, optimizer_step, w
 def check_settings(cfg: GRPOConfig) -> GRPOConfig:
     """Validate the online settings before anything loads; returns the config with its automatic settings
     resolved (loss_aggregation, and with beta > 0 kl_in_reward and kl_estimator), as the run saves it."""
-    validate(cfg)  # every field's range (config.RANGES), beta >= 0 included
+    validate(cfg)  # every field's range (declared on the config classes), beta >= 0 included
     spec = get_advantage(cfg.advantage)
     check_online_settings(cfg, cfg.beta, "beta")
     if cfg.num_generations < spec.min_group_size:

@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from alignkit.algorithms import dpo
-from alignkit.config.base import DPOConfig
-from alignkit.config.load import RANGES, ConfigError, above, at_least, between, save_config, validate
-from alignkit.data.pairs import GAP_USES, STRATEGIES, build_pairs, pair_columns
+from alignkit.config.load import ConfigError, save_config, validate
+from alignkit.config.preference import DPOConfig, IterativeDPOConfig
+from alignkit.data.pairs import build_pairs, pair_columns
 from alignkit.data.prompts import Prompts, load_prompts
 from alignkit.evaluation.policy import evaluate_policy
 from alignkit.io import atomic_write, read_jsonl, write_jsonl
@@ -42,70 +41,6 @@ from alignkit.rollout import collect, sampling_settings
 from alignkit.training.loop import MetricsLogger
 from alignkit.training.rundir import claim_output_dir, part_resume_flags
 from alignkit.training.setup import process_state
-
-
-@dataclass
-class IterativeDPOConfig(DPOConfig):
-    """Rejection-sampling / iterative DPO: rounds of sampling the policy, scoring, pairing and DPO
-    (docs/iterative.md). `data` holds prompt rows; every DPO setting applies to each round's training."""
-
-    data: str = ""
-    """Prompt rows ({"prompt": ...} or chat messages), a .jsonl/.json/.parquet file or dataset name."""
-    rounds: int = 2
-    """Rounds of sample -> score -> pair -> train."""
-    prompts_per_round: int = 0
-    """Prompts sampled in each round: consecutive slices of one seeded shuffle, so rounds see new prompts
-    until they run out (0 = every prompt, every round)."""
-    num_generations: int = 4
-    """k: completions sampled per prompt."""
-    max_new_tokens: int = 64
-    """Longest completion, in tokens."""
-    temperature: float = 1.0
-    """Sampling temperature. Each round's DPO scores the policy and the reference at temperature 1, as
-    online-dpo does: the sampling settings only shape which completions become pairs."""
-    top_k: int = 0
-    """Sample among the k most likely tokens only (0 = all); DPO's log-probs stay untruncated."""
-    top_p: float = 1.0
-    """Nucleus sampling: the smallest set of tokens holding this much probability (1 = all); DPO's
-    log-probs stay untruncated."""
-    generation_batch_size: int = 64
-    """Completions generated at once (bounds generation memory)."""
-    rewards: list[dict] = field(default_factory=list)
-    """Reward sources scoring each completion, as in `alignkit score`; also score the eval prompts."""
-    judge: dict | None = None
-    """A pairwise LLM judge ({type: judge, template: pairwise, backend: ...}) ranking each prompt's
-    completions by a round robin (each one's mean win probability) instead of `rewards`."""
-    pairs: str = "best_worst"
-    """best_worst (each prompt's best against its worst completion) or all (every pair whose gap exceeds
-    min_gap: RS-DPO)."""
-    min_gap: float = 0.0
-    """A pair is kept when its score gap exceeds this (RS-DPO's threshold η); ties are never pairs."""
-    max_pairs_per_prompt: int = 0
-    """pairs=all: at most this many pairs per prompt, the largest gaps (0 = all)."""
-    gap_as: str = "none"
-    """none, margin (the gap as the sigmoid loss's margin) or soft_label (σ(gap / soft_label_temperature)
-    as the pair's preference probability); both need loss=sigmoid."""
-    soft_label_temperature: float = 1.0
-    """gap_as=soft_label: the temperature of σ(gap / temperature)."""
-    update_reference: bool = True
-    """Each round is measured against its starting policy (iterative DPO); false: against `model` (or
-    `reference.model`) in every round."""
-
-
-RANGES[IterativeDPOConfig] = {
-    "rounds": at_least(1),
-    "prompts_per_round": at_least(0),
-    "num_generations": at_least(2),
-    "max_new_tokens": at_least(1),
-    "temperature": above(0),
-    "top_k": at_least(0),
-    "top_p": between(0, 1, low_open=True),
-    "generation_batch_size": at_least(1),
-    "max_pairs_per_prompt": at_least(0),
-    "soft_label_temperature": above(0),
-    "pairs": STRATEGIES,
-    "gap_as": GAP_USES,
-}
 
 
 def check_settings(cfg: IterativeDPOConfig) -> None:

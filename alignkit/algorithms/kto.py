@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config.base import KTOConfig
 from alignkit.config.checks import check_reference_settings
 from alignkit.config.load import ConfigError
+from alignkit.config.preference import KTOConfig
 from alignkit.data.collate import collate_unpaired, mismatched_partners
 from alignkit.data.prepare import prepare_unpaired_data
 from alignkit.logprobs.completion import completion_logps

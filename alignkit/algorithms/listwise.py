@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from alignkit.config.base import ListwiseConfig
 from alignkit.config.checks import check_reference_settings
 from alignkit.config.load import ConfigError
+from alignkit.config.preference import ListwiseConfig
 from alignkit.data.collate import collate_lists
 from alignkit.data.prepare import prepare_listwise_data
 from alignkit.logprobs.completion import completion_logps

@@ -16,19 +16,19 @@ visit is not.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from alignkit.config.base import ReferenceSettings, TrainConfig
+from alignkit.config.base import ReferenceSettings
 from alignkit.config.checks import check_reference_settings
-from alignkit.config.load import RANGES, ConfigError, above, at_least, between, validate
+from alignkit.config.load import ConfigError, validate
+from alignkit.config.supervised import OfflineRLConfig
 from alignkit.data.collate import collate_sft, completion_tokens
 from alignkit.data.prepare import prepare_logged_data
 from alignkit.logprobs.completion import completion_logps
 from alignkit.losses.weighted import (
-    BASELINES,
     advantages,
     awr_weights,
     effective_sample_size,
@@ -43,46 +43,8 @@ from alignkit.training.loop import fit
 from alignkit.training.setup import save_final, start_run
 from alignkit.training.step import as_numbers
 
-METHODS = ("awr", "raft")
 AWR_ONLY = ("baseline", "temperature", "max_weight")
 RAFT_ONLY = ("top_fraction", "rank_within")
-
-
-@dataclass
-class OfflineRLConfig(TrainConfig):
-    """Offline RL on logged {prompt, response, reward} rows (docs/offline_rl.md)."""
-
-    lr: float = 2e-5
-    """Peak learning rate (AdamW)."""
-    method: str = "awr"
-    """awr (advantage-weighted fine-tuning: weights exp(A/τ), clipped, self-normalised) or raft (fine-tune
-    on the top `top_fraction` rows by reward)."""
-    baseline: str = "mean"
-    """awr: b in A = r − b: mean (over the training rows), prompt (the prompt's mean reward where it has
-    several responses, else the overall mean) or none."""
-    temperature: float = 1.0
-    """awr: τ in exp(A/τ); small τ weights the best rows most, τ -> ∞ is plain SFT."""
-    max_weight: float = 20.0
-    """awr: exp(A/τ) is clipped at this before the weights are normalised to mean 1 (AWR's clip)."""
-    top_fraction: float = 0.25
-    """raft: the fraction of rows kept, ceil(top_fraction·n) of each group of n (at least 1)."""
-    rank_within: str = "prompt"
-    """raft: rank rows within their prompt's responses (prompt) or over all rows (all)."""
-    kl_coef: float = 0.0
-    """β of the penalty β·KL(π ‖ π_ref) per token of the logged responses (0 = none, no reference held)."""
-    reference: ReferenceSettings = field(default_factory=lambda: ReferenceSettings(mode="copy"))
-    """The frozen reference of the KL penalty: copy (a frozen copy) or adapter (with LoRA: the base)."""
-
-
-RANGES[OfflineRLConfig] = {
-    "method": METHODS,
-    "baseline": BASELINES,
-    "temperature": above(0),
-    "max_weight": above(0),
-    "top_fraction": between(0, 1, low_open=True),
-    "rank_within": ("prompt", "all"),
-    "kl_coef": at_least(0),
-}
 
 
 def check_offline_settings(cfg: OfflineRLConfig) -> None:

@@ -15,16 +15,15 @@ there are no rounds: the reference stays the starting model.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from alignkit.algorithms import dpo
-from alignkit.config.base import OnlineConfig
 from alignkit.config.checks import check_online_settings
-from alignkit.config.load import RANGES, ConfigError, above, at_least, validate
-from alignkit.data.pairs import GAP_USES, build_pairs, pair_columns, sum_pair_stats
+from alignkit.config.load import ConfigError, validate
+from alignkit.config.online import OnlineConfig, OnlineDPOConfig
+from alignkit.data.pairs import build_pairs, pair_columns, sum_pair_stats
 from alignkit.data.prompts import load_prompts
 from alignkit.evaluation.policy import evaluate_policy
 from alignkit.logprobs.completion import token_logps
@@ -45,53 +44,6 @@ from alignkit.rollout import (
 from alignkit.training.loop import OnlineRun
 from alignkit.training.setup import save_final, start_run
 from alignkit.training.step import as_numbers, make_optimizer, optimizer_step, with_default_lr
-
-
-@dataclass
-class OnlineDPOConfig(OnlineConfig):
-    """Online DPO: each step's pairs are the current policy's own samples, judged by a reward set or a
-    pairwise LLM judge (docs/iterative.md)."""
-
-    num_generations: int = 2
-    """Completions sampled per prompt; the best and the worst make its pair (Guo et al.: 2)."""
-    beta: float = 0.1
-    """Strength of the KL tie to the reference (DPO's β); for orpo, λ (docs/objectives.md)."""
-    loss: str = "sigmoid"
-    """Paired objective by name, as for `alignkit dpo`: sigmoid, ipo, hinge, robust, simpo, ..."""
-    label_smoothing: float = 0.0
-    """Conservative DPO (sigmoid) / robust DPO (robust): probability ε in [0, 0.5) a label is flipped."""
-    gamma: float = 0.5
-    """SimPO's target reward margin γ."""
-    nll_weight: float = 1.0
-    """Weight α of the per-token NLL on the chosen completion that cpo and rpo add."""
-    judge: dict | None = None
-    """A pairwise LLM judge ({type: judge, template: pairwise, backend: ...}) ranking each prompt's
-    completions by a round robin instead of `rewards` (which then only score the eval prompts)."""
-    min_gap: float = 0.0
-    """A prompt's pair is trained on when its score gap exceeds this; ties are never pairs."""
-    gap_as: str = "none"
-    """none, margin (the gap as the sigmoid loss's margin) or soft_label (σ(gap / soft_label_temperature)
-    as the preference probability); both need loss=sigmoid."""
-    soft_label_temperature: float = 1.0
-    """gap_as=soft_label: the temperature of σ(gap / temperature)."""
-    temperature: float = 1.0
-    """Sampling temperature. Log-probs are the policy's and the reference's own, at temperature 1 (as
-    iterative-dpo's and TRL's): the sampling settings only shape which completions become pairs."""
-    top_k: int = 0
-    """Sample among the k most likely tokens only (0 = all); log-probs stay untruncated, at temperature 1."""
-    top_p: float = 1.0
-    """Nucleus sampling: the smallest set of tokens holding this much probability (1 = all); log-probs
-    stay untruncated, at temperature 1."""
-    lr: float | None = 5e-7
-    """Peak learning rate (AdamW); none = scaled to the policy as for grpo (docs/online_rl.md)."""
-
-
-RANGES[OnlineDPOConfig] = {
-    "num_generations": at_least(2),
-    "beta": above(0),
-    "soft_label_temperature": above(0),
-    "gap_as": GAP_USES,
-}
 
 
 def check_settings(cfg: OnlineDPOConfig):

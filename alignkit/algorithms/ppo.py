@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config.base import PPOConfig
 from alignkit.config.checks import check_online_settings
 from alignkit.config.load import ConfigError, validate
+from alignkit.config.online import PPOConfig
 from alignkit.data.prompts import load_prompts
 from alignkit.evaluation.policy import evaluate_policy
 from alignkit.logprobs.completion import token_logps
@@ -62,7 +62,7 @@ from alignkit.training.step import as_numbers, make_optimizer, optimizer_step, w
 
 
 def check_settings(cfg: PPOConfig) -> None:
-    """Validate the PPO settings before anything loads: every field's range (config.RANGES), then what
+    """Validate the PPO settings before anything loads: every field's range (declared on the config classes), then what
     needs several fields at once."""
     validate(cfg)
     check_online_settings(cfg, cfg.kl_coef, "kl_coef")

@@ -33,8 +33,9 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config.base import RewardConfig, TrainConfig
+from alignkit.config.base import TrainConfig
 from alignkit.config.load import ConfigError
+from alignkit.config.supervised import RewardConfig
 from alignkit.data.collate import additive_mask, collate_pairs, collate_pairs_shared_prompt
 from alignkit.data.prepare import prepare_preference_data
 from alignkit.losses.reward import bradley_terry_loss
@@ -288,7 +289,7 @@ def seed_members(model, members: int, seed: int) -> torch.nn.Linear:
 
 def check_settings(cfg: RewardConfig, encoder: bool, pooling: str) -> bool:
     """Validate the settings for this backbone and pooling; returns whether the prompt is shared."""
-    # backbone and center_rewards_coefficient are range-checked when the config loads (config.RANGES).
+    # backbone and center_rewards_coefficient are range-checked when the config loads (RewardConfig.ranges).
     if cfg.group_by_length and not cfg.shuffle:
         raise ConfigError("group_by_length reorders the rows; set shuffle=true or group_by_length=false")
     if cfg.logprob_chunk_size != TrainConfig.logprob_chunk_size:

@@ -19,8 +19,8 @@ import dataclasses
 from pathlib import Path
 
 from alignkit.algorithms import dpo
-from alignkit.config.base import DPOConfig
 from alignkit.config.load import save_config
+from alignkit.config.preference import DPOConfig
 from alignkit.training.rundir import claim_output_dir, part_resume_flags
 from alignkit.training.setup import process_state
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config.base import SFTConfig
+from alignkit.config.supervised import SFTConfig
 from alignkit.data.collate import collate_sft, completion_tokens
 from alignkit.data.prepare import prepare_sft_data
 from alignkit.logprobs.completion import completion_logps

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from alignkit.config.base import OnlineConfig, TrainConfig
+from alignkit.config.base import REFERENCE_MODES, TrainConfig
 from alignkit.config.load import ConfigError
-
-REFERENCE_MODES = ("precomputed", "copy", "adapter")
+from alignkit.config.online import OnlineConfig
 
 
 def check_reference_settings(cfg) -> None:

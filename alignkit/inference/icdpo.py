@@ -106,8 +106,9 @@ class IcdpoChooser:
     def from_config(cls, cfg, prompts: list[str], tokenizer) -> IcdpoChooser:
         """Reads `cfg.demos` (every bad row at once, file:line: field), renders the demonstrations and
         retrieves `cfg.num_demos` of them for every prompt by `cfg.retriever`."""
+        from alignkit.config.tools import ScoreConfig
         from alignkit.inference.retrieval import resolve_backend, retrieve
-        from alignkit.rewards.score import ScoreConfig, read_pairs
+        from alignkit.rewards.score import read_pairs
 
         _, demo_prompts, responses = read_pairs(
             ScoreConfig(

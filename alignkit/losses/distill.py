@@ -28,7 +28,8 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = ["DIVERGENCES", "chunked_divergence", "divergence_beta", "generalized_jsd"]
 
-# name -> the β of `generalized_jsd` it is (None: the config's `beta`).
+# name -> the β of `generalized_jsd` it is (None: the config's `beta`); keyed by
+# alignkit.config.supervised.DIVERGENCE_NAMES, what distill's `divergence` accepts (tests/test_config.py checks).
 DIVERGENCES: dict[str, float | None] = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": None}
 
 

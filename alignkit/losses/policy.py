@@ -326,6 +326,7 @@ class AdvantageSpec:
     in the reward; the default of the training config's kl_estimator."""
 
 
+# Its names are what GRPOConfig's `advantage` accepts (GRPOConfig.ranges; tests/test_config.py checks).
 ADVANTAGES: dict[str, AdvantageSpec] = {
     # The GRPO paper's objective (eq. 3) averages each completion's tokens, then the G completions; its KL
     # is a k3 loss term (eq. 4), as in TRL's GRPOTrainer (Dr. GRPO keeps GRPO's).

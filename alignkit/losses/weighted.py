@@ -25,8 +25,9 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
+from alignkit.config.supervised import AWR_BASELINES
+
 __all__ = [
-    "BASELINES",
     "advantages",
     "awr_weights",
     "effective_sample_size",
@@ -34,13 +35,11 @@ __all__ = [
     "weighted_nll",
 ]
 
-BASELINES = ("mean", "prompt", "none")
-
 
 def advantages(rewards: torch.Tensor, groups: Sequence[Hashable], baseline: str = "mean") -> torch.Tensor:
     """A_i = r_i − b_i for (N,) rewards; groups[i] identifies row i's prompt (module docstring for b)."""
-    if baseline not in BASELINES:
-        raise ValueError(f"baseline '{baseline}' is not one of {', '.join(BASELINES)}")
+    if baseline not in AWR_BASELINES:
+        raise ValueError(f"baseline '{baseline}' is not one of {', '.join(AWR_BASELINES)}")
     rewards = rewards.double()
     if baseline == "none":
         return rewards.clone()

@@ -24,7 +24,6 @@ from alignkit.models.load import DTYPES, check_model_source, check_tokenizer_sou
 
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_PARTS = (*SD_PARTS, "text_encoder_2", "tokenizer_2")
-UNET_ATTENTION = "to_k,to_q,to_v,to_out.0"
 
 
 def check_pipeline_source(cfg) -> None:

@@ -33,6 +33,7 @@ class BatchForward(torch.nn.Module):
         return self.fn(self.model, batch, **kwargs)
 
 
+# Keyed by alignkit.config.base.DTYPE_NAMES, what a `dtype` setting accepts (tests/test_config.py checks).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 

@@ -135,8 +135,8 @@ class VisionRun:
 def check_vision_settings(cfg, spec) -> bool:
     """Whether `cfg.model` is a vision-language model; the VLM-only settings (freeze_vision=false, mdpo*)
     are errors on a text model, as are mdpo with a reference-free loss and mdpo_* without mdpo."""
-    from alignkit.config.base import DPOConfig
     from alignkit.config.load import ConfigError
+    from alignkit.config.preference import DPOConfig
 
     defaults = DPOConfig()
     if not is_vision_language(cfg.model, cfg.trust_remote_code):

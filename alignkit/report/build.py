@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from alignkit.config.tools import ReportConfig
 from alignkit.io import atomic_write, read_jsonl
 from alignkit.report import plots
 from alignkit.report.html import page
@@ -47,17 +48,6 @@ METRIC_ORDER = (
     "time/",
 )
 STEP_TIME = ("step_time", "time/step")
-
-
-@dataclass
-class ReportConfig:
-    """Which runs to report on and where the page goes."""
-
-    runs: list[str] = field(default_factory=list)
-    """Run directories (a training command's or `alignkit eval`'s output_dir); several share the axes."""
-    output_dir: str = ""
-    """Where report.html and report_plots/ are written (default: the run's own directory; for several
-    runs, a 'compare' folder beside the first)."""
 
 
 @dataclass

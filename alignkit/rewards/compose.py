@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from alignkit.config.base import OnlineConfig
 from alignkit.config.load import ConfigError
+from alignkit.config.online import OnlineConfig
 from alignkit.rewards.base import Prompt, RewardSource, RowMean, check_batch
 from alignkit.rewards.registry import build_rewards
 

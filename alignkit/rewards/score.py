@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from alignkit.config.load import RANGES, ConfigError, above, at_least, validate
+from alignkit.config.load import ConfigError, validate
+from alignkit.config.tools import ScoreConfig
 from alignkit.data.chat import json_type
 from alignkit.data.readers import DataError, Problems, encoding_problems, line_ranges, read_records
 from alignkit.io import append_jsonl, atomic_path, atomic_write
@@ -24,37 +25,6 @@ from alignkit.rewards.compose import RewardSet
 from alignkit.rewards.registry import parse_spec
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-
-
-@dataclass
-class ScoreConfig:
-    """Score (prompt, response) rows with a set of reward sources and summarise the scores."""
-
-    rewards: list[dict] = field(default_factory=list)
-    """Reward sources: [{type: classifier|profanity|vader|length|regex|judge, ...}] (docs/rewards.md)."""
-    data: str = ""
-    """Rows to score: a .jsonl/.json/.parquet file or a Hugging Face dataset name."""
-    data_split: str = "train"
-    """Split to read when `data` is a Hugging Face dataset name."""
-    prompt_field: str = "prompt"
-    """Field of each row holding the prompt (a string)."""
-    response_field: str = "response"
-    """Field of each row holding the response to score (a string)."""
-    output: str = ""
-    """Where the scored rows are written (.jsonl); the summary goes beside it (.summary.json)."""
-    normalize: bool = False
-    """Normalise each source to zero mean, unit variance over all rows before the weighted sum."""
-    clip: float | None = None
-    """Clip the total reward to [-clip, clip] (none = no clipping)."""
-    batch_size: int = 64
-    """Rows handed to the reward sources at once (each source batches within it as it needs)."""
-    progress: bool = True
-    """Show a console progress bar."""
-    overwrite: bool = False
-    """Replace `output` and its summary when they exist (without it, that is an error)."""
-
-
-RANGES[ScoreConfig] = {"batch_size": at_least(1), "clip": above(0)}
 
 
 def summary_path(output: str | Path) -> Path:

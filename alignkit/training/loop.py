@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config.base import OnlineConfig, TrainConfig
+from alignkit.config.base import TrainConfig
+from alignkit.config.online import OnlineConfig
 from alignkit.data.prompts import Prompts
 from alignkit.io import atomic_write, read_jsonl
 from alignkit.rewards import RewardSet

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from alignkit.config.base import OnlineConfig, TrainConfig
+from alignkit.config.base import TrainConfig
+from alignkit.config.online import OnlineConfig
 
 
 @dataclass

@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 import torch
 
-from alignkit.config.base import OnlineConfig, TrainConfig
+from alignkit.config.base import TrainConfig
+from alignkit.config.online import OnlineConfig
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps: int):

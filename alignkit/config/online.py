@@ -1,0 +1,217 @@
+"""The configs of the online commands, which score the policy's own samples while it trains: grpo (and
+its family: Dr. GRPO, REINFORCE++), rloo, ppo and online-dpo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from alignkit.config.base import ReferenceSettings, TrainConfig
+from alignkit.config.load import FRACTION, above, at_least, between
+from alignkit.config.preference import GAP_USES
+
+
+@dataclass
+class OnlineConfig(TrainConfig):
+    """Fields every online method (GRPO, RLOO, PPO) shares: prompts in, sampled completions scored by a
+    reward set, clipped policy updates (docs/online_rl.md)."""
+
+    lr: float | None = None
+    """Peak learning rate (AdamW); none = scaled to the policy, 1e-6 x sqrt(7e9 / its parameters), x10 with
+    LoRA: 1e-6 at 7B, 2.6e-6 at 1B, 1e-4 for the shipped 656K model (docs/online_rl.md)."""
+    warmup_ratio: float = 0.0
+    """Fraction of the optimizer steps spent warming the learning rate up from 0."""
+    rewards: list[dict] = field(default_factory=list)
+    """Reward sources, as in `alignkit score`: e.g. [{type: vader}, {type: length, weight: -0.1}]."""
+    reward_normalize: bool = False
+    """Normalise each source by its running mean and std over every process before weighting (the state is
+    checkpointed); eval lines report the raw weighted sum."""
+    reward_clip: float | None = None
+    """Clip the total reward to [-reward_clip, reward_clip]; none = no clipping."""
+    num_generations: int = 8
+    """G: completions sampled per prompt."""
+    batch_size: int = 8
+    """Prompts per step on each process (a rollout holds batch_size x num_generations completions)."""
+    max_new_tokens: int = 64
+    """Longest completion, in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are taken at the same temperature."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only (0 = all); the policy's log-probs are renormalised over
+    the same kept set, the reference's are not (docs/online_rl.md)."""
+    top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens holding this much probability (1 = all); log-probs as
+    for top_k."""
+    ppo_epochs: int = 1
+    """Passes over each rollout (more than 1 reuses samples, with the clipped ratio)."""
+    minibatch_size: int = 0
+    """Completions per optimizer step on each process (0 = the whole rollout: one step per epoch)."""
+    epsilon: float = 0.2
+    """Clip range of the policy ratio (1 - epsilon, 1 + epsilon_high)."""
+    epsilon_high: float | None = None
+    """Upper clip range (DAPO's clip-higher, e.g. 0.28); default: epsilon."""
+    mask_truncated: bool = False
+    """Leave completions that hit max_new_tokens without an EOS out of the loss (DAPO's overlong filter)."""
+    reference: ReferenceSettings = field(default_factory=lambda: ReferenceSettings(mode="copy"))
+    """The frozen reference: copy (a frozen copy) or adapter (with LoRA: the base, adapter off)."""
+    generation_batch_size: int = 64
+    """Completions generated at once (bounds generation memory)."""
+    eval_steps: int = 20
+    """Score one sample per eval prompt every this many steps (and at the end)."""
+    save_steps: int = 20
+    """Write a checkpoint every this many steps (0 = only on interrupt)."""
+
+    ranges: ClassVar[dict] = {
+        "reward_clip": above(0),
+        "num_generations": at_least(1),
+        "max_new_tokens": at_least(1),
+        "temperature": above(0),
+        "top_k": at_least(0),
+        "top_p": between(0, 1, low_open=True),
+        "ppo_epochs": at_least(1),
+        "minibatch_size": at_least(0),
+        "epsilon": above(0),
+        "epsilon_high": above(0),
+        "generation_batch_size": at_least(1),
+    }
+
+
+@dataclass
+class GRPOConfig(OnlineConfig):
+    """Online RL without a critic on prompt rows: GRPO, Dr. GRPO, RLOO, REINFORCE++ (docs/online_rl.md)."""
+
+    advantage: str = "grpo"
+    """Advantage estimator: grpo, dr_grpo, rloo or reinforce_pp (docs/online_rl.md)."""
+    num_generations: int = 8
+    """G: completions sampled per prompt (the group each advantage is relative to)."""
+    beta: float = 0.04
+    """Weight of the KL penalty to the reference, in the loss or the reward (0 = no reference held)."""
+    kl_in_reward: bool | None = None
+    """Subtract beta x each completion's summed k1 KL from its reward before the advantages (true) or add
+    beta x KL to the loss (false); none = the estimator's recipe: rloo in the reward (Ahmadian et al.
+    2024, TRL), reinforce_pp in the reward at num_generations=1 and in the loss above (OpenRLHF's
+    REINFORCE++-baseline), grpo and dr_grpo in the loss."""
+    kl_estimator: str = "auto"
+    """Per-token estimator of KL(policy || reference): k1, k2 or k3 (Schulman 2020), or auto: k1 in the
+    reward; in the loss k2 for reinforce_pp (OpenRLHF's recipe) and k3 otherwise (GRPO)."""
+    kl_importance_correction: bool = False
+    """Importance-correct the KL term by the ratio policy / sampling policy, so that its expected gradient is
+    that of KL(policy || reference) on reused samples and, for k3, on-policy too (DeepSeek-V3.2's unbiased
+    KL estimate; TRL's use_bias_correction_kl)."""
+    scale_rewards: str = "group"
+    """grpo: divide advantages by the group's reward std (group), the batch's (batch) or not (none)."""
+    loss_aggregation: str = "auto"
+    """token_mean (DAPO), sequence_mean (GRPO paper), constant (Dr. GRPO) or auto (the estimator's own)."""
+
+    ranges: ClassVar[dict] = {
+        "advantage": ("grpo", "dr_grpo", "rloo", "reinforce_pp"),
+        "beta": at_least(0),
+        "scale_rewards": ("group", "batch", "none"),
+    }
+
+
+@dataclass
+class RLOOConfig(GRPOConfig):
+    """GRPOConfig with the RLOO advantage (Ahmadian et al. 2024): each completion's baseline is the mean
+    reward of the other completions of its prompt."""
+
+    advantage: str = "rloo"
+    """Advantage estimator: grpo, dr_grpo, rloo or reinforce_pp (docs/online_rl.md)."""
+
+
+@dataclass
+class PPOConfig(OnlineConfig):
+    """PPO with a critic and a KL-penalised reward (Ziegler et al. 2019, InstructGPT), for causal and
+    encoder-decoder (T5, FLAN-T5) policies (docs/ppo.md)."""
+
+    num_generations: int = 1
+    """Completions sampled per prompt (PPO's baseline is the critic, so 1 is the usual choice)."""
+    batch_size: int = 16
+    """Prompts per step on each process (a rollout holds batch_size x num_generations completions)."""
+    ppo_epochs: int = 4
+    """Passes over each rollout, in shuffled minibatches."""
+    kl_coef: float = 0.05
+    """β of the per-token KL penalty in the reward, -β·(log π_old - log π_ref) (0 = no reference held);
+    the starting value when target_kl is set."""
+    target_kl: float | None = None
+    """Adaptive KL control (Ziegler et al. 2019): steer β so that the KL to the reference per completion
+    (nats) stays near this; none = a fixed β."""
+    kl_horizon: int = 10000
+    """Adaptive KL: completions over which a full correction of β is spread (with target_kl only)."""
+    vf_coef: float = 0.1
+    """Weight of the value loss beside the policy loss."""
+    cliprange_value: float = 0.2
+    """Clip range of the value update around the rollout's values (0 = no clipping)."""
+    gamma: float = 1.0
+    """Discount of GAE."""
+    lam: float = 0.95
+    """λ of GAE."""
+    whiten_rewards: bool = False
+    """Rescale the per-token rewards of a rollout to unit std (mean kept) before GAE."""
+    missing_eos_penalty: float | None = None
+    """Subtract this from the score of a completion that never produced an EOS (none = no penalty)."""
+    early_stop_kl: float = 0.0
+    """Stop a rollout's epochs early once a minibatch's approx KL to the sampling policy exceeds this
+    (0 = never)."""
+    value_model: str = "policy"
+    """The critic: policy (a copy of the policy's backbone, new head), adapter (with lora.enabled: a second
+    LoRA adapter with its own head on the policy's shared frozen base, no copy) or a trained reward model
+    (hub name or folder, e.g. `alignkit reward` output; causal policies) whose backbone and head start it."""
+
+    ranges: ClassVar[dict] = {
+        "kl_coef": at_least(0),
+        "target_kl": above(0),
+        "kl_horizon": at_least(1),
+        "vf_coef": above(0),
+        "cliprange_value": at_least(0),
+        "gamma": FRACTION,
+        "lam": FRACTION,
+        "early_stop_kl": at_least(0),
+    }
+
+
+@dataclass
+class OnlineDPOConfig(OnlineConfig):
+    """Online DPO: each step's pairs are the current policy's own samples, judged by a reward set or a
+    pairwise LLM judge (docs/iterative.md)."""
+
+    num_generations: int = 2
+    """Completions sampled per prompt; the best and the worst make its pair (Guo et al.: 2)."""
+    beta: float = 0.1
+    """Strength of the KL tie to the reference (DPO's β); for orpo, λ (docs/objectives.md)."""
+    loss: str = "sigmoid"
+    """Paired objective by name, as for `alignkit dpo`: sigmoid, ipo, hinge, robust, simpo, ..."""
+    label_smoothing: float = 0.0
+    """Conservative DPO (sigmoid) / robust DPO (robust): probability ε in [0, 0.5) a label is flipped."""
+    gamma: float = 0.5
+    """SimPO's target reward margin γ."""
+    nll_weight: float = 1.0
+    """Weight α of the per-token NLL on the chosen completion that cpo and rpo add."""
+    judge: dict | None = None
+    """A pairwise LLM judge ({type: judge, template: pairwise, backend: ...}) ranking each prompt's
+    completions by a round robin instead of `rewards` (which then only score the eval prompts)."""
+    min_gap: float = 0.0
+    """A prompt's pair is trained on when its score gap exceeds this; ties are never pairs."""
+    gap_as: str = "none"
+    """none, margin (the gap as the sigmoid loss's margin) or soft_label (σ(gap / soft_label_temperature)
+    as the preference probability); both need loss=sigmoid."""
+    soft_label_temperature: float = 1.0
+    """gap_as=soft_label: the temperature of σ(gap / temperature)."""
+    temperature: float = 1.0
+    """Sampling temperature. Log-probs are the policy's and the reference's own, at temperature 1 (as
+    iterative-dpo's and TRL's): the sampling settings only shape which completions become pairs."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only (0 = all); log-probs stay untruncated, at temperature 1."""
+    top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens holding this much probability (1 = all); log-probs
+    stay untruncated, at temperature 1."""
+    lr: float | None = 5e-7
+    """Peak learning rate (AdamW); none = scaled to the policy as for grpo (docs/online_rl.md)."""
+
+    ranges: ClassVar[dict] = {
+        "num_generations": at_least(2),
+        "beta": above(0),
+        "soft_label_temperature": above(0),
+        "gap_as": GAP_USES,
+    }
