@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from alignkit.config.online import OnlineConfig
-from alignkit.generation import eos_ids, sample_ids
+from alignkit.generation.sampling import eos_ids, sample_ids
 from alignkit.losses.policy import frac_reward_zero_std
 from alignkit.rewards.base import reduce_metrics
 
@@ -69,9 +69,13 @@ class Rollout:
     source_metrics: dict[str, dict] = field(default_factory=dict)
     """Every reward source's own `metrics()` (counters, `RowMean`s), by name, for reducing over processes
     (`rewards.base.reduce_metrics`)."""
+    sampler_logps: torch.Tensor | None = None
+    """(N, T) per-token log-probs the sampler reported for the tokens it drew (its own numbers: vLLM's
+    kernels and precision may differ from the trainer's), laid out as `completion_mask`; None where the
+    backend does not report them."""
     old_logps: torch.Tensor | None = None
-    """(N, T) per-token log-probs of the policy that sampled, under its sampling distribution (tempered,
-    and renormalised over the top_k / top_p kept set)."""
+    """(N, T) per-token log-probs of the policy that sampled, as the trainer computes them, under its
+    sampling distribution (tempered, and renormalised over the top_k / top_p kept set)."""
     ref_logps: torch.Tensor | None = None
     """(N, T) per-token log-probs of the reference."""
     old_values: torch.Tensor | None = None
@@ -113,7 +117,7 @@ class Rollout:
             S = int(self.encoder_attention_mask[rows].sum(-1).max())
             out["encoder_input_ids"] = self.encoder_input_ids[rows, :S]
             out["encoder_attention_mask"] = self.encoder_attention_mask[rows, :S]
-        for name in ("old_logps", "ref_logps", "old_values"):
+        for name in ("sampler_logps", "old_logps", "ref_logps", "old_values"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value[rows, :T]

@@ -30,7 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # measure the alignkit of this checkout, whatever is installed
 
-from alignkit.generation import sample, sample_ids  # noqa: E402
+from alignkit.generation.sampling import sample, sample_ids  # noqa: E402
 from alignkit.models.load import load_causal_lm, load_tokenizer  # noqa: E402
 
 MODEL = REPO / "alignkit" / "assets" / "tinystories-656k"

@@ -9,7 +9,7 @@ than --min-gap carry almost no preference signal and are skipped.
 writes, under --out (default alignkit/assets/demo/):
   pairs.jsonl             {"prompt", "chosen", "rejected", "prompt_ids", "chosen_ids", "rejected_ids",
                            "chosen_score", "rejected_score"}, ids exactly as sampled (see
-                           alignkit/generation.py for why they are not re-tokenised)
+                           alignkit/generation/sampling.py for why they are not re-tokenised)
   heldout_openings.json   openings for the before/after evaluation, none of them a training opening
   README.md               how the files were built
 
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from alignkit.evaluation.stats import mean_and_stderr
-from alignkit.generation import sample
+from alignkit.generation.sampling import sample
 from alignkit.models.load import load_causal_lm, load_tokenizer
 from alignkit.rewards.rules import vader_compound
 
@@ -193,7 +193,7 @@ Built once by `scripts/build_demo_pairs.py` (output committed; `alignkit demo` d
   training, the other {args.n_heldout} held out (`heldout_openings.json`, no overlap).
 - Continuations: the shipped TinyStories-656K model, 2 per training opening, {args.max_new_tokens} new
   tokens at most, temperature {args.temperature}, full softmax (no top-k / top-p), seed {args.seed}
-  (`alignkit.generation.sample`).
+  (`alignkit.generation.sampling.sample`).
 - Labels (AI feedback): VADER compound sentiment of each continuation; the more positive one is
   `chosen`. Pairs whose scores differ by less than {args.min_gap} were skipped: {stats["skipped"]} of
   {args.n_train}, leaving **{stats["pairs"]} pairs** in `pairs.jsonl`.

@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from alignkit.generation import sample
+from alignkit.generation.sampling import sample
 from alignkit.models.load import load_causal_lm, load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ import pytest
 
 from alignkit.config.load import ConfigError
 from alignkit.config.tools import GenerateConfig
-from alignkit.generation import sample_seed
+from alignkit.generation.sampling import sample_seed
 from alignkit.inference.best_of_n import choose_best, read_finished, run, sample_and_score, summarize
 from alignkit.rewards import RewardSet
 from tests.conftest import REPO, write_prompts

@@ -18,7 +18,7 @@ from alignkit.data.readers import DataError
 from alignkit.evaluation.command import read_prompts
 from alignkit.evaluation.compare import compare_policies, format_markdown
 from alignkit.evaluation.stats import percent_change, score_stats, win_rate
-from alignkit.generation import sample
+from alignkit.generation.sampling import sample
 from alignkit.models.load import load_causal_lm
 from alignkit.rewards import RewardSet
 

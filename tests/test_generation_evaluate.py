@@ -1,4 +1,4 @@
-"""Sampling (alignkit.generation) and before/after evaluation (alignkit.evaluation.compare) on the shipped model."""
+"""Sampling (alignkit.generation.sampling) and before/after evaluation (alignkit.evaluation.compare) on the shipped model."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 import alignkit
 from alignkit.evaluation.compare import compare_policies, completion_nll, format_markdown, perplexity
 from alignkit.evaluation.stats import mean_and_stderr
-from alignkit.generation import sample
+from alignkit.generation.sampling import sample
 from alignkit.models.load import load_causal_lm, load_tokenizer
 from alignkit.rewards import RewardSet
 from alignkit.rewards.rules import vader_compound

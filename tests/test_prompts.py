@@ -58,7 +58,7 @@ def online_prompts(tmp_path, tokenizer, rows, **settings):
 def test_every_command_encodes_a_chat_prompt_with_exactly_one_bos(tmp_path, tiny_model_dir, template):
     """grpo/rloo/ppo/online-dpo/iterative-dpo/distill (load_prompts), generate (best_of_n), eval and the
     local judge (generation.sample) and ICDPO's demonstrations: one BOS at the front, never two."""
-    from alignkit.generation import sample
+    from alignkit.generation.sampling import sample
     from alignkit.inference.best_of_n import sample_candidates
     from alignkit.inference.icdpo import demonstration_ids
     from alignkit.models.load import load_causal_lm
@@ -125,7 +125,7 @@ def test_the_local_judge_passes_chat_template_kwargs_and_encodes_one_bos(
 ):
     import shutil
 
-    import alignkit.generation
+    import alignkit.generation.sampling
     from alignkit.rewards.backends import LocalChatBackend
 
     judge_dir = tmp_path / "judge"
@@ -136,8 +136,10 @@ def test_the_local_judge_passes_chat_template_kwargs_and_encodes_one_bos(
         str(judge_dir), max_new_tokens=2, chat_template_kwargs={"enable_thinking": False}
     )
     seen = []
-    real = alignkit.generation.sample
-    monkeypatch.setattr(alignkit.generation, "sample", lambda *a, **k: seen.extend(real(*a, **k)) or seen)
+    real = alignkit.generation.sampling.sample
+    monkeypatch.setattr(
+        alignkit.generation.sampling, "sample", lambda *a, **k: seen.extend(real(*a, **k)) or seen
+    )
     list(backend.complete([[{"role": "user", "content": "Score this."}]]))
     assert seen[0].prompt.endswith("<|assistant|><think></think>")
     assert seen[0].prompt_ids[0] == BOS and seen[0].prompt_ids[1] != BOS

@@ -11,7 +11,7 @@ from conftest import TINYSTORIES
 from test_generation_evaluate import ENDING
 from test_generation_evaluate import PROMPTS as STORIES
 
-from alignkit.generation import _decoder, draw_tokens, sample_ids
+from alignkit.generation.sampling import _decoder, draw_tokens, sample_ids
 from alignkit.models.load import load_causal_lm
 
 EOS = 2

@@ -25,7 +25,7 @@ from alignkit.config.load import ConfigError, validate
 from alignkit.config.supervised import DistillConfig
 from alignkit.data.collate import collate_sft, completion_tokens
 from alignkit.data.prompts import load_prompts
-from alignkit.generation import sample_ids
+from alignkit.generation.sampling import sample_ids
 from alignkit.losses.distill import divergence_beta
 from alignkit.models.load import BatchForward, check_model_source, load_policy, load_tokenizer
 from alignkit.models.lora import add_lora

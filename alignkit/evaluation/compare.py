@@ -1,7 +1,7 @@
 """Before/after evaluation: a base and an aligned policy on held-out prompts, scored by any reward set.
 
 `compare_policies` samples both policies on the same prompts with the same seeds (sample j of both sees
-the same random noise, see `alignkit.generation`: common random numbers), scores both sample sets with
+the same random noise, see `alignkit.generation.sampling`: common random numbers), scores both sample sets with
 every source of a `RewardSet` (which need not be the training reward) and reports, per source:
 
 - mean, std and standard error before (base) and after (aligned);
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from alignkit.evaluation.stats import compare_scores, score_stats
-from alignkit.generation import eos_ids, sample
+from alignkit.generation.sampling import eos_ids, sample
 from alignkit.io import atomic_write
 from alignkit.logprobs.completion import completion_logps
 from alignkit.rewards.compose import RewardSet

@@ -1,5 +1,5 @@
 """Statistics of an evaluation: pure functions of scores laid out prompt-major, (P * n,) with prompt i's samples
-at [i * n, (i + 1) * n), as `alignkit.generation.sample` returns them. Standard errors are over prompts (a
+at [i * n, (i + 1) * n), as `alignkit.generation.sampling.sample` returns them. Standard errors are over prompts (a
 prompt's samples are not independent).
 """
 

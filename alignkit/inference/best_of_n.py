@@ -34,7 +34,7 @@ from alignkit.config.load import ConfigError, validate
 from alignkit.config.tools import GenerateConfig
 from alignkit.data.prompts import encode_prompt
 from alignkit.evaluation.stats import mean_and_stderr
-from alignkit.generation import sample_ids, sample_seed
+from alignkit.generation.sampling import sample_ids, sample_seed
 from alignkit.io import append_jsonl, atomic_write, cut_torn_line, read_jsonl
 from alignkit.rewards.compose import RewardSet
 

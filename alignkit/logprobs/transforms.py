@@ -3,7 +3,7 @@
 A model family's logit transform (`logit_transform`: the scale and softcap its forward applies after the
 head, read from its config) and a sampler's truncation (`truncation_warpers`: top-k, then top-p;
 `kept_tokens`: the tokens they keep). `alignkit.logprobs.completion` applies both as it scores tokens, and
-`alignkit.generation` samples through the same warpers, so the two agree on the distribution."""
+`alignkit.generation.sampling` samples through the same warpers, so the two agree on the distribution."""
 
 from __future__ import annotations
 

@@ -304,7 +304,7 @@ def read_api_key(env: str | None, alternative: str) -> str | None:
 
 
 class LocalChatBackend:
-    """Greedy answers from a local Hugging Face causal LM (`alignkit.generation.sample`, temperature 0).
+    """Greedy answers from a local Hugging Face causal LM (`alignkit.generation.sampling.sample`, temperature 0).
 
     Conversations are rendered with the tokenizer's chat template and `chat_template_kwargs` (a plain
     'Human:/Assistant:' format when it has none) and encoded with one BOS (`generation.sample` uses the
@@ -362,7 +362,7 @@ class LocalChatBackend:
     ) -> Iterator[tuple[int, str]]:
         """(index, answer) for every conversation, in order, generated in batches (no row errors here)."""
         from alignkit.data.chat import render_messages
-        from alignkit.generation import sample
+        from alignkit.generation.sampling import sample
 
         for start in range(0, len(conversations), self.batch_size):
             batch = conversations[start : start + self.batch_size]

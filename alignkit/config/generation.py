@@ -1,0 +1,80 @@
+"""The `generation:` section: how every command that samples draws completions, on which backend.
+
+One section under the same keys in every sampling command (grpo, rloo, ppo, online-dpo, iterative-dpo,
+distill, generate, eval), so a setting means the same everywhere: `generation.temperature`,
+`generation.top_k`, `generation.top_p`, `generation.max_new_tokens`, `generation.batch_size`,
+`generation.backend`, and vLLM's engine settings under `generation.vllm`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from alignkit.config.load import above, at_least, between
+
+BACKENDS = ("auto", "loop", "hf", "vllm")
+"""auto: the lean KV-cache loop where it can drive the model, else transformers' generate (hf); vLLM is
+never picked by itself, it is opted into (as TRL's use_vllm)."""
+VLLM_MODES = ("colocate", "server")
+
+
+@dataclass
+class VLLMSettings:
+    """vLLM as the sampler (generation.backend=vllm; docs/vllm.md)."""
+
+    mode: str = "colocate"
+    """colocate (an engine in each training process, weights copied in before every rollout) or server
+    (an `alignkit vllm-serve` process that the trainer samples from and pushes weights to)."""
+    server_url: str = "http://127.0.0.1:8000"
+    """mode=server: the `alignkit vllm-serve` address."""
+    server_timeout: float = 300.0
+    """mode=server: seconds to wait for the server to answer its health check before failing."""
+    gpu_memory_utilization: float = 0.3
+    """On a GPU: the share of its memory the colocated engine takes (weights + KV cache); the trainer
+    keeps the rest."""
+    cpu_kv_cache_gb: float = 1.0
+    """On a CPU: GiB of memory the engine's KV cache takes."""
+    max_model_len: int = 0
+    """Longest prompt + completion the engine serves; 0 = max_prompt_length + max_new_tokens."""
+    enforce_eager: bool = False
+    """Run the engine without CUDA graphs (slower decoding, faster start, less memory)."""
+
+    ranges: ClassVar[dict] = {
+        "mode": VLLM_MODES,
+        "server_timeout": above(0),
+        "gpu_memory_utilization": between(0, 1, low_open=True),
+        "cpu_kv_cache_gb": above(0),
+        "max_model_len": at_least(0),
+    }
+
+
+@dataclass
+class GenerationSettings:
+    """How completions are sampled: the distribution (temperature, top_k, top_p), their length, how many
+    at once, and the backend that draws them."""
+
+    backend: str = "auto"
+    """auto (the lean KV-cache loop where it can drive the model, else transformers' generate), loop, hf
+    or vllm (opted into, never picked by auto; docs/vllm.md). The resolved backend is saved with the run."""
+    max_new_tokens: int = 64
+    """Longest completion, in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only (0 = all)."""
+    top_p: float = 1.0
+    """Sample from the smallest set of tokens whose probability reaches top_p (1 = all)."""
+    batch_size: int = 64
+    """Completions generated at once (bounds generation memory; the loop and hf backends)."""
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
+    """generation.backend=vllm: the engine's settings."""
+
+    ranges: ClassVar[dict] = {
+        "backend": BACKENDS,
+        "max_new_tokens": at_least(1),
+        "temperature": at_least(0),
+        "top_k": at_least(0),
+        "top_p": between(0, 1, low_open=True),
+        "batch_size": at_least(1),
+    }

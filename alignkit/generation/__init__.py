@@ -1,0 +1,9 @@
+"""Sampling on token ids, on one of three backends (`config.generation.GenerationSettings.backend`):
+
+- `sampling.py`: the lean KV-cache loop (`loop`) and transformers' `generate` (`hf`), seeded per sample;
+- `vllm.py`: vLLM colocated in this process, weights copied in from the trainer before each rollout;
+- `server.py`: an `alignkit vllm-serve` process the trainer samples from and pushes weights to.
+
+`backends.py` holds the one interface the rollout calls (`Sampler`: `sync` the policy's weights, `sample`
+token ids with the sampler's own log-probs) and picks the backend.
+"""
