@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from alignkit.config.online import OnlineConfig
-from alignkit.generation.sampling import eos_ids, sample_ids
+from alignkit.generation.backends import ModelSampler, Sampler
+from alignkit.generation.sampling import eos_ids
 from alignkit.losses.policy import frac_reward_zero_std
 from alignkit.rewards.base import reduce_metrics
 
@@ -66,6 +67,11 @@ class Rollout:
     reward_stats: dict[str, float]
     """Per-source statistics of the batch, as the reward set reports them."""
     group_size: int
+    sampler: str = "auto"
+    """The backend that drew the completions (loop, hf, vllm; auto: the loop where it can drive the model)."""
+    sampler_is_trainer: bool = True
+    """Whether the sampler was the trainer's own model (its log-probs the trainer's up to rounding); False
+    for vLLM, whose tokens are then slightly off-policy (`sampler_logps`)."""
     source_metrics: dict[str, dict] = field(default_factory=dict)
     """Every reward source's own `metrics()` (counters, `RowMean`s), by name, for reducing over processes
     (`rewards.base.reduce_metrics`)."""
@@ -176,6 +182,7 @@ def collect(
     seed: int,
     update_rewards: bool = True,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    sampler: Sampler | None = None,
 ) -> Rollout:
     """Sample `group_size` completions of every prompt from `model` (the unwrapped policy), decode and
     score them with the reward set `rewards` (an `alignkit.rewards.RewardSet`), which reads `prompts`:
@@ -183,20 +190,24 @@ def collect(
     the caller (`token_logps_in_batches`), which knows the batches training will use.
     update_rewards=False leaves the reward set's running normaliser as it is (evaluation). With several
     processes, `gather` ((B,) -> every process's (ΣB,), in rank order) lets the normaliser see the whole
-    step's scores, so every process keeps one state."""
+    step's scores, so every process keeps one state. `sampler` draws the completions (default: `model`
+    itself, `generation.backends.ModelSampler`); it must already follow `model`'s weights (`Sampler.sync`).
+    The sampler's own log-probs of its tokens are kept (`Rollout.sampler_logps`)."""
     t0 = time.perf_counter()
-    completion_ids = sample_ids(
+    sampler = sampler or ModelSampler()
+    sampled = sampler.sample(
         model,
         tokenizer,
         prompt_ids,
         num_samples=group_size,
+        seed=seed,
         max_new_tokens=sampling.max_new_tokens,
         temperature=sampling.temperature,
         top_k=sampling.top_k,
         top_p=sampling.top_p,
-        seed=seed,
         batch_size=sampling.batch_size,
     )
+    completion_ids = sampled.completion_ids
     t1 = time.perf_counter()
     rows_prompt_ids = [p for p in prompt_ids for _ in range(group_size)]
     rows_prompts = [p for p in prompts for _ in range(group_size)]
@@ -215,6 +226,8 @@ def collect(
         encoder = {"encoder_input_ids": source_ids, "encoder_attention_mask": source_mask}
     else:
         input_ids, attention_mask, completion_mask = layout(rows_prompt_ids, completion_ids, pad_id)
+    sampler_logps = torch.zeros(completion_mask.shape)  # (N, T), laid out as completion_mask
+    sampler_logps[completion_mask.bool()] = torch.tensor([v for row in sampled.logps for v in row])
     return Rollout(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -228,6 +241,9 @@ def collect(
         source_scores={k: v.float() for k, v in scored.scores.items()},
         reward_stats=scored.stats,
         group_size=group_size,
+        sampler=sampler.backend,
+        sampler_is_trainer=sampler.is_trainer,
+        sampler_logps=sampler_logps,
         source_metrics=scored.metrics,
         timings={"generation": t1 - t0, "scoring": t2 - t1},
         **encoder,
@@ -271,6 +287,30 @@ def rollout_metrics(
     for name in rollout.source_metrics:
         out.update({f"rewards/{name}/{k}": v for k, v in reduce_metrics([p[name] for p in parts]).items()})
     return out
+
+
+def make_sampler(
+    backend: str, model, tokenizer, *, vllm_settings=None, source: str | None = None, max_model_len: int = 0
+) -> Sampler:
+    """The sampler for a resolved `backend` (loop, hf or vllm; auto is the loop where it can drive the
+    model, else hf). vllm: `source` is the policy's weights as loaded (hub name or folder; the engine
+    starts from it and `sync` copies the trainer's weights in), `vllm_settings` a `VLLMSettings`,
+    `max_model_len` the longest prompt + completion it must serve."""
+    if backend != "vllm":
+        return ModelSampler(backend)
+    if vllm_settings is not None and vllm_settings.mode == "server":
+        from alignkit.generation.server import ServerSampler
+
+        return ServerSampler(vllm_settings, eos=eos_ids(model, tokenizer))
+    from alignkit.generation.vllm import ColocatedVLLM
+
+    return ColocatedVLLM(
+        source,
+        model,
+        tokenizer,
+        settings=vllm_settings,
+        max_model_len=max_model_len,
+    )
 
 
 def sampling_settings(cfg: OnlineConfig) -> SamplingSettings:

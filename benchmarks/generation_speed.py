@@ -1,5 +1,5 @@
 """Rollout generation time: `generation.sample_ids`'s lean decode loop vs the same call through
-transformers' `generate` (backend="generate"), on the shipped model, in one process; and, for its cost,
+transformers' `generate` (backend="hf"), on the shipped model, in one process; and, for its cost,
 `generation.sample`, the evaluation sampler (one seeded generator per sample, so a sample does not depend
 on its batch; `generate` with Gumbel noise; decodes text too).
 
@@ -35,7 +35,7 @@ from alignkit.models.load import load_causal_lm, load_tokenizer  # noqa: E402
 
 MODEL = REPO / "alignkit" / "assets" / "tinystories-656k"
 PROMPTS = REPO / "alignkit" / "assets" / "demo" / "pairs.jsonl"
-BACKENDS = {"generate": "generate", "lean loop": "auto", "sample": None}
+BACKENDS = {"generate": "hf", "lean loop": "auto", "sample": None}
 
 
 def main() -> None:

@@ -55,7 +55,7 @@ def test_greedy_decoding_equals_generate(shipped, model, tokenizer, prompt_ids, 
     for n, batch_size in [(1, 4), (2, 4), (2, 3)]:
         kwargs = dict(num_samples=n, max_new_tokens=24, temperature=0.0, batch_size=batch_size)
         lean = sample_ids(m, tokenizer, prompt_ids, **kwargs)
-        assert lean == sample_ids(m, tokenizer, prompt_ids, **kwargs, backend="generate")
+        assert lean == sample_ids(m, tokenizer, prompt_ids, **kwargs, backend="hf")
     if shipped:  # the ending prompt's rows stopped early: the loop dropped them from the batch
         assert lean[-1][-1] == EOS and len(lean[-1]) < 24 and len(lean[0]) == 24
 
@@ -68,14 +68,14 @@ def test_greedy_decoding_with_a_lora_adapter_equals_generate(tokenizer, prompt_i
     assert _decoder(peft) is not None
     kwargs = dict(num_samples=1, max_new_tokens=12, temperature=0.0)
     with_adapter = sample_ids(peft, tokenizer, prompt_ids, **kwargs)
-    assert with_adapter == sample_ids(peft, tokenizer, prompt_ids, **kwargs, backend="generate")
+    assert with_adapter == sample_ids(peft, tokenizer, prompt_ids, **kwargs, backend="hf")
     with peft.disable_adapter():  # the adapter is what changed the output
         assert with_adapter != sample_ids(peft, tokenizer, prompt_ids, **kwargs)
 
 
 def test_a_model_that_prepares_its_own_inputs_goes_through_generate(model, tokenizer, prompt_ids):
     """A class that overrides prepare_inputs_for_generation (recurrent or multimodal models do) is left to
-    generate: the same ids as backend='generate' for the same seed."""
+    generate: the same ids as backend='hf' for the same seed."""
 
     class Custom(type(model)):
         def prepare_inputs_for_generation(self, *args, **kwargs):
@@ -86,7 +86,7 @@ def test_a_model_that_prepares_its_own_inputs_goes_through_generate(model, token
     assert _decoder(custom) is None
     kwargs = dict(num_samples=2, max_new_tokens=8, seed=4)
     assert sample_ids(custom, tokenizer, prompt_ids, **kwargs) == sample_ids(
-        model, tokenizer, prompt_ids, **kwargs, backend="generate"
+        model, tokenizer, prompt_ids, **kwargs, backend="hf"
     )
 
 
@@ -224,3 +224,46 @@ def test_no_token_outside_top_k_or_top_p_is_ever_sampled(model, tokenizer, promp
             assert ((probs * above).sum(-1) < top_p + 1e-6).all()
         checked += len(completion)
     assert checked > 200
+
+
+@pytest.mark.parametrize("backend", ["loop", "hf"])
+def test_sampler_logps_equal_the_trainers_under_the_sampling_distribution(
+    backend, model, tokenizer, prompt_ids
+):
+    """with_logps: each drawn token's log-prob as the sampler computed it equals the trainer's score of the
+    same token (`logprobs.completion_logps` at the same temperature, renormalised over the same top_k /
+    top_p set): the sampler and the trainer are the same model here, so their gap is rounding only."""
+    from alignkit.logprobs.completion import completion_logps
+    from alignkit.rollout import layout
+
+    settings = dict(temperature=0.7, top_k=20, top_p=0.9)
+    ids, logps = sample_ids(
+        model,
+        tokenizer,
+        prompt_ids,
+        num_samples=2,
+        max_new_tokens=12,
+        seed=3,
+        backend=backend,
+        with_logps=True,
+        **settings,
+    )
+    assert [len(x) for x in logps] == [len(x) for x in ids]
+    rows = [p for p in prompt_ids for _ in range(2)]
+    input_ids, attention_mask, completion_mask = layout(rows, ids, tokenizer.pad_token_id)
+    with torch.no_grad():
+        out = completion_logps(model, input_ids, attention_mask, completion_mask, **settings)
+    trainer = out.token_logps[completion_mask.bool()]
+    sampler = torch.tensor([v for row in logps for v in row])
+    assert torch.isfinite(sampler).all() and (sampler < 0).any()
+    assert torch.allclose(sampler, trainer, atol=1e-4), (sampler - trainer).abs().max()
+
+
+def test_loop_backend_refuses_a_model_it_cannot_drive(tokenizer):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    t5 = T5ForConditionalGeneration(
+        T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)
+    )
+    with pytest.raises(ValueError, match="cannot drive T5ForConditionalGeneration: use backend 'hf'"):
+        sample_ids(t5, tokenizer, [[1, 2]], max_new_tokens=2, backend="loop")

@@ -204,7 +204,7 @@ def _decode(
     pad_id: int,
     generator: torch.Generator | None,
     repeats: int = 1,
-) -> list[list[int]]:
+) -> tuple[list[list[int]], list[list[float]]]:
     """The lean decode loop: one forward per new token on the KV cache, rows cut after their first EOS.
 
     input_ids, attention_mask: (P, T), left-padded. With `repeats` > 1 the P prompts are encoded once and
@@ -212,7 +212,8 @@ def _decode(
     count real tokens only (`cumsum(mask) - 1`, as `generate` makes them), so left padding changes nothing.
     Each step samples every live row from its warped scores with one uniform from `generator` (greedy when
     None). A row that emits an EOS id stops: it leaves the batch (and the cache) at the next step, and the
-    loop ends when no row is live. Returns (P * repeats) id lists.
+    loop ends when no row is live. Returns (P * repeats) id lists and, for each, the log-probs of its
+    tokens under the distribution they were drawn from (the warped scores' log-softmax).
     """
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (P, T)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
@@ -227,6 +228,7 @@ def _decode(
         logits, mask, last = (x.repeat_interleave(repeats, dim=0) for x in (logits, mask, last))
     live = torch.arange(B, device=input_ids.device)  # original row of each batch row
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=input_ids.device)
+    logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=input_ids.device)
     for t in range(max_new_tokens):
         scores = logits.float()  # (b, V)
         for warp in warpers:
@@ -237,6 +239,7 @@ def _decode(
             u = torch.rand(len(live), generator=generator, device=scores.device, dtype=torch.float64)
             new = draw_tokens(scores, u)
         tokens[live, t] = new
+        logps[live, t] = scores.log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
         ended = torch.isin(new, eos)  # (b,)
         if t == max_new_tokens - 1:
             break
@@ -251,7 +254,8 @@ def _decode(
         inputs = {"input_ids": new.unsqueeze(-1), "attention_mask": mask, "position_ids": last}
         logits = model(**inputs, use_cache=True, **{cache_key: cache}).logits[:, -1]
     eos_set = set(eos.tolist())
-    return [_cut_at_eos(ids, eos_set) for ids in tokens.tolist()]
+    ids = [_cut_at_eos(row, eos_set) for row in tokens.tolist()]
+    return ids, [lp[: len(row)] for row, lp in zip(ids, logps.tolist())]
 
 
 def _new_cache(model):
@@ -285,9 +289,12 @@ def sample_ids(
     seed: int = 0,
     batch_size: int = 64,
     backend: str = "auto",
-) -> list[list[int]]:
+    with_logps: bool = False,
+) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
     """Completion ids of `num_samples` samples of every prompt (token ids in, token ids out: no decode /
-    re-encode round trip), prompt-major, each cut after its first EOS (kept when produced).
+    re-encode round trip), prompt-major, each cut after its first EOS (kept when produced). with_logps:
+    (ids, log-probs), the log-prob of each drawn token under the distribution it was drawn from (tempered
+    and truncated), as the sampler computed it.
 
     The fast path for online RL. Contract on the distribution: the model's softmax at `temperature`
     (0 = greedy), truncated by top_k / top_p when given, nothing else. A call is reproducible from its
@@ -298,13 +305,13 @@ def sample_ids(
     every token is drawn by `draw_tokens` with one uniform per row from a generator seeded with `seed`,
     and rows that end leave the batch. Other models (encoder-decoders, recurrent or multimodal ones, prompt-
     learning adapters) go through `model.generate` with `do_sample`, seeded inside a forked RNG state;
-    `backend="generate"` sends every model there (benchmarks/generation_speed.py compares the two). The two
-    paths draw different samples for the same seed; each is reproducible.
+    `backend="hf"` sends every model there (benchmarks/generation_speed.py compares the two); `"loop"`
+    insists on the loop. The two paths draw different samples for the same seed; each is reproducible.
     """
     _check_counts(num_samples, max_new_tokens, batch_size)
-    if backend not in ("auto", "generate"):
+    if backend not in ("auto", "loop", "hf"):
         raise ValueError(
-            f"backend must be 'auto' (the lean loop when it can drive the model) or 'generate', got {backend!r}"
+            f"backend must be 'auto' (the lean loop when it can drive the model), 'loop' or 'hf', got {backend!r}"
         )
     config, warpers, eos = _settings(
         model, tokenizer, max_new_tokens, temperature, top_k=top_k, top_p=top_p, do_sample=True
@@ -313,9 +320,11 @@ def sample_ids(
     was_training = model.training
     model.eval()
     try:
-        decoder = _decoder(model) if backend == "auto" else None
+        decoder = _decoder(model) if backend != "hf" else None
+        if decoder is None and backend == "loop":
+            raise ValueError(f"the lean sampling loop cannot drive {type(model).__name__}: use backend 'hf'")
         if decoder is None:
-            return _sample_ids_with_generate(
+            ids, logps = _sample_ids_with_generate(
                 model,
                 prompt_ids,
                 num_samples=num_samples,
@@ -326,19 +335,21 @@ def sample_ids(
                 batch_size=batch_size,
                 device=device,
             )
-        return _sample_ids_with_loop(
-            decoder,
-            prompt_ids,
-            num_samples=num_samples,
-            config=config,
-            warpers=warpers,
-            eos=eos,
-            seed=seed,
-            temperature=temperature,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            device=device,
-        )
+        else:
+            ids, logps = _sample_ids_with_loop(
+                decoder,
+                prompt_ids,
+                num_samples=num_samples,
+                config=config,
+                warpers=warpers,
+                eos=eos,
+                seed=seed,
+                temperature=temperature,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                device=device,
+            )
+        return (ids, logps) if with_logps else ids
     finally:
         model.train(was_training)
 
@@ -356,7 +367,7 @@ def _sample_ids_with_loop(
     max_new_tokens,
     batch_size,
     device,
-) -> list[list[int]]:
+) -> tuple[list[list[int]], list[list[float]]]:
     """`sample_ids` through the lean KV-cache loop (`_decode`) on `decoder`, `_decoder(model)`'s (module,
     cache keyword): one generator seeded with `seed` draws every token (none for greedy decoding)."""
     module, cache_key = decoder
@@ -368,11 +379,12 @@ def _sample_ids_with_loop(
     repeats = num_samples if batch_size % num_samples == 0 else 1
     rows = prompt_ids if repeats > 1 else [ids for ids in prompt_ids for _ in range(num_samples)]
     out: list[list[int]] = []
+    logps: list[list[float]] = []
     for start in range(0, len(rows), batch_size // repeats):
         input_ids, attention_mask = _left_pad(
             rows[start : start + batch_size // repeats], config.pad_token_id, device
         )
-        out += _decode(
+        ids, lps = _decode(
             module,
             cache_key,
             input_ids,
@@ -384,15 +396,18 @@ def _sample_ids_with_loop(
             generator=generator,
             repeats=repeats,
         )
-    return out
+        out, logps = out + ids, logps + lps
+    return out, logps
 
 
 def _sample_ids_with_generate(
     model, prompt_ids, *, num_samples, config, warpers, eos, seed, batch_size, device
-) -> list[list[int]]:
-    """`sample_ids` through `model.generate` (do_sample), for models the lean loop does not drive."""
+) -> tuple[list[list[int]], list[list[float]]]:
+    """`sample_ids` through `model.generate` (do_sample), for models the lean loop does not drive; the
+    log-probs are the drawn tokens' under the scores generate sampled from (after the warpers)."""
     rows = [ids for ids in prompt_ids for _ in range(num_samples)]
     out: list[list[int]] = []
+    logps: list[list[float]] = []
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(sample_seed(seed, 0) % 2**63)
@@ -405,12 +420,20 @@ def _sample_ids_with_generate(
                 attention_mask=attention_mask,
                 generation_config=config,
                 logits_processor=LogitsProcessorList(warpers),
-            )  # (B, T + new)
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
             # A decoder-only model continues the prompt; an encoder-decoder writes a new sequence that
             # starts with its decoder start token.
             start_at = 1 if model.config.is_encoder_decoder else input_ids.shape[1]
-            out += [_cut_at_eos(ids, eos) for ids in generated[:, start_at:].tolist()]
-    return out
+            new = generated.sequences[:, start_at:]  # (B, new)
+            scores = torch.stack(generated.scores, dim=1).float()  # (B, new, V), as sampled
+            drawn = scores.log_softmax(-1).gather(-1, new[:, : scores.shape[1], None]).squeeze(-1)  # (B, new)
+            for ids, lps in zip(new.tolist(), drawn.tolist()):
+                ids = _cut_at_eos(ids, eos)
+                out.append(ids)
+                logps.append(lps[: len(ids)])
+    return out, logps
 
 
 @torch.no_grad()
