@@ -15,6 +15,7 @@ the ids the model produced, so training on re-tokenised text would train on sequ
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 from dataclasses import dataclass
@@ -406,6 +407,8 @@ def _sample_ids_with_generate(
     """`sample_ids` through `model.generate` (do_sample), for models the lean loop does not drive; the
     log-probs are the drawn tokens' under the scores generate sampled from (after the warpers)."""
     rows = [ids for ids in prompt_ids for _ in range(num_samples)]
+    scored = copy.deepcopy(config)  # ... also returning the scores it sampled from
+    scored.output_scores, scored.return_dict_in_generate = True, True
     out: list[list[int]] = []
     logps: list[list[float]] = []
     devices = [device] if device.type == "cuda" else []
@@ -418,10 +421,8 @@ def _sample_ids_with_generate(
             generated = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                generation_config=config,
+                generation_config=scored,
                 logits_processor=LogitsProcessorList(warpers),
-                output_scores=True,
-                return_dict_in_generate=True,
             )
             # A decoder-only model continues the prompt; an encoder-decoder writes a new sequence that
             # starts with its decoder start token.
