@@ -134,6 +134,7 @@ class ChatServer(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.calls, self.in_flight, self.max_in_flight = 0, 0, 0
         self.auth: list[str | None] = []
+        self.bodies: list[dict] = []
         self.attempts: Counter = Counter()
         self.times: dict[str, list[float]] = defaultdict(list)
         self.delay = 0.0
@@ -179,6 +180,8 @@ class ChatServer(ThreadingHTTPServer):
             return 200, "Score: 9", {}, 0
         if "[fixable]" in user:
             return 200, ("Score: 2" if repaired else "A fine summary, hard to say."), {}, 0
+        if "[json]" in user:  # a server honouring response_format answers with the schema's object only
+            return 200, '{"score": 4.5}', {}, 0
         m = re.search(r"\[good:([\d.]+)\]", user)
         return 200, f"Good.\nScore: {m.group(1) if m else '3'}", {}, self.delay
 
@@ -197,6 +200,7 @@ class _Handler(BaseHTTPRequestHandler):
             srv.in_flight += 1
             srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
             srv.auth.append(self.headers.get("Authorization"))
+            srv.bodies.append(body)
             srv.attempts[user] += 1
             attempt = srv.attempts[user]
             srv.times[user].append(time.monotonic())
@@ -494,3 +498,41 @@ def test_on_error_fallback_finishes_the_file_and_marks_the_rows(server, tmp_path
     assert "answered HTTP 401" in capsys.readouterr().err
     assert main(["score", str(config), f"data={data}", f"output={output}"]) == 1
     assert "scored.jsonl and" in capsys.readouterr().err  # an existing output is not replaced silently
+
+
+def test_structured_output_constrains_the_request_and_its_answer_is_read(server):
+    """structured_output=json sends OpenAI's response_format with the template's range as a JSON schema and
+    reads the {"score": ...} object it gets back; choice sends vLLM's structured_outputs choice (the range's
+    whole numbers, or A / B); none sends neither. A range that cannot be listed is refused for choice."""
+    judge = build_reward(judge_spec(server, structured_output="json"))
+    assert judge.score(["Text."], ["[json]"]).tolist() == [4.5]
+    schema = server.bodies[-1]["response_format"]["json_schema"]["schema"]
+    assert schema["properties"]["score"] == {"type": "number", "minimum": 1.0, "maximum": 5.0}
+    assert "structured_outputs" not in server.bodies[-1]
+    pairwise = build_reward(judge_spec(server, name="pair", template="pairwise", structured_output="choice"))
+    assert pairwise.compare(["Q"], ["[better] a"], ["b"]).tolist() == [1.0]
+    assert server.bodies[-1]["structured_outputs"] == {"choice": ["A", "B"]}
+    build_reward(judge_spec(server, name="plain")).score(["Text."], ["[good:2]"])
+    assert "response_format" not in server.bodies[-1] and "structured_outputs" not in server.bodies[-1]
+    with pytest.raises(
+        ConfigError, match="structured_output=choice needs a range of at most 101 whole numbers"
+    ):
+        build_reward(
+            judge_spec(
+                server,
+                name="c",
+                template="Rate {response} for {prompt}",
+                min_score=0,
+                max_score=0.5,
+                structured_output="choice",
+            )
+        )
+    with pytest.raises(ConfigError, match="structured_output 'xml' is not one of none, json, choice"):
+        build_reward(judge_spec(server, name="x", structured_output="xml"))
+
+
+def test_json_answers_parse():
+    assert parse_score('{"score": 3}', 1, 5) == (3.0, None)
+    assert parse_score('{"score": 7}', 1, 5) == (None, "out_of_range")
+    assert parse_preference('{"verdict": "B"}') == (0.0, None)
+    assert parse_preference('{"verdict": "tie"}') == (0.5, None)

@@ -211,8 +211,8 @@ class RemoteChatBackend:
 class HTTPChatBackend(RemoteChatBackend):
     """Chat completions from an OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp, TGI, Ollama, ...).
 
-    POSTs `{base_url}/chat/completions` with `{"model", "messages", "temperature", "max_tokens"}` and reads
-    `choices[0].message.content`. The API key is read from the environment variable named by
+    POSTs `{base_url}/chat/completions` with `{"model", "messages", "temperature", "max_tokens"}` (and
+    `extra_body`'s fields: a structured-output constraint) and reads `choices[0].message.content`. The API key is read from the environment variable named by
     `api_key_env` when the backend is built and sent as `Authorization: Bearer ...`; it is kept out
     of `repr`, logs and error messages. Timeouts, dropped connections, HTTP 408/409/429 and 5xx are
     retried (see `RemoteChatBackend`); other HTTP errors raise JudgeError at once.
@@ -226,9 +226,11 @@ class HTTPChatBackend(RemoteChatBackend):
         *,
         temperature: float = 0.0,
         max_tokens: int = 256,
+        extra_body: dict | None = None,
         **retries,
     ):
         super().__init__(**retries)
+        self.extra_body = extra_body or {}
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.target = self.url
         self.model, self.temperature, self.max_tokens = model, temperature, max_tokens
@@ -242,6 +244,7 @@ class HTTPChatBackend(RemoteChatBackend):
                 "model": model,
                 "temperature": temperature,
                 "max_tokens": max_tokens,
+                **({"constraint": self.extra_body} if self.extra_body else {}),
             }
         )
 
@@ -257,6 +260,7 @@ class HTTPChatBackend(RemoteChatBackend):
                 "messages": messages,
                 "temperature": self.temperature,
                 "max_tokens": self.max_tokens,
+                **self.extra_body,
             }
         ).encode()
         headers = {"Content-Type": "application/json", "Accept": "application/json"}

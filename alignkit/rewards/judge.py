@@ -121,6 +121,18 @@ def _clean(text: str) -> str:
     return re.sub(r"[\u2212\u2013\u2014](?=\s?\d)", "-", text)
 
 
+def _json_field(text: str, key: str):
+    """`key` of an answer that is one JSON object (structured_output=json), else None."""
+    text = text.strip()
+    if not (text.startswith("{") and text.endswith("}")):
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return value.get(key) if isinstance(value, dict) else None
+
+
 def extract_score(text: str) -> float | None:
     """The score stated in a judge's free-text answer, or None when there is none or it is ambiguous.
 
@@ -130,6 +142,9 @@ def extract_score(text: str) -> float | None:
     answer that is just a number, or starts with one followed by '-', ':', ',' or a new line.
     """
     text = _clean(text)
+    stated = _json_field(text, "score")
+    if isinstance(stated, (int, float)) and not isinstance(stated, bool):
+        return float(stated)
     lines = _SCORE_LINE.findall(text)
     if lines:
         return float(lines[-1])
@@ -173,6 +188,9 @@ def parse_preference(text: str) -> tuple[float | None, str | None]:
     naming both letters as the winner is ambiguous (None).
     """
     text = _clean(text)
+    stated = _json_field(text, "verdict")
+    if isinstance(stated, str) and stated.upper() in ("A", "B", "TIE"):
+        return {"A": 1.0, "B": 0.0, "TIE": 0.5}[stated.upper()], None
     found = [m.upper() for m in _VERDICT.findall(text) + _BRACKETED.findall(text)]
     if not found:
         found = _IS_BETTER.findall(text)
@@ -232,6 +250,11 @@ class JudgeOptions(SourceOptions):
     model's own; Claude models from Opus 4.7 on refuse the parameter); local decoding is always greedy."""
     max_tokens: int = 256
     """Longest answer, in tokens."""
+    structured_output: str = "none"
+    """http only: constrain the answer's form so that any model gives a parseable one (fewer parse retries):
+    json (the portable OpenAI `response_format` JSON schema: {"score": number in the range}, or
+    {"verdict": "A" | "B" | "tie"} for a pairwise template) or choice (vLLM's `structured_outputs` choice
+    among the range's whole numbers, or A / B; vLLM servers only); none asks in free text."""
     timeout: float = 60.0
     """Remote backends: seconds to wait for one answer before retrying."""
     max_retries: int = 5
@@ -261,7 +284,7 @@ REMOTE = ("temperature", "timeout", "max_retries", "backoff", "max_backoff", "ma
 # backend -> the keys only it (and the others listed with it) reads; a key of another backend set away from
 # its default is an error, not silently ignored.
 BACKEND_KEYS = {
-    "http": ("base_url", "api_key_env", *REMOTE),
+    "http": ("base_url", "api_key_env", "structured_output", *REMOTE),
     "anthropic": ("base_url", "api_key_env", *REMOTE),
     "bedrock": ("region", "endpoint_url", *REMOTE),
     "local": ("tokenizer", "device", "dtype", "batch_size", "trust_remote_code", "chat_template_kwargs"),
@@ -313,7 +336,40 @@ def build_backend(o: JudgeOptions):
     if o.backend == "bedrock":
         return BedrockBackend(o.model, region=o.region, endpoint_url=o.endpoint_url, **decoding)
     decoding["temperature"] = 0.0 if o.temperature is None else o.temperature
-    return HTTPChatBackend(o.base_url or "https://api.openai.com/v1", o.model, o.api_key_env, **decoding)
+    constraint = answer_constraint(o.structured_output, resolve_template(o))
+    return HTTPChatBackend(
+        o.base_url or "https://api.openai.com/v1", o.model, o.api_key_env, extra_body=constraint, **decoding
+    )
+
+
+STRUCTURED_OUTPUTS = ("none", "json", "choice")
+
+
+def answer_constraint(mode: str, template: JudgeTemplate) -> dict:
+    """The request fields that constrain a judge's answer to `template`'s form (`JudgeOptions.
+    structured_output`): {} for none; json, OpenAI's `response_format` with a JSON schema (a score in
+    [low, high], or a verdict for a pairwise template); choice, vLLM's `structured_outputs` choice (the
+    range's whole numbers, at most 101 of them, or A / B)."""
+    if mode == "none":
+        return {}
+    if mode == "json":
+        if template.pairwise:
+            prop = {"verdict": {"type": "string", "enum": ["A", "B", "tie"]}}
+        else:
+            prop = {"score": {"type": "number", "minimum": template.low, "maximum": template.high}}
+        schema = {"type": "object", "properties": prop, "required": list(prop), "additionalProperties": False}
+        return {
+            "response_format": {"type": "json_schema", "json_schema": {"name": "judgement", "schema": schema}}
+        }
+    if template.pairwise:
+        return {"structured_outputs": {"choice": ["A", "B"]}}
+    low, high = template.low, template.high
+    if not (float(low).is_integer() and float(high).is_integer() and high - low <= 100):
+        raise ConfigError(
+            f"structured_output=choice needs a range of at most 101 whole numbers, the template's is "
+            f"[{low:g}, {high:g}]: use structured_output=json"
+        )
+    return {"structured_outputs": {"choice": [str(v) for v in range(int(low), int(high) + 1)]}}
 
 
 class JudgeReward:
@@ -355,6 +411,12 @@ class JudgeReward:
         if options.backend in SDKS:  # a missing SDK stops the run now, before any source is built
             require_sdk(options.backend, where)
         template = resolve_template(options, where)
+        if options.structured_output not in STRUCTURED_OUTPUTS:
+            raise ConfigError(
+                f"{where}: structured_output '{options.structured_output}' is not one of "
+                f"{', '.join(STRUCTURED_OUTPUTS)}"
+            )
+        answer_constraint(options.structured_output, template)  # (a range choice cannot list: refused now)
         if options.fallback is not None and not template.low <= options.fallback <= template.high:
             raise ConfigError(
                 f"{where}: fallback {options.fallback} is outside [{template.low}, {template.high}]"
