@@ -188,6 +188,21 @@ def critic_and_reference(cfg: PPOConfig, lm, accelerator, sampling):
     return lm, value, reference, BatchForward(lm, reference_fn)  # adapter mode: the policy, adapter off
 
 
+def old_logps_and_values(model, reference, reference_forward, rollout, *, micro_rows, device) -> None:
+    """Set the rollout's `old_logps` and `old_values` (the policy and critic as they sampled) and, with a
+    reference, its `ref_logps`: (N, T) each, computed in `micro_rows`, the first epoch's micro-batches, so
+    that before the first update the ratio is exactly 1."""
+    model.eval()
+    old = token_logps_in_batches(
+        lambda b: model(b, with_entropy=False), rollout, micro_rows, device, keys=("token_logps", "values")
+    )
+    rollout.old_logps, rollout.old_values = old["token_logps"], old["values"]
+    if reference is not None:
+        rollout.ref_logps = token_logps_in_batches(
+            lambda b: reference(reference_forward, b), rollout, micro_rows, device
+        )["token_logps"]
+
+
 def critic_metrics(shaped: dict, rollout, gather) -> dict:
     """The step's score, penalised reward, mean return and value, and the critic's explained variance, over
     every process's completions (`gather`)."""
@@ -269,23 +284,10 @@ def train(cfg: PPOConfig) -> Path:
             # epoch (so that before the first update the ratio is exactly 1), then the reference's.
             t1 = time.perf_counter()
             micro_rows = [rows for update in plan[:minibatches_per_epoch] for rows in update]
-            model.eval()
             device = accelerator.device
-            old = token_logps_in_batches(
-                lambda b: model(b, with_entropy=False),
-                rollout,
-                micro_rows,
-                device,
-                keys=("token_logps", "values"),  # noqa: B023
+            old_logps_and_values(
+                model, reference, reference_forward, rollout, micro_rows=micro_rows, device=device
             )
-            rollout.old_logps, rollout.old_values = old["token_logps"], old["values"]
-            if reference is not None:
-                rollout.ref_logps = token_logps_in_batches(
-                    lambda b: reference(reference_forward, b),
-                    rollout,
-                    micro_rows,
-                    device,  # noqa: B023
-                )["token_logps"]
             # 3. Advantages: per-token rewards (score on the last token, −β·k1 on every token) -> GAE, whitened.
             shaped = shape_rewards(cfg, rollout, kl_ctl.value, gather=run.gather)
             keep = rollout.ended | (not cfg.mask_truncated)
