@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import alignkit.algorithms.grpo as grpo
+import alignkit.algorithms.online_dpo as online_dpo
 import alignkit.algorithms.ppo as ppo
 import alignkit.training.loop as online_loop
 from alignkit.config.base import TrainConfig
@@ -19,6 +20,7 @@ from alignkit.config.load import ConfigError
 from alignkit.logprobs.completion import token_logps
 from tests.conftest import train_metrics, write_prompts
 from tests.test_grpo import config as grpo_config
+from tests.test_online_dpo import config as online_dpo_config
 from tests.test_ppo import config as ppo_config
 
 
@@ -70,7 +72,7 @@ def run(monkeypatch, train, cfg, delta):
     rollouts, seen = [], []
     with monkeypatch.context() as patch:
         sampler_reports(patch, delta, rollouts)
-        spy_batches(patch, {grpo.train: grpo, ppo.train: ppo}[train], seen)
+        spy_batches(patch, {grpo.train: grpo, ppo.train: ppo, online_dpo.train: online_dpo}[train], seen)
         train(cfg)
     return train_metrics(cfg), rollouts, seen
 
@@ -195,3 +197,31 @@ def test_a_correction_needs_the_samplers_log_probs(tmp_path, tiny_model_dir):
     cfg = grpo_config(tmp_path, tiny_model_dir, data, max_steps=1, sampler_correction="token_truncate")
     with pytest.raises(ConfigError, match="sampler_correction=token_truncate .* does not report"):
         grpo.train(cfg)
+
+
+def test_online_dpo_logs_the_gap_and_trains_as_today(tmp_path, tiny_model_dir, monkeypatch):
+    """Online DPO has no ratio to correct: with a sampler 0.2 nats above the trainer it trains the same bits
+    as today and logs the gap, |Δ| = 0.2 and k3 = e^−0.2 − 1 + 0.2 per token, from a pass at the sampling
+    distribution (τ = 0.7 here: the trainer's log-probs at τ = 1 would be another distribution's)."""
+    data = write_prompts(tmp_path / "prompts.jsonl", 8)
+    today, _, _ = run(
+        monkeypatch,
+        online_dpo.train,
+        online_dpo_config(tmp_path / "a", tiny_model_dir, data, max_steps=2, temperature=0.7),
+        None,
+    )
+    cfg = online_dpo_config(tmp_path / "b", tiny_model_dir, data, max_steps=2, temperature=0.7)
+    shifted, _, seen = run(monkeypatch, online_dpo.train, cfg, 0.2)
+    assert same_run(shifted) == same_run(today)
+    assert seen and all("sampler_weights" not in b for step in seen for b in step)
+    for m in shifted:
+        assert m["sampler/logp_diff/mean"] == pytest.approx(0.2, abs=1e-5)
+        assert m["sampler/kl"] == pytest.approx(math.exp(-0.2) - 1 + 0.2, abs=1e-5)
+        assert not any(k.startswith("sampler/weights") for k in m)
+
+
+@pytest.mark.parametrize("setting", [{"sampler_correction": "token_mask"}, {"sampler_correction_cap": 2.0}])
+def test_online_dpo_refuses_a_correction(tmp_path, setting):
+    cfg = online_dpo_config(tmp_path, tmp_path / "no-model", str(tmp_path / "no-data.jsonl"), **setting)
+    with pytest.raises(ConfigError, match="online DPO has no such loss"):
+        online_dpo.train(cfg)
