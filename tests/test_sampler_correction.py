@@ -225,3 +225,41 @@ def test_online_dpo_refuses_a_correction(tmp_path, setting):
     cfg = online_dpo_config(tmp_path, tmp_path / "no-model", str(tmp_path / "no-data.jsonl"), **setting)
     with pytest.raises(ConfigError, match="online DPO has no such loss"):
         online_dpo.train(cfg)
+
+
+def test_the_figures_are_the_whole_steps_over_every_process():
+    """rollout.sampler_correction reduces what `gather` returns (every process's tokens and completions),
+    not this process's share, while the weights stay this process's. This process: two completions, Δ =
+    (0.1, 0.1) and (0.3,): R = e^0.2 = 1.2214 and e^0.3 = 1.3499. The other (a stand-in gather): one
+    completion of three tokens at Δ = 0.5: R = e^1.5 = 4.48 > 3, masked by auto = sequence_mask.
+    Whole step: |Δ| mean (0.1 + 0.1 + 0.3 + 3·0.5) / 6 = 1/3, max 0.5; weights (1.2214, 1.3499, 0): mean
+    0.8571, min 0, max 1.3499; frac_masked 1/3 (this process alone: 0.1667, 0.3, 1.2856, 1.2214, 0)."""
+    from types import SimpleNamespace
+
+    from alignkit.rollout import sampler_correction
+
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    sampler = torch.tensor([[-0.1, -0.1, 0.0], [-0.3, 0.0, 0.0]])
+    rollout = SimpleNamespace(
+        sampler_logps=sampler, sampler_is_trainer=False, completion_mask=mask, old_logps=torch.zeros(2, 3)
+    )
+    other_tokens, other_ratios = torch.full((3,), 0.5), torch.tensor([math.exp(1.5)])
+
+    def gather(x):  # (this process's 3 tokens or 2 completions) -> the step's, in rank order
+        return torch.cat([x, other_tokens if x.numel() == 3 else other_ratios])
+
+    weights, m = sampler_correction(rollout, "auto", 3.0, gather=gather)
+    e2, e3 = math.exp(0.2), math.exp(0.3)
+    torch.testing.assert_close(weights["sampler_weights"], torch.tensor([[e2, e2, 0], [e3, 0, 0]]))
+    assert m == pytest.approx(
+        {
+            "sampler/logp_diff/mean": 1 / 3,
+            "sampler/logp_diff/max": 0.5,
+            "sampler/kl": (2 * (math.exp(0.1) - 1.1) + (e3 - 1.3) + 3 * (math.exp(0.5) - 1.5)) / 6,
+            "sampler/weights/mean": (e2 + e3) / 3,
+            "sampler/weights/min": 0.0,
+            "sampler/weights/max": e3,
+            "sampler/frac_masked": 1 / 3,
+        },
+        abs=1e-6,
+    )
