@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from alignkit.config.load import ConfigError
 from alignkit.config.online import OnlineConfig
 from alignkit.generation.backends import ModelSampler, Sampler
 from alignkit.generation.sampling import eos_ids
+from alignkit.losses.off_policy import sampler_statistics, sampler_weights
 from alignkit.losses.policy import frac_reward_zero_std
 from alignkit.rewards.base import reduce_metrics
 
@@ -79,6 +81,10 @@ class Rollout:
     """(N, T) per-token log-probs the sampler reported for the tokens it drew (its own numbers: vLLM's
     kernels and precision may differ from the trainer's), laid out as `completion_mask`; None where the
     backend does not report them."""
+    sampler_is_trainer: bool = True
+    """Whether `sampler_logps` are the trainer's own numbers for the same distribution (the loop and hf
+    samplers); False where another engine or model drew the tokens (vLLM, a guide policy): the rollout is
+    then off-policy by π_old / π_sampler, which `sampler_correction=auto` corrects."""
     old_logps: torch.Tensor | None = None
     """(N, T) per-token log-probs of the policy that sampled, as the trainer computes them, under its
     sampling distribution (tempered, and renormalised over the top_k / top_p kept set)."""
@@ -162,7 +168,9 @@ def token_logps_in_batches(
     out = {key: torch.zeros(rollout.input_ids.shape, dtype=torch.float32) for key in keys}
     for rows in batches:
         batch = rollout.batch(rows)
-        device_batch = {k: v.to(device) for k, v in batch.items() if not k.startswith(("old_", "ref_"))}
+        device_batch = {
+            k: v.to(device) for k, v in batch.items() if not k.startswith(("old_", "ref_", "sampler_"))
+        }
         result = forward(device_batch)
         for key in keys:
             value = result[key].float().cpu()
@@ -311,6 +319,41 @@ def make_sampler(
         settings=vllm_settings,
         max_model_len=max_model_len,
     )
+
+
+def sampler_correction(
+    rollout: Rollout, setting: str, cap: float, *, gather=None
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The off-policy correction of a rollout and its `sampler/` metrics: ({"sampler_weights": (N, T)},
+    to pass with each batch, or {} where no correction applies; the metrics, {} where the rollout carries
+    no sampler log-probs). Where it does, `rollout.old_logps` must be set (the trainer's recomputation).
+
+    `setting` is `OnlineConfig.sampler_correction` (`cap` its cap C): a mode of
+    `losses.off_policy.sampler_weights`, none, or auto: sequence_mask where the rollout's sampler is not the
+    trainer (`Rollout.sampler_is_trainer`) and reported its log-probs, none otherwise. `gather`
+    (`OnlineRun.gather`) makes every figure the whole step's, over every process's tokens."""
+    reported = rollout.sampler_logps is not None
+    mode = setting
+    if setting == "auto":
+        mode = "sequence_mask" if reported and not rollout.sampler_is_trainer else "none"
+    if not reported:
+        if mode != "none":
+            raise ConfigError(
+                f"sampler_correction={setting} weights the loss by the sampler's log-probs, which this "
+                "rollout's sampler does not report; use sampler_correction=auto or none"
+            )
+        return {}, {}
+    gather = gather or (lambda x: x)
+    mask = rollout.completion_mask.bool()
+    log_ratios = gather((rollout.old_logps - rollout.sampler_logps)[mask])  # (M,) over every process
+    weights, ratios = {}, None
+    if mode != "none":
+        w, ratios = sampler_weights(
+            rollout.old_logps, rollout.sampler_logps, rollout.completion_mask, mode=mode, cap=cap
+        )
+        weights, ratios = {"sampler_weights": w}, gather(ratios)
+    stats = sampler_statistics(log_ratios, ratios, mode=mode, cap=cap)
+    return weights, {f"sampler/{k}": float(v) for k, v in stats.items()}
 
 
 def sampling_settings(cfg: OnlineConfig) -> SamplingSettings:

@@ -42,7 +42,13 @@ from alignkit.models.load import BatchForward, disable_dropout, load_policy, loa
 from alignkit.models.lora import add_lora
 from alignkit.models.reference import online_reference
 from alignkit.rewards.compose import online_rewards
-from alignkit.rollout import rollout_metrics, sampling_settings, timing_metrics, token_logps_in_batches
+from alignkit.rollout import (
+    rollout_metrics,
+    sampler_correction,
+    sampling_settings,
+    timing_metrics,
+    token_logps_in_batches,
+)
 from alignkit.training.loop import OnlineRun
 from alignkit.training.order import minibatches
 from alignkit.training.setup import save_final, start_run
@@ -105,9 +111,10 @@ def check_settings(cfg: GRPOConfig) -> GRPOConfig:
 
 @dataclass
 class GRPOObjective:
-    """`loss_fn(model, batch)` for `optimizer_step`: the clipped surrogate on the batch's advantages plus
-    β·KL to the reference (unless the KL is in the reward), aggregated over its `loss_mask` as
-    `aggregation` says. `cfg` is resolved (`check_settings`)."""
+    """`loss_fn(model, batch)` for `optimizer_step`: the clipped surrogate on the batch's advantages, times
+    the batch's `sampler_weights` where a sampler other than the trainer drew the rollout (π_old / π_sampler,
+    `losses.off_policy`), plus β·KL to the reference (unless the KL is in the reward; never weighted, as
+    TRL's), aggregated over its `loss_mask` as `aggregation` says. `cfg` is resolved (`check_settings`)."""
 
     cfg: GRPOConfig
     aggregation: str
@@ -132,6 +139,8 @@ class GRPOObjective:
             epsilon=self.cfg.epsilon,
             epsilon_high=self.cfg.epsilon_high,
         )
+        if "sampler_weights" in batch:  # the policy term only; the ratio π/π_old is unchanged
+            per_token = per_token * batch["sampler_weights"]
         if self.cfg.beta > 0 and not self.cfg.kl_in_reward:
             old = old_logps if self.cfg.kl_importance_correction else None
             kl = kl_estimate(logps, batch["ref_logps"], estimator=self.cfg.kl_estimator, old_logps=old)
@@ -208,11 +217,12 @@ def train(cfg: GRPOConfig) -> Path:
             plan = minibatches(n_rows, cfg, seed)
 
             # 2. Log-probs of the sampling policy and the reference, (N·G, T), in the micro-batches of the
-            # first minibatches, so that before the first update the ratio is exactly 1.
+            # first minibatches, so that before the first update the ratio is exactly 1. Where the sampler
+            # reported its own log-probs, π_old is taken even on-policy: the gap and the weights need it.
             t1 = time.perf_counter()
             micro_rows = [rows_ for update in plan[:minibatches_per_epoch] for rows_ in update]
             policy.eval()  # (no dropout either way; eval skips DDP's forward bookkeeping)
-            if not on_policy or kl_in_reward:
+            if not on_policy or kl_in_reward or rollout.sampler_logps is not None:
                 rollout.old_logps = token_logps_in_batches(
                     lambda b: policy(b, with_entropy=False),  # noqa: B023
                     rollout,
@@ -226,6 +236,9 @@ def train(cfg: GRPOConfig) -> Path:
                     micro_rows,
                     accelerator.device,
                 )["token_logps"]
+            correction, sampler_record = sampler_correction(
+                rollout, cfg.sampler_correction, cfg.sampler_correction_cap, gather=run.gather
+            )
 
             # 3. Advantages, from the scores less β·Σk1 of each completion where the KL is in the reward.
             scores, kl_metrics = rollout.scores, {}
@@ -254,7 +267,9 @@ def train(cfg: GRPOConfig) -> Path:
                 batches = [
                     {
                         k: v.to(accelerator.device)
-                        for k, v in rollout.batch(rows_, advantages=advantages, loss_mask=loss_mask).items()
+                        for k, v in rollout.batch(
+                            rows_, advantages=advantages, loss_mask=loss_mask, **correction
+                        ).items()
                     }
                     for rows_ in update
                 ]
@@ -277,6 +292,7 @@ def train(cfg: GRPOConfig) -> Path:
                 **as_numbers(trained),
                 **rollout_metrics(rollout, advantages, gather=run.gather, gather_objects=run.gather_objects),
                 **kl_metrics,
+                **sampler_record,
             }
             record.update(timing_metrics(rollout, (t0, t1, t2, t3), passes=cfg.ppo_epochs))
             postfix = {"reward": record["reward"], "kl": record.get("kl", 0.0)}

@@ -10,6 +10,12 @@ log-probs of the pairs -> one optimizer step of the paired objective (`dpo.Paire
 the registry) -> metrics -> checkpoint. Unlike offline DPO, the pairs are always the current policy's own
 samples, so the objective never trains on stale, off-policy data; unlike iterative DPO (`iterative.py`),
 there are no rounds: the reference stays the starting model.
+
+A sampler that is not the trainer (vLLM) needs no correction here: no ratio reads the sampler's
+probabilities (the pairs are chosen by score, and DPO's loss holds for pairs drawn by any policy), so
+`sampler_correction` is refused. Where the rollout carries the sampler's log-probs, their gap to the
+trainer's (`sampler/` metrics) is still logged, from one extra no-grad pass at the sampling distribution:
+it is what shows a stale or mis-synced engine.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from alignkit.rewards.registry import build_reward
 from alignkit.rollout import (
     Rollout,
     rollout_metrics,
+    sampler_correction,
     sampling_settings,
     timing_metrics,
     token_logps_in_batches,
@@ -63,6 +70,12 @@ def check_settings(cfg: OnlineDPOConfig):
     if cfg.epsilon != OnlineConfig.epsilon or cfg.epsilon_high is not None or cfg.mask_truncated:
         raise ConfigError(
             "epsilon, epsilon_high and mask_truncated are clipped-ratio settings, which DPO has none of"
+        )
+    sampler_settings = ("sampler_correction", "sampler_correction_cap")
+    if any(getattr(cfg, name) != getattr(OnlineConfig, name) for name in sampler_settings):
+        raise ConfigError(
+            "sampler_correction and sampler_correction_cap weight a policy-gradient loss by π_old / π_sampler; "
+            "online DPO has no such loss (its pairs may come from any sampler): remove them"
         )
     spec = get_loss(cfg.loss)
     dpo.check_loss_settings(cfg, spec, defaults=OnlineDPOConfig())
@@ -109,8 +122,11 @@ def train(cfg: OnlineDPOConfig) -> Path:
     # at temperature 1, untruncated, as iterative-dpo's rounds and TRL's OnlineDPOTrainer do; the sampling
     # settings only decide which completions become pairs (no importance ratio reads their probabilities).
     fn_kwargs = {"chunk_size": cfg.logprob_chunk_size, "temperature": 1.0, "with_entropy": False}
+    sampling = sampling_settings(cfg)
 
-    def policy_fn(m, batch: dict) -> dict:
+    def policy_fn(m, batch: dict, as_sampled: bool = False) -> dict:
+        if as_sampled:  # per token, at the sampling distribution: the sampler's gap (no loss reads them)
+            return token_logps(m, batch, **{**fn_kwargs, **sampling.scoring()})
         return pair_sums(token_logps(m, batch, **fn_kwargs)["token_logps"], batch["completion_mask"])
 
     kl_weight = 1.0 if spec.needs_reference else 0.0
@@ -135,7 +151,6 @@ def train(cfg: OnlineDPOConfig) -> Path:
     run = OnlineRun(cfg, accelerator, len(prompts.train_rows), named=named, log=log)
     optimizer, scheduler = make_optimizer(model, cfg, run.steps)
     policy, optimizer = accelerator.prepare(BatchForward(model, policy_fn), optimizer)
-    sampling = sampling_settings(cfg)
     run.resume()
 
     def evaluate() -> dict:
@@ -187,6 +202,18 @@ def train(cfg: OnlineDPOConfig) -> Path:
                     rows,
                     accelerator.device,
                 )["token_logps"]
+            sampler_record = {}
+            if rollout.sampler_logps is not None:  # (as many passes on every process: N rows each)
+                n, size = len(rollout.completions), -(-len(rollout.completions) // cfg.grad_accum)
+                rollout.old_logps = token_logps_in_batches(
+                    lambda b: policy(b, as_sampled=True),  # noqa: B023
+                    rollout,
+                    [list(range(s, min(s + size, n))) for s in range(0, n, size)],
+                    accelerator.device,
+                )["token_logps"]
+                _, sampler_record = sampler_correction(
+                    rollout, "none", cfg.sampler_correction_cap, gather=run.gather
+                )
             t2 = time.perf_counter()
             policy.train()
             record = {}
@@ -216,6 +243,7 @@ def train(cfg: OnlineDPOConfig) -> Path:
                 {
                     **rollout_metrics(rollout, gather=run.gather, gather_objects=run.gather_objects),
                     **stats.as_dict(),
+                    **sampler_record,
                 }
             )
             record.update(timing_metrics(rollout, (t0, t1, t2, t3), passes=1.0))

@@ -54,7 +54,13 @@ from alignkit.models.lora import add_lora
 from alignkit.models.reference import online_reference
 from alignkit.models.value import VALUE_ADAPTER, ValueModel, value_adapter_on, value_model_from
 from alignkit.rewards.compose import online_rewards
-from alignkit.rollout import rollout_metrics, sampling_settings, timing_metrics, token_logps_in_batches
+from alignkit.rollout import (
+    rollout_metrics,
+    sampler_correction,
+    sampling_settings,
+    timing_metrics,
+    token_logps_in_batches,
+)
 from alignkit.training.loop import OnlineRun
 from alignkit.training.order import minibatches
 from alignkit.training.setup import save_final, start_run
@@ -108,7 +114,9 @@ class PolicyAndValue(torch.nn.Module):
 @dataclass
 class PPOObjective:
     """`loss_fn(model, batch)` for `optimizer_step`: clipped surrogate on the batch's per-token advantages
-    plus vf_coef x clipped value loss, both a token mean over the batch's `loss_mask`."""
+    (times the batch's `sampler_weights`, π_old / π_sampler, where a sampler other than the trainer drew the
+    rollout: `losses.off_policy`) plus vf_coef x clipped value loss (never weighted, as TRL's), both a
+    token mean over the batch's `loss_mask`."""
 
     cfg: PPOConfig
 
@@ -127,6 +135,8 @@ class PPOObjective:
             epsilon=self.cfg.epsilon,
             epsilon_high=self.cfg.epsilon_high,
         )
+        if "sampler_weights" in batch:  # the policy term only; the ratio π/π_old is unchanged
+            policy_loss = policy_loss * batch["sampler_weights"]
         value_loss, value_metrics = clipped_value_loss(
             out["values"],
             batch["old_values"],
@@ -186,6 +196,21 @@ def critic_and_reference(cfg: PPOConfig, lm, accelerator, sampling):
             )
             value.head.requires_grad_(True)
     return lm, value, reference, BatchForward(lm, reference_fn)  # adapter mode: the policy, adapter off
+
+
+def old_logps_and_values(model, reference, reference_forward, rollout, *, micro_rows, device) -> None:
+    """Set the rollout's `old_logps` and `old_values` (the policy and critic as they sampled) and, with a
+    reference, its `ref_logps`: (N, T) each, computed in `micro_rows`, the first epoch's micro-batches, so
+    that before the first update the ratio is exactly 1."""
+    model.eval()
+    old = token_logps_in_batches(
+        lambda b: model(b, with_entropy=False), rollout, micro_rows, device, keys=("token_logps", "values")
+    )
+    rollout.old_logps, rollout.old_values = old["token_logps"], old["values"]
+    if reference is not None:
+        rollout.ref_logps = token_logps_in_batches(
+            lambda b: reference(reference_forward, b), rollout, micro_rows, device
+        )["token_logps"]
 
 
 def critic_metrics(shaped: dict, rollout, gather) -> dict:
@@ -266,26 +291,17 @@ def train(cfg: PPOConfig) -> Path:
             plan = minibatches(n_rows, cfg, seed)
 
             # 2. The sampling policy's log-probs and the critic's values, (B, T), in the micro-batches of the first
-            # epoch (so that before the first update the ratio is exactly 1), then the reference's.
+            # epoch (so that before the first update the ratio is exactly 1), then the reference's; where
+            # another sampler drew the rollout, the weights π_old / π_sampler (`sampler_correction`).
             t1 = time.perf_counter()
             micro_rows = [rows for update in plan[:minibatches_per_epoch] for rows in update]
-            model.eval()
             device = accelerator.device
-            old = token_logps_in_batches(
-                lambda b: model(b, with_entropy=False),
-                rollout,
-                micro_rows,
-                device,
-                keys=("token_logps", "values"),  # noqa: B023
+            old_logps_and_values(
+                model, reference, reference_forward, rollout, micro_rows=micro_rows, device=device
             )
-            rollout.old_logps, rollout.old_values = old["token_logps"], old["values"]
-            if reference is not None:
-                rollout.ref_logps = token_logps_in_batches(
-                    lambda b: reference(reference_forward, b),
-                    rollout,
-                    micro_rows,
-                    device,  # noqa: B023
-                )["token_logps"]
+            correction, sampler_record = sampler_correction(
+                rollout, cfg.sampler_correction, cfg.sampler_correction_cap, gather=run.gather
+            )
             # 3. Advantages: per-token rewards (score on the last token, −β·k1 on every token) -> GAE, whitened.
             shaped = shape_rewards(cfg, rollout, kl_ctl.value, gather=run.gather)
             keep = rollout.ended | (not cfg.mask_truncated)
@@ -305,6 +321,7 @@ def train(cfg: PPOConfig) -> Path:
                             returns=shaped["returns"],
                             old_values=rollout.old_values,
                             loss_mask=loss_mask,
+                            **correction,
                         ).items()
                     }
                     for rows in update
@@ -349,6 +366,7 @@ def train(cfg: PPOConfig) -> Path:
                     "kl_coef": kl_coef,
                     **critic_metrics(shaped, rollout, run.gather),
                     "updates": len(records),
+                    **sampler_record,
                     **timing_metrics(rollout, (t0, t1, t2, t3), passes=len(records) / minibatches_per_epoch),
                 }
             )

@@ -11,6 +11,9 @@ from alignkit.config.base import ReferenceSettings, TrainConfig
 from alignkit.config.load import FRACTION, above, at_least, between
 from alignkit.config.preference import GAP_USES
 
+SAMPLER_CORRECTIONS = ("auto", "none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+"""`sampler_correction`'s values: auto, none, and the modes `losses.off_policy.SAMPLER_WEIGHTINGS` computes."""
+
 
 @dataclass
 class OnlineConfig(TrainConfig):
@@ -53,6 +56,14 @@ class OnlineConfig(TrainConfig):
     """Upper clip range (DAPO's clip-higher, e.g. 0.28); default: epsilon."""
     mask_truncated: bool = False
     """Leave completions that hit max_new_tokens without an EOS out of the loss (DAPO's overlong filter)."""
+    sampler_correction: str = "auto"
+    """Weight each token's policy loss by w = π_old / π_sampler when the sampler is not the trainer (vLLM's
+    kernels and precision): token_truncate (per token, min(w, C)), token_mask (per token, 0 where w > C),
+    sequence_truncate / sequence_mask (one w per completion, the product of its tokens'), none, or auto:
+    sequence_mask when the rollout carries log-probs from a sampler that is not the trainer, else none
+    (docs/online_rl.md)."""
+    sampler_correction_cap: float = 3.0
+    """C, the cap of the sampler correction's weights (truncated to it or masked above it)."""
     reference: ReferenceSettings = field(default_factory=lambda: ReferenceSettings(mode="copy"))
     """The frozen reference: copy (a frozen copy) or adapter (with LoRA: the base, adapter off)."""
     generation_batch_size: int = 64
@@ -71,6 +82,8 @@ class OnlineConfig(TrainConfig):
         "top_p": between(0, 1, low_open=True),
         "ppo_epochs": at_least(1),
         "minibatch_size": at_least(0),
+        "sampler_correction": SAMPLER_CORRECTIONS,
+        "sampler_correction_cap": above(0),
         "epsilon": above(0),
         "epsilon_high": above(0),
         "generation_batch_size": at_least(1),

@@ -11,6 +11,9 @@ and, later, `algorithms/ppo.py` call them in the order of an online step:
     per_token = per_token + beta * kl_estimate(logps, ref_logps)     # when the KL is a loss term (GRPO)
     loss, _ = aggregate(per_token, mask, mode=...)
 
+(A rollout drawn by a sampler other than the trainer also weights `per_token` by π_old / π_sampler:
+`losses.off_policy.sampler_weights`.)
+
 Conventions. Per-token tensors are (B, T) and come with a `mask` (B, T), 1 on completion tokens and 0 on
 prompt and padding. Rewards are laid out prompt-major: (N·G,) with the G = `group_size` completions of a
 prompt consecutive (what `generation.sample` with `num_return_sequences=G` produces). Every standard
