@@ -321,6 +321,15 @@ def make_sampler(
     )
 
 
+def needs_old_logps(rollout: Rollout, setting: str) -> bool:
+    """Whether `sampler_correction(rollout, setting, ...)` reads π_old (the trainer's recomputation of the
+    rollout's log-probs), so that a fully on-policy step must take it too: a sampler that is not the trainer
+    reported its log-probs, or a correction mode was asked for explicitly."""
+    if rollout.sampler_logps is None:
+        return False
+    return not rollout.sampler_is_trainer or setting not in ("auto", "none")
+
+
 def sampler_correction(
     rollout: Rollout, setting: str, cap: float, *, gather=None
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -333,6 +342,8 @@ def sampler_correction(
     trainer (`Rollout.sampler_is_trainer`) and reported its log-probs, none otherwise. `gather`
     (`OnlineRun.gather`) makes every figure the whole step's, over every process's tokens."""
     reported = rollout.sampler_logps is not None
+    if reported and rollout.sampler_is_trainer and setting in ("auto", "none"):
+        return {}, {}  # the trainer sampled: its log-probs are π_old's up to rounding, nothing to correct
     mode = setting
     if setting == "auto":
         mode = "sequence_mask" if reported and not rollout.sampler_is_trainer else "none"

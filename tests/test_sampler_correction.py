@@ -191,12 +191,17 @@ def test_ppo_token_mask_weights_the_policy_loss_only(tmp_path, tiny_model_dir, m
     assert m["value_loss"] == pytest.approx(float(value_loss), rel=1e-5)
 
 
-def test_a_correction_needs_the_samplers_log_probs(tmp_path, tiny_model_dir):
-    """Today's loop reports no log-probs: a correction asked for by name is refused, not skipped."""
+def test_a_correction_asked_for_with_the_loop_sampler_weighs_by_about_one(tmp_path, tiny_model_dir):
+    """The loop reports its log-probs too (the trainer's own, up to rounding): a correction asked for by
+    name takes π_old even fully on-policy and logs the gap, which is rounding, and weights of 1."""
+    from conftest import train_metrics
+
     data = write_prompts(tmp_path / "prompts.jsonl", 8)
-    cfg = grpo_config(tmp_path, tiny_model_dir, data, max_steps=1, sampler_correction="token_truncate")
-    with pytest.raises(ConfigError, match="sampler_correction=token_truncate .* does not report"):
-        grpo.train(cfg)
+    cfg = grpo_config(tmp_path, tiny_model_dir, data, max_steps=2, sampler_correction="token_truncate")
+    grpo.train(cfg)
+    for record in train_metrics(cfg):
+        assert record["sampler/logp_diff/max"] < 1e-4, record
+        assert abs(record["sampler/weights/mean"] - 1) < 1e-4, record
 
 
 def test_online_dpo_logs_the_gap_and_trains_as_today(tmp_path, tiny_model_dir, monkeypatch):

@@ -43,6 +43,7 @@ from alignkit.models.lora import add_lora
 from alignkit.models.reference import online_reference
 from alignkit.rewards.compose import online_rewards
 from alignkit.rollout import (
+    needs_old_logps,
     rollout_metrics,
     sampler_correction,
     sampling_settings,
@@ -218,11 +219,11 @@ def train(cfg: GRPOConfig) -> Path:
 
             # 2. Log-probs of the sampling policy and the reference, (N·G, T), in the micro-batches of the
             # first minibatches, so that before the first update the ratio is exactly 1. Where the sampler
-            # reported its own log-probs, π_old is taken even on-policy: the gap and the weights need it.
+            # is not the trainer (or a correction is asked for), π_old is taken even on-policy: the gap and the weights need it.
             t1 = time.perf_counter()
             micro_rows = [rows_ for update in plan[:minibatches_per_epoch] for rows_ in update]
             policy.eval()  # (no dropout either way; eval skips DDP's forward bookkeeping)
-            if not on_policy or kl_in_reward or rollout.sampler_logps is not None:
+            if not on_policy or kl_in_reward or needs_old_logps(rollout, cfg.sampler_correction):
                 rollout.old_logps = token_logps_in_batches(
                     lambda b: policy(b, with_entropy=False),  # noqa: B023
                     rollout,
