@@ -31,15 +31,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"alignkit: unknown command '{name}'.{hint}\n{USAGE}", file=sys.stderr)
         return 2
     cmd = commands[name]
+    many = cmd.positional and isinstance(getattr(cmd.config_class(), cmd.positional), list)
     if any(a in ("-h", "--help") for a in args):
-        shape = f"{cmd.positional.upper()}..." if cmd.positional else "[CONFIG.yaml]"
+        shape = f"{cmd.positional.upper()}{'...' if many else ''}" if cmd.positional else "[CONFIG.yaml]"
         print(f"usage: alignkit {name} {shape} [key=value ...]\n\n{cmd.summary}\n\nfields:")
         print(describe(cmd.config_class))
         return 0
     path = None
-    if cmd.positional:  # alignkit report RUN_DIR [RUN_DIR ...] [key=value ...]
+    if cmd.positional:  # alignkit report RUN_DIR [RUN_DIR ...] / alignkit vllm-serve MODEL [key=value ...]
         bare = [a for a in args if "=" not in a]
-        args = [a for a in args if "=" in a] + ([f"{cmd.positional}={json.dumps(bare)}"] if bare else [])
+        if len(bare) > 1 and not many:
+            print(f"alignkit {name}: takes one {cmd.positional.upper()}, got {bare}", file=sys.stderr)
+            return 2
+        filled = [f"{cmd.positional}={json.dumps(bare if many else bare[0])}"] if bare else []
+        args = [a for a in args if "=" in a] + filled
     elif args and "=" not in args[0]:
         path, args = args[0], args[1:]
     try:

@@ -34,7 +34,8 @@ class Command:
     language_model: bool = True
     """Whether the model it trains is a language model that `alignkit eval` can compare (not diffusion-dpo)."""
     positional: str | None = None
-    """The list field that bare (not key=value) arguments fill, e.g. `alignkit report RUN_DIR ...`."""
+    """The field that bare (not key=value) arguments fill: a list field takes them all (`alignkit report
+    RUN_DIR ...`), any other exactly one (`alignkit vllm-serve MODEL`)."""
 
     @property
     def config_class(self) -> type:
@@ -151,6 +152,13 @@ COMMANDS: dict[str, Command] = {
         "alignkit.sweep:run",
         "one training command at several settings, each evaluated: the Pareto front",
         trains=False,
+    ),
+    "vllm-serve": Command(
+        "alignkit.config.tools:VLLMServeConfig",
+        "alignkit.generation.serve:run",
+        "a vLLM server for trainers (generation.vllm.mode=server): they sample from it and push weights to it",
+        trains=False,
+        positional="model",
     ),
     "report": Command(
         "alignkit.config.tools:ReportConfig",

@@ -17,6 +17,8 @@ BACKENDS = ("auto", "loop", "hf", "vllm")
 """auto: the lean KV-cache loop where it can drive the model, else transformers' generate (hf); vLLM is
 never picked by itself, it is opted into (as TRL's use_vllm)."""
 VLLM_MODES = ("colocate", "server")
+WEIGHT_TRANSPORTS = ("auto", "http", "nccl")
+"""How a trainer pushes its weights to an `alignkit vllm-serve` server (generation.weight_sync)."""
 
 
 @dataclass
@@ -39,9 +41,22 @@ class VLLMSettings:
     """Longest prompt + completion the engine serves; 0 = max_prompt_length + max_new_tokens."""
     enforce_eager: bool = False
     """Run the engine without CUDA graphs (slower decoding, faster start, less memory)."""
+    weight_transport: str = "auto"
+    """mode=server: how the trainer's weights reach the server before each rollout: http (safetensors
+    frames over HTTP; CPUs, small models), nccl (a NCCL broadcast from the trainer's GPU to the server's;
+    untested until a GPU run), or auto (nccl when the policy is on a GPU, else http)."""
+    weight_chunk_mb: float = 64.0
+    """mode=server, weight_transport=http: MiB of tensors per frame of the upload (a larger tensor is a
+    frame of its own); bounds the trainer's extra memory while it sends."""
+    nccl_port: int = 51216
+    """mode=server, weight_transport=nccl: the port of the weight-sync group's rendezvous, on the
+    server's host (its first worker listens; the trainer's main process connects)."""
 
     ranges: ClassVar[dict] = {
         "mode": VLLM_MODES,
+        "weight_transport": WEIGHT_TRANSPORTS,
+        "weight_chunk_mb": above(0),
+        "nccl_port": between(1, 65535),
         "server_timeout": above(0),
         "gpu_memory_utilization": between(0, 1, low_open=True),
         "cpu_kv_cache_gb": above(0),

@@ -1,6 +1,6 @@
 """The configs of the commands that train nothing themselves: eval (base vs aligned), generate (best-of-n,
 ICDPO), score (reward sources over rows), sweep (a training command at several settings, each evaluated),
-report (a run's HTML page) and demo.
+report (a run's HTML page), demo, and vllm-serve (a vLLM server that trainers sample from).
 """
 
 from __future__ import annotations
@@ -285,4 +285,57 @@ class DemoConfig:
         "samples_per_opening": at_least(1),
         "max_new_tokens": at_least(1),
         "num_heldout": at_least(1),
+    }
+
+
+@dataclass
+class VLLMServeConfig:
+    """`alignkit vllm-serve MODEL`: one vLLM engine served over HTTP to trainers that sample from it and push
+    their weights to it (generation.backend=vllm, generation.vllm.mode=server; docs/vllm.md, "Server mode")."""
+
+    model: str = ""
+    """The policy's starting weights, the trainer's `model`: a Hugging Face hub name or a local folder
+    (the trainer replaces them with its own before its first rollout)."""
+    tokenizer: str = ""
+    """The tokenizer vLLM loads with the model (empty = the model's); prompts arrive as token ids."""
+    revision: str = ""
+    """The model's revision on the hub: a branch, tag or commit (empty = the default branch)."""
+    dtype: str = "auto"
+    """The engine's weights and compute dtype: auto (the model config's), float32, bfloat16 or float16.
+    The trainer's weights are cast to it when they arrive."""
+    host: str = "127.0.0.1"
+    """The address to listen on: 127.0.0.1 answers this machine only, 0.0.0.0 every interface (trainers
+    on other nodes). The server has no authentication: anyone who reaches it can replace its weights."""
+    port: int = 8000
+    """The HTTP port (the trainer's generation.vllm.server_url names it)."""
+    cpu_kv_cache_gb: float = 4.0
+    """On a CPU: GiB of memory the KV cache takes (without it vLLM reserves most of the machine's RAM)."""
+    gpu_memory_utilization: float = 0.9
+    """On GPUs: the share of each one's memory the engine takes (weights + KV cache); the server's GPUs
+    are its own, the trainer's are others."""
+    max_model_len: int = 0
+    """Longest prompt + completion served (0 = the model's context length); a smaller one needs less KV
+    cache per sequence."""
+    max_num_seqs: int = 0
+    """Sequences decoded at once (0 = vLLM's default); bounds the batch the engine schedules."""
+    tensor_parallel_size: int = 1
+    """GPUs one engine is split over (tensor parallelism; weight_transport=nccl only)."""
+    enforce_eager: bool = False
+    """Run without CUDA graphs (slower decoding, faster start, less memory); always so on a CPU."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV cache of a prompt's prefix across its samples and requests (reset after every weight
+    update)."""
+    seed: int = 0
+    """The engine's seed; every request of a trainer carries its own per-prompt seeds."""
+    trust_remote_code: bool = False
+    """Run the model repository's own Python code (only for a repository you trust)."""
+
+    ranges: ClassVar[dict] = {
+        "dtype": DTYPE_NAMES,
+        "port": between(1, 65535),
+        "cpu_kv_cache_gb": above(0),
+        "gpu_memory_utilization": between(0, 1, low_open=True),
+        "max_model_len": at_least(0),
+        "max_num_seqs": at_least(0),
+        "tensor_parallel_size": at_least(1),
     }
