@@ -71,9 +71,6 @@ class Rollout:
     group_size: int
     sampler: str = "auto"
     """The backend that drew the completions (loop, hf, vllm; auto: the loop where it can drive the model)."""
-    sampler_is_trainer: bool = True
-    """Whether the sampler was the trainer's own model (its log-probs the trainer's up to rounding); False
-    for vLLM, whose tokens are then slightly off-policy (`sampler_logps`)."""
     source_metrics: dict[str, dict] = field(default_factory=dict)
     """Every reward source's own `metrics()` (counters, `RowMean`s), by name, for reducing over processes
     (`rewards.base.reduce_metrics`)."""
