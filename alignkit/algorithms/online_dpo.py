@@ -13,8 +13,8 @@ there are no rounds: the reference stays the starting model.
 
 A sampler that is not the trainer (vLLM) needs no correction here: no ratio reads the sampler's
 probabilities (the pairs are chosen by score, and DPO's loss holds for pairs drawn by any policy), so
-`sampler_correction` is refused. Where the rollout carries the sampler's log-probs, their gap to the
-trainer's (`sampler/` metrics) is still logged, from one extra no-grad pass at the sampling distribution:
+`sampler_correction` is refused. Where a sampler that is not the trainer reported its log-probs, their gap
+to the trainer's (`sampler/` metrics) is still logged, from one extra no-grad pass at the sampling distribution:
 it is what shows a stale or mis-synced engine.
 """
 
@@ -42,6 +42,7 @@ from alignkit.rewards.ranking import JudgeRanking
 from alignkit.rewards.registry import build_reward
 from alignkit.rollout import (
     Rollout,
+    needs_old_logps,
     rollout_metrics,
     sampler_correction,
     sampling_settings,
@@ -203,7 +204,9 @@ def train(cfg: OnlineDPOConfig) -> Path:
                     accelerator.device,
                 )["token_logps"]
             sampler_record = {}
-            if rollout.sampler_logps is not None:  # (as many passes on every process: N rows each)
+            if needs_old_logps(
+                rollout, "none"
+            ):  # another sampler drew them (as many passes on every process)
                 n, size = len(rollout.completions), -(-len(rollout.completions) // cfg.grad_accum)
                 rollout.old_logps = token_logps_in_batches(
                     lambda b: policy(b, as_sampled=True),  # noqa: B023
