@@ -152,16 +152,22 @@ def test_sampled_frequencies_match_the_softmax(engine, policy, tok):
     assert chi2_dist.sf(chi2, df=len(counts) - 1) > 1e-3, (counts, expected)
 
 
-def test_after_an_update_and_a_sync_the_engine_samples_the_new_weights(engine, policy, tok):
-    """One optimizer step changes the trainer's greedy output; after `sync` the engine's greedy output is
-    the updated model's, and a second sync of the same version costs nothing."""
+def perturbed(policy):
+    """A copy of `policy` with seeded noise (std 0.02) on every weight: greedy output that differs."""
     import copy
 
-    ids = prompt_ids(tok)
     updated = copy.deepcopy(policy)
     with torch.no_grad():
         for p in updated.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.02)
+    return updated
+
+
+def test_after_an_update_and_a_sync_the_engine_samples_the_new_weights(engine, policy, tok):
+    """One optimizer step changes the trainer's greedy output; after `sync` the engine's greedy output is
+    the updated model's, and a second sync of the same version costs nothing."""
+    ids = prompt_ids(tok)
+    updated = perturbed(policy)
     expected = loop_greedy(updated, tok, ids)
     assert expected != loop_greedy(policy, tok, ids)
     assert top2_margin(updated, ids, expected) > 1e-3

@@ -8,7 +8,6 @@ timeout) need no vLLM and run everywhere."""
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import os
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 import test_vllm as colocated
 import torch
-from test_vllm import HAVE_VLLM, MAX_MODEL_LEN, loop_greedy, prompt_ids, top2_margin
+from test_vllm import HAVE_VLLM, MAX_MODEL_LEN, loop_greedy, perturbed, prompt_ids, top2_margin
 
 REPO = Path(__file__).resolve().parents[1]
 # the colocated tests' fixtures, built again for this module: the peaked tiny Llama, the trainer's model, its tokenizer
@@ -108,10 +107,7 @@ def test_after_an_update_and_a_sync_the_server_samples_the_new_weights(sampler, 
     greedy output is the perturbed model's; a second sync of the same version pushes nothing; the next
     version brings the original weights back."""
     ids = prompt_ids(tok)
-    updated = copy.deepcopy(policy)
-    with torch.no_grad():
-        for p in updated.parameters():
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.02)
+    updated = perturbed(policy)
     expected = loop_greedy(updated, tok, ids)
     assert expected != loop_greedy(policy, tok, ids)
     assert top2_margin(updated, ids, expected) > 1e-3

@@ -34,7 +34,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from alignkit.generation.vllm import completions, import_vllm, sampling_params, vllm_refusal
+from alignkit.generation.vllm import (
+    SAMPLER_ENGINE_ARGS,
+    completions,
+    engine_memory,
+    import_vllm,
+    sampling_params,
+    vllm_refusal,
+)
 from alignkit.generation.weight_sync import NCCL_EXTENSION
 from alignkit.generation.wire import ChunkedBody, read_weight_frames
 
@@ -79,11 +86,7 @@ def build_engine(cfg):
     reason = vllm_refusal(model_config, on_cpu=on_cpu)
     if reason:
         raise ValueError(f"vllm-serve {cfg.model}: {reason}")
-    memory = (
-        {"kv_cache_memory_bytes": int(cfg.cpu_kv_cache_gb * 2**30)}
-        if on_cpu
-        else {"gpu_memory_utilization": cfg.gpu_memory_utilization}
-    )
+    memory = engine_memory(on_cpu, cpu_kv_cache_gb=cfg.cpu_kv_cache_gb, gpu_share=cfg.gpu_memory_utilization)
     optional = {"max_num_seqs": cfg.max_num_seqs} if cfg.max_num_seqs else {}
     llm = vllm.LLM(
         model=cfg.model,
@@ -94,10 +97,7 @@ def build_engine(cfg):
         enforce_eager=cfg.enforce_eager or on_cpu,
         tensor_parallel_size=cfg.tensor_parallel_size,
         enable_prefix_caching=cfg.enable_prefix_caching,
-        # as the colocated engine (generation.vllm): the drawn distribution's log-probs, and no sampling
-        # defaults taken from the model's generation_config.json
-        logprobs_mode="processed_logprobs",
-        generation_config="vllm",
+        **SAMPLER_ENGINE_ARGS,
         seed=cfg.seed,
         trust_remote_code=cfg.trust_remote_code,
         worker_extension_cls=NCCL_EXTENSION,

@@ -105,6 +105,19 @@ def _gathered(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+SAMPLER_ENGINE_ARGS = {"logprobs_mode": "processed_logprobs", "generation_config": "vllm"}
+"""What every engine that samples for training is built with (colocated here, and `alignkit vllm-serve`):
+the drawn distribution's log-probs, and no sampling defaults taken from the model's generation_config.json."""
+
+
+def engine_memory(on_cpu: bool, *, cpu_kv_cache_gb: float, gpu_share: float) -> dict:
+    """The engine's memory argument: on a CPU its KV cache in bytes (without it vLLM reserves 92% of the
+    machine), on a GPU the share of the GPU it takes."""
+    if on_cpu:
+        return {"kv_cache_memory_bytes": int(cpu_kv_cache_gb * 2**30)}
+    return {"gpu_memory_utilization": gpu_share}
+
+
 def sampling_params(vllm, *, num_samples: int, seed: int, eos: set[int], **settings):
     """vLLM SamplingParams for one prompt, every field set: the distribution (temperature, top_k, top_p;
     0 / 1 / None = off), no penalties, `max_new_tokens`, the EOS ids as stop tokens, n, the seed, and the
@@ -141,7 +154,7 @@ def completions(outputs) -> Sampled:
 
 
 _ENGINES: dict[tuple, object] = {}
-"""The engines this process built, by source and memory settings; a later run (sDPO's next stage, a
+"""The engines this process built, by device and engine arguments; a later run (sDPO's next stage, a
 notebook's second `alignkit.train`, the tests) reuses one, its weights replaced at the first `sync`."""
 
 
@@ -153,44 +166,31 @@ class ColocatedVLLM:
 
     def __init__(self, source: str, model, tokenizer, *, settings, max_model_len: int):
         device = next(model.parameters()).device
-        reason = vllm_refusal(model.config, on_cpu=device.type == "cpu")
+        on_cpu = device.type == "cpu"
+        reason = vllm_refusal(model.config, on_cpu=on_cpu)
         if reason:
             raise ValueError(f"generation.backend=vllm: {reason}")
         vllm = import_vllm()
         self.vllm, self.eos, self.version = vllm, eos_ids(model, tokenizer), None
-        memory = (
-            {"kv_cache_memory_bytes": int(settings.cpu_kv_cache_gb * 2**30)}
-            if device.type == "cpu"
-            else {"gpu_memory_utilization": settings.gpu_memory_utilization}
-        )
-        if (
-            torch.distributed.is_initialized()
-            and torch.distributed.get_world_size() > 1
-            and device.type == "cuda"
-        ):
-            memory["distributed_executor_backend"] = "external_launcher"
-        key = (source, str(device), settings.cpu_kv_cache_gb, settings.gpu_memory_utilization, max_model_len)
-        if key not in _ENGINES:  # one engine per process and source: vLLM does not give its memory back
-            _ENGINES[key] = self._engine(
-                vllm, source, model, tokenizer, settings=settings, max_model_len=max_model_len, memory=memory
-            )
-        self.llm = _ENGINES[key]
-
-    @staticmethod
-    def _engine(vllm, source, model, tokenizer, *, settings, max_model_len, memory):
-        device = next(model.parameters()).device
-        return vllm.LLM(
+        args = dict(
             model=source,
             tokenizer=getattr(tokenizer, "name_or_path", None) or source,
             dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
             max_model_len=settings.max_model_len or max_model_len or None,
-            enforce_eager=settings.enforce_eager or device.type == "cpu",
+            enforce_eager=settings.enforce_eager or on_cpu,
             enable_prefix_caching=True,
-            logprobs_mode="processed_logprobs",
-            generation_config="vllm",
             seed=0,
-            **memory,
+            **SAMPLER_ENGINE_ARGS,
+            **engine_memory(
+                on_cpu, cpu_kv_cache_gb=settings.cpu_kv_cache_gb, gpu_share=settings.gpu_memory_utilization
+            ),
         )
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 and not on_cpu:
+            args["distributed_executor_backend"] = "external_launcher"
+        key = (str(device), *sorted((k, str(v)) for k, v in args.items()))
+        if key not in _ENGINES:  # one engine per process and settings: vLLM does not give its memory back
+            _ENGINES[key] = vllm.LLM(**args)
+        self.llm = _ENGINES[key]
 
     def sync(self, model, version: int) -> None:
         """Copy `model`'s weights into the engine (in place) and reset its prefix cache, once per version."""
