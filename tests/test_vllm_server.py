@@ -149,6 +149,15 @@ def test_a_request_the_server_cannot_serve_is_an_error_with_its_reason(sampler, 
         sampler.sample(policy, tok, too_long, num_samples=1, seed=0, max_new_tokens=4, temperature=0.0)
 
 
+@needs_vllm
+def test_vllm_serve_refuses_a_model_it_cannot_serve_with_the_reason(tiny_model_dir, capsys):
+    from alignkit.cli import main
+
+    assert main(["vllm-serve", str(tiny_model_dir), f"port={free_port()}"]) == 1
+    error = capsys.readouterr().err
+    assert "alignkit vllm-serve: error:" in error and "head sizes" in error and "has 8" in error
+
+
 def test_a_sampler_without_a_server_fails_after_its_timeout_naming_the_url():
     from alignkit.config.generation import VLLMSettings
     from alignkit.generation.server import ServerSampler

@@ -131,14 +131,15 @@ def generate(served: Served, request: dict) -> dict:
 
 
 def update_weights(served: Served, read) -> dict:
-    """/update_weights: the streamed weights, collected whole, then reloaded into the engine in place."""
+    """/update_weights: the streamed weights, collected whole, then reloaded into the engine in place
+    (read before anything is refused, so that the trainer, still sending, gets the answer)."""
+    tensors = read_weight_frames(read)
     worker = getattr(served.llm.llm_engine.model_executor, "driver_worker", None)
     if worker is None:
         raise BadRequest(
             "weight_transport=http loads weights in the server's own process, which needs one worker "
             "there (tensor_parallel_size=1, VLLM_ENABLE_V1_MULTIPROCESSING=0); use weight_transport=nccl"
         )
-    tensors = read_weight_frames(read)
     with served.lock:
         worker.worker.model_runner.reload_weights(weights_iterator=iter(tensors))
     return {"tensors": len(tensors)}
@@ -277,15 +278,17 @@ def run(cfg) -> None:
     httpd.served = served
     threading.Thread(target=httpd.serve_forever, name="vllm-serve-http", daemon=True).start()
     url = f"http://{cfg.host}:{cfg.port}"
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop as on Ctrl-C: close the port, exit 0
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # as Ctrl-C: close the port, exit 0
     try:
         print(
             f"vllm-serve: loading {cfg.model}; {url}/health answers 'loading' until it is ready",
             file=sys.stderr,
         )
-        served.llm, served.on_cpu = build_engine(cfg)
+        llm, served.on_cpu = build_engine(cfg)
+        served.llm = llm  # (last: a request that sees the engine sees where it runs)
         print(f"vllm-serve: serving {cfg.model} at {url} (Ctrl-C stops)", file=sys.stderr, flush=True)
         threading.Event().wait()
     finally:
         httpd.shutdown()
         httpd.server_close()
+        signal.signal(signal.SIGTERM, previous)
