@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from alignkit.config.online import OnlineConfig
+from alignkit.config.generation import VLLMSettings
 from alignkit.generation.sampling import eos_ids, sample_ids
 from alignkit.losses.policy import frac_reward_zero_std
 from alignkit.rewards.base import reduce_metrics
@@ -25,13 +25,20 @@ from alignkit.rewards.base import reduce_metrics
 
 @dataclass
 class SamplingSettings:
-    """How completions are drawn."""
+    """How completions are drawn (`sampling_settings` fills it from a config's `generation:` section)."""
 
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_k: int | None = None
+    """None = no top-k truncation."""
     top_p: float | None = None
+    """None = no nucleus truncation."""
     batch_size: int = 64
+    backend: str = "auto"
+    """The sampler: loop, hf or vllm as a run resolved it (`generation.resolve`); auto lets `sample_ids`
+    choose per model."""
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
+    """backend=vllm: the engine's settings."""
 
     def scoring(self) -> dict:
         """The settings the sampling policy's log-probs are scored with (`logprobs`' keywords): the
@@ -196,6 +203,7 @@ def collect(
         top_p=sampling.top_p,
         seed=seed,
         batch_size=sampling.batch_size,
+        backend=sampling.backend,
     )
     t1 = time.perf_counter()
     rows_prompt_ids = [p for p in prompt_ids for _ in range(group_size)]
@@ -273,14 +281,18 @@ def rollout_metrics(
     return out
 
 
-def sampling_settings(cfg: OnlineConfig) -> SamplingSettings:
-    """How the config samples completions (top_k 0 and top_p 1 mean no truncation)."""
+def sampling_settings(cfg) -> SamplingSettings:
+    """How a config samples completions, from its `generation:` section (top_k 0 and top_p 1 mean no
+    truncation)."""
+    g = cfg.generation
     return SamplingSettings(
-        cfg.max_new_tokens,
-        cfg.temperature,
-        cfg.top_k or None,
-        cfg.top_p if cfg.top_p < 1 else None,
-        cfg.generation_batch_size,
+        g.max_new_tokens,
+        g.temperature,
+        g.top_k or None,
+        g.top_p if g.top_p < 1 else None,
+        g.batch_size,
+        backend=g.backend,
+        vllm=g.vllm,
     )
 
 

@@ -179,15 +179,21 @@ def test_every_range_is_checked_at_load_time_naming_the_key():
         ConfigError, match="'lr_scheduler' must be one of linear, cosine, constant, got 'cosin'"
     ):
         load_config(SFTConfig, None, ["lr_scheduler=cosin"])
-    with pytest.raises(ConfigError, match=r"'top_p' must be in \(0, 1\], got 0.0"):
-        load_config(GRPOConfig, None, ["top_p=0"])
+    with pytest.raises(ConfigError, match=r"'generation.top_p' must be in \(0, 1\], got 0.0"):
+        load_config(GRPOConfig, None, ["generation.top_p=0"])
     with pytest.raises(ConfigError, match="'on_bad_rows' must be one of refuse, skip"):
         load_config(SFTConfig, None, ["on_bad_rows=drop"])
     # documented special values stay valid: 0 = off / never / all, -1 = from epochs
     cfg = load_config(
-        GRPOConfig, None, ["top_k=0", "beta=0", "minibatch_size=0", "save_steps=0", "max_steps=-1"]
+        GRPOConfig, None, ["generation.top_k=0", "beta=0", "minibatch_size=0", "save_steps=0", "max_steps=-1"]
     )
-    assert (cfg.top_k, cfg.beta, cfg.minibatch_size, cfg.save_steps, cfg.max_steps) == (0, 0, 0, 0, -1)
+    assert (cfg.generation.top_k, cfg.beta, cfg.minibatch_size, cfg.save_steps, cfg.max_steps) == (
+        0,
+        0,
+        0,
+        0,
+        -1,
+    )
     assert load_config(SFTConfig, None, ["max_steps=0", "max_grad_norm=0", "eval_fraction=0"]).max_steps == 0
 
 

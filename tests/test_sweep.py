@@ -77,7 +77,7 @@ def test_a_two_point_sweep_is_trained_evaluated_and_resumed(tmp_path, tiny_model
             "rewards": E_COUNT,
             "batch_size": 4,
             "num_generations": 2,
-            "max_new_tokens": 8,
+            "generation.max_new_tokens": 8,
             "lr": 3e-2,
             "max_steps": 3,
             "progress": False,
