@@ -12,6 +12,7 @@ from alignkit.config.generation import GenerationSettings
 from alignkit.config.load import ConfigError, build_config, from_mapping, load_config
 from alignkit.config.online import GRPOConfig, OnlineDPOConfig, PPOConfig, RLOOConfig
 from alignkit.config.preference import IterativeDPOConfig
+from alignkit.config.supervised import DistillConfig
 from alignkit.generation.resolve import resolve_backend
 from alignkit.training.rundir import check_resumed_backend
 from tests.conftest import write_prompts
@@ -29,6 +30,7 @@ def test_every_sampling_command_keeps_its_own_sampling_defaults():
         PPOConfig: online,
         OnlineDPOConfig: online,
         IterativeDPOConfig: online,
+        DistillConfig: (48, 1.0, 0, 1.0, 64, "auto"),
     }
     for cls, values in expected.items():
         g = cls().generation
@@ -47,6 +49,8 @@ def test_moved_keys_are_refused_with_their_new_name_wherever_config_arrives(tmp_
         load_config(RLOOConfig, None, ["train.top_p=0.9"])  # through the `train:` grouping
     with pytest.raises(ConfigError, match="^'max_new_tokens' moved: write generation.max_new_tokens"):
         build_config(OnlineDPOConfig, {"max_new_tokens": 8})  # a dict
+    with pytest.raises(ConfigError, match="^'top_k' moved: write generation.top_k"):
+        build_config(DistillConfig, None, {"top_k": 5})  # keyword overrides
     with pytest.raises(ConfigError, match="^'temperature' moved: write generation.temperature"):
         from_mapping(IterativeDPOConfig, {"temperature": 0.7})
     with pytest.raises(ConfigError, match="^'temperature' moved: write generation.temperature"):
@@ -60,10 +64,14 @@ def test_moved_keys_are_refused_with_their_new_name_wherever_config_arrives(tmp_
 
 
 def test_the_sampling_ranges_of_each_command_name_the_section_key():
-    """Online training and iterative-dpo need a temperature above 0."""
-    for cls in (GRPOConfig, PPOConfig, OnlineDPOConfig, IterativeDPOConfig):
+    """Online training, iterative-dpo and distill need a temperature above 0; distill cannot use vLLM."""
+    for cls in (GRPOConfig, PPOConfig, OnlineDPOConfig, IterativeDPOConfig, DistillConfig):
         with pytest.raises(ConfigError, match=r"'generation.temperature' must be > 0 \(.*\), got 0.0"):
             load_config(cls, None, ["generation.temperature=0"])
+    with pytest.raises(
+        ConfigError, match="generation.backend=vllm is not available here: distill .* two engines"
+    ):
+        load_config(DistillConfig, None, ["generation.backend=vllm"])
     with pytest.raises(ConfigError, match="'generation.backend' must be one of auto, loop, hf, vllm"):
         load_config(GRPOConfig, None, ["generation.backend=generate"])
     with pytest.raises(ConfigError, match=r"'generation.top_p' must be in \(0, 1\]"):

@@ -55,7 +55,7 @@ def max_length_above_prompt(cfg) -> str | None:
     with a short max_length, prompts are still cut to max_prompt_length and completions to the rest; the
     configs that sample, whose completions are generation.max_new_tokens long, do not use max_length.)"""
     default = {f.name: f.default for f in dataclasses.fields(cfg)}["max_prompt_length"]
-    if hasattr(cfg, "generation") or hasattr(cfg, "max_new_tokens") or cfg.max_prompt_length == default:
+    if hasattr(cfg, "generation") or cfg.max_prompt_length == default:
         return None
     if cfg.max_length > cfg.max_prompt_length:
         return None
