@@ -13,6 +13,7 @@ from alignkit.config.load import ConfigError, build_config, from_mapping, load_c
 from alignkit.config.online import GRPOConfig, OnlineDPOConfig, PPOConfig, RLOOConfig
 from alignkit.config.preference import IterativeDPOConfig
 from alignkit.config.supervised import DistillConfig
+from alignkit.config.tools import EvalConfig, GenerateConfig
 from alignkit.generation.resolve import resolve_backend
 from alignkit.training.rundir import check_resumed_backend
 from tests.conftest import write_prompts
@@ -22,7 +23,7 @@ SECTION = "(a `generation:` section in YAML)"
 
 def test_every_sampling_command_keeps_its_own_sampling_defaults():
     """(max_new_tokens, temperature, top_k, top_p, batch_size, backend) as each command had them as flat
-    keys; top_k 0 and top_p 1 are off."""
+    keys: eval and generate write 48 tokens, eval samples 32 at once; top_k 0 and top_p 1 are off."""
     online = (64, 1.0, 0, 1.0, 64, "auto")
     expected = {
         GRPOConfig: online,
@@ -31,10 +32,13 @@ def test_every_sampling_command_keeps_its_own_sampling_defaults():
         OnlineDPOConfig: online,
         IterativeDPOConfig: online,
         DistillConfig: (48, 1.0, 0, 1.0, 64, "auto"),
+        EvalConfig: (48, 1.0, 0, 1.0, 32, "auto"),
+        GenerateConfig: (48, 1.0, 0, 1.0, 64, "auto"),
     }
     for cls, values in expected.items():
         g = cls().generation
         assert (g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.batch_size, g.backend) == values, cls
+    assert EvalConfig().scoring_batch_size == 32  # eval's log-likelihood batches, as its batch_size was
 
 
 def test_moved_keys_are_refused_with_their_new_name_wherever_config_arrives(tmp_path):
@@ -55,19 +59,42 @@ def test_moved_keys_are_refused_with_their_new_name_wherever_config_arrives(tmp_
         from_mapping(IterativeDPOConfig, {"temperature": 0.7})
     with pytest.raises(ConfigError, match="^'temperature' moved: write generation.temperature"):
         alignkit.train("grpo", {"model": "m"}, temperature=0.5)  # the Python API, before anything loads
+    with pytest.raises(ConfigError) as e:  # eval's batch_size bounded sampling and scoring both
+        load_config(EvalConfig, None, ["batch_size=8"])
+    assert str(e.value) == (
+        f"'batch_size' moved: write generation.batch_size {SECTION}; the log-likelihood batches are "
+        "scoring_batch_size"
+    )
+    with pytest.raises(ConfigError, match="^'batch_size' moved: write generation.batch_size"):
+        load_config(GenerateConfig, None, ["batch_size=8"])
     # The new keys, nested or dotted, from each path.
     path.write_text("model: m\ngeneration:\n  temperature: 0.5\n  batch_size: 8\n")
     cfg = load_config(GRPOConfig, str(path), ["generation.top_k=4"])
     assert (cfg.generation.temperature, cfg.generation.batch_size, cfg.generation.top_k) == (0.5, 8, 4)
     cfg = from_mapping(IterativeDPOConfig, {"generation.max_new_tokens": 9, "generation": {"top_k": 2}})
     assert (cfg.generation.max_new_tokens, cfg.generation.top_k, cfg.generation.batch_size) == (9, 2, 64)
+    cfg = build_config(EvalConfig, {"generation": {"max_new_tokens": 9}}, {"generation.top_p": 0.9})
+    assert (cfg.generation.max_new_tokens, cfg.generation.top_p, cfg.generation.batch_size) == (9, 0.9, 32)
+    for given in ({"generation": {"max_new_tokens": 9}}, {"generation.max_new_tokens": 9}):  # a sweep's eval:
+        cfg = from_mapping(EvalConfig, given, "eval")
+        assert (cfg.generation.max_new_tokens, cfg.generation.batch_size) == (9, 32)  # eval's own defaults
+    with pytest.raises(ConfigError, match="^'eval.max_new_tokens' moved: write generation.max_new_tokens"):
+        from_mapping(EvalConfig, {"max_new_tokens": 9}, "eval")
 
 
 def test_the_sampling_ranges_of_each_command_name_the_section_key():
-    """Online training, iterative-dpo and distill need a temperature above 0; distill cannot use vLLM."""
+    """Online training, iterative-dpo and distill need a temperature above 0; eval and generate take 0
+    (greedy). Eval samples through generate only; distill cannot use vLLM. "Off" is 0 / 1 everywhere: an
+    explicit null is not a value of top_k / top_p."""
     for cls in (GRPOConfig, PPOConfig, OnlineDPOConfig, IterativeDPOConfig, DistillConfig):
         with pytest.raises(ConfigError, match=r"'generation.temperature' must be > 0 \(.*\), got 0.0"):
             load_config(cls, None, ["generation.temperature=0"])
+    for cls in (EvalConfig, GenerateConfig):
+        assert load_config(cls, None, ["generation.temperature=0"]).generation.temperature == 0
+        with pytest.raises(ConfigError, match="'generation.top_k': expected an integer, got None"):
+            load_config(cls, None, ["generation.top_k=null"])
+    with pytest.raises(ConfigError, match="generation.backend=loop is not available here: eval samples"):
+        load_config(EvalConfig, None, ["generation.backend=loop"])
     with pytest.raises(
         ConfigError, match="generation.backend=vllm is not available here: distill .* two engines"
     ):
@@ -75,7 +102,7 @@ def test_the_sampling_ranges_of_each_command_name_the_section_key():
     with pytest.raises(ConfigError, match="'generation.backend' must be one of auto, loop, hf, vllm"):
         load_config(GRPOConfig, None, ["generation.backend=generate"])
     with pytest.raises(ConfigError, match=r"'generation.top_p' must be in \(0, 1\]"):
-        load_config(RLOOConfig, None, ["generation.top_p=0"])
+        load_config(GenerateConfig, None, ["generation.top_p=0"])
 
 
 def tiny_llava_config_dir(path):
@@ -165,3 +192,8 @@ def test_help_shows_the_generation_section_at_each_commands_defaults(capsys):
                  "generation.vllm.mode = \"colocate\""):  # fmt: skip
         assert f"  {line}\n" in text
     assert "  temperature = " not in text and "generation_batch_size" not in text
+    assert main(["eval", "--help"]) == 0
+    text = capsys.readouterr().out
+    for line in ("generation.max_new_tokens = 48", "generation.batch_size = 32", "scoring_batch_size = 32"):
+        assert f"  {line}\n" in text
+    assert "  batch_size = " not in text

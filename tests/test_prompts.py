@@ -186,7 +186,7 @@ def test_rewards_read_the_conversation_in_their_own_template_or_its_content(tmp_
         {"type": "regex", "pattern": r"^Tell me a story\.$", "text": "{prompt}"},
     ]
     cfg = GenerateConfig(
-        model=str(policy), prompts=prompts, rewards=rewards, n=3, max_new_tokens=6, progress=False,
+        model=str(policy), prompts=prompts, rewards=rewards, n=3, generation=GenerationSettings(max_new_tokens=6), progress=False,
         output_dir=str(tmp_path / "out"),
     )  # fmt: skip
     run(cfg)

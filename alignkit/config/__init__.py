@@ -7,7 +7,7 @@ field (what `alignkit <command> --help` shows) that declares its own value range
 - `preference`: dpo, kto, listwise (sharing PreferenceConfig), iterative-dpo, diffusion-dpo (a preference
   objective against a reference);
 - `online`: grpo, rloo, ppo, online-dpo (the policy's own samples, scored while it trains);
-- `tools`: the commands that train nothing themselves: eval and generate (sharing PromptSampling), score,
+- `tools`: the commands that train nothing themselves: eval and generate (sharing PromptRendering), score,
   sweep, report, demo;
 - `generation`: the `generation:` section of every command that samples (backend, sampling fields, vLLM).
 
