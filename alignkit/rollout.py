@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from alignkit.config.generation import VLLMSettings
 from alignkit.config.load import ConfigError
-from alignkit.config.online import OnlineConfig
 from alignkit.generation.backends import ModelSampler, Sampler
 from alignkit.generation.sampling import eos_ids
 from alignkit.losses.off_policy import sampler_statistics, sampler_weights
@@ -28,13 +28,20 @@ from alignkit.rewards.base import reduce_metrics
 
 @dataclass
 class SamplingSettings:
-    """How completions are drawn."""
+    """How completions are drawn (`sampling_settings` fills it from a config's `generation:` section)."""
 
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_k: int | None = None
+    """None = no top-k truncation."""
     top_p: float | None = None
+    """None = no nucleus truncation."""
     batch_size: int = 64
+    backend: str = "auto"
+    """The sampler: loop, hf or vllm as a run resolved it (`generation.resolve`); auto lets `sample_ids`
+    choose per model."""
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
+    """backend=vllm: the engine's settings."""
 
     def scoring(self) -> dict:
         """The settings the sampling policy's log-probs are scored with (`logprobs`' keywords): the
@@ -199,7 +206,7 @@ def collect(
     itself, `generation.backends.ModelSampler`); it must already follow `model`'s weights (`Sampler.sync`).
     The sampler's own log-probs of its tokens are kept (`Rollout.sampler_logps`)."""
     t0 = time.perf_counter()
-    sampler = sampler or ModelSampler()
+    sampler = sampler or ModelSampler(sampling.backend)
     sampled = sampler.sample(
         model,
         tokenizer,
@@ -364,14 +371,18 @@ def sampler_correction(
     return weights, {f"sampler/{k}": float(v) for k, v in stats.items()}
 
 
-def sampling_settings(cfg: OnlineConfig) -> SamplingSettings:
-    """How the config samples completions (top_k 0 and top_p 1 mean no truncation)."""
+def sampling_settings(cfg) -> SamplingSettings:
+    """How a config samples completions, from its `generation:` section (top_k 0 and top_p 1 mean no
+    truncation)."""
+    g = cfg.generation
     return SamplingSettings(
-        cfg.max_new_tokens,
-        cfg.temperature,
-        cfg.top_k or None,
-        cfg.top_p if cfg.top_p < 1 else None,
-        cfg.generation_batch_size,
+        g.max_new_tokens,
+        g.temperature,
+        g.top_k or None,
+        g.top_p if g.top_p < 1 else None,
+        g.batch_size,
+        backend=g.backend,
+        vllm=g.vllm,
     )
 
 

@@ -1,6 +1,6 @@
-"""Rollout generation time: `generation.sample_ids`'s lean decode loop vs the same call through
-transformers' `generate` (backend="hf"), on the shipped model, in one process; and, for its cost,
-`generation.sample`, the evaluation sampler (one seeded generator per sample, so a sample does not depend
+"""Rollout generation time: `generation.sampling.sample_ids`'s lean decode loop (backend="loop") vs the same
+call through transformers' `generate` (backend="hf"), on the shipped model, in one process; and, for its
+cost, `generation.sampling.sample`, the evaluation sampler (one seeded generator per sample, so a sample does not depend
 on its batch; `generate` with Gumbel noise; decodes text too).
 
     python benchmarks/generation_speed.py              # 8 prompts x 8 samples x 48 new tokens, 7 rounds
@@ -35,7 +35,7 @@ from alignkit.models.load import load_causal_lm, load_tokenizer  # noqa: E402
 
 MODEL = REPO / "alignkit" / "assets" / "tinystories-656k"
 PROMPTS = REPO / "alignkit" / "assets" / "demo" / "pairs.jsonl"
-BACKENDS = {"generate": "hf", "lean loop": "auto", "sample": None}
+BACKENDS = {"generate": "hf", "lean loop": "loop", "sample": None}
 
 
 def main() -> None:

@@ -20,8 +20,9 @@ Settings, and how each library spells them (one step = one rollout = one optimiz
     G                        num_generations=8                     num_generations=8
     one update per rollout   minibatch_size=0 (whole rollout),     gradient_accumulation_steps=1,
                              ppo_epochs=1, grad_accum=1            steps_per_generation=1, num_iterations=1
-    completion length        max_new_tokens=48                     max_completion_length=48
-    sampling                 temperature=1 top_k=0 top_p=1         temperature=1 top_k=0 top_p=1 min_p=None
+    completion length        generation.max_new_tokens=48          max_completion_length=48
+    sampling                 generation.temperature=1              temperature=1 top_k=0 top_p=1 min_p=None
+                             generation.top_k=0 .top_p=1
                                                                    repetition_penalty=1
     KL to the reference      beta=0.04 kl_estimator=k3             beta=0.04 (k3 is TRL's only estimator),
                              kl_importance_correction=false        use_bias_correction_kl=False (default True)
@@ -187,10 +188,10 @@ def alignkit_argv(args, out: Path) -> list[str]:
         f"max_steps={args.steps}",
         f"batch_size={args.prompts}",
         f"num_generations={args.generations}",
-        f"max_new_tokens={args.max_new_tokens}",
-        "temperature=1.0",
-        "top_k=0",
-        "top_p=1.0",
+        f"generation.max_new_tokens={args.max_new_tokens}",
+        "generation.temperature=1.0",
+        "generation.top_k=0",
+        "generation.top_p=1.0",
         f"lr={args.lr}",
         "lr_scheduler=constant",
         "warmup_ratio=0",
@@ -206,7 +207,7 @@ def alignkit_argv(args, out: Path) -> list[str]:
         "minibatch_size=0",
         "ppo_epochs=1",
         "grad_accum=1",
-        f"generation_batch_size={args.prompts * args.generations}",
+        f"generation.batch_size={args.prompts * args.generations}",
         "dtype=float32",
         "mixed_precision=no",
         "gradient_checkpointing=false",

@@ -113,7 +113,12 @@ def test_online_training_skips_bad_prompt_rows_and_lists_them(tmp_path, tiny_mod
     rows[3] = {"prompt": ""}
     rows[5] = {"question": "x"}
     prompts = write_lines(tmp_path / "prompts.jsonl", rows)
-    common = [f"model={tiny_model_dir}", f"data={prompts}", "rewards=[{type: vader}]", "max_new_tokens=4"]
+    common = [
+        f"model={tiny_model_dir}",
+        f"data={prompts}",
+        "rewards=[{type: vader}]",
+        "generation.max_new_tokens=4",
+    ]
     small = ["batch_size=2", "max_steps=1", "progress=false", "on_bad_rows=skip"]
     for command, extra in (("grpo", ["num_generations=2"]), ("ppo", ["ppo_epochs=1"])):
         out = tmp_path / command

@@ -13,6 +13,7 @@ from dataclasses import asdict
 
 import pytest
 
+from alignkit.config.generation import GenerationSettings
 from alignkit.config.load import ConfigError
 from alignkit.config.tools import GenerateConfig
 from alignkit.generation.sampling import sample_seed
@@ -64,7 +65,7 @@ def _config(model_dir, tmp_path, name: str, **kw) -> GenerateConfig:
         prompts=write_prompts(tmp_path / "prompts.jsonl", n=6),
         rewards=[{"type": "length"}],
         n=4,
-        max_new_tokens=8,
+        generation=GenerationSettings(max_new_tokens=8),
         chunk_prompts=2,
         output_dir=str(tmp_path / name),
         progress=False,
@@ -98,6 +99,7 @@ def test_generate_keeps_the_argmax_of_the_reward(tiny_model_dir, tmp_path, token
     assert summary["chosen"]["mean"] >= summary["mean_candidate"]["mean"] == pytest.approx(sum(means) / 6)
     assert summary["chosen"]["mean"] > summary["mean_candidate"]["mean"]  # lengths differ on some prompt
     assert json.loads(open(f"{cfg.output_dir}/summary.json").read())["chosen"] == summary["chosen"]
+    assert "  backend: loop\n" in open(f"{cfg.output_dir}/config.yaml").read()  # auto, as resolved
 
     # The function the iterative methods call gives chunk 1 (prompts 2, 3) back exactly.
     from alignkit.models.load import load_causal_lm
@@ -112,7 +114,8 @@ def test_generate_keeps_the_argmax_of_the_reward(tiny_model_dir, tmp_path, token
         n=4,
         max_new_tokens=8,
         seed=sample_seed(0, 1) % 2**63,
-        batch_size=cfg.batch_size,
+        batch_size=cfg.generation.batch_size,
+        backend="loop",  # what the run resolved auto to
     )
     for c, r in zip(chunk, lines[2:4]):
         assert c.completion_ids == [x["completion_ids"] for x in r["candidates"]]
@@ -138,7 +141,8 @@ def stalling(f, record, **kwargs):
         time.sleep(300)
     append_jsonl(f, record, **kwargs)
 best_of_n.append_jsonl = stalling
-best_of_n.run(best_of_n.GenerateConfig(**json.loads(sys.argv[1])))
+from alignkit.config.load import build_config
+best_of_n.run(build_config(best_of_n.GenerateConfig, json.loads(sys.argv[1])))
 print("finished")
 """
 

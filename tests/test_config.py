@@ -1,5 +1,8 @@
 """Configs: YAML + overrides, unknown keys, types, help text, the resolved config on disk."""
 
+import dataclasses
+from typing import ClassVar
+
 import pytest
 import yaml
 
@@ -24,10 +27,61 @@ def test_unknown_key_names_the_closest_valid_one(tmp_path):
         load_config(DPOConfig, None, ["lora.rank=4"])
     path = tmp_path / "bad.yaml"
     path.write_text("lerning_rate: 1\n")
-    with pytest.raises(ConfigError, match="bad.yaml: unknown config key 'lerning_rate'"):
+    with pytest.raises(ConfigError, match="bad.yaml:1: unknown config key 'lerning_rate'"):
         load_config(SFTConfig, str(path))
     with pytest.raises(ConfigError, match="unknown config key 'beta'"):
         load_config(SFTConfig, None, ["beta=0.1"])  # SFT has no β: not silently ignored
+
+
+@dataclasses.dataclass
+class _Section:
+    """A section."""
+
+    size: int = 1
+    """A section's setting."""
+
+
+@dataclasses.dataclass
+class _Moved:
+    """A config some of whose keys moved into a section."""
+
+    name: str = ""
+    """A setting that stayed."""
+    section: _Section = dataclasses.field(default_factory=lambda: _Section(size=2))
+    """The section the keys moved into."""
+
+    moved: ClassVar[dict] = {"size": "section.size", "old": ("name", "it names the run now")}
+
+
+def test_a_moved_key_is_refused_with_its_new_name_wherever_config_arrives(tmp_path):
+    """A class's `moved` keys (config.load.moved_key): from a YAML file (with its line), `key=value`, a
+    mapping (build_config), a held mapping (from_mapping, with where it is); a note follows the new name."""
+    from alignkit.config.load import build_config, from_mapping
+
+    path = tmp_path / "run.yaml"
+    path.write_text("name: a\nsection:\n  size: 3\nsize: 4\n")
+    expected = "'size' moved: write section.size (a `section:` section in YAML)"
+    with pytest.raises(ConfigError) as e:
+        load_config(_Moved, str(path))
+    assert str(e.value) == f"{path}:4: {expected}"
+    with pytest.raises(ConfigError) as e:
+        load_config(_Moved, None, ["size=4"])
+    assert str(e.value) == expected
+    with pytest.raises(ConfigError) as e:
+        build_config(_Moved, {"old": "b"})
+    assert str(e.value) == "'old' moved: write name; it names the run now"
+    with pytest.raises(ConfigError) as e:
+        from_mapping(_Moved, {"size": 4}, "points[0]")
+    assert str(e.value) == "'points[0].size' moved: write section.size (a `section:` section in YAML)"
+    # A section's keys, nested or dotted, are set on the class's own defaults for it.
+    assert load_config(_Moved, None, ["section.size=5"]).section.size == 5
+    assert from_mapping(_Moved, {"name": "c"}).section.size == 2
+    assert from_mapping(_Moved, {"section": {}}).section.size == 2
+    assert from_mapping(_Moved, {"section.size": 6}).section.size == 6
+
+
+def test_help_shows_a_section_under_its_docstring_at_the_command_defaults():
+    assert "  section.*\n      The section the keys moved into.\n  section.size = 2\n" in describe(_Moved)
 
 
 def test_type_errors():
@@ -125,15 +179,21 @@ def test_every_range_is_checked_at_load_time_naming_the_key():
         ConfigError, match="'lr_scheduler' must be one of linear, cosine, constant, got 'cosin'"
     ):
         load_config(SFTConfig, None, ["lr_scheduler=cosin"])
-    with pytest.raises(ConfigError, match=r"'top_p' must be in \(0, 1\], got 0.0"):
-        load_config(GRPOConfig, None, ["top_p=0"])
+    with pytest.raises(ConfigError, match=r"'generation.top_p' must be in \(0, 1\], got 0.0"):
+        load_config(GRPOConfig, None, ["generation.top_p=0"])
     with pytest.raises(ConfigError, match="'on_bad_rows' must be one of refuse, skip"):
         load_config(SFTConfig, None, ["on_bad_rows=drop"])
     # documented special values stay valid: 0 = off / never / all, -1 = from epochs
     cfg = load_config(
-        GRPOConfig, None, ["top_k=0", "beta=0", "minibatch_size=0", "save_steps=0", "max_steps=-1"]
+        GRPOConfig, None, ["generation.top_k=0", "beta=0", "minibatch_size=0", "save_steps=0", "max_steps=-1"]
     )
-    assert (cfg.top_k, cfg.beta, cfg.minibatch_size, cfg.save_steps, cfg.max_steps) == (0, 0, 0, 0, -1)
+    assert (cfg.generation.top_k, cfg.beta, cfg.minibatch_size, cfg.save_steps, cfg.max_steps) == (
+        0,
+        0,
+        0,
+        0,
+        -1,
+    )
     assert load_config(SFTConfig, None, ["max_steps=0", "max_grad_norm=0", "eval_fraction=0"]).max_steps == 0
 
 

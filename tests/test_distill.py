@@ -14,6 +14,7 @@ from conftest import TINYSTORIES, build_tiny_llama, interrupt_then_resume, train
 
 from alignkit.algorithms import distill
 from alignkit.algorithms.distill import vocabulary_mismatch
+from alignkit.config.generation import GenerationSettings
 from alignkit.config.load import ConfigError
 from alignkit.config.supervised import DistillConfig
 from alignkit.losses.distill import chunked_divergence, divergence_beta, generalized_jsd
@@ -168,7 +169,7 @@ def config(tmp_path, student, data, **overrides) -> DistillConfig:
         batch_size=4,
         lr=1e-2,
         max_steps=10,
-        max_new_tokens=12,
+        generation=GenerationSettings(max_new_tokens=12),
         eval_fraction=0.25,
         eval_steps=100,
         save_steps=0,

@@ -215,7 +215,7 @@ def test_cli_writes_both_reports(tmp_path, tiny_model_dir, capsys):
         f"model={TINYSTORIES}",
         f"prompts={prompts}",
         "num_samples=2",
-        "max_new_tokens=8",
+        "generation.max_new_tokens=8",
         "num_examples=2",
         f"output_dir={out}",
         "rewards=[{type: vader}, {type: length}]",
@@ -228,6 +228,7 @@ def test_cli_writes_both_reports(tmp_path, tiny_model_dir, capsys):
     assert report["settings"]["num_prompts"] == 3 and report["settings"]["num_samples"] == 2
     assert list(report["rewards"]) == ["vader", "length"] and "total" in report
     assert report["config"]["rewards"] == [{"type": "vader"}, {"type": "length"}]
+    assert report["config"]["generation"]["backend"] == "hf"  # auto, resolved: eval samples through generate
     assert report["models"] == {"base": str(tiny_model_dir), "aligned": str(TINYSTORIES)}
     assert len(report["examples"]) == 2 and report["kl"]["mean"] > 0
     for row in ("| vader |", "| length |", "| total |", "| base-model perplexity |", "KL(aligned ‖ base)"):
@@ -257,4 +258,4 @@ def test_eval_help_lists_every_field(capsys):
     assert main(["eval", "--help"]) == 0
     text = capsys.readouterr().out
     for f in fields(EvalConfig):
-        assert f"  {f.name} = " in text
+        assert f"  {f.name} = " in text or f"  {f.name}.*\n" in text  # a field, or a section's heading

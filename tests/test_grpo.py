@@ -12,6 +12,7 @@ import torch
 import alignkit.algorithms.grpo as grpo
 import alignkit.training.loop as online_loop
 from alignkit.cli import main
+from alignkit.config.generation import GenerationSettings
 from alignkit.config.load import ConfigError
 from alignkit.config.online import GRPOConfig
 from alignkit.data.readers import DataError
@@ -33,7 +34,7 @@ def config(tmp_path, model, data, **overrides) -> GRPOConfig:
         rewards=E_COUNT,
         batch_size=4,
         num_generations=4,
-        max_new_tokens=8,
+        generation=GenerationSettings(max_new_tokens=8),
         lr=1e-2,
         beta=0.0,
         save_steps=0,
@@ -116,7 +117,13 @@ def test_with_top_p_the_old_logps_are_the_samplers_and_the_reference_is_untrunca
     monkeypatch.setattr(grpo, "clipped_surrogate", spy_surrogate)
     T, top_p = 0.7, 0.8
     cfg = config(
-        tmp_path, tiny_model_dir, data, max_steps=1, minibatch_size=8, beta=0.1, temperature=T, top_p=top_p
+        tmp_path,
+        tiny_model_dir,
+        data,
+        max_steps=1,
+        minibatch_size=8,
+        beta=0.1,
+        generation=GenerationSettings(max_new_tokens=8, temperature=T, top_p=top_p),
     )
     grpo.train(cfg)
     (rollout, old), (_, ref) = passes  # the sampling policy's pass, then the reference's

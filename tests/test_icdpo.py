@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from alignkit.config.generation import GenerationSettings
 from alignkit.config.tools import GenerateConfig
 from alignkit.inference.best_of_n import run
 from alignkit.inference.icdpo import demo_block, demonstration_ids, fit_demo_block, icdpo_logps, icdpo_scores
@@ -113,7 +114,7 @@ def test_generate_with_icdpo_keeps_the_best_icdpo_score(tiny_model_dir, tmp_path
         num_demos=2,
         rewards=[{"type": "length"}],
         n=3,
-        max_new_tokens=6,
+        generation=GenerationSettings(max_new_tokens=6),
         max_length=prompt_tokens + 6 + 10,  # room for 10 demonstration tokens: the block is cut
         output_dir=str(tmp_path / "icdpo"),
         progress=False,

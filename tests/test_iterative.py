@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import alignkit.algorithms.iterative as iterative
+from alignkit.config.generation import GenerationSettings
 from alignkit.config.load import ConfigError
 from alignkit.config.preference import IterativeDPOConfig
 from alignkit.data.pairs import build_pairs, pair_columns
@@ -28,7 +29,7 @@ def config(tmp_path, model, data, **overrides) -> IterativeDPOConfig:
         rewards=E_COUNT,
         rounds=2,
         num_generations=4,
-        max_new_tokens=8,
+        generation=GenerationSettings(max_new_tokens=8),
         batch_size=4,
         max_steps=6,
         lr=1e-2,
@@ -120,7 +121,10 @@ def test_two_rounds_raise_the_reward(tmp_path, tiny_model_dir):
     3e-2, 40 DPO steps a round): round 2's samples beat round 1's by +1.2..+5.1 and the held-out reward after
     round 2 beat the start's by +5.8..+16.3; the test (seed 1) asks for +1 and +5."""
     data = write_prompts(tmp_path / "prompts.jsonl", 16)
-    cfg = config(tmp_path, tiny_model_dir, data, max_steps=40, max_new_tokens=16, lr=3e-2, eval_fraction=0.25)
+    sampling = GenerationSettings(max_new_tokens=16)
+    cfg = config(
+        tmp_path, tiny_model_dir, data, max_steps=40, generation=sampling, lr=3e-2, eval_fraction=0.25
+    )
     final = iterative.train(cfg)
     out = tmp_path / "out"
     records = lines(out / "metrics.jsonl")

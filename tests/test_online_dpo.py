@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import alignkit.algorithms.online_dpo as online_dpo
 from alignkit.algorithms.online_dpo import pair_sums
+from alignkit.config.generation import GenerationSettings
 from alignkit.config.load import ConfigError
 from alignkit.config.online import OnlineDPOConfig
 from tests.conftest import train_metrics, write_prompts
@@ -27,7 +28,7 @@ def config(tmp_path, model, data, **overrides) -> OnlineDPOConfig:
         rewards=E_COUNT,
         batch_size=4,
         num_generations=4,
-        max_new_tokens=8,
+        generation=GenerationSettings(max_new_tokens=8),
         lr=1e-2,
         save_steps=0,
         eval_steps=1000,
@@ -139,7 +140,8 @@ def test_log_probs_are_the_policys_own_at_temperature_1_however_it_samples(
 
     monkeypatch.setattr(online_dpo, "token_logps_in_batches", spy_pass)
     monkeypatch.setattr(online_dpo, "token_logps", spy_logps)
-    cfg = config(tmp_path, tiny_model_dir, data, max_steps=1, temperature=0.5, top_p=0.9)
+    sampling = GenerationSettings(max_new_tokens=8, temperature=0.5, top_p=0.9)
+    cfg = config(tmp_path, tiny_model_dir, data, max_steps=1, generation=sampling)
     online_dpo.train(cfg)
     assert train_metrics(cfg)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()

@@ -12,6 +12,7 @@ import torch
 import alignkit.algorithms.ppo as ppo
 import alignkit.training.loop as online_loop
 import alignkit.training.order as order
+from alignkit.config.generation import GenerationSettings
 from alignkit.config.load import ConfigError
 from alignkit.config.online import PPOConfig
 from alignkit.training.loop import RunInterrupted
@@ -27,7 +28,7 @@ def config(tmp_path, model, data, **overrides) -> PPOConfig:
         output_dir=str(tmp_path / "out"),
         rewards=E_COUNT,
         batch_size=8,
-        max_new_tokens=8,
+        generation=GenerationSettings(max_new_tokens=8),
         lr=1e-2,
         kl_coef=0.0,
         save_steps=0,
@@ -123,7 +124,8 @@ def test_a_t5_policy_with_top_k_is_scored_under_the_distribution_it_sampled(
 
     monkeypatch.setattr(ppo, "token_logps_in_batches", spy)
     T, top_k = 2.0, 5
-    ppo.train(config(tmp_path, tiny_t5_dir, data, max_steps=1, kl_coef=0.1, temperature=T, top_k=top_k))
+    sampling = GenerationSettings(max_new_tokens=8, temperature=T, top_k=top_k)
+    ppo.train(config(tmp_path, tiny_t5_dir, data, max_steps=1, kl_coef=0.1, generation=sampling))
     (rollout, old), (_, ref) = passes  # the sampling policy's pass, then the reference's
     start = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir).eval()
     with torch.no_grad():

@@ -20,7 +20,14 @@ HUB_LABELS = {
     "cardiffnlp/twitter-roberta-base-sentiment": ["LABEL_0", "LABEL_1", "LABEL_2"],
     "facebook/roberta-hate-speech-dynabench-r4-target": ["nothate", "hate"],
 }
-SMALL = ["max_steps=2", "batch_size=2", "max_new_tokens=6", "ppo_epochs=2", "progress=false", "save_steps=0"]
+SMALL = [
+    "max_steps=2",
+    "batch_size=2",
+    "generation.max_new_tokens=6",
+    "ppo_epochs=2",
+    "progress=false",
+    "save_steps=0",
+]
 
 
 @pytest.mark.parametrize("name", ["flan_t5_news", "flan_t5_hh_summaries"])

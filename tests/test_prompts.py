@@ -12,6 +12,7 @@ import json
 
 import pytest
 
+from alignkit.config.generation import GenerationSettings
 from alignkit.data.readers import DataError
 from alignkit.models.load import load_tokenizer
 from tests.conftest import TINYSTORIES
@@ -185,7 +186,7 @@ def test_rewards_read_the_conversation_in_their_own_template_or_its_content(tmp_
         {"type": "regex", "pattern": r"^Tell me a story\.$", "text": "{prompt}"},
     ]
     cfg = GenerateConfig(
-        model=str(policy), prompts=prompts, rewards=rewards, n=3, max_new_tokens=6, progress=False,
+        model=str(policy), prompts=prompts, rewards=rewards, n=3, generation=GenerationSettings(max_new_tokens=6), progress=False,
         output_dir=str(tmp_path / "out"),
     )  # fmt: skip
     run(cfg)
@@ -218,7 +219,7 @@ def test_online_rollouts_give_rewards_the_conversation_not_the_policys_markup(tm
     prompts = dataclasses.replace(prompts, eval_rows=prompts.train_rows, eval_ids=prompts.train_ids)
     rewards = RewardSet.from_specs([{"type": "regex", "pattern": r"^Tell me a story\.$", "text": "{prompt}"}])
     model = load_causal_lm(str(tiny_model_dir)).eval()
-    sampling = sampling_settings(GRPOConfig(max_new_tokens=2))
+    sampling = sampling_settings(GRPOConfig(generation=GenerationSettings(max_new_tokens=2)))
     assert (
         evaluate_policy(model, tokenizer, prompts, rewards, sampling=sampling, seed=0)["rewards/regex/mean"]
         == 1.0

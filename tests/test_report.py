@@ -250,7 +250,7 @@ def trained_run(tmp_path_factory, tiny_model_dir):
         root / "prompts.jsonl", [{"prompt": "Once upon a time"}, {"prompt": "Lily & Tom <3"}]
     )
     args = [f"base_model={DEMO_MODEL}", f"model={out / 'final'}", f"prompts={prompts}", f"output_dir={out}"]
-    assert main(["eval", *args, "num_samples=2", "max_new_tokens=6", "num_examples=2"]) == 0
+    assert main(["eval", *args, "num_samples=2", "generation.max_new_tokens=6", "num_examples=2"]) == 0
     return out, first_page
 
 

@@ -11,7 +11,7 @@ from conftest import TINYSTORIES
 from test_generation_evaluate import ENDING
 from test_generation_evaluate import PROMPTS as STORIES
 
-from alignkit.generation.sampling import _decoder, draw_tokens, sample_ids
+from alignkit.generation.sampling import draw_tokens, loop_decoder, sample_ids
 from alignkit.models.load import load_causal_lm
 
 EOS = 2
@@ -51,10 +51,11 @@ def test_greedy_decoding_equals_generate(shipped, model, tokenizer, prompt_ids, 
     """Greedy output of the lean loop == transformers' generate, with left padding of four lengths, rows
     ending (EOS) at different steps, and prompts shared by 2 samples each (encoded once) or not."""
     m = model if shipped else load_causal_lm(str(tiny_model_dir), pad_token_id=tokenizer.pad_token_id)
-    assert _decoder(m) is not None  # the lean loop drives it
+    assert loop_decoder(m) is not None  # the lean loop drives it
     for n, batch_size in [(1, 4), (2, 4), (2, 3)]:
         kwargs = dict(num_samples=n, max_new_tokens=24, temperature=0.0, batch_size=batch_size)
         lean = sample_ids(m, tokenizer, prompt_ids, **kwargs)
+        assert lean == sample_ids(m, tokenizer, prompt_ids, **kwargs, backend="loop")  # auto's choice
         assert lean == sample_ids(m, tokenizer, prompt_ids, **kwargs, backend="hf")
     if shipped:  # the ending prompt's rows stopped early: the loop dropped them from the batch
         assert lean[-1][-1] == EOS and len(lean[-1]) < 24 and len(lean[0]) == 24
@@ -65,7 +66,7 @@ def test_greedy_decoding_with_a_lora_adapter_equals_generate(tokenizer, prompt_i
 
     base = load_causal_lm(str(tiny_model_dir), pad_token_id=tokenizer.pad_token_id)
     peft = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    assert _decoder(peft) is not None
+    assert loop_decoder(peft) is not None
     kwargs = dict(num_samples=1, max_new_tokens=12, temperature=0.0)
     with_adapter = sample_ids(peft, tokenizer, prompt_ids, **kwargs)
     assert with_adapter == sample_ids(peft, tokenizer, prompt_ids, **kwargs, backend="hf")
@@ -75,7 +76,7 @@ def test_greedy_decoding_with_a_lora_adapter_equals_generate(tokenizer, prompt_i
 
 def test_a_model_that_prepares_its_own_inputs_goes_through_generate(model, tokenizer, prompt_ids):
     """A class that overrides prepare_inputs_for_generation (recurrent or multimodal models do) is left to
-    generate: the same ids as backend='hf' for the same seed."""
+    generate: the same ids as backend='hf' for the same seed; backend='loop', asked for, is an error."""
 
     class Custom(type(model)):
         def prepare_inputs_for_generation(self, *args, **kwargs):
@@ -83,11 +84,15 @@ def test_a_model_that_prepares_its_own_inputs_goes_through_generate(model, token
 
     custom = Custom(model.config)
     custom.load_state_dict(model.state_dict())
-    assert _decoder(custom) is None
+    assert loop_decoder(custom) is None
     kwargs = dict(num_samples=2, max_new_tokens=8, seed=4)
     assert sample_ids(custom, tokenizer, prompt_ids, **kwargs) == sample_ids(
         model, tokenizer, prompt_ids, **kwargs, backend="hf"
     )
+    with pytest.raises(ValueError, match="backend='loop' cannot drive Custom"):
+        sample_ids(custom, tokenizer, prompt_ids, **kwargs, backend="loop")
+    with pytest.raises(ValueError, match="backend must be one of auto, loop, hf"):
+        sample_ids(model, tokenizer, prompt_ids, **kwargs, backend="generate")
 
 
 def test_an_encoder_decoder_samples_the_tempered_truncated_softmax(tokenizer, prompt_ids, tiny_t5_dir):
@@ -101,7 +106,7 @@ def test_an_encoder_decoder_samples_the_tempered_truncated_softmax(tokenizer, pr
     from transformers import AutoModelForSeq2SeqLM
 
     t5 = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir).eval()
-    assert _decoder(t5) is None
+    assert loop_decoder(t5) is None
     n, T, top_p = 3000, 1.5, 0.9
     ids = prompt_ids[0]
     draws = sample_ids(

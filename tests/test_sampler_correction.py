@@ -16,6 +16,7 @@ import alignkit.algorithms.online_dpo as online_dpo
 import alignkit.algorithms.ppo as ppo
 import alignkit.training.loop as online_loop
 from alignkit.config.base import TrainConfig
+from alignkit.config.generation import GenerationSettings
 from alignkit.config.load import ConfigError
 from alignkit.logprobs.completion import token_logps
 from tests.conftest import train_metrics, write_prompts
@@ -212,10 +213,22 @@ def test_online_dpo_logs_the_gap_and_trains_as_today(tmp_path, tiny_model_dir, m
     today, _, _ = run(
         monkeypatch,
         online_dpo.train,
-        online_dpo_config(tmp_path / "a", tiny_model_dir, data, max_steps=2, temperature=0.7),
+        online_dpo_config(
+            tmp_path / "a",
+            tiny_model_dir,
+            data,
+            max_steps=2,
+            generation=GenerationSettings(max_new_tokens=8, temperature=0.7),
+        ),
         None,
     )
-    cfg = online_dpo_config(tmp_path / "b", tiny_model_dir, data, max_steps=2, temperature=0.7)
+    cfg = online_dpo_config(
+        tmp_path / "b",
+        tiny_model_dir,
+        data,
+        max_steps=2,
+        generation=GenerationSettings(max_new_tokens=8, temperature=0.7),
+    )
     shifted, _, seen = run(monkeypatch, online_dpo.train, cfg, 0.2)
     assert same_run(shifted) == same_run(today)
     assert seen and all("sampler_weights" not in b for step in seen for b in step)

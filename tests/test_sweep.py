@@ -77,7 +77,7 @@ def test_a_two_point_sweep_is_trained_evaluated_and_resumed(tmp_path, tiny_model
             "rewards": E_COUNT,
             "batch_size": 4,
             "num_generations": 2,
-            "max_new_tokens": 8,
+            "generation.max_new_tokens": 8,
             "lr": 3e-2,
             "max_steps": 3,
             "progress": False,
@@ -85,7 +85,7 @@ def test_a_two_point_sweep_is_trained_evaluated_and_resumed(tmp_path, tiny_model
         },
         grid={"beta": [0.05, 0.5]},
         labels=["β 0.05", "β 0.5"],
-        eval={"prompts": held_out, "rewards": E_COUNT, "num_samples": 2, "max_new_tokens": 8},
+        eval={"prompts": held_out, "rewards": E_COUNT, "num_samples": 2, "generation.max_new_tokens": 8},
         output_dir=str(tmp_path / "sweep"),
     )
     rows = run(cfg)

@@ -298,5 +298,7 @@ def test_a_saved_adapter_loads_as_its_base_with_the_adapter_merged_and_evaluates
     torch.testing.assert_close(ours, peft(input_ids=ids).logits)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "I feel"}, {"prompt": "The day"}])
     argv = ["eval", f"base_model={tiny_model_dir}", f"model={final}", f"prompts={prompts}"]
-    assert main([*argv, f"output_dir={tmp_path / 'eval'}", "max_new_tokens=4", "num_samples=1"]) == 0
+    assert (
+        main([*argv, f"output_dir={tmp_path / 'eval'}", "generation.max_new_tokens=4", "num_samples=1"]) == 0
+    )
     assert (tmp_path / "eval" / "eval_report.json").is_file()

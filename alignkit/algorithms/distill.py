@@ -25,6 +25,7 @@ from alignkit.config.load import ConfigError, validate
 from alignkit.config.supervised import DistillConfig
 from alignkit.data.collate import collate_sft, completion_tokens
 from alignkit.data.prompts import load_prompts
+from alignkit.generation.resolve import with_resolved_backend
 from alignkit.generation.sampling import sample_ids
 from alignkit.losses.distill import divergence_beta
 from alignkit.models.load import BatchForward, check_model_source, load_policy, load_tokenizer
@@ -44,7 +45,7 @@ def check_distill_settings(cfg: DistillConfig) -> None:
     if cfg.beta != DistillConfig.beta and cfg.divergence != "jsd":
         raise ConfigError(f"beta is used by divergence=jsd only (got divergence={cfg.divergence})")
     if cfg.max_length != TrainConfig.max_length:
-        raise ConfigError("max_length is not used by distill: completions are max_new_tokens long")
+        raise ConfigError("max_length is not used by distill: completions are generation.max_new_tokens long")
     if cfg.batch_size % cfg.grad_accum:
         raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of grad_accum={cfg.grad_accum}")
     check_model_source(cfg.teacher, "teacher")
@@ -101,6 +102,8 @@ def on_policy_step(seed: int, step: int, student_fraction: float) -> bool:
 def train(cfg: DistillConfig) -> Path:
     """Distil `teacher` into the student `model` on prompt rows; returns the saved final model's folder."""
     check_distill_settings(cfg)
+    # generation.backend=auto -> loop where the lean loop drives both models, else hf; saved with the run.
+    cfg = with_resolved_backend(cfg, {"model": cfg.model, "teacher": cfg.teacher})
     accelerator, log, output_dir = start_run(cfg)
 
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
@@ -146,12 +149,14 @@ def train(cfg: DistillConfig) -> Path:
     optimizer, scheduler = make_optimizer(student, cfg, run.steps)
     policy, optimizer = accelerator.prepare(BatchForward(student, divergence_of), optimizer)
     run.resume()
+    g = cfg.generation
     sampling = {
-        "max_new_tokens": cfg.max_new_tokens,
-        "temperature": cfg.temperature,
-        "top_k": cfg.top_k or None,
-        "top_p": cfg.top_p if cfg.top_p < 1 else None,
-        "batch_size": cfg.generation_batch_size,
+        "max_new_tokens": g.max_new_tokens,
+        "temperature": g.temperature,
+        "top_k": g.top_k or None,
+        "top_p": g.top_p if g.top_p < 1 else None,
+        "batch_size": g.batch_size,
+        "backend": g.backend,
     }
 
     def examples_of(prompt_ids: list[list[int]], completions: list[list[int]]) -> list[dict]:

@@ -25,6 +25,7 @@ from alignkit.config.load import ConfigError, validate
 from alignkit.config.online import GRPOConfig
 from alignkit.data.prompts import load_prompts
 from alignkit.evaluation.policy import evaluate_policy
+from alignkit.generation.resolve import with_resolved_backend
 from alignkit.logprobs.completion import token_logps
 from alignkit.losses.masks import masked_mean
 from alignkit.losses.policy import (
@@ -125,7 +126,7 @@ class GRPOObjective:
         return float(aggregation_units(batch["loss_mask"], mode=self.aggregation))
 
     def _how(self) -> dict:
-        return {"mode": self.aggregation, "max_completion_length": self.cfg.max_new_tokens}
+        return {"mode": self.aggregation, "max_completion_length": self.cfg.generation.max_new_tokens}
 
     def __call__(self, model, batch: dict):
         out = model(batch)
@@ -157,6 +158,7 @@ def train(cfg: GRPOConfig) -> Path:
     """Train a policy online on prompt rows against a reward set; returns the saved final model's folder."""
     cfg = check_settings(cfg)
     rewards = online_rewards(cfg, "grpo")
+    cfg = with_resolved_backend(cfg)  # generation.backend=auto -> loop or hf, saved with the run
     accelerator, log, output_dir = start_run(cfg)
     G = cfg.num_generations
 

@@ -32,6 +32,7 @@ from alignkit.config.preference import DPOConfig, IterativeDPOConfig
 from alignkit.data.pairs import build_pairs, pair_columns
 from alignkit.data.prompts import Prompts, load_prompts
 from alignkit.evaluation.policy import evaluate_policy
+from alignkit.generation.resolve import with_resolved_backend
 from alignkit.io import atomic_write, read_jsonl, write_jsonl
 from alignkit.models.load import load_causal_lm, load_tokenizer
 from alignkit.rewards import RewardSet
@@ -39,7 +40,7 @@ from alignkit.rewards.ranking import JudgeRanking
 from alignkit.rewards.registry import build_reward
 from alignkit.rollout import collect, sampling_settings
 from alignkit.training.loop import MetricsLogger
-from alignkit.training.rundir import claim_output_dir, part_resume_flags
+from alignkit.training.rundir import check_resumed_backend, claim_output_dir, part_resume_flags
 from alignkit.training.setup import process_state
 
 
@@ -88,7 +89,7 @@ def sample_round(
         [prompts.train_rows[i].reward_input for i in idx],
         rewards=scorer,
         group_size=K,
-        sampling=sampling_settings(cfg),  # (the fields OnlineConfig has, under the same names)
+        sampling=sampling_settings(cfg),  # (the `generation:` section OnlineConfig has too)
         seed=seed,
         update_rewards=False,
     )
@@ -183,6 +184,7 @@ def last_train_metrics(train_dir: Path) -> dict:
 def train(cfg: IterativeDPOConfig) -> Path:
     """Run the rounds; returns the last round's final model folder (also linked as output_dir/final)."""
     check_settings(cfg)
+    cfg = with_resolved_backend(cfg)  # generation.backend=auto -> loop or hf, saved with the run
     state = process_state()
     main = state.is_main_process
     log = print if main else (lambda *a, **k: None)
@@ -190,6 +192,8 @@ def train(cfg: IterativeDPOConfig) -> Path:
     # The rounds' DPO folders are claimed by their runs; the root (config, metrics, round-* samples and
     # pairs, final link) is this run's, refused, continued or replaced as a whole.
     claim_output_dir(root, resume=cfg.resume, overwrite=cfg.overwrite, remove=main)
+    if cfg.resume:
+        check_resumed_backend(root, cfg.generation.backend)
     state.wait_for_everyone()
     if main:
         save_config(cfg, root)

@@ -32,6 +32,7 @@ from alignkit.config.online import OnlineConfig, OnlineDPOConfig
 from alignkit.data.pairs import build_pairs, pair_columns, sum_pair_stats
 from alignkit.data.prompts import load_prompts
 from alignkit.evaluation.policy import evaluate_policy
+from alignkit.generation.resolve import with_resolved_backend
 from alignkit.logprobs.completion import token_logps
 from alignkit.losses import get_loss
 from alignkit.models.load import BatchForward, disable_dropout, load_policy, load_tokenizer
@@ -113,6 +114,7 @@ def train(cfg: OnlineDPOConfig) -> Path:
     scorer = JudgeRanking(build_reward(cfg.judge, "judge"), G) if cfg.judge else None
     rewards = online_rewards(cfg, "online-dpo") if cfg.rewards else None
     scorer = scorer or rewards
+    cfg = with_resolved_backend(cfg)  # generation.backend=auto -> loop or hf, saved with the run
     accelerator, log, output_dir = start_run(cfg)
 
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)

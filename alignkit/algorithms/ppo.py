@@ -32,6 +32,7 @@ from alignkit.config.load import ConfigError, validate
 from alignkit.config.online import PPOConfig
 from alignkit.data.prompts import load_prompts
 from alignkit.evaluation.policy import evaluate_policy
+from alignkit.generation.resolve import with_resolved_backend
 from alignkit.logprobs.completion import token_logps
 from alignkit.losses.masks import masked_mean, whiten
 from alignkit.losses.policy import aggregate, aggregation_units, clipped_surrogate
@@ -233,6 +234,7 @@ def train(cfg: PPOConfig) -> Path:
     """Train a policy with PPO on prompt rows against a reward set; returns the saved final model's folder."""
     check_settings(cfg)
     rewards = online_rewards(cfg, "ppo")
+    cfg = with_resolved_backend(cfg)  # generation.backend=auto -> loop or hf (T5: hf), saved with the run
     accelerator, log, output_dir = start_run(cfg)
 
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)

@@ -7,8 +7,9 @@ field (what `alignkit <command> --help` shows) that declares its own value range
 - `preference`: dpo, kto, listwise (sharing PreferenceConfig), iterative-dpo, diffusion-dpo (a preference
   objective against a reference);
 - `online`: grpo, rloo, ppo, online-dpo (the policy's own samples, scored while it trains);
-- `tools`: the commands that train nothing themselves: eval and generate (sharing PromptSampling), score,
-  sweep, report, demo.
+- `tools`: the commands that train nothing themselves: eval and generate (sharing PromptRendering), score,
+  sweep, report, demo;
+- `generation`: the `generation:` section of every command that samples (backend, sampling fields, vLLM).
 
 `load` reads YAML and `key=value` overrides, coerces and range-checks them and writes `--help`; `checks`
 holds the checks that span sections. The config layer imports nothing above alignkit.io: where an

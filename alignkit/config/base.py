@@ -52,10 +52,10 @@ class ReferenceSettings:
 
 def max_length_above_prompt(cfg) -> str | None:
     """A max_prompt_length that is set must leave max_length room for a completion. (Left at its default
-    with a short max_length, prompts are still cut to max_prompt_length and completions to the rest; online
-    configs, which have max_new_tokens, do not use max_length.)"""
+    with a short max_length, prompts are still cut to max_prompt_length and completions to the rest; the
+    configs that sample, whose completions are generation.max_new_tokens long, do not use max_length.)"""
     default = {f.name: f.default for f in dataclasses.fields(cfg)}["max_prompt_length"]
-    if hasattr(cfg, "max_new_tokens") or cfg.max_prompt_length == default:
+    if hasattr(cfg, "generation") or cfg.max_prompt_length == default:
         return None
     if cfg.max_length > cfg.max_prompt_length:
         return None

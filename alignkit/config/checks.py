@@ -35,7 +35,7 @@ def check_online_settings(cfg: OnlineConfig, kl_weight: float, kl_name: str) -> 
     if not cfg.rewards and not getattr(cfg, "judge", None):  # (online DPO may rank with a judge instead)
         raise ConfigError("rewards is empty: give at least one reward source, e.g. 'rewards=[{type: vader}]'")
     if cfg.max_length != TrainConfig.max_length:
-        raise ConfigError("max_length is not used online: completions are max_new_tokens long")
+        raise ConfigError("max_length is not used online: completions are generation.max_new_tokens long")
     rollout = cfg.batch_size * cfg.num_generations
     minibatch = cfg.minibatch_size or rollout
     if rollout % minibatch or minibatch % cfg.grad_accum:

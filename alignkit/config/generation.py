@@ -3,7 +3,11 @@
 One section under the same keys in every sampling command (grpo, rloo, ppo, online-dpo, iterative-dpo,
 distill, generate, eval), so a setting means the same everywhere: `generation.temperature`,
 `generation.top_k`, `generation.top_p`, `generation.max_new_tokens`, `generation.batch_size`,
-`generation.backend`, and vLLM's engine settings under `generation.vllm`.
+`generation.backend`, and vLLM's engine settings under `generation.vllm`. Each command keeps its own
+defaults (`field(default_factory=lambda: GenerationSettings(max_new_tokens=48))`), and declares what only
+it requires as `relations` on its class (online training needs a temperature above 0; eval and generate
+take 0 = greedy). The flat keys these replaced (`temperature`, `generation_batch_size`, ...) are refused
+with their new names (`SAMPLING_MOVED`, `config.load.moved_key`).
 """
 
 from __future__ import annotations
@@ -75,13 +79,14 @@ class GenerationSettings:
     max_new_tokens: int = 64
     """Longest completion, in tokens."""
     temperature: float = 1.0
-    """Sampling temperature."""
+    """Sampling temperature; 0 = greedy where the command takes it (eval, generate; training needs > 0)."""
     top_k: int = 0
-    """Sample among the k most likely tokens only (0 = all)."""
+    """Sample among the k most likely tokens only (0 = off: all tokens)."""
     top_p: float = 1.0
-    """Sample from the smallest set of tokens whose probability reaches top_p (1 = all)."""
+    """Nucleus sampling: the smallest set of tokens holding this much probability (1 = off: all tokens)."""
     batch_size: int = 64
-    """Completions generated at once (bounds generation memory; the loop and hf backends)."""
+    """Completions generated at once (bounds generation memory; the loop and hf backends). With the loop
+    and hf backends it also decides which random numbers each completion draws, so a resumed run keeps it."""
     vllm: VLLMSettings = field(default_factory=VLLMSettings)
     """generation.backend=vllm: the engine's settings."""
 
@@ -93,3 +98,30 @@ class GenerationSettings:
         "top_p": between(0, 1, low_open=True),
         "batch_size": at_least(1),
     }
+
+
+SAMPLING_MOVED = {key: f"generation.{key}" for key in ("max_new_tokens", "temperature", "top_k", "top_p")}
+"""The flat sampling keys every sampling command had before the `generation:` section (its `moved`, with
+the command's own batch-size key)."""
+
+
+def temperature_above_zero(why: str):
+    """A `relations` check: generation.temperature > 0, for a command that needs a sampled distribution
+    (`why` says what for)."""
+
+    def check(cfg) -> str | None:
+        t = cfg.generation.temperature
+        return None if t > 0 else f"'generation.temperature' must be > 0 ({why}), got {t!r}"
+
+    return check
+
+
+def backend_is_not(backend: str, why: str):
+    """A `relations` check: generation.backend is not `backend`, which this command cannot use (`why`)."""
+
+    def check(cfg) -> str | None:
+        if cfg.generation.backend != backend:
+            return None
+        return f"generation.backend={backend} is not available here: {why}"
+
+    return check

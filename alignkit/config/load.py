@@ -238,26 +238,49 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
 
 
 def from_mapping(cls: type, mapping: dict, where: str = ""):
-    """A `cls` dataclass built from a flat mapping, with load_config's key and type checks.
+    """A `cls` dataclass built from a mapping, with load_config's key and type checks.
 
-    For configs held inside a list (e.g. one reward source of `rewards: [...]`). An unknown key is
-    an error naming the closest valid one and listing them all. `where` names the mapping in messages:
-    'rewards[1]' gives "rewards[1]: unknown key 'lable' ..." and "'rewards[1].weight': expected ...".
+    For configs held inside a list (e.g. one reward source of `rewards: [...]`) or a mapping (a sweep's
+    `eval:`). An unknown key is an error naming the closest valid one and listing them all. A section (a
+    nested dataclass: `generation`) is given as a mapping or by dotted keys, set key by key on `cls`'s own
+    defaults for it. `where` names the mapping in messages: 'rewards[1]' gives "rewards[1]: unknown key
+    'lable' ..." and "'rewards[1].weight': expected ...".
     """
     cfg = cls()
     names = [f.name for f in dataclasses.fields(cls)]
     hints = _field_types(cls)
+    prefix = f"{where}." if where else ""
     for key, value in mapping.items():
         key = str(key)
-        if key not in names:
+        head = key.partition(".")[0]
+        if (moved := moved_key(cls, head, prefix)) is not None:
+            raise moved
+        if head not in names:
             close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            prefix = f"{where}: " if where else ""
             raise ConfigError(
-                f"{prefix}unknown key '{key}' for {cls.__name__}.{hint} Valid keys: {', '.join(names)}."
+                f"{where + ': ' if where else ''}unknown key '{key}' for {cls.__name__}.{hint} Valid keys: "
+                f"{', '.join(names)}."
             )
-        setattr(cfg, key, _coerce(value, hints[key], f"{where}.{key}" if where else key))
+        if head != key or (dataclasses.is_dataclass(getattr(cfg, key)) and isinstance(value, dict)):
+            _set(cfg, key, value, prefix)  # a section's keys, on the command's defaults for it
+            continue
+        setattr(cfg, key, _coerce(value, hints[key], prefix + key))
     return validate(cfg, where)
+
+
+def moved_key(cls: type, key: str, prefix: str = "") -> ConfigError | None:
+    """The error for a key that `cls` no longer takes because it moved, or None. A config class declares its
+    moved keys as a class attribute, old key -> the key to write now, or (that key, a note):
+
+        moved: ClassVar[dict] = {"temperature": "generation.temperature"}
+    """
+    new = getattr(cls, "moved", {}).get(key)
+    if new is None:
+        return None
+    new, note = new if isinstance(new, tuple) else (new, "")
+    section = f" (a `{new.split('.')[0]}:` section in YAML)" if "." in new else ""
+    return ConfigError(f"'{prefix}{key}' moved: write {new}{section}" + (f"; {note}" if note else ""))
 
 
 def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
@@ -272,6 +295,8 @@ def _set(cfg: Any, dotted: str, value: Any, prefix: str = "") -> None:
     names = [f.name for f in dataclasses.fields(cfg)]
     if head in SECTION_ALIASES and head not in names and rest and not prefix:
         return _set(cfg, rest, value, prefix)
+    if head not in names and (moved := moved_key(type(cfg), head, prefix)) is not None:
+        raise moved
     if head not in names:
         valid = [prefix + n for n in names] + [
             f"{prefix}{n}.{s.name}"
@@ -325,22 +350,36 @@ def flatten_settings(mapping: dict, prefix: str = "") -> list[tuple[str, Any]]:
     return items
 
 
+def _key_lines(node: Any, prefix: str = "") -> dict[str, int]:
+    """{dotted key: its 1-based line} of a composed YAML mapping node, keyed as `flatten_settings` keys it."""
+    lines: dict[str, int] = {}
+    if not isinstance(node, yaml.MappingNode):
+        return lines
+    for key, value in node.value:
+        name = f"{prefix}{key.value}"
+        lines[name] = key.start_mark.line + 1
+        lines.update(_key_lines(value, name + "."))
+    return lines
+
+
 def _apply_file(cfg: Any, path: str | Path) -> None:
-    """Set on `cfg` every setting of the YAML file `path` (file and key named in errors)."""
+    """Set on `cfg` every setting of the YAML file `path` (file, line and key named in errors)."""
     try:
-        with open(path) as f:
-            data = load_yaml(f) or {}
+        text = Path(path).read_text()
+        data = load_yaml(text) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
+    lines = _key_lines(yaml.compose(text, Loader=_YAML12Loader))
     for key, value in flatten_settings(data):
         try:
             _set(cfg, key, value)
         except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+            where = f"{path}:{lines[key]}" if key in lines else str(path)
+            raise ConfigError(f"{where}: {e}") from None
 
 
 def build_config(cls: type, source: Any = None, overrides: dict | None = None):
@@ -399,17 +438,19 @@ def save_config(cfg: Any, output_dir: str | Path) -> Path:
 
 
 def describe(cls: type) -> str:
-    """Help text: every field with its type, default and docstring."""
-    docs = field_docs(cls)
+    """Help text: every field with its default and docstring; a section's (a nested dataclass: `lora`,
+    `generation`, ...) under its own docstring, as `section.key`, at this command's defaults."""
+    return "\n".join(_describe_fields(cls(), ""))
+
+
+def _describe_fields(default: Any, prefix: str) -> list[str]:
+    docs = field_docs(type(default))
     lines = []
-    default = cls()
-    for f in dataclasses.fields(cls):
+    for f in dataclasses.fields(default):
         value = getattr(default, f.name)
         if dataclasses.is_dataclass(value):
-            sub = field_docs(type(value))
-            for s in dataclasses.fields(value):
-                v = json.dumps(getattr(value, s.name))
-                lines.append(f"  {f.name}.{s.name} = {v}\n      {sub.get(s.name, '')}")
+            lines.append(f"  {prefix}{f.name}.*\n      {docs.get(f.name, '')}")
+            lines += _describe_fields(value, f"{prefix}{f.name}.")
             continue
-        lines.append(f"  {f.name} = {json.dumps(value)}\n      {docs.get(f.name, '')}")
-    return "\n".join(lines)
+        lines.append(f"  {prefix}{f.name} = {json.dumps(value)}\n      {docs.get(f.name, '')}")
+    return lines

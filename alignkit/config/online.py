@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from alignkit.config.base import ReferenceSettings, TrainConfig
-from alignkit.config.load import FRACTION, above, at_least, between
+from alignkit.config.generation import SAMPLING_MOVED, GenerationSettings, temperature_above_zero
+from alignkit.config.load import FRACTION, above, at_least
 from alignkit.config.preference import GAP_USES
 
 SAMPLER_CORRECTIONS = ("auto", "none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
@@ -36,16 +37,10 @@ class OnlineConfig(TrainConfig):
     """G: completions sampled per prompt."""
     batch_size: int = 8
     """Prompts per step on each process (a rollout holds batch_size x num_generations completions)."""
-    max_new_tokens: int = 64
-    """Longest completion, in tokens."""
-    temperature: float = 1.0
-    """Sampling temperature; log-probs are taken at the same temperature."""
-    top_k: int = 0
-    """Sample among the k most likely tokens only (0 = all); the policy's log-probs are renormalised over
-    the same kept set, the reference's are not (docs/online_rl.md)."""
-    top_p: float = 1.0
-    """Nucleus sampling: the smallest set of tokens holding this much probability (1 = all); log-probs as
-    for top_k."""
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    """How rollouts are sampled. The policy's log-probs are taken at generation.temperature (which must be
+    above 0) and renormalised over the top_k / top_p kept set; the reference's at the same temperature,
+    untruncated (docs/online_rl.md)."""
     ppo_epochs: int = 1
     """Passes over each rollout (more than 1 reuses samples, with the clipped ratio)."""
     minibatch_size: int = 0
@@ -66,8 +61,6 @@ class OnlineConfig(TrainConfig):
     """C, the cap of the sampler correction's weights (truncated to it or masked above it)."""
     reference: ReferenceSettings = field(default_factory=lambda: ReferenceSettings(mode="copy"))
     """The frozen reference: copy (a frozen copy) or adapter (with LoRA: the base, adapter off)."""
-    generation_batch_size: int = 64
-    """Completions generated at once (bounds generation memory)."""
     eval_steps: int = 20
     """Score one sample per eval prompt every this many steps (and at the end)."""
     save_steps: int = 20
@@ -76,18 +69,17 @@ class OnlineConfig(TrainConfig):
     ranges: ClassVar[dict] = {
         "reward_clip": above(0),
         "num_generations": at_least(1),
-        "max_new_tokens": at_least(1),
-        "temperature": above(0),
-        "top_k": at_least(0),
-        "top_p": between(0, 1, low_open=True),
         "ppo_epochs": at_least(1),
         "minibatch_size": at_least(0),
         "sampler_correction": SAMPLER_CORRECTIONS,
         "sampler_correction_cap": above(0),
         "epsilon": above(0),
         "epsilon_high": above(0),
-        "generation_batch_size": at_least(1),
     }
+    relations: ClassVar[tuple] = (
+        temperature_above_zero("online training scores its samples under the tempered distribution"),
+    )
+    moved: ClassVar[dict] = {**SAMPLING_MOVED, "generation_batch_size": "generation.batch_size"}
 
 
 @dataclass
@@ -211,14 +203,10 @@ class OnlineDPOConfig(OnlineConfig):
     as the preference probability); both need loss=sigmoid."""
     soft_label_temperature: float = 1.0
     """gap_as=soft_label: the temperature of σ(gap / temperature)."""
-    temperature: float = 1.0
-    """Sampling temperature. Log-probs are the policy's and the reference's own, at temperature 1 (as
-    iterative-dpo's and TRL's): the sampling settings only shape which completions become pairs."""
-    top_k: int = 0
-    """Sample among the k most likely tokens only (0 = all); log-probs stay untruncated, at temperature 1."""
-    top_p: float = 1.0
-    """Nucleus sampling: the smallest set of tokens holding this much probability (1 = all); log-probs
-    stay untruncated, at temperature 1."""
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    """How each step's completions are sampled (generation.temperature above 0). Log-probs are the policy's
+    and the reference's own, at temperature 1 and untruncated (as iterative-dpo's and TRL's): the sampling
+    settings only shape which completions become pairs."""
     lr: float | None = 5e-7
     """Peak learning rate (AdamW); none = scaled to the policy as for grpo (docs/online_rl.md)."""
 

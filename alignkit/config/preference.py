@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from alignkit.config.base import LoraSettings, ReferenceSettings, TrainConfig
+from alignkit.config.generation import SAMPLING_MOVED, GenerationSettings, temperature_above_zero
 from alignkit.config.load import above, at_least, between, from_mapping
 
 PAIR_STRATEGIES = ("best_worst", "all")
@@ -150,18 +151,10 @@ class IterativeDPOConfig(DPOConfig):
     until they run out (0 = every prompt, every round)."""
     num_generations: int = 4
     """k: completions sampled per prompt."""
-    max_new_tokens: int = 64
-    """Longest completion, in tokens."""
-    temperature: float = 1.0
-    """Sampling temperature. Each round's DPO scores the policy and the reference at temperature 1, as
-    online-dpo does: the sampling settings only shape which completions become pairs."""
-    top_k: int = 0
-    """Sample among the k most likely tokens only (0 = all); DPO's log-probs stay untruncated."""
-    top_p: float = 1.0
-    """Nucleus sampling: the smallest set of tokens holding this much probability (1 = all); DPO's
-    log-probs stay untruncated."""
-    generation_batch_size: int = 64
-    """Completions generated at once (bounds generation memory)."""
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    """How each round's completions are sampled (generation.temperature above 0). Each round's DPO scores
+    the policy and the reference at temperature 1, untruncated, as online-dpo does: the sampling settings
+    only shape which completions become pairs."""
     rewards: list[dict] = field(default_factory=list)
     """Reward sources scoring each completion, as in `alignkit score`; also score the eval prompts."""
     judge: dict | None = None
@@ -187,16 +180,13 @@ class IterativeDPOConfig(DPOConfig):
         "rounds": at_least(1),
         "prompts_per_round": at_least(0),
         "num_generations": at_least(2),
-        "max_new_tokens": at_least(1),
-        "temperature": above(0),
-        "top_k": at_least(0),
-        "top_p": between(0, 1, low_open=True),
-        "generation_batch_size": at_least(1),
         "max_pairs_per_prompt": at_least(0),
         "soft_label_temperature": above(0),
         "pairs": PAIR_STRATEGIES,
         "gap_as": GAP_USES,
     }
+    relations: ClassVar[tuple] = (temperature_above_zero("a pair needs two different completions"),)
+    moved: ClassVar[dict] = {**SAMPLING_MOVED, "generation_batch_size": "generation.batch_size"}
 
 
 @dataclass

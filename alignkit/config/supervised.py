@@ -9,6 +9,12 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from alignkit.config.base import LoraSettings, ReferenceSettings, TrainConfig
+from alignkit.config.generation import (
+    SAMPLING_MOVED,
+    GenerationSettings,
+    backend_is_not,
+    temperature_above_zero,
+)
 from alignkit.config.load import above, at_least, between
 
 AWR_BASELINES = ("mean", "prompt", "none")
@@ -114,16 +120,9 @@ class DistillConfig(TrainConfig):
     """τ: both distributions are softmax(logits / τ) in the divergence (no τ² factor)."""
     student_fraction: float = 0.5
     """λ: the probability that a step trains on student samples (on-policy) rather than teacher samples."""
-    max_new_tokens: int = 48
-    """Longest sampled completion, in tokens."""
-    temperature: float = 1.0
-    """Sampling temperature of the completions (teacher's and student's)."""
-    top_k: int = 0
-    """Sample among the k most likely tokens only (0 = all)."""
-    top_p: float = 1.0
-    """Nucleus sampling: the smallest set of tokens holding this much probability (1 = all)."""
-    generation_batch_size: int = 64
-    """Completions generated at once (bounds generation memory)."""
+    generation: GenerationSettings = field(default_factory=lambda: GenerationSettings(max_new_tokens=48))
+    """How the completions are sampled, the teacher's and the student's alike (generation.temperature above
+    0; the loop or hf backend: vLLM would need two engines, one per model)."""
     eval_steps: int = 20
     """Evaluate the divergence on the held-out prompts every this many steps (and at the end)."""
     save_steps: int = 20
@@ -134,9 +133,12 @@ class DistillConfig(TrainConfig):
         "beta": between(0, 1),
         "distill_temperature": above(0),
         "student_fraction": between(0, 1),
-        "max_new_tokens": at_least(1),
-        "temperature": above(0),
-        "top_k": at_least(0),
-        "top_p": between(0, 1, low_open=True),
-        "generation_batch_size": at_least(1),
     }
+    relations: ClassVar[tuple] = (
+        temperature_above_zero("the student learns the teacher's distribution on sampled completions"),
+        backend_is_not(
+            "vllm",
+            "distill samples from two models, the teacher and the student, which would need two engines",
+        ),
+    )
+    moved: ClassVar[dict] = {**SAMPLING_MOVED, "generation_batch_size": "generation.batch_size"}

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from alignkit.config.base import DTYPE_NAMES
+from alignkit.config.generation import SAMPLING_MOVED, GenerationSettings, backend_is_not
 from alignkit.config.load import above, at_least, between
 
 RETRIEVERS = ("auto", "minilm", "bm25")
@@ -25,9 +26,9 @@ DEMO_HELDOUT = ASSETS / "demo" / "heldout_openings.json"
 
 
 @dataclass
-class PromptSampling:
+class PromptRendering:
     """The settings eval and generate share, with the same meaning: how a conversational prompt row is
-    rendered, and which tokens sampling draws from (top_k / top_p: none = off)."""
+    rendered."""
 
     system_prompt: str | None = None
     """Conversational prompt rows: a system message put first in every conversation without one (rows
@@ -35,17 +36,16 @@ class PromptSampling:
     chat_template_kwargs: dict = field(default_factory=dict)
     """Conversational prompt rows: extra variables for the chat template, e.g. {enable_thinking: false}
     (Qwen3), passed to apply_chat_template."""
-    top_k: int | None = None
-    """Sample among the k most likely tokens only (none = off)."""
-    top_p: float | None = None
-    """Nucleus sampling: the smallest set of tokens with this much probability (none = off)."""
-
-    ranges: ClassVar[dict] = {"top_k": at_least(1), "top_p": between(0, 1, low_open=True)}
 
 
 @dataclass
-class EvalConfig(PromptSampling):
-    """Compare a base and an aligned model on held-out prompts, scored by one or more reward sources."""
+class EvalConfig(PromptRendering):
+    """Compare a base and an aligned model on held-out prompts, scored by one or more reward sources.
+
+    Both models are sampled with the same seeds through transformers' generate (generation.backend auto =
+    hf): sample j of each draws from its own seeded generator, so the two policies share their noise
+    (common random numbers), which the lean loop, drawing a batch's tokens from one stream, does not give.
+    generation.temperature 0 = greedy; the KL estimate needs temperature 1 and top_k / top_p off."""
 
     base_model: str = ""
     """The model before alignment: a Hugging Face hub name or a local directory."""
@@ -59,14 +59,15 @@ class EvalConfig(PromptSampling):
     """Reward sources scoring both sample sets: [{type: vader|length|regex|classifier|judge, ...}]."""
     num_samples: int = 4
     """Samples per prompt and policy (sample j of both policies shares its seed)."""
-    max_new_tokens: int = 48
-    """Longest completion, in tokens."""
-    temperature: float = 1.0
-    """Sampling temperature (0 = greedy); the KL estimate needs 1 and no top_k / top_p."""
+    generation: GenerationSettings = field(
+        default_factory=lambda: GenerationSettings(max_new_tokens=48, batch_size=32)
+    )
+    """How both models are sampled: generation.temperature 0 = greedy; the KL estimate needs 1 and top_k /
+    top_p off; backend auto or hf (transformers' generate, per-sample seeds shared by both models)."""
     seed: int = 0
     """Seed of the (shared) sampling noise."""
-    batch_size: int = 32
-    """Sequences per generation and scoring batch."""
+    scoring_batch_size: int = 32
+    """Sequences per log-likelihood batch (the KL and the perplexity)."""
     output_dir: str = "runs/eval"
     """Where eval_report.json and eval_report.md are written."""
     num_examples: int = 4
@@ -79,17 +80,28 @@ class EvalConfig(PromptSampling):
     ranges: ClassVar[dict] = {
         "num_prompts": at_least(0),
         "num_samples": at_least(1),
-        "max_new_tokens": at_least(1),
-        "temperature": at_least(0),
-        "batch_size": at_least(1),
+        "scoring_batch_size": at_least(1),
         "num_examples": at_least(0),
         "dtype": DTYPE_NAMES,
+    }
+    relations: ClassVar[tuple] = (
+        backend_is_not(
+            "loop",
+            "eval samples through transformers' generate (hf), one seeded generator per sample, so that "
+            "both models share their noise; the lean loop draws a batch's tokens from one stream",
+        ),
+        backend_is_not("vllm", "eval does not sample with vLLM yet (issue 22); use auto or hf"),
+    )
+    moved: ClassVar[dict] = {
+        **SAMPLING_MOVED,
+        "batch_size": ("generation.batch_size", "the log-likelihood batches are scoring_batch_size"),
     }
 
 
 @dataclass
-class GenerateConfig(PromptSampling):
-    """Best-of-n (or ICDPO) generation: n samples per prompt, scored, the best kept; resumable JSONL."""
+class GenerateConfig(PromptRendering):
+    """Best-of-n (or ICDPO) generation: n samples per prompt, scored, the best kept; resumable JSONL.
+    generation.temperature 0 = greedy: every candidate the same."""
 
     model: str = ""
     """The model to sample from: a Hugging Face hub name or a local directory."""
@@ -106,16 +118,12 @@ class GenerateConfig(PromptSampling):
     """Reward sources scoring every candidate: [{type: vader|length|regex|classifier|judge, ...}] (docs/rewards.md)."""
     n: int = 4
     """Candidates sampled per prompt."""
-    max_new_tokens: int = 48
-    """Longest candidate, in tokens."""
-    temperature: float = 1.0
-    """Sampling temperature (0 = greedy: every candidate the same)."""
+    generation: GenerationSettings = field(default_factory=lambda: GenerationSettings(max_new_tokens=48))
+    """How the candidates are sampled (generation.temperature 0 = greedy: every candidate the same)."""
     seed: int = 0
     """Seed of the sampling noise (chunk c of prompts is sampled with a seed derived from (seed, c))."""
     chunk_prompts: int = 16
     """Prompts sampled together (one seed per chunk); a resumed run samples its unfinished chunk again."""
-    batch_size: int = 64
-    """Sequences per sampling batch."""
     scoring_batch_size: int = 16
     """Sequences per log-prob batch (method=icdpo)."""
     demos: str = ""
@@ -150,16 +158,17 @@ class GenerateConfig(PromptSampling):
         "max_prompt_length": at_least(1),
         "method": ("reward", "icdpo"),
         "n": at_least(1),
-        "max_new_tokens": at_least(1),
-        "temperature": at_least(0),
         "chunk_prompts": at_least(1),
-        "batch_size": at_least(1),
         "scoring_batch_size": at_least(1),
         "num_demos": at_least(1),
         "retriever": RETRIEVERS,
         "max_length": at_least(0),
         "dtype": DTYPE_NAMES,
     }
+    relations: ClassVar[tuple] = (
+        backend_is_not("vllm", "generate does not sample with vLLM yet (issue 22); use auto, loop or hf"),
+    )
+    moved: ClassVar[dict] = {**SAMPLING_MOVED, "batch_size": "generation.batch_size"}
 
 
 @dataclass

@@ -4,7 +4,7 @@ compared (`evaluation.compare`), written as eval_report.json / .md and the run's
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
@@ -48,6 +48,9 @@ def run(cfg: EvalConfig) -> dict:
     read_prompts(cfg.prompts)  # bad rows fail before any model is loaded
     for key in ("base_model", "model"):
         check_model_source(getattr(cfg, key), key)
+    # generation.backend: auto is hf here (EvalConfig: both models share per-sample seeds); saved in the report.
+    backend = "hf" if cfg.generation.backend == "auto" else cfg.generation.backend
+    cfg = replace(cfg, generation=replace(cfg.generation, backend=backend))
     claim_output_dir(cfg.output_dir, overwrite=cfg.overwrite, patterns=("eval_report.json", "eval_report.md"))
     rewards = RewardSet.from_specs(cfg.rewards)
 
@@ -72,12 +75,13 @@ def run(cfg: EvalConfig) -> dict:
         rewards=rewards,
         reward_prompts=[r.reward_input for r in rows],
         num_samples=cfg.num_samples,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_k=cfg.top_k,
-        top_p=cfg.top_p,
+        max_new_tokens=cfg.generation.max_new_tokens,
+        temperature=cfg.generation.temperature,
+        top_k=cfg.generation.top_k,
+        top_p=cfg.generation.top_p,
         seed=cfg.seed,
-        batch_size=cfg.batch_size,
+        batch_size=cfg.generation.batch_size,
+        scoring_batch_size=cfg.scoring_batch_size,
         num_examples=cfg.num_examples,
     )
     report["models"] = {"base": cfg.base_model, "aligned": cfg.model}

@@ -110,6 +110,7 @@ def compare_policies(
     top_p: float | None = None,
     seed: int = 0,
     batch_size: int = 32,
+    scoring_batch_size: int = 32,
     num_examples: int = 4,
     reward_prompts: list | None = None,
 ) -> dict:
@@ -117,7 +118,8 @@ def compare_policies(
 
     `prompts` are the texts the policies continue (chat templates applied); `reward_prompts`, what the
     reward sources read for each (`PromptRow.reward_input`: a conversation's messages, which a reward
-    model renders in its own template), default `prompts`.
+    model renders in its own template), default `prompts`. `batch_size` sequences are sampled at once,
+    `scoring_batch_size` scored at once for the log-likelihoods.
 
     Both sample sets are scored by every source of `rewards` in one call and composed together (so a
     normalising RewardSet uses the same statistics for both). Returns a JSON-serialisable dict:
@@ -153,7 +155,7 @@ def compare_policies(
         raise ValueError(f"{len(prompts)} prompts but {len(given)} reward_prompts")
     scores, names = _score_both(rewards, given, samples, n)
     likelihoods = _likelihood_stats(
-        base_model, aligned_model, tokenizer, samples, num_samples=n, batch_size=batch_size
+        base_model, aligned_model, tokenizer, samples, num_samples=n, batch_size=scoring_batch_size
     )
     # 4. The report.
     report: dict = {

@@ -27,6 +27,9 @@ from transformers.generation.logits_process import TemperatureLogitsWarper
 from alignkit.data.prompts import encode_prompt
 from alignkit.logprobs.transforms import truncation_warpers
 
+SAMPLE_IDS_BACKENDS = ("auto", "loop", "hf")
+"""The backends `sample_ids` draws with (generation.backend's others, vllm, sample elsewhere)."""
+
 
 def sample_seed(seed: int, index: int) -> int:
     """A well-mixed 64-bit seed for sample `index` of a call seeded `seed`.
@@ -181,10 +184,11 @@ def _cache_keyword(model) -> str | None:
     return next((k for k in ("cache", "past_key_values") if k in params), None)
 
 
-def _decoder(model):
+def loop_decoder(model):
     """(module to call, its cache keyword) for the lean decode loop, or None (use `generate`). A LoRA
     PeftModel is decoded through its base model, whose layers carry the adapters; prompt-learning
-    adapters (prefix tuning, ...) change the inputs and are left to `generate`."""
+    adapters (prefix tuning, ...) change the inputs and are left to `generate`. What generation.backend=auto
+    resolves by (`generation.resolve`)."""
     if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
         if getattr(model.active_peft_config, "is_prompt_learning", False):
             return None
@@ -305,14 +309,16 @@ def sample_ids(
     prompt is encoded once for its `num_samples` rows when `batch_size` is a multiple of `num_samples`,
     every token is drawn by `draw_tokens` with one uniform per row from a generator seeded with `seed`,
     and rows that end leave the batch. Other models (encoder-decoders, recurrent or multimodal ones, prompt-
-    learning adapters) go through `model.generate` with `do_sample`, seeded inside a forked RNG state;
-    `backend="hf"` sends every model there (benchmarks/generation_speed.py compares the two); `"loop"`
-    insists on the loop. The two paths draw different samples for the same seed; each is reproducible.
+    learning adapters) go through `model.generate` with `do_sample`, seeded inside a forked RNG state.
+    `backend`: auto (that choice), loop (the lean loop; an error for a model it cannot drive) or hf (`generate`
+    for every model; benchmarks/generation_speed.py compares the two). The two paths draw different samples
+    for the same seed; each is reproducible.
     """
     _check_counts(num_samples, max_new_tokens, batch_size)
-    if backend not in ("auto", "loop", "hf"):
+    if backend not in SAMPLE_IDS_BACKENDS:
         raise ValueError(
-            f"backend must be 'auto' (the lean loop when it can drive the model), 'loop' or 'hf', got {backend!r}"
+            f"backend must be one of {', '.join(SAMPLE_IDS_BACKENDS)} (auto: the lean loop when it can drive "
+            f"the model, else hf, transformers' generate), got {backend!r}"
         )
     config, warpers, eos = _settings(
         model, tokenizer, max_new_tokens, temperature, top_k=top_k, top_p=top_p, do_sample=True
@@ -321,9 +327,13 @@ def sample_ids(
     was_training = model.training
     model.eval()
     try:
-        decoder = _decoder(model) if backend != "hf" else None
+        decoder = loop_decoder(model) if backend != "hf" else None
         if decoder is None and backend == "loop":
-            raise ValueError(f"the lean sampling loop cannot drive {type(model).__name__}: use backend 'hf'")
+            raise ValueError(
+                f"backend='loop' cannot drive {type(model).__name__} (an encoder-decoder, a model that "
+                "prepares its own generation inputs, or a forward without position ids or a KV cache); use "
+                "'hf' or 'auto'"
+            )
         if decoder is None:
             ids, logps = _sample_ids_with_generate(
                 model,
@@ -369,7 +379,7 @@ def _sample_ids_with_loop(
     batch_size,
     device,
 ) -> tuple[list[list[int]], list[list[float]]]:
-    """`sample_ids` through the lean KV-cache loop (`_decode`) on `decoder`, `_decoder(model)`'s (module,
+    """`sample_ids` through the lean KV-cache loop (`_decode`) on `decoder`, `loop_decoder(model)`'s (module,
     cache keyword): one generator seeded with `seed` draws every token (none for greedy decoding)."""
     module, cache_key = decoder
     generator = None

@@ -1,6 +1,6 @@
 """`alignkit generate`: best-of-n sampling (inference-time alignment), or ICDPO's training-free choice.
 
-For every prompt, n completions are sampled from the model (`generation.sample_ids`: token ids as
+For every prompt, n completions are sampled from the model (`generation.sampling.sample_ids`: token ids as
 sampled, seeded), every candidate is scored by a reward set (the `rewards:` list of every command), and one
 is kept:
 
@@ -34,6 +34,7 @@ from alignkit.config.load import ConfigError, validate
 from alignkit.config.tools import GenerateConfig
 from alignkit.data.prompts import encode_prompt
 from alignkit.evaluation.stats import mean_and_stderr
+from alignkit.generation.resolve import with_resolved_backend
 from alignkit.generation.sampling import sample_ids, sample_seed
 from alignkit.io import append_jsonl, atomic_write, cut_torn_line, read_jsonl
 from alignkit.rewards.compose import RewardSet
@@ -70,8 +71,8 @@ def sample_candidates(
     seed: int = 0,
     **sampling,
 ) -> list[Candidates]:
-    """n samples of every prompt (`generation.sample_ids`, seeded by `seed`; `sampling`: max_new_tokens,
-    temperature, top_k, top_p, batch_size), unscored. `prompts` are texts, or with `prompt_ids` also
+    """n samples of every prompt (`generation.sampling.sample_ids`, seeded by `seed`; `sampling`: max_new_tokens,
+    temperature, top_k, top_p, batch_size, backend), unscored. `prompts` are texts, or with `prompt_ids` also
     conversations (`PromptRow.reward_input`: what the rewards read). `prompt_ids` default to the one prompt encoder's
     ids of `prompts` (`data.prompts.encode_prompt`: one BOS). One call draws from one seeded stream: the same prompts,
     settings and seed give the same candidates, but a prompt's candidates also depend on which prompts
@@ -117,7 +118,7 @@ def sample_and_score(
 ) -> list[Candidates]:
     """Prompts -> per-prompt candidates (token ids as sampled, text) with per-source scores and totals:
     `sample_candidates` then `score_candidates` (keywords: n, seed, max_new_tokens, temperature, top_k,
-    top_p, batch_size)."""
+    top_p, batch_size, backend)."""
     return score_candidates(sample_candidates(model, tokenizer, prompts, prompt_ids, **sampling), rewards)
 
 
@@ -317,10 +318,10 @@ def run(cfg: GenerateConfig) -> dict:
     line per prompt to output_dir/candidates.jsonl; writes and prints the summary; returns it."""
     from alignkit.config.load import save_config
     from alignkit.data.prompts import encode_prompt_rows, load_prompt_rows
-    from alignkit.models.load import check_model_source, load_causal_lm, load_tokenizer
+    from alignkit.models.load import load_causal_lm, load_tokenizer
 
     check_config(cfg)
-    check_model_source(cfg.model)
+    cfg = with_resolved_backend(cfg)  # generation.backend=auto -> loop or hf, saved with the run
     claim(cfg)
     tokenizer = load_tokenizer(cfg.model)
     template = {"system_prompt": cfg.system_prompt, "chat_template_kwargs": cfg.chat_template_kwargs}
@@ -344,13 +345,15 @@ def run(cfg: GenerateConfig) -> dict:
     # It samples with its own forward; alignkit computes no log-probs of it.
     model = load_causal_lm(cfg.model, cfg.dtype, pad_token_id=tokenizer.pad_token_id, check_logps=False)
     model = model.to(device)
+    g = cfg.generation
     sampling = dict(
         n=cfg.n,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_k=cfg.top_k,
-        top_p=cfg.top_p,
-        batch_size=cfg.batch_size,
+        max_new_tokens=g.max_new_tokens,
+        temperature=g.temperature,
+        top_k=g.top_k,
+        top_p=g.top_p,
+        batch_size=g.batch_size,
+        backend=g.backend,
     )
     C = cfg.chunk_prompts
     starts = range(done // C * C, len(prompts), C)

@@ -55,7 +55,7 @@ def fit_demo_block(
         raise ValueError(
             f"a prompt of {prompt_length} tokens and a candidate of {longest_completion} need "
             f"{prompt_length + longest_completion} positions, more than the model's {max_length} even with "
-            "no demonstrations; lower max_prompt_length or max_new_tokens"
+            "no demonstrations; lower max_prompt_length or generation.max_new_tokens"
         )
     return block[len(block) - room :] if len(block) > room else block
 

@@ -34,7 +34,8 @@ from alignkit.io import follow_umask
 
 # Settings that do not change what a run trains: where and how often it writes, how long it runs (a resumed
 # run may extend max_steps or epochs), the progress bar and memory-only knobs. Everything else is in the
-# fingerprint; a new setting is in it unless named here.
+# fingerprint; a new setting is in it unless named here. (generation.batch_size is in it: the loop and hf
+# samplers draw each completion's random numbers by its place in a batch, so it shapes the samples.)
 NOT_FINGERPRINTED = frozenset(
     {
         "output_dir",
@@ -49,7 +50,6 @@ NOT_FINGERPRINTED = frozenset(
         "max_steps",
         "epochs",
         "logprob_chunk_size",
-        "generation_batch_size",
         "gradient_checkpointing",
         "on_bad_rows",
         "report",

@@ -13,7 +13,12 @@ import shutil
 from pathlib import Path
 
 from alignkit.config.load import ConfigError
-from alignkit.training.checkpoint import Checkpointer, check_fingerprint, sorted_checkpoints
+from alignkit.training.checkpoint import (
+    Checkpointer,
+    check_fingerprint,
+    saved_fingerprint,
+    sorted_checkpoints,
+)
 
 # What a training run writes into output_dir (glob patterns); the cache/ folder is keyed by content and kept.
 RUN_FILES = (
@@ -113,6 +118,20 @@ def claim_output_dir(
         f"output_dir {root} already holds a run ({_describe(root, found)}); continue it with resume=true, "
         "replace it with overwrite=true (deletes those files first), or choose another output_dir"
     )
+
+
+def check_resumed_backend(output_dir: str | Path, backend: str) -> None:
+    """ConfigError naming both when the run in `output_dir` (its config.yaml) sampled with another
+    generation.backend than `backend`, the one the resuming run resolved: its samples would come from
+    another sampler. For a run in parts (iterative DPO), whose checkpoints do not hold the sampling settings;
+    one that checkpoints compares them with everything else (`checkpoint.check_fingerprint`)."""
+    saved = (saved_fingerprint(Path(output_dir)) or {}).get("generation.backend")
+    if saved is not None and saved != backend:
+        raise ConfigError(
+            f"{output_dir} was sampled with generation.backend={saved}; this run resolves it to {backend}. "
+            f"Resume with generation.backend={saved}, or start a new run in another output_dir (or "
+            "overwrite=true to replace this one)"
+        )
 
 
 def part_resume_flags(output_dir: str | Path) -> tuple[bool, bool]:
