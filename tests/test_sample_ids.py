@@ -270,5 +270,7 @@ def test_loop_backend_refuses_a_model_it_cannot_drive(tokenizer):
     t5 = T5ForConditionalGeneration(
         T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)
     )
-    with pytest.raises(ValueError, match="cannot drive T5ForConditionalGeneration: use backend 'hf'"):
+    with pytest.raises(
+        ValueError, match="backend='loop' cannot drive T5ForConditionalGeneration .*use 'hf' or 'auto'"
+    ):
         sample_ids(t5, tokenizer, [[1, 2]], max_new_tokens=2, backend="loop")

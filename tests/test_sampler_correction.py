@@ -128,7 +128,9 @@ def test_grpo_weights_metrics_and_loss_by_hand(tmp_path, tiny_model_dir, monkeyp
     kl = Σ_i L_i·(e^d_i − 1 − d_i) / Σ_i L_i. At ratio 1 each token's clipped surrogate is −A_i, so with
     GRPO's sequence mean (β = 0) the loss is −mean_i(A_i·w_i)."""
     data = write_prompts(tmp_path / "prompts.jsonl", 8)
-    cfg = grpo_config(tmp_path, tiny_model_dir, data, max_steps=1, max_new_tokens=10)
+    cfg = grpo_config(
+        tmp_path, tiny_model_dir, data, max_steps=1, generation=GenerationSettings(max_new_tokens=10)
+    )
     d = 0.02 * torch.arange(16.0)
     metrics, rollouts, seen = run(monkeypatch, grpo.train, cfg, -d)
     (rollout,), ((batch,),), (m,) = rollouts, seen, metrics
