@@ -23,6 +23,7 @@ from alignkit.generation.backends import ModelSampler, Sampler
 from alignkit.generation.sampling import eos_ids
 from alignkit.losses.off_policy import sampler_statistics, sampler_weights
 from alignkit.losses.policy import frac_reward_zero_std
+from alignkit.models.load import adapter_base
 from alignkit.rewards.base import reduce_metrics
 
 
@@ -322,6 +323,23 @@ def make_sampler(
         tokenizer,
         settings=vllm_settings,
         max_model_len=max_model_len,
+    )
+
+
+def run_sampler(cfg, model, tokenizer, prompts) -> Sampler:
+    """The sampler of a run that samples from its policy `model` (loaded from `cfg.model`) by `cfg.generation`
+    (backend resolved: `generation.resolve`): vLLM's engine starts from cfg.model's weights (a LoRA adapter
+    folder's base model; the adapter arrives merged with the first sync) and serves the longest of the run's
+    `prompts` (`data.prompts.Prompts`) plus max_new_tokens, unless generation.vllm.max_model_len says."""
+    g = cfg.generation
+    longest = max(map(len, [*prompts.train_ids, *prompts.eval_ids]), default=0)
+    return make_sampler(
+        g.backend,
+        model,
+        tokenizer,
+        vllm_settings=g.vllm,
+        source=adapter_base(cfg.model) or cfg.model,
+        max_model_len=longest + g.max_new_tokens,
     )
 
 

@@ -4,6 +4,8 @@ differ by command, generation.backend resolved at run start and saved with the r
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 import alignkit
@@ -124,23 +126,40 @@ def test_auto_resolves_from_the_model_class_and_a_backend_a_model_cannot_use_is_
     """auto: the lean loop for a decoder it drives, hf for an encoder-decoder or a VLM (whose class
     prepares its own generation inputs), hf when any sampled model needs it; loop and vllm, asked for, are
     refused with the reason for the models they cannot drive."""
+    from transformers import AutoConfig
+
     llama, t5, vlm = str(tiny_model_dir), str(tiny_t5_dir), tiny_llava_config_dir(tmp_path / "llava")
     assert resolve_backend("auto", [llama]) == "loop"
     assert resolve_backend("auto", [t5]) == "hf"
     assert resolve_backend("auto", [vlm]) == "hf"
     assert resolve_backend("auto", [llama, t5]) == "hf"  # (distill: the teacher and the student)
     assert resolve_backend("hf", [llama]) == "hf" and resolve_backend("loop", [llama]) == "loop"
-    assert resolve_backend("vllm", [llama]) == "vllm"
+    if importlib.util.find_spec("vllm") is None:  # the main environment: how to install it, before any load
+        with pytest.raises(ImportError, match=r"pip install 'alignkit\[vllm\]'"):
+            resolve_backend("vllm", [llama], on_cpu=False)
+    else:
+        assert resolve_backend("vllm", [llama], on_cpu=False) == "vllm"
+        with pytest.raises(ConfigError, match="vLLM's CPU attention computes head sizes"):
+            resolve_backend("vllm", [llama], on_cpu=True)  # head size 8
     with pytest.raises(ConfigError, match=f"generation.backend=loop cannot drive {t5} is an encoder-decoder"):
         resolve_backend("loop", [llama, t5])
     with pytest.raises(
         ConfigError, match=f"generation.backend=loop cannot drive {vlm} \\(LlavaForConditional"
     ):
         resolve_backend("loop", [vlm])
-    with pytest.raises(ConfigError, match=f"generation.backend=vllm: {t5} is an encoder-decoder"):
+    with pytest.raises(ConfigError, match=f"generation.backend=vllm: {t5}: t5 is an encoder-decoder"):
         resolve_backend("vllm", [t5])
-    with pytest.raises(ConfigError, match=f"generation.backend=vllm: {vlm} is a vision-language model"):
+    with pytest.raises(
+        ConfigError, match=f"generation.backend=vllm: {vlm}: llava is a vision-language model"
+    ):
         resolve_backend("vllm", [vlm])
+    scorer = tmp_path / "reward-model"
+    AutoConfig.from_pretrained(llama).save_pretrained(scorer)
+    (scorer / "config.json").write_text(
+        (scorer / "config.json").read_text().replace("LlamaForCausalLM", "LlamaForSequenceClassification")
+    )
+    with pytest.raises(ConfigError, match="LlamaForSequenceClassification is a reward or value model"):
+        resolve_backend("vllm", [str(scorer)])
 
 
 def test_the_resolved_backend_is_saved_and_a_resume_that_changes_it_is_refused(tmp_path, tiny_model_dir):

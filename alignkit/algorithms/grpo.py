@@ -46,6 +46,7 @@ from alignkit.rewards.compose import online_rewards
 from alignkit.rollout import (
     needs_old_logps,
     rollout_metrics,
+    run_sampler,
     sampler_correction,
     sampling_settings,
     timing_metrics,
@@ -188,7 +189,8 @@ def train(cfg: GRPOConfig) -> Path:
             "rewards": rewards,
         }
 
-    run = OnlineRun(cfg, accelerator, len(prompts.train_rows), named=named, log=log)
+    sampler = run_sampler(cfg, model, tokenizer, prompts)  # (vllm: an engine beside the trainer, or a server)
+    run = OnlineRun(cfg, accelerator, len(prompts.train_rows), named=named, log=log, sampler=sampler)
     n_rows = cfg.batch_size * G
     minibatches_per_epoch = n_rows // (cfg.minibatch_size or n_rows)
     updates_per_step = cfg.ppo_epochs * minibatches_per_epoch
@@ -200,7 +202,15 @@ def train(cfg: GRPOConfig) -> Path:
 
     def evaluate() -> dict:
         model = accelerator.unwrap_model(policy).model
-        return evaluate_policy(model, tokenizer, prompts, rewards, sampling=sampling, seed=cfg.seed + 1)
+        return evaluate_policy(
+            model,
+            tokenizer,
+            prompts,
+            rewards,
+            sampling=sampling,
+            seed=cfg.seed + 1,
+            sampler=run.synced(model),
+        )
 
     with run.interruptible():
         while run.step < run.steps:

@@ -38,7 +38,7 @@ from alignkit.models.load import load_causal_lm, load_tokenizer
 from alignkit.rewards import RewardSet
 from alignkit.rewards.ranking import JudgeRanking
 from alignkit.rewards.registry import build_reward
-from alignkit.rollout import collect, sampling_settings
+from alignkit.rollout import collect, run_sampler, sampling_settings
 from alignkit.training.loop import MetricsLogger
 from alignkit.training.rundir import check_resumed_backend, claim_output_dir, part_resume_flags
 from alignkit.training.setup import process_state
@@ -77,10 +77,10 @@ def round_prompts(n: int, per_round: int, k: int, seed: int) -> list[int]:
 
 
 def sample_round(
-    policy, tokenizer, prompts: Prompts, idx: list[int], *, scorer, cfg, seed: int
+    policy, tokenizer, prompts: Prompts, idx: list[int], *, scorer, cfg, seed: int, sampler=None
 ) -> list[dict]:
     """One row per prompt: its token ids and its k completions (text, token ids as sampled, per-source
-    scores, total)."""
+    scores, total), drawn by `sampler` (synced to `policy`; default: `policy` itself)."""
     K = cfg.num_generations
     rollout = collect(
         policy,
@@ -92,6 +92,7 @@ def sample_round(
         sampling=sampling_settings(cfg),  # (the `generation:` section OnlineConfig has too)
         seed=seed,
         update_rewards=False,
+        sampler=sampler,
     )
     completion_ids = rollout.completion_ids()
     rows = []
@@ -226,15 +227,27 @@ def train(cfg: IterativeDPOConfig) -> Path:
         )
         return model.eval()
 
-    def held_out(model) -> dict:
+    def synced(model, version: int):
+        sampler.sync(model, version)
+        return sampler
+
+    def held_out(model, version: int) -> dict:
         scores = evaluate_policy(
-            model, tokenizer, prompts, evaluator, sampling=sampling_settings(cfg), seed=cfg.seed + 1
+            model,
+            tokenizer,
+            prompts,
+            evaluator,
+            sampling=sampling_settings(cfg),
+            seed=cfg.seed + 1,
+            sampler=synced(model, version),
         )
         return {f"eval/{k}": v for k, v in scores.items()}
 
     policy = load(policy_path)
+    # The sampler follows the policy of every round (version: rounds done); vllm starts from cfg.model.
+    sampler = run_sampler(cfg, policy, tokenizer, prompts)
     if not start_logged and evaluator is not None:
-        logger.log({"step": 0, "round": 0, **held_out(policy)})
+        logger.log({"step": 0, "round": 0, **held_out(policy, resumed)})
     for k in range(resumed + 1, cfg.rounds + 1):
         rdir = root / f"round-{k}"
         rdir.mkdir(parents=True, exist_ok=True)
@@ -252,7 +265,16 @@ def train(cfg: IterativeDPOConfig) -> Path:
             )
             seed = cfg.seed * 1000 + k + 7919 * rank
             share = (
-                sample_round(policy, tokenizer, prompts, mine, scorer=scorer, cfg=cfg, seed=seed)
+                sample_round(
+                    policy,
+                    tokenizer,
+                    prompts,
+                    mine,
+                    scorer=scorer,
+                    cfg=cfg,
+                    seed=seed,
+                    sampler=synced(policy, k - 1),
+                )
                 if mine
                 else []
             )
@@ -293,7 +315,7 @@ def train(cfg: IterativeDPOConfig) -> Path:
         }
         policy_path, policy = final, load(final)
         if evaluator is not None:
-            record.update(held_out(policy))
+            record.update(held_out(policy, k))
         logger.log(record)
         if main:
             atomic_write(rdir / "round.json", json.dumps(record, indent=1))

@@ -45,6 +45,7 @@ from alignkit.rollout import (
     Rollout,
     needs_old_logps,
     rollout_metrics,
+    run_sampler,
     sampler_correction,
     sampling_settings,
     timing_metrics,
@@ -151,19 +152,22 @@ def train(cfg: OnlineDPOConfig) -> Path:
             "objective": objective.reward_mean,
         }
 
-    run = OnlineRun(cfg, accelerator, len(prompts.train_rows), named=named, log=log)
+    sampler = run_sampler(cfg, model, tokenizer, prompts)  # (vllm: an engine beside the trainer, or a server)
+    run = OnlineRun(cfg, accelerator, len(prompts.train_rows), named=named, log=log, sampler=sampler)
     optimizer, scheduler = make_optimizer(model, cfg, run.steps)
     policy, optimizer = accelerator.prepare(BatchForward(model, policy_fn), optimizer)
     run.resume()
 
     def evaluate() -> dict:
+        model = accelerator.unwrap_model(policy).model
         return evaluate_policy(
-            accelerator.unwrap_model(policy).model,
+            model,
             tokenizer,
             prompts,
             rewards,
             sampling=sampling,
             seed=cfg.seed + 1,
+            sampler=run.synced(model),
         )
 
     with run.interruptible():

@@ -57,6 +57,7 @@ from alignkit.models.value import VALUE_ADAPTER, ValueModel, value_adapter_on, v
 from alignkit.rewards.compose import online_rewards
 from alignkit.rollout import (
     rollout_metrics,
+    run_sampler,
     sampler_correction,
     sampling_settings,
     timing_metrics,
@@ -266,7 +267,8 @@ def train(cfg: PPOConfig) -> Path:
             "kl_controller": kl_ctl,
         }
 
-    run = OnlineRun(cfg, accelerator, len(prompts.train_rows), named=named, log=log)
+    sampler = run_sampler(cfg, lm, tokenizer, prompts)  # (vllm: an engine beside the trainer, or a server)
+    run = OnlineRun(cfg, accelerator, len(prompts.train_rows), named=named, log=log, sampler=sampler)
     n_rows = cfg.batch_size * cfg.num_generations
     minibatches_per_epoch = n_rows // (cfg.minibatch_size or n_rows)
     module = PolicyAndValue(lm, value, **fn_kwargs)
@@ -276,7 +278,15 @@ def train(cfg: PPOConfig) -> Path:
 
     def evaluate() -> dict:
         policy = accelerator.unwrap_model(model).policy
-        return evaluate_policy(policy, tokenizer, prompts, rewards, sampling=sampling, seed=cfg.seed + 1)
+        return evaluate_policy(
+            policy,
+            tokenizer,
+            prompts,
+            rewards,
+            sampling=sampling,
+            seed=cfg.seed + 1,
+            sampler=run.synced(policy),
+        )
 
     with run.interruptible():
         while run.step < run.steps:

@@ -10,9 +10,12 @@ from alignkit.rewards.compose import weighted_sum
 from alignkit.rollout import collect
 
 
-def evaluate_policy(model, tokenizer, prompts: Prompts, rewards: RewardSet, *, sampling, seed: int) -> dict:
+def evaluate_policy(
+    model, tokenizer, prompts: Prompts, rewards: RewardSet, *, sampling, seed: int, sampler=None
+) -> dict:
     """One sample per eval prompt from `model` (the unwrapped policy), the same seed every time and the
-    reward normaliser left as it is: mean reward (total and per source) and completion length.
+    reward normaliser left as it is: mean reward (total and per source) and completion length. `sampler`
+    draws them as it draws the run's rollouts (`OnlineRun.synced`; default: `model` on the sampling backend).
 
     With `reward_normalize` the eval reward is the weighted sum of the sources' raw scores (unclipped: the
     clip bounds normalised values), not the reward training uses: normalised by the moving training
@@ -27,6 +30,7 @@ def evaluate_policy(model, tokenizer, prompts: Prompts, rewards: RewardSet, *, s
         sampling=sampling,
         seed=seed,
         update_rewards=False,
+        sampler=sampler,
     )
     total = weighted_sum(rollout.source_scores, rewards.weights) if rewards.normalize else rollout.scores
     out = {

@@ -50,32 +50,38 @@ def loop_refusal(name_or_path: str, trust_remote_code: bool = False) -> str | No
     return None
 
 
-def vllm_refusal(name_or_path: str, trust_remote_code: bool = False) -> str | None:
-    """Why vLLM cannot sample the checkpoint `name_or_path` for alignkit, or None."""
-    from alignkit.models.load import adapter_base, is_encoder_decoder
-    from alignkit.models.vision import is_vision_language
+def vllm_refusal(
+    name_or_path: str, trust_remote_code: bool = False, *, on_cpu: bool | None = None
+) -> str | None:
+    """Why vLLM cannot sample the checkpoint `name_or_path` for alignkit (a folder holding a LoRA adapter alone
+        is its base model's), or None: `generation.vllm.vllm_refusal` on its config, `on_cpu` (default: no CUDA
+        device here) deciding whether vLLM's CPU head sizes apply. A model it could serve without vLLM installed
+    is an ImportError saying how to install it."""
+    from transformers import AutoConfig
+
+    from alignkit.generation.vllm import import_vllm
+    from alignkit.generation.vllm import vllm_refusal as config_refusal
+    from alignkit.models.load import adapter_base
 
     name_or_path = adapter_base(name_or_path) or name_or_path
-    if is_encoder_decoder(name_or_path, trust_remote_code):
-        return (
-            f"{name_or_path} is an encoder-decoder (T5, BART, ...): vLLM serves decoder-only models; use "
-            "generation.backend=hf (or auto)"
-        )
-    if is_vision_language(name_or_path, trust_remote_code):
-        return (
-            f"{name_or_path} is a vision-language model: alignkit's rollouts send vLLM token ids only, "
-            "without the images; use generation.backend=hf (or auto)"
-        )
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    on_cpu = not torch.cuda.is_available() if on_cpu is None else on_cpu
+    why = config_refusal(config, on_cpu=on_cpu)
+    if why is not None:
+        return f"{name_or_path}: {why}"
+    import_vllm()  # a model it could serve, and vLLM not installed: say how to install it, before any load
     return None
 
 
-def resolve_backend(backend: str, models: list[str], *, trust_remote_code: bool = False) -> str:
+def resolve_backend(
+    backend: str, models: list[str], *, trust_remote_code: bool = False, on_cpu: bool | None = None
+) -> str:
     """generation.backend as the run will use it for every model in `models` (those it samples from): auto
     -> loop when the lean loop drives them all, else hf; loop, hf and vllm as given. ConfigError naming the
-    model and the reason for loop or vllm on a model they cannot drive."""
+    model and the reason for loop or vllm on a model they cannot drive (`on_cpu`: see `vllm_refusal`)."""
     if backend == "vllm":
         for name in models:
-            if (why := vllm_refusal(name, trust_remote_code)) is not None:
+            if (why := vllm_refusal(name, trust_remote_code, on_cpu=on_cpu)) is not None:
                 raise ConfigError(f"generation.backend=vllm: {why}")
         return backend
     if backend not in ("auto", "loop"):

@@ -55,14 +55,27 @@ def cpu_head_sizes() -> list[int] | None:
     return list(CPUAttentionBackend.get_supported_head_sizes())
 
 
+SCORER_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForRewardModel", "ValueHead")
+"""Architecture names of checkpoints that score text rather than write it (reward and value models)."""
+
+
 def vllm_refusal(config, *, on_cpu: bool, head_sizes: list[int] | None = None) -> str | None:
     """Why vLLM cannot sample from a model with this transformers `config` (None: it can): encoder-decoders
-    (T5) and vision-language models are not served as policies here, and on a CPU the head size must be
+    (T5), vision-language models, and reward or value models are not served as policies here, and on a CPU the head size must be
     one vLLM's CPU attention computes (`head_sizes`, default asked of vLLM)."""
     if getattr(config, "is_encoder_decoder", False):
         return f"{config.model_type} is an encoder-decoder; use generation.backend=hf"
     if getattr(config, "vision_config", None) is not None:
-        return f"{config.model_type} is a vision-language model; use generation.backend=loop or hf"
+        return (
+            f"{config.model_type} is a vision-language model: alignkit sends vLLM token ids only, without "
+            "the images; use generation.backend=loop or hf"
+        )
+    scorers = [a for a in getattr(config, "architectures", None) or [] if a.endswith(SCORER_SUFFIXES)]
+    if scorers:
+        return (
+            f"{scorers[0]} is a reward or value model (a scalar head, no language-model head): vLLM samples "
+            "text from a policy only"
+        )
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = getattr(text, "num_attention_heads", None)
     head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else None)

@@ -54,6 +54,18 @@ NOT_FINGERPRINTED = frozenset(
         "on_bad_rows",
         "report",
         "report_to",
+        # where and how a vLLM sampler runs, not what it draws: a resume may move it (another server, more
+        # memory, another weight transport)
+        "generation.vllm.mode",
+        "generation.vllm.server_url",
+        "generation.vllm.server_timeout",
+        "generation.vllm.gpu_memory_utilization",
+        "generation.vllm.cpu_kv_cache_gb",
+        "generation.vllm.max_model_len",
+        "generation.vllm.enforce_eager",
+        "generation.vllm.weight_transport",
+        "generation.vllm.weight_chunk_mb",
+        "generation.vllm.nccl_port",
     }
 )
 

@@ -24,6 +24,7 @@ import torch
 from alignkit.config.base import TrainConfig
 from alignkit.config.online import OnlineConfig
 from alignkit.data.prompts import Prompts
+from alignkit.generation.backends import ModelSampler, Sampler
 from alignkit.io import atomic_write, read_jsonl
 from alignkit.rewards import RewardSet
 from alignkit.rollout import collect
@@ -364,7 +365,14 @@ class OnlineRun(Run):
     """
 
     def __init__(
-        self, cfg: OnlineConfig, accelerator, n_prompts: int, *, named: Callable[[], dict], log=None
+        self,
+        cfg: OnlineConfig,
+        accelerator,
+        n_prompts: int,
+        *,
+        named: Callable[[], dict],
+        log=None,
+        sampler: Sampler | None = None,
     ):
         order = DataOrder(
             n_prompts,
@@ -376,6 +384,15 @@ class OnlineRun(Run):
             cfg.shuffle,
         )
         super().__init__(cfg, accelerator, order, named=named, log=log)
+        self.sampler = sampler or ModelSampler(cfg.generation.backend)
+        """What draws the rollouts (`rollout.run_sampler`; default: the policy itself, on its backend)."""
+
+    def synced(self, policy) -> Sampler:
+        """The run's sampler, following `policy`'s (the unwrapped model's) current weights: they are synced
+        into it once per step (`Sampler.sync`, versioned by the step count, which the updates of a step
+        change; the evaluation after a step and the next step's rollout share one sync)."""
+        self.sampler.sync(policy, self.step)
+        return self.sampler
 
     def step_prompts(self) -> tuple[list[int], int]:
         """(prompt indices, sampling seed) of this process for the current step."""
@@ -384,7 +401,8 @@ class OnlineRun(Run):
 
     def collect(self, policy, tokenizer, prompts: Prompts, rewards: RewardSet, *, sampling, group_size: int):
         """(rollout, seed): this process's rollout of the current step, `group_size` completions of each
-        of its prompts from `policy` (the unwrapped model), sampled with the step's seed."""
+        of its prompts from `policy` (the unwrapped model), sampled with the step's seed by the run's
+        sampler, synced to `policy` first."""
         idx, seed = self.step_prompts()
         rollout = collect(
             policy,
@@ -396,5 +414,6 @@ class OnlineRun(Run):
             sampling=sampling,
             seed=seed,
             gather=self.gather,
+            sampler=self.synced(policy),
         )
         return rollout, seed
