@@ -346,3 +346,24 @@ def test_vllm_serve_takes_one_model_on_the_command_line(capsys):
     assert "usage: alignkit vllm-serve MODEL [key=value ...]" in capsys.readouterr().out
     assert main(["vllm-serve", "model-a", "model-b"]) == 2
     assert "takes one MODEL" in capsys.readouterr().err
+
+
+@needs_vllm
+def test_grpo_samples_from_the_server_and_pushes_its_weights_every_step(
+    server_url, peaked_llama_dir, tmp_path
+):
+    """generation.vllm.mode=server: a short GRPO run draws its rollouts from the server, pushing the policy's
+    weights before each one (HTTP), so the server's log-probs of what it drew are the trainer's at every
+    step, the updates in between (lr 3e-2) included. (Last in the module: it leaves its weights there.)"""
+    from alignkit.algorithms import grpo
+    from alignkit.config.generation import GenerationSettings, VLLMSettings
+    from tests.conftest import train_metrics, write_prompts
+    from tests.test_grpo import config
+
+    server = VLLMSettings(mode="server", server_url=server_url, server_timeout=10)
+    generation = GenerationSettings(max_new_tokens=8, backend="vllm", vllm=server)
+    data = write_prompts(tmp_path / "prompts.jsonl")
+    cfg = config(tmp_path, peaked_llama_dir, data, generation=generation, max_steps=3, lr=3e-2)
+    grpo.train(cfg)
+    metrics = train_metrics(cfg)
+    assert len(metrics) == 3 and all(m["sampler/logp_diff/max"] < 1e-3 for m in metrics), metrics
