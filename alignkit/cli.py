@@ -65,7 +65,19 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e, RunInterrupted):  # Ctrl-C before training started (a loop says what it saved)
             print(f"\nalignkit {name}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        end_process_group()
     return 0
+
+
+def end_process_group() -> None:
+    """Leave the run's process group (torchrun, accelerate launch) before the interpreter exits: a gloo group
+    left to be torn down at exit can abort the process ("terminate called without an active exception")
+    after the run itself succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -282,3 +282,9 @@ def test_http_judge_on_vllm_serve_answers_parseably_with_structured_output(vllm_
     metrics = judge.metrics()
     assert metrics.get("fallbacks", 0) == 0 and metrics.get("parse_retries", 0) == 0, metrics
     assert all(1.0 <= float(s) <= 5.0 for s in scores)
+
+
+def test_a_sampling_setting_vllm_is_not_given_is_an_error(engine, policy, tok):
+    """min_p (or a typo) would otherwise be dropped silently and the engine sample another distribution."""
+    with pytest.raises(TypeError, match="sampling settings min_p are not ones"):
+        engine.sample(policy, tok, prompt_ids(tok), num_samples=1, seed=0, max_new_tokens=4, min_p=0.1)

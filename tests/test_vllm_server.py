@@ -147,6 +147,8 @@ def test_a_request_the_server_cannot_serve_is_an_error_with_its_reason(sampler, 
     too_long = [[5] * (MAX_MODEL_LEN + 10)]
     with pytest.raises(ValueError, match=r"/generate failed \(400\).*" + str(MAX_MODEL_LEN)):
         sampler.sample(policy, tok, too_long, num_samples=1, seed=0, max_new_tokens=4, temperature=0.0)
+    with pytest.raises(ValueError, match=r"/generate failed \(400\).*'settings' has min_p"):
+        sampler.sample(policy, tok, [[5, 6]], num_samples=1, seed=0, max_new_tokens=4, min_p=0.1)
 
 
 @needs_vllm

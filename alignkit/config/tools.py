@@ -45,7 +45,9 @@ class EvalConfig(PromptRendering):
     Both models are sampled with the same seeds through transformers' generate (generation.backend auto =
     hf): sample j of each draws from its own seeded generator, so the two policies share their noise
     (common random numbers), which the lean loop, drawing a batch's tokens from one stream, does not give.
-    generation.temperature 0 = greedy; the KL estimate needs temperature 1 and top_k / top_p off."""
+    generation.backend=vllm samples both with one vLLM engine, synced to each model in turn, each prompt a
+    request with the same seed for both. generation.temperature 0 = greedy; the KL estimate needs
+    temperature 1 and top_k / top_p off."""
 
     base_model: str = ""
     """The model before alignment: a Hugging Face hub name or a local directory."""
@@ -90,7 +92,6 @@ class EvalConfig(PromptRendering):
             "eval samples through transformers' generate (hf), one seeded generator per sample, so that "
             "both models share their noise; the lean loop draws a batch's tokens from one stream",
         ),
-        backend_is_not("vllm", "eval does not sample with vLLM yet (issue 22); use auto or hf"),
     )
     moved: ClassVar[dict] = {
         **SAMPLING_MOVED,
@@ -165,9 +166,6 @@ class GenerateConfig(PromptRendering):
         "max_length": at_least(0),
         "dtype": DTYPE_NAMES,
     }
-    relations: ClassVar[tuple] = (
-        backend_is_not("vllm", "generate does not sample with vLLM yet (issue 22); use auto, loop or hf"),
-    )
     moved: ClassVar[dict] = {**SAMPLING_MOVED, "batch_size": "generation.batch_size"}
 
 

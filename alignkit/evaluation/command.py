@@ -10,8 +10,9 @@ import torch
 
 from alignkit.config.load import ConfigError, validate
 from alignkit.config.tools import EvalConfig
-from alignkit.data.prompts import load_prompt_rows
+from alignkit.data.prompts import encode_prompt, load_prompt_rows
 from alignkit.evaluation.compare import compare_policies, write_reports
+from alignkit.generation.resolve import resolve_backend
 from alignkit.models.load import check_model_source
 from alignkit.rewards.compose import RewardSet
 from alignkit.rewards.registry import parse_spec
@@ -39,6 +40,31 @@ def _check(cfg: EvalConfig) -> None:
         parse_spec(spec, f"rewards[{i}]")  # cheap: a bad spec fails before any model is loaded
 
 
+def vllm_sampler(cfg: EvalConfig, base, aligned, tokenizer, rows):
+    """generation.backend=vllm: one engine, started from base_model's weights (an adapter folder's base) and
+    synced to each model before it samples, so the two must share their weights' names and shapes."""
+    from alignkit.generation.vllm import full_weights
+    from alignkit.models.load import adapter_base
+    from alignkit.rollout import make_sampler
+
+    shapes = [{name: tuple(t.shape) for name, t in full_weights(m)} for m in (base, aligned)]
+    if shapes[0] != shapes[1]:
+        raise ValueError(
+            f"generation.backend=vllm samples both models with one engine, synced to each; base_model "
+            f"({cfg.base_model}) and model ({cfg.model}) have different weights' names or shapes: use "
+            "generation.backend=hf"
+        )
+    longest = max(len(encode_prompt(tokenizer, r.prompt)) for r in rows)
+    return make_sampler(
+        "vllm",
+        base,
+        tokenizer,
+        vllm_settings=cfg.generation.vllm,
+        source=adapter_base(cfg.base_model) or cfg.base_model,
+        max_model_len=longest + cfg.generation.max_new_tokens,
+    )
+
+
 def run(cfg: EvalConfig) -> dict:
     """`alignkit eval`: validates, loads, compares, writes output_dir/eval_report.{json,md} and report.html,
     prints the Markdown; returns the report (with the resolved config under "config")."""
@@ -50,6 +76,8 @@ def run(cfg: EvalConfig) -> dict:
         check_model_source(getattr(cfg, key), key)
     # generation.backend: auto is hf here (EvalConfig: both models share per-sample seeds); saved in the report.
     backend = "hf" if cfg.generation.backend == "auto" else cfg.generation.backend
+    if backend == "vllm":  # refused now, with the reason, for a model it cannot serve
+        resolve_backend(backend, [cfg.base_model, cfg.model])
     cfg = replace(cfg, generation=replace(cfg.generation, backend=backend))
     claim_output_dir(cfg.output_dir, overwrite=cfg.overwrite, patterns=("eval_report.json", "eval_report.md"))
     rewards = RewardSet.from_specs(cfg.rewards)
@@ -67,6 +95,9 @@ def run(cfg: EvalConfig) -> dict:
         load_causal_lm(path, cfg.dtype, pad_token_id=tokenizer.pad_token_id, device=device)
         for path in (cfg.base_model, cfg.model)
     )
+    sampler = None
+    if backend == "vllm":  # one engine from base_model's weights, synced to each model in turn
+        sampler = vllm_sampler(cfg, base, aligned, tokenizer, rows)
     report = compare_policies(
         base,
         aligned,
@@ -83,6 +114,7 @@ def run(cfg: EvalConfig) -> dict:
         batch_size=cfg.generation.batch_size,
         scoring_batch_size=cfg.scoring_batch_size,
         num_examples=cfg.num_examples,
+        sampler=sampler,
     )
     report["models"] = {"base": cfg.base_model, "aligned": cfg.model}
     report["config"] = asdict(cfg)

@@ -29,11 +29,25 @@ from pathlib import Path
 
 import torch
 
+from alignkit.data.prompts import encode_prompt
 from alignkit.evaluation.stats import compare_scores, score_stats
-from alignkit.generation.sampling import eos_ids, sample
+from alignkit.generation.sampling import Sample, eos_ids, sample
 from alignkit.io import atomic_write
 from alignkit.logprobs.completion import completion_logps
 from alignkit.rewards.compose import RewardSet
+
+
+def sampled_texts(
+    sampler, model, tokenizer, prompts: list[str], *, version: int, num_samples: int, seed: int, **settings
+) -> list[Sample]:
+    """`generation.sampling.sample`'s result drawn by `sampler` synced to `model` (as weights `version`):
+    prompts encoded by the one prompt encoder, completions decoded without special tokens."""
+    sampler.sync(model, version)
+    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+    drawn = sampler.sample(model, tokenizer, prompt_ids, num_samples=num_samples, seed=seed, **settings)
+    texts = tokenizer.batch_decode(drawn.completion_ids, skip_special_tokens=True)
+    rows = [(p, ids) for p, ids in zip(prompts, prompt_ids) for _ in range(num_samples)]
+    return [Sample(p, list(ids), c, t) for (p, ids), c, t in zip(rows, drawn.completion_ids, texts)]
 
 
 @torch.no_grad()
@@ -113,6 +127,7 @@ def compare_policies(
     scoring_batch_size: int = 32,
     num_examples: int = 4,
     reward_prompts: list | None = None,
+    sampler=None,
 ) -> dict:
     """Samples both policies on `prompts` with the same seeds and compares them (see the module docstring).
 
@@ -133,6 +148,10 @@ def compare_policies(
           aligned samples (per_token: total log-ratio / total aligned completion tokens);
       base, aligned: {base_model_perplexity, mean_tokens, eos_fraction};
       examples: the first sample of each of the first `num_examples` prompts, side by side, with scores.
+
+    `sampler` (a `generation.backends.Sampler`, e.g. vLLM's engine) draws both sample sets instead of
+    `generation.sampling.sample`, synced to each model in turn: the two models must share their weights'
+    names and shapes. Its seeds are per prompt, the same for both models.
     """
     if not prompts:
         raise ValueError("compare_policies of no prompts")
@@ -148,7 +167,13 @@ def compare_policies(
         batch_size=batch_size,
     )
     policies = {"base": base_model, "aligned": aligned_model}
-    samples = {name: sample(model, tokenizer, prompts, **sampling) for name, model in policies.items()}
+    if sampler is None:
+        samples = {name: sample(model, tokenizer, prompts, **sampling) for name, model in policies.items()}
+    else:  # one engine, synced to each model in turn (version 0: base, 1: aligned)
+        samples = {
+            name: sampled_texts(sampler, model, tokenizer, prompts, version=version, **sampling)
+            for version, (name, model) in enumerate(policies.items())
+        }
     # 2. Score both sample sets; 3. the log-likelihoods of each under the models.
     given = list(reward_prompts if reward_prompts is not None else prompts)
     if len(given) != len(prompts):

@@ -36,6 +36,7 @@ import torch
 
 from alignkit.generation.vllm import (
     SAMPLER_ENGINE_ARGS,
+    SAMPLING_KEYS,
     completions,
     engine_memory,
     import_vllm,
@@ -119,8 +120,10 @@ def generate(served: Served, request: dict) -> dict:
     if not isinstance(n, int) or n < 1:
         raise BadRequest(f"'n' must be a positive integer, got {n!r}")
     settings = request.get("settings", {})
-    if "max_new_tokens" not in settings:
+    if not isinstance(settings, dict) or "max_new_tokens" not in settings:
         raise BadRequest("'settings' must give max_new_tokens")
+    if unknown := sorted(set(settings) - SAMPLING_KEYS):
+        raise BadRequest(f"'settings' has {', '.join(unknown)}; it takes {', '.join(sorted(SAMPLING_KEYS))}")
     eos = set(request.get("eos", []))
     vllm = import_vllm()
     params = [sampling_params(vllm, num_samples=n, seed=seed, eos=eos, **settings) for seed in seeds]

@@ -131,10 +131,19 @@ def engine_memory(on_cpu: bool, *, cpu_kv_cache_gb: float, gpu_share: float) -> 
     return {"gpu_memory_utilization": gpu_share}
 
 
+SAMPLING_KEYS = frozenset({"max_new_tokens", "temperature", "top_k", "top_p"})
+"""The sampling settings every backend takes (`Sampler.sample`'s keywords, batch_size aside)."""
+
+
 def sampling_params(vllm, *, num_samples: int, seed: int, eos: set[int], **settings):
     """vLLM SamplingParams for one prompt, every field set: the distribution (temperature, top_k, top_p;
     0 / 1 / None = off), no penalties, `max_new_tokens`, the EOS ids as stop tokens, n, the seed, and the
-    drawn token's processed log-prob."""
+    drawn token's processed log-prob. A setting it does not know is an error, never silently dropped."""
+    unknown = sorted(set(settings) - SAMPLING_KEYS)
+    if unknown:
+        raise TypeError(
+            f"sampling settings {', '.join(unknown)} are not ones vLLM's sampler takes here: {', '.join(sorted(SAMPLING_KEYS))}"
+        )
     top_k, top_p = settings.get("top_k"), settings.get("top_p")
     return vllm.SamplingParams(
         n=num_samples,
@@ -167,8 +176,9 @@ def completions(outputs) -> Sampled:
 
 
 _ENGINES: dict[tuple, object] = {}
-"""The engines this process built, by device and engine arguments; a later run (sDPO's next stage, a
-notebook's second `alignkit.train`, the tests) reuses one, its weights replaced at the first `sync`."""
+"""The engines this process built, by role (a trained policy's, or a frozen checkpoint's), device and engine
+arguments; a later run (sDPO's next stage, a notebook's second `alignkit.train`, the tests) reuses one, a
+policy's weights replaced at its first `sync`."""
 
 
 class ColocatedVLLM:
@@ -178,17 +188,80 @@ class ColocatedVLLM:
     is_trainer = False
 
     def __init__(self, source: str, model, tokenizer, *, settings, max_model_len: int):
-        device = next(model.parameters()).device
+        """An engine that starts from `source` (hub name or folder) and samples what `model` (the trainer's
+        policy: its config, device, dtype and EOS ids) would, once synced; `settings`: VLLMSettings."""
+        weight = next(model.parameters())
+        self._start(
+            source,
+            model.config,
+            eos_ids(model, tokenizer),
+            tokenizer=getattr(tokenizer, "name_or_path", None) or source,
+            device=weight.device,
+            dtype=str(weight.dtype).removeprefix("torch."),
+            settings=settings,
+            max_model_len=max_model_len,
+        )
+
+    @classmethod
+    def frozen(
+        cls,
+        source: str,
+        tokenizer,
+        *,
+        settings,
+        max_model_len: int,
+        dtype: str,
+        device: str,
+        trust_remote_code: bool = False,
+    ) -> ColocatedVLLM:
+        """An engine that samples the checkpoint `source` as it is, with no trainer's model loaded beside it
+        (a local judge): never synced, and an engine of its own (a policy's syncs never reach it)."""
+        from transformers import AutoConfig, GenerationConfig
+
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        try:
+            generation = GenerationConfig.from_pretrained(source)
+        except OSError:  # no generation_config.json: the model config's ids
+            generation = GenerationConfig.from_model_config(config)
+        eos = generation.eos_token_id if generation.eos_token_id is not None else tokenizer.eos_token_id
+        self = cls.__new__(cls)
+        self._start(
+            source,
+            config,
+            set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set()),
+            tokenizer=getattr(tokenizer, "name_or_path", None) or source,
+            device=torch.device(device),
+            dtype=dtype,
+            settings=settings,
+            max_model_len=max_model_len,
+            role="frozen",
+        )
+        return self
+
+    def _start(
+        self,
+        source: str,
+        config,
+        eos: set[int],
+        *,
+        tokenizer: str,
+        device: torch.device,
+        dtype: str,
+        settings,
+        max_model_len: int,
+        role: str = "policy",
+    ) -> None:
+        """Build (or reuse, `_ENGINES`) the engine: refused with the reason for a model vLLM cannot serve."""
         on_cpu = device.type == "cpu"
-        reason = vllm_refusal(model.config, on_cpu=on_cpu)
+        reason = vllm_refusal(config, on_cpu=on_cpu)
         if reason:
             raise ValueError(f"generation.backend=vllm: {reason}")
         vllm = import_vllm()
-        self.vllm, self.eos, self.version = vllm, eos_ids(model, tokenizer), None
+        self.vllm, self.eos, self.version = vllm, eos, None
         args = dict(
             model=source,
-            tokenizer=getattr(tokenizer, "name_or_path", None) or source,
-            dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+            tokenizer=tokenizer,
+            dtype=dtype,
             max_model_len=settings.max_model_len or max_model_len or None,
             enforce_eager=settings.enforce_eager or on_cpu,
             enable_prefix_caching=True,
@@ -200,7 +273,7 @@ class ColocatedVLLM:
         )
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 and not on_cpu:
             args["distributed_executor_backend"] = "external_launcher"
-        key = (str(device), *sorted((k, str(v)) for k, v in args.items()))
+        key = (role, str(device), *sorted((k, str(v)) for k, v in args.items()))
         if key not in _ENGINES:  # one engine per process and settings: vLLM does not give its memory back
             _ENGINES[key] = vllm.LLM(**args)
         self.llm = _ENGINES[key]

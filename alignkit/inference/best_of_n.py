@@ -69,6 +69,7 @@ def sample_candidates(
     *,
     n: int,
     seed: int = 0,
+    sampler=None,
     **sampling,
 ) -> list[Candidates]:
     """n samples of every prompt (`generation.sampling.sample_ids`, seeded by `seed`; `sampling`: max_new_tokens,
@@ -76,12 +77,19 @@ def sample_candidates(
     conversations (`PromptRow.reward_input`: what the rewards read). `prompt_ids` default to the one prompt encoder's
     ids of `prompts` (`data.prompts.encode_prompt`: one BOS). One call draws from one seeded stream: the same prompts,
     settings and seed give the same candidates, but a prompt's candidates also depend on which prompts
-    share the call (`alignkit generate` fixes that with seeded chunks)."""
+    share the call (`alignkit generate` fixes that with seeded chunks). `sampler` (a synced
+    `generation.backends.Sampler`, e.g. vLLM's engine) draws them instead, one seeded request per prompt."""
     if prompt_ids is None:
         prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
     if len(prompt_ids) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(prompt_ids)} prompt_ids")
-    ids = sample_ids(model, tokenizer, prompt_ids, num_samples=n, seed=seed, **sampling)
+    if sampler is None:
+        ids = sample_ids(model, tokenizer, prompt_ids, num_samples=n, seed=seed, **sampling)
+    else:
+        sampling.pop("backend", None)
+        ids = sampler.sample(
+            model, tokenizer, prompt_ids, num_samples=n, seed=seed, **sampling
+        ).completion_ids
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
     return [
         Candidates(prompt, list(p_ids), ids[i * n : (i + 1) * n], texts[i * n : (i + 1) * n])
@@ -318,7 +326,8 @@ def run(cfg: GenerateConfig) -> dict:
     line per prompt to output_dir/candidates.jsonl; writes and prints the summary; returns it."""
     from alignkit.config.load import save_config
     from alignkit.data.prompts import encode_prompt_rows, load_prompt_rows
-    from alignkit.models.load import load_causal_lm, load_tokenizer
+    from alignkit.models.load import adapter_base, load_causal_lm, load_tokenizer
+    from alignkit.rollout import make_sampler
 
     check_config(cfg)
     cfg = with_resolved_backend(cfg)  # generation.backend=auto -> loop or hf, saved with the run
@@ -355,6 +364,17 @@ def run(cfg: GenerateConfig) -> dict:
         batch_size=g.batch_size,
         backend=g.backend,
     )
+    sampler = None
+    if g.backend == "vllm":  # the engine starts from cfg.model (an adapter folder's base): synced once
+        sampler = make_sampler(
+            "vllm",
+            model,
+            tokenizer,
+            vllm_settings=g.vllm,
+            source=adapter_base(cfg.model) or cfg.model,
+            max_model_len=max(map(len, prompt_ids), default=0) + g.max_new_tokens,
+        )
+        sampler.sync(model, 0)
     C = cfg.chunk_prompts
     starts = range(done // C * C, len(prompts), C)
     if cfg.progress and len(starts) > 1:
@@ -366,7 +386,13 @@ def run(cfg: GenerateConfig) -> dict:
             stop = min(start + C, len(prompts))
             seed = sample_seed(cfg.seed, start // C) % 2**63
             chunk = sample_candidates(
-                model, tokenizer, prompts[start:stop], prompt_ids[start:stop], seed=seed, **sampling
+                model,
+                tokenizer,
+                prompts[start:stop],
+                prompt_ids[start:stop],
+                seed=seed,
+                sampler=sampler,
+                **sampling,
             )
             first = max(done, start)  # a resumed chunk: its finished prompts are sampled again, not scored
             todo = score_candidates(chunk[first - start :], rewards)

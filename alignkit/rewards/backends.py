@@ -308,7 +308,8 @@ def read_api_key(env: str | None, alternative: str) -> str | None:
 
 
 class LocalChatBackend:
-    """Greedy answers from a local Hugging Face causal LM (`alignkit.generation.sampling.sample`, temperature 0).
+    """Greedy answers from a local Hugging Face causal LM (`alignkit.generation.sampling.sample`, temperature 0),
+    or, with engine="vllm", from a vLLM engine of its own (`generation.vllm.ColocatedVLLM.frozen`).
 
     Conversations are rendered with the tokenizer's chat template and `chat_template_kwargs` (a plain
     'Human:/Assistant:' format when it has none) and encoded with one BOS (`generation.sample` uses the
@@ -327,6 +328,8 @@ class LocalChatBackend:
         dtype: str = "float32",
         trust_remote_code: bool = False,
         chat_template_kwargs: dict | None = None,
+        engine: str = "hf",
+        vllm_settings=None,
     ):
         import torch
 
@@ -336,16 +339,31 @@ class LocalChatBackend:
         self.template_kwargs = dict(chat_template_kwargs or {})
         if self.template_kwargs and not self.tokenizer.chat_template:
             raise ValueError(f"chat_template_kwargs is set, but {tokenizer or model} has no chat template")
-        self.model = load_causal_lm(  # it only answers, with its own forward: no log-probs to check
-            model,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-            pad_token_id=self.tokenizer.pad_token_id,
-            check_logps=False,
-        )
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model.to(device).eval()
+        self.model, self.engine = None, None
+        if engine == "vllm":  # the engine loads the weights itself; no transformers copy beside it
+            from alignkit.config.generation import VLLMSettings
+            from alignkit.generation.vllm import ColocatedVLLM
+
+            self.engine = ColocatedVLLM.frozen(
+                model,
+                self.tokenizer,
+                settings=vllm_settings or VLLMSettings(),
+                max_model_len=0,  # the model's own, unless vllm.max_model_len says
+                dtype=dtype,
+                device=device,
+                trust_remote_code=trust_remote_code,
+            )
+        else:
+            self.model = load_causal_lm(  # it only answers, with its own forward: no log-probs to check
+                model,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+                pad_token_id=self.tokenizer.pad_token_id,
+                check_logps=False,
+            )
+            self.model.to(device).eval()
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.identity = json.dumps(
             {
@@ -354,6 +372,7 @@ class LocalChatBackend:
                 "tokenizer": tokenizer or model,
                 "max_new_tokens": max_new_tokens,
                 **({"chat_template_kwargs": self.template_kwargs} if self.template_kwargs else {}),
+                **({"engine": engine} if engine != "hf" else {}),  # (hf: the key caches were written under)
             }
         )
         self.counts: Counter = Counter()
@@ -366,6 +385,7 @@ class LocalChatBackend:
     ) -> Iterator[tuple[int, str]]:
         """(index, answer) for every conversation, in order, generated in batches (no row errors here)."""
         from alignkit.data.chat import render_messages
+        from alignkit.data.prompts import encode_prompt
         from alignkit.generation.sampling import sample
 
         for start in range(0, len(conversations), self.batch_size):
@@ -377,13 +397,20 @@ class LocalChatBackend:
                 for c in batch
             ]
             self.counts["requests"] += len(texts)
-            samples = sample(
-                self.model,
-                self.tokenizer,
-                texts,
-                temperature=0.0,
-                max_new_tokens=self.max_new_tokens,
-                batch_size=self.batch_size,
-            )
-            for j, s in enumerate(samples):
-                yield start + j, s.text
+            if self.engine is not None:
+                ids = [encode_prompt(self.tokenizer, t) for t in texts]  # the one prompt encoder: one BOS
+                greedy = dict(max_new_tokens=self.max_new_tokens, temperature=0.0)
+                drawn = self.engine.sample(None, self.tokenizer, ids, num_samples=1, seed=0, **greedy)
+                answers = self.tokenizer.batch_decode(drawn.completion_ids, skip_special_tokens=True)
+            else:
+                samples = sample(
+                    self.model,
+                    self.tokenizer,
+                    texts,
+                    temperature=0.0,
+                    max_new_tokens=self.max_new_tokens,
+                    batch_size=self.batch_size,
+                )
+                answers = [s.text for s in samples]
+            for j, answer in enumerate(answers):
+                yield start + j, answer

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from alignkit.config.load import ConfigError
+from alignkit.config.generation import VLLMSettings
+from alignkit.config.load import ConfigError, from_mapping
 from alignkit.models.load import DTYPES
 from alignkit.rewards.backends import HTTPChatBackend, JudgeError, LocalChatBackend, log
 from alignkit.rewards.backends_cloud import SDKS, AnthropicBackend, BedrockBackend, require_sdk
@@ -278,6 +279,12 @@ class JudgeOptions(SourceOptions):
     """local: allow the model repository to run its own code. Off unless you trust the source."""
     chat_template_kwargs: dict = field(default_factory=dict)
     """local: extra variables for the judge model's chat template, e.g. {enable_thinking: false} (Qwen3)."""
+    engine: str = "hf"
+    """local: what writes the answers: hf (transformers' generate, greedy) or vllm (a vLLM engine of the
+    judge's own, loaded from `model` with no transformers copy beside it; docs/vllm.md)."""
+    vllm: dict = field(default_factory=dict)
+    """local, engine=vllm: the engine's memory and length settings (`generation.vllm`'s cpu_kv_cache_gb,
+    gpu_memory_utilization, max_model_len, enforce_eager)."""
 
 
 REMOTE = ("temperature", "timeout", "max_retries", "backoff", "max_backoff", "max_concurrency")
@@ -287,7 +294,16 @@ BACKEND_KEYS = {
     "http": ("base_url", "api_key_env", "structured_output", *REMOTE),
     "anthropic": ("base_url", "api_key_env", *REMOTE),
     "bedrock": ("region", "endpoint_url", *REMOTE),
-    "local": ("tokenizer", "device", "dtype", "batch_size", "trust_remote_code", "chat_template_kwargs"),
+    "local": (
+        "tokenizer",
+        "device",
+        "dtype",
+        "batch_size",
+        "trust_remote_code",
+        "chat_template_kwargs",
+        "engine",
+        "vllm",
+    ),
 }
 
 
@@ -310,6 +326,21 @@ def resolve_template(options: JudgeOptions, where: str = "judge") -> JudgeTempla
     return JudgeTemplate(options.system, options.template, options.min_score, options.max_score)
 
 
+JUDGE_ENGINES = ("hf", "vllm")
+JUDGE_VLLM_KEYS = ("cpu_kv_cache_gb", "gpu_memory_utilization", "max_model_len", "enforce_eager")
+
+
+def judge_engine_settings(given: dict) -> VLLMSettings:
+    """A local judge's `vllm:` options as VLLMSettings (colocated: the judge's engine lives in this
+    process); ConfigError for a key it does not read or a value out of range."""
+    unknown = sorted(set(given) - set(JUDGE_VLLM_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"vllm: unknown key(s) {', '.join(unknown)}; a judge's engine reads {', '.join(JUDGE_VLLM_KEYS)}"
+        )
+    return from_mapping(VLLMSettings, given, "vllm")
+
+
 def build_backend(o: JudgeOptions):
     """The backend `o.backend` names, built from the options it reads (see BACKEND_KEYS)."""
     if o.backend == "local":
@@ -322,6 +353,8 @@ def build_backend(o: JudgeOptions):
             dtype=o.dtype,
             trust_remote_code=o.trust_remote_code,
             chat_template_kwargs=o.chat_template_kwargs,
+            engine=o.engine,
+            vllm_settings=judge_engine_settings(o.vllm),
         )
     retries = {
         "timeout": o.timeout,
@@ -402,6 +435,16 @@ class JudgeReward:
                 )
         if options.on_error not in ("raise", "fallback"):
             raise ConfigError(f"{where}: on_error '{options.on_error}' is not raise or fallback")
+        if options.engine not in JUDGE_ENGINES:
+            raise ConfigError(f"{where}: engine '{options.engine}' is not one of {', '.join(JUDGE_ENGINES)}")
+        if options.vllm and options.engine != "vllm":
+            raise ConfigError(
+                f"{where}: 'vllm' settings have no effect with engine {options.engine}; remove them"
+            )
+        try:
+            judge_engine_settings(options.vllm)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
         if options.dtype not in DTYPES:
             raise ConfigError(f"{where}: dtype '{options.dtype}' is not one of {', '.join(DTYPES)}")
         if min(options.max_concurrency, options.batch_size, options.max_tokens) < 1:
