@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from alignkit.commands import COMMANDS
@@ -71,12 +72,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def end_process_group() -> None:
-    """Leave the run's process group (torchrun, accelerate launch) before the interpreter exits: a gloo group
-    left to be torn down at exit can abort the process ("terminate called without an active exception")
-    after the run itself succeeded."""
+    """Leave the process group of a launched run (torchrun, accelerate launch: WORLD_SIZE > 1) before the
+    interpreter exits: a gloo group left to be torn down at exit can abort the process ("terminate called
+    without an active exception") after the run itself succeeded. A group in a single process is left alone:
+    a colocated vLLM engine kept for a later run in the same process (a notebook, the tests) holds one."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if launched and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
