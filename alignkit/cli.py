@@ -79,6 +79,9 @@ def end_process_group() -> None:
     import torch.distributed as dist
 
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    vllm = sys.modules.get("alignkit.generation.vllm")  # (not imported here where no run used it)
+    if vllm is not None and vllm.engines_built():
+        return  # vLLM's shutdown at exit destroys the groups; destroying them first makes it fail loudly
     if launched and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -303,12 +303,20 @@ def rollout_metrics(
 
 
 def make_sampler(
-    backend: str, model, tokenizer, *, vllm_settings=None, source: str | None = None, max_model_len: int = 0
+    backend: str,
+    model,
+    tokenizer,
+    *,
+    vllm_settings=None,
+    source: str | None = None,
+    max_model_len: int = 0,
+    dtype: str | None = None,
 ) -> Sampler:
     """The sampler for a resolved `backend` (loop, hf or vllm; auto is the loop where it can drive the
     model, else hf). vllm: `source` is the policy's weights as loaded (hub name or folder; the engine
     starts from it and `sync` copies the trainer's weights in), `vllm_settings` a `VLLMSettings`,
-    `max_model_len` the longest prompt + completion it must serve."""
+    `max_model_len` the longest prompt + completion it must serve, `dtype` the colocated engine's (default:
+    the model's parameters')."""
     if backend != "vllm":
         return ModelSampler(backend)
     if vllm_settings is not None and vllm_settings.mode == "server":
@@ -323,14 +331,20 @@ def make_sampler(
         tokenizer,
         settings=vllm_settings,
         max_model_len=max_model_len,
+        dtype=dtype,
     )
 
 
-def run_sampler(cfg, model, tokenizer, prompts) -> Sampler:
+MIXED_PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def run_sampler(cfg, model, tokenizer, prompts, *, mixed_precision: str = "no") -> Sampler:
     """The sampler of a run that samples from its policy `model` (loaded from `cfg.model`) by `cfg.generation`
     (backend resolved: `generation.resolve`): vLLM's engine starts from cfg.model's weights (a LoRA adapter
     folder's base model; the adapter arrives merged with the first sync) and serves the longest of the run's
-    `prompts` (`data.prompts.Prompts`) plus max_new_tokens, unless generation.vllm.max_model_len says."""
+    `prompts` (`data.prompts.Prompts`) plus max_new_tokens, unless generation.vllm.max_model_len says. Under
+    `mixed_precision` (accelerate's: bf16, fp16) the colocated engine computes in that dtype, as the
+    trainer's forwards do, not in the fp32 of the master weights."""
     g = cfg.generation
     longest = max(map(len, [*prompts.train_ids, *prompts.eval_ids]), default=0)
     return make_sampler(
@@ -340,6 +354,7 @@ def run_sampler(cfg, model, tokenizer, prompts) -> Sampler:
         vllm_settings=g.vllm,
         source=adapter_base(cfg.model) or cfg.model,
         max_model_len=longest + g.max_new_tokens,
+        dtype=MIXED_PRECISION_DTYPES.get(mixed_precision),
     )
 
 

@@ -155,3 +155,54 @@ def test_iterative_dpo_samples_each_round_from_the_last_rounds_policy(tmp_path, 
     assert not torch.equal(synced[0][1], synced[1][1])  # round 2 sampled from round 1's weights
     for k in (1, 2):
         assert (tmp_path / "out" / f"round-{k}" / "samples.jsonl").is_file()
+
+
+def test_under_bf16_mixed_precision_the_engine_samples_in_bf16(tmp_path, llama64_dir, monkeypatch):
+    """mixed_precision=bf16 trains fp32 master weights under bf16 autocast: the colocated engine computes in
+    bf16 too (not the fp32 of the weights, twice the memory and time on a GPU), the synced fp32 weights
+    cast in. The sampler's gap to the trainer is then bf16 rounding, far below what unsynced weights give."""
+    import alignkit.generation.vllm as vllm_module
+    from alignkit.algorithms import grpo
+
+    built = []
+    real_start = vllm_module.ColocatedVLLM._start
+
+    def start(self, *args, **kwargs):
+        built.append(kwargs["dtype"])
+        return real_start(self, *args, **kwargs)
+
+    monkeypatch.setattr(vllm_module.ColocatedVLLM, "_start", start)
+    data = write_prompts(tmp_path / "prompts.jsonl")
+    cfg = grpo_config(tmp_path, llama64_dir, data, max_steps=3, lr=3e-2, mixed_precision="bf16")
+    grpo.train(cfg)
+    assert built == ["bfloat16"]
+    metrics = train_metrics(cfg)
+    assert all(m["sampler/logp_diff/mean"] < 0.05 for m in metrics), metrics
+
+
+def test_two_processes_each_sample_with_their_own_engine(tmp_path, llama64_dir):
+    """Under torchrun (DDP on CPUs, gloo) every process holds its own colocated engine, synced from the
+    same weights, and samples its own prompts: the run trains, each step's gap to the trainer is rounding
+    over both processes' tokens, and it exits cleanly (vLLM's shutdown leaves the process group)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    data = write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "alignkit.cli", "grpo", f"model={llama64_dir}", f"data={data}", f"output_dir={out}"]
+    command += ["rewards=[{type: regex, pattern: e, mode: count}]", "max_steps=2", "batch_size=4"]
+    command += ["num_generations=4", "generation.max_new_tokens=8", "generation.backend=vllm"]
+    command += ["generation.vllm.cpu_kv_cache_gb=0.25", "mixed_precision=no", "progress=false"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "Traceback" not in done.stderr, done.stderr[-4000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r.get("split") == "train"]
+    assert [r["step"] for r in train] == [1, 2]
+    assert all(r["sampler/logp_diff/max"] < 1e-3 for r in train), train

@@ -189,7 +189,7 @@ def train(cfg: GRPOConfig) -> Path:
             "rewards": rewards,
         }
 
-    sampler = run_sampler(cfg, model, tokenizer, prompts)  # (vllm: an engine beside the trainer, or a server)
+    sampler = run_sampler(cfg, model, tokenizer, prompts, mixed_precision=accelerator.mixed_precision)
     run = OnlineRun(cfg, accelerator, len(prompts.train_rows), named=named, log=log, sampler=sampler)
     n_rows = cfg.batch_size * G
     minibatches_per_epoch = n_rows // (cfg.minibatch_size or n_rows)

@@ -41,7 +41,7 @@ from alignkit.rewards.registry import build_reward
 from alignkit.rollout import collect, run_sampler, sampling_settings
 from alignkit.training.loop import MetricsLogger
 from alignkit.training.rundir import check_resumed_backend, claim_output_dir, part_resume_flags
-from alignkit.training.setup import process_state
+from alignkit.training.setup import process_state, resolve_mixed_precision
 
 
 def check_settings(cfg: IterativeDPOConfig) -> None:
@@ -245,7 +245,9 @@ def train(cfg: IterativeDPOConfig) -> Path:
 
     policy = load(policy_path)
     # The sampler follows the policy of every round (version: rounds done); vllm starts from cfg.model.
-    sampler = run_sampler(cfg, policy, tokenizer, prompts)
+    sampler = run_sampler(
+        cfg, policy, tokenizer, prompts, mixed_precision=resolve_mixed_precision(cfg.mixed_precision)
+    )
     if not start_logged and evaluator is not None:
         logger.log({"step": 0, "round": 0, **held_out(policy, resumed)})
     for k in range(resumed + 1, cfg.rounds + 1):

@@ -152,7 +152,7 @@ def train(cfg: OnlineDPOConfig) -> Path:
             "objective": objective.reward_mean,
         }
 
-    sampler = run_sampler(cfg, model, tokenizer, prompts)  # (vllm: an engine beside the trainer, or a server)
+    sampler = run_sampler(cfg, model, tokenizer, prompts, mixed_precision=accelerator.mixed_precision)
     run = OnlineRun(cfg, accelerator, len(prompts.train_rows), named=named, log=log, sampler=sampler)
     optimizer, scheduler = make_optimizer(model, cfg, run.steps)
     policy, optimizer = accelerator.prepare(BatchForward(model, policy_fn), optimizer)

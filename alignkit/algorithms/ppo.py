@@ -267,7 +267,7 @@ def train(cfg: PPOConfig) -> Path:
             "kl_controller": kl_ctl,
         }
 
-    sampler = run_sampler(cfg, lm, tokenizer, prompts)  # (vllm: an engine beside the trainer, or a server)
+    sampler = run_sampler(cfg, lm, tokenizer, prompts, mixed_precision=accelerator.mixed_precision)
     run = OnlineRun(cfg, accelerator, len(prompts.train_rows), named=named, log=log, sampler=sampler)
     n_rows = cfg.batch_size * cfg.num_generations
     minibatches_per_epoch = n_rows // (cfg.minibatch_size or n_rows)

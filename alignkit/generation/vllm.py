@@ -181,15 +181,24 @@ arguments; a later run (sDPO's next stage, a notebook's second `alignkit.train`,
 policy's weights replaced at its first `sync`."""
 
 
+def engines_built() -> bool:
+    """Whether this process built a colocated engine: its shutdown, at exit, tears torch.distributed's
+    groups down itself."""
+    return bool(_ENGINES)
+
+
 class ColocatedVLLM:
     """A vLLM engine in this process that samples from the trainer's current weights (module docstring)."""
 
     backend = "vllm"
     is_trainer = False
 
-    def __init__(self, source: str, model, tokenizer, *, settings, max_model_len: int):
+    def __init__(
+        self, source: str, model, tokenizer, *, settings, max_model_len: int, dtype: str | None = None
+    ):
         """An engine that starts from `source` (hub name or folder) and samples what `model` (the trainer's
-        policy: its config, device, dtype and EOS ids) would, once synced; `settings`: VLLMSettings."""
+        policy: its config, device, dtype and EOS ids) would, once synced; `settings`: VLLMSettings; `dtype`:
+        the engine's (default: the model's parameters')."""
         weight = next(model.parameters())
         self._start(
             source,
@@ -197,7 +206,7 @@ class ColocatedVLLM:
             eos_ids(model, tokenizer),
             tokenizer=getattr(tokenizer, "name_or_path", None) or source,
             device=weight.device,
-            dtype=str(weight.dtype).removeprefix("torch."),
+            dtype=dtype or str(weight.dtype).removeprefix("torch."),
             settings=settings,
             max_model_len=max_model_len,
         )
