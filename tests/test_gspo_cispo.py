@@ -1,16 +1,21 @@
 """The registered policy losses of alignkit.losses.policy_losses — GRPO's clipped surrogate, GSPO (Zheng et al.
 2025) and CISPO (MiniMax-M1, 2025) — against losses and gradients derived by hand: at ratio 1 all three give
 the same gradient under every aggregation; on reused samples they differ as derived; the clips act exactly
-at their bounds. Then the registry's defaults as `check_settings` resolves them."""
+at their bounds. Then the registry's defaults as `check_settings` resolves them, and `alignkit grpo
+policy_loss=gspo|cispo ppo_epochs=2` learning the letter-count reward on the tiny model and resuming bit
+for bit."""
 
 from __future__ import annotations
 
 import inspect
+import json
 
 import pytest
 import torch
 
 import alignkit.algorithms.grpo as grpo
+import alignkit.training.loop as online_loop
+from alignkit.cli import main
 from alignkit.config.load import ConfigError
 from alignkit.losses.policy import AGGREGATIONS, aggregate
 from alignkit.losses.policy_losses import (
@@ -20,7 +25,8 @@ from alignkit.losses.policy_losses import (
     get_policy_loss,
     gspo_surrogate,
 )
-from tests.test_grpo import config
+from tests.conftest import interrupt_then_resume, train_metrics, write_prompts
+from tests.test_grpo import E_COUNT, config
 from tests.test_policy_losses import close, t
 
 
@@ -302,3 +308,53 @@ def test_policy_loss_settings_are_checked_before_anything_loads(tmp_path, overri
         grpo.check_settings(cfg)
     cispo = config(tmp_path, "/nowhere", "/nowhere.jsonl", policy_loss="cispo", epsilon=1.5)
     assert grpo.check_settings(cispo).epsilon == 1.5  # no lower bound is CISPO's default
+
+
+# --- training ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy_loss", ["gspo", "cispo"])
+def test_alignkit_grpo_learns_the_letter_count_with_reused_samples(tmp_path, tiny_model_dir, policy_loss):
+    """`alignkit grpo policy_loss=... ppo_epochs=2` (each rollout used twice, so the second pass is off-policy
+    and the loss's own ratio handling acts), test_grpo's task: more "e"s per 8-token completion, lr 3e-2, 30
+    steps, every other setting at the loss's defaults (β 0: no reference).
+
+    Measured, mean reward of the last 5 steps minus the first 5, seeds 1-3: gspo +43.5, +36.1, +44.0 (its
+    ε 3e-4 / 4e-4 clips 21-35% of the tokens, all in second passes); cispo +28.2, +27.5, +19.3 (no weight
+    reached its cap of 6); grpo with ppo_epochs=2, for comparison, +24.4, +25.0, +39.1. At lr 1e-9 (a model
+    that does not learn) the same measure gave +0.24 to +0.51. The bar, +8, is under half the smallest
+    measured gain and 15 times the no-learning drift."""
+    data = write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "run"
+    args = [f"model={tiny_model_dir}", f"data={data}", f"rewards={json.dumps(E_COUNT)}", f"output_dir={out}"]
+    settings = ["batch_size=4", "num_generations=4", "generation.max_new_tokens=8", "lr=3e-2", "max_steps=30"]
+    quiet = ["save_steps=0", "eval_steps=1000", "progress=false", "seed=1"]
+    assert main(["grpo", *args, *settings, *quiet, f"policy_loss={policy_loss}", "ppo_epochs=2"]) == 0
+    lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    rewards = [m["reward"] for m in lines if m["split"] == "train"]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 8, (policy_loss, rewards)
+    assert all(m["approx_kl"] > 0 for m in lines if m["split"] == "train")  # the second pass is off-policy
+    saved = (out / "config.yaml").read_text()
+    spec = POLICY_LOSSES[policy_loss]
+    for key, value in [("beta", spec.beta), ("loss_aggregation", spec.default_aggregation)]:
+        assert f"{key}: {value}" in saved
+
+
+@pytest.mark.parametrize("policy_loss", ["gspo", "cispo"])
+def test_an_interrupted_run_resumes_bit_for_bit(tmp_path, tiny_model_dir, monkeypatch, policy_loss):
+    """Two updates per rollout (2 epochs x 2 minibatches), Ctrl-C during step 3 of 5: the resumed run's
+    metrics equal the uninterrupted run's, figure for figure (but timings)."""
+    data = write_prompts(tmp_path / "prompts.jsonl")
+    settings = dict(max_steps=5, policy_loss=policy_loss, beta=None, ppo_epochs=2, minibatch_size=8)
+    whole = config(tmp_path / "a", tiny_model_dir, data, **settings)
+    grpo.train(whole)
+    expected = train_metrics(whole)
+
+    cut = config(tmp_path / "b", tiny_model_dir, data, **settings)
+    resumed = interrupt_then_resume(grpo.train, cut, monkeypatch, online_loop, "collect", 3)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5]
+    assert any(m["approx_kl"] > 0 for m in expected)
+    for a, b in zip(expected, resumed):
+        same = {k: a[k] for k in a if not k.startswith(("time/", "tokens/s"))}
+        assert same == {k: b[k] for k in same}, a["step"]
