@@ -150,14 +150,18 @@ def run(dump_dir: str, argv: list[str]) -> int:
     for online in (alignkit.algorithms.grpo, alignkit.algorithms.ppo, alignkit.algorithms.online_dpo):
         online.save_final = dumping_before_save(online.save_final, Path(dump_dir))
     alignkit.training.loop.collect = recording_rollouts(alignkit.training.loop.collect)
-    for name, spec in POLICY_LOSSES.items():  # (grpo.py calls the policy loss it finds here by name)
+    registered = dict(POLICY_LOSSES)  # (grpo.py calls the policy loss it finds there by name)
+    for name, spec in registered.items():
         POLICY_LOSSES[name] = dataclasses.replace(spec, fn=recording_advantages(spec.fn))
     online_dpo = alignkit.algorithms.online_dpo
     online_dpo.build_pairs = recording_pairs(online_dpo.build_pairs)
     ppo = alignkit.algorithms.ppo
     ppo.whiten = recording_whitening(ppo.whiten)
     ppo.shape_rewards = recording_shaped(ppo.shape_rewards)
-    return main(argv)
+    try:
+        return main(argv)
+    finally:  # a run in the test's own process leaves the registry as it found it
+        POLICY_LOSSES.update(registered)
 
 
 if __name__ == "__main__":
