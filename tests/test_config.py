@@ -232,7 +232,7 @@ def test_the_names_a_config_accepts_are_the_implementations_keys():
     setting's names, the names are declared in the config: adding an implementation without its name (or a
     name without its implementation) fails here, not in a user's run."""
     from alignkit.config.base import DTYPE_NAMES, TrainConfig
-    from alignkit.config.online import SAMPLER_CORRECTIONS, GRPOConfig, OnlineConfig
+    from alignkit.config.online import POLICY_LOSS_NAMES, SAMPLER_CORRECTIONS, GRPOConfig, OnlineConfig
     from alignkit.config.preference import DIFFUSION_LOSS_NAMES, DiffusionDPOConfig
     from alignkit.config.supervised import DIVERGENCE_NAMES, DistillConfig
     from alignkit.config.tools import EvalConfig, GenerateConfig
@@ -240,6 +240,7 @@ def test_the_names_a_config_accepts_are_the_implementations_keys():
     from alignkit.losses.distill import DIVERGENCES
     from alignkit.losses.off_policy import SAMPLER_WEIGHTINGS
     from alignkit.losses.policy import ADVANTAGES
+    from alignkit.losses.policy_losses import POLICY_LOSSES
     from alignkit.models.load import DTYPES
 
     assert DTYPE_NAMES == tuple(DTYPES)
@@ -252,6 +253,7 @@ def test_the_names_a_config_accepts_are_the_implementations_keys():
     assert DIFFUSION_LOSS_NAMES == tuple(DIFFUSION_LOSSES) == DiffusionDPOConfig.ranges["loss"]
     assert DIVERGENCE_NAMES == tuple(DIVERGENCES) == DistillConfig.ranges["divergence"]
     assert GRPOConfig.ranges["advantage"] == tuple(ADVANTAGES)
+    assert POLICY_LOSS_NAMES == tuple(POLICY_LOSSES) == GRPOConfig.ranges["policy_loss"]
     assert (
         SAMPLER_CORRECTIONS
         == ("auto", "none", *SAMPLER_WEIGHTINGS)

@@ -4,6 +4,7 @@ and bad prompts or reward sources fail before training."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -16,6 +17,7 @@ from alignkit.config.generation import GenerationSettings
 from alignkit.config.load import ConfigError
 from alignkit.config.online import GRPOConfig
 from alignkit.data.readers import DataError
+from alignkit.losses.policy_losses import POLICY_LOSSES
 from alignkit.rollout import layout
 from alignkit.training.loop import RunInterrupted
 
@@ -71,13 +73,13 @@ def test_the_first_ratio_is_exactly_one_with_dropout_in_the_config(tmp_path, mon
     cfg_json.save_pretrained(model_dir)
     data = write_prompts(tmp_path / "prompts.jsonl", 8)
     seen = []
-    real = grpo.clipped_surrogate
+    real = POLICY_LOSSES["grpo"].fn
 
     def spy(logps, old_logps, advantages, mask, **kwargs):
         seen.append((logps.detach().clone(), old_logps.clone(), mask.clone()))
         return real(logps, old_logps, advantages, mask, **kwargs)
 
-    monkeypatch.setattr(grpo, "clipped_surrogate", spy)
+    monkeypatch.setitem(POLICY_LOSSES, "grpo", dataclasses.replace(POLICY_LOSSES["grpo"], fn=spy))
     cfg = config(
         tmp_path, model_dir, data, max_steps=1, ppo_epochs=2, minibatch_size=8, grad_accum=2, beta=0.1
     )
@@ -102,7 +104,7 @@ def test_with_top_p_the_old_logps_are_the_samplers_and_the_reference_is_untrunca
 
     data = write_prompts(tmp_path / "prompts.jsonl", 8)
     passes, ratios = [], []
-    real_pass, real_surrogate = grpo.token_logps_in_batches, grpo.clipped_surrogate
+    real_pass, real_surrogate = grpo.token_logps_in_batches, POLICY_LOSSES["grpo"].fn
 
     def spy_pass(forward, rollout, *args, **kwargs):
         out = real_pass(forward, rollout, *args, **kwargs)
@@ -114,7 +116,7 @@ def test_with_top_p_the_old_logps_are_the_samplers_and_the_reference_is_untrunca
         return real_surrogate(logps, old_logps, *args, **kwargs)
 
     monkeypatch.setattr(grpo, "token_logps_in_batches", spy_pass)
-    monkeypatch.setattr(grpo, "clipped_surrogate", spy_surrogate)
+    monkeypatch.setitem(POLICY_LOSSES, "grpo", dataclasses.replace(POLICY_LOSSES["grpo"], fn=spy_surrogate))
     T, top_p = 0.7, 0.8
     cfg = config(
         tmp_path,

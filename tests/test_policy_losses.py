@@ -15,7 +15,6 @@ from alignkit.losses.policy import (
     AdvantageSpec,
     aggregate,
     aggregation_units,
-    clipped_surrogate,
     compute_advantages,
     dr_grpo_advantages,
     frac_reward_zero_std,
@@ -26,6 +25,7 @@ from alignkit.losses.policy import (
     reinforce_pp_advantages,
     rloo_advantages,
 )
+from alignkit.losses.policy_losses import clipped_surrogate
 
 
 def t(*values):

@@ -6,9 +6,10 @@
 
 Reads top to bottom: prompts -> policy (+ reference) -> for each step: rollout (sample G completions of
 each prompt, score them, log-probs of the sampling policy and the reference) -> group advantages ->
-`ppo_epochs` x minibatches of the shared optimizer step on the clipped surrogate + β·KL -> metrics ->
-checkpoint. The maths is in alignkit.losses.policy; the rollout in alignkit.rollout; the optimizer step
-and checkpoints are the offline trainers' own (alignkit.training: step, loop, checkpoint).
+`ppo_epochs` x minibatches of the shared optimizer step on the policy loss (`policy_loss`: GRPO's clipped
+surrogate, GSPO or CISPO) + β·KL -> metrics -> checkpoint. The maths is in alignkit.losses.policy and
+alignkit.losses.policy_losses; the rollout in alignkit.rollout; the optimizer step and checkpoints are the
+offline trainers' own (alignkit.training: step, loop, checkpoint).
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ from alignkit.losses.policy import (
     KL_ESTIMATORS,
     aggregate,
     aggregation_units,
-    clipped_surrogate,
     compute_advantages,
     get_advantage,
     kl_estimate,
     kl_penalised_scores,
 )
+from alignkit.losses.policy_losses import clip_range, get_policy_loss
 from alignkit.models.load import BatchForward, disable_dropout, load_policy, load_tokenizer
 from alignkit.models.lora import add_lora
 from alignkit.models.reference import online_reference
@@ -58,11 +59,32 @@ from alignkit.training.setup import save_final, start_run
 from alignkit.training.step import as_numbers, make_optimizer, optimizer_step, with_default_lr
 
 
+def with_policy_loss_defaults(cfg: GRPOConfig) -> GRPOConfig:
+    """`cfg` with the policy loss's own epsilon, epsilon_high and beta where they are unset (None), after
+    refusing a clip range the loss cannot take (the check its function makes)."""
+    loss = get_policy_loss(cfg.policy_loss)
+    cfg = dataclasses.replace(
+        cfg,
+        epsilon=loss.epsilon if cfg.epsilon is None else cfg.epsilon,
+        epsilon_high=loss.epsilon_high if cfg.epsilon_high is None else cfg.epsilon_high,
+        beta=loss.beta if cfg.beta is None else cfg.beta,
+    )
+    try:
+        clip_range(
+            f"policy_loss={cfg.policy_loss}", cfg.epsilon, cfg.epsilon_high, lower_bound=loss.lower_bound
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return cfg
+
+
 def check_settings(cfg: GRPOConfig) -> GRPOConfig:
     """Validate the online settings before anything loads; returns the config with its automatic settings
-    resolved (loss_aggregation, and with beta > 0 kl_in_reward and kl_estimator), as the run saves it."""
+    resolved (the policy loss's epsilon, epsilon_high and beta where unset; loss_aggregation; with beta > 0
+    kl_in_reward and kl_estimator), as the run saves it."""
     validate(cfg)  # every field's range (declared on the config classes), beta >= 0 included
     spec = get_advantage(cfg.advantage)
+    cfg = with_policy_loss_defaults(cfg)
     check_online_settings(cfg, cfg.beta, "beta")
     if cfg.num_generations < spec.min_group_size:
         raise ConfigError(
@@ -73,7 +95,8 @@ def check_settings(cfg: GRPOConfig) -> GRPOConfig:
         raise ConfigError(
             f"kl_estimator '{cfg.kl_estimator}' is not auto or one of {', '.join(KL_ESTIMATORS)}"
         )
-    aggregation = spec.default_aggregation if cfg.loss_aggregation == "auto" else cfg.loss_aggregation
+    default_aggregation = get_policy_loss(cfg.policy_loss).default_aggregation or spec.default_aggregation
+    aggregation = default_aggregation if cfg.loss_aggregation == "auto" else cfg.loss_aggregation
     if aggregation not in AGGREGATIONS:
         raise ConfigError(
             f"loss_aggregation '{cfg.loss_aggregation}' is not auto or one of {', '.join(AGGREGATIONS)}"
@@ -114,8 +137,9 @@ def check_settings(cfg: GRPOConfig) -> GRPOConfig:
 
 @dataclass
 class GRPOObjective:
-    """`loss_fn(model, batch)` for `optimizer_step`: the clipped surrogate on the batch's advantages, times
-    the batch's `sampler_weights` where a sampler other than the trainer drew the rollout (π_old / π_sampler,
+    """`loss_fn(model, batch)` for `optimizer_step`: the registered policy loss `cfg.policy_loss`
+    (`losses.policy_losses.POLICY_LOSSES`) on the batch's advantages, its per-token loss times the batch's
+    `sampler_weights` where a sampler other than the trainer drew the rollout (π_old / π_sampler,
     `losses.off_policy`), plus β·KL to the reference (unless the KL is in the reward; never weighted, as
     TRL's), aggregated over its `loss_mask` as `aggregation` says. `cfg` is resolved (`check_settings`)."""
 
@@ -134,7 +158,8 @@ class GRPOObjective:
         logps, mask = out["token_logps"], batch["loss_mask"]
         # Fully on-policy (one epoch, one minibatch): the sampling policy is this very forward.
         old_logps = batch["old_logps"] if "old_logps" in batch else logps.detach()
-        per_token, metrics = clipped_surrogate(
+        policy_loss = get_policy_loss(self.cfg.policy_loss).fn
+        per_token, metrics = policy_loss(
             logps,
             old_logps,
             batch["advantages"],

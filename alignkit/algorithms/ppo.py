@@ -35,7 +35,8 @@ from alignkit.evaluation.policy import evaluate_policy
 from alignkit.generation.resolve import with_resolved_backend
 from alignkit.logprobs.completion import token_logps
 from alignkit.losses.masks import masked_mean, whiten
-from alignkit.losses.policy import aggregate, aggregation_units, clipped_surrogate
+from alignkit.losses.policy import aggregate, aggregation_units
+from alignkit.losses.policy_losses import clipped_surrogate
 from alignkit.losses.ppo import (
     AdaptiveKLController,
     FixedKLController,

@@ -14,6 +14,8 @@ from alignkit.config.preference import GAP_USES
 
 SAMPLER_CORRECTIONS = ("auto", "none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 """`sampler_correction`'s values: auto, none, and the modes `losses.off_policy.SAMPLER_WEIGHTINGS` computes."""
+POLICY_LOSS_NAMES = ("grpo", "gspo", "cispo")
+"""`policy_loss`'s values: the keys of `losses.policy_losses.POLICY_LOSSES`."""
 
 
 @dataclass
@@ -88,10 +90,22 @@ class GRPOConfig(OnlineConfig):
 
     advantage: str = "grpo"
     """Advantage estimator: grpo, dr_grpo, rloo or reinforce_pp (docs/online_rl.md)."""
+    policy_loss: str = "grpo"
+    """The policy term: grpo (PPO's clipped surrogate per token), gspo (one length-normalised ratio per
+    completion, clipped per completion; Zheng et al. 2025) or cispo (each token's REINFORCE term weighted
+    by its clipped, detached ratio; MiniMax-M1). gspo and cispo equal grpo at one update per rollout
+    (docs/online_rl.md)."""
     num_generations: int = 8
     """G: completions sampled per prompt (the group each advantage is relative to)."""
-    beta: float = 0.04
-    """Weight of the KL penalty to the reference, in the loss or the reward (0 = no reference held)."""
+    epsilon: float | None = None
+    """Clip range of the policy ratio (1 - epsilon, 1 + epsilon_high); none = the policy loss's: 0.2 for
+    grpo, 3e-4 for gspo, 1.0 for cispo (no lower bound)."""
+    epsilon_high: float | None = None
+    """Upper clip range (DAPO's clip-higher, e.g. 0.28); none = the policy loss's: epsilon for grpo, 4e-4
+    for gspo, 5.0 for cispo."""
+    beta: float | None = None
+    """Weight of the KL penalty to the reference, in the loss or the reward (0 = no reference held); none =
+    the policy loss's: 0.04 for grpo, 0 for gspo and cispo."""
     kl_in_reward: bool | None = None
     """Subtract beta x each completion's summed k1 KL from its reward before the advantages (true) or add
     beta x KL to the loss (false); none = the estimator's recipe: rloo in the reward (Ahmadian et al.
@@ -107,10 +121,12 @@ class GRPOConfig(OnlineConfig):
     scale_rewards: str = "group"
     """grpo: divide advantages by the group's reward std (group), the batch's (batch) or not (none)."""
     loss_aggregation: str = "auto"
-    """token_mean (DAPO), sequence_mean (GRPO paper), constant (Dr. GRPO) or auto (the estimator's own)."""
+    """token_mean (DAPO), sequence_mean (GRPO paper), constant (Dr. GRPO) or auto: sequence_mean for
+    policy_loss=gspo, token_mean for cispo, and with grpo the estimator's own."""
 
     ranges: ClassVar[dict] = {
         "advantage": ("grpo", "dr_grpo", "rloo", "reinforce_pp"),
+        "policy_loss": POLICY_LOSS_NAMES,
         "beta": at_least(0),
         "scale_rewards": ("group", "batch", "none"),
     }

@@ -3,8 +3,9 @@
 Three registries of `LossSpec` entries, one per shape of data: `LOSSES` (paired: `alignkit dpo`),
 `UNPAIRED_LOSSES` (labelled single completions: `alignkit kto`) and `LISTWISE_LOSSES` (a list of responses
 per prompt: `alignkit listwise`), built from the machinery in `registry`. `constraints` holds terms any
-paired objective can add. `policy` holds the maths of online RL (clipped surrogate, KL estimators, group
-advantages in the `ADVANTAGES` registry, the one loss aggregation).
+paired objective can add. `policy` holds the maths of online RL (KL estimators, group advantages in the
+`ADVANTAGES` registry, the one loss aggregation); `policy_losses` its policy term (the clipped surrogate,
+GSPO, CISPO in the `POLICY_LOSSES` registry).
 """
 
 from alignkit.losses.listwise import LISTWISE_LOSSES, get_listwise_loss
@@ -15,11 +16,11 @@ from alignkit.losses.policy import (
     AdvantageSpec,
     aggregate,
     aggregation_units,
-    clipped_surrogate,
     compute_advantages,
     get_advantage,
     kl_estimate,
 )
+from alignkit.losses.policy_losses import POLICY_LOSSES, PolicyLossSpec, clipped_surrogate, get_policy_loss
 from alignkit.losses.preference import GPO_CONVEX, LOSSES, check_params, get_loss, preference_loss
 from alignkit.losses.registry import LossSpec, RunningMean
 from alignkit.losses.types import ListwiseOutput, LossOutput, UnpairedOutput
@@ -32,11 +33,13 @@ __all__ = [
     "KL_ESTIMATORS",
     "LISTWISE_LOSSES",
     "LOSSES",
+    "POLICY_LOSSES",
     "UNPAIRED_LOSSES",
     "AdvantageSpec",
     "ListwiseOutput",
     "LossOutput",
     "LossSpec",
+    "PolicyLossSpec",
     "RunningMean",
     "UnpairedOutput",
     "aggregate",
@@ -47,6 +50,7 @@ __all__ = [
     "get_advantage",
     "get_listwise_loss",
     "get_loss",
+    "get_policy_loss",
     "get_unpaired_loss",
     "kl_estimate",
     "preference_loss",

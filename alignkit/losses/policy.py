@@ -1,13 +1,14 @@
-"""The maths of online RL on language models: clipped surrogate, KL estimators, group advantages, aggregation.
+"""The maths of online RL on language models: KL estimators, group advantages, aggregation. The policy term
+itself (the clipped surrogate, GSPO, CISPO) is in `losses.policy_losses`.
 
 Pure functions of tensors, no model and no loop: `algorithms/grpo.py` (GRPO, Dr. GRPO, RLOO, REINFORCE++)
-and, later, `algorithms/ppo.py` call them in the order of an online step:
+and `algorithms/ppo.py` call them in the order of an online step:
 
     rewards, _ = kl_penalised_scores(scores, old_logps, ref_logps, mask, beta=beta)  # when the KL is
                                                                      # in the reward (RLOO, REINFORCE++)
     adv   = compute_advantages(name, rewards, group_size)            # (N·G,) outcome rewards -> (N·G,)
     units = aggregation_units(mask, mode=...)                        # before the forward: optimizer_step's units
-    per_token, metrics = clipped_surrogate(logps, old_logps, adv, mask)
+    per_token, metrics = get_policy_loss(name).fn(logps, old_logps, adv, mask, epsilon=..., epsilon_high=...)
     per_token = per_token + beta * kl_estimate(logps, ref_logps)     # when the KL is a loss term (GRPO)
     loss, _ = aggregate(per_token, mask, mode=...)
 
@@ -28,7 +29,6 @@ from dataclasses import dataclass
 
 import torch
 
-from alignkit.losses.masks import masked_mean
 from alignkit.losses.registry import lookup
 
 __all__ = [
@@ -38,7 +38,6 @@ __all__ = [
     "AdvantageSpec",
     "aggregate",
     "aggregation_units",
-    "clipped_surrogate",
     "compute_advantages",
     "dr_grpo_advantages",
     "frac_reward_zero_std",
@@ -53,69 +52,6 @@ __all__ = [
 KL_ESTIMATORS = ("k1", "k2", "k3")
 AGGREGATIONS = ("token_mean", "sequence_mean", "constant")
 GRPO_SCALES = ("group", "batch", "none")
-
-
-# --- the clipped surrogate -------------------------------------------------------------------------------
-
-
-def clipped_surrogate(
-    logps: torch.Tensor,
-    old_logps: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    epsilon: float = 0.2,
-    epsilon_high: float | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO's clipped surrogate objective, per token, as a loss (Schulman et al. 2017, eq. 7).
-
-        ρ_t    = exp(log π(y_t) − log π_old(y_t))
-        loss_t = −min(ρ_t·A_t, clip(ρ_t, 1 − ε_low, 1 + ε_high)·A_t)
-
-    ε_low = `epsilon`; ε_high = `epsilon_high` when given (DAPO's "Clip-Higher", Yu et al. 2025, §3.1:
-    a larger upper bound lets low-probability tokens with A > 0 grow), else `epsilon`. Where the clipped
-    term is the minimum the token has no gradient: that is the clip being active, which happens only for
-    A > 0 with ρ > 1 + ε_high or A < 0 with ρ < 1 − ε_low.
-
-    logps, old_logps: (B, T) per-token log-probs of the sampled tokens under the policy (with gradient)
-    and under the policy that sampled them (no gradient needed); advantages: (B,), one per sequence and
-    broadcast over its tokens (GRPO, RLOO), or (B, T) (GAE); mask: (B, T).
-
-    Returns per_token_loss (B, T), 0 where mask is 0 (so a non-finite log-prob on padding cannot leak in),
-    for `aggregate`; and detached 0-dim metrics, each a mean over this micro-batch's masked tokens:
-    `clip_frac/low`, `clip_frac/high`, `clip_frac` (their sum), `ratio/mean`, and `approx_kl`, the mean of
-    (ρ − 1) − log ρ, Schulman's k3 estimator of KL(π_old ‖ π) on samples from π_old.
-    """
-    if not 0 < epsilon < 1:
-        raise ValueError(f"clipped_surrogate: epsilon={epsilon!r} must be in (0, 1) (PPO uses 0.2)")
-    eps_high = epsilon if epsilon_high is None else epsilon_high
-    if eps_high <= 0:
-        raise ValueError(f"clipped_surrogate: epsilon_high={epsilon_high!r} must be > 0 (DAPO uses 0.28)")
-    if advantages.dim() == 1:
-        advantages = advantages.unsqueeze(-1)  # (B, 1), broadcast over tokens
-    advantages = advantages.to(logps.dtype).detach()
-    mask = mask.bool()
-
-    log_ratio = logps - old_logps.detach()  # (B, T)
-    ratio = torch.exp(log_ratio)
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - epsilon, 1 + eps_high) * advantages
-    per_token_loss = torch.where(mask, -torch.minimum(unclipped, clipped), torch.zeros_like(logps))
-
-    with torch.no_grad():
-        low = (advantages < 0) & (ratio < 1 - epsilon)
-        high = (advantages > 0) & (ratio > 1 + eps_high)
-        clip_low = masked_mean(low.to(logps.dtype), mask).detach()
-        clip_high = masked_mean(high.to(logps.dtype), mask).detach()
-        safe_log_ratio = torch.where(mask, log_ratio, torch.zeros_like(log_ratio))
-        metrics = {
-            "clip_frac/low": clip_low,
-            "clip_frac/high": clip_high,
-            "clip_frac": clip_low + clip_high,
-            "approx_kl": masked_mean(torch.expm1(safe_log_ratio) - safe_log_ratio, mask).detach(),
-            "ratio/mean": masked_mean(torch.exp(safe_log_ratio), mask).detach(),
-        }
-    return per_token_loss, metrics
 
 
 # --- KL estimators ---------------------------------------------------------------------------------------
