@@ -123,22 +123,41 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--kv-cache-gb", type=float, default=2.0)
+    p.add_argument("--record", action="store_true", help="append the result to benchmarks/RESULTS.md")
     args = p.parse_args()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
-    print(
-        f"{platform.machine()} {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
-        f"1-minute load average {os.getloadavg()[0]:.2f}; {args.prompts} prompts x {args.samples} samples x "
-        f"{args.max_new_tokens} new tokens, {args.rounds} rounds"
-    )
+    bf16 = "avx512_bf16" in open("/proc/cpuinfo").read()
+    import vllm
+
+    lines = [
+        f"{platform.machine()} {cpu} ({'with' if bf16 else 'without'} AVX512-BF16), {os.cpu_count()} cores, torch "
+        f"{torch.__version__} threads {torch.get_num_threads()}, vllm {vllm.__version__}, 1-minute load average "
+        f"{os.getloadavg()[0]:.2f}; {args.prompts} prompts x {args.samples} samples x {args.max_new_tokens} new "
+        f"tokens, {args.rounds} rounds, fp32"
+    ]
+    print(lines[0])
     results = {}
     for size in args.sizes:
         results[size] = r = measure(size, args)
-        print(
+        lines.append(
             f"{size:>13} ({r['parameters'] / 1e6:.1f}M): completions/s "
             + ", ".join(f"{b} {r[b]['completions_per_s']:.2f}" for b in ("loop", "hf", "vllm"))
             + f"; vLLM weight sync {r['sync_s']:.3f} s (inside its time)"
         )
-    print(json.dumps({"args": vars(args), "cpu": cpu, "results": results}))
+        print(lines[-1], flush=True)
+    lines.append(f"1-minute load average at the end {os.getloadavg()[0]:.2f}")
+    print(lines[-1])
+    summary = {"date": time.strftime("%Y-%m-%d"), "args": vars(args), "cpu": cpu, "results": results}
+    print(json.dumps(summary))
+    if args.record:
+        command = ".venv-vllm/bin/python benchmarks/vllm_speed.py " + " ".join(
+            a for a in sys.argv[1:] if a != "--record"
+        )
+        with open(REPO / "benchmarks" / "RESULTS.md", "a") as f:
+            f.write(
+                f"\n## {summary['date']} — `{command.strip()}`\n\n```\n" + "\n".join(lines) + "\n```\n\n"
+                f"```json\n{json.dumps(summary, indent=1)}\n```\n"
+            )
 
 
 if __name__ == "__main__":
