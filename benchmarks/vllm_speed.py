@@ -4,6 +4,7 @@ a colocated vLLM engine (generation/vllm.py), for models of three sizes, in comp
     bash scripts/vllm_env.sh                                   # vLLM's environment (docs/vllm.md)
     .venv-vllm/bin/python benchmarks/vllm_speed.py             # all three sizes, 3 rounds each
     .venv-vllm/bin/python benchmarks/vllm_speed.py --sizes tiny 0.1b --rounds 5
+    .venv-vllm/bin/python benchmarks/vllm_speed.py --sizes 0.1b --grpo-steps 6   # and a GRPO run on each
 
 One rollout as GRPO draws it: `--prompts` prompts of alignkit/assets/demo/pairs.jsonl x `--samples`
 completions of `--max-new-tokens` tokens at most, temperature 1, no truncation, fp32. The models are
@@ -13,6 +14,9 @@ config, ~494M), with the shipped TinyStories tokenizer's ids as prompts. EOS is 
 by a random model, so completions run to the limit and every backend generates the same token count.
 vLLM's time includes the weight sync an RL step does before sampling (reported apart as well). Backends
 alternate within a round (the first one rotates), after one warm-up call each; medians are reported.
+`--grpo-steps N` also runs `alignkit grpo` for N steps on the 0.1b model with each backend at equal settings
+(batch `--prompts` x G `--samples`, β 0.04, lr 1e-5, fp32) and reports each step's timings, reward and the
+sampler's gap to the trainer. `--record` appends the printed lines and the JSON to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -115,6 +119,33 @@ def measure(size: str, args) -> dict:
     return out
 
 
+def grpo_side(backend: str, args) -> dict:
+    """`alignkit grpo` for `args.grpo_steps` steps on the 0.1b model sampling with `backend` (in a process of
+    its own, this interpreter): the per-step timings, rewards and sampler gap from its metrics.jsonl."""
+    import subprocess
+
+    out = FIXTURES / f"grpo-{backend}"
+    command = [sys.executable, "-m", "alignkit.cli", "grpo", f"model={build('0.1b')}", f"data={PROMPTS}"]
+    command += ["rewards=[{type: regex, pattern: e, mode: count}]", f"output_dir={out}", "overwrite=true"]
+    command += [
+        f"max_steps={args.grpo_steps}",
+        f"batch_size={args.prompts}",
+        f"num_generations={args.samples}",
+    ]
+    command += [f"generation.max_new_tokens={args.max_new_tokens}", f"generation.backend={backend}"]
+    command += [f"generation.vllm.cpu_kv_cache_gb={args.kv_cache_gb}", "mixed_precision=no", "lr=1e-5"]
+    command += ["progress=false", "report=false"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    load = os.getloadavg()[0]
+    subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True, timeout=3600)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r.get("split") == "train"]
+    keys = ("time/generation", "time/logprobs", "time/training", "time/step", "reward")
+    series = {k: [round(r[k], 3) for r in rows] for k in keys}
+    series["sampler/logp_diff/max"] = [r.get("sampler/logp_diff/max") for r in rows]
+    return {"load_before": load, **series}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
@@ -124,6 +155,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--kv-cache-gb", type=float, default=2.0)
     p.add_argument("--record", action="store_true", help="append the result to benchmarks/RESULTS.md")
+    p.add_argument(
+        "--grpo-steps",
+        type=int,
+        default=0,
+        help="also run `alignkit grpo` this many steps on the 0.1b model with each of loop and vllm",
+    )
     args = p.parse_args()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
     bf16 = "avx512_bf16" in open("/proc/cpuinfo").read()
@@ -145,9 +182,25 @@ def main() -> None:
             + f"; vLLM weight sync {r['sync_s']:.3f} s (inside its time)"
         )
         print(lines[-1], flush=True)
+    grpo = {}
+    for backend in ("loop", "vllm") if args.grpo_steps else ():
+        grpo[backend] = g = grpo_side(backend, args)
+        later = slice(1, None)  # (the first step warms up)
+        lines.append(
+            f"alignkit grpo, 0.1b, {backend:>4} (load before {g['load_before']:.2f}): seconds per step after the "
+            f"first: generation {g['time/generation'][later]}, log-probs {g['time/logprobs'][later]}, training "
+            f"{g['time/training'][later]}, step {g['time/step'][later]}; reward {g['reward']}"
+        )
+        print(lines[-1], flush=True)
     lines.append(f"1-minute load average at the end {os.getloadavg()[0]:.2f}")
     print(lines[-1])
-    summary = {"date": time.strftime("%Y-%m-%d"), "args": vars(args), "cpu": cpu, "results": results}
+    summary = {
+        "date": time.strftime("%Y-%m-%d"),
+        "args": vars(args),
+        "cpu": cpu,
+        "results": results,
+        "grpo": grpo,
+    }
     print(json.dumps(summary))
     if args.record:
         command = ".venv-vllm/bin/python benchmarks/vllm_speed.py " + " ".join(
