@@ -24,7 +24,7 @@ from alignkit.config.load import ConfigError
 from alignkit.rewards import build_reward
 from alignkit.rewards.backends import JudgeError, retry_after_seconds
 from alignkit.rewards.cache import JudgeCache
-from alignkit.rewards.judge import TEMPLATES, extract_score, parse_preference, parse_score
+from alignkit.rewards.judge_answers import TEMPLATES, extract_score, parse_preference, parse_score
 from tests.conftest import REPO, TINYSTORIES
 
 KEY_ENV, KEY = "ALIGNKIT_TEST_JUDGE_KEY", "sk-test-SECRET-4242"

@@ -22,7 +22,7 @@ from alignkit.config.load import ConfigError
 from alignkit.rewards import RewardSet, build_reward, build_rewards
 from alignkit.rewards.backends import JudgeError
 from alignkit.rewards.base import fill
-from alignkit.rewards.judge import TEMPLATES
+from alignkit.rewards.judge_answers import TEMPLATES
 from alignkit.rewards.rules import VaderReward
 from tests.conftest import REPO
 
