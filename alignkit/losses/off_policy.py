@@ -2,7 +2,7 @@
 
 The clipped surrogate (`losses.policy_losses.clipped_surrogate`) takes its ratio π_θ / π_old against the trainer's
 own log-probs of the rollout, π_old. When another engine drew the tokens (vLLM: other kernels, other
-precision; later a guide policy), they are samples of π_sampler, not of π_old, and the policy gradient is
+precision; a guide policy mixed in, `generation.guided`), they are samples of π_sampler, not of π_old, and the policy gradient is
 off-policy by π_old / π_sampler. `sampler_weights` is the correction a training loop multiplies each
 token's policy loss by; `sampler_statistics` the figures it logs (under `sampler/`):
 
