@@ -165,18 +165,26 @@ def test_the_reported_logps_are_log_q_and_the_weights_pi_over_q(
     policy as it sampled and of the guide over every completion: the rollout's sampler log-probs are log q of
     each token, the weights the loss multiplies by are π/q, at most 1/α = 2; and GRPO's advantages are
     centred on the importance-weighted mean in each group (Σ_j W_j A_j = 0, W_j the completion's mean weight),
-    PPO's over the rollout's tokens (Σ_t w_t A_t = 0)."""
-    data = write_prompts(tmp_path / "prompts.jsonl", 8)
+    PPO's over the rollout's tokens (Σ_t w_t A_t = 0). The evaluation after the step samples the policy alone."""
+    data = write_prompts(tmp_path / "prompts.jsonl", 10)
+    evals = {"eval_fraction": 0.2, "eval_steps": 1}  # 8 training prompts, 2 held out
     if algorithm == "grpo":
-        cfg, train = grpo_config(tmp_path, tiny_model_dir, data, max_steps=1), grpo.train
+        cfg, module = grpo_config(tmp_path, tiny_model_dir, data, max_steps=1, **evals), grpo
     else:
-        cfg, train = (
-            ppo_config(tmp_path, tiny_model_dir, data, max_steps=1, batch_size=4, ppo_epochs=1),
-            ppo.train,
+        cfg, module = (
+            ppo_config(tmp_path, tiny_model_dir, data, max_steps=1, batch_size=4, ppo_epochs=1, **evals),
+            ppo,
         )
-    rollouts, batches = [], []
-    spy(monkeypatch, grpo if algorithm == "grpo" else ppo, rollouts, batches)
-    train(guided(cfg, guide_dir, alpha=0.5))
+    rollouts, batches, eval_samplers = [], [], []
+    spy(monkeypatch, module, rollouts, batches)
+    real_evaluate = module.evaluate_policy
+    monkeypatch.setattr(
+        module,
+        "evaluate_policy",
+        lambda *a, **k: eval_samplers.append(k["sampler"]) or real_evaluate(*a, **k),
+    )
+    module.train(guided(cfg, guide_dir, alpha=0.5))
+    assert len(eval_samplers) == 1 and type(eval_samplers[0]).__name__ == "ModelSampler"
     rollout = rollouts[0]
     policy, guide = load_causal_lm(str(tiny_model_dir)), load_causal_lm(str(guide_dir))
     with torch.no_grad():
