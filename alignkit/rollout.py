@@ -21,7 +21,7 @@ from alignkit.config.generation import VLLMSettings
 from alignkit.config.load import ConfigError
 from alignkit.generation.backends import ModelSampler, Sampler
 from alignkit.generation.sampling import eos_ids
-from alignkit.losses.off_policy import sampler_statistics, sampler_weights
+from alignkit.losses.off_policy import importance_weighted_means, sampler_statistics, sampler_weights
 from alignkit.losses.policy import frac_reward_zero_std
 from alignkit.models.load import adapter_base
 from alignkit.rewards.base import reduce_metrics
@@ -86,6 +86,10 @@ class Rollout:
     """(N, T) per-token log-probs the sampler reported for the tokens it drew (its own numbers: vLLM's
     kernels and precision may differ from the trainer's), laid out as `completion_mask`; None where the
     backend does not report them."""
+    sampler_auto_correction: str = "sequence_mask"
+    """What sampler_correction=auto applies where the sampler is not the trainer (`Sampled.auto_correction`)."""
+    sampler_details: dict[str, torch.Tensor] = field(default_factory=dict)
+    """(N,) figures the sampler reported per completion, by name (a guided sampler's: `guide_metrics`)."""
     sampler_is_trainer: bool = True
     """Whether `sampler_logps` are the trainer's own numbers for the same distribution (the loop and hf
     samplers); False where another engine or model drew the tokens (vLLM, a guide policy): the rollout is
@@ -257,6 +261,8 @@ def collect(
         sampler=sampler.backend,
         sampler_is_trainer=sampler.is_trainer,
         sampler_logps=sampler_logps,
+        sampler_auto_correction=sampled.auto_correction,
+        sampler_details={k: torch.tensor(v, dtype=torch.float64) for k, v in sampled.details.items()},
         source_metrics=scored.metrics,
         timings={"generation": t1 - t0, "scoring": t2 - t1},
         **encoder,
@@ -299,6 +305,37 @@ def rollout_metrics(
     parts = gather_objects(rollout.source_metrics)  # every process's {source: its metrics()}
     for name in rollout.source_metrics:
         out.update({f"rewards/{name}/{k}": v for k, v in reduce_metrics([p[name] for p in parts]).items()})
+    return out
+
+
+def guide_metrics(rollout: Rollout, *, gather=None) -> dict[str, float]:
+    """What a guide did to the rollout (`generation.guided`), over every process's completions (`gather`); {}
+    where no guide drew it:
+
+        guide/alpha                  the policy's weight α in the mixture q = α·π + (1 − α)·g at this step
+        guide/frac_argmax_changed    the share of completion tokens where argmax q ≠ argmax π
+        guide/frac_tokens_changed    the share where π alone would have drawn another token from the same uniform
+        guide/frac_changed           the share of completions with such a token: ones the policy alone would
+                                     not have written from the uniforms they were drawn with
+        guide/reward_changed, guide/reward_unchanged   the mean reward of each kind, where there is one
+                                     (not the guide's effect: a longer completion is likelier to be changed)
+    """
+    details = rollout.sampler_details
+    if "alpha" not in details:
+        return {}
+    gather = gather or (lambda x: x)
+    tokens = gather(torch.tensor(rollout.completion_lengths, dtype=torch.float32)).sum().clamp(min=1)
+    tokens_changed = gather(details["tokens_changed"])  # (N·W,)
+    changed, scores = tokens_changed > 0, gather(rollout.scores)
+    out = {
+        "guide/alpha": float(details["alpha"][0]),
+        "guide/frac_argmax_changed": float(gather(details["argmax_changed"]).sum() / tokens),
+        "guide/frac_tokens_changed": float(tokens_changed.sum() / tokens),
+        "guide/frac_changed": float(changed.float().mean()),
+    }
+    for name, rows in (("changed", changed), ("unchanged", ~changed)):
+        if rows.any():
+            out[f"guide/reward_{name}"] = float(scores[rows].mean())
     return out
 
 
@@ -375,15 +412,16 @@ def sampler_correction(
     no sampler log-probs). Where it does, `rollout.old_logps` must be set (the trainer's recomputation).
 
     `setting` is `OnlineConfig.sampler_correction` (`cap` its cap C): a mode of
-    `losses.off_policy.sampler_weights`, none, or auto: sequence_mask where the rollout's sampler is not the
-    trainer (`Rollout.sampler_is_trainer`) and reported its log-probs, none otherwise. `gather`
+    `losses.off_policy.sampler_weights`, none, or auto: where the rollout's sampler is not the trainer
+    (`Rollout.sampler_is_trainer`) and reported its log-probs, the mode it asks for
+    (`Rollout.sampler_auto_correction`: sequence_mask for vLLM, token_truncate for a guide), else none. `gather`
     (`OnlineRun.gather`) makes every figure the whole step's, over every process's tokens."""
     reported = rollout.sampler_logps is not None
     if reported and rollout.sampler_is_trainer and setting in ("auto", "none"):
         return {}, {}  # the trainer sampled: its log-probs are π_old's up to rounding, nothing to correct
     mode = setting
     if setting == "auto":
-        mode = "sequence_mask" if reported and not rollout.sampler_is_trainer else "none"
+        mode = rollout.sampler_auto_correction if reported and not rollout.sampler_is_trainer else "none"
     if not reported:
         if mode != "none":
             raise ConfigError(
@@ -402,6 +440,32 @@ def sampler_correction(
         weights, ratios = {"sampler_weights": w}, gather(ratios)
     stats = sampler_statistics(log_ratios, ratios, mode=mode, cap=cap)
     return weights, {f"sampler/{k}": float(v) for k, v in stats.items()}
+
+
+def importance_centred(
+    advantages: torch.Tensor, rollout: Rollout, correction: dict, *, group_size: int = 0, gather=None
+) -> torch.Tensor:
+    """`advantages` of a rollout a guide drew (`generation.guided`: its sampler reports `alpha`), centred on
+    their importance-weighted mean (`losses.off_policy.importance_weighted_means`: the baseline becomes the
+    policy's own mean reward, not the mixture's); as they are for any other rollout, and where `correction`
+    (`sampler_correction`'s) has no weights. (vLLM's weights are within rounding of 1: its advantages are left
+    as TRL leaves them.)
+
+    Group advantages, (N·W,) of every process's completions in rank order: each completion weighs its mean
+    token weight, centred within its group of `group_size` (over the whole step at group_size 1). Per-token
+    advantages, (N, T) of this process: each completion token weighs its own weight, centred over every
+    process's tokens (`gather`, `OnlineRun.gather`)."""
+    if "sampler_weights" not in correction or "alpha" not in rollout.sampler_details:
+        return advantages
+    gather = gather or (lambda x: x)
+    weights, mask = correction["sampler_weights"], rollout.completion_mask
+    if advantages.dim() == 1:
+        row_weights = gather(weights.sum(-1) / mask.sum(-1).clamp(min=1))  # (N·W,)
+        group = group_size if group_size > 1 else len(row_weights)
+        return advantages - importance_weighted_means(advantages, row_weights, group).repeat_interleave(group)
+    mask = mask.bool()
+    values, weights = gather(advantages[mask]), gather(weights[mask])  # (M,) every process's tokens
+    return advantages - importance_weighted_means(values, weights, len(values))
 
 
 def sampling_settings(cfg) -> SamplingSettings:

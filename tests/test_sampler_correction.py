@@ -261,7 +261,11 @@ def test_the_figures_are_the_whole_steps_over_every_process():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     sampler = torch.tensor([[-0.1, -0.1, 0.0], [-0.3, 0.0, 0.0]])
     rollout = SimpleNamespace(
-        sampler_logps=sampler, sampler_is_trainer=False, completion_mask=mask, old_logps=torch.zeros(2, 3)
+        sampler_logps=sampler,
+        sampler_is_trainer=False,
+        sampler_auto_correction="sequence_mask",  # (what a vLLM sampler asks auto for)
+        completion_mask=mask,
+        old_logps=torch.zeros(2, 3),
     )
     other_tokens, other_ratios = torch.full((3,), 0.5), torch.tensor([math.exp(1.5)])
 

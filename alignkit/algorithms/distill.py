@@ -28,7 +28,13 @@ from alignkit.data.prompts import load_prompts
 from alignkit.generation.resolve import with_resolved_backend
 from alignkit.generation.sampling import sample_ids
 from alignkit.losses.distill import divergence_beta
-from alignkit.models.load import BatchForward, check_model_source, load_policy, load_tokenizer
+from alignkit.models.load import (
+    BatchForward,
+    check_model_source,
+    load_policy,
+    load_tokenizer,
+    vocabulary_difference,
+)
 from alignkit.models.lora import add_lora
 from alignkit.models.reference import frozen_model
 from alignkit.models.teacher import completion_divergence, frozen_teacher
@@ -61,16 +67,11 @@ def vocabulary_mismatch(student: tuple[str, object, int], teacher: tuple[str, ob
     problems = []
     if s_size != t_size:
         problems.append(f"output vocabulary sizes differ (student {s_size}, teacher {t_size})")
-    s_vocab, t_vocab = s_tok.get_vocab(), t_tok.get_vocab()
-    if s_vocab != t_vocab:
-        only_t = sorted(set(t_vocab) - set(s_vocab))
-        moved = sorted(k for k in set(s_vocab) & set(t_vocab) if s_vocab[k] != t_vocab[k])
-        what = f"tokenizer vocabularies differ ({len(s_vocab)} vs {len(t_vocab)} tokens"
-        if only_t:
-            what += f"; {len(only_t)} only in the teacher's, e.g. {only_t[0]!r}"
-        if moved:
-            what += f"; {moved[0]!r} is id {s_vocab[moved[0]]} in the student's, {t_vocab[moved[0]]} in the teacher's"
-        problems.append(what + ")")
+    vocabulary = vocabulary_difference(
+        s_tok.get_vocab(), t_tok.get_vocab(), ("the student's", "the teacher's")
+    )
+    if vocabulary:
+        problems.append(vocabulary)
     for special in ("bos_token_id", "eos_token_id"):
         if getattr(s_tok, special) != getattr(t_tok, special):
             problems.append(

@@ -26,7 +26,7 @@ from alignkit.config.load import ConfigError, validate
 from alignkit.config.online import GRPOConfig
 from alignkit.data.prompts import load_prompts
 from alignkit.evaluation.policy import evaluate_policy
-from alignkit.generation.resolve import with_resolved_backend
+from alignkit.generation.guided import load_guided_sampler, with_guided_backend
 from alignkit.logprobs.completion import token_logps
 from alignkit.losses.masks import masked_mean
 from alignkit.losses.policy import (
@@ -45,6 +45,8 @@ from alignkit.models.lora import add_lora
 from alignkit.models.reference import online_reference
 from alignkit.rewards.compose import online_rewards
 from alignkit.rollout import (
+    guide_metrics,
+    importance_centred,
     needs_old_logps,
     rollout_metrics,
     run_sampler,
@@ -140,8 +142,10 @@ class GRPOObjective:
     """`loss_fn(model, batch)` for `optimizer_step`: the registered policy loss `cfg.policy_loss`
     (`losses.policy_losses.POLICY_LOSSES`) on the batch's advantages, its per-token loss times the batch's
     `sampler_weights` where a sampler other than the trainer drew the rollout (π_old / π_sampler,
-    `losses.off_policy`), plus β·KL to the reference (unless the KL is in the reward; never weighted, as
-    TRL's), aggregated over its `loss_mask` as `aggregation` says. `cfg` is resolved (`check_settings`)."""
+    `losses.off_policy`), plus β·KL to the reference (unless the KL is in the reward; unweighted for vLLM's
+    small numeric gap, as TRL's, but weighted the same where a guide drew the tokens: they are samples of the
+    mixture q, and the KL is an expectation under π_old), aggregated over its `loss_mask` as `aggregation`
+    says. `cfg` is resolved (`check_settings`)."""
 
     cfg: GRPOConfig
     aggregation: str
@@ -172,6 +176,8 @@ class GRPOObjective:
         if self.cfg.beta > 0 and not self.cfg.kl_in_reward:
             old = old_logps if self.cfg.kl_importance_correction else None
             kl = kl_estimate(logps, batch["ref_logps"], estimator=self.cfg.kl_estimator, old_logps=old)
+            if self.cfg.guide.model and "sampler_weights" in batch:  # q's tokens: E_q[w·k] = E_π_old[k]
+                kl = kl * batch["sampler_weights"]
             per_token = per_token + self.cfg.beta * kl
             metrics["kl"] = masked_mean(kl.detach(), mask)
         loss, _ = aggregate(per_token, mask, **self._how())
@@ -184,7 +190,7 @@ def train(cfg: GRPOConfig) -> Path:
     """Train a policy online on prompt rows against a reward set; returns the saved final model's folder."""
     cfg = check_settings(cfg)
     rewards = online_rewards(cfg, "grpo")
-    cfg = with_resolved_backend(cfg)  # generation.backend=auto -> loop or hf, saved with the run
+    cfg = with_guided_backend(cfg)  # generation.backend=auto -> loop or hf (loop with a guide), saved
     accelerator, log, output_dir = start_run(cfg)
     G = cfg.num_generations
 
@@ -215,7 +221,10 @@ def train(cfg: GRPOConfig) -> Path:
         }
 
     sampler = run_sampler(cfg, model, tokenizer, prompts, mixed_precision=accelerator.mixed_precision)
-    run = OnlineRun(cfg, accelerator, len(prompts.train_rows), named=named, log=log, sampler=sampler)
+    guided = load_guided_sampler(cfg, tokenizer, accelerator.device)  # None without a guide; frozen
+    run = OnlineRun(
+        cfg, accelerator, len(prompts.train_rows), named=named, log=log, sampler=sampler, guided=guided
+    )
     n_rows = cfg.batch_size * G
     minibatches_per_epoch = n_rows // (cfg.minibatch_size or n_rows)
     updates_per_step = cfg.ppo_epochs * minibatches_per_epoch
@@ -295,6 +304,8 @@ def train(cfg: GRPOConfig) -> Path:
             scale = cfg.scale_rewards if cfg.advantage == "grpo" else None
             rank = accelerator.process_index
             advantages = compute_advantages(cfg.advantage, run.gather(scores), G, scale=scale)
+            # A guide drew it: the baseline is the policy's own mean reward, not the mixture's.
+            advantages = importance_centred(advantages, rollout, correction, group_size=G, gather=run.gather)
             advantages = advantages[rank * n_rows : (rank + 1) * n_rows]  # (n_rows,)
             t2 = time.perf_counter()
 
@@ -331,6 +342,7 @@ def train(cfg: GRPOConfig) -> Path:
                 **rollout_metrics(rollout, advantages, gather=run.gather, gather_objects=run.gather_objects),
                 **kl_metrics,
                 **sampler_record,
+                **guide_metrics(rollout, gather=run.gather),
             }
             record.update(timing_metrics(rollout, (t0, t1, t2, t3), passes=cfg.ppo_epochs))
             postfix = {"reward": record["reward"], "kl": record.get("kl", 0.0)}

@@ -32,7 +32,7 @@ from alignkit.config.load import ConfigError, validate
 from alignkit.config.online import PPOConfig
 from alignkit.data.prompts import load_prompts
 from alignkit.evaluation.policy import evaluate_policy
-from alignkit.generation.resolve import with_resolved_backend
+from alignkit.generation.guided import load_guided_sampler, with_guided_backend
 from alignkit.logprobs.completion import token_logps
 from alignkit.losses.masks import masked_mean, whiten
 from alignkit.losses.policy import aggregate, aggregation_units
@@ -57,6 +57,8 @@ from alignkit.models.reference import online_reference
 from alignkit.models.value import VALUE_ADAPTER, ValueModel, value_adapter_on, value_model_from
 from alignkit.rewards.compose import online_rewards
 from alignkit.rollout import (
+    guide_metrics,
+    importance_centred,
     rollout_metrics,
     run_sampler,
     sampler_correction,
@@ -236,7 +238,7 @@ def train(cfg: PPOConfig) -> Path:
     """Train a policy with PPO on prompt rows against a reward set; returns the saved final model's folder."""
     check_settings(cfg)
     rewards = online_rewards(cfg, "ppo")
-    cfg = with_resolved_backend(cfg)  # generation.backend=auto -> loop or hf (T5: hf), saved with the run
+    cfg = with_guided_backend(cfg)  # auto -> loop or hf (T5: hf; loop with a guide), saved with the run
     accelerator, log, output_dir = start_run(cfg)
 
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
@@ -269,7 +271,10 @@ def train(cfg: PPOConfig) -> Path:
         }
 
     sampler = run_sampler(cfg, lm, tokenizer, prompts, mixed_precision=accelerator.mixed_precision)
-    run = OnlineRun(cfg, accelerator, len(prompts.train_rows), named=named, log=log, sampler=sampler)
+    guided = load_guided_sampler(cfg, tokenizer, accelerator.device)  # None without a guide; frozen
+    run = OnlineRun(
+        cfg, accelerator, len(prompts.train_rows), named=named, log=log, sampler=sampler, guided=guided
+    )
     n_rows = cfg.batch_size * cfg.num_generations
     minibatches_per_epoch = n_rows // (cfg.minibatch_size or n_rows)
     module = PolicyAndValue(lm, value, **fn_kwargs)
@@ -317,6 +322,10 @@ def train(cfg: PPOConfig) -> Path:
             )
             # 3. Advantages: per-token rewards (score on the last token, −β·k1 on every token) -> GAE, whitened.
             shaped = shape_rewards(cfg, rollout, kl_ctl.value, gather=run.gather)
+            # A guide drew it: centred on the policy's own mean, not the mixture's.
+            shaped["advantages"] = importance_centred(
+                shaped["advantages"], rollout, correction, gather=run.gather
+            )
             keep = rollout.ended | (not cfg.mask_truncated)
             loss_mask = rollout.completion_mask * keep.unsqueeze(-1)
             t2 = time.perf_counter()
@@ -380,6 +389,7 @@ def train(cfg: PPOConfig) -> Path:
                     **critic_metrics(shaped, rollout, run.gather),
                     "updates": len(records),
                     **sampler_record,
+                    **guide_metrics(rollout, gather=run.gather),
                     **timing_metrics(rollout, (t0, t1, t2, t3), passes=len(records) / minibatches_per_epoch),
                 }
             )

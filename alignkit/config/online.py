@@ -9,6 +9,7 @@ from typing import ClassVar
 
 from alignkit.config.base import ReferenceSettings, TrainConfig
 from alignkit.config.generation import SAMPLING_MOVED, GenerationSettings, temperature_above_zero
+from alignkit.config.guide import GuideSettings, guide_relations
 from alignkit.config.load import FRACTION, above, at_least
 from alignkit.config.preference import GAP_USES
 
@@ -123,6 +124,9 @@ class GRPOConfig(OnlineConfig):
     loss_aggregation: str = "auto"
     """token_mean (DAPO), sequence_mean (GRPO paper), constant (Dr. GRPO) or auto: sequence_mean for
     policy_loss=gspo, token_mean for cispo, and with grpo the estimator's own."""
+    guide: GuideSettings = field(default_factory=GuideSettings)
+    """A frozen guide policy steering the rollouts, the update corrected for it (off unless guide.model is
+    set; docs/online_rl.md, *Guided rollouts*)."""
 
     ranges: ClassVar[dict] = {
         "advantage": ("grpo", "dr_grpo", "rloo", "reinforce_pp"),
@@ -130,6 +134,7 @@ class GRPOConfig(OnlineConfig):
         "beta": at_least(0),
         "scale_rewards": ("group", "batch", "none"),
     }
+    relations: ClassVar[tuple] = (guide_relations,)
 
 
 @dataclass
@@ -139,6 +144,17 @@ class RLOOConfig(GRPOConfig):
 
     advantage: str = "rloo"
     """Advantage estimator: grpo, dr_grpo, rloo or reinforce_pp (docs/online_rl.md)."""
+
+
+def no_guide_traces(cfg) -> str | None:
+    """PPO's `relations` check: guide.mode=traces needs groups of completions."""
+    if cfg.guide.model and cfg.guide.mode == "traces":
+        return (
+            "guide.mode=traces puts guide completions into each prompt's group of G; PPO samples one completion "
+            "per prompt and baselines it with its critic, so there is no group to put them in: use grpo or "
+            "rloo, or guide.mode=mixture"
+        )
+    return None
 
 
 @dataclass
@@ -179,6 +195,9 @@ class PPOConfig(OnlineConfig):
     """The critic: policy (a copy of the policy's backbone, new head), adapter (with lora.enabled: a second
     LoRA adapter with its own head on the policy's shared frozen base, no copy) or a trained reward model
     (hub name or folder, e.g. `alignkit reward` output; causal policies) whose backbone and head start it."""
+    guide: GuideSettings = field(default_factory=GuideSettings)
+    """A frozen guide policy steering the rollouts (guide.mode=mixture; off unless guide.model is set;
+    docs/online_rl.md, *Guided rollouts*)."""
 
     ranges: ClassVar[dict] = {
         "kl_coef": at_least(0),
@@ -190,6 +209,7 @@ class PPOConfig(OnlineConfig):
         "lam": FRACTION,
         "early_stop_kl": at_least(0),
     }
+    relations: ClassVar[tuple] = (guide_relations, no_guide_traces)
 
 
 @dataclass

@@ -6,11 +6,12 @@ weights (`sync`, before each rollout) and draws completions as token ids with th
   to sync, and its log-probs are the trainer's numbers up to rounding (`is_trainer`).
 - vllm, colocated (`generation.vllm.ColocatedVLLM`): an engine in this process; `sync` copies the weights.
 - vllm, server (`generation.server.ServerSampler`): an `alignkit vllm-serve` process; `sync` pushes them.
+- a guide mixed in (`generation.guided.GuidedSampler`): the policy and a frozen guide decode together.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from alignkit.generation.sampling import sample_ids
@@ -25,6 +26,11 @@ class Sampled:
     logps: list[list[float]]
     """Each drawn token's log-prob under the distribution it was drawn from (tempered and truncated), as
     the sampler computed it; one per id."""
+    details: dict[str, list[float]] = field(default_factory=dict)
+    """Figures the sampler adds, one per completion by name (a guided sampler's: `generation.guided`)."""
+    auto_correction: str = "sequence_mask"
+    """The correction sampler_correction=auto applies where the sampler is not the trainer: sequence_mask for
+    another engine's small numeric gap (vLLM; TRL's default), token_truncate for a guide's mixture."""
 
 
 class Sampler(Protocol):

@@ -140,12 +140,19 @@ def _settings(model, tokenizer, max_new_tokens, temperature, *, top_k, top_p, do
     )
     if config.do_sample:  # generate's own warpers stay off (top_k=0 drops its default 50): ours are passed
         config.temperature, config.top_k, config.top_p = 1.0, 0, 1.0
+    return config, sampling_warpers(temperature, top_k=top_k, top_p=top_p), eos
+
+
+def sampling_warpers(temperature: float, *, top_k: int | None = None, top_p: float | None = None) -> list:
+    """The logits processors that turn a model's logits into the scores a sampler draws from: the temperature,
+    then top-k and top-p (none for greedy decoding, temperature 0). The truncation is defined once, where
+    training scores it (`alignkit.logprobs.transforms.truncation_warpers`)."""
     warpers = []
-    if temperature > 0:  # (the truncation is defined once, where training scores it: alignkit.logprobs)
+    if temperature > 0:
         if temperature != 1.0:
             warpers.append(TemperatureLogitsWarper(temperature))
         warpers += truncation_warpers(top_k, top_p)
-    return config, warpers, eos
+    return warpers
 
 
 def draw_tokens(scores: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -197,54 +204,82 @@ def loop_decoder(model):
     return None if key is None else (model, key)
 
 
-def _decode(
-    model,
-    cache_key: str,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    *,
-    max_new_tokens: int,
-    warpers: list,
-    eos: torch.Tensor,
-    pad_id: int,
-    generator: torch.Generator | None,
-    repeats: int = 1,
-) -> tuple[list[list[int]], list[list[float]]]:
-    """The lean decode loop: one forward per new token on the KV cache, rows cut after their first EOS.
+def loop_generator(seed: int, device) -> torch.Generator:
+    """The one generator the lean loop draws every token's uniform from in a call seeded `seed`."""
+    return torch.Generator(device=device).manual_seed(sample_seed(seed, 0) % 2**63)
 
-    input_ids, attention_mask: (P, T), left-padded. With `repeats` > 1 the P prompts are encoded once and
-    their cache is repeated so that rows [i * repeats, (i + 1) * repeats) continue prompt i. Position ids
-    count real tokens only (`cumsum(mask) - 1`, as `generate` makes them), so left padding changes nothing.
-    Each step samples every live row from its warped scores with one uniform from `generator` (greedy when
-    None). A row that emits an EOS id stops: it leaves the batch (and the cache) at the next step, and the
-    loop ends when no row is live. Returns (P * repeats) id lists and, for each, the log-probs of its
-    tokens under the distribution they were drawn from (the warped scores' log-softmax).
-    """
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (P, T)
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-    cache = _new_cache(model)  # filled in place by every forward
-    if _keeps_logits(model):
-        inputs["logits_to_keep"] = 1
-    logits = model(**inputs, use_cache=True, **{cache_key: cache}).logits[:, -1]  # (P, V)
-    B = input_ids.shape[0] * repeats
-    mask, last = attention_mask, position_ids[:, -1:]  # (P, T), (P, 1)
-    if repeats > 1:
-        cache.batch_repeat_interleave(repeats)
-        logits, mask, last = (x.repeat_interleave(repeats, dim=0) for x in (logits, mask, last))
-    live = torch.arange(B, device=input_ids.device)  # original row of each batch row
-    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=input_ids.device)
-    logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=input_ids.device)
-    for t in range(max_new_tokens):
-        scores = logits.float()  # (b, V)
+
+def draw_from(warpers: list, generator: torch.Generator | None):
+    """The lean loop's `choose` for one model: its warped scores (`sampling_warpers`), one token per row drawn
+    by `draw_tokens` with one uniform from `generator` (the argmax when None), and the drawn token's log-prob
+    under those scores."""
+
+    def choose(logits: list[torch.Tensor], rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = logits[0].float()  # (b, V)
         for warp in warpers:
             scores = warp(None, scores)
         if generator is None:
             new = scores.argmax(-1)  # (b,)
         else:
-            u = torch.rand(len(live), generator=generator, device=scores.device, dtype=torch.float64)
+            u = torch.rand(len(rows), generator=generator, device=scores.device, dtype=torch.float64)
             new = draw_tokens(scores, u)
+        return new, scores.log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+
+    return choose
+
+
+def decode_lockstep(
+    decoders: list[tuple],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    choose,
+    eos: torch.Tensor,
+    pad_id: int,
+    repeats: int = 1,
+    first_row: int = 0,
+) -> tuple[list[list[int]], list[list[float]]]:
+    """The lean decode loop: one forward per new token and model, each model on its own KV cache, rows cut
+    after their first EOS.
+
+    decoders: `loop_decoder(model)`'s (module, cache keyword) of every model that steps (one for plain
+    sampling; the policy and a guide for a guided rollout: `generation.guided`), all sharing the tokenizer.
+    input_ids, attention_mask: (P, T), left-padded. With `repeats` > 1 the P prompts are encoded once and
+    their caches repeated so that rows [i * repeats, (i + 1) * repeats) continue prompt i. Position ids count
+    real tokens only (`cumsum(mask) - 1`, as `generate` makes them), so left padding changes nothing. Each step
+    `choose(logits, rows)` picks every live row's token from the models' last logits ([(b, V_m)] in
+    `decoders`' order; `rows`: (b,) the index of each batch row's completion in the call, counting from
+    `first_row`) and returns (b,) tokens and their
+    (b,) log-probs under the distribution they were drawn from (`draw_from`). A row that emits an EOS id stops:
+    it leaves the batch (and every cache) at the next step, and the loop ends when no row is live. Returns
+    (P * repeats) id lists and, for each, the log-probs of its tokens.
+    """
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (P, T)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    caches = [_new_cache(module) for module, _ in decoders]  # filled in place by every forward
+
+    def forward(inputs: dict, first: bool = False) -> list[torch.Tensor]:
+        out = []
+        for (module, key), cache in zip(decoders, caches):
+            keep = {"logits_to_keep": 1} if first and _keeps_logits(module) else {}
+            out.append(module(**inputs, **keep, use_cache=True, **{key: cache}).logits[:, -1])  # (b, V_m)
+        return out
+
+    logits = forward(inputs, first=True)  # [(P, V_m)]
+    B = input_ids.shape[0] * repeats
+    mask, last = attention_mask, position_ids[:, -1:]  # (P, T), (P, 1)
+    if repeats > 1:
+        for cache in caches:
+            cache.batch_repeat_interleave(repeats)
+        logits = [x.repeat_interleave(repeats, dim=0) for x in logits]
+        mask, last = (x.repeat_interleave(repeats, dim=0) for x in (mask, last))
+    live = torch.arange(B, device=input_ids.device)  # original row of each batch row
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=input_ids.device)
+    logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=input_ids.device)
+    for t in range(max_new_tokens):
+        new, logps[live, t] = choose(logits, live + first_row)  # (b,), (b,)
         tokens[live, t] = new
-        logps[live, t] = scores.log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
         ended = torch.isin(new, eos)  # (b,)
         if t == max_new_tokens - 1:
             break
@@ -252,12 +287,12 @@ def _decode(
             keep = (~ended).nonzero().squeeze(-1)
             if len(keep) == 0:
                 break
-            cache.batch_select_indices(keep)
+            for cache in caches:
+                cache.batch_select_indices(keep)
             live, new, mask, last = live[keep], new[keep], mask[keep], last[keep]
         mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=-1)  # (b, T + t + 1)
         last = last + 1
-        inputs = {"input_ids": new.unsqueeze(-1), "attention_mask": mask, "position_ids": last}
-        logits = model(**inputs, use_cache=True, **{cache_key: cache}).logits[:, -1]
+        logits = forward({"input_ids": new.unsqueeze(-1), "attention_mask": mask, "position_ids": last})
     eos_set = set(eos.tolist())
     ids = [_cut_at_eos(row, eos_set) for row in tokens.tolist()]
     return ids, [lp[: len(row)] for row, lp in zip(ids, logps.tolist())]
@@ -305,7 +340,7 @@ def sample_ids(
     (0 = greedy), truncated by top_k / top_p when given, nothing else. A call is reproducible from its
     `seed`, and the caller's RNG is untouched. Rows are decoded `batch_size` at a time (left-padded).
 
-    For a standard decoder (see `_cache_keyword`) this is `_decode`, a lean loop on the KV cache: each
+    For a standard decoder (see `_cache_keyword`) this is `decode_lockstep`, a lean loop on the KV cache: each
     prompt is encoded once for its `num_samples` rows when `batch_size` is a multiple of `num_samples`,
     every token is drawn by `draw_tokens` with one uniform per row from a generator seeded with `seed`,
     and rows that end leave the batch. Other models (encoder-decoders, recurrent or multimodal ones, prompt-
@@ -347,15 +382,14 @@ def sample_ids(
                 device=device,
             )
         else:
-            ids, logps = _sample_ids_with_loop(
-                decoder,
+            generator = loop_generator(seed, device) if temperature > 0 else None
+            ids, logps = sample_ids_with_loop(
+                [decoder],
                 prompt_ids,
                 num_samples=num_samples,
-                config=config,
-                warpers=warpers,
+                choose=draw_from(warpers, generator),
                 eos=eos,
-                seed=seed,
-                temperature=temperature,
+                pad_id=config.pad_token_id,
                 max_new_tokens=max_new_tokens,
                 batch_size=batch_size,
                 device=device,
@@ -365,26 +399,21 @@ def sample_ids(
         model.train(was_training)
 
 
-def _sample_ids_with_loop(
-    decoder,
-    prompt_ids,
+def sample_ids_with_loop(
+    decoders: list[tuple],
+    prompt_ids: list[list[int]],
     *,
-    num_samples,
-    config,
-    warpers,
-    eos,
-    seed,
-    temperature,
-    max_new_tokens,
-    batch_size,
+    num_samples: int,
+    choose,
+    eos: set[int],
+    pad_id: int,
+    max_new_tokens: int,
+    batch_size: int,
     device,
 ) -> tuple[list[list[int]], list[list[float]]]:
-    """`sample_ids` through the lean KV-cache loop (`_decode`) on `decoder`, `loop_decoder(model)`'s (module,
-    cache keyword): one generator seeded with `seed` draws every token (none for greedy decoding)."""
-    module, cache_key = decoder
-    generator = None
-    if temperature > 0:
-        generator = torch.Generator(device=device).manual_seed(sample_seed(seed, 0) % 2**63)
+    """`sample_ids` through the lean KV-cache loop (`decode_lockstep`) on `decoders` (`loop_decoder`'s (module,
+    cache keyword) of each model that steps), `choose` picking every token (`draw_from`: one model's warped
+    scores and one generator, seeded by `loop_generator`, for the whole call)."""
     eos_tensor = torch.tensor(sorted(eos), dtype=torch.long, device=device)
     # Share each prompt's encoding among its samples when a batch holds whole groups.
     repeats = num_samples if batch_size % num_samples == 0 else 1
@@ -392,20 +421,17 @@ def _sample_ids_with_loop(
     out: list[list[int]] = []
     logps: list[list[float]] = []
     for start in range(0, len(rows), batch_size // repeats):
-        input_ids, attention_mask = _left_pad(
-            rows[start : start + batch_size // repeats], config.pad_token_id, device
-        )
-        ids, lps = _decode(
-            module,
-            cache_key,
+        input_ids, attention_mask = _left_pad(rows[start : start + batch_size // repeats], pad_id, device)
+        ids, lps = decode_lockstep(
+            decoders,
             input_ids,
             attention_mask,
             max_new_tokens=max_new_tokens,
-            warpers=warpers,
+            choose=choose,
             eos=eos_tensor,
-            pad_id=config.pad_token_id,
-            generator=generator,
+            pad_id=pad_id,
             repeats=repeats,
+            first_row=len(out),
         )
         out, logps = out + ids, logps + lps
     return out, logps

@@ -2,7 +2,7 @@
 
 The clipped surrogate (`losses.policy_losses.clipped_surrogate`) takes its ratio π_θ / π_old against the trainer's
 own log-probs of the rollout, π_old. When another engine drew the tokens (vLLM: other kernels, other
-precision; later a guide policy), they are samples of π_sampler, not of π_old, and the policy gradient is
+precision; a guide policy mixed in, `generation.guided`), they are samples of π_sampler, not of π_old, and the policy gradient is
 off-policy by π_old / π_sampler. `sampler_weights` is the correction a training loop multiplies each
 token's policy loss by; `sampler_statistics` the figures it logs (under `sampler/`):
 
@@ -10,6 +10,18 @@ token's policy loss by; `sampler_statistics` the figures it logs (under `sampler
     per_token, metrics = clipped_surrogate(logps, old_logps, adv, mask)
     per_token = per_token * weights                # the policy term only: not a KL term, not a value loss
     stats = sampler_statistics(gather(log_ratios), gather(ratios), mode=..., cap=...)
+
+Where a guide drew the rollout (`generation.guided`: tokens from q = α·π + (1 − α)·g), the weights π_old / q are
+far from 1, and the baseline a group (or PPO's whitening) subtracts is the mean reward of q's samples, not of
+π's. That baseline costs nothing in expectation (Σ_y π(y) ∇log π(y) = 0), but in every batch its term
+b·Σ_t w_t ∇log π(y_t) no longer cancels as Σ_t A_t = 0 makes it cancel on-policy: it pushes the logits of
+every token the batch did not draw one way (∇ of the softmax's normaliser), and Adam, which scales each
+coordinate by its own running magnitude, turns that small, systematic push into a full step for each of
+them. With a guide that knows the reward, q's mean is above π's and the push is away from the guide's
+tokens: measured on the letter-count task, a tiny policy lost reward under a guide that gained it reward
+without the correction. `importance_weighted_means` gives the baseline the correction needs instead, the
+self-normalised importance estimate of π's own mean, Σ_j W_j R_j / Σ_j W_j: the advantages centred on
+it have Σ_j W_j A_j = 0, as on-policy advantages have Σ_j A_j = 0.
 
 Pure functions of tensors, as `losses.policy`; the conventions are its own ((N, T) per-token tensors with a
 (N, T) completion mask; metrics are detached 0-dim tensors).
@@ -19,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SAMPLER_WEIGHTINGS", "sampler_statistics", "sampler_weights"]
+__all__ = ["SAMPLER_WEIGHTINGS", "importance_weighted_means", "sampler_statistics", "sampler_weights"]
 
 # What `sampler_weights` computes; config.online.SAMPLER_CORRECTIONS adds auto and none (tests/test_config.py).
 SAMPLER_WEIGHTINGS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
@@ -107,3 +119,22 @@ def sampler_statistics(
         capped = "frac_truncated" if mode.endswith("_truncate") else "frac_masked"
         out[capped] = (ratios.detach() > cap).float().mean()
     return out
+
+
+def importance_weighted_means(values: torch.Tensor, weights: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N / group_size,) the importance-weighted mean of each group of `group_size` consecutive values,
+    Σ_j W_j v_j / Σ_j W_j, and 0 for a group whose weights sum to 0 (every unit masked).
+
+    values, weights: (N,), weights >= 0 (e.g. each completion's mean token weight π_old / q). Subtracting a
+    group's mean from its advantages (`A_i - m`) gives Σ_j W_j (A_j - m) = 0: the baseline becomes the
+    self-normalised importance estimate of the policy's own mean (module docstring) instead of the sampler's.
+    With equal weights it is the plain mean, so advantages that already have mean 0 are left as they are.
+    """
+    if values.shape != weights.shape or values.dim() != 1 or values.numel() % group_size:
+        raise ValueError(
+            f"importance_weighted_means: values {tuple(values.shape)} and weights {tuple(weights.shape)} must be "
+            f"one (N,) shape with N a multiple of group_size={group_size}"
+        )
+    v, w = values.view(-1, group_size), weights.view(-1, group_size).to(values.dtype)  # (N / G, G)
+    total = w.sum(-1)
+    return torch.where(total > 0, (w * v).sum(-1) / total.clamp(min=torch.finfo(v.dtype).tiny), 0.0)

@@ -124,6 +124,21 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def vocabulary_difference(ours: dict, theirs: dict, names: tuple[str, str]) -> str | None:
+    """How two tokenizers' token -> id maps (`get_vocab()`) differ, or None when they are the same: their sizes,
+    a token only in the second, a token whose id differs; `names` say whose each is ("the student's", ...)."""
+    if ours == theirs:
+        return None
+    only = sorted(set(theirs) - set(ours))
+    moved = sorted(k for k in set(ours) & set(theirs) if ours[k] != theirs[k])
+    what = f"tokenizer vocabularies differ ({len(ours)} vs {len(theirs)} tokens"
+    if only:
+        what += f"; {len(only)} only in {names[1]}, e.g. {only[0]!r}"
+    if moved:
+        what += f"; {moved[0]!r} is id {ours[moved[0]]} in {names[0]}, {theirs[moved[0]]} in {names[1]}"
+    return what + ")"
+
+
 def load_causal_lm(
     name_or_path: str,
     dtype: str = "float32",
