@@ -379,3 +379,81 @@ def test_source_metrics_reduce_over_processes_as_counts_and_row_weighted_means()
     out = reduce_metrics(parts)
     assert out == {"fallbacks": 3.0, "uncertainty": pytest.approx(0.275), "fallbacks_timeout": 1.0}
     assert reduce_metrics(parts[:1]) == {"fallbacks": 2.0, "uncertainty": 0.5}  # one process: as it is
+
+
+class _AnswerSource:
+    """A source that reads the row column `answer` (1 when the response equals it, None-as-NaN when the row
+    has no answer) and records the contexts it was given."""
+
+    name, weight, columns = "answer", 1.0, ("answer",)
+
+    def __init__(self):
+        self.seen = []
+
+    def score(self, prompts, responses, context):
+        self.seen.append(context)
+        answers = context.columns["answer"]
+        return torch.tensor(
+            [math.nan if a is None else float(r == a) for r, a in zip(responses, answers)],
+            dtype=torch.float32,
+        )
+
+    def metrics(self):
+        return {}
+
+
+class _LengthSource:
+    name, weight = "chars", 0.5
+
+    def score(self, prompts, responses):
+        return torch.tensor([float(len(r)) for r in responses])
+
+    def metrics(self):
+        return {}
+
+
+def test_a_source_declaring_columns_gets_its_columns_and_nan_is_no_opinion():
+    """Rows: answers '4', None, '7'; responses '4', '5', '6'. The answer source scores 1, NaN, 0; the length
+    source (weight 0.5, no columns: called as before) 1, 1, 1. Totals: 1 + 0.5 = 1.5; NaN left out: 0.5;
+    0 + 0.5 = 0.5. With the length source a cost (cost_threshold), row 2 has no reward term: NaN."""
+    from alignkit.rewards.base import ScoreContext
+
+    answer = _AnswerSource()
+    rewards = RewardSet([answer, _LengthSource()])
+    context = ScoreContext(
+        {"answer": ["4", None, "7"], "unused": [1, 2, 3]},
+        completion_ids=[[1], [2], [3]],
+        group_ids=[0, 0, 1],
+        step=5,
+    )
+    out = rewards(["p", "p", "q"], ["4", "5", "6"], context=context)
+    assert out.total.tolist() == [1.5, 0.5, 0.5]
+    assert out.stats["answer/none"] == pytest.approx(1 / 3) and out.stats["answer/mean"] == 0.5
+    seen = answer.seen[-1]
+    assert seen.columns == {"answer": ["4", None, "7"]}  # only what it declared
+    assert (seen.completion_ids, seen.group_ids, seen.step) == ([[1], [2], [3]], [0, 0, 1], 5)
+    assert rewards.columns == ("answer",)
+    costs = RewardSet([answer, _LengthSource()], cost_thresholds={"chars": 10.0})
+    total = costs(["p", "p", "q"], ["4", "5", "6"], context=context).total
+    assert total[0] == 1 and total[1].isnan() and total[2] == 0
+
+
+def test_a_missing_column_names_the_source_and_the_columns_there():
+    from alignkit.rewards.base import ScoreContext
+
+    rewards = RewardSet([_AnswerSource()])
+    with pytest.raises(ValueError, match=r"'answer' reads the column\(s\) answer.*columns there: solution"):
+        rewards(["p"], ["4"], context=ScoreContext({"solution": ["4"]}))
+    with pytest.raises(ValueError, match="passes no row columns"):
+        rewards(["p"], ["4"])
+    with pytest.raises(ValueError, match="for 2 responses, but 1"):
+        rewards(["p"], ["4"], context=ScoreContext({"answer": ["4", "5"]}))
+
+
+def test_the_normaliser_leaves_no_opinion_out():
+    """Values 1, NaN, 3: mean 2, population variance 1; NaN stays NaN once normalised."""
+    rms = RunningMeanStd(eps=0.0)
+    rms.update(torch.tensor([1.0, math.nan, 3.0]))
+    assert (rms.count, rms.mean, rms.var) == (2, 2.0, 1.0)
+    out = rms.normalize(torch.tensor([3.0, math.nan]))
+    assert out[0] == 1.0 and out[1].isnan()

@@ -6,13 +6,14 @@ composition. See docs/rewards.md.
     out = rewards(prompts, responses)  # out.total (B,), out.scores["vader"] (B,), out.stats
 """
 
-from alignkit.rewards.base import RewardSource, SourceOptions
+from alignkit.rewards.base import RewardSource, ScoreContext, SourceOptions
 from alignkit.rewards.compose import RewardOutput, RewardSet, RunningMeanStd, clip, constraint, weighted_sum
 from alignkit.rewards.registry import build_reward, build_rewards
 
 __all__ = [
     "RewardOutput",
     "RewardSet",
+    "ScoreContext",
     "RewardSource",
     "RunningMeanStd",
     "SourceOptions",

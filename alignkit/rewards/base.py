@@ -3,6 +3,14 @@
 A reward source turns a batch of (prompt, response) pairs into one float32 number each:
 
     source.score(prompts, responses) -> torch.Tensor  # (B,) float32, on the CPU
+    source.score(prompts, responses, context=ScoreContext(...))  # a source that declares `columns`
+
+A source that reads more than the prompt and the response (a verifier reading the row's `answer`, a Python
+function TRL-style reading `completion_ids` or the step) declares `columns`, the row columns it reads (a tuple,
+empty when it reads none): it is then called with a `ScoreContext` holding those columns (one value per
+response), the completions' token ids, the prompt each response answers and the training step, where the
+caller has them. A score of NaN means *no opinion* (a Python reward returning None): the composition leaves
+that source out of that row's sum (`rewards.compose`).
 
 A prompt is a text, or a conversation (a list of {"role", "content"} messages: a conversational prompt
 row, kept as messages rather than as the policy's rendering of them). A source that reads text (a
@@ -23,7 +31,7 @@ imports no other reward module, so every source can import it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -47,6 +55,58 @@ class RowMean:
         return self.value
 
 
+@dataclass(frozen=True)
+class ScoreContext:
+    """What a source that declares `columns` may read besides the prompts and responses, one entry per
+    response (a prompt's values repeated for each of its completions). Fields a caller does not have are None
+    (the `score` command has no token ids; only a training run has a step)."""
+
+    columns: dict[str, list] = field(default_factory=dict)
+    """The prompt rows' other columns (e.g. a math problem's `answer`), each a list with one value per
+    response."""
+    completion_ids: list[list[int]] | None = None
+    """The completions' token ids, where a policy sampled them."""
+    group_ids: list[int] | None = None
+    """For each response, the index of the prompt it answers in this batch: the responses of one prompt (a
+    GRPO group) share it."""
+    step: int | None = None
+    """The training step being scored (0 = the first), in a training run."""
+
+    def __len__(self) -> int:
+        lengths = {len(v) for v in self.columns.values()}
+        lengths |= {len(v) for v in (self.completion_ids, self.group_ids) if v is not None}
+        if len(lengths) > 1:
+            raise ValueError(f"score context fields of different lengths {sorted(lengths)}")
+        return lengths.pop() if lengths else 0
+
+    def select(self, names: tuple[str, ...] | list[str], source: str) -> ScoreContext:
+        """This context with only the columns `names` (what `source` declared it reads); a missing one is a
+        ValueError naming the source, the column and the columns there are."""
+        missing = [n for n in names if n not in self.columns]
+        if missing:
+            have = ", ".join(sorted(self.columns)) or "none"
+            raise ValueError(
+                f"reward source '{source}' reads the column(s) {', '.join(missing)}, which the rows lack "
+                f"(columns there: {have})"
+            )
+        return ScoreContext(
+            {n: self.columns[n] for n in names}, self.completion_ids, self.group_ids, self.step
+        )
+
+    def rows(self, start: int, stop: int) -> ScoreContext:
+        """The context of responses start..stop-1 (a batch of a longer list); group ids are kept as they are."""
+
+        def cut(values):
+            return None if values is None else values[start:stop]
+
+        return ScoreContext(
+            {k: v[start:stop] for k, v in self.columns.items()},
+            cut(self.completion_ids),
+            cut(self.group_ids),
+            self.step,
+        )
+
+
 @runtime_checkable
 class RewardSource(Protocol):
     """Anything that scores (prompt, response) pairs; see the module docstring."""
@@ -55,13 +115,37 @@ class RewardSource(Protocol):
     weight: float
 
     def score(self, prompts: list[Prompt], responses: list[str]) -> torch.Tensor:
-        """(B,) float32 scores on the CPU, one per (prompt, response) pair."""
+        """(B,) float32 scores on the CPU, one per (prompt, response) pair (NaN: no opinion). A source with a
+        `columns` attribute is called with `context=` (a `ScoreContext`) as well."""
         ...
 
     def metrics(self) -> dict[str, float | RowMean]:
         """Counters accumulated since the source was built (e.g. judge fallbacks), and `RowMean`s of the
         last batch scored; {} if none."""
         ...
+
+
+def source_columns(source) -> tuple[str, ...] | None:
+    """The row columns `source` reads (its `columns`), or None for a source that reads only prompts and
+    responses (and is called without a context)."""
+    columns = getattr(source, "columns", None)
+    return None if columns is None else tuple(columns)
+
+
+def score_source(source, prompts: list[Prompt], responses: list[str], context: ScoreContext | None):
+    """`source.score(...)`, with the part of `context` it reads when it declares `columns` (a ValueError
+    names a column the rows lack; a source that reads columns scored without any context is one too)."""
+    columns = source_columns(source)
+    if columns is None:
+        return source.score(prompts, responses)
+    if context is None:
+        if columns:
+            raise ValueError(
+                f"reward source '{source.name}' reads the column(s) {', '.join(columns)}, and this command "
+                "passes no row columns to its reward sources"
+            )
+        context = ScoreContext()
+    return source.score(prompts, responses, context=context.select(columns, source.name))
 
 
 def reduce_metrics(parts: list[dict[str, float | RowMean]]) -> dict[str, float]:

@@ -13,6 +13,11 @@ With several processes each scores its own share of a batch; `gather` hands the 
 process's scores, so every process keeps the same statistics (those of the whole batch) and the one
 checkpointed is everyone's.
 
+A score of NaN is a source's *no opinion* on that response (a Python reward returning None, as in TRL): the
+sum leaves the term out (a nan-sum: the other sources keep their weights, nothing is renormalised), the
+normaliser does not see it, and a response no source scored has a NaN total, which the advantage estimators
+treat as "no reward" (advantage 0, out of its group's baseline; `losses.policy`).
+
 Constraint costs (sources with `cost_threshold`) are not summed into r: each is returned with a
 `violated` flag (cost > threshold), for a constrained method (e.g. a Lagrangian as in Safe RLHF,
 Dai et al. 2023) or a filter to act on.
@@ -26,15 +31,18 @@ import torch
 
 from alignkit.config.load import ConfigError
 from alignkit.config.online import OnlineConfig
-from alignkit.rewards.base import Prompt, RewardSource, RowMean, check_batch
+from alignkit.rewards.base import Prompt, RewardSource, RowMean, ScoreContext, check_batch, score_source
 from alignkit.rewards.registry import build_rewards
 
 
 def weighted_sum(scores: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
-    """Σ_i w_i s_i over the sources named in `weights`; every s_i is (B,), as is the result."""
+    """Σ_i w_i s_i over the sources named in `weights`; every s_i is (B,), as is the result. A NaN s_i (no
+    opinion) is left out of its row's sum; a row where every source is NaN is NaN."""
     if not weights:
         raise ValueError("weighted_sum of no sources")
-    return sum(w * scores[name].float() for name, w in weights.items())
+    terms = torch.stack([w * scores[name].float() for name, w in weights.items()])  # (S, B)
+    unscored = terms.isnan().all(0)
+    return torch.where(unscored, torch.nan, terms.nan_to_num(nan=0.0).sum(0))
 
 
 def clip(x: torch.Tensor, limit: float | None) -> torch.Tensor:
@@ -60,7 +68,9 @@ class RunningMeanStd:
         self.count, self.mean, self.m2 = 0, 0.0, 0.0
 
     def update(self, x: torch.Tensor) -> None:
+        """Adds the values of `x` (NaNs, a source's no opinion, are left out)."""
         x = x.detach().double().reshape(-1).cpu()
+        x = x[~x.isnan()]
         n_b = x.numel()
         if n_b == 0:
             return
@@ -111,10 +121,16 @@ class RewardOutput:
 
 
 def describe_scores(x: torch.Tensor, prefix: str) -> dict[str, float]:
+    """Mean, std, min and max of the scores in `x` (NaNs, no opinion, left out; their share as `/none` when
+    there are some)."""
     x = x.float()
+    scored = x[~x.isnan()]
+    none = {f"{prefix}/none": float(1 - scored.numel() / x.numel())} if scored.numel() < x.numel() else {}
+    x = scored
     if x.numel() == 0:
-        return {}
+        return none
     return {
+        **none,
         f"{prefix}/mean": float(x.mean()),
         f"{prefix}/std": float(x.std(unbiased=False)),
         f"{prefix}/min": float(x.min()),
@@ -158,16 +174,33 @@ class RewardSet:
         return cls(sources, thresholds, normalize, clip)
 
     def __call__(
-        self, prompts: list[Prompt], responses: list[str], update: bool = True, gather=None
+        self,
+        prompts: list[Prompt],
+        responses: list[str],
+        update: bool = True,
+        gather=None,
+        *,
+        context: ScoreContext | None = None,
     ) -> RewardOutput:
         """Scores a batch with every source and composes them; `update=False` freezes the normaliser
-        (`gather`: see `compose`)."""
-        return self.compose(self.score_sources(prompts, responses), update, gather)
+        (`gather`: see `compose`; `context`: see `score_sources`)."""
+        return self.compose(self.score_sources(prompts, responses, context), update, gather)
 
-    def score_sources(self, prompts: list[Prompt], responses: list[str]) -> dict[str, torch.Tensor]:
-        """Raw (B,) scores of every source, by name."""
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Every row column some source reads, in the order the sources name them."""
+        names = (c for s in self.sources for c in (getattr(s, "columns", None) or ()))
+        return tuple(dict.fromkeys(names))
+
+    def score_sources(
+        self, prompts: list[Prompt], responses: list[str], context: ScoreContext | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Raw (B,) scores of every source, by name; a source that declares `columns` also gets its part of
+        `context` (the row columns, token ids, groups and step of these responses; `rewards.base`)."""
         check_batch(prompts, responses)
-        return {s.name: s.score(prompts, responses) for s in self.sources}
+        if context is not None and len(context) not in (0, len(responses)):
+            raise ValueError(f"score context for {len(context)} responses, but {len(responses)} responses")
+        return {s.name: score_source(s, prompts, responses, context) for s in self.sources}
 
     def compose(self, scores: dict[str, torch.Tensor], update: bool = True, gather=None) -> RewardOutput:
         """The total reward, costs and statistics from raw per-source scores (see the module docstring).
