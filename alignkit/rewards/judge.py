@@ -360,7 +360,15 @@ class JudgeReward:
                 if self.cache is not None:
                     prompt, response, _ = items[i]
                     self.cache.put(
-                        keys[i], judge, template, prompt, response=response, answer=answer, score=value
+                        keys[i],
+                        judge,
+                        template,
+                        prompt,
+                        response=response,
+                        answer=answer,
+                        score=value
+                        if isinstance(value, float)
+                        else None,  # (a ranking is re-read from the answer)
                     )
             self.counts["parse_retries"] += len(retry)
             conversations = {i: conversations[i] for i in retry}

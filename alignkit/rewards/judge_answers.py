@@ -107,8 +107,8 @@ _BARE = re.compile(rf"^[\s*_`'\"\[(]*{_NUM}[\s*_`'\"\]).!]*$")
 _LEADING = re.compile(rf"^[\s*_`\[(]*{_NUM}[*_`\])]*[^\S\n]*(?:[-:,\u2014]|\n)")
 
 
-def _clean(text: str) -> str:
-    """Drops reasoning blocks and spells unicode minus signs and dashes before digits as '-'."""
+def clean_answer(text: str) -> str:
+    """A judge's answer as the parsers read it: drops reasoning blocks and spells unicode minus signs and dashes before digits as '-'."""
     text = _THINK.sub("", text or "")
     return re.sub(r"[\u2212\u2013\u2014](?=\s?\d)", "-", text)
 
@@ -133,7 +133,7 @@ def extract_score(text: str) -> float | None:
     must agree (different values are ambiguous: None, so the judge is asked again); otherwise an
     answer that is just a number, or starts with one followed by '-', ':', ',' or a new line.
     """
-    text = _clean(text)
+    text = clean_answer(text)
     stated = _json_field(text, "score")
     if isinstance(stated, (int, float)) and not isinstance(stated, bool):
         return float(stated)
@@ -185,7 +185,7 @@ def parse_preference(text: str) -> tuple[float | None, str | None]:
     Reads "Verdict: A", "[[B]]", "Response A is better" or an answer that is just the letter; a text
     naming both letters as the winner is ambiguous (None).
     """
-    text = _clean(text)
+    text = clean_answer(text)
     stated = _json_field(text, "verdict")
     if isinstance(stated, str) and stated.upper() in ("A", "B", "TIE"):
         return {"A": 1.0, "B": 0.0, "TIE": 0.5}[stated.upper()], None

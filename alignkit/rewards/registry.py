@@ -33,6 +33,7 @@ REWARD_TYPES: dict[str, tuple[str, str, str]] = {
     "length": ("alignkit.rewards.rules", "LengthOptions", "LengthReward"),
     "regex": ("alignkit.rewards.rules", "RegexOptions", "RegexReward"),
     "judge": ("alignkit.rewards.judge", "JudgeOptions", "JudgeReward"),
+    "group_judge": ("alignkit.rewards.group_judge", "GroupJudgeOptions", "GroupJudgeReward"),
 }
 
 
