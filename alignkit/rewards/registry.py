@@ -33,6 +33,10 @@ REWARD_TYPES: dict[str, tuple[str, str, str]] = {
     "length": ("alignkit.rewards.rules", "LengthOptions", "LengthReward"),
     "regex": ("alignkit.rewards.rules", "RegexOptions", "RegexReward"),
     "judge": ("alignkit.rewards.judge", "JudgeOptions", "JudgeReward"),
+    "math_answer": ("alignkit.rewards.verifiable", "MathAnswerOptions", "MathAnswerReward"),
+    "exact_match": ("alignkit.rewards.verifiable", "ExactMatchOptions", "ExactMatchReward"),
+    "regex_match": ("alignkit.rewards.verifiable", "RegexMatchOptions", "RegexMatchReward"),
+    "format": ("alignkit.rewards.verifiable", "FormatOptions", "FormatReward"),
 }
 
 
