@@ -37,6 +37,7 @@ REWARD_TYPES: dict[str, tuple[str, str, str]] = {
     "exact_match": ("alignkit.rewards.verifiable", "ExactMatchOptions", "ExactMatchReward"),
     "regex_match": ("alignkit.rewards.verifiable", "RegexMatchOptions", "RegexMatchReward"),
     "format": ("alignkit.rewards.verifiable", "FormatOptions", "FormatReward"),
+    "remote": ("alignkit.rewards.remote", "RemoteOptions", "RemoteReward"),
 }
 
 
