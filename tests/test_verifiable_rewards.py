@@ -3,20 +3,25 @@ regex_match, format; called directly with a ScoreContext, and through a RewardSe
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
 import sys
 import threading
 
 import pytest
 import torch
+import yaml
 
+from alignkit.cli import main
 from alignkit.config.load import ConfigError
 from alignkit.rewards import RewardSet, ScoreContext, build_reward
 from alignkit.rewards.answers import final_answer, last_boxed, reference_answer
 from alignkit.rewards.verifiable import MathChecker
+from tests.conftest import REPO
 
 needs_math_verify = pytest.mark.skipif(
-    __import__("importlib").util.find_spec("math_verify") is None, reason="pip install 'alignkit[math]'"
+    importlib.util.find_spec("math_verify") is None, reason="pip install 'alignkit[math]'"
 )
 
 
@@ -43,6 +48,7 @@ def scores(source, responses, column, name="answer"):
         ("The answer is 3.5. Let me check: 7", "3.5"),  # a sentence ends at '. ' before a word
         ("The answer is 0.5, as shown", "0.5"),
         ("The answer is (1, 2).", "(1, 2)"),
+        ("<answer>The answer is 0.5</answer>", "0.5"),
         ("I count 3 cats and 4 dogs: 7 in all", "7"),  # the last number
         ("5-3=2", "2"),
         ("so x = -4", "-4"),  # a minus not glued to a digit before it
@@ -73,7 +79,7 @@ def test_reference_answer_reads_numbers_gsm8k_and_math_solutions():
 
 @pytest.fixture(scope="module")
 def math_reward():
-    if __import__("importlib").util.find_spec("math_verify") is None:
+    if importlib.util.find_spec("math_verify") is None:
         pytest.skip("pip install 'alignkit[math]'")
     return build_reward({"type": "math_answer", "timeout": 1.0})
 
@@ -155,8 +161,6 @@ def test_math_answer_needs_its_column_and_a_valid_timeout():
 
 
 def test_math_answer_without_math_verify_says_what_to_install(monkeypatch):
-    import importlib.util
-
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda n, *a: None if n == "math_verify" else real(n, *a)
@@ -269,3 +273,81 @@ def test_verifiable_rewards_compose_in_a_reward_set():
     responses = ["<think>t</think><answer>4</answer>", "<think>t</think><answer>5</answer>", "4"]
     out = rewards([""] * 3, responses, context=ScoreContext({"answer": ["4", "4", None]}))
     assert torch.equal(out.total, torch.tensor([1.5, 0.5, 0.0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end: the shipped example through `alignkit score`, and a grpo run
+
+
+EXAMPLE = REPO / "examples" / "verifiable"
+
+
+def test_the_shipped_example_scores_through_alignkit_score(tmp_path, capsys):
+    """examples/verifiable/math.yaml on its six rows: math_answer 1, 1, 0 (3 is not -3), 1 (42 against a
+    GSM8K '#### 42'), 1 (2x), 0 (no answer); format 1, 1, 1, 0, 1, 0; reward = math + 0.2 format."""
+    data, output = f"data={EXAMPLE / 'math_responses.jsonl'}", f"output={tmp_path / 'math.jsonl'}"
+    assert main(["score", data, "rewards=[{type: format}]", f"output={tmp_path / 'format.jsonl'}"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "format.jsonl").read_text().splitlines()]
+    assert [r["score_format"] for r in rows] == [1.0, 1.0, 1.0, 0.0, 1.0, 0.0]
+    if importlib.util.find_spec("math_verify") is None:
+        pytest.skip("pip install 'alignkit[math]'")
+    # the example's sources with the rows' `answer` column, as a training run passes it
+    specs = yaml.safe_load((EXAMPLE / "math.yaml").read_text())["rewards"]
+    rows = [json.loads(line) for line in (EXAMPLE / "math_responses.jsonl").read_text().splitlines()]
+    context = ScoreContext({"answer": [r["answer"] for r in rows]})
+    out = RewardSet.from_specs(specs)(
+        [r["prompt"] for r in rows], [r["response"] for r in rows], context=context
+    )
+    assert out.scores["math_answer"].tolist() == [1.0, 1.0, 0.0, 1.0, 1.0, 0.0]
+    assert out.total.tolist() == pytest.approx([1.2, 1.2, 0.2, 1.0, 1.2, 0.0])
+    capsys.readouterr()
+    code = main(["score", str(EXAMPLE / "math.yaml"), data, output])
+    if code != 0 and "passes no row columns" in capsys.readouterr().err:
+        pytest.skip("alignkit score does not pass the rows' columns to reward sources yet (branch pyreward)")
+    assert code == 0
+    rows = [json.loads(line) for line in (tmp_path / "math.jsonl").read_text().splitlines()]
+    assert [r["score_math_answer"] for r in rows] == [1.0, 1.0, 0.0, 1.0, 1.0, 0.0]
+    assert [r["reward"] for r in rows] == pytest.approx([1.2, 1.2, 0.2, 1.0, 1.2, 0.0])
+
+
+def test_grpo_scores_completions_against_their_prompt_rows_columns(tmp_path, tiny_model_dir):
+    """4 prompt rows, each with a `pattern`: '.*' (matches any completion) on three, '(?!)' (matches none)
+    on one, and an empty `answer` (math_answer: no opinion, left out of the sum). Every step samples all 4
+    prompts x 4 completions, so its mean reward is exactly 3/4 and every group has zero reward variance,
+    whatever the random policy writes."""
+    import dataclasses
+
+    import alignkit.algorithms.grpo as grpo
+    from alignkit.config.generation import GenerationSettings
+    from alignkit.config.online import GRPOConfig
+    from alignkit.data.prompts import PromptRow
+    from tests.conftest import train_metrics
+
+    if "columns" not in {f.name for f in dataclasses.fields(PromptRow)}:
+        pytest.skip("prompt rows carry no columns yet (PromptRow.columns comes with branch pyreward)")
+    if importlib.util.find_spec("math_verify") is None:
+        pytest.skip("pip install 'alignkit[math]'")
+    data = tmp_path / "prompts.jsonl"
+    rows = [
+        {"prompt": f"Tom went out {i}. It was", "pattern": ".*" if i < 3 else "(?!)", "answer": ""}
+        for i in range(4)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = GRPOConfig(
+        model=str(tiny_model_dir),
+        data=str(data),
+        output_dir=str(tmp_path / "out"),
+        rewards=[{"type": "regex_match", "answer_column": "pattern"}, {"type": "math_answer"}],
+        batch_size=4,
+        num_generations=4,
+        generation=GenerationSettings(max_new_tokens=4),
+        beta=0.0,
+        max_steps=2,
+        save_steps=0,
+        eval_steps=1000,
+        progress=False,
+    )
+    grpo.train(cfg)
+    metrics = train_metrics(cfg)
+    assert [m["reward"] for m in metrics] == [0.75, 0.75]
+    assert [m["frac_reward_zero_std"] for m in metrics] == [1.0, 1.0]

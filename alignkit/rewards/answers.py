@@ -62,7 +62,7 @@ def final_answer(text: str) -> str | None:
         return boxed
     stated = [m for m in ANSWER_IS.finditer(text) if _trim(m.group(1))]
     if stated:
-        answer = _trim(stated[-1].group(1))
+        answer = _trim(stated[-1].group(1).split("</")[0])  # "answer is 4</answer>": the tag ends it
         # "the answer is 42. Let me check", "0.5, as shown" -> "42", "0.5": the answer ends where a
         # punctuation mark and a space lead into a word ("(1, 2)" and "1, 2, 3" stay whole)
         return _trim(re.split(r"[.,;:]\s+(?=[A-Za-z]{2})", answer, maxsplit=1)[0])
