@@ -7,7 +7,8 @@ A backend turns chat conversations (lists of {"role", "content"} messages) into 
 
 and names itself in `backend.identity` (endpoint, model, decoding settings; never a secret), which
 keys the judge cache. The HTTP backend uses only the standard library (urllib, a thread pool); its
-retry loop, thread pool and redaction of secrets (`RemoteChatBackend`) serve every remote backend.
+retry loop, thread pool and redaction of secrets (`RemoteChatBackend`) and its POST (`post_json`) serve
+every remote backend, and the remote reward server (`rewards.remote`).
 """
 
 from __future__ import annotations

@@ -77,4 +77,5 @@ def serve(timeout: float, stdin, stdout) -> None:
 
 
 if __name__ == "__main__":
-    serve(float(sys.argv[-1]), sys.stdin, sys.stdout)
+    protocol, sys.stdout = sys.stdout, sys.stderr  # whatever a library prints cannot garble the replies
+    serve(float(sys.argv[-1]), sys.stdin, protocol)
