@@ -7,7 +7,8 @@ A backend turns chat conversations (lists of {"role", "content"} messages) into 
 
 and names itself in `backend.identity` (endpoint, model, decoding settings; never a secret), which
 keys the judge cache. The HTTP backend uses only the standard library (urllib, a thread pool); its
-retry loop, thread pool and redaction of secrets (`RemoteChatBackend`) serve every remote backend.
+retry loop, thread pool and redaction of secrets (`RemoteChatBackend`) and its POST (`post_json`) serve
+every remote backend, and the remote reward server (`rewards.remote`).
 """
 
 from __future__ import annotations
@@ -106,6 +107,13 @@ class RemoteChatBackend:
     """
 
     target = "?"
+    service = "judge endpoint"
+    """What the backend calls, as messages name it."""
+    gave_up = (
+        "answers received so far are in the judge cache, if one is set, and a rerun resumes "
+        "from them (or set on_error: fallback to score such rows with the fallback, marked)"
+    )
+    """What a message says to do after the last retry failed."""
 
     def __init__(
         self,
@@ -127,7 +135,7 @@ class RemoteChatBackend:
         self.counts: Counter = Counter()
         self._lock = threading.Lock()
 
-    def send(self, messages: list[dict]) -> str:
+    def send(self, messages):
         """One attempt at an answer (see the class docstring for what it raises)."""
         raise NotImplementedError
 
@@ -145,25 +153,26 @@ class RemoteChatBackend:
         delay = self.backoff * 2**attempt
         return min(delay * random.uniform(0.5, 1.0), self.max_backoff)  # jitter spreads out retries
 
-    def request(self, messages: list[dict]) -> str:
-        """One answer, with retries; JudgeError when the service refuses or keeps failing."""
+    def request(self, messages):
+        """One answer, with retries; JudgeError when the service refuses or keeps failing. (`messages` is
+        whatever `send` takes: a conversation for a chat backend, a batch for a remote reward.)"""
         for attempt in range(self.max_retries + 1):
             self._count("requests")
             try:
-                return self.redact(self.send(messages))
+                answer = self.send(messages)
+                return self.redact(answer) if isinstance(answer, str) else answer
             except JudgeError as e:
                 raise JudgeError(self.redact(str(e)), e.row_level) from None
             except Retry as e:
                 reason, retry_after = self.redact(e.reason), e.retry_after
             except Exception as e:  # anything else (e.g. a key the HTTP library refuses) may quote the key
                 raise JudgeError(
-                    self.redact(f"judge endpoint {self.target}: {type(e).__name__}: {e}")
+                    self.redact(f"{self.service} {self.target}: {type(e).__name__}: {e}")
                 ) from None
             if attempt == self.max_retries:
                 raise JudgeError(
-                    f"judge endpoint {self.target} failed {self.max_retries + 1} times (last: {reason}); "
-                    "answers received so far are in the judge cache, if one is set, and a rerun resumes "
-                    "from them (or set on_error: fallback to score such rows with the fallback, marked)",
+                    f"{self.service} {self.target} failed {self.max_retries + 1} times (last: {reason}); "
+                    + self.gave_up,
                     row_level=True,
                 )
             delay = self._wait(attempt, retry_after)
@@ -172,7 +181,8 @@ class RemoteChatBackend:
                 "retries_" + ("timeout" if reason == "timeout" else reason.split(":")[0].replace(" ", "_"))
             )
             log.warning(
-                "judge request to %s failed (%s); retry %d/%d in %.2fs",
+                "request to %s %s failed (%s); retry %d/%d in %.2fs",
+                self.service,
                 self.target,
                 reason,
                 attempt + 1,
@@ -263,32 +273,51 @@ class HTTPChatBackend(RemoteChatBackend):
                 **self.extra_body,
             }
         ).encode()
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
+        data = post_json(
+            self.url,
+            body,
+            self._api_key,
+            timeout=self.timeout,
+            redact=self.redact,
+            service=self.service,
+            hint="check base_url, model and the API key variable",
+        )
         try:
-            req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                data = json.loads(resp.read())
             content = data["choices"][0]["message"].get("content")
-            return content if isinstance(content, str) else ""
-        except urllib.error.HTTPError as e:
-            # Blanked before it is cut, so that a key echoed across the cut cannot leak in part.
-            detail = self.redact(e.read(8192).decode("utf-8", "replace").strip()) if e.fp else ""
-            if e.code not in RETRYABLE_STATUS:
-                raise JudgeError(
-                    f"judge endpoint {self.url} answered HTTP {e.code} {e.reason}: {detail[:300]} "
-                    "(not retried: check base_url, model and the API key variable)",
-                    row_level=e.code in ROW_LEVEL_STATUS,
-                ) from None
-            raise Retry(f"HTTP {e.code}", retry_after_seconds(e.headers.get("Retry-After"))) from None
-        except (TimeoutError, urllib.error.URLError, http.client.HTTPException, ConnectionError) as e:
-            why = getattr(e, "reason", None) or e
-            raise Retry(
-                "timeout" if isinstance(why, TimeoutError) else f"{type(why).__name__}: {why}"
-            ) from None
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
+        except (KeyError, IndexError, TypeError, AttributeError):
             raise Retry("a response that is not a chat completion") from None
+        return content if isinstance(content, str) else ""
+
+
+def post_json(url: str, body: bytes, api_key: str | None, *, timeout: float, redact, service: str, hint: str):
+    """One POST of the JSON `body` to `url` (with `Authorization: Bearer <api_key>` when a key is given) and
+    its answer, decoded; one attempt of a `RemoteChatBackend.send`: raises `Retry` for a timeout, a dropped
+    connection, HTTP 408/409/429/5xx (with the server's Retry-After) or a response that is not JSON, and
+    JudgeError for any other HTTP error (`row_level` for 400/413/422; the message ends with `hint`, what to
+    check, and passes through `redact`, as does the server's answer quoted in it)."""
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    try:
+        req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        # Blanked before it is cut, so that a key echoed across the cut cannot leak in part.
+        detail = redact(e.read(8192).decode("utf-8", "replace").strip()) if e.fp else ""
+        if e.code not in RETRYABLE_STATUS:
+            raise JudgeError(
+                redact(
+                    f"{service} {url} answered HTTP {e.code} {e.reason}: {detail[:300]} (not retried: {hint})"
+                ),
+                row_level=e.code in ROW_LEVEL_STATUS,
+            ) from None
+        raise Retry(f"HTTP {e.code}", retry_after_seconds(e.headers.get("Retry-After"))) from None
+    except (TimeoutError, urllib.error.URLError, http.client.HTTPException, ConnectionError) as e:
+        why = getattr(e, "reason", None) or e
+        raise Retry("timeout" if isinstance(why, TimeoutError) else f"{type(why).__name__}: {why}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise Retry("a response that is not JSON") from None
 
 
 def read_api_key(env: str | None, alternative: str) -> str | None:

@@ -34,6 +34,11 @@ REWARD_TYPES: dict[str, tuple[str, str, str]] = {
     "regex": ("alignkit.rewards.rules", "RegexOptions", "RegexReward"),
     "judge": ("alignkit.rewards.judge", "JudgeOptions", "JudgeReward"),
     "group_judge": ("alignkit.rewards.group_judge", "GroupJudgeOptions", "GroupJudgeReward"),
+    "math_answer": ("alignkit.rewards.verifiable", "MathAnswerOptions", "MathAnswerReward"),
+    "exact_match": ("alignkit.rewards.verifiable", "ExactMatchOptions", "ExactMatchReward"),
+    "regex_match": ("alignkit.rewards.verifiable", "RegexMatchOptions", "RegexMatchReward"),
+    "format": ("alignkit.rewards.verifiable", "FormatOptions", "FormatReward"),
+    "remote": ("alignkit.rewards.remote", "RemoteOptions", "RemoteReward"),
 }
 
 
