@@ -24,7 +24,7 @@ from alignkit.generation.sampling import eos_ids
 from alignkit.losses.off_policy import importance_weighted_means, sampler_statistics, sampler_weights
 from alignkit.losses.policy import frac_reward_zero_std
 from alignkit.models.load import adapter_base
-from alignkit.rewards.base import reduce_metrics
+from alignkit.rewards.base import reduce_metrics, row_context
 
 
 @dataclass
@@ -200,6 +200,9 @@ def collect(
     update_rewards: bool = True,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     sampler: Sampler | None = None,
+    columns: list[dict] | None = None,
+    origins: list[str] | None = None,
+    step: int | None = None,
 ) -> Rollout:
     """Sample `group_size` completions of every prompt from `model` (the unwrapped policy), decode and
     score them with the reward set `rewards` (an `alignkit.rewards.RewardSet`), which reads `prompts`:
@@ -209,7 +212,9 @@ def collect(
     processes, `gather` ((B,) -> every process's (ΣB,), in rank order) lets the normaliser see the whole
     step's scores, so every process keeps one state. `sampler` draws the completions (default: `model`
     itself, `generation.backends.ModelSampler`); it must already follow `model`'s weights (`Sampler.sync`).
-    The sampler's own log-probs of its tokens are kept (`Rollout.sampler_logps`)."""
+    The sampler's own log-probs of its tokens are kept (`Rollout.sampler_logps`). The sources that read row
+    columns get a `ScoreContext` (`rewards.base.row_context`): each prompt's `columns` (`PromptRow.columns`)
+    and `origins` (file:line) repeated per completion, the completions' token ids, and the training `step`."""
     t0 = time.perf_counter()
     sampler = sampler or ModelSampler(sampling.backend)
     sampled = sampler.sample(
@@ -229,7 +234,14 @@ def collect(
     rows_prompt_ids = [p for p in prompt_ids for _ in range(group_size)]
     rows_prompts = [p for p in prompts for _ in range(group_size)]
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    scored = rewards(rows_prompts, texts, update=update_rewards, gather=gather)
+    context = row_context(
+        columns if columns is not None else [{} for _ in prompts],
+        group_size,
+        origins=origins,
+        completion_ids=[list(c) for c in completion_ids],
+        step=step,
+    )
+    scored = rewards(rows_prompts, texts, update=update_rewards, gather=gather, context=context)
     t2 = time.perf_counter()
     eos = eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id

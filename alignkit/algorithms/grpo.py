@@ -196,7 +196,7 @@ def train(cfg: GRPOConfig) -> Path:
 
     # Prompts: validated (file:line:field) and tokenised before any model loads.
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
-    prompts = load_prompts(cfg, tokenizer, log)
+    prompts = load_prompts(cfg, tokenizer, log, columns=rewards.columns)  # the columns the rewards read
 
     # The policy (dropout off: the first ratio must be exactly 1) and the frozen reference.
     model = disable_dropout(load_policy(cfg, tokenizer.pad_token_id, accelerator.device))

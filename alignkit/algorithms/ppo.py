@@ -243,7 +243,8 @@ def train(cfg: PPOConfig) -> Path:
 
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
     seq2seq = is_encoder_decoder(cfg.model, cfg.trust_remote_code)
-    prompts = load_prompts(cfg, tokenizer, log, encoder_decoder=seq2seq)  # a T5 source keeps its EOS
+    # (A T5 source keeps its EOS; every row must hold the columns the rewards read.)
+    prompts = load_prompts(cfg, tokenizer, log, encoder_decoder=seq2seq, columns=rewards.columns)
 
     # Policy, critic and reference, dropout off in all three (`critic_and_reference`).
     lm = disable_dropout(

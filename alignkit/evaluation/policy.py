@@ -31,6 +31,8 @@ def evaluate_policy(
         seed=seed,
         update_rewards=False,
         sampler=sampler,
+        columns=[r.columns for r in prompts.eval_rows],
+        origins=[r.origin for r in prompts.eval_rows],
     )
     total = weighted_sum(rollout.source_scores, rewards.weights) if rewards.normalize else rollout.scores
     out = {
