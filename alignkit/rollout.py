@@ -11,6 +11,7 @@ whose pad id is its EOS id is safe: the EOS a completion ends with is scored, th
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from alignkit.losses.off_policy import importance_weighted_means, sampler_statis
 from alignkit.losses.policy import frac_reward_zero_std
 from alignkit.models.load import adapter_base
 from alignkit.rewards.base import reduce_metrics, row_context
+from alignkit.rewards.compose import describe_scores
 
 
 @dataclass
@@ -291,29 +293,35 @@ def rollout_metrics(
     With several processes `gather` ((n, ...) -> every process's rows in rank order, `OnlineRun.gather`)
     and `gather_objects` (an object -> every process's, `OnlineRun.gather_objects`) make every figure the
     whole step's, as one process holding every row would log it: the sources' counters summed over the
-    processes, their means weighted by rows (`rewards.base.reduce_metrics`)."""
+    processes, their means weighted by rows (`rewards.base.reduce_metrics`).
+
+    Rewards are over the scored completions: a NaN (no source had an opinion) is left out, and the share of
+    such completions is logged as `frac_unscored` (a source's own share as `rewards/<name>/none`) where
+    there are some."""
     gather = gather or (lambda x: x)
     gather_objects = gather_objects or (lambda x: [x])
     scores = gather(rollout.scores)  # (N·W,) prompt-major: each process holds whole groups
+    scored = scores[~scores.isnan()]
     lengths = gather(torch.tensor(rollout.completion_lengths, dtype=torch.float32))
     out = {
-        "reward": float(scores.mean()),
-        "reward_std": float(scores.std(unbiased=False)),
+        "reward": float(scored.mean()) if scored.numel() else math.nan,
+        "reward_std": float(scored.std(unbiased=False)) if scored.numel() else math.nan,
         "completion_length": float(lengths.mean()),
         "frac_eos": float(gather(rollout.ended.float()).mean()),
     }
+    if scored.numel() < scores.numel():
+        out["frac_unscored"] = 1 - scored.numel() / scores.numel()
     if advantages is not None:
         advantages = gather(advantages.reshape(-1))
         out["advantages/mean"] = float(advantages.mean())
         out["advantages/std"] = float(advantages.std(unbiased=False))
     if rollout.group_size > 1:  # (with one completion per prompt every group is trivially unanimous)
         out["frac_reward_zero_std"] = float(frac_reward_zero_std(scores, rollout.group_size))
-    for name, source in rollout.source_scores.items():  # (over every process)
-        source = gather(source)
-        out[f"rewards/{name}/mean"] = float(source.mean())
-        out[f"rewards/{name}/std"] = float(source.std(unbiased=False))
-        out[f"rewards/{name}/min"] = float(source.min())
-        out[f"rewards/{name}/max"] = float(source.max())
+    for (
+        name,
+        source,
+    ) in rollout.source_scores.items():  # (over every process; NaNs left out, their share /none)
+        out.update(describe_scores(gather(source), f"rewards/{name}"))
     parts = gather_objects(rollout.source_metrics)  # every process's {source: its metrics()}
     for name in rollout.source_metrics:
         out.update({f"rewards/{name}/{k}": v for k, v in reduce_metrics([p[name] for p in parts]).items()})
