@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from alignkit.data.pairs import build_pairs
+from alignkit.evaluation.stats import compare_scores
 from alignkit.losses.policy import compute_advantages, frac_reward_zero_std
 from alignkit.losses.ppo import fill_unscored
 from alignkit.rollout import rollout_metrics
@@ -116,3 +117,18 @@ def test_rollout_metrics_are_over_scored_completions():
     assert out["reward"] == 2.0 and out["reward_std"] == 1.0 and out["frac_unscored"] == 0.5
     assert out["rewards/f/mean"] == 2.0 and out["rewards/f/none"] == 0.5
     assert out["frac_reward_zero_std"] == 1.0  # each group has one scored completion
+
+
+def test_eval_statistics_are_over_scored_samples():
+    """2 prompts x 2 samples. base [1, nan, 3, 5], aligned [2, 4, nan, nan]: base mean (1+3+5)/3 = 3, per-prompt
+    means 1 and 4; aligned mean 3, prompt 2 unscored (left out: no stderr from one prompt); the paired
+    differences where both scored: 2 - 1 = 1 only; win rate over prompt 1 alone: 2 > 1 -> 1.0."""
+    base = torch.tensor([1.0, nan, 3.0, 5.0])
+    aligned = torch.tensor([2.0, 4.0, nan, nan])
+    out = compare_scores(base, aligned, 2)
+    assert out["base"]["mean"] == 3.0 and out["base"]["unscored"] == 0.25
+    assert out["base"]["stderr"] == pytest.approx(
+        math.sqrt(((1 - 2.5) ** 2 + (4 - 2.5) ** 2) / 1) / math.sqrt(2)
+    )
+    assert out["aligned"]["mean"] == 3.0 and out["aligned"]["stderr"] is None
+    assert out["difference"] == 1.0 and out["win_rate"] == 1.0
