@@ -236,6 +236,47 @@ def test_a_tiny_grpo_run_trains_on_trl_style_functions_from_a_file(tmp_path, tin
         grpo.train(GRPOConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "out2")}))
 
 
+def test_a_conversational_grpo_run_gives_trl_style_messages(tmp_path, tiny_model_dir):
+    """Chat rows: format_reward_func reads completion[0]["content"] (a string completion would raise inside it,
+    failing the run) and reward_func reads the ground_truth column; both log a score every step."""
+    import shutil
+
+    from alignkit.models.load import load_tokenizer
+
+    policy = tmp_path / "policy"
+    shutil.copytree(tiny_model_dir, policy)
+    tokenizer = load_tokenizer(str(policy))
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    )
+    tokenizer.save_pretrained(policy)
+    data = tmp_path / "chat.jsonl"
+    rows = [
+        {"prompt": [{"role": "user", "content": f"Tell story {i}."}], "ground_truth": "e"} for i in range(4)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = GRPOConfig(
+        model=str(policy),
+        data=str(data),
+        output_dir=str(tmp_path / "out"),
+        rewards=[python("format_reward_func"), python("reward_func")],
+        batch_size=2,
+        num_generations=2,
+        generation=GenerationSettings(max_new_tokens=6),
+        max_steps=2,
+        beta=0.0,
+        save_steps=0,
+        eval_steps=1000,
+        progress=False,
+        report=False,
+        seed=1,
+    )
+    grpo.train(cfg)
+    for m in train_metrics(cfg):
+        assert m["rewards/format_reward_func/mean"] == 0.0  # a random policy writes no <think> tags
+        assert 0.0 <= m["rewards/reward_func/mean"] <= 1.0
+
+
 def test_the_python_rewards_example_runs(tmp_path, monkeypatch):
     """examples/python_rewards.yaml, as docs/rewards.md runs it (from the repository root), for 2 steps."""
     monkeypatch.chdir(REPO)
