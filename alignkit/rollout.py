@@ -317,10 +317,8 @@ def rollout_metrics(
         out["advantages/std"] = float(advantages.std(unbiased=False))
     if rollout.group_size > 1:  # (with one completion per prompt every group is trivially unanimous)
         out["frac_reward_zero_std"] = float(frac_reward_zero_std(scores, rollout.group_size))
-    for (
-        name,
-        source,
-    ) in rollout.source_scores.items():  # (over every process; NaNs left out, their share /none)
+    # Each source over every process (NaNs left out, their share as /none).
+    for name, source in rollout.source_scores.items():
         out.update(describe_scores(gather(source), f"rewards/{name}"))
     parts = gather_objects(rollout.source_metrics)  # every process's {source: its metrics()}
     for name in rollout.source_metrics:
