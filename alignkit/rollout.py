@@ -470,7 +470,8 @@ def importance_centred(
     as TRL leaves them.)
 
     Group advantages, (N·W,) of every process's completions in rank order: each completion weighs its mean
-    token weight, centred within its group of `group_size` (over the whole step at group_size 1). Per-token
+    token weight, centred within its group of `group_size` (over the whole step at group_size 1); an
+    unscored completion (NaN score) weighs 0 and keeps advantage 0 (`losses.policy`). Per-token
     advantages, (N, T) of this process: each completion token weighs its own weight, centred over every
     process's tokens (`gather`, `OnlineRun.gather`)."""
     if "sampler_weights" not in correction or "alpha" not in rollout.sampler_details:
@@ -479,8 +480,11 @@ def importance_centred(
     weights, mask = correction["sampler_weights"], rollout.completion_mask
     if advantages.dim() == 1:
         row_weights = gather(weights.sum(-1) / mask.sum(-1).clamp(min=1))  # (N·W,)
+        unscored = gather(rollout.scores).isnan()  # no source scored them: out of the baseline, advantage 0
+        row_weights = row_weights.masked_fill(unscored, 0.0)
         group = group_size if group_size > 1 else len(row_weights)
-        return advantages - importance_weighted_means(advantages, row_weights, group).repeat_interleave(group)
+        means = importance_weighted_means(advantages, row_weights, group).repeat_interleave(group)
+        return (advantages - means).masked_fill(unscored, 0.0)
     mask = mask.bool()
     values, weights = gather(advantages[mask]), gather(weights[mask])  # (M,) every process's tokens
     return advantages - importance_weighted_means(values, weights, len(values))

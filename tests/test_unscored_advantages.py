@@ -14,7 +14,7 @@ from alignkit.data.pairs import build_pairs
 from alignkit.evaluation.stats import compare_scores
 from alignkit.losses.policy import compute_advantages, frac_reward_zero_std
 from alignkit.losses.ppo import fill_unscored
-from alignkit.rollout import rollout_metrics
+from alignkit.rollout import importance_centred, rollout_metrics
 
 nan = math.nan
 # Two groups of G = 4: scored 1, 3, 5 and one unscored; a unanimous group of 2s.
@@ -132,3 +132,17 @@ def test_eval_statistics_are_over_scored_samples():
     )
     assert out["aligned"]["mean"] == 3.0 and out["aligned"]["stderr"] is None
     assert out["difference"] == 1.0 and out["win_rate"] == 1.0
+
+
+def test_a_guided_rollouts_baseline_leaves_the_unscored_out():
+    """importance_centred (a guide drew the rollout) with groups of 2, one-token completions of weights 2, 3, 1,
+    3 and advantages 1, 0 (unscored), -1, 1: group 1's weighted mean is over completion 0 alone (1), so both
+    become 0; group 2's is (-1·1 + 1·3)/4 = 0.5: -1.5 and 0.5."""
+    rollout = SimpleNamespace(
+        sampler_details={"alpha": torch.tensor(0.5)},
+        completion_mask=torch.ones(4, 1),
+        scores=torch.tensor([1.0, nan, 0.0, 2.0]),
+    )
+    correction = {"sampler_weights": torch.tensor([[2.0], [3.0], [1.0], [3.0]])}
+    centred = importance_centred(torch.tensor([1.0, 0.0, -1.0, 1.0]), rollout, correction, group_size=2)
+    assert centred.tolist() == [0.0, 0.0, -1.5, 0.5]
