@@ -170,23 +170,47 @@ def test_bad_results_and_exceptions_name_the_source_and_the_row(tmp_path):
             source.score(["p", "q"], ["a", "b"], context=context)
 
 
-def test_verl_compute_score_from_named_columns():
-    """verl_style.compute_score: the last number equal to the ground truth -> 1.0, another number -> 0.1, none
-    -> 0.0 (a dict with "score"; its has_number key is averaged into the source's metrics: 2 of 3)."""
+def test_verl_compute_score_from_named_columns(tmp_path):
+    """verl_style.compute_score: 1.0 where the response says the row's answer as a word, else 0.0 (a dict with
+    "score"; its words key, 3, 3 and 2 words, is averaged into the source's metrics: 8/3). verl's docs' own
+    my_reward_fn, len/100: 'abcd' -> 0.04."""
     source = build_reward(
         {"type": "verl", "function": str(VERL_STYLE), "ground_truth": "answer", "data_source": None}
     )
-    assert source.columns == ("answer",)
-    context = row_context([{"answer": "12"}, {"answer": "5"}, {"answer": "5"}])
-    assert source.score(
-        ["a", "b", "c"], ["so 3+9 = 12", "it is 6", "no idea"], context=context
-    ).tolist() == pytest.approx([1.0, 0.1, 0.0])
-    assert float(source.metrics()["has_number"]) == pytest.approx(2 / 3)
-    # verl's own row layout: data_source, reward_model.ground_truth, extra_info.
-    default = build_reward({"type": "verl", "function": f"{VERL_STYLE}:compute_score"})
+    assert source.name == "verl" and source.columns == ("answer",)
+    context = row_context([{"answer": "three"}, {"answer": "five"}, {"answer": "five"}])
+    scores = source.score(["a", "b", "c"], ["one, two, Three!", "four and six", "no idea"], context=context)
+    assert scores.tolist() == [1.0, 0.0, 0.0]
+    assert float(source.metrics()["words"]) == pytest.approx(8 / 3)
+    docs = build_reward(
+        {
+            "type": "verl",
+            "function": f"{VERL_STYLE}:my_reward_fn",
+            "data_source": None,
+            "ground_truth": "answer",
+        }
+    )
+    assert docs.score(["a"], ["abcd"], context=row_context([{"answer": "x"}])).tolist() == [
+        pytest.approx(0.04)
+    ]
+    # verl's own row layout: data_source, reward_model.ground_truth, extra_info, passed as verl passes them.
+    (tmp_path / "spy_verl.py").write_text(
+        "def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
+        "    compute_score.calls.append((data_source, solution_str, ground_truth, extra_info))\n"
+        "    return 1.0 if solution_str.endswith(ground_truth) else 0.0\n"
+        "compute_score.calls = []\n"
+    )
+    default = build_reward({"type": "verl", "function": f"{tmp_path}/spy_verl.py"})
     assert default.columns == ("data_source", "reward_model")
-    rows = [{"data_source": "gsm8k", "reward_model": {"ground_truth": "4"}, "extra_info": {"split": "train"}}]
-    assert default.score(["q"], ["2+2=4"], context=row_context(rows)).tolist() == [1.0]
+    rows = [
+        {"data_source": "gsm8k", "reward_model": {"ground_truth": "4"}, "extra_info": {"split": "train"}},
+        {"data_source": "math", "reward_model": {"ground_truth": "7"}},
+    ]
+    assert default.score(["q", "r"], ["2+2=4", "x"], context=row_context(rows)).tolist() == [1.0, 0.0]
+    assert default.fn.calls == [
+        ("gsm8k", "2+2=4", "4", {"split": "train"}),
+        ("math", "x", "7", {}),  # a row without extra_info gets {}, as verl
+    ]
     with pytest.raises(RewardFunctionError, match="'reward_model.ground_truth' has no key 'ground_truth'"):
         default.score(["q"], ["4"], context=row_context([{"data_source": "x", "reward_model": {}}]))
 

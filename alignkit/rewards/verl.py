@@ -96,7 +96,8 @@ class VerlReward:
                 raise RewardFunctionError(f"reward source '{self.name}': the rows have no column {head!r}")
             return default
         try:
-            return read_path(context.columns[head][i], path)
+            value = read_path(context.columns[head][i], path)
+            return default if value is None and not required else value  # (None: a row without it)
         except KeyError as e:
             if not required:
                 return default
