@@ -308,20 +308,19 @@ class PythonReward:
         kwarg shadows a keyword TRL passes."""
         fn = load_function(options.function, where)
         signature = read_signature(fn, where, tuple(options.kwargs))
+        fn_name = getattr(fn, "__name__", options.function)
         for key in options.kwargs:
             if key in RESERVED:
                 raise ConfigError(f"{where}: kwargs: {key!r} is passed by alignkit itself; rename it")
             if key not in signature.accepts and not signature.var_keyword:
-                raise ConfigError(f"{where}: kwargs: {fn.__name__} takes no parameter {key!r}")
+                raise ConfigError(f"{where}: kwargs: {fn_name} takes no parameter {key!r}")
         for column in options.columns or ():
             if column in RESERVED or column in options.kwargs:
                 raise ConfigError(
                     f"{where}: columns: {column!r} is not a row column (it is passed otherwise)"
                 )
             if column not in signature.accepts and not signature.var_keyword:
-                raise ConfigError(
-                    f"{where}: columns: {fn.__name__} takes no parameter {column!r} (nor **kwargs)"
-                )
+                raise ConfigError(f"{where}: columns: {fn_name} takes no parameter {column!r} (nor **kwargs)")
 
     def call_kwargs(self, prompts: list[Prompt], responses: list[str], context: ScoreContext) -> dict:
         """The keywords of one call (see the module docstring), those the function takes."""
@@ -347,7 +346,7 @@ class PythonReward:
     def score(self, prompts: list[Prompt], responses: list[str], context: ScoreContext | None = None):
         """(B,) float32 scores from one call of the function; NaN where it returned None."""
         check_batch(prompts, responses)
-        context = context or ScoreContext()
+        context = context if context is not None else ScoreContext()
         try:
             values = self.fn(**self.call_kwargs(prompts, responses, context))
             if inspect.isawaitable(values):

@@ -108,7 +108,7 @@ class VerlReward:
     def score(self, prompts: list[Prompt], responses: list[str], context: ScoreContext | None = None):
         """(B,) float32 scores, one compute_score call per completion."""
         check_batch(prompts, responses)
-        context = context or ScoreContext()
+        context = context if context is not None else ScoreContext()
         o, values, extras = self.options, [], {}
         for i, text in enumerate(responses):
             kwargs = {
