@@ -325,3 +325,43 @@ def test_unscored_rows_reach_the_advantages_as_nan():
     NaN total (weighted_sum), which the estimators turn into advantage 0 (tests/test_unscored_advantages.py)."""
     rewards = RewardSet.from_specs([python("only_long")])
     assert torch.isnan(rewards(["p"], ["short"]).total).all()
+
+
+@pytest.mark.parametrize("command", ["grpo", "ppo"])
+def test_runs_train_through_completions_no_source_scored(tmp_path, tiny_model_dir, command):
+    """A reward that abstains on every other completion (the only source): half the step is unscored, logged as
+    frac_unscored 0.5, and every logged figure stays finite (the advantages give those completions 0; PPO gives
+    them the scored mean)."""
+    import alignkit.algorithms.ppo as ppo
+    from alignkit.config.online import PPOConfig
+
+    (tmp_path / "half.py").write_text(
+        "def every_other(completions, **kwargs):\n"
+        "    return [None if i % 2 else float(len(c)) for i, c in enumerate(completions)]\n"
+    )
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Tom went out {i}. It was"}) + "\n" for i in range(8)))
+    common = dict(
+        model=str(tiny_model_dir),
+        data=str(data),
+        output_dir=str(tmp_path / "out"),
+        rewards=[{"type": "python", "function": f"{tmp_path}/half.py:every_other"}],
+        batch_size=4,
+        generation=GenerationSettings(max_new_tokens=4),
+        max_steps=2,
+        lr=1e-3,
+        save_steps=0,
+        eval_steps=1000,
+        progress=False,
+        report=False,
+        seed=1,
+    )
+    if command == "grpo":
+        cfg = GRPOConfig(**common, num_generations=4, beta=0.0)
+        grpo.train(cfg)
+    else:
+        cfg = PPOConfig(**common, kl_coef=0.05)
+        ppo.train(cfg)
+    for m in train_metrics(cfg):
+        assert m["frac_unscored"] == 0.5 and m["rewards/every_other/none"] == 0.5
+        assert all(math.isfinite(v) for v in m.values() if isinstance(v, float)), m
