@@ -11,6 +11,7 @@ whose pad id is its EOS id is safe: the EOS a completion ends with is scored, th
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ from alignkit.generation.sampling import eos_ids
 from alignkit.losses.off_policy import importance_weighted_means, sampler_statistics, sampler_weights
 from alignkit.losses.policy import frac_reward_zero_std
 from alignkit.models.load import adapter_base
-from alignkit.rewards.base import reduce_metrics
+from alignkit.rewards.base import reduce_metrics, row_context
+from alignkit.rewards.compose import describe_scores
 
 
 @dataclass
@@ -200,6 +202,9 @@ def collect(
     update_rewards: bool = True,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     sampler: Sampler | None = None,
+    columns: list[dict] | None = None,
+    origins: list[str] | None = None,
+    step: int | None = None,
 ) -> Rollout:
     """Sample `group_size` completions of every prompt from `model` (the unwrapped policy), decode and
     score them with the reward set `rewards` (an `alignkit.rewards.RewardSet`), which reads `prompts`:
@@ -209,7 +214,9 @@ def collect(
     processes, `gather` ((B,) -> every process's (ΣB,), in rank order) lets the normaliser see the whole
     step's scores, so every process keeps one state. `sampler` draws the completions (default: `model`
     itself, `generation.backends.ModelSampler`); it must already follow `model`'s weights (`Sampler.sync`).
-    The sampler's own log-probs of its tokens are kept (`Rollout.sampler_logps`)."""
+    The sampler's own log-probs of its tokens are kept (`Rollout.sampler_logps`). The sources that read row
+    columns get a `ScoreContext` (`rewards.base.row_context`): each prompt's `columns` (`PromptRow.columns`)
+    and `origins` (file:line) repeated per completion, the completions' token ids, and the training `step`."""
     t0 = time.perf_counter()
     sampler = sampler or ModelSampler(sampling.backend)
     sampled = sampler.sample(
@@ -229,7 +236,14 @@ def collect(
     rows_prompt_ids = [p for p in prompt_ids for _ in range(group_size)]
     rows_prompts = [p for p in prompts for _ in range(group_size)]
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    scored = rewards(rows_prompts, texts, update=update_rewards, gather=gather)
+    context = row_context(
+        columns if columns is not None else [{} for _ in prompts],
+        group_size,
+        origins=origins,
+        completion_ids=[list(c) for c in completion_ids],
+        step=step,
+    )
+    scored = rewards(rows_prompts, texts, update=update_rewards, gather=gather, context=context)
     t2 = time.perf_counter()
     eos = eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id
@@ -279,29 +293,33 @@ def rollout_metrics(
     With several processes `gather` ((n, ...) -> every process's rows in rank order, `OnlineRun.gather`)
     and `gather_objects` (an object -> every process's, `OnlineRun.gather_objects`) make every figure the
     whole step's, as one process holding every row would log it: the sources' counters summed over the
-    processes, their means weighted by rows (`rewards.base.reduce_metrics`)."""
+    processes, their means weighted by rows (`rewards.base.reduce_metrics`).
+
+    Rewards are over the scored completions: a NaN (no source had an opinion) is left out, and the share of
+    such completions is logged as `frac_unscored` (a source's own share as `rewards/<name>/none`) where
+    there are some."""
     gather = gather or (lambda x: x)
     gather_objects = gather_objects or (lambda x: [x])
     scores = gather(rollout.scores)  # (N·W,) prompt-major: each process holds whole groups
+    scored = scores[~scores.isnan()]
     lengths = gather(torch.tensor(rollout.completion_lengths, dtype=torch.float32))
     out = {
-        "reward": float(scores.mean()),
-        "reward_std": float(scores.std(unbiased=False)),
+        "reward": float(scored.mean()) if scored.numel() else math.nan,
+        "reward_std": float(scored.std(unbiased=False)) if scored.numel() else math.nan,
         "completion_length": float(lengths.mean()),
         "frac_eos": float(gather(rollout.ended.float()).mean()),
     }
+    if scored.numel() < scores.numel():
+        out["frac_unscored"] = 1 - scored.numel() / scores.numel()
     if advantages is not None:
         advantages = gather(advantages.reshape(-1))
         out["advantages/mean"] = float(advantages.mean())
         out["advantages/std"] = float(advantages.std(unbiased=False))
     if rollout.group_size > 1:  # (with one completion per prompt every group is trivially unanimous)
         out["frac_reward_zero_std"] = float(frac_reward_zero_std(scores, rollout.group_size))
-    for name, source in rollout.source_scores.items():  # (over every process)
-        source = gather(source)
-        out[f"rewards/{name}/mean"] = float(source.mean())
-        out[f"rewards/{name}/std"] = float(source.std(unbiased=False))
-        out[f"rewards/{name}/min"] = float(source.min())
-        out[f"rewards/{name}/max"] = float(source.max())
+    # Each source over every process (NaNs left out, their share as /none).
+    for name, source in rollout.source_scores.items():
+        out.update(describe_scores(gather(source), f"rewards/{name}"))
     parts = gather_objects(rollout.source_metrics)  # every process's {source: its metrics()}
     for name in rollout.source_metrics:
         out.update({f"rewards/{name}/{k}": v for k, v in reduce_metrics([p[name] for p in parts]).items()})
@@ -452,7 +470,8 @@ def importance_centred(
     as TRL leaves them.)
 
     Group advantages, (N·W,) of every process's completions in rank order: each completion weighs its mean
-    token weight, centred within its group of `group_size` (over the whole step at group_size 1). Per-token
+    token weight, centred within its group of `group_size` (over the whole step at group_size 1); an
+    unscored completion (NaN score) weighs 0 and keeps advantage 0 (`losses.policy`). Per-token
     advantages, (N, T) of this process: each completion token weighs its own weight, centred over every
     process's tokens (`gather`, `OnlineRun.gather`)."""
     if "sampler_weights" not in correction or "alpha" not in rollout.sampler_details:
@@ -461,8 +480,11 @@ def importance_centred(
     weights, mask = correction["sampler_weights"], rollout.completion_mask
     if advantages.dim() == 1:
         row_weights = gather(weights.sum(-1) / mask.sum(-1).clamp(min=1))  # (N·W,)
+        unscored = gather(rollout.scores).isnan()  # no source scored them: out of the baseline, advantage 0
+        row_weights = row_weights.masked_fill(unscored, 0.0)
         group = group_size if group_size > 1 else len(row_weights)
-        return advantages - importance_weighted_means(advantages, row_weights, group).repeat_interleave(group)
+        means = importance_weighted_means(advantages, row_weights, group).repeat_interleave(group)
+        return (advantages - means).masked_fill(unscored, 0.0)
     mask = mask.bool()
     values, weights = gather(advantages[mask]), gather(weights[mask])  # (M,) every process's tokens
     return advantages - importance_weighted_means(values, weights, len(values))

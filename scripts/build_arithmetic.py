@@ -91,13 +91,22 @@ def write_rows(root: Path, *, sft: int, grpo: int, heldout: int, seed: int = 0) 
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
 
 
-def build(root: Path, *, sft: int, grpo: int, heldout: int, sft_args: list[str] | None = None) -> Path:
+def build(
+    root: Path,
+    *,
+    sft: int,
+    grpo: int,
+    heldout: int,
+    hidden: int = 128,
+    layers: int = 4,
+    sft_args: list[str] | None = None,
+) -> Path:
     """Steps 1-3 of the module docstring; returns the SFT model's folder (root/sft/final)."""
     from alignkit.cli import main as alignkit
 
     root.mkdir(parents=True, exist_ok=True)
     write_rows(root, sft=sft, grpo=grpo, heldout=heldout)
-    random_llama(root / "init", char_tokenizer())
+    random_llama(root / "init", char_tokenizer(), hidden=hidden, layers=layers)
     args = [
         "sft",
         f"model={root / 'init'}",
@@ -124,9 +133,18 @@ def main() -> None:
     parser.add_argument("--sft", type=int, default=8000, help="SFT problems")
     parser.add_argument("--grpo", type=int, default=4000, help="GRPO prompts")
     parser.add_argument("--heldout", type=int, default=500, help="held-out problems")
+    parser.add_argument("--hidden", type=int, default=128, help="model width (a multiple of 64)")
+    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("sft_args", nargs="*", help="extra key=value settings for alignkit sft")
     args = parser.parse_args()
-    folder = build(args.root, sft=args.sft, grpo=args.grpo, heldout=args.heldout, sft_args=args.sft_args)
+    sizes = {
+        "sft": args.sft,
+        "grpo": args.grpo,
+        "heldout": args.heldout,
+        "hidden": args.hidden,
+        "layers": args.layers,
+    }
+    folder = build(args.root, **sizes, sft_args=args.sft_args)
     print(f"arithmetic model: {folder}")
 
 

@@ -176,9 +176,9 @@ def test_a_killed_run_resumes_to_the_uninterrupted_file_scoring_nothing_twice(
     scored: list[int] = []
     score_sources = RewardSet.score_sources
 
-    def counting(self, prompts, responses):
+    def counting(self, prompts, responses, context=None):
         scored.append(len(responses))
-        return score_sources(self, prompts, responses)
+        return score_sources(self, prompts, responses, context)
 
     monkeypatch.setattr(RewardSet, "score_sources", counting)
     cfg.resume = True

@@ -265,7 +265,7 @@ def test_ppo_encodes_its_prompts_as_its_policy_reads_them(tmp_path, policy, requ
 
     asked = {}
 
-    def load_prompts(cfg, tokenizer, log=print, *, encoder_decoder=False):
+    def load_prompts(cfg, tokenizer, log=print, *, encoder_decoder=False, columns=()):
         asked["encoder_decoder"] = encoder_decoder
         raise Loaded  # nothing after the prompts is under test
 

@@ -196,7 +196,7 @@ def train(cfg: GRPOConfig) -> Path:
 
     # Prompts: validated (file:line:field) and tokenised before any model loads.
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
-    prompts = load_prompts(cfg, tokenizer, log)
+    prompts = load_prompts(cfg, tokenizer, log, columns=rewards.columns)  # the columns the rewards read
 
     # The policy (dropout off: the first ratio must be exactly 1) and the frozen reference.
     model = disable_dropout(load_policy(cfg, tokenizer.pad_token_id, accelerator.device))
@@ -296,7 +296,7 @@ def train(cfg: GRPOConfig) -> Path:
                 )
                 kl_metrics = {  # "kl" as with a loss term: the mean per completion token, over every process
                     "kl": float(run.gather(sequence_kl).sum() / run.gather(mask.sum(-1)).sum().clamp(min=1)),
-                    "reward_penalised": float(run.gather(scores).mean()),
+                    "reward_penalised": float(run.gather(scores).nanmean()),  # (over scored completions)
                 }
             # Advantages over the whole step: every process's (penalised) rewards, in rank order (GRPO's
             # batch std and REINFORCE++'s batch statistics see every completion, as on one process), then

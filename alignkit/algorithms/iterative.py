@@ -93,6 +93,8 @@ def sample_round(
         seed=seed,
         update_rewards=False,
         sampler=sampler,
+        columns=[prompts.train_rows[i].columns for i in idx],
+        origins=[prompts.train_rows[i].origin for i in idx],
     )
     completion_ids = rollout.completion_ids()
     rows = []
@@ -200,11 +202,11 @@ def train(cfg: IterativeDPOConfig) -> Path:
         save_config(cfg, root)
 
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
-    prompts = load_prompts(cfg, tokenizer, log)
     K = cfg.num_generations
     scorer = (
         JudgeRanking(build_reward(cfg.judge, "judge"), K) if cfg.judge else RewardSet.from_specs(cfg.rewards)
     )
+    prompts = load_prompts(cfg, tokenizer, log, columns=getattr(scorer, "columns", ()))
     # The reward set scores the eval prompts too (held frozen: both pass update_rewards=False); a pairwise
     # judge, the alternative (check_settings), cannot score lone completions.
     evaluator = scorer if isinstance(scorer, RewardSet) and prompts.eval_rows else None

@@ -119,7 +119,7 @@ def train(cfg: OnlineDPOConfig) -> Path:
     accelerator, log, output_dir = start_run(cfg)
 
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
-    prompts = load_prompts(cfg, tokenizer, log)
+    prompts = load_prompts(cfg, tokenizer, log, columns=rewards.columns if rewards else ())
     model = disable_dropout(load_policy(cfg, tokenizer.pad_token_id, accelerator.device))
     cfg = with_default_lr(cfg, model, log)
     # DPO's implicit reward β·log(π/π_ref) is of the policy and the reference themselves: both are scored

@@ -42,6 +42,7 @@ from alignkit.losses.ppo import (
     FixedKLController,
     clipped_value_loss,
     explained_variance,
+    fill_unscored,
     gae,
     kl_penalised_rewards,
 )
@@ -162,9 +163,16 @@ def shape_rewards(cfg: PPOConfig, rollout, kl_coef: float, *, gather=None) -> di
     """The rollout's per-token rewards, advantages and returns (all (N, T)), from its scores, log-probs
     and values: missing-EOS penalty -> −β·KL per token + score on the last token -> optional reward
     whitening -> GAE -> whitened advantages. With several processes `gather` (`OnlineRun.gather`) makes
-    both whitenings take the whole step's statistics, every process's completion tokens."""
+    both whitenings take the whole step's statistics, every process's completion tokens.
+
+    A completion no reward source scored (NaN: every source returned None) gets the mean score of the step's
+    scored completions (every process's; 0 if none is scored): its score then says nothing relative to the
+    batch, the analogue of GRPO's advantage 0, while its per-token KL penalty, a reward of its own that needs
+    no source, is kept and trained on, as is the critic on its states. Masking it out of the loss instead
+    would also drop that KL and the critic's targets; a score of 0 would be a reward or a penalty depending
+    on the sources' scale."""
     mask = rollout.completion_mask
-    scores = rollout.scores.clone()
+    scores = fill_unscored(rollout.scores.clone(), gather)
     if cfg.missing_eos_penalty is not None:
         scores = scores - cfg.missing_eos_penalty * (~rollout.ended).float()
     rewards, kl = kl_penalised_rewards(scores, rollout.old_logps, rollout.ref_logps, mask, kl_coef=kl_coef)
@@ -243,7 +251,8 @@ def train(cfg: PPOConfig) -> Path:
 
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
     seq2seq = is_encoder_decoder(cfg.model, cfg.trust_remote_code)
-    prompts = load_prompts(cfg, tokenizer, log, encoder_decoder=seq2seq)  # a T5 source keeps its EOS
+    # (A T5 source keeps its EOS; every row must hold the columns the rewards read.)
+    prompts = load_prompts(cfg, tokenizer, log, encoder_decoder=seq2seq, columns=rewards.columns)
 
     # Policy, critic and reference, dropout off in all three (`critic_and_reference`).
     lm = disable_dropout(

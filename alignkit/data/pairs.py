@@ -77,7 +77,8 @@ def build_pairs(
     strategy: best_worst or all (see the module docstring); min_gap: a pair needs s_chosen − s_rejected
     > min_gap; max_pairs_per_prompt (all only): keep at most this many pairs of a prompt, the largest gaps
     (0 = no cap); completions: the (P, K) token ids, to drop pairs of identical completions.
-    Pairs come prompt by prompt; within a prompt in the order the strategy finds them.
+    Pairs come prompt by prompt; within a prompt in the order the strategy finds them. A NaN score (a
+    completion no reward source scored) is in no pair.
     """
     if strategy not in PAIR_STRATEGIES:
         raise ValueError(f"unknown pair strategy '{strategy}' (expected one of {', '.join(PAIR_STRATEGIES)})")
@@ -88,8 +89,12 @@ def build_pairs(
     stats = PairStats(prompts=len(table))
     for p, row in enumerate(table):
         if strategy == "best_worst":
-            best = max(range(len(row)), key=lambda i: (row[i], -i))  # ties: the lowest index
-            worst = min(range(len(row)), key=lambda i: (row[i], i))
+            scored = [i for i in range(len(row)) if not math.isnan(row[i])]  # NaN: no source's opinion
+            if len(scored) < 2:
+                stats.below_gap += 1
+                continue
+            best = max(scored, key=lambda i: (row[i], -i))  # ties: the lowest index
+            worst = min(scored, key=lambda i: (row[i], i))
             candidates = [(best, worst)]
         else:
             candidates = [(i, j) for i in range(len(row)) for j in range(len(row)) if row[i] > row[j]]

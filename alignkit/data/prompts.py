@@ -1,7 +1,8 @@
 """Prompt rows, and the one prompt encoder of every command that samples from prompts: grpo, rloo, ppo,
 online-dpo, iterative-dpo, distill, generate (and its ICDPO scoring), eval and the local LLM judge.
 
-Accepted, per row (extra keys are ignored):
+Accepted, per row (every other key is one of the row's columns, `PromptRow.columns`, which the reward
+sources may read, e.g. a math problem's `answer`):
 
 1. text: ``{"prompt": str}`` (non-empty)
 2. conversational: ``{"prompt": [messages]}`` or ``{"messages": [messages]}``, rendered with the
@@ -10,7 +11,8 @@ Accepted, per row (extra keys are ignored):
    ``chat_template_kwargs`` (e.g. Qwen3's ``enable_thinking``) are passed to the template
 
 A ``.json`` file holding a list of strings (e.g. ``alignkit/assets/demo/heldout_openings.json``) is read
-as text prompts. Every problem in a file is reported at once as ``file:line: field 'name': ...``.
+as text prompts (they have no columns). Every problem in a file is reported at once as
+``file:line: field 'name': ...``, a column the rewards read (``columns=``) that a row lacks included.
 
 Encoding (:func:`encode_prompt`) follows the offline path's BOS rule (``tokenize.adds_special_tokens``):
 the tokenizer's special tokens are added unless the text already begins with the BOS text, as a template
@@ -28,8 +30,9 @@ default, ``truncation: error``, refuses it too).
 
 from __future__ import annotations
 
+import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +56,13 @@ class PromptRow:
     """A conversational row's messages (the system prompt setting's included); None for a text row."""
     source: str = ""
     line: int = 0
+    columns: dict = field(default_factory=dict)
+    """The row's other keys (e.g. a math problem's `answer`), for the reward sources that read them."""
+
+    @property
+    def origin(self) -> str:
+        """Where the row came from, as file:line."""
+        return f"{self.source}:{self.line}"
 
     @property
     def reward_input(self) -> str | list[dict]:
@@ -118,8 +128,20 @@ def encode_prompt_rows(
     return kept, ids, cut
 
 
-def _prompt_row(record: dict, tokenizer: Any, issues: Issues, *, template: dict) -> PromptRow | None:
+def missing_columns(keys, columns: tuple[str, ...] | list[str]) -> list[tuple[str, str]]:
+    """(field, problem) for each of `columns` (what the reward sources read) not among a row's `keys`."""
+    return [
+        (name, "missing (a reward source reads this column: add it to every row, or leave that source out)")
+        for name in columns
+        if name not in keys
+    ]
+
+
+def _prompt_row(
+    record: dict, tokenizer: Any, issues: Issues, *, template: dict, columns: tuple[str, ...] = ()
+) -> PromptRow | None:
     n = len(issues)
+    issues.extend(missing_columns(record, columns))
     key = "messages" if "messages" in record and "prompt" not in record else "prompt"
     value = record.get(key)
     if "messages" in record and "prompt" in record:
@@ -137,8 +159,9 @@ def _prompt_row(record: dict, tokenizer: Any, issues: Issues, *, template: dict)
         issues.append((key, f"found {json_type(value)} (expected a string or a list of messages)"))
     if len(issues) > n:
         return None
+    extra = {k: v for k, v in record.items() if k not in ("prompt", "messages")}
     if isinstance(value, str):
-        return PromptRow(value)
+        return PromptRow(value, columns=extra)
     messages = with_system_prompt(value, template.get("system_prompt"))
     try:
         text = render_messages(
@@ -150,7 +173,7 @@ def _prompt_row(record: dict, tokenizer: Any, issues: Issues, *, template: dict)
     except Exception as e:  # a template's own raise_exception(...), e.g. a system role it does not take
         issues.append((key, f"cannot render with the chat template: {e}"))
         return None
-    return PromptRow(text, messages)
+    return PromptRow(text, messages, columns=extra)
 
 
 def load_prompt_rows(
@@ -161,10 +184,12 @@ def load_prompt_rows(
     *,
     system_prompt: str | None = None,
     chat_template_kwargs: dict | None = None,
+    columns: tuple[str, ...] | list[str] = (),
 ) -> list[PromptRow]:
     """Read and validate prompt rows from ``source`` (a .jsonl/.json/.parquet file, a saved dataset or a
     hub dataset name; or a .json list of strings). All problems are raised as one DataError, as is an
-    empty source; given ``skipped`` (on_bad_rows=skip), bad rows are left out and appended to it.
+    empty source; given ``skipped`` (on_bad_rows=skip), bad rows are left out and appended to it. A row
+    must hold each of ``columns`` (the ones the reward sources read: `RewardSet.columns`).
     Conversations get ``system_prompt`` and ``chat_template_kwargs`` (see the module docstring); either
     set for a source with no conversational row, or template variables for a tokenizer with no chat
     template, is a ConfigError (it would do nothing)."""
@@ -185,6 +210,8 @@ def load_prompt_rows(
                 else:
                     for _, reason in encoding_problems(prompt, ""):
                         problems.add(n, None, reason)
+                for name, reason in missing_columns((), columns):
+                    problems.add(n, name, reason + " (a list of strings has no columns: write rows)")
             raise_or_skip(problems, skipped)
             good = [PromptRow(p, None, source, n) for n, p in enumerate(data, 1) if n not in problems.lines]
             if not good:
@@ -192,7 +219,8 @@ def load_prompt_rows(
             check_template_used(source, template, conversational=False)
             return good
     settings = {"system_prompt": system_prompt, "chat_template_kwargs": chat_template_kwargs}
-    return load_row_file(source, split, tokenizer, _prompt_row, kind="prompt", skipped=skipped, **settings)
+    parse = functools.partial(_prompt_row, columns=tuple(columns))
+    return load_row_file(source, split, tokenizer, parse, kind="prompt", skipped=skipped, **settings)
 
 
 @dataclass
@@ -205,15 +233,19 @@ class Prompts:
     eval_ids: list[list[int]]
 
 
-def load_prompts(cfg, tokenizer, log=print, *, encoder_decoder: bool = False) -> Prompts:
+def load_prompts(
+    cfg, tokenizer, log=print, *, encoder_decoder: bool = False, columns: tuple[str, ...] = ()
+) -> Prompts:
     """The config's prompt rows, validated (file:line:field) and tokenised by the one prompt encoder
     (`data.prompts`: one BOS; a causal prompt ends at its text, an `encoder_decoder` policy's source keeps
     the EOS its tokenizer appends; a conversation over max_prompt_length refused) before any model loads; the
     eval prompts are `eval_data` or an `eval_fraction` of `data`. Conversations get the config's
-    system_prompt and chat_template_kwargs. With on_bad_rows=skip bad rows are left out, listed in the
+    system_prompt and chat_template_kwargs. Every train and eval row must hold each of `columns` (what the
+    reward sources read, `RewardSet.columns`). With on_bad_rows=skip bad rows are left out, listed in the
     log and in output_dir/dropped_rows.jsonl."""
     skipped = bad_rows_list(cfg)  # on_bad_rows=skip collects the bad rows here instead of refusing
     template = {"system_prompt": cfg.system_prompt, "chat_template_kwargs": cfg.chat_template_kwargs}
+    template["columns"] = columns
     rows = load_prompt_rows(cfg.data, cfg.data_split, tokenizer, skipped, **template)
     if cfg.eval_data:
         eval_rows = load_prompt_rows(cfg.eval_data, cfg.eval_split, tokenizer, skipped, **template)

@@ -84,7 +84,8 @@ def run(cfg: EvalConfig) -> dict:
 
     tokenizer = load_tokenizer(cfg.model)
     template = {"system_prompt": cfg.system_prompt, "chat_template_kwargs": cfg.chat_template_kwargs}
-    rows = load_prompt_rows(cfg.prompts, tokenizer=tokenizer, **template)[: cfg.num_prompts or None]
+    rows = load_prompt_rows(cfg.prompts, tokenizer=tokenizer, **template, columns=rewards.columns)
+    rows = rows[: cfg.num_prompts or None]
     if load_tokenizer(cfg.base_model).get_vocab() != tokenizer.get_vocab():
         raise ValueError(
             f"the tokenizers of base_model ({cfg.base_model}) and model ({cfg.model}) differ: the shared "
@@ -105,6 +106,7 @@ def run(cfg: EvalConfig) -> dict:
         [r.prompt for r in rows],  # chat rows: rendered in the aligned model's template
         rewards=rewards,
         reward_prompts=[r.reward_input for r in rows],
+        reward_columns=[r.columns for r in rows],
         num_samples=cfg.num_samples,
         max_new_tokens=cfg.generation.max_new_tokens,
         temperature=cfg.generation.temperature,

@@ -34,6 +34,7 @@ from alignkit.evaluation.stats import compare_scores, score_stats
 from alignkit.generation.sampling import Sample, eos_ids, sample
 from alignkit.io import atomic_write
 from alignkit.logprobs.completion import completion_logps
+from alignkit.rewards.base import row_context
 from alignkit.rewards.compose import RewardSet
 
 
@@ -127,13 +128,15 @@ def compare_policies(
     scoring_batch_size: int = 32,
     num_examples: int = 4,
     reward_prompts: list | None = None,
+    reward_columns: list[dict] | None = None,
     sampler=None,
 ) -> dict:
     """Samples both policies on `prompts` with the same seeds and compares them (see the module docstring).
 
     `prompts` are the texts the policies continue (chat templates applied); `reward_prompts`, what the
     reward sources read for each (`PromptRow.reward_input`: a conversation's messages, which a reward
-    model renders in its own template), default `prompts`. `batch_size` sequences are sampled at once,
+    model renders in its own template), default `prompts`; `reward_columns`, each prompt row's other columns
+    (`PromptRow.columns`), for the sources that read them. `batch_size` sequences are sampled at once,
     `scoring_batch_size` scored at once for the log-likelihoods.
 
     Both sample sets are scored by every source of `rewards` in one call and composed together (so a
@@ -178,7 +181,10 @@ def compare_policies(
     given = list(reward_prompts if reward_prompts is not None else prompts)
     if len(given) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(given)} reward_prompts")
-    scores, names = _score_both(rewards, given, samples, n)
+    columns = reward_columns if reward_columns is not None else [{} for _ in prompts]
+    if len(columns) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(columns)} reward_columns")
+    scores, names = _score_both(rewards, given, samples, n, columns)
     likelihoods = _likelihood_stats(
         base_model, aligned_model, tokenizer, samples, num_samples=n, batch_size=scoring_batch_size
     )
@@ -205,7 +211,7 @@ def compare_policies(
 
 
 def _score_both(
-    rewards: RewardSet, reward_prompts: list, samples: dict, num_samples: int
+    rewards: RewardSet, reward_prompts: list, samples: dict, num_samples: int, columns: list[dict]
 ) -> tuple[dict, list]:
     """Both sample sets scored by every source of `rewards` in one call and composed together (so a
     normalising RewardSet uses the same statistics for both), given what the sources read for each prompt.
@@ -214,7 +220,11 @@ def _score_both(
     # Score both sets at once: (2 * P * n,), base first.
     both = samples["base"] + samples["aligned"]
     per_sample = [p for p in reward_prompts for _ in range(num_samples)]  # samples are prompt-major
-    raw = rewards.score_sources(per_sample + per_sample, [s.text for s in both])
+    # The rows' columns, repeated per sample; one group per prompt and model.
+    context = row_context(
+        columns + columns, num_samples, completion_ids=[list(s.completion_ids) for s in both]
+    )
+    raw = rewards.score_sources(per_sample + per_sample, [s.text for s in both], context)
     composed = rewards.compose(raw)
     half = len(samples["base"])
     scores = {name: (values[:half], values[half:]) for name, values in raw.items()}

@@ -31,11 +31,13 @@ def evaluate_policy(
         seed=seed,
         update_rewards=False,
         sampler=sampler,
+        columns=[r.columns for r in prompts.eval_rows],
+        origins=[r.origin for r in prompts.eval_rows],
     )
     total = weighted_sum(rollout.source_scores, rewards.weights) if rewards.normalize else rollout.scores
-    out = {
-        "reward": float(total.mean()),
+    out = {  # (means over the scored completions: a NaN is one no source scored)
+        "reward": float(total.nanmean()),
         "completion_length": sum(rollout.completion_lengths) / len(rollout.completion_lengths),
     }
-    out.update({f"rewards/{n}/mean": float(v.mean()) for n, v in rollout.source_scores.items()})
+    out.update({f"rewards/{n}/mean": float(v.nanmean()) for n, v in rollout.source_scores.items()})
     return out

@@ -37,6 +37,7 @@ from alignkit.evaluation.stats import mean_and_stderr
 from alignkit.generation.resolve import with_resolved_backend
 from alignkit.generation.sampling import sample_ids, sample_seed
 from alignkit.io import append_jsonl, atomic_write, cut_torn_line, read_jsonl
+from alignkit.rewards.base import ScoreContext
 from alignkit.rewards.compose import RewardSet
 
 OUTPUT_FILES = ("config.yaml", "candidates.jsonl", "summary.json")
@@ -59,6 +60,10 @@ class Candidates:
     """Raw score of every candidate by every reward source (costs included), by source name."""
     totals: list[float] = field(default_factory=list)
     """Each candidate's composed total reward."""
+    columns: dict = field(default_factory=dict)
+    """The prompt row's other columns (`PromptRow.columns`), for the reward sources that read them."""
+    origin: str | None = None
+    """Where the prompt row came from (file:line), for the sources' error messages."""
 
 
 def sample_candidates(
@@ -98,13 +103,22 @@ def sample_candidates(
 
 
 def score_candidates(candidates: list[Candidates], rewards: RewardSet) -> list[Candidates]:
-    """Fills every candidate's per-source scores and total: one `score_sources` call for all of them,
+    """Fills every candidate's per-source scores and total: one `score_sources` call for all of them (the
+    sources that read row columns get each prompt's `columns`, its candidates' token ids and their group),
     composed without updating a normaliser's statistics. Returns `candidates`."""
     prompts = [c.prompt for c in candidates for _ in c.texts]
     texts = [t for c in candidates for t in c.texts]
     if not texts:
         return candidates
-    raw = rewards.score_sources(prompts, texts)
+    names = dict.fromkeys(name for c in candidates for name in c.columns)
+    context = ScoreContext(
+        {name: [c.columns.get(name) for c in candidates for _ in c.texts] for name in names},
+        [list(ids) for c in candidates for ids in c.completion_ids],
+        [g for g, c in enumerate(candidates) for _ in c.texts],
+        None,
+        [c.origin or f"prompt {g}" for g, c in enumerate(candidates) for _ in c.texts],
+    )
+    raw = rewards.score_sources(prompts, texts, context)
     totals = rewards.compose(raw, update=False).total.tolist()
     at = 0
     for c in candidates:
@@ -334,8 +348,11 @@ def run(cfg: GenerateConfig) -> dict:
     claim(cfg)
     tokenizer = load_tokenizer(cfg.model)
     template = {"system_prompt": cfg.system_prompt, "chat_template_kwargs": cfg.chat_template_kwargs}
-    rows = load_prompt_rows(cfg.prompts, tokenizer=tokenizer, **template)[: cfg.num_prompts or None]
-    rows, prompt_ids, cut = encode_prompt_rows(rows, tokenizer, cfg.max_prompt_length)
+    rewards = RewardSet.from_specs(cfg.rewards)
+    rows = load_prompt_rows(cfg.prompts, tokenizer=tokenizer, **template, columns=rewards.columns)
+    rows, prompt_ids, cut = encode_prompt_rows(
+        rows[: cfg.num_prompts or None], tokenizer, cfg.max_prompt_length
+    )
     prompts = [r.reward_input for r in rows]  # conversations stay messages, for the rewards
     chooser = None
     if cfg.method == "icdpo":
@@ -343,7 +360,6 @@ def run(cfg: GenerateConfig) -> dict:
         from alignkit.rewards.base import prompt_text
 
         chooser = IcdpoChooser.from_config(cfg, [prompt_text(p) for p in prompts], tokenizer)
-    rewards = RewardSet.from_specs(cfg.rewards)
     out = Path(cfg.output_dir)
     save_config(cfg, out)
     path = out / "candidates.jsonl"
@@ -394,6 +410,8 @@ def run(cfg: GenerateConfig) -> dict:
                 sampler=sampler,
                 **sampling,
             )
+            for c, row in zip(chunk, rows[start:stop]):  # what the reward sources may read
+                c.columns, c.origin = row.columns, row.origin
             first = max(done, start)  # a resumed chunk: its finished prompts are sampled again, not scored
             todo = score_candidates(chunk[first - start :], rewards)
             extras = chooser(model, todo, range(first, stop)) if chooser else [{} for _ in todo]

@@ -20,6 +20,12 @@ prompt and padding. Rewards are laid out prompt-major: (N·G,) with the G = `gro
 prompt consecutive (what `generation.sample` with `num_return_sequences=G` produces). Every standard
 deviation is the unbiased one (Bessel's correction, `torch.std`'s default, as TRL computes GRPO's). Metrics
 are detached 0-dim tensors; nothing here turns a tensor into a Python number.
+
+Unscored completions. A reward of NaN is a completion no reward source had an opinion on (a Python reward
+returning None for it, `rewards.compose`). Every estimator gives it advantage 0 and leaves it out of every
+statistic: its group's mean (the baseline) and standard deviation, the batch's standard deviation and mean.
+A scored completion with no other scored one in its group has no baseline either: advantage 0 (GRPO's centred
+reward and RLOO's leave-one-out baseline are undefined there). `kl_penalised_scores` keeps a NaN a NaN.
 """
 
 from __future__ import annotations
@@ -153,9 +159,24 @@ def _grouped(rewards: torch.Tensor, group_size: int, what: str, min_group_size: 
 
 
 def _batch_std(values: torch.Tensor, what: str) -> torch.Tensor:
+    """The unbiased std of the scored (non-NaN) `values`, 0 with fewer than two of them; a ValueError for a
+    batch of fewer than 2 rewards, scored or not."""
     if values.numel() < 2:
         raise ValueError(f"{what}: a batch standard deviation needs at least 2 rewards, got {values.numel()}")
-    return values.std()
+    scored = values[~values.isnan()]
+    return scored.std() if scored.numel() >= 2 else scored.new_zeros(())
+
+
+def _group_stats(grouped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scored, n, mean, std) of (N, G) rewards over each group's scored (non-NaN) entries: scored (N, G) bool,
+    n, mean and the unbiased std (N, 1); a group with no scored entry has mean 0, one with fewer than two std 0."""
+    scored = ~grouped.isnan()
+    n = scored.sum(dim=1, keepdim=True)  # (N, 1)
+    filled = torch.where(scored, grouped, torch.zeros_like(grouped))
+    mean = filled.sum(dim=1, keepdim=True) / n.clamp(min=1)
+    squares = torch.where(scored, (grouped - mean).square(), torch.zeros_like(grouped))
+    std = (squares.sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+    return scored, n, mean, std
 
 
 def grpo_advantages(
@@ -170,7 +191,8 @@ def grpo_advantages(
     or Traps?", and TRL's scale_rewards="batch"; it keeps a nearly unanimous group from being blown up to
     ±1), or no division at all (`"none"`: Dr. GRPO, Liu et al.
     2025, "Understanding R1-Zero-Like Training", which removes the question-difficulty bias). eps = 1e-4
-    as in TRL. A group whose rewards are all equal gets A = 0 in every mode.
+    as in TRL. A group whose rewards are all equal gets A = 0 in every mode. A NaN reward (unscored) gets
+    A = 0 and is left out of the mean and both stds (see the module docstring).
 
     rewards: (N·G,) prompt-major; gather them over processes first, since "batch" and the group statistics
     must see every completion of the step. Returns (N·G,) advantages, one per completion.
@@ -178,12 +200,13 @@ def grpo_advantages(
     if scale not in GRPO_SCALES:
         raise ValueError(f"grpo_advantages: unknown scale '{scale}'. Valid: {', '.join(GRPO_SCALES)}")
     grouped = _grouped(rewards, group_size, "grpo_advantages", min_group_size=2)  # (N, G)
-    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    scored, _, mean, std = _group_stats(grouped)
+    centred = grouped - mean
     if scale == "group":
-        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
+        centred = centred / (std + eps)
     elif scale == "batch":
         centred = centred / (_batch_std(grouped, "grpo_advantages") + eps)
-    return centred.reshape(-1)
+    return torch.where(scored, centred, torch.zeros_like(centred)).reshape(-1)
 
 
 def dr_grpo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -201,11 +224,16 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
     Each completion's baseline is the mean reward of the other G − 1 completions of its prompt, which does
     not depend on the completion itself, so the estimator stays unbiased. Needs G ≥ 2. (Up to the factor
-    G/(G−1) it is Dr. GRPO's advantage.) rewards: (N·G,) prompt-major -> (N·G,).
+    G/(G−1) it is Dr. GRPO's advantage.) rewards: (N·G,) prompt-major -> (N·G,). With NaN rewards (unscored)
+    the baseline is the mean of the other *scored* completions; an unscored one, or a scored one with no other
+    scored completion in its group, gets A = 0.
     """
     grouped = _grouped(rewards, group_size, "rloo_advantages", min_group_size=2)  # (N, G)
-    leave_one_out = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
-    return (grouped - leave_one_out).reshape(-1)
+    scored, n, _, _ = _group_stats(grouped)
+    filled = torch.where(scored, grouped, torch.zeros_like(grouped))
+    leave_one_out = (filled.sum(dim=1, keepdim=True) - filled) / (n - 1).clamp(min=1)
+    advantages = grouped - leave_one_out
+    return torch.where(scored & (n >= 2), advantages, torch.zeros_like(advantages)).reshape(-1)
 
 
 def reinforce_pp_advantages(rewards: torch.Tensor, group_size: int, *, eps: float = 1e-8) -> torch.Tensor:
@@ -222,12 +250,16 @@ def reinforce_pp_advantages(rewards: torch.Tensor, group_size: int, *, eps: floa
     into the reward (as the paper does, for G = 1) belongs in `rewards` before this is called
     (`kl_penalised_scores`: the completion's summed KL, where the paper and OpenRLHF pay each token's KL
     into that token's reward-to-go). Gather rewards over processes first. rewards: (N·G,) prompt-major
-    -> (N·G,).
+    -> (N·G,). A NaN reward (unscored) gets A = 0 and is left out of its group's mean and of the batch's mean
+    and std.
     """
     grouped = _grouped(rewards, group_size, "reinforce_pp_advantages")  # (N, G)
-    centred = grouped - grouped.mean(dim=1, keepdim=True) if group_size > 1 else grouped
-    centred = centred - centred.mean()
-    return (centred / (_batch_std(centred, "reinforce_pp_advantages") + eps)).reshape(-1)
+    scored, _, mean, _ = _group_stats(grouped)
+    centred = grouped - mean if group_size > 1 else grouped
+    if scored.any():
+        centred = centred - centred[scored].mean()
+    advantages = centred / (_batch_std(centred, "reinforce_pp_advantages") + eps)
+    return torch.where(scored, advantages, torch.zeros_like(advantages)).reshape(-1)
 
 
 def frac_reward_zero_std(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -235,10 +267,14 @@ def frac_reward_zero_std(rewards: torch.Tensor, group_size: int) -> torch.Tensor
 
     With G ≥ 2 such a group has zero advantage under every estimator here, so it contributes no policy
     gradient (with G = 1 every group is trivially equal and the value is 1); a high value says the prompts are too easy or too hard for the policy (DAPO's dynamic sampling filters
-    them). rewards: (N·G,) prompt-major.
+    them). rewards: (N·G,) prompt-major. NaN rewards (unscored) are left out: a group is unanimous when its
+    scored rewards are all equal (or it has fewer than two).
     """
     grouped = _grouped(rewards, group_size, "frac_reward_zero_std")  # (N, G)
-    return (grouped == grouped[:, :1]).all(dim=1).float().mean().detach()
+    scored = ~grouped.isnan()
+    low = torch.where(scored, grouped, torch.full_like(grouped, torch.inf)).amin(dim=1)
+    high = torch.where(scored, grouped, torch.full_like(grouped, -torch.inf)).amax(dim=1)
+    return ((low == high) | (scored.sum(dim=1) < 2)).float().mean().detach()
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ __all__ = [
     "FixedKLController",
     "clipped_value_loss",
     "explained_variance",
+    "fill_unscored",
     "gae",
     "kl_penalised_rewards",
     "last_token_index",
@@ -36,6 +37,17 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     T = mask.shape[1]
     positions = torch.arange(T, device=mask.device).expand_as(mask)
     return torch.where(mask.bool(), positions, torch.full_like(positions, -1)).max(dim=1).values
+
+
+def fill_unscored(scores: torch.Tensor, gather=None) -> torch.Tensor:
+    """`scores` (B,) with each NaN (a completion no reward source scored) replaced by the mean of every
+    process's scored ones (`gather`: (B,) -> every process's, in rank order; 0 where none is scored), so that
+    its score says nothing relative to the batch while its per-token KL penalty stays (`algorithms.ppo.
+    shape_rewards` says why PPO does this rather than masking the completion out)."""
+    every = gather(scores) if gather is not None else scores  # (every process: a collective, always called)
+    scored = every[~every.isnan()]
+    fill = scored.mean() if scored.numel() else scores.new_zeros(())
+    return torch.where(scores.isnan(), fill, scores)
 
 
 def kl_penalised_rewards(

@@ -31,7 +31,7 @@ imports no other reward module, so every source can import it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -71,10 +71,12 @@ class ScoreContext:
     GRPO group) share it."""
     step: int | None = None
     """The training step being scored (0 = the first), in a training run."""
+    origins: list[str] | None = None
+    """Where each response's row came from, as file:line, for a source's error messages."""
 
     def __len__(self) -> int:
         lengths = {len(v) for v in self.columns.values()}
-        lengths |= {len(v) for v in (self.completion_ids, self.group_ids) if v is not None}
+        lengths |= {len(v) for v in (self.completion_ids, self.group_ids, self.origins) if v is not None}
         if len(lengths) > 1:
             raise ValueError(f"score context fields of different lengths {sorted(lengths)}")
         return lengths.pop() if lengths else 0
@@ -89,9 +91,7 @@ class ScoreContext:
                 f"reward source '{source}' reads the column(s) {', '.join(missing)}, which the rows lack "
                 f"(columns there: {have})"
             )
-        return ScoreContext(
-            {n: self.columns[n] for n in names}, self.completion_ids, self.group_ids, self.step
-        )
+        return replace(self, columns={n: self.columns[n] for n in names})
 
     def rows(self, start: int, stop: int) -> ScoreContext:
         """The context of responses start..stop-1 (a batch of a longer list); group ids are kept as they are."""
@@ -104,6 +104,7 @@ class ScoreContext:
             cut(self.completion_ids),
             cut(self.group_ids),
             self.step,
+            cut(self.origins),
         )
 
 
@@ -134,7 +135,9 @@ def source_columns(source) -> tuple[str, ...] | None:
 
 def score_source(source, prompts: list[Prompt], responses: list[str], context: ScoreContext | None):
     """`source.score(...)`, with the part of `context` it reads when it declares `columns` (a ValueError
-    names a column the rows lack; a source that reads columns scored without any context is one too)."""
+    names a column the rows lack; a source that reads columns scored without any context is one too). A
+    source with `reads_all_columns` true (a Python function taking `**kwargs`, as TRL passes every column)
+    gets every column of the context, its declared `columns` (the ones it cannot do without) checked."""
     columns = source_columns(source)
     if columns is None:
         return source.score(prompts, responses)
@@ -145,7 +148,32 @@ def score_source(source, prompts: list[Prompt], responses: list[str], context: S
                 "passes no row columns to its reward sources"
             )
         context = ScoreContext()
-    return source.score(prompts, responses, context=context.select(columns, source.name))
+    selected = context.select(columns, source.name)
+    if getattr(source, "reads_all_columns", False):
+        selected = context
+    return source.score(prompts, responses, context=selected)
+
+
+def row_context(
+    rows_columns: list[dict],
+    repeat: int = 1,
+    *,
+    origins: list[str] | None = None,
+    completion_ids: list[list[int]] | None = None,
+    step: int | None = None,
+) -> ScoreContext:
+    """The context of `repeat` responses to each of some prompt rows, prompt-major (a GRPO group's
+    completions consecutive, as rollouts lay them out): each row's columns (`PromptRow.columns`) and origin
+    (file:line) repeated per response, the response's group the row's index. A column some rows lack is None
+    there (the commands check the columns the sources need are in every row before scoring)."""
+    names = dict.fromkeys(name for columns in rows_columns for name in columns)
+    return ScoreContext(
+        {name: [columns.get(name) for columns in rows_columns for _ in range(repeat)] for name in names},
+        completion_ids,
+        [i for i in range(len(rows_columns)) for _ in range(repeat)],
+        step,
+        None if origins is None else [o for o in origins for _ in range(repeat)],
+    )
 
 
 def reduce_metrics(parts: list[dict[str, float | RowMean]]) -> dict[str, float]:

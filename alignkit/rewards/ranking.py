@@ -46,9 +46,11 @@ class JudgeRanking:
     def __init__(self, judge, group_size: int):
         self.judge, self.group_size = judge, group_size
 
-    def __call__(self, prompts: list[str], responses: list[str], update: bool = True, gather=None):
+    def __call__(
+        self, prompts: list[str], responses: list[str], update: bool = True, gather=None, *, context=None
+    ):
         """Round-robin win rates of each group's completions (no running statistics: `update` and
-        `gather`, a reward set's, change nothing)."""
+        `gather`, a reward set's, change nothing; a pairwise judge reads no row columns: `context` neither)."""
         from alignkit.rewards.compose import RewardOutput, describe_scores
 
         K = self.group_size

@@ -39,6 +39,8 @@ REWARD_TYPES: dict[str, tuple[str, str, str]] = {
     "regex_match": ("alignkit.rewards.verifiable", "RegexMatchOptions", "RegexMatchReward"),
     "format": ("alignkit.rewards.verifiable", "FormatOptions", "FormatReward"),
     "remote": ("alignkit.rewards.remote", "RemoteOptions", "RemoteReward"),
+    "python": ("alignkit.rewards.python", "PythonOptions", "PythonReward"),
+    "verl": ("alignkit.rewards.verl", "VerlOptions", "VerlReward"),
 }
 
 
@@ -69,7 +71,8 @@ def parse_spec(spec: dict, where: str = "reward") -> tuple[type, SourceOptions]:
         )
     options_cls, source_cls = reward_type(kind)
     options = from_mapping(options_cls, {k: v for k, v in spec.items() if k != "type"}, where)
-    options.name = options.name or kind
+    # (A source may name itself, e.g. a Python reward after its function, as TRL does.)
+    options.name = options.name or getattr(source_cls, "default_name", lambda _: None)(options) or kind
     if options.cost_threshold is not None and "weight" in spec:
         raise ConfigError(
             f"{where} ({kind}): 'weight' plays no part for a constraint cost (cost_threshold is set): "

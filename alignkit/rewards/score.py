@@ -19,8 +19,10 @@ import torch
 from alignkit.config.load import ConfigError, validate
 from alignkit.config.tools import ScoreConfig
 from alignkit.data.chat import json_type
+from alignkit.data.prompts import missing_columns
 from alignkit.data.readers import DataError, Problems, encoding_problems, line_ranges, read_records
 from alignkit.io import append_jsonl, atomic_path, atomic_write
+from alignkit.rewards.base import row_context
 from alignkit.rewards.compose import RewardSet
 from alignkit.rewards.registry import parse_spec
 
@@ -36,6 +38,13 @@ def summary_path(output: str | Path) -> Path:
 
 def read_pairs(cfg: ScoreConfig) -> tuple[list[dict], list[str], list[str]]:
     """(records, prompts, responses); every bad row is reported at once as file:line: field: problem."""
+    rows = [r for _, r in read_scored_rows(cfg)]
+    return rows, [r[cfg.prompt_field] for r in rows], [r[cfg.response_field] for r in rows]
+
+
+def read_scored_rows(cfg: ScoreConfig) -> list[tuple[int, dict]]:
+    """The (line, record) pairs of `cfg.data`, validated: every bad row reported at once as file:line: field:
+    problem; warnings for empty and repeated responses."""
     problems = Problems(cfg.data)
     records = read_records(cfg.data, cfg.data_split, problems)
     for line, record in records:
@@ -62,14 +71,35 @@ def read_pairs(cfg: ScoreConfig) -> tuple[list[dict], list[str], list[str]]:
         print(
             f"warning: {len(repeats)} rows repeat an earlier row's prompt and response ({cfg.data}:{line_ranges(repeats)})"
         )
-    rows = [r for _, r in records]
-    return rows, [r[cfg.prompt_field] for r in rows], [r[cfg.response_field] for r in rows]
+    return records
+
+
+def check_columns(cfg: ScoreConfig, records: list[tuple[int, dict]], columns: tuple[str, ...]) -> None:
+    """A DataError naming file:line for every row that lacks one of `columns` (what the sources read)."""
+    problems = Problems(cfg.data)
+    for line, record in records:
+        for name, reason in missing_columns(record, columns):
+            problems.add(line, name, reason)
+    problems.raise_if_any()
+
+
+def row_columns(cfg: ScoreConfig, record: dict) -> dict:
+    """A row's columns as the reward sources read them: every key but the prompt and the response."""
+    return {k: v for k, v in record.items() if k not in (cfg.prompt_field, cfg.response_field)}
 
 
 def summarize(values: torch.Tensor) -> dict[str, float]:
-    """count, mean, std (population), min, the QUANTILES (as p05 ... p95) and max of a (N,) tensor."""
+    """count, mean, std (population), min, the QUANTILES (as p05 ... p95) and max of a (N,) tensor, over its
+    scored values: NaNs (a source's no opinion) are left out and counted as `unscored` when there are any."""
     x = values.double()
+    unscored = int(x.isnan().sum())
+    x = x[~x.isnan()]
+    if x.numel() == 0:
+        stats = ["mean", "std", "min", *(f"p{round(q * 100):02d}" for q in QUANTILES), "max"]
+        return {"count": 0, "unscored": unscored, **dict.fromkeys(stats, math.nan)}
     out = {"count": x.numel(), "mean": float(x.mean()), "std": float(x.std(unbiased=False))}
+    if unscored:
+        out["unscored"] = unscored
     out["min"] = float(x.min())
     for q, v in zip(QUANTILES, torch.quantile(x, torch.tensor(QUANTILES, dtype=x.dtype)).tolist()):
         out[f"p{round(q * 100):02d}"] = v
@@ -95,10 +125,16 @@ def _json_number(x: float) -> float | None:
 def run(cfg: ScoreConfig) -> dict:
     """Scores `cfg.data` with `cfg.rewards`, writes `cfg.output` and its summary; returns the summary."""
     _check_before_reading(cfg)
-    rows, prompts, responses = read_pairs(cfg)  # bad rows fail before any model is loaded
+    records = read_scored_rows(cfg)  # bad rows fail before any model is loaded
     reward_set = RewardSet.from_specs(cfg.rewards, cfg.normalize, cfg.clip)
+    check_columns(cfg, records, reward_set.columns)
+    rows = [r for _, r in records]
+    prompts, responses = [r[cfg.prompt_field] for r in rows], [r[cfg.response_field] for r in rows]
+    context = row_context(
+        [row_columns(cfg, r) for r in rows], origins=[f"{cfg.data}:{n}" for n, _ in records]
+    )
     scores, fallbacks = _score_in_batches(
-        reward_set, prompts, responses, batch_size=cfg.batch_size, progress=cfg.progress
+        reward_set, prompts, responses, context, batch_size=cfg.batch_size, progress=cfg.progress
     )
     # Composed over all rows at once, so that normalisation uses the statistics of the whole file.
     out = reward_set.compose(scores)
@@ -161,10 +197,11 @@ def _check_before_reading(cfg: ScoreConfig) -> None:
 
 
 def _score_in_batches(
-    reward_set: RewardSet, prompts: list, responses: list, *, batch_size: int, progress: bool
+    reward_set: RewardSet, prompts: list, responses: list, context=None, *, batch_size: int, progress: bool
 ) -> tuple[dict, dict]:
     """({source: (N,) scores}, {judge: [whether each row got its fallback score]}): every source's scores of
-    the rows, `batch_size` rows at a time (with a progress bar when asked and there are several batches)."""
+    the rows, `batch_size` rows at a time (with a progress bar when asked and there are several batches);
+    `context` (`rewards.base.row_context`) holds the rows' other columns, for the sources that read them."""
     starts = range(0, len(prompts), batch_size)
     if progress and len(starts) > 1:
         from tqdm.auto import tqdm
@@ -172,7 +209,10 @@ def _score_in_batches(
         starts = tqdm(starts, desc="scoring", unit="batch")
     batches, fallbacks = [], {}
     for i in starts:
-        batches.append(reward_set.score_sources(prompts[i : i + batch_size], responses[i : i + batch_size]))
+        part = None if context is None else context.rows(i, i + batch_size)
+        batches.append(
+            reward_set.score_sources(prompts[i : i + batch_size], responses[i : i + batch_size], part)
+        )
         for source in reward_set.sources:  # judges say which rows got their fallback score
             if hasattr(source, "last_fallbacks"):
                 fallbacks.setdefault(source.name, []).extend(source.last_fallbacks)

@@ -425,5 +425,8 @@ class OnlineRun(Run):
             seed=seed,
             gather=self.gather,
             sampler=sampler,
+            columns=[prompts.train_rows[i].columns for i in idx],  # what the reward sources may read
+            origins=[prompts.train_rows[i].origin for i in idx],
+            step=self.step,
         )
         return rollout, seed
