@@ -149,3 +149,32 @@ def test_refusals_name_what_to_change(server):
         build_reward(spec(server, fallback=0.5))
     with pytest.raises(ConfigError, match="both_orders is read by ranking=listwise"):
         build_reward(spec(server, ranking="round_robin", both_orders=False))
+
+
+def test_a_group_judge_ranks_each_group_of_a_real_rollout(server, tiny_model_dir):
+    """collect() hands the reward set each completion's group: 2 prompts x G=3 sampled from a tiny model are
+    ranked per prompt, so each group's rewards are {0, 0.5, 1} (the judge's ranking is strict: ties keep
+    the listing order, and both orders of a tie-free... or tied group average to one of these per rank)."""
+    from alignkit.rollout import SamplingSettings
+    from alignkit.models.load import load_tokenizer
+    from alignkit.rollout import collect
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    prompts = ["Once upon a time", "The dog"]
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    judge = build_reward(spec(server))
+    rollout = collect(
+        model,
+        tokenizer,
+        ids,
+        prompts,
+        rewards=RewardSet([judge]),
+        group_size=3,
+        sampling=SamplingSettings(max_new_tokens=4),
+        seed=0,
+    )
+    groups = rollout.scores.view(2, 3)
+    assert groups.sum(-1).tolist() == [1.5, 1.5]
+    assert judge.metrics()["groups_ranked"] == 2
