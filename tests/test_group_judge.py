@@ -153,12 +153,12 @@ def test_refusals_name_what_to_change(server):
 
 def test_a_group_judge_ranks_each_group_of_a_real_rollout(server, tiny_model_dir):
     """collect() hands the reward set each completion's group: 2 prompts x G=3 sampled from a tiny model are
-    ranked per prompt, so each group's rewards are {0, 0.5, 1} (the judge's ranking is strict: ties keep
-    the listing order, and both orders of a tie-free... or tied group average to one of these per rank)."""
-    from alignkit.rollout import SamplingSettings
-    from alignkit.models.load import load_tokenizer
-    from alignkit.rollout import collect
+    ranked per prompt, one ranking (two orders) per group. Each order's rewards are 0, 0.5 and 1, so a group's
+    rewards, averaged over the two orders, sum to 1.5 whatever the ranking (ties included)."""
     from transformers import AutoModelForCausalLM
+
+    from alignkit.models.load import load_tokenizer
+    from alignkit.rollout import SamplingSettings, collect
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
