@@ -4,6 +4,7 @@ from the seeded order and resumes bit for bit; GDPO's advantages and the high-en
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -171,3 +172,45 @@ def test_high_entropy_tokens_in_a_step(tmp_path, tiny_model_dir, monkeypatch):
     assert train_metrics(cfg)[0]["entropy_tokens/frac_kept"] == record["entropy_tokens/frac_kept"]
     logps, old, _, loss_mask_mb = calls[0]
     assert torch.equal(logps[loss_mask_mb.bool()], old[loss_mask_mb.bool()])  # ratio exactly 1
+
+
+def test_two_processes_decide_jointly_how_many_draws_a_step_makes(tmp_path, tiny_model_dir):
+    """Dynamic sampling on 2 processes (torchrun, gloo), each with its own prompts and seeds, so each finds
+    its own number of informative groups; with a reward normaliser, whose update gathers every process's
+    scores at each draw, a process drawing again alone would wait for the other forever. Both make the
+    same draws, end with the same parameters, and the step logs batch_size x 2 = 4 groups."""
+    from tests.test_distributed import launch, ranks_agree_and_moved
+
+    data = write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "grpo"
+    argv = [
+        "grpo",
+        f"model={tiny_model_dir}",
+        f"data={data}",
+        f"output_dir={out}",
+        "rewards=[{type: regex, pattern: v}]",
+        "batch_size=2",
+        "num_generations=4",
+        "generation.max_new_tokens=8",
+        "max_steps=3",
+        "lr=1e-2",
+        "beta=0",
+        "dynamic_sampling=true",
+        "reward_normalize=true",
+        "save_steps=0",
+        "progress=false",
+        "report=false",
+        "mixed_precision=no",
+    ]
+    launch(out / "dump", argv)
+    ranks_agree_and_moved(out / "dump", tiny_model_dir)
+    draws = [json.loads((out / "dump" / f"rank{r}.online.json").read_text())["rollouts"] for r in (0, 1)]
+    assert len(draws[0]) == len(draws[1]) > 3  # the same draws on both, some of them extra
+    informative = [
+        [int((~unanimous_groups(torch.tensor(d["scores"]), 4)).sum()) for d in rank] for rank in draws
+    ]
+    assert informative[0] != informative[1]  # the processes' own counts differ: the decision was joint
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for m in (m for m in lines if m["split"] == "train"):
+        assert m["dynamic_sampling/groups_kept"] + m["dynamic_sampling/groups_topped_up"] == 4
+    assert sum(m["dynamic_sampling/extra_rollouts"] for m in lines) == len(draws[0]) - 3
