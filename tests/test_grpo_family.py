@@ -289,8 +289,8 @@ class FakeRun:
     """An OnlineRun stand-in: `collect` hands out prepared draws in order; `gather` adds the other
     processes' kept-group counts (one list per draw round) to this process's, as the real gather would."""
 
-    def __init__(self, draws: list[Rollout], others_kept: list[int], batch_size: int):
-        self.draws, self.others_kept, self.calls = draws, others_kept, []
+    def __init__(self, draws: list[Rollout], others_kept: list[int], batch_size: int, extra_draws: int):
+        self.draws, self.others_kept, self.calls, self.extra_draws = draws, others_kept, [], extra_draws
         self.cfg = dataclasses.make_dataclass("Cfg", [("batch_size", int)])(batch_size)
         self.rounds = 0
 
@@ -307,7 +307,7 @@ class FakeRun:
 
 
 def informative_run(draws, others_kept, max_rollouts=3):
-    run = FakeRun(draws, others_kept, batch_size=2)
+    run = FakeRun(draws, others_kept, batch_size=2, extra_draws=max_rollouts)
     terms = RewardTerms("sum", {"regex": 1.0}, 8)
     out = collect_informative(
         run,
@@ -318,7 +318,6 @@ def informative_run(draws, others_kept, max_rollouts=3):
         sampling=None,
         group_size=2,
         reward_terms=terms,
-        max_rollouts=max_rollouts,
         pad_id=0,
     )
     return run, out

@@ -7,7 +7,9 @@
 Reads top to bottom: prompts -> policy (+ reference) -> for each step: rollout (sample G completions of
 each prompt, score them, log-probs of the sampling policy and the reference) -> group advantages ->
 `ppo_epochs` x minibatches of the shared optimizer step on the policy loss (`policy_loss`: GRPO's clipped
-surrogate, GSPO or CISPO) + β·KL -> metrics -> checkpoint. The maths is in alignkit.losses.policy and
+surrogate, GSPO or CISPO) + β·KL -> metrics -> checkpoint. DAPO's dynamic sampling and overlong punishment,
+GDPO's normalise-then-sum advantage and high-entropy-token training are settings of the same loop
+(alignkit.training.dynamic_sampling, alignkit.training.grpo_family). The maths is in alignkit.losses.policy and
 alignkit.losses.policy_losses; the rollout in alignkit.rollout; the optimizer step and checkpoints are the
 offline trainers' own (alignkit.training: step, loop, checkpoint).
 """
@@ -226,7 +228,6 @@ def train(cfg: GRPOConfig) -> Path:
 
     sampler = run_sampler(cfg, model, tokenizer, prompts, mixed_precision=accelerator.mixed_precision)
     guided = load_guided_sampler(cfg, tokenizer, accelerator.device)  # None without a guide; frozen
-    extra_draws = cfg.dynamic_sampling_max_rollouts if cfg.dynamic_sampling else 0
     run = OnlineRun(
         cfg,
         accelerator,
@@ -235,11 +236,10 @@ def train(cfg: GRPOConfig) -> Path:
         log=log,
         sampler=sampler,
         guided=guided,
-        extra_draws=extra_draws,
+        extra_draws=cfg.dynamic_sampling_max_rollouts if cfg.dynamic_sampling else 0,
     )
-    terms = RewardTerms.of(
-        cfg, rewards
-    )  # what the advantages see (+ overlong penalty; or every source apart)
+    # What the advantages see: the reward (+ DAPO's overlong penalty), or every source apart (GDPO).
+    terms = RewardTerms.of(cfg, rewards)
     n_rows = cfg.batch_size * G
     minibatches_per_epoch = n_rows // (cfg.minibatch_size or n_rows)
     updates_per_step = cfg.ppo_epochs * minibatches_per_epoch
@@ -277,7 +277,6 @@ def train(cfg: GRPOConfig) -> Path:
                 sampling=sampling,
                 group_size=G,
                 reward_terms=terms,
-                max_rollouts=extra_draws,
                 pad_id=tokenizer.pad_token_id,
             )
             keep = rollout.ended | (not cfg.mask_truncated)

@@ -1,9 +1,10 @@
 """DAPO's dynamic sampling (Yu et al. 2025, "DAPO", §3.2) for a GRPO step: groups whose G rewards are all
 equal have advantage 0 and carry no policy gradient, so they are dropped and more prompts drawn until the
-step holds `batch_size` groups on every process, or until `max_rollouts` extra draws are spent.
+step holds `batch_size` groups on every process, or until the run's `extra_draws` are spent
+(`OnlineRun(..., extra_draws=dynamic_sampling_max_rollouts)`).
 
     rollout, seed, record = collect_informative(run, policy, tokenizer, prompts, rewards, sampling=sampling,
-                                                group_size=G, reward_terms=terms, max_rollouts=3, pad_id=pad)
+                                                group_size=G, reward_terms=terms, pad_id=pad)
 
 Every draw is a whole rollout of `batch_size` prompts x G completions on each process. The decision to draw
 again is made jointly: every process's count of kept groups is gathered, and all of them draw again while
@@ -94,20 +95,19 @@ def collect_informative(
     sampling,
     group_size: int,
     reward_terms: Callable[[Rollout], torch.Tensor],
-    max_rollouts: int,
     pad_id: int,
 ) -> tuple[Rollout, int, dict[str, float]]:
     """(rollout, seed, metrics): the step's rollout of `run.cfg.batch_size` groups on this process, drawn by
-    `run.collect` (an `OnlineRun` built with `extra_draws=max_rollouts`) as the module docstring says; seed is
+    `run.collect`, with up to `run.extra_draws` extra draws, as the module docstring says; seed is
     the step's own (draw 0's). `reward_terms(rollout)` gives the (N·G,) or (N·G, K) rewards the advantages
     will see (before any KL penalty): a group is dropped when all of them are equal within it.
-    `max_rollouts=0` is dynamic sampling off: the step's own draw as it is, and no metrics.
+    `run.extra_draws=0` is dynamic sampling off: the step's own draw as it is, and no metrics.
 
     metrics, over every process: `dynamic_sampling/groups_kept` (informative groups trained on),
     `/groups_dropped` (unanimous groups left out), `/groups_topped_up` (unanimous groups trained on because
     the bound was hit; 0 otherwise), `/groups_surplus` (informative groups drawn beyond the batch, left out),
     `/extra_rollouts` (extra draws this step, each batch_size prompts on every process)."""
-    want = run.cfg.batch_size
+    want, max_rollouts = run.cfg.batch_size, run.extra_draws
     if max_rollouts == 0:  # dynamic sampling off: the step's own draw, as it is
         rollout, seed = run.collect(
             policy, tokenizer, prompts, rewards, sampling=sampling, group_size=group_size
