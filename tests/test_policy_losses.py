@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from alignkit.losses.entropy_tokens import entropy_threshold, high_entropy_mask
 from alignkit.losses.policy import (
     ADVANTAGES,
     AGGREGATIONS,
@@ -482,12 +483,17 @@ SPLITS = {
 }
 
 
+@pytest.mark.parametrize("top_entropy", [None, 0.3], ids=["all tokens", "top-entropy tokens"])
 @pytest.mark.parametrize("mode", AGGREGATIONS)
 @pytest.mark.parametrize("split", SPLITS)
-def test_aggregation_is_invariant_to_the_split(mode, split):
+def test_aggregation_is_invariant_to_the_split(mode, split, top_entropy):
     """training.step.optimizer_step scales micro-batch m's loss by W·units_m / U (U: units of the whole step on
     all W processes) and DDP averages gradients over processes, so the step's objective is
-    Σ_m units_m/U · loss_m. It must equal the whole batch's aggregate, in value and gradient."""
+    Σ_m units_m/U · loss_m. It must equal the whole batch's aggregate, in value and gradient.
+
+    With `top_entropy_fraction` the per-token loss is masked to the step's high-entropy tokens: the
+    threshold is taken once over the whole step (`losses.entropy_tokens`), so the mask, and with it the
+    loss, does not depend on the split either (a per-micro-batch threshold would: see the next test)."""
     g = torch.Generator().manual_seed(4)
     B, T, L = 9, 6, 6
     x = torch.randn(B, T, generator=g, dtype=torch.float64).requires_grad_()
@@ -495,9 +501,15 @@ def test_aggregation_is_invariant_to_the_split(mode, split):
     lengths = torch.tensor([1, 6, 3, 2, 5, 4, 6, 1, 2])
     mask = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
     mask[2, 0] = False  # a prompt token inside the row: masks need not be prefixes
+    keep = torch.ones(B, T, dtype=torch.float64)
+    if top_entropy is not None:
+        entropy = torch.rand(B, T, generator=g)
+        keep = high_entropy_mask(entropy, mask, entropy_threshold(entropy[mask], top_entropy)).double()
+        assert 0 < keep.sum() < mask.sum()
 
     def per_token(rows):
-        return weight[rows] * x[rows] ** 2  # a non-linear function of a leaf, so gradients differ per token
+        # a non-linear function of a leaf, so gradients differ per token
+        return weight[rows] * x[rows] ** 2 * keep[rows]
 
     whole, _ = aggregate(per_token(slice(None)), mask, mode=mode, max_completion_length=L)
     (whole_grad,) = torch.autograd.grad(whole, x)
@@ -527,6 +539,22 @@ def test_aggregation_is_invariant_to_the_split(mode, split):
     close(total, whole.detach(), atol=1e-12)
     close(grad, whole_grad, atol=1e-12)
     assert whole_grad.abs().sum() > 0
+
+
+def test_a_per_micro_batch_entropy_threshold_would_depend_on_the_split():
+    """The guard of the split test's top-entropy case: the top 30% of each micro-batch's tokens are not the top
+    30% of the step's, so thresholds taken per micro-batch change which tokens train with the split."""
+    g = torch.Generator().manual_seed(4)
+    entropy = torch.rand(9, 6, generator=g)
+    mask = torch.ones(9, 6, dtype=torch.bool)
+    whole = high_entropy_mask(entropy, mask, entropy_threshold(entropy[mask], 0.3))
+    per_micro = torch.cat(
+        [
+            high_entropy_mask(entropy[r], mask[r], entropy_threshold(entropy[r][mask[r]], 0.3))
+            for r in (slice(0, 1), slice(1, 4), slice(4, 9))
+        ]
+    )
+    assert not torch.equal(whole, per_micro)
 
 
 def test_aggregations_differ():

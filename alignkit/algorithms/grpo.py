@@ -7,7 +7,9 @@
 Reads top to bottom: prompts -> policy (+ reference) -> for each step: rollout (sample G completions of
 each prompt, score them, log-probs of the sampling policy and the reference) -> group advantages ->
 `ppo_epochs` x minibatches of the shared optimizer step on the policy loss (`policy_loss`: GRPO's clipped
-surrogate, GSPO or CISPO) + β·KL -> metrics -> checkpoint. The maths is in alignkit.losses.policy and
+surrogate, GSPO or CISPO) + β·KL -> metrics -> checkpoint. DAPO's dynamic sampling and overlong punishment,
+GDPO's normalise-then-sum advantage and high-entropy-token training are settings of the same loop
+(alignkit.training.dynamic_sampling, alignkit.training.grpo_family). The maths is in alignkit.losses.policy and
 alignkit.losses.policy_losses; the rollout in alignkit.rollout; the optimizer step and checkpoints are the
 offline trainers' own (alignkit.training: step, loop, checkpoint).
 """
@@ -55,6 +57,8 @@ from alignkit.rollout import (
     timing_metrics,
     token_logps_in_batches,
 )
+from alignkit.training.dynamic_sampling import collect_informative
+from alignkit.training.grpo_family import RewardTerms, high_entropy_tokens
 from alignkit.training.loop import OnlineRun
 from alignkit.training.order import minibatches
 from alignkit.training.setup import save_final, start_run
@@ -173,6 +177,8 @@ class GRPOObjective:
         )
         if "sampler_weights" in batch:  # the policy term only; the ratio π/π_old is unchanged
             per_token = per_token * batch["sampler_weights"]
+        if "entropy_mask" in batch:  # top_entropy_fraction: the policy term of the high-entropy tokens only
+            per_token = per_token * batch["entropy_mask"]
         if self.cfg.beta > 0 and not self.cfg.kl_in_reward:
             old = old_logps if self.cfg.kl_importance_correction else None
             kl = kl_estimate(logps, batch["ref_logps"], estimator=self.cfg.kl_estimator, old_logps=old)
@@ -223,13 +229,23 @@ def train(cfg: GRPOConfig) -> Path:
     sampler = run_sampler(cfg, model, tokenizer, prompts, mixed_precision=accelerator.mixed_precision)
     guided = load_guided_sampler(cfg, tokenizer, accelerator.device)  # None without a guide; frozen
     run = OnlineRun(
-        cfg, accelerator, len(prompts.train_rows), named=named, log=log, sampler=sampler, guided=guided
+        cfg,
+        accelerator,
+        len(prompts.train_rows),
+        named=named,
+        log=log,
+        sampler=sampler,
+        guided=guided,
+        extra_draws=cfg.dynamic_sampling_max_rollouts if cfg.dynamic_sampling else 0,
     )
+    # What the advantages see: the reward (+ DAPO's overlong penalty), or every source apart (GDPO).
+    terms = RewardTerms.of(cfg, rewards)
     n_rows = cfg.batch_size * G
     minibatches_per_epoch = n_rows // (cfg.minibatch_size or n_rows)
     updates_per_step = cfg.ppo_epochs * minibatches_per_epoch
     on_policy = updates_per_step == 1  # one update per rollout: no separate pass for the old log-probs
     kl_in_reward = cfg.beta > 0 and cfg.kl_in_reward  # ... unless the reward's KL needs them
+    select = cfg.top_entropy_fraction is not None  # ... or the entropies of the sampling policy
     optimizer, scheduler = make_optimizer(model, cfg, run.steps * updates_per_step)
     policy, optimizer = accelerator.prepare(BatchForward(model, policy_fn), optimizer)
     run.resume()
@@ -249,15 +265,19 @@ def train(cfg: GRPOConfig) -> Path:
     with run.interruptible():
         while run.step < run.steps:
             # 1. Rollout: this step's prompts (seeded by the step, so a resume redraws them) -> G samples
-            # each -> rewards. (N·G rows, prompt-major)
+            # each -> rewards. (N·G rows, prompt-major.) With dynamic sampling, unanimous groups are dropped
+            # and more prompts drawn (from a second seeded order) until the batch is full, or the bound is hit.
             t0 = time.perf_counter()
-            rollout, seed = run.collect(
+            rollout, seed, drawn = collect_informative(
+                run,
                 accelerator.unwrap_model(policy).model,
                 tokenizer,
                 prompts,
                 rewards,
                 sampling=sampling,
                 group_size=G,
+                reward_terms=terms,
+                pad_id=tokenizer.pad_token_id,
             )
             keep = rollout.ended | (not cfg.mask_truncated)
             loss_mask = rollout.completion_mask * keep.unsqueeze(-1)
@@ -268,14 +288,24 @@ def train(cfg: GRPOConfig) -> Path:
             # is not the trainer (or a correction is asked for), π_old is taken even on-policy: the gap and the weights need it.
             t1 = time.perf_counter()
             micro_rows = [rows_ for update in plan[:minibatches_per_epoch] for rows_ in update]
+            # With top_entropy_fraction, this pass also gives the sampling policy's entropies, from which one
+            # threshold for the whole step picks the tokens the policy loss keeps.
             policy.eval()  # (no dropout either way; eval skips DDP's forward bookkeeping)
-            if not on_policy or kl_in_reward or needs_old_logps(rollout, cfg.sampler_correction):
-                rollout.old_logps = token_logps_in_batches(
-                    lambda b: policy(b, with_entropy=False),  # noqa: B023
+            selected, entropy_record = {}, {}
+            if not on_policy or kl_in_reward or select or needs_old_logps(rollout, cfg.sampler_correction):
+                old = token_logps_in_batches(
+                    lambda b: policy(b, with_entropy=select),  # noqa: B023
                     rollout,
                     micro_rows,
                     accelerator.device,
-                )["token_logps"]
+                    keys=("token_logps", "token_entropy") if select else ("token_logps",),
+                )
+                rollout.old_logps = old["token_logps"]
+                if select:
+                    mask, entropy_record = high_entropy_tokens(
+                        old["token_entropy"], loss_mask, cfg.top_entropy_fraction, gather=run.gather
+                    )
+                    selected = {"entropy_mask": mask}
             if reference is not None:
                 rollout.ref_logps = token_logps_in_batches(
                     lambda b: reference(policy, b),  # noqa: B023
@@ -287,8 +317,9 @@ def train(cfg: GRPOConfig) -> Path:
                 rollout, cfg.sampler_correction, cfg.sampler_correction_cap, gather=run.gather
             )
 
-            # 3. Advantages, from the scores less β·Σk1 of each completion where the KL is in the reward.
-            scores, kl_metrics = rollout.scores, {}
+            # 3. Advantages, from the scores (+ the overlong penalty) less β·Σk1 of each completion where the
+            # KL is in the reward; with multi_reward=normalize_then_sum, from every source's scores apart.
+            scores, kl_metrics = terms(rollout), {}
             if kl_in_reward:
                 mask = rollout.completion_mask
                 scores, sequence_kl = kl_penalised_scores(
@@ -303,7 +334,10 @@ def train(cfg: GRPOConfig) -> Path:
             # this process's n_rows rows.
             scale = cfg.scale_rewards if cfg.advantage == "grpo" else None
             rank = accelerator.process_index
-            advantages = compute_advantages(cfg.advantage, run.gather(scores), G, scale=scale)
+            if cfg.multi_reward == "normalize_then_sum":
+                advantages = terms.gdpo_advantages(run.gather(scores), G)
+            else:
+                advantages = compute_advantages(cfg.advantage, run.gather(scores), G, scale=scale)
             # A guide drew it: the baseline is the policy's own mean reward, not the mixture's.
             advantages = importance_centred(advantages, rollout, correction, group_size=G, gather=run.gather)
             advantages = advantages[rank * n_rows : (rank + 1) * n_rows]  # (n_rows,)
@@ -317,7 +351,7 @@ def train(cfg: GRPOConfig) -> Path:
                     {
                         k: v.to(accelerator.device)
                         for k, v in rollout.batch(
-                            rows_, advantages=advantages, loss_mask=loss_mask, **correction
+                            rows_, advantages=advantages, loss_mask=loss_mask, **correction, **selected
                         ).items()
                     }
                     for rows_ in update
@@ -343,6 +377,9 @@ def train(cfg: GRPOConfig) -> Path:
                 **kl_metrics,
                 **sampler_record,
                 **guide_metrics(rollout, gather=run.gather),
+                **drawn,
+                **terms.metrics(rollout, gather=run.gather),
+                **entropy_record,
             }
             record.update(timing_metrics(rollout, (t0, t1, t2, t3), passes=cfg.ppo_epochs))
             postfix = {"reward": record["reward"], "kl": record.get("kl", 0.0)}

@@ -9,8 +9,9 @@ from typing import ClassVar
 
 from alignkit.config.base import ReferenceSettings, TrainConfig
 from alignkit.config.generation import SAMPLING_MOVED, GenerationSettings, temperature_above_zero
+from alignkit.config.grpo_family import GRPO_FAMILY_RELATIONS
 from alignkit.config.guide import GuideSettings, guide_relations
-from alignkit.config.load import FRACTION, above, at_least
+from alignkit.config.load import FRACTION, above, at_least, between
 from alignkit.config.preference import GAP_USES
 
 SAMPLER_CORRECTIONS = ("auto", "none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
@@ -127,14 +128,37 @@ class GRPOConfig(OnlineConfig):
     guide: GuideSettings = field(default_factory=GuideSettings)
     """A frozen guide policy steering the rollouts, the update corrected for it (off unless guide.model is
     set; docs/online_rl.md, *Guided rollouts*)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: drop the groups whose G rewards are all equal (they carry no policy gradient)
+    and draw more prompts, from the seeded order, until the step has batch_size groups (docs/online_rl.md)."""
+    dynamic_sampling_max_rollouts: int = 3
+    """Dynamic sampling: the most extra rollouts (batch_size prompts x G each, per process) a step draws; when
+    they are spent, the step trains on the groups kept, topped up with dropped ones."""
+    overlong_cache: int = 0
+    """DAPO's soft overlong punishment: a reward falling from 0 to -1 over the last overlong_cache tokens of
+    generation.max_new_tokens, added before the advantages (0 = off)."""
+    overlong_weight: float = 1.0
+    """Weight of the overlong punishment (with overlong_cache > 0)."""
+    multi_reward: str = "sum"
+    """How several rewards make the advantage: sum (the weighted sum, then the advantage estimator) or
+    normalize_then_sum (GDPO: each source z-scored within its group, the weighted sum z-scored over the
+    batch)."""
+    top_entropy_fraction: float | None = None
+    """Train the policy loss on the top fraction of the step's completion tokens by the sampling policy's
+    entropy only (0.2 in Wang et al. 2025, "Beyond the 80/20 rule"); none = every token."""
 
     ranges: ClassVar[dict] = {
         "advantage": ("grpo", "dr_grpo", "rloo", "reinforce_pp"),
         "policy_loss": POLICY_LOSS_NAMES,
         "beta": at_least(0),
         "scale_rewards": ("group", "batch", "none"),
+        "dynamic_sampling_max_rollouts": at_least(1),
+        "overlong_cache": at_least(0),
+        "overlong_weight": above(0),
+        "multi_reward": ("sum", "normalize_then_sum"),
+        "top_entropy_fraction": between(0, 1, low_open=True, high_open=True),
     }
-    relations: ClassVar[tuple] = (guide_relations,)
+    relations: ClassVar[tuple] = (guide_relations, *GRPO_FAMILY_RELATIONS)
 
 
 @dataclass

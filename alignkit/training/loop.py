@@ -11,6 +11,7 @@ all processes, and only the main process writes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import signal
 import sys
@@ -375,6 +376,7 @@ class OnlineRun(Run):
         log=None,
         sampler: Sampler | None = None,
         guided: GuidedSampler | None = None,
+        extra_draws: int = 0,
     ):
         order = DataOrder(
             n_prompts,
@@ -386,6 +388,12 @@ class OnlineRun(Run):
             cfg.shuffle,
         )
         super().__init__(cfg, accelerator, order, named=named, log=log)
+        self.extra_draws = extra_draws
+        """The most extra draws of prompts a step may make (dynamic sampling; 0: none)."""
+        self.refill_order = dataclasses.replace(order, seed=cfg.seed + 1, _cache={})
+        """Where a step's extra draws take their prompts: a second seeded order (another permutation of
+        the prompts each epoch), cut into `extra_draws` draws a step, so that draw d of step s is the same
+        prompts in a resumed run and no two draws of a run overlap in it."""
         self.sampler = sampler or ModelSampler(cfg.generation.backend)
         """What draws the rollouts (`rollout.run_sampler`; default: the policy itself, on its backend) and the
         evaluations."""
@@ -400,16 +408,32 @@ class OnlineRun(Run):
         self.sampler.sync(policy, self.step)
         return self.sampler
 
-    def step_prompts(self) -> tuple[list[int], int]:
-        """(prompt indices, sampling seed) of this process for the current step."""
-        seed = (self.cfg.seed * 1_000_003 + self.step) * 1009 + self.accelerator.process_index
-        return self.order.micro_batches(self.step)[0], seed
+    def step_prompts(self, draw: int = 0) -> tuple[list[int], int]:
+        """(prompt indices, sampling seed) of this process for the current step; `draw` d >= 1: the step's
+        d-th extra draw (`extra_draws`), batch_size prompts of `refill_order`, with a seed of its own."""
+        seed = ((self.cfg.seed + draw) * 1_000_003 + self.step) * 1009 + self.accelerator.process_index
+        if draw == 0:
+            return self.order.micro_batches(self.step)[0], seed
+        if not 1 <= draw <= self.extra_draws:
+            raise ValueError(f"draw {draw} of a step: this run makes at most {self.extra_draws} extra draws")
+        return self.refill_order.micro_batches(self.step * self.extra_draws + draw - 1)[0], seed
 
-    def collect(self, policy, tokenizer, prompts: Prompts, rewards: RewardSet, *, sampling, group_size: int):
+    def collect(
+        self,
+        policy,
+        tokenizer,
+        prompts: Prompts,
+        rewards: RewardSet,
+        *,
+        sampling,
+        group_size: int,
+        draw: int = 0,
+    ):
         """(rollout, seed): this process's rollout of the current step, `group_size` completions of each
         of its prompts from `policy` (the unwrapped model), sampled with the step's seed by the run's
-        sampler, synced to `policy` first (with a guide, by the guided sampler at the step's α)."""
-        idx, seed = self.step_prompts()
+        sampler, synced to `policy` first (with a guide, by the guided sampler at the step's α). `draw`
+        d >= 1: the step's d-th extra draw of prompts instead (`step_prompts`)."""
+        idx, seed = self.step_prompts(draw)
         sampler = self.synced(policy)
         if self.guided is not None:
             self.guided.alpha = self.cfg.guide.alpha_at(self.step, self.steps)
