@@ -203,6 +203,24 @@ def critic_and_reference(cfg: PPOConfig, lm, accelerator, sampling):
     return lm, value, reference, BatchForward(lm, reference_fn)  # adapter mode: the policy, adapter off
 
 
+def optimizer_groups(cfg: PPOConfig, module: PolicyAndValue, updates_per_step: int) -> list[dict]:
+    """The trainable parameters as two optimizer groups (`training.step.make_optimizer`): the critic's at
+    `vf_lr` (default lr), the policy's at lr, held at 0 for the first `critic_warmup` steps' updates. With
+    value_model=adapter the critic is its head and the value adapter's weights on the shared base."""
+    critic = list(module.value.head.parameters())
+    named = module.value.backbone.named_parameters()
+    if cfg.value_model == "adapter":
+        critic += [p for n, p in named if f".{VALUE_ADAPTER}." in n and "lora_" in n and p.requires_grad]
+    else:
+        critic += [p for _, p in named if p.requires_grad]
+    ids = {id(p) for p in critic}
+    policy = [p for p in module.parameters() if p.requires_grad and id(p) not in ids]
+    return [
+        {"params": policy, "lr": cfg.lr, "hold": cfg.critic_warmup * updates_per_step},
+        {"params": [p for p in critic if p.requires_grad], "lr": cfg.vf_lr or cfg.lr},
+    ]
+
+
 def old_logps_and_values(model, reference, reference_forward, rollout, *, micro_rows, device) -> None:
     """Set the rollout's `old_logps` and `old_values` (the policy and critic as they sampled) and, with a
     reference, its `ref_logps`: (N, T) each, computed in `micro_rows`, the first epoch's micro-batches, so
@@ -278,7 +296,10 @@ def train(cfg: PPOConfig) -> Path:
     n_rows = cfg.batch_size * cfg.num_generations
     minibatches_per_epoch = n_rows // (cfg.minibatch_size or n_rows)
     module = PolicyAndValue(lm, value, **fn_kwargs)
-    optimizer, scheduler = make_optimizer(module, cfg, run.steps * cfg.ppo_epochs * minibatches_per_epoch)
+    updates_per_step = cfg.ppo_epochs * minibatches_per_epoch
+    optimizer, scheduler = make_optimizer(
+        module, cfg, run.steps * updates_per_step, groups=optimizer_groups(cfg, module, updates_per_step)
+    )
     model, optimizer = accelerator.prepare(module, optimizer)
     run.resume()
 
