@@ -179,8 +179,9 @@ class PPOConfig(OnlineConfig):
     vf_coef: float = 0.1
     """Weight of the value loss beside the policy loss."""
     vf_lr: float | None = None
-    """The critic's learning rate (none = lr). verl's and OpenRLHF's recipes train the critic 10-18x faster
-    than the policy (docs/ppo.md, *Why PPO barely moved*)."""
+    """The critic's learning rate (none = 10 x lr, as verl's defaults; OpenRLHF's examples use ~18x): a critic
+    at the policy's rate stays unfitted for hundreds of steps and PPO barely moves (docs/ppo.md, *Why PPO
+    barely moved*). With an lr of 1e-3 or more, choose it yourself: 10x may be too fast for the critic."""
     critic_warmup: int = 0
     """Steps at the start in which only the critic learns (the policy's learning rate is 0), so that the first
     policy updates get advantages from a fitted critic (verl's critic_warmup, OpenRLHF's freezing_actor_steps)."""
