@@ -30,6 +30,7 @@ def config(tmp_path, model, data, **overrides) -> PPOConfig:
         batch_size=8,
         generation=GenerationSettings(max_new_tokens=8),
         lr=1e-2,
+        vf_lr=1e-2,  # the critic at lr, as these tests were calibrated (the default, 10 x lr, is 0.1 here)
         kl_coef=0.0,
         save_steps=0,
         eval_steps=1000,
@@ -450,3 +451,63 @@ def test_early_stop_at_an_approx_kl_ends_the_rollouts_epochs(tmp_path, tiny_mode
     assert [m["updates"] for m in train_metrics(config(tmp_path / "a", tiny_model_dir, data))] == [2, 2]
     ppo.train(config(tmp_path / "b", tiny_model_dir, data, **common))
     assert [m["updates"] for m in train_metrics(config(tmp_path / "b", tiny_model_dir, data))] == [8, 8]
+
+
+@pytest.mark.parametrize("value_model", ["policy", "adapter"])
+def test_critic_warmup_holds_the_policy_and_vf_lr_is_the_critics(tmp_path, tiny_model_dir, value_model):
+    """critic_warmup=2 with 1 update per step: the first 2 steps' updates move the critic only (the policy's
+    learning rate is 0: its weights are bit-identical after step 2), step 3 moves the policy too; the logged lr
+    (the policy's) is 0 then lr; the critic's group runs at vf_lr. With value_model=adapter the groups split the
+    two adapters on one base."""
+    import alignkit.training.step as step_module
+
+    seen = {}
+    real = step_module.make_optimizer
+
+    def spy(model, cfg, steps, *, groups=None):
+        optimizer, scheduler = real(model, cfg, steps, groups=groups)
+        seen["optimizer"], seen["module"] = optimizer, model
+        seen["lrs"] = []
+        return optimizer, scheduler
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(ppo, "make_optimizer", spy)
+    snapshots = []
+    real_finish = online_loop.OnlineRun.finish_step
+
+    def finish(self, record, *args, **kwargs):
+        policy = seen["module"].policy
+        snapshots.append({n: p.detach().clone() for n, p in policy.named_parameters() if "value" not in n})
+        seen["lrs"].append([g["lr"] for g in seen["optimizer"].param_groups])
+        return real_finish(self, record, *args, **kwargs)
+
+    monkeypatch.setattr(online_loop.OnlineRun, "finish_step", finish)
+    data = write_prompts(tmp_path / "prompts.jsonl")
+    cfg = config(
+        tmp_path,
+        tiny_model_dir,
+        data,
+        max_steps=3,
+        ppo_epochs=1,
+        critic_warmup=2,
+        vf_lr=5e-2,
+        lr_scheduler="constant",
+        value_model=value_model,
+    )
+    if value_model == "adapter":
+        cfg.lora.enabled = True
+    try:
+        ppo.train(cfg)
+    finally:
+        monkeypatch.undo()
+    policy_group, critic_group = seen["optimizer"].param_groups
+    assert critic_group["initial_lr"] == 5e-2 and policy_group["initial_lr"] == 1e-2
+    assert not {id(p) for p in policy_group["params"]} & {id(p) for p in critic_group["params"]}
+    start = snapshots[0]
+    same = [all(torch.equal(s[n], start[n]) for n in start) for s in snapshots]
+    # Snapshots after steps 1, 2, 3 (the first equals the initial weights): the policy moves at step 3 only.
+    assert same == [True, True, False]
+    assert [lrs[0] for lrs in seen["lrs"]] == [0.0, 1e-2, 1e-2]  # the lr of the next update, after each step
+    metrics = train_metrics(cfg)
+    assert [m["lr"] for m in metrics] == pytest.approx([0.0, 0.0, 1e-2])
+    assert metrics[1]["values/mean"] != 0.0  # the critic learned during the warm-up

@@ -202,6 +202,13 @@ class PPOConfig(OnlineConfig):
     """Adaptive KL: completions over which a full correction of β is spread (with target_kl only)."""
     vf_coef: float = 0.1
     """Weight of the value loss beside the policy loss."""
+    vf_lr: float | None = None
+    """The critic's learning rate (none = 10 x lr, as verl's defaults; OpenRLHF's examples use ~18x): a critic
+    at the policy's rate stays unfitted for hundreds of steps and PPO barely moves (docs/ppo.md, *Why PPO
+    barely moved*). With an lr of 1e-3 or more, choose it yourself: 10x may be too fast for the critic."""
+    critic_warmup: int = 0
+    """Steps at the start in which only the critic learns (the policy's learning rate is 0), so that the first
+    policy updates get advantages from a fitted critic (verl's critic_warmup, OpenRLHF's freezing_actor_steps)."""
     cliprange_value: float = 0.2
     """Clip range of the value update around the rollout's values (0 = no clipping)."""
     gamma: float = 1.0
@@ -228,6 +235,8 @@ class PPOConfig(OnlineConfig):
         "target_kl": above(0),
         "kl_horizon": at_least(1),
         "vf_coef": above(0),
+        "vf_lr": above(0),
+        "critic_warmup": at_least(0),
         "cliprange_value": at_least(0),
         "gamma": FRACTION,
         "lam": FRACTION,

@@ -15,10 +15,18 @@ from alignkit.config.base import TrainConfig
 from alignkit.config.online import OnlineConfig
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps: int):
-    """AdamW over the trainable parameters and a warm-up + linear/cosine/constant schedule."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps: int, *, groups: list[dict] | None = None):
+    """AdamW over the trainable parameters and a warm-up + linear/cosine/constant schedule.
+
+    `groups` splits the parameters, each a dict of "params", "lr" and optionally "hold" (this many first
+    optimizer steps at lr 0, e.g. PPO's policy while only its critic warms up); every group follows the one
+    schedule from its own lr. Default: one group of every trainable parameter at cfg.lr."""
+    if groups is None:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr}]
+    holds = [g.get("hold", 0) for g in groups]
+    optimizer = torch.optim.AdamW(
+        [{"params": g["params"], "lr": g["lr"]} for g in groups], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
     warmup = int(cfg.warmup_ratio * steps)
 
     def factor(step: int) -> float:
@@ -34,7 +42,11 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps: int):
         raise ValueError(f"lr_scheduler '{cfg.lr_scheduler}' is not one of linear, cosine, constant")
 
     factor(0)  # validate the schedule name before training starts
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    def held(hold: int):
+        return lambda step: 0.0 if step < hold else factor(step)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [held(h) for h in holds])
     return optimizer, scheduler
 
 
