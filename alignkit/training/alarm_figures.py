@@ -1,0 +1,92 @@
+"""The per-step figures the alarms read (`training.alarms`), from what a step's rollout and record already hold
+(no model pass of their own), each over every process's completions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from alignkit.rollout import Rollout
+from alignkit.training.alarm_stats import ngrams, pearson, repeats_ngram, slope
+
+
+def pooled_distinct_n(sequences: Sequence[Sequence[int]], n: int, gather: Callable) -> float | None:
+    """`distinct_n` of every process's completions together, without sending them: each process sends the
+    hashes of its distinct n-grams and its n-gram count (`gather`: (k,) -> every process's rows, in rank
+    order). An n-gram of token ids hashes to the same 64-bit integer in every process (ints and tuples of ints
+    are not salted by PYTHONHASHSEED); two different n-grams colliding is a 2^-64 event."""
+    hashes = [hash(g) for s in sequences for g in ngrams(s, n)]
+    count = gather(torch.tensor([len(hashes)], dtype=torch.long)).sum()
+    if int(count) == 0:
+        return None
+    mine = torch.tensor(hashes, dtype=torch.long).unique()
+    return int(gather(mine).unique().numel()) / int(count)
+
+
+def step_figures(
+    rollout: Rollout,
+    record: dict,
+    *,
+    gather: Callable | None = None,
+    source_signs: dict[str, float] | None = None,
+    reference: bool = True,
+    repeat_ngram: int = 4,
+) -> dict[str, float]:
+    """The step's figures for `training.alarms.Alarms.update`, each over every process's completions
+    (`gather`, `OnlineRun.gather`; the record's figures already are):
+
+        reward, length            the mean reward (the reward set's total) and completion length (tokens)
+        len_reward_corr           Pearson(length, reward) over the step's completions
+        len_reward_slope          the reward per completion token, cov / var(length)
+        entropy                   the record's mean token entropy (the policy's, over the update's tokens), or
+                                  where the command logs none, the sampled tokens' mean negative log-prob
+                                  under the sampler (a one-sample estimate of the same entropy)
+        kl                        the per-token KL to the reference, k1 = log π − log π_ref averaged over the
+                                  completion tokens, π the sampling policy's log-probs (the trainer's where it
+                                  took them, else the sampler's); with `reference` only (the rollout's ref_logps
+                                  cover every completion)
+        distinct_2, distinct_3    `distinct_n` of the step's completions
+        repeated                  the share of completions with an n-gram twice (n = `repeat_ngram`)
+        zero_std                  the record's share of groups with one reward for all (groups only)
+        source/<name>             each reward source's mean, times the sign of its weight (`source_signs`), so
+                                  that up is the way the optimizer pushes it
+
+    A figure that cannot be taken (a constant length, no completion of n tokens) is left out."""
+    gather = gather or (lambda x: x)
+    lengths = gather(torch.tensor(rollout.completion_lengths, dtype=torch.float64))  # (N·W,)
+    scores = gather(rollout.scores.double())  # (N·W,)
+    out = {"reward": float(record["reward"]), "length": float(record["completion_length"])}
+    r, b = pearson(lengths.tolist(), scores.tolist()), slope(lengths.tolist(), scores.tolist())
+    if r is not None:
+        out["len_reward_corr"], out["len_reward_slope"] = r, b
+    mask = rollout.completion_mask.double()  # (N, T)
+    tokens = gather(mask.sum().reshape(1)).sum().clamp(min=1)
+    if "entropy" in record:
+        out["entropy"] = float(record["entropy"])
+    elif rollout.sampler_logps is not None:
+        out["entropy"] = float(
+            -gather((rollout.sampler_logps.double() * mask).sum().reshape(1)).sum() / tokens
+        )
+    if reference and rollout.ref_logps is not None:
+        logps = rollout.old_logps if rollout.old_logps is not None else rollout.sampler_logps
+        if logps is not None:
+            k1 = ((logps.double() - rollout.ref_logps.double()) * mask).sum().reshape(1)  # (1,)
+            out["kl"] = float(gather(k1).sum() / tokens)
+    ids = rollout.completion_ids()
+    for n in (2, 3):
+        d = pooled_distinct_n(ids, n, gather)
+        if d is not None:
+            out[f"distinct_{n}"] = d
+    repeated = torch.tensor([float(repeats_ngram(s, repeat_ngram)) for s in ids], dtype=torch.float64)
+    out["repeated"] = float(gather(repeated).mean())
+    if "frac_reward_zero_std" in record:
+        out["zero_std"] = float(record["frac_reward_zero_std"])
+    signs = source_signs or {}
+    if len(rollout.source_scores) > 1:
+        for name in rollout.source_scores:
+            mean = record.get(f"rewards/{name}/mean")
+            if mean is not None:
+                out[f"source/{name}"] = signs.get(name, 1.0) * float(mean)
+    return out
