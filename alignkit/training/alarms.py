@@ -131,6 +131,9 @@ class Alarms:
         return values if len(values) == len(rows) else None
 
     def _smoothed(self, key: str) -> float | None:
+        """`key`'s mean over the last `smoothing` steps, once there are that many."""
+        if len(self.recent) < self.settings.smoothing:
+            return None
         values = self._series(key, self.recent[-self.settings.smoothing :])
         return _mean(values) if values else None
 
@@ -259,7 +262,10 @@ class Alarms:
                 trends = {n: trend(series[n])[1] for n in (x, y)}
                 # Since the start, too: the one gained above its start, the other below (noise over one window
                 # can look like anything; a source that still rose overall was not given up).
-                moved = {n: self._smoothed(f"source/{n}") - self._baseline(f"source/{n}") for n in (x, y)}
+                levels = {n: (self._smoothed(f"source/{n}"), self._baseline(f"source/{n}")) for n in (x, y)}
+                if any(v is None for pair in levels.values() for v in pair):
+                    continue
+                moved = {n: now - start for n, (now, start) in levels.items()}
                 for up, down in permutations((x, y)):
                     if (
                         corr <= s.source_corr
