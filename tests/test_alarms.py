@@ -121,12 +121,19 @@ def test_step_figures_of_a_hand_built_rollout():
     rollout, record = hand_rollout()
     out = step_figures(rollout, record, source_signs={"a": 1.0, "b": -1.0}, repeat_ngram=2)
     assert out["len_reward_corr"] == pytest.approx(3.5 / math.sqrt(13.75))
-    assert out["len_reward_slope"] == pytest.approx(0.7)
+    assert (out["n"], out["len_var"], out["reward_var"], out["len_reward_cov"]) == pytest.approx(
+        (4, 5 / 4, 2.75 / 4, 3.5 / 4)
+    )
+    assert "return" not in out  # (the reward is what the update maximises)
     assert out["kl"] == pytest.approx(0.5) and out["entropy"] == pytest.approx(1.0)
     assert out["distinct_2"] == pytest.approx(4 / 6) and out["distinct_3"] == 1.0
     assert out["repeated"] == pytest.approx(0.25)
     assert out["zero_std"] == 0.5 and out["reward"] == 1.25 and out["length"] == 2.5
     assert out["source/a"] == pytest.approx(0.3) and out["source/b"] == pytest.approx(-0.2)
+    # A return of reward - 0.1 x length (1.6, 0.8, -0.1, 1.7): mean 1, cov with length 3.5/4 - 0.1 x 5/4 = 3/4.
+    penalised = rollout.scores - 0.1 * torch.tensor([4.0, 2.0, 1.0, 3.0])
+    out = step_figures(rollout, record, returns=penalised)
+    assert out["return"] == pytest.approx(1.0) and out["len_return_cov"] == pytest.approx((3.5 - 0.5) / 4)
     # The record's entropy (the policy's, over the update's tokens) is used where the command logs one; the
     # trainer's own log-probs are preferred to the sampler's for the KL; online-dpo takes no KL.
     rollout.old_logps = -1.25 * rollout.completion_mask.float()
@@ -136,6 +143,20 @@ def test_step_figures_of_a_hand_built_rollout():
 
 
 # ------------------------------------------------------------------------------------------------ the alarms
+
+
+def within_step(*, corr: float, per_token: float | None, signal: str = "reward") -> dict:
+    """The within-step moments of 16 completions whose lengths have variance 25 (sd 5) and whose `signal`
+    correlates `corr` with them at `per_token` a token: cov = per_token x 25, var = cov² / (corr² x 25)
+    (per_token None: a reward of variance 0.01)."""
+    cov = per_token * 25 if per_token is not None else corr * 5 * 0.1
+    return {
+        "n": 16.0,
+        "len_var": 25.0,
+        f"{signal}_var": cov**2 / (corr**2 * 25) if corr else 0.01,
+        f"len_{signal}_cov": cov,
+        f"len_{signal}_corr": corr,
+    }
 
 
 def run_alarms(steps: list[dict], settings: AlarmSettings | None = None) -> list:
@@ -156,8 +177,7 @@ def healthy(t: int, rng: random.Random) -> dict:
     return {
         "reward": 0.01 * t + noise(0.05),
         "length": 30 + noise(1.0),
-        "len_reward_corr": noise(0.15),
-        "len_reward_slope": noise(0.002),
+        **within_step(corr=noise(0.15), per_token=None),
         "entropy": 2.0 * (1 - 0.003 * t) + noise(0.02),
         "kl": 0.002 * t + abs(noise(0.003)),
         "distinct_2": 0.7 + noise(0.02),
@@ -191,13 +211,12 @@ def test_a_healthy_run_raises_no_alarm(seed):
 
 def length_run(t: int, rng: random.Random, *, length_per_step: float, other_gain: float) -> dict:
     """Reward = 1 - 0.01 x length + other_gain x t + noise: shorter is better (within a step Pearson -0.5, 0.01
-    reward per token less per token), and the length moves by length_per_step."""
+    reward less per token), and the length moves by length_per_step."""
     length = 31 + length_per_step * t
     return {
         "reward": 1 - 0.01 * length + other_gain * t + rng.gauss(0, 0.002),
         "length": length + rng.gauss(0, 0.1),
-        "len_reward_corr": -0.5 + rng.gauss(0, 0.05),
-        "len_reward_slope": -0.01,
+        **within_step(corr=-0.5, per_token=-0.01),
     }
 
 
@@ -211,8 +230,11 @@ def test_length_exploitation_fires_when_length_explains_the_reward_gain():
     results = run_alarms([length_run(t, rng, length_per_step=-0.75, other_gain=0.001) for t in range(1, 31)])
     assert first_fired(results, "length_exploitation") == 20
     stats = results[19][1]
-    assert stats["alarm_stats/length_exploitation/corr_window"] == pytest.approx(-0.5, abs=0.05)
-    assert stats["alarm_stats/length_exploitation/explained"] == pytest.approx(0.0075 / 0.0085, abs=0.1)
+    assert stats["alarm_stats/length_exploitation/corr_reward"] == pytest.approx(-0.5)
+    assert stats["alarm_stats/length_exploitation/explained_reward"] == pytest.approx(
+        0.0075 / 0.0085, abs=0.1
+    )
+    assert "the reward correlates -0.50 with length" in results[19][2]["length_exploitation"]
     assert stats["alarm_stats/length_exploitation/length_change"] == pytest.approx(-14.25 / 23.125, abs=0.02)
     # The same correlation, but the length stays put: nothing is exploited (yet).
     rng = random.Random(0)
@@ -222,9 +244,46 @@ def test_length_exploitation_fires_when_length_explains_the_reward_gain():
     rng = random.Random(0)
     earned = run_alarms([length_run(t, rng, length_per_step=-0.75, other_gain=0.05) for t in range(1, 31)])
     assert first_fired(earned, "length_exploitation") is None
-    assert earned[-1][1]["alarm_stats/length_exploitation/explained"] == pytest.approx(
+    assert earned[-1][1]["alarm_stats/length_exploitation/explained_reward"] == pytest.approx(
         0.0075 / 0.0575, abs=0.02
     )
+    # The length shrinks the way the reward pays while the reward falls a little (something else is given up for
+    # it): fires, saying so.
+    rng = random.Random(0)
+    flat_reward = run_alarms(
+        [length_run(t, rng, length_per_step=-0.75, other_gain=-0.009) for t in range(1, 31)]
+    )
+    assert first_fired(flat_reward, "length_exploitation") == 20
+    assert "while it did not rise" in flat_reward[19][2]["length_exploitation"]
+    # The same correlation -0.5 over 4 completions a step: |r|·sqrt(80 - 2) = 4.4 standard errors, fires; at -0.3,
+    # 0.3 x sqrt(78) = 2.65 < length_z = 3: a few noisy completions, silent.
+    for corr, fires in ((-0.5, True), (-0.3, False)):
+        rng = random.Random(0)
+        few = [length_run(t, rng, length_per_step=-0.75, other_gain=0.001) for t in range(1, 21)]
+        few = [{**f, **within_step(corr=corr, per_token=-0.01), "n": 4.0} for f in few]
+        results = run_alarms(few)
+        assert (first_fired(results, "length_exploitation") == 20) is fires
+        assert results[19][1]["alarm_stats/length_exploitation/z_reward"] == pytest.approx(
+            -corr * math.sqrt(78)
+        )
+
+
+def test_length_exploitation_reads_the_return_the_update_maximises():
+    """A reward blind to length (r 0.05) while the return, the reward less β·KL, pays 0.01 per token less (a
+    per-token KL penalty favours short replies): the return's correlation fires the alarm and is named."""
+    rng = random.Random(0)
+    steps = []
+    for t in range(1, 26):
+        f = length_run(t, rng, length_per_step=-0.75, other_gain=0.0)
+        f.update(within_step(corr=0.05, per_token=None), reward=0.9 + rng.gauss(0, 0.002))
+        f.update(within_step(corr=-0.5, per_token=-0.01, signal="return"), **{"return": 0.9 + 0.0075 * t})
+        steps.append(f)
+    results = run_alarms(steps)
+    assert first_fired(results, "length_exploitation") == 20
+    why = results[19][2]["length_exploitation"]
+    assert "the reward less β·KL (what the update maximises) correlates -0.50" in why
+    assert "the reward correlates" not in why
+    assert results[19][1]["alarm_stats/length_exploitation/corr_reward"] == pytest.approx(0.05)
 
 
 def test_entropy_collapse_fires_below_its_fraction_of_the_start():

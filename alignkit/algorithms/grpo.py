@@ -383,5 +383,8 @@ def train(cfg: GRPOConfig) -> Path:
             }
             record.update(timing_metrics(rollout, (t0, t1, t2, t3), passes=cfg.ppo_epochs))
             postfix = {"reward": record["reward"], "kl": record.get("kl", 0.0)}
-            run.finish_step(record, evaluate if prompts.eval_rows else None, postfix, rollout=rollout)
+            returns = scores if kl_in_reward else None  # (N,) the reward less β·Σk1
+            run.finish_step(
+                record, evaluate if prompts.eval_rows else None, postfix, rollout=rollout, returns=returns
+            )
     return save_final(accelerator, policy, tokenizer, output_dir, merge_lora=cfg.lora.merge, log=log)

@@ -403,7 +403,10 @@ def train(cfg: PPOConfig) -> Path:
                 }
             )
             postfix = {"reward": record["reward"], "kl": record["kl_ref"]}
-            run.finish_step(record, evaluate if prompts.eval_rows else None, postfix, rollout=rollout)
+            returns = shaped["rewards"].sum(-1)  # (N,) the score less β·Σk1 (and the missing-EOS penalty)
+            run.finish_step(
+                record, evaluate if prompts.eval_rows else None, postfix, rollout=rollout, returns=returns
+            )
     policy = accelerator.unwrap_model(model).policy
     if shared_base:  # the saved model is the policy: its adapter alone
         policy.delete_adapter(VALUE_ADAPTER)

@@ -66,14 +66,18 @@ class AlarmSettings:
     trend waits for a full window. Shorter windows react sooner and mistake noise for trends more often."""
     smoothing: int = 3
     """Level alarms compare the mean of the last this many steps, so one noisy step never fires."""
-    length_corr: float = 0.3
-    """length_exploitation: |Pearson(length, reward)| within a step, averaged over the window, at least this."""
+    length_corr: float = 0.1
+    """length_exploitation: |Pearson(length, reward)| within a step, pooled over the window, at least this, with
+    the sign of the length's move (the reward pays for it) ..."""
+    length_z: float = 3.0
+    """length_exploitation: ... and at least this many standard errors from 0, |r|·sqrt(n − 2) over the window's
+    n completions, so that a correlation of a few noisy steps never fires."""
     length_change: float = 0.1
     """length_exploitation: the mean completion length moved by at least this fraction of its mean over the
-    window, in the direction the correlation rewards."""
+    window."""
     length_explained: float = 0.5
-    """length_exploitation: that move explains at least this share of the reward's rise over the window
-    (within-step reward-per-token slope x length trend / reward trend)."""
+    """length_exploitation: where the reward rose, the length's move explains at least this share of the rise
+    (within-step reward per token x length trend / reward trend); where it did not rise, any share."""
     entropy_fraction: float = 0.2
     """entropy_collapse: the mean token entropy (smoothed) below this fraction of its start."""
     kl_max: float = 0.5
@@ -111,6 +115,7 @@ class AlarmSettings:
         "window": at_least(3),
         "smoothing": at_least(1),
         "length_corr": between(0, 1),
+        "length_z": at_least(0),
         "length_change": at_least(0),
         "length_explained": at_least(0),
         "entropy_fraction": FRACTION,

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from alignkit.rollout import Rollout
-from alignkit.training.alarm_stats import ngrams, pearson, repeats_ngram, slope
+from alignkit.training.alarm_stats import moments, ngrams, pearson, repeats_ngram
 
 
 def pooled_distinct_n(sequences: Sequence[Sequence[int]], n: int, gather: Callable) -> float | None:
@@ -33,13 +33,17 @@ def step_figures(
     source_signs: dict[str, float] | None = None,
     reference: bool = True,
     repeat_ngram: int = 4,
+    returns: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """The step's figures for `training.alarms.Alarms.update`, each over every process's completions
     (`gather`, `OnlineRun.gather`; the record's figures already are):
 
         reward, length            the mean reward (the reward set's total) and completion length (tokens)
-        len_reward_corr           Pearson(length, reward) over the step's completions
-        len_reward_slope          the reward per completion token, cov / var(length)
+        n, len_var, reward_var,   the completions, and the population moments of length and reward over them
+        len_reward_cov            (`alarm_stats.moments`, pooled over a window by `pooled_within`)
+        len_reward_corr           Pearson(length, reward) over the step's completions (shown, not pooled)
+        return, return_var,       the same of `returns` ((N,) this process's completions), where given: what
+        len_return_cov/_corr      the update maximises where it is not the reward (the reward less β·KL)
         entropy                   the record's mean token entropy (the policy's, over the update's tokens), or
                                   where the command logs none, the sampled tokens' mean negative log-prob
                                   under the sampler (a one-sample estimate of the same entropy)
@@ -58,9 +62,16 @@ def step_figures(
     lengths = gather(torch.tensor(rollout.completion_lengths, dtype=torch.float64))  # (N·W,)
     scores = gather(rollout.scores.double())  # (N·W,)
     out = {"reward": float(record["reward"]), "length": float(record["completion_length"])}
-    r, b = pearson(lengths.tolist(), scores.tolist()), slope(lengths.tolist(), scores.tolist())
-    if r is not None:
-        out["len_reward_corr"], out["len_reward_slope"] = r, b
+    signals = {"reward": scores}
+    if returns is not None:  # what the update maximises, where it is not the reward (the reward less β·KL)
+        signals["return"] = gather(returns.double())
+        out["return"] = float(signals["return"].mean())
+    for name, values in signals.items():
+        n, len_var, var, cov = moments(lengths.tolist(), values.tolist())
+        out.update({"n": float(n), "len_var": len_var, f"{name}_var": var, f"len_{name}_cov": cov})
+        r = pearson(lengths.tolist(), values.tolist())
+        if r is not None:
+            out[f"len_{name}_corr"] = r
     mask = rollout.completion_mask.double()  # (N, T)
     tokens = gather(mask.sum().reshape(1)).sum().clamp(min=1)
     if "entropy" in record:

@@ -49,6 +49,29 @@ def slope(x: Sequence[float], y: Sequence[float]) -> float | None:
     return m[2] / m[0]
 
 
+def moments(x: Sequence[float], y: Sequence[float]) -> tuple[int, float, float, float]:
+    """(n, var x, var y, cov(x, y)) of two equally long series, population moments (divided by n): what
+    `pooled_within` combines over steps."""
+    m = _moments(x, y)
+    n = len(x)
+    if m is None:
+        return n, 0.0, 0.0, 0.0
+    return n, m[0] / n, m[1] / n, m[2] / n
+
+
+def pooled_within(parts: Sequence[tuple[int, float, float, float]]) -> tuple[float | None, float | None]:
+    """(r, slope) of y on x within groups (steps), pooled: each group's (n, var x, var y, cov) from `moments`,
+    r = Σ n·cov / sqrt(Σ n·var x · Σ n·var y), slope = Σ n·cov / Σ n·var x. The trends between groups are left
+    out (each group is centred on its own means); a group with more spread weighs more, as in one regression
+    over all points. None where x or y never varies within a group."""
+    sxx = math.fsum(n * vx for n, vx, _, _ in parts)
+    syy = math.fsum(n * vy for n, _, vy, _ in parts)
+    sxy = math.fsum(n * c for n, _, _, c in parts)
+    if sxx <= 0:
+        return None, None
+    return (sxy / math.sqrt(sxx * syy) if syy > 0 else None), sxy / sxx
+
+
 def trend(values: Sequence[float]) -> tuple[float, float]:
     """(slope per step, Pearson r with the step number) of a series taken at steps 0, 1, 2, ...: how fast it
     moves and how clearly (r 0 for a constant series)."""

@@ -8,10 +8,13 @@
 
 Each rule, with W = window, S = smoothing, B = baseline_steps (docs/online_rl.md has the reasons):
 
-    length_exploitation   over the last W steps: |mean r| ≥ length_corr, r = Pearson(length, reward) within a
-                          step; the mean length moved by ≥ length_change of its mean, the way the within-step
-                          slope rewards; the reward rose (trend slope s_R > 0) and mean slope x length trend
-                          ≥ length_explained x s_R (length explains that much of the rise)
+    length_exploitation   over the last W steps: the mean length moved by ≥ length_change of its mean (trend
+                          slope s_L x (W − 1)); within a step the reward pays for that direction, |r| ≥
+                          length_corr and |r|·sqrt(n − 2) ≥ length_z, r the within-step Pearson(length,
+                          reward) pooled over the window's n completions (`pooled_within`, slope b per token);
+                          and the reward did not rise (trend s_R ≤ 0) or
+                          the length explains ≥ length_explained of its rise: b·s_L ≥ length_explained·s_R.
+                          The same with the return (the reward less β·KL) where the command gives one
     entropy_collapse      mean of the last S entropies < entropy_fraction x their mean over the first B steps
     kl_runaway            mean of the last S KLs > kl_max; or, over the last W steps after the first B, with
                           thirds' means a, b, c: c ≥ kl_growth_min, b > a, c − b ≥ kl_growth·(b − a) and
@@ -30,11 +33,12 @@ so a resumed run fires exactly where the uninterrupted one does.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from itertools import permutations
 
 from alignkit.config.alarms import ALARMS, AlarmSettings
-from alignkit.training.alarm_stats import pearson, thirds, trend
+from alignkit.training.alarm_stats import pearson, pooled_within, thirds, trend
 
 
 class AlarmStop(RuntimeError):
@@ -62,6 +66,10 @@ class AlarmCheck:
     """The alarms firing at this step: {name: what the figures say}."""
     onsets: list[str] = field(default_factory=list)
     """The fired alarms that did not fire at the step before (what the console announces)."""
+
+
+SIGNALS = {"reward": "the reward", "return": "the reward less β·KL (what the update maximises)"}
+"""What the length alarm correlates length with: the reward, and where the command gives it, the return."""
 
 
 def _mean(values: list[float]) -> float:
@@ -149,35 +157,48 @@ class Alarms:
 
     def _length(self, figures: dict):
         s = self.settings
-        stats = {"len_reward_corr": figures["len_reward_corr"]} if "len_reward_corr" in figures else {}
+        stats = {k: figures[k] for k in ("len_reward_corr", "len_return_corr") if k in figures}
         if not self._full_window():
             return stats, None
         rows = self.recent[-s.window :]
-        # A step of one length has no correlation: length explains none of its reward (r = slope = 0).
-        r = _mean([row.get("len_reward_corr", 0.0) for row in rows])
-        per_token = _mean([row.get("len_reward_slope", 0.0) for row in rows])
-        lengths, rewards = self._series("length"), self._series("reward")
+        lengths = self._series("length")
         length_slope, _ = trend(lengths)
-        reward_slope, _ = trend(rewards)
         change = length_slope * (s.window - 1) / max(_mean(lengths), 1e-9)  # relative move over the window
-        stats.update(corr_window=r, length_change=change)
-        explained = per_token * length_slope
-        if reward_slope > 0:
-            stats["explained"] = explained / reward_slope
-        fires = (
-            abs(r) >= s.length_corr
-            and abs(change) >= s.length_change
-            and explained > 0  # the length moved the way the reward pays for
-            and reward_slope > 0
-            and explained >= s.length_explained * reward_slope
-        )
-        if not fires:
-            return stats, None
-        return stats, (
-            f"within a step, Pearson(length, reward) averaged {r:+.2f} over the last {s.window} steps; the mean "
-            f"length moved {change:+.0%} over them ({lengths[0]:.1f} -> {lengths[-1]:.1f} tokens), which explains "
-            f"{explained / reward_slope:.0%} of the reward's rise"
-        )
+        stats["length_change"] = change
+        reasons = []
+        for signal, what in SIGNALS.items():
+            if any(f"len_{signal}_cov" not in r for r in rows):
+                continue
+            parts = [(r["n"], r["len_var"], r[f"{signal}_var"], r[f"len_{signal}_cov"]) for r in rows]
+            r, per_token = pooled_within(parts)
+            if r is None:
+                continue
+            signal_slope, _ = trend(self._series(signal))
+            worth = per_token * length_slope  # what the length's move earns a step, at the within-step slope
+            stats[f"corr_{signal}"] = r
+            if signal_slope > 0:
+                stats[f"explained_{signal}"] = worth / signal_slope
+            z = abs(r) * math.sqrt(max(sum(n for n, *_ in parts) - 2, 0))  # its standard errors from 0
+            stats[f"z_{signal}"] = z
+            paid = (
+                r * change > 0 and abs(r) >= s.length_corr and z >= s.length_z
+            )  # the reward pays for the move
+            if not (abs(change) >= s.length_change and paid):
+                continue
+            if signal_slope > 0 and worth < s.length_explained * signal_slope:
+                continue  # it rose mostly for other reasons: length is a side effect
+            if signal_slope <= 0:
+                gain = "while it did not rise"
+            elif worth >= signal_slope:
+                gain = "worth more than all of its rise (something else fell)"
+            else:
+                gain = f"which explains {worth / signal_slope:.0%} of its rise"
+            reasons.append(
+                f"within a step, {what} correlates {r:+.2f} with length (pooled over the last {s.window} steps), and "
+                f"the mean length moved {change:+.0%} over them ({lengths[0]:.1f} -> {lengths[-1]:.1f} tokens), the "
+                f"way it pays, {gain}"
+            )
+        return stats, ("; ".join(reasons) if reasons else None)
 
     def _entropy(self, figures: dict):
         if "entropy" not in figures:

@@ -424,10 +424,12 @@ class OnlineRun(Run):
         *,
         rollout: Rollout | None = None,
         reference: bool = True,
+        returns: torch.Tensor | None = None,
     ) -> bool:
         """`Run.finish_step`, after the alarms (`training.alarms`, with `alarms.enabled`) have read the step's
         `rollout` and `record` (`reference`: the rollout's ref_logps cover every completion, so its KL is
-        taken): their verdicts join the record, a step where one fires is always logged and its onset
+        taken; `returns`, (N,): what the update maximises per completion where it is not the reward, the reward
+        less β·KL): their verdicts join the record, a step where one fires is always logged and its onset
         printed, and with `alarms.stop_on_alarm` the run stops after it (checkpointed, report written,
         `AlarmStop` raised). Every process decides the same: every figure is over all of them."""
         fired = {}
@@ -439,6 +441,7 @@ class OnlineRun(Run):
                 source_signs=self.source_signs,
                 reference=reference,
                 repeat_ngram=self.alarms.settings.repeat_ngram,
+                returns=returns,
             )
             check = self.alarms.update(figures)
             record, fired = {**record, **check.record}, check.fired
