@@ -199,6 +199,7 @@ def test_a_healthy_run_raises_no_alarm(seed):
         f"alarm/{n}"
         for n in (
             "length_exploitation",
+            "length_drift",
             "entropy_collapse",
             "kl_runaway",
             "repetition",
@@ -284,6 +285,23 @@ def test_length_exploitation_reads_the_return_the_update_maximises():
     assert "the reward less β·KL (what the update maximises) correlates -0.50" in why
     assert "the reward correlates" not in why
     assert results[19][1]["alarm_stats/length_exploitation/corr_reward"] == pytest.approx(0.05)
+
+
+def test_length_drift_fires_when_the_length_halves_or_doubles_and_can_be_turned_off():
+    """Lengths 33, 28, 15, 28, 20 (start: 124 / 5 = 24.8), then 18, 22, 14, 18, 12, 13, 10: the mean of the last
+    3 is (18 + 12 + 13) / 3 = 14.33 at step 11 (58%), (12 + 13 + 10) / 3 = 11.67 at step 12 (47% < 1/2): fires at
+    12. Doubling fires the same way; length_ratio=0 turns it off (reasoning RL grows its completions on purpose)."""
+    lengths = [33, 28, 15, 28, 20, 18, 22, 14, 18, 12, 13, 10]
+    results = run_alarms([{"reward": 0.0, "length": float(x)} for x in lengths])
+    assert first_fired(results, "length_drift") == 12
+    assert results[11][1]["alarm_stats/length_drift/ratio"] == pytest.approx((35 / 3) / 24.8)
+    assert "11.7 tokens (last 3 steps) is 47% of its start 24.8" in results[11][2]["length_drift"]
+    grown = run_alarms([{"reward": 0.0, "length": 10.0 * 1.2**t} for t in range(12)])
+    # start (10 + 12 + 14.4 + 17.28 + 20.736) / 5 = 14.88; at step 8, 10 x (1.2^5 + 1.2^6 + 1.2^7) / 3 = 30.19 >
+    # 2 x 14.88 = 29.77 (at step 7, 25.16)
+    assert first_fired(grown, "length_drift") == 8
+    off = run_alarms([{"reward": 0.0, "length": float(x)} for x in lengths], AlarmSettings(length_ratio=0))
+    assert "alarm/length_drift" not in off[-1][1]
 
 
 def test_entropy_collapse_fires_below_its_fraction_of_the_start():

@@ -23,6 +23,12 @@ ALARMS = {
         "check samples at both ends of the length range; add a length term or a per-token KL, or fix the "
         "reward model's length bias",
     ),
+    "length_drift": (
+        "the mean completion length moved far from its start (by default, halved or doubled)",
+        "read samples; if the task does not ask for it, see whether the reward pays for it (length_exploitation's "
+        "figures), whether a per-token KL penalty makes short replies cheap, and the EOS fraction; runs that "
+        "should grow their length (reasoning RL) set alarms.length_ratio=0",
+    ),
     "entropy_collapse": (
         "the policy's mean token entropy fell far below its start",
         "lower the learning rate, raise the KL weight or epsilon_high (clip-higher), or add an entropy bonus",
@@ -78,6 +84,9 @@ class AlarmSettings:
     length_explained: float = 0.5
     """length_exploitation: where the reward rose, the length's move explains at least this share of the rise
     (within-step reward per token x length trend / reward trend); where it did not rise, any share."""
+    length_ratio: float = 2.0
+    """length_drift: the mean completion length (smoothed) below 1/this or above this times its start (0 = off, e.g.
+    for reasoning RL, whose completions are meant to grow)."""
     entropy_fraction: float = 0.2
     """entropy_collapse: the mean token entropy (smoothed) below this fraction of its start."""
     kl_max: float = 0.5
@@ -118,6 +127,7 @@ class AlarmSettings:
         "length_z": at_least(0),
         "length_change": at_least(0),
         "length_explained": at_least(0),
+        "length_ratio": above(1, 0),
         "entropy_fraction": FRACTION,
         "kl_max": above(0),
         "kl_growth": above(1),

@@ -15,6 +15,8 @@ Each rule, with W = window, S = smoothing, B = baseline_steps (docs/online_rl.md
                           and the reward did not rise (trend s_R ≤ 0) or
                           the length explains ≥ length_explained of its rise: b·s_L ≥ length_explained·s_R.
                           The same with the return (the reward less β·KL) where the command gives one
+    length_drift          mean of the last S lengths outside [1 / length_ratio, length_ratio] x their mean over
+                          the first B steps (length_ratio 0: off)
     entropy_collapse      mean of the last S entropies < entropy_fraction x their mean over the first B steps
     kl_runaway            mean of the last S KLs > kl_max; or, over the last W steps after the first B, with
                           thirds' means a, b, c: c ≥ kl_growth_min, b > a, c − b ≥ kl_growth·(b − a) and
@@ -112,6 +114,7 @@ class Alarms:
         check = AlarmCheck()
         for name, rule in (
             ("length_exploitation", self._length),
+            ("length_drift", self._length_drift),
             ("entropy_collapse", self._entropy),
             ("kl_runaway", self._kl),
             ("repetition", self._repetition),
@@ -199,6 +202,21 @@ class Alarms:
                 f"way it pays, {gain}"
             )
         return stats, ("; ".join(reasons) if reasons else None)
+
+    def _length_drift(self, figures: dict):
+        s = self.settings
+        if not s.length_ratio:  # off
+            return None
+        start, now = self._baseline("length"), self._smoothed("length")
+        if start is None or now is None or start <= 0:
+            return {}, None
+        ratio = now / start
+        if 1 / s.length_ratio <= ratio <= s.length_ratio:
+            return {"ratio": ratio}, None
+        return {"ratio": ratio}, (
+            f"the mean completion length {now:.1f} tokens (last {s.smoothing} steps) is {ratio:.0%} of its start "
+            f"{start:.1f}, outside 1/{s.length_ratio:g}x-{s.length_ratio:g}x"
+        )
 
     def _entropy(self, figures: dict):
         if "entropy" not in figures:
