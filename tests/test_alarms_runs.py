@@ -109,7 +109,7 @@ def test_the_report_lists_a_fired_alarm_and_marks_it_on_the_curves(tmp_path, mon
     assert "the reward follows completion length" in page
     assert [t for t, _ in drawn] == ["reward", "alarm_stats/length_exploitation/corr_window"]
     assert drawn[0][1] == [
-        {"step": 4, "label": "length_exploitation", "color": 0},
-        {"step": 7, "label": "length_exploitation", "color": 0},
+        {"step": 4, "label": "length_exploitation", "color": None},
+        {"step": 7, "label": "length_exploitation", "color": None},
     ]
     assert report.summary(report.load_run(run), [])["alarms"] == "length_exploitation (step 4)"

@@ -360,6 +360,7 @@ def test_two_process_batch_advantages_and_metrics_are_the_whole_steps(tmp_path, 
     (the issue's reproduction: rewards [1,0,1,0 | 10,0,10,0], G=2 gave ±0.111 / ±1.112 per process,
     ±0.866 over the step), and every logged rollout figure is the whole step's."""
     from alignkit.losses.policy import compute_advantages
+    from alignkit.training.alarm_stats import distinct_n, pearson, repeats_ngram
 
     out = tmp_path / "grpo"
     G = 2
@@ -388,6 +389,14 @@ def test_two_process_batch_advantages_and_metrics_are_the_whole_steps(tmp_path, 
         assert line["advantages/std"] == pytest.approx(float(expected.std(unbiased=False)), abs=1e-6)
         assert line["completion_length"] == pytest.approx(sum(lengths) / len(lengths))
         assert line["frac_eos"] == pytest.approx(sum(ended) / len(ended))
+        # ... the alarms' figures too: every process decides the same stop
+        ids = [c for rank in ranks for c in rank["rollouts"][step]["ids"]]
+        alarm = {k.split("/", 2)[2]: v for k, v in line.items() if k.startswith("alarm_stats/")}
+        r = pearson(lengths, whole.tolist())  # (None where every completion has one length)
+        assert alarm.get("len_reward_corr") == (r if r is None else pytest.approx(r, abs=1e-6))
+        assert alarm["distinct_2"] == pytest.approx(distinct_n(ids, 2))
+        assert alarm["distinct_3"] == pytest.approx(distinct_n(ids, 3))
+        assert alarm["repeated"] == pytest.approx(sum(repeats_ngram(c, 4) for c in ids) / len(ids))
 
 
 def test_two_process_run_with_a_reward_normaliser_resumes_exactly(tmp_path, tiny_model_dir):

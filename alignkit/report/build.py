@@ -304,8 +304,8 @@ def figures(runs: list[Run], curves: list[str]) -> tuple[list, list]:
     out: list[tuple[str, str, bytes]] = []
     charts: list[tuple[str, str, bytes]] = []
     taken: set[str] = set()
-    marks = [  # where each alarm began, on every curve
-        {"step": first, "label": event.name, "color": i}
+    marks = [  # where each alarm began, on every curve (in the alarm colour; with several runs, in the run's)
+        {"step": first, "label": event.name, "color": i if len(runs) > 1 else None}
         for i, run in enumerate(runs)
         for event in alarm_events(run)
         for first, _ in event.streaks()
