@@ -15,7 +15,7 @@ from alignkit.config.alarms import AlarmSettings
 from alignkit.config.load import ConfigError, load_config
 from alignkit.config.online import GRPOConfig, OnlineDPOConfig, PPOConfig
 from alignkit.rollout import Rollout, layout
-from alignkit.training.alarm_figures import pooled_distinct_n, step_figures
+from alignkit.training.alarm_figures import ngram_codes, pooled_distinct_n, step_figures
 from alignkit.training.alarm_stats import distinct_n, ngrams, pearson, repeats_ngram, slope, thirds, trend
 from alignkit.training.alarms import Alarms, AlarmStop
 
@@ -69,6 +69,16 @@ def two_process_gather(other: list[torch.Tensor]):
         return torch.cat([x, sent.pop(0).to(x.dtype)])
 
     return gather
+
+
+def test_ngram_codes_pack_token_ids_exactly():
+    """Bigrams of (1 2 3) and (1 2): ids below 2^31 packed as two base-2^31 digits: 1·2^31 + 2, 2·2^31 + 3,
+    1·2^31 + 2; no bigram spans two sequences, a 1-token one has none. Ids of 2^31 and above fall back to
+    Python's hash of the tuple (equal n-grams, equal codes)."""
+    assert ngram_codes([[1, 2, 3], [1, 2], [7]], 2).tolist() == [2**31 + 2, 2 * 2**31 + 3, 2**31 + 2]
+    assert ngram_codes([[4, 5, 6]], 3).tolist() == [4 * 2**42 + 5 * 2**21 + 6]
+    big = ngram_codes([[2**40, 1, 2**40, 1]], 2).tolist()
+    assert big[0] == big[2] == hash((2**40, 1)) and big[1] != big[0]
 
 
 def test_pooled_distinct_n_over_two_processes_equals_distinct_n_of_all():

@@ -12,17 +12,35 @@ from alignkit.rollout import Rollout
 from alignkit.training.alarm_stats import moments, ngrams, pearson, repeats_ngram
 
 
+def ngram_codes(sequences: Sequence[Sequence[int]], n: int) -> torch.Tensor:
+    """(M,) int64: one code per n-gram of the sequences (none across two), equal for equal n-grams on every
+    process. Exact where every token id is below 2^(63 // n) (a 2.1M vocabulary for trigrams): the ids packed as
+    digits of base 2^(63 // n), computed on tensors. Otherwise Python's hash of the n-gram's tuple (ints and
+    tuples of ints are not salted by PYTHONHASHSEED: the same on every process), where two different n-grams
+    share a code with probability 2^-64."""
+    rows = [torch.as_tensor(list(s), dtype=torch.long) for s in sequences if len(s) >= n]
+    if not rows:
+        return torch.zeros(0, dtype=torch.long)
+    bits = 63 // n
+    if max(int(r.max()) for r in rows) >= 2**bits or min(int(r.min()) for r in rows) < 0:
+        return torch.tensor([hash(g) for s in sequences for g in ngrams(s, n)], dtype=torch.long)
+    lengths = torch.tensor([len(r) for r in rows])
+    padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # (B, T)
+    windows = padded.unfold(1, n, 1)  # (B, T − n + 1, n)
+    valid = torch.arange(windows.shape[1])[None, :] + n <= lengths[:, None]  # (B, T − n + 1)
+    digits = torch.tensor([2 ** (bits * (n - 1 - k)) for k in range(n)], dtype=torch.long)  # (n,)
+    return (windows[valid] * digits).sum(-1)
+
+
 def pooled_distinct_n(sequences: Sequence[Sequence[int]], n: int, gather: Callable) -> float | None:
-    """`distinct_n` of every process's completions together, without sending them: each process sends the
-    hashes of its distinct n-grams and its n-gram count (`gather`: (k,) -> every process's rows, in rank
-    order). An n-gram of token ids hashes to the same 64-bit integer in every process (ints and tuples of ints
-    are not salted by PYTHONHASHSEED); two different n-grams colliding is a 2^-64 event."""
-    hashes = [hash(g) for s in sequences for g in ngrams(s, n)]
-    count = gather(torch.tensor([len(hashes)], dtype=torch.long)).sum()
+    """`distinct_n` of every process's completions together, without sending them: each process sends the codes
+    of its distinct n-grams (`ngram_codes`) and its n-gram count (`gather`: (k,) -> every process's rows, in
+    rank order)."""
+    codes = ngram_codes(sequences, n)
+    count = gather(torch.tensor([codes.numel()], dtype=torch.long)).sum()
     if int(count) == 0:
         return None
-    mine = torch.tensor(hashes, dtype=torch.long).unique()
-    return int(gather(mine).unique().numel()) / int(count)
+    return int(gather(codes.unique()).unique().numel()) / int(count)
 
 
 def step_figures(
