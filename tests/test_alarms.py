@@ -233,9 +233,8 @@ def length_run(t: int, rng: random.Random, *, length_per_step: float, other_gain
 
 def test_length_exploitation_fires_when_length_explains_the_reward_gain():
     """Replies shrinking 0.75 tokens a step (31 -> 8 over 30 steps, as in docs/ppo.md) at -0.01 reward per
-    token: the length gives +0.0075 a step of a +0.0085 rise (88%), and the window's mean length at step 20 is
-    31 - 0.75 x 10.5 = 23.125, so the move over it, 19 x 0.75 = 14.25 tokens, is 62%: it fires from the first
-    full window.
+    token: the length gives +0.0075 a step of a +0.0085 rise (88%), and over the window of steps 1-20 it moves
+    19 x 0.75 = 14.25 tokens from 31 - 0.75 = 30.25, 47%: it fires from the first full window.
     """
     rng = random.Random(0)
     results = run_alarms([length_run(t, rng, length_per_step=-0.75, other_gain=0.001) for t in range(1, 31)])
@@ -246,7 +245,7 @@ def test_length_exploitation_fires_when_length_explains_the_reward_gain():
         0.0075 / 0.0085, abs=0.1
     )
     assert "the reward correlates -0.50 with length" in results[19][2]["length_exploitation"]
-    assert stats["alarm_stats/length_exploitation/length_change"] == pytest.approx(-14.25 / 23.125, abs=0.02)
+    assert stats["alarm_stats/length_exploitation/length_change"] == pytest.approx(-14.25 / 30.25, abs=0.02)
     # The same correlation, but the length stays put: nothing is exploited (yet).
     rng = random.Random(0)
     flat = run_alarms([length_run(t, rng, length_per_step=0.0, other_gain=0.001) for t in range(1, 31)])

@@ -79,8 +79,8 @@ class AlarmSettings:
     """length_exploitation: ... and at least this many standard errors from 0, |r|·sqrt(n − 2) over the window's
     n completions, so that a correlation of a few noisy steps never fires."""
     length_change: float = 0.1
-    """length_exploitation: the mean completion length moved by at least this fraction of its mean over the
-    window."""
+    """length_exploitation: the mean completion length moved by at least this fraction over the window (its trend
+    line, from the window's start)."""
     length_explained: float = 0.5
     """length_exploitation: where the reward rose, the length's move explains at least this share of the rise
     (within-step reward per token x length trend / reward trend); where it did not rise, any share."""

@@ -8,8 +8,8 @@
 
 Each rule, with W = window, S = smoothing, B = baseline_steps (docs/online_rl.md has the reasons):
 
-    length_exploitation   over the last W steps: the mean length moved by ≥ length_change of its mean (trend
-                          slope s_L x (W − 1)); within a step the reward pays for that direction, |r| ≥
+    length_exploitation   over the last W steps: the mean length moved by ≥ length_change (its trend line's
+                          move s_L x (W − 1) over the line's value at the window's start); within a step the reward pays for that direction, |r| ≥
                           length_corr and |r|·sqrt(n − 2) ≥ length_z, r the within-step Pearson(length,
                           reward) pooled over the window's n completions (`pooled_within`, slope b per token);
                           and the reward did not rise (trend s_R ≤ 0) or
@@ -166,7 +166,8 @@ class Alarms:
         rows = self.recent[-s.window :]
         lengths = self._series("length")
         length_slope, _ = trend(lengths)
-        change = length_slope * (s.window - 1) / max(_mean(lengths), 1e-9)  # relative move over the window
+        moved = length_slope * (s.window - 1)  # tokens over the window, by its trend line
+        change = moved / max(_mean(lengths) - moved / 2, 1e-9)  # ... relative to where the line starts
         stats["length_change"] = change
         reasons = []
         for signal, what in SIGNALS.items():
