@@ -65,8 +65,8 @@ class AlarmSettings:
     """Stop the run after a step where an alarm fires: that step is finished and checkpointed, the report
     written, and the run raises AlarmStop (the CLI exits with status 3); resume=true continues it."""
     baseline_steps: int = 5
-    """The run's start: entropy, distinct-n and the repeated-n-gram share are compared to their mean over the
-    first this many steps."""
+    """The run's start: the level alarms (length drift, entropy, distinct-n, repeats, the reward sources) compare
+    to the mean of the first this many steps."""
     window: int = 20
     """Steps over which trends are measured (length, reward, KL growth, reward sources); an alarm that reads a
     trend waits for a full window. Shorter windows react sooner and mistake noise for trends more often."""
