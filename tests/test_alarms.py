@@ -429,6 +429,19 @@ def test_a_resumed_history_fires_exactly_as_an_uninterrupted_one():
     }
 
 
+def test_a_step_without_a_figure_is_no_verdict_and_no_crash():
+    """A diverged step's NaN is left out of the figures (`step_figures`): the alarms that read it give no verdict
+    while it is in their window, and the rest go on."""
+    rng = random.Random(0)
+    steps = [length_run(t, rng, length_per_step=-0.75, other_gain=0.001) for t in range(1, 31)]
+    for f in steps:
+        f["entropy"] = 1.0
+    del steps[24]["reward"], steps[24]["entropy"]
+    results = run_alarms(steps)
+    assert "alarm/entropy_collapse" not in results[24][1] and results[25][1]["alarm/entropy_collapse"] == 0
+    assert [t for t, _, fired in results if "length_exploitation" in fired] == [20, 21, 22, 23, 24]
+
+
 def test_alarm_stop_names_the_step_the_alarms_and_how_to_go_on():
     e = AlarmStop(7, {"zero_std_groups": "100% of groups ..."}, "out/checkpoints/checkpoint-7")
     assert e.step == 7 and "after step 7" in str(e) and "zero_std_groups: 100% of groups" in str(e)

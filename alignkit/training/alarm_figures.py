@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -75,7 +76,7 @@ def step_figures(
         source/<name>             each reward source's mean, times the sign of its weight (`source_signs`), so
                                   that up is the way the optimizer pushes it
 
-    A figure that cannot be taken (a constant length, no completion of n tokens) is left out."""
+    A figure that cannot be taken (a constant length, no completion of n tokens, a NaN) is left out."""
     gather = gather or (lambda x: x)
     lengths = gather(torch.tensor(rollout.completion_lengths, dtype=torch.float64))  # (N·W,)
     scores = gather(rollout.scores.double())  # (N·W,)
@@ -118,4 +119,4 @@ def step_figures(
             mean = record.get(f"rewards/{name}/mean")
             if mean is not None:
                 out[f"source/{name}"] = signs.get(name, 1.0) * float(mean)
-    return out
+    return {k: v for k, v in out.items() if math.isfinite(v)}  # (a diverged step's NaN is no figure)

@@ -165,6 +165,8 @@ class Alarms:
             return stats, None
         rows = self.recent[-s.window :]
         lengths = self._series("length")
+        if lengths is None:  # (a step without one: a NaN left out)
+            return stats, None
         length_slope, _ = trend(lengths)
         moved = length_slope * (s.window - 1)  # tokens over the window, by its trend line
         change = moved / max(_mean(lengths) - moved / 2, 1e-9)  # ... relative to where the line starts
@@ -177,7 +179,10 @@ class Alarms:
             r, per_token = pooled_within(parts)
             if r is None:
                 continue
-            signal_slope, _ = trend(self._series(signal))
+            means = self._series(signal)
+            if means is None:
+                continue
+            signal_slope, _ = trend(means)
             worth = per_token * length_slope  # what the length's move earns a step, at the within-step slope
             stats[f"corr_{signal}"] = r
             if signal_slope > 0:
