@@ -106,7 +106,7 @@ def test_the_report_lists_a_fired_alarm_and_marks_it_on_the_curves(tmp_path, mon
     page = path.read_text()
     # Listed once, with its streaks and its figures at the first step; the 0/1 flags are not curves of their own.
     assert "<h2>Alarms</h2>" in page and "4-5, 7" in page and "corr_window -0.54" in page
-    assert "the reward follows completion length" in page
+    assert "the reward pays for length" in page
     assert [t for t, _ in drawn] == ["reward", "alarm_stats/length_exploitation/corr_window"]
     assert drawn[0][1] == [
         {"step": 4, "label": "length_exploitation", "color": None},

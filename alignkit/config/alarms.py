@@ -19,9 +19,8 @@ from alignkit.config.load import FRACTION, ConfigError, above, at_least, between
 
 ALARMS = {
     "length_exploitation": (
-        "the reward follows completion length and the policy is moving length that way",
-        "check samples at both ends of the length range; add a length term or a per-token KL, or fix the "
-        "reward model's length bias",
+        "the reward pays for length and the policy is moving its length that way",
+        "read samples at both ends of the length range; add a length term, or fix the reward model's length bias",
     ),
     "length_drift": (
         "the mean completion length moved far from its start (by default, halved or doubled)",
