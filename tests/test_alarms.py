@@ -131,9 +131,12 @@ def test_step_figures_of_a_hand_built_rollout():
     rollout, record = hand_rollout()
     out = step_figures(rollout, record, source_signs={"a": 1.0, "b": -1.0}, repeat_ngram=2)
     assert out["len_reward_corr"] == pytest.approx(3.5 / math.sqrt(13.75))
-    assert (out["n"], out["len_var"], out["reward_var"], out["len_reward_cov"]) == pytest.approx(
-        (4, 5 / 4, 2.75 / 4, 3.5 / 4)
-    )
+    assert (
+        out["reward_n"],
+        out["reward_len_var"],
+        out["reward_var"],
+        out["len_reward_cov"],
+    ) == pytest.approx((4, 5 / 4, 2.75 / 4, 3.5 / 4))
     assert "return" not in out  # (the reward is what the update maximises)
     assert out["kl"] == pytest.approx(0.5) and out["entropy"] == pytest.approx(1.0)
     assert out["distinct_2"] == pytest.approx(4 / 6) and out["distinct_3"] == 1.0
@@ -144,6 +147,11 @@ def test_step_figures_of_a_hand_built_rollout():
     penalised = rollout.scores - 0.1 * torch.tensor([4.0, 2.0, 1.0, 3.0])
     out = step_figures(rollout, record, returns=penalised)
     assert out["return"] == pytest.approx(1.0) and out["len_return_cov"] == pytest.approx((3.5 - 0.5) / 4)
+    # A completion no source scored (NaN) says nothing of length: the moments are of the 3 scored ones.
+    rollout.scores = torch.tensor([2.0, 1.0, math.nan, 2.0])
+    out = step_figures(rollout, record)
+    assert out["reward_n"] == 3 and out["len_reward_corr"] == pytest.approx(pearson([4, 2, 3], [2, 1, 2]))
+    rollout.scores = torch.tensor([2.0, 1.0, 0.0, 2.0])
     # The record's entropy (the policy's, over the update's tokens) is used where the command logs one; the
     # trainer's own log-probs are preferred to the sampler's for the KL; online-dpo takes no KL.
     rollout.old_logps = -1.25 * rollout.completion_mask.float()
@@ -161,8 +169,8 @@ def within_step(*, corr: float, per_token: float | None, signal: str = "reward")
     (per_token None: a reward of variance 0.01)."""
     cov = per_token * 25 if per_token is not None else corr * 5 * 0.1
     return {
-        "n": 16.0,
-        "len_var": 25.0,
+        f"{signal}_n": 16.0,
+        f"{signal}_len_var": 25.0,
         f"{signal}_var": cov**2 / (corr**2 * 25) if corr else 0.01,
         f"len_{signal}_cov": cov,
         f"len_{signal}_corr": corr,
@@ -270,7 +278,7 @@ def test_length_exploitation_fires_when_length_explains_the_reward_gain():
     for corr, fires in ((-0.5, True), (-0.3, False)):
         rng = random.Random(0)
         few = [length_run(t, rng, length_per_step=-0.75, other_gain=0.001) for t in range(1, 21)]
-        few = [{**f, **within_step(corr=corr, per_token=-0.01), "n": 4.0} for f in few]
+        few = [{**f, **within_step(corr=corr, per_token=-0.01), "reward_n": 4.0} for f in few]
         results = run_alarms(few)
         assert (first_fired(results, "length_exploitation") == 20) is fires
         assert results[19][1]["alarm_stats/length_exploitation/z_reward"] == pytest.approx(
@@ -291,7 +299,10 @@ def test_length_exploitation_reads_the_return_the_update_maximises():
     results = run_alarms(steps)
     assert first_fired(results, "length_exploitation") == 20
     why = results[19][2]["length_exploitation"]
-    assert "the reward less β·KL (what the update maximises) correlates -0.50" in why
+    assert (
+        "the return the update maximises (the reward less β·KL, with a length penalty) correlates -0.50"
+        in why
+    )
     assert "the reward correlates" not in why
     assert results[19][1]["alarm_stats/length_exploitation/corr_reward"] == pytest.approx(0.05)
 

@@ -58,11 +58,12 @@ def step_figures(
     (`gather`, `OnlineRun.gather`; the record's figures already are):
 
         reward, length            the mean reward (the reward set's total) and completion length (tokens)
-        n, len_var, reward_var,   the completions, and the population moments of length and reward over them
-        len_reward_cov            (`alarm_stats.moments`, pooled over a window by `pooled_within`)
+        reward_n, reward_len_var, the scored completions, and the population moments of length and reward
+        reward_var, len_reward_cov  over them (`alarm_stats.moments`, pooled over a window by `pooled_within`)
         len_reward_corr           Pearson(length, reward) over the step's completions (shown, not pooled)
-        return, return_var,       the same of `returns` ((N,) this process's completions), where given: what
-        len_return_cov/_corr      the update maximises where it is not the reward (the reward less β·KL)
+        return, return_...        the same of `returns` ((N,) this process's completions), where given: what
+                                  the update maximises where it is not the reward (the reward less β·KL,
+                                  with a length penalty)
         entropy                   the record's mean token entropy (the policy's, over the update's tokens), or
                                   where the command logs none, the sampled tokens' mean negative log-prob
                                   under the sampler (a one-sample estimate of the same entropy)
@@ -84,11 +85,15 @@ def step_figures(
     signals = {"reward": scores}
     if returns is not None:  # what the update maximises, where it is not the reward (the reward less β·KL)
         signals["return"] = gather(returns.double())
-        out["return"] = float(signals["return"].mean())
+        out["return"] = float(signals["return"].nanmean())
     for name, values in signals.items():
-        n, len_var, var, cov = moments(lengths.tolist(), values.tolist())
-        out.update({"n": float(n), "len_var": len_var, f"{name}_var": var, f"len_{name}_cov": cov})
-        r = pearson(lengths.tolist(), values.tolist())
+        scored = values.isfinite()  # (a completion no source scored is NaN: it says nothing of length)
+        x, y = lengths[scored].tolist(), values[scored].tolist()
+        n, len_var, var, cov = moments(x, y)
+        out.update(
+            {f"{name}_n": float(n), f"{name}_len_var": len_var, f"{name}_var": var, f"len_{name}_cov": cov}
+        )
+        r = pearson(x, y)
         if r is not None:
             out[f"len_{name}_corr"] = r
     mask = rollout.completion_mask.double()  # (N, T)

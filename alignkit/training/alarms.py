@@ -70,7 +70,10 @@ class AlarmCheck:
     """The fired alarms that did not fire at the step before (what the console announces)."""
 
 
-SIGNALS = {"reward": "the reward", "return": "the reward less β·KL (what the update maximises)"}
+SIGNALS = {
+    "reward": "the reward",
+    "return": "the return the update maximises (the reward less β·KL, with a length penalty)",
+}
 """What the length alarm correlates length with: the reward, and where the command gives it, the return."""
 
 
@@ -175,7 +178,10 @@ class Alarms:
         for signal, what in SIGNALS.items():
             if any(f"len_{signal}_cov" not in r for r in rows):
                 continue
-            parts = [(r["n"], r["len_var"], r[f"{signal}_var"], r[f"len_{signal}_cov"]) for r in rows]
+            parts = [
+                (r[f"{signal}_n"], r[f"{signal}_len_var"], r[f"{signal}_var"], r[f"len_{signal}_cov"])
+                for r in rows
+            ]
             r, per_token = pooled_within(parts)
             if r is None:
                 continue
