@@ -147,6 +147,11 @@ def test_step_figures_of_a_hand_built_rollout():
     penalised = rollout.scores - 0.1 * torch.tensor([4.0, 2.0, 1.0, 3.0])
     out = step_figures(rollout, record, returns=penalised)
     assert out["return"] == pytest.approx(1.0) and out["len_return_cov"] == pytest.approx((3.5 - 0.5) / 4)
+    # With dynamic sampling the trained groups are the informative ones: the share is of every group drawn,
+    # dropped (3) and topped up (1) of 8 kept + 3 + 1 + 2 surplus = 4/14.
+    counts = {"kept": 8.0, "dropped": 3.0, "topped_up": 1.0, "surplus": 2.0}
+    drawn = {f"dynamic_sampling/groups_{k}": v for k, v in counts.items()}
+    assert step_figures(rollout, {**record, **drawn})["zero_std"] == pytest.approx(4 / 14)
     # A completion no source scored (NaN) says nothing of length: the moments are of the 3 scored ones.
     rollout.scores = torch.tensor([2.0, 1.0, math.nan, 2.0])
     out = step_figures(rollout, record)

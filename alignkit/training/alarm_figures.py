@@ -73,7 +73,8 @@ def step_figures(
                                   cover every completion)
         distinct_2, distinct_3    `distinct_n` of the step's completions
         repeated                  the share of completions with an n-gram twice (n = `repeat_ngram`)
-        zero_std                  the record's share of groups with one reward for all (groups only)
+        zero_std                  the record's share of groups with one reward for all (groups only); with
+                                  dynamic sampling, of every group drawn (the dropped and topped-up ones)
         source/<name>             each reward source's mean, times the sign of its weight (`source_signs`), so
                                   that up is the way the optimizer pushes it
 
@@ -116,7 +117,10 @@ def step_figures(
             out[f"distinct_{n}"] = d
     repeated = torch.tensor([float(repeats_ngram(s, repeat_ngram)) for s in ids], dtype=torch.float64)
     out["repeated"] = float(gather(repeated).mean())
-    if "frac_reward_zero_std" in record:
+    drawn = [record.get(f"dynamic_sampling/groups_{k}") for k in ("kept", "dropped", "topped_up", "surplus")]
+    if None not in drawn and sum(drawn) > 0:  # dynamic sampling dropped them: the share of every group drawn
+        out["zero_std"] = (drawn[1] + drawn[2]) / sum(drawn)
+    elif "frac_reward_zero_std" in record:
         out["zero_std"] = float(record["frac_reward_zero_std"])
     signs = source_signs or {}
     if len(rollout.source_scores) > 1:
