@@ -195,9 +195,8 @@ class Alarms:
                 stats[f"explained_{signal}"] = worth / signal_slope
             z = abs(r) * math.sqrt(max(sum(n for n, *_ in parts) - 2, 0))  # its standard errors from 0
             stats[f"z_{signal}"] = z
-            paid = (
-                r * change > 0 and abs(r) >= s.length_corr and z >= s.length_z
-            )  # the reward pays for the move
+            # The signal pays for the move: r has its sign, is large enough and clear of noise.
+            paid = r * change > 0 and abs(r) >= s.length_corr and z >= s.length_z
             if not (abs(change) >= s.length_change and paid):
                 continue
             if signal_slope > 0 and worth < s.length_explained * signal_slope:
