@@ -57,6 +57,8 @@ _EXPORTS = {
     },
     "ConfigError": "alignkit.config.load:ConfigError",
     "RunInterrupted": "alignkit.training.loop:RunInterrupted",
+    "AlarmStop": "alignkit.training.alarms:AlarmStop",
+    "AlarmSettings": "alignkit.config.alarms:AlarmSettings",
     "RewardSet": "alignkit.rewards.compose:RewardSet",
     "build_reward": "alignkit.rewards.registry:build_reward",
     "load_causal_lm": "alignkit.models.load:load_causal_lm",

@@ -8,6 +8,7 @@ import sys
 
 from alignkit.commands import COMMANDS
 from alignkit.config.load import ConfigError, describe, load_config
+from alignkit.training.alarms import AlarmStop
 
 USAGE = "usage: alignkit <command> [CONFIG.yaml] [key=value ...]\n       alignkit <command> --help"
 
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cmd.run(cfg)
+    except AlarmStop as e:  # alarms.stop_on_alarm: the step is saved and the report written
+        print(f"alignkit {name}: {e}", file=sys.stderr)
+        return 3
     except (ValueError, OSError) as e:
         # Data, config and file problems (a model folder or hub name that is not there) carry their own
         # actionable message (file:line, field, path); no traceback.

@@ -79,7 +79,9 @@ def args_for(command: str, model: Path, data: str, out: Path, grad_accum: int, *
     ]
 
 
-def launch(dump: Path, argv: list[str], processes: int = 2) -> None:
+def launch(
+    dump: Path, argv: list[str], processes: int = 2, *, ok: bool = True
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     done = subprocess.run(
@@ -89,7 +91,8 @@ def launch(dump: Path, argv: list[str], processes: int = 2) -> None:
         text=True,
         timeout=300,
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    assert (done.returncode == 0) is ok, done.stdout[-3000:] + done.stderr[-6000:]
+    return done
 
 
 def ranks_agree_and_moved(dump: Path, start_dir: Path) -> None:
@@ -197,6 +200,37 @@ def test_two_process_grpo_keeps_the_processes_in_step(tmp_path, tiny_model_dir):
     ranks_agree_and_moved(out / "dump", tiny_model_dir)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+def test_two_process_stop_on_alarm_stops_every_process_after_the_same_step(tmp_path, tiny_model_dir):
+    """A verifier that never passes, on 2 processes: the zero-std alarm reads the whole step's share (1 from the
+    first step; the mean of 3 steps fires at step 3), so both processes stop after step 3, none is left waiting in
+    a collective (the launch would time out), and step 3 is checkpointed once, by the main process."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Tom went out {i}. It was"}) + "\n" for i in range(16)))
+    out = tmp_path / "grpo"
+    argv = [
+        "grpo",
+        f"model={tiny_model_dir}",
+        f"data={data}",
+        f"output_dir={out}",
+        "rewards=[{type: regex, pattern: QQQQQQ, mode: count}]",
+        "batch_size=2",
+        "num_generations=4",
+        "generation.max_new_tokens=6",
+        "max_steps=6",
+        "beta=0",
+        "save_steps=0",
+        "progress=false",
+        "report=false",
+        "mixed_precision=no",
+        "alarms.stop_on_alarm=true",
+    ]
+    done = launch(out / "dump", argv, ok=False)
+    assert done.stderr.count("stopped by alarms.stop_on_alarm after step 3") == 2, done.stderr[-3000:]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3] and lines[-1]["alarm/zero_std_groups"] == 1
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-3"]
 
 
 def test_two_process_online_dpo_keeps_the_processes_in_step(tmp_path, tiny_model_dir):
@@ -360,6 +394,7 @@ def test_two_process_batch_advantages_and_metrics_are_the_whole_steps(tmp_path, 
     (the issue's reproduction: rewards [1,0,1,0 | 10,0,10,0], G=2 gave ±0.111 / ±1.112 per process,
     ±0.866 over the step), and every logged rollout figure is the whole step's."""
     from alignkit.losses.policy import compute_advantages
+    from alignkit.training.alarm_stats import distinct_n, pearson, repeats_ngram
 
     out = tmp_path / "grpo"
     G = 2
@@ -388,6 +423,14 @@ def test_two_process_batch_advantages_and_metrics_are_the_whole_steps(tmp_path, 
         assert line["advantages/std"] == pytest.approx(float(expected.std(unbiased=False)), abs=1e-6)
         assert line["completion_length"] == pytest.approx(sum(lengths) / len(lengths))
         assert line["frac_eos"] == pytest.approx(sum(ended) / len(ended))
+        # ... the alarms' figures too: every process decides the same stop
+        ids = [c for rank in ranks for c in rank["rollouts"][step]["ids"]]
+        alarm = {k.split("/", 2)[2]: v for k, v in line.items() if k.startswith("alarm_stats/")}
+        r = pearson(lengths, whole.tolist())  # (None where every completion has one length)
+        assert alarm.get("len_reward_corr") == (r if r is None else pytest.approx(r, abs=1e-6))
+        assert alarm["distinct_2"] == pytest.approx(distinct_n(ids, 2))
+        assert alarm["distinct_3"] == pytest.approx(distinct_n(ids, 3))
+        assert alarm["repeated"] == pytest.approx(sum(repeats_ngram(c, 4) for c in ids) / len(ids))
 
 
 def test_two_process_run_with_a_reward_normaliser_resumes_exactly(tmp_path, tiny_model_dir):

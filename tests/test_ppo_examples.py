@@ -97,3 +97,5 @@ def test_less_offensive_case_study_builds_its_dialogue_model_and_runs(tmp_path):
     ppo.train(cfg)
     train_lines = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
     assert [m["step"] for m in train_lines] == [1, 2] and 0 <= train_lines[-1]["rewards/profanity/mean"] <= 1
+    # The alarms are logged (two steps are too few to fire them: docs/online_rl.md has the full run's).
+    assert {"alarm/length_exploitation", "alarm/length_drift", "alarm/kl_runaway"} <= set(train_lines[-1])

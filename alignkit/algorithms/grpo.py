@@ -368,7 +368,7 @@ def train(cfg: GRPOConfig) -> Path:
                         max_grad_norm=cfg.max_grad_norm,
                     )
                 )
-            # 5. Metrics, over every process; 6. checkpoint (and eval) at the step's end, in finish_step.
+            # 5. Metrics, over every process; 6. alarms, checkpoint (and eval) at the step's end (finish_step).
             t3 = time.perf_counter()
             trained = {k: torch.stack([r[k] for r in records]).mean() for k in records[0]}
             record = {
@@ -383,5 +383,9 @@ def train(cfg: GRPOConfig) -> Path:
             }
             record.update(timing_metrics(rollout, (t0, t1, t2, t3), passes=cfg.ppo_epochs))
             postfix = {"reward": record["reward"], "kl": record.get("kl", 0.0)}
-            run.finish_step(record, evaluate if prompts.eval_rows else None, postfix)
+            # (N,) what the advantages see where it is not the reward: less β·Σk1, plus the overlong penalty
+            returns = scores if scores.dim() == 1 and (kl_in_reward or cfg.overlong_cache) else None
+            run.finish_step(
+                record, evaluate if prompts.eval_rows else None, postfix, rollout=rollout, returns=returns
+            )
     return save_final(accelerator, policy, tokenizer, output_dir, merge_lora=cfg.lora.merge, log=log)

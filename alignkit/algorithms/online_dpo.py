@@ -63,7 +63,7 @@ def check_settings(cfg: OnlineDPOConfig):
         raise ConfigError(
             "with a judge, rewards only score eval prompts: set eval_data or eval_fraction, or drop rewards"
         )
-    check_online_settings(cfg, cfg.beta, "beta")
+    check_online_settings(cfg, cfg.beta, "beta", kl_logged=False)  # reference log-probs of the pairs only
     if cfg.ppo_epochs != 1 or cfg.minibatch_size:
         raise ConfigError("online DPO takes one update per rollout: ppo_epochs=1 and minibatch_size=0")
     if cfg.gap_as != "none" and cfg.loss != "sigmoid":
@@ -257,5 +257,6 @@ def train(cfg: OnlineDPOConfig) -> Path:
             )
             record.update(timing_metrics(rollout, (t0, t1, t2, t3), passes=1.0))
             postfix = {"reward": record["reward"], "pairs": record["pairs/pairs"]}
-            run.finish_step(record, evaluate if prompts.eval_rows and rewards is not None else None, postfix)
+            evaluated = evaluate if prompts.eval_rows and rewards is not None else None
+            run.finish_step(record, evaluated, postfix, rollout=rollout, reference=False)  # (pairs' only)
     return save_final(accelerator, policy, tokenizer, output_dir, merge_lora=cfg.lora.merge, log=log)

@@ -417,7 +417,7 @@ def train(cfg: PPOConfig) -> Path:
             kl_ctl.update(float(sequence_kl), n_rows * accelerator.num_processes)
 
             # 5. Metrics, every figure over the whole step: each process's rows (or completion tokens),
-            # gathered; 6. checkpoint (and eval) at the step's end, in finish_step.
+            # gathered; 6. alarms, checkpoint (and eval) at the step's end, in finish_step.
             trained = {k: torch.stack([r[k] for r in records]).mean() for k in records[0]}
             mask = rollout.completion_mask.bool()
             raw_advantages = shaped["raw_advantages"][mask]
@@ -439,7 +439,10 @@ def train(cfg: PPOConfig) -> Path:
                 }
             )
             postfix = {"reward": record["reward"], "kl": record["kl_ref"]}
-            run.finish_step(record, evaluate if prompts.eval_rows else None, postfix)
+            returns = shaped["rewards"].sum(-1)  # (N,) the score less β·Σk1 (and the missing-EOS penalty)
+            run.finish_step(
+                record, evaluate if prompts.eval_rows else None, postfix, rollout=rollout, returns=returns
+            )
     policy = accelerator.unwrap_model(model).policy
     if shared_base:  # the saved model is the policy: its adapter alone
         policy.delete_adapter(VALUE_ADAPTER)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from alignkit.config.alarms import check_alarm_settings
 from alignkit.config.base import REFERENCE_MODES, TrainConfig
 from alignkit.config.load import ConfigError
 from alignkit.config.online import OnlineConfig
@@ -27,11 +28,14 @@ def check_reference_settings(cfg) -> None:
         )
 
 
-def check_online_settings(cfg: OnlineConfig, kl_weight: float, kl_name: str) -> None:
+def check_online_settings(
+    cfg: OnlineConfig, kl_weight: float, kl_name: str, *, kl_logged: bool = True
+) -> None:
     """The checks every online method needs before anything loads: rewards given, the rollout cut into
-    whole minibatches and micro-batches, clip ranges, and a reference mode that applies online (when
-    `kl_weight`, the setting `kl_name`, is > 0 a reference is held; at 0 none is, and a `reference.*`
-    setting changed from its default would be ignored, so it is an error naming it)."""
+    whole minibatches and micro-batches, clip ranges, alarm thresholds the run can use (a KL alarm needs the
+    KL to the reference of every completion: `kl_logged`, and a reference), and a reference mode that applies
+    online (when `kl_weight`, the setting `kl_name`, is > 0 a reference is held; at 0 none is, and a
+    `reference.*` setting changed from its default would be ignored, so it is an error naming it)."""
     if not cfg.rewards and not getattr(cfg, "judge", None):  # (online DPO may rank with a judge instead)
         raise ConfigError("rewards is empty: give at least one reward source, e.g. 'rewards=[{type: vader}]'")
     if cfg.max_length != TrainConfig.max_length:
@@ -43,6 +47,14 @@ def check_online_settings(cfg: OnlineConfig, kl_weight: float, kl_name: str) -> 
             f"minibatch_size={minibatch} must divide the rollout (batch_size x num_generations = {rollout}) "
             f"and be a multiple of grad_accum={cfg.grad_accum}"
         )
+    judged = bool(getattr(cfg, "judge", None))  # online DPO's judge ranks alone
+    no_kl = None if kl_weight > 0 else f"{kl_name}=0: no reference is held"
+    check_alarm_settings(
+        cfg.alarms,
+        no_kl=no_kl if kl_logged else "this command takes no KL of every completion",
+        groups=cfg.num_generations > 1,
+        sources=1 if judged else len(cfg.rewards),
+    )
     if kl_weight > 0:
         if cfg.reference.mode == "precomputed":
             raise ConfigError(

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from alignkit.config.alarms import AlarmSettings
 from alignkit.config.base import ReferenceSettings, TrainConfig
 from alignkit.config.generation import SAMPLING_MOVED, GenerationSettings, temperature_above_zero
 from alignkit.config.grpo_family import GRPO_FAMILY_RELATIONS
@@ -69,6 +70,9 @@ class OnlineConfig(TrainConfig):
     """Score one sample per eval prompt every this many steps (and at the end)."""
     save_steps: int = 20
     """Write a checkpoint every this many steps (0 = only on interrupt)."""
+    alarms: AlarmSettings = field(default_factory=AlarmSettings)
+    """Reward-hacking and collapse alarms, logged every step; alarms.stop_on_alarm stops the run at one
+    (docs/online_rl.md, *Reward-hacking and collapse alarms*)."""
 
     ranges: ClassVar[dict] = {
         "reward_clip": above(0),

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from alignkit.config.alarms import ALARMS
 from alignkit.config.tools import ReportConfig
 from alignkit.io import atomic_write, read_jsonl
 from alignkit.report import plots
@@ -48,6 +49,9 @@ METRIC_ORDER = (
     "time/",
 )
 STEP_TIME = ("step_time", "time/step")
+ALARM_FLAG, ALARM_STATS = "alarm/", "alarm_stats/"
+"""An online run's alarms (`training.alarms`): alarm/<name> 0 or 1 per step, and the figures under
+alarm_stats/<name>/. The flags are drawn as marks on every curve and listed, never as curves of their own."""
 
 
 @dataclass
@@ -158,7 +162,7 @@ def metric_names(runs: list[Run]) -> tuple[list[str], list[str]]:
     for run in runs:
         for r in run.records:
             for k, v in r.items():
-                if k not in ("step", "split") and is_number(v):
+                if k not in ("step", "split") and is_number(v) and not k.startswith(ALARM_FLAG):
                     seen.setdefault(k, len(seen))
 
     def rank(name: str) -> tuple[int, int]:
@@ -196,10 +200,69 @@ def summary(run: Run, one_offs: list[str]) -> dict[str, str]:
     for split, rows in (("train", train), ("eval", evals)):
         losses = [r["loss"] for r in rows if is_number(r.get("loss"))]
         row[f"last {split} loss"] = f"{losses[-1]:.4g}" if losses else "-"
+    if any(k.startswith(ALARM_FLAG) for r in train for k in r):  # an online run: its alarms at a glance
+        events = alarm_events(run)
+        row["alarms"] = ", ".join(f"{e.name} (step {e.steps[0]})" for e in events) if events else "none"
     for name in one_offs:
         values = [r[name] for r in run.records if is_number(r.get(name))]
         row[name] = f"{values[0]:.4g}" if values else "-"
     return row
+
+
+@dataclass
+class AlarmEvent:
+    """One alarm of a run: the train steps it fired at, and its figures at the first."""
+
+    name: str
+    steps: list[int]
+    figures: dict[str, float]
+    """alarm_stats/<name>/<figure> at the first step, by figure."""
+
+    def streaks(self) -> list[tuple[int, int]]:
+        """The steps as runs of logged consecutive steps, (first, last) each: where the alarm began and ended."""
+        out: list[tuple[int, int]] = []
+        for step in self.steps:
+            if out and step == out[-1][1] + 1:
+                out[-1] = (out[-1][0], step)
+            else:
+                out.append((step, step))
+        return out
+
+    def steps_text(self) -> str:
+        """'17-20, 25' for the streaks."""
+        return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in self.streaks())
+
+
+def alarm_events(run: Run) -> list[AlarmEvent]:
+    """Every alarm that fired in the run's train lines, in the order it first fired."""
+    events: dict[str, AlarmEvent] = {}
+    for r in run.records:
+        if r.get("split", "train") != "train" or not is_number(r.get("step")):
+            continue
+        for key, value in r.items():
+            if key.startswith(ALARM_FLAG) and is_number(value) and value > 0:
+                name = key[len(ALARM_FLAG) :]
+                if name not in events:
+                    prefix = f"{ALARM_STATS}{name}/"
+                    figures = {
+                        k[len(prefix) :]: v for k, v in r.items() if k.startswith(prefix) and is_number(v)
+                    }
+                    events[name] = AlarmEvent(name, [], figures)
+                events[name].steps.append(r["step"])
+    return sorted(events.values(), key=lambda e: e.steps[0])
+
+
+def alarm_rows(runs: list[Run]) -> list[list[str]]:
+    """The report's alarm table: [run, alarm, steps, figures at the first step, what it means and what to do]."""
+    rows = []
+    for run in runs:
+        for event in alarm_events(run):
+            meaning, action = ALARMS.get(event.name, ("", ""))
+            figures = ", ".join(f"{k} {v:.4g}" for k, v in event.figures.items())
+            rows.append(
+                [run.name, event.name, event.steps_text(), figures, f"{meaning}. {action}".strip(". ")]
+            )
+    return rows
 
 
 def duration(seconds: float) -> str:
@@ -241,6 +304,12 @@ def figures(runs: list[Run], curves: list[str]) -> tuple[list, list]:
     out: list[tuple[str, str, bytes]] = []
     charts: list[tuple[str, str, bytes]] = []
     taken: set[str] = set()
+    marks = [  # where each alarm began, on every curve (in the alarm colour; with several runs, in the run's)
+        {"step": first, "label": event.name, "color": i if len(runs) > 1 else None}
+        for i, run in enumerate(runs)
+        for event in alarm_events(run)
+        for first, _ in event.streaks()
+    ]
     for metric in curves:
         lines = []
         for i, run in enumerate(runs):
@@ -257,7 +326,7 @@ def figures(runs: list[Run], curves: list[str]) -> tuple[list, list]:
                             "eval": split == "eval",
                         }
                     )
-        out.append((metric, file_name(metric, taken), plots.curve(metric, lines)))
+        out.append((metric, file_name(metric, taken), plots.curve(metric, lines, marks=marks)))
     for run in runs:
         for stem, report in run.evals.items():
             rewards = dict(report.get("rewards") or {})
@@ -308,6 +377,7 @@ def write_report(run_dirs: list[str | Path], output_dir: str | Path | None = Non
         charts=charts,
         differences=config_differences(runs),
         notes=notes,
+        alarms=alarm_rows(runs),
     )
     out.mkdir(parents=True, exist_ok=True)
     path = out / REPORT_FILE

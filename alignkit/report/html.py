@@ -202,12 +202,13 @@ def data_section(run) -> str:
     return "".join(parts)
 
 
-def page(runs, *, summaries, curves, charts, differences, notes) -> str:
+def page(runs, *, summaries, curves, charts, differences, notes, alarms=()) -> str:
     """The whole report page.
 
     runs: alignkit.report.build.Run objects; summaries: one {column: text} per run; curves / charts: (title, file
     name, PNG bytes) of the training curves and of the before/after charts; differences: (config key,
-    value per run); notes: what could not be read."""
+    value per run); notes: what could not be read; alarms: [run, alarm, steps, figures, meaning] rows of the
+    alarms that fired (online runs)."""
     title = "alignkit report: " + ", ".join(run.name for run in runs)
     body = [f"<h1>{esc(title)}</h1>", f"<p class='muted'>{esc(', '.join(str(run.path) for run in runs))}</p>"]
     if notes:
@@ -226,6 +227,14 @@ def page(runs, *, summaries, curves, charts, differences, notes) -> str:
             "summary",
         )
     )
+    if alarms:
+        body.append(
+            "<h2>Alarms</h2><p class='muted'>Reward-hacking and collapse alarms that fired (docs/online_rl.md); "
+            "each is marked on the training curves at the step it began.</p>"
+        )
+        header = ["run", "alarm", "steps fired", "figures at the first step", "what it means, what to do"]
+        rows = [list(row) for row in alarms] if len(runs) > 1 else [list(row[1:]) for row in alarms]
+        body.append(table(header if len(runs) > 1 else header[1:], rows, cls="alarms"))
     if curves:
         body.append(
             "<h2>Training curves</h2><p class='muted'>solid: train; dashed with dots: eval; x: optimizer step.</p>"

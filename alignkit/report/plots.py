@@ -11,6 +11,8 @@ import math
 
 WIDTH, HEIGHT, DPI = 480, 300, 100
 """Every curve is a WIDTH x HEIGHT pixel PNG (the browser test checks this size)."""
+ALARM_COLOR = "crimson"
+"""The marks of a single run's alarms on its curves."""
 MISSING = "plots need matplotlib: pip install 'alignkit[report]' (or pip install matplotlib)"
 
 
@@ -43,12 +45,14 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def curve(title: str, lines: list[dict]) -> bytes:
+def curve(title: str, lines: list[dict], marks: list[dict] | None = None) -> bytes:
     """One metric against the optimizer step as a WIDTH x HEIGHT PNG.
 
     lines: one per run and split, {"label", "steps", "values", "color": index, "eval": bool}; train values
     are solid lines, eval values dashed with dots, so several runs and both splits share one set of axes.
-    Non-finite values (a NaN loss) are left out of the line.
+    Non-finite values (a NaN loss) are left out of the line. marks: {"step", "label", "color": index or None}
+    each, a dotted vertical line at the step in the run's colour (None: ALARM_COLOR) with its label at the top
+    (where an alarm fired).
     """
     from matplotlib import rcParams
     from matplotlib.ticker import MaxNLocator
@@ -64,6 +68,13 @@ def curve(title: str, lines: list[dict]) -> bytes:
         if len(xs) == 1:
             style = {**style, "marker": "o", "markersize": 4}
         ax.plot(xs, ys, color=colors[line["color"] % len(colors)], label=line["label"], **style)
+    for mark in marks or ():
+        color = ALARM_COLOR if mark["color"] is None else colors[mark["color"] % len(colors)]
+        ax.axvline(mark["step"], color=color, linestyle=":", linewidth=1.2)
+        ax.annotate(
+            f"{mark['label']} @{mark['step']}", (mark["step"], 1), xycoords=("data", "axes fraction"),
+            xytext=(2, -2), textcoords="offset points", rotation=90, va="top", fontsize=6, color=color,
+        )  # fmt: skip
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("step", fontsize=8)

@@ -54,6 +54,7 @@ NOT_FINGERPRINTED = frozenset(
         "on_bad_rows",
         "report",
         "report_to",
+        "alarms",  # they watch the run and may stop it; a resume may change them (e.g. to go on after a stop)
         # where and how a vLLM sampler runs, not what it draws: a resume may move it (another server, more
         # memory, another weight transport)
         "generation.vllm.mode",
@@ -203,8 +204,9 @@ class Checkpointer:
         """Restore every object of `state` from checkpoint `path` (and the RNG states); returns the
         checkpoint's state.json record (its `step` and the `extra` it was saved with).
 
-        An object the checkpoint lacks, a model weight the model lacks, or settings that shape training other
-        than this run's fingerprint, is an error: a checkpoint of another run or model must not be half-loaded.
+        An object the checkpoint lacks (unless it says `optional_in_checkpoint`), a model weight the model lacks,
+        or settings that shape training other than this run's fingerprint, is an error: a checkpoint of another
+        run or model must not be half-loaded.
         `defaults` (the run's `default_fingerprint`) lets a checkpoint that predates a setting resume at
         that setting's default.
         """
@@ -228,6 +230,8 @@ class Checkpointer:
                         params[n].copy_(value)
             else:
                 file = path / f"{name}.pt"
+                if not file.exists() and getattr(obj, "optional_in_checkpoint", False):
+                    continue  # state a checkpoint may predate (the alarms' history): it starts afresh
                 if not file.exists():
                     raise ValueError(f"{path}: checkpoint has no '{name}' state; written by another command?")
                 obj.load_state_dict(torch.load(file, weights_only=True))

@@ -29,10 +29,12 @@ from alignkit.generation.backends import ModelSampler, Sampler
 from alignkit.generation.guided import GuidedSampler
 from alignkit.io import atomic_write, read_jsonl
 from alignkit.rewards import RewardSet
-from alignkit.rollout import collect
+from alignkit.rollout import Rollout, collect
+from alignkit.training.alarm_figures import step_figures
+from alignkit.training.alarms import Alarms, AlarmStop, describe
 from alignkit.training.checkpoint import Checkpointer, Frozen, default_fingerprint
 from alignkit.training.order import DataOrder, data_order, total_steps
-from alignkit.training.setup import gather_objects, gather_rows
+from alignkit.training.setup import finish_run, gather_objects, gather_rows
 from alignkit.training.step import as_numbers, make_optimizer, optimizer_step
 from alignkit.training.tracking import log_record
 
@@ -204,17 +206,22 @@ class Run:
         return self.checkpointer.save(self.step, self.named())
 
     def finish_step(
-        self, record: dict, evaluate: Callable[[], dict] | None = None, postfix: dict | None = None
-    ):
-        """Count the step done; log its record, evaluate (`evaluate() -> dict`) and checkpoint when the
-        intervals say so; on Ctrl-C, save this whole step and stop. `postfix`: the progress bar's figures
-        (numbers, or text already formatted)."""
+        self,
+        record: dict,
+        evaluate: Callable[[], dict] | None = None,
+        postfix: dict | None = None,
+        *,
+        log_always: bool = False,
+    ) -> bool:
+        """Count the step done; log its record (every step with `log_always`), evaluate (`evaluate() -> dict`)
+        and checkpoint when the intervals say so; on Ctrl-C, save this whole step and stop. `postfix`: the
+        progress bar's figures (numbers, or text already formatted). Returns whether the step was saved."""
         cfg = self.cfg
         self.step += 1
         self._bar.update(1)
         if postfix:
             self._bar.set_postfix({k: v if isinstance(v, str) else f"{v:.3f}" for k, v in postfix.items()})
-        if self.step % cfg.logging_steps == 0 or self.step == self.steps:
+        if self.step % cfg.logging_steps == 0 or self.step == self.steps or log_always:
             self.last = {"step": self.step, "split": "train", **record}
             self.logger.log(self.last)
         if evaluate is not None and (self.step % cfg.eval_steps == 0 or self.step == self.steps):
@@ -224,6 +231,7 @@ class Run:
         if self.step < self.steps and self._interrupts.stop_requested():  # Ctrl-C: this step is whole
             self._bar.close()
             self._interrupts.stop(path if saved else self.save(), self.step)
+        return saved
 
     @contextlib.contextmanager
     def interruptible(self):
@@ -363,7 +371,7 @@ class OnlineRun(Run):
             while run.step < run.steps:
                 rollout, seed = run.collect(policy, tokenizer, prompts, rewards, sampling, group_size=G)
                 ...                                     # advantages, updates
-                run.finish_step(record, evaluate)
+                run.finish_step(record, evaluate, rollout=rollout)    # + the alarms
     """
 
     def __init__(
@@ -400,6 +408,52 @@ class OnlineRun(Run):
         self.guided = guided
         """With a guide (`generation.guided.GuidedSampler`): what draws the rollouts instead, the policy mixed
         with the guide at the step's α (`GuideSettings.alpha_at`); evaluations stay the policy's own."""
+        settings = getattr(cfg, "alarms", None)
+        self.alarms = Alarms(settings) if settings is not None and settings.enabled else None
+        """The reward-hacking and collapse alarms (`training.alarms`), checkpointed with the run; None when off."""
+        self.source_signs: dict[str, float] = {}
+        """The sign of every reward source's weight (what the alarms sign the sources' means by)."""
+        if self.alarms is not None:
+            self.named = lambda: {**named(), "alarms": self.alarms}
+
+    def finish_step(
+        self,
+        record: dict,
+        evaluate: Callable[[], dict] | None = None,
+        postfix: dict | None = None,
+        *,
+        rollout: Rollout | None = None,
+        reference: bool = True,
+        returns: torch.Tensor | None = None,
+    ) -> bool:
+        """`Run.finish_step`, after the alarms (`training.alarms`, with `alarms.enabled`) have read the step's
+        `rollout` and `record` (`reference`: the rollout's ref_logps cover every completion, so its KL is
+        taken; `returns`, (N,): what the update maximises per completion where it is not the reward, the reward
+        less β·KL): their verdicts join the record, a step where one fires is always logged and its onset
+        printed, and with `alarms.stop_on_alarm` the run stops after it (checkpointed, report written,
+        `AlarmStop` raised). Every process decides the same: every figure is over all of them."""
+        fired = {}
+        if self.alarms is not None and rollout is not None:
+            figures = step_figures(
+                rollout,
+                record,
+                gather=self.gather,
+                source_signs=self.source_signs,
+                reference=reference,
+                repeat_ngram=self.alarms.settings.repeat_ngram,
+                returns=returns,
+            )
+            check = self.alarms.update(figures)
+            record, fired = {**record, **check.record}, check.fired
+            for name in check.onsets:
+                self.log(f"\nalarm at step {self.step + 1}: {name}: {fired[name]} ({describe(name)})")
+        saved = super().finish_step(record, evaluate, postfix, log_always=bool(fired))
+        if fired and self.alarms.settings.stop_on_alarm:
+            path = self.save() if not saved else self.checkpointer.root / f"checkpoint-{self.step}"
+            self._bar.close()
+            finish_run(self.accelerator, Path(self.cfg.output_dir), self.log)  # the report marks the alarm
+            raise AlarmStop(self.step, fired, path if self.accelerator.is_main_process else None)
+        return saved
 
     def synced(self, policy) -> Sampler:
         """The run's sampler, following `policy`'s (the unwrapped model's) current weights: they are synced
@@ -434,6 +488,7 @@ class OnlineRun(Run):
         sampler, synced to `policy` first (with a guide, by the guided sampler at the step's α). `draw`
         d >= 1: the step's d-th extra draw of prompts instead (`step_prompts`)."""
         idx, seed = self.step_prompts(draw)
+        self.source_signs = {k: 1.0 if w >= 0 else -1.0 for k, w in getattr(rewards, "weights", {}).items()}
         sampler = self.synced(policy)
         if self.guided is not None:
             self.guided.alpha = self.cfg.guide.alpha_at(self.step, self.steps)

@@ -70,6 +70,7 @@ def recording_rollouts(collect):
                     "lengths": rollout.completion_lengths,
                     "ended": rollout.ended.tolist(),
                     "reward_stats": rollout.reward_stats,
+                    "ids": rollout.completion_ids(),
                 }
             )
         return rollout
