@@ -9,7 +9,7 @@ from typing import ClassVar
 
 from alignkit.config.base import ReferenceSettings, TrainConfig
 from alignkit.config.generation import SAMPLING_MOVED, GenerationSettings, temperature_above_zero
-from alignkit.config.guide import GuideSettings, guide_relations
+from alignkit.config.guide import GuideSettings, guide_relations, guide_traces_relations
 from alignkit.config.load import FRACTION, above, at_least
 from alignkit.config.preference import GAP_USES
 
@@ -125,8 +125,9 @@ class GRPOConfig(OnlineConfig):
     """token_mean (DAPO), sequence_mean (GRPO paper), constant (Dr. GRPO) or auto: sequence_mean for
     policy_loss=gspo, token_mean for cispo, and with grpo the estimator's own."""
     guide: GuideSettings = field(default_factory=GuideSettings)
-    """A frozen guide policy steering the rollouts, the update corrected for it (off unless guide.model is
-    set; docs/online_rl.md, *Guided rollouts*)."""
+    """A frozen guide policy steering the rollouts (mixture) or writing k of each group's completions (traces),
+    the update corrected or shaped for it (off unless guide.model is set; docs/online_rl.md, *Guided
+    rollouts*)."""
 
     ranges: ClassVar[dict] = {
         "advantage": ("grpo", "dr_grpo", "rloo", "reinforce_pp"),
@@ -134,7 +135,7 @@ class GRPOConfig(OnlineConfig):
         "beta": at_least(0),
         "scale_rewards": ("group", "batch", "none"),
     }
-    relations: ClassVar[tuple] = (guide_relations,)
+    relations: ClassVar[tuple] = (guide_relations, guide_traces_relations)
 
 
 @dataclass

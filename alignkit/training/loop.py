@@ -25,7 +25,7 @@ from alignkit.config.base import TrainConfig
 from alignkit.config.online import OnlineConfig
 from alignkit.data.prompts import Prompts
 from alignkit.generation.backends import ModelSampler, Sampler
-from alignkit.generation.guided import GuidedSampler
+from alignkit.generation.guided import GuidedSampler, TracesSampler
 from alignkit.io import atomic_write, read_jsonl
 from alignkit.rewards import RewardSet
 from alignkit.rollout import collect
@@ -374,7 +374,7 @@ class OnlineRun(Run):
         named: Callable[[], dict],
         log=None,
         sampler: Sampler | None = None,
-        guided: GuidedSampler | None = None,
+        guided: GuidedSampler | TracesSampler | None = None,
     ):
         order = DataOrder(
             n_prompts,
@@ -390,8 +390,9 @@ class OnlineRun(Run):
         """What draws the rollouts (`rollout.run_sampler`; default: the policy itself, on its backend) and the
         evaluations."""
         self.guided = guided
-        """With a guide (`generation.guided.GuidedSampler`): what draws the rollouts instead, the policy mixed
-        with the guide at the step's α (`GuideSettings.alpha_at`); evaluations stay the policy's own."""
+        """With a guide (`generation.guided`): what draws the rollouts instead, the policy mixed with the guide at
+        the step's α (`GuidedSampler`), or the run's sampler beside the step's k guide traces (`TracesSampler`);
+        evaluations stay the policy's own."""
 
     def synced(self, policy) -> Sampler:
         """The run's sampler, following `policy`'s (the unwrapped model's) current weights: they are synced
@@ -408,12 +409,11 @@ class OnlineRun(Run):
     def collect(self, policy, tokenizer, prompts: Prompts, rewards: RewardSet, *, sampling, group_size: int):
         """(rollout, seed): this process's rollout of the current step, `group_size` completions of each
         of its prompts from `policy` (the unwrapped model), sampled with the step's seed by the run's
-        sampler, synced to `policy` first (with a guide, by the guided sampler at the step's α)."""
+        sampler, synced to `policy` first (with a guide, by the guided sampler set for the step)."""
         idx, seed = self.step_prompts()
         sampler = self.synced(policy)
         if self.guided is not None:
-            self.guided.alpha = self.cfg.guide.alpha_at(self.step, self.steps)
-            sampler = self.guided
+            sampler = self.guided.for_step(self.cfg.guide, self.step, self.steps, sampler)
         rollout = collect(
             policy,
             tokenizer,
