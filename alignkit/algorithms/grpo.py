@@ -103,9 +103,7 @@ def check_settings(cfg: GRPOConfig) -> GRPOConfig:
         )
     default_aggregation = get_policy_loss(cfg.policy_loss).default_aggregation or spec.default_aggregation
     if default_aggregation == "sequence_mean" and cfg.guide.model and cfg.guide.mode == "traces":
-        default_aggregation = (
-            "token_mean"  # LUFFY's 1/Z, Z the tokens of every completion, guide's and policy's
-        )
+        default_aggregation = "token_mean"  # LUFFY's 1/Z: Z, the tokens of the guide's and the policy's
     aggregation = default_aggregation if cfg.loss_aggregation == "auto" else cfg.loss_aggregation
     if aggregation not in AGGREGATIONS:
         raise ConfigError(

@@ -24,19 +24,19 @@ GUIDE_MODES = ("mixture", "traces")
 
 @dataclass
 class GuideSettings:
-    """A frozen guide policy mixed into the rollouts (off while `model` is empty)."""
+    """A frozen guide policy mixed into the rollouts, or writing some of them (off while `model` is empty)."""
 
     model: str = ""
     """The guide: a causal LM (hub name or folder) sharing the policy's tokenizer, e.g. an aligned model;
     "" = no guide. Frozen: never trained, never in a checkpoint (a resumed run loads it again)."""
     alpha: float = 1.0
-    """α, the policy's weight: rollouts are drawn from q = α·π + (1 − α)·g, so the importance weights π/q are
-    at most 1/α (1 = the guide is off)."""
+    """mode=mixture: α, the policy's weight: rollouts are drawn from q = α·π + (1 − α)·g, so the importance
+    weights π/q are at most 1/α (1 = the guide is off)."""
     schedule: str = "constant"
-    """How α moves: constant, or linear (from guide.alpha up to 1 over guide.steps steps, then the guide is
-    off and the run is the unguided one)."""
+    """How α (mixture) or k (traces) moves: constant, or linear (α up to 1, k down to 0, over guide.steps
+    steps, then the guide is off and the run is the unguided one)."""
     steps: int = 0
-    """schedule=linear: the steps over which α reaches 1 (0 = the whole run)."""
+    """schedule=linear: the steps over which α reaches 1, or k 0 (0 = the whole run)."""
     mode: str = "mixture"
     """mixture: every token drawn from q, both models stepping their KV caches together (the loop sampler
     only); traces: k = guide.traces of each prompt's G completions written by the guide alone (grpo, rloo)."""
