@@ -384,7 +384,8 @@ def traces_metrics(
         guide/prob/mean                         mean π on the guide's tokens
         guide/shaping_weight/mean, /min, /max   of the shaping's f'(π) = γ / (π + γ)² on them
         guide/frac_amplified                    the share of them with f'(π) > 1
-        guide/ratio/mean                        mean π / g, the plain importance weight the shaping replaces
+        guide/ratio/median                      the median π / g, the plain importance weight the shaping
+                                                replaces (its mean is 1 by construction: E_g[π/g] = Σ π = 1)
     """
     if "guide_trace" not in rollout.sampler_details:
         return {}
@@ -399,7 +400,7 @@ def traces_metrics(
     mask = rollout.completion_mask.bool() & ~own_tokens(rollout)  # (N, T) the guide's tokens
     pi = gather(logps[mask].float())  # (M,) every process's
     stats = shaping_statistics(pi, gamma=gamma)
-    stats["ratio/mean"] = (pi - gather(rollout.sampler_logps[mask].float())).exp().mean()
+    stats["ratio/median"] = (pi - gather(rollout.sampler_logps[mask].float())).exp().median()
     return {**out, **{f"guide/{k}": float(v) for k, v in stats.items()}}
 
 

@@ -189,7 +189,8 @@ def test_each_group_holds_k_guide_traces_beside_the_policys_own_samples(
     prompt's 3 completions the policy alone draws from the step's seed (`sample_ids`, bit for bit) and then 1
     the guide alone draws from the seed + GUIDE_SEED_OFFSET (`guide_trace_ids`), every row after its own
     group's prompt; the guide's rows report the guide's own log-probs (a full forward of it); the flags reach
-    every micro-batch on exactly the guide's rows, however they were shuffled; the metrics split the reward.
+    every micro-batch on exactly the guide's rows, however they were shuffled; the metrics split the reward, and
+    the plain importance weights π/g of the guide's tokens are ≪ 1 (median below 0.01).
     At k = 0 the sampler is the policy's own, bit for bit."""
     data = write_prompts(tmp_path / "prompts.jsonl", 8)
     cfg = traces(
@@ -247,6 +248,7 @@ def test_each_group_holds_k_guide_traces_beside_the_policys_own_samples(
     assert record["guide/reward_traces"] == pytest.approx(float(scores[:, 3].mean()))
     assert record["guide/reward_policy"] == pytest.approx(float(scores[:, :3].mean()))
     assert 0 < record["guide/prob/mean"] < 0.5 and record["guide/shaping_weight/max"] <= 1 / 0.1
+    assert record["guide/ratio/median"] < 0.01  # plain importance weights π/g: a random policy, a sharp guide
 
     sampler = TracesSampler(guide).for_step(GuideSettings(), 0, 1, ModelSampler("loop"))  # no guide: k = 0
     plain = ModelSampler("loop").sample(policy, tokenizer, prompts, num_samples=4, seed=5, **settings)
