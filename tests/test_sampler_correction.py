@@ -266,6 +266,7 @@ def test_the_figures_are_the_whole_steps_over_every_process():
         sampler_auto_correction="sequence_mask",  # (what a vLLM sampler asks auto for)
         completion_mask=mask,
         old_logps=torch.zeros(2, 3),
+        sampler_details={},
     )
     other_tokens, other_ratios = torch.full((3,), 0.5), torch.tensor([math.exp(1.5)])
 

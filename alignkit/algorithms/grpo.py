@@ -42,12 +42,14 @@ from alignkit.losses.policy import (
     kl_penalised_scores,
 )
 from alignkit.losses.policy_losses import clip_range, get_policy_loss
+from alignkit.losses.policy_shaping import shaped_guide_loss
 from alignkit.models.load import BatchForward, disable_dropout, load_policy, load_tokenizer
 from alignkit.models.lora import add_lora
 from alignkit.models.reference import online_reference
 from alignkit.rewards.compose import online_rewards
 from alignkit.rollout import (
     guide_metrics,
+    guide_traces,
     importance_centred,
     needs_old_logps,
     rollout_metrics,
@@ -56,6 +58,8 @@ from alignkit.rollout import (
     sampling_settings,
     timing_metrics,
     token_logps_in_batches,
+    traces_logps,
+    traces_metrics,
 )
 from alignkit.training.dynamic_sampling import collect_informative
 from alignkit.training.grpo_family import RewardTerms, high_entropy_tokens
@@ -102,6 +106,8 @@ def check_settings(cfg: GRPOConfig) -> GRPOConfig:
             f"kl_estimator '{cfg.kl_estimator}' is not auto or one of {', '.join(KL_ESTIMATORS)}"
         )
     default_aggregation = get_policy_loss(cfg.policy_loss).default_aggregation or spec.default_aggregation
+    if default_aggregation == "sequence_mean" and cfg.guide.model and cfg.guide.mode == "traces":
+        default_aggregation = "token_mean"  # LUFFY's 1/Z: Z, the tokens of the guide's and the policy's
     aggregation = default_aggregation if cfg.loss_aggregation == "auto" else cfg.loss_aggregation
     if aggregation not in AGGREGATIONS:
         raise ConfigError(
@@ -149,7 +155,13 @@ class GRPOObjective:
     `losses.off_policy`), plus β·KL to the reference (unless the KL is in the reward; unweighted for vLLM's
     small numeric gap, as TRL's, but weighted the same where a guide drew the tokens: they are samples of the
     mixture q, and the KL is an expectation under π_old), aggregated over its `loss_mask` as `aggregation`
-    says. `cfg` is resolved (`check_settings`)."""
+    says. `cfg` is resolved (`check_settings`).
+
+    A guide's whole traces (guide.mode=traces: the batch's `guide_mask`, 1 on their tokens) take LUFFY's shaped
+    term instead (`losses.policy_shaping.shaped_guide_loss`), unclipped, never importance-weighted, and no KL
+    term: they are not the policy's samples, so k(π/π_ref) on them estimates no KL of the policy's (the
+    correct weight π/g ≪ 1 would zero it), and a pull toward the reference on exactly the guide's tokens
+    would undo what they teach; the policy's own completions keep the policy loss and the KL term."""
 
     cfg: GRPOConfig
     aggregation: str
@@ -164,6 +176,8 @@ class GRPOObjective:
     def __call__(self, model, batch: dict):
         out = model(batch)
         logps, mask = out["token_logps"], batch["loss_mask"]
+        guide = batch.get("guide_mask")  # (B, T) 1 on a guide trace's tokens (guide.mode=traces)
+        own = mask if guide is None else mask * (1 - guide)  # (B, T) the policy's own samples
         # Fully on-policy (one epoch, one minibatch): the sampling policy is this very forward.
         old_logps = batch["old_logps"] if "old_logps" in batch else logps.detach()
         policy_loss = get_policy_loss(self.cfg.policy_loss).fn
@@ -171,7 +185,7 @@ class GRPOObjective:
             logps,
             old_logps,
             batch["advantages"],
-            mask,
+            own,
             epsilon=self.cfg.epsilon,
             epsilon_high=self.cfg.epsilon_high,
         )
@@ -179,15 +193,20 @@ class GRPOObjective:
             per_token = per_token * batch["sampler_weights"]
         if "entropy_mask" in batch:  # top_entropy_fraction: the policy term of the high-entropy tokens only
             per_token = per_token * batch["entropy_mask"]
+        if guide is not None:  # LUFFY: −f(π)·Â on the guide's tokens, f(π) = π / (π + γ)
+            shaped = shaped_guide_loss(logps, batch["advantages"], mask * guide, gamma=self.cfg.guide.gamma)
+            per_token = per_token + shaped
         if self.cfg.beta > 0 and not self.cfg.kl_in_reward:
             old = old_logps if self.cfg.kl_importance_correction else None
             kl = kl_estimate(logps, batch["ref_logps"], estimator=self.cfg.kl_estimator, old_logps=old)
             if self.cfg.guide.model and "sampler_weights" in batch:  # q's tokens: E_q[w·k] = E_π_old[k]
                 kl = kl * batch["sampler_weights"]
+            if guide is not None:  # the policy's own samples only (class docstring)
+                kl = kl * (1 - guide)
             per_token = per_token + self.cfg.beta * kl
-            metrics["kl"] = masked_mean(kl.detach(), mask)
+            metrics["kl"] = masked_mean(kl.detach(), own)
         loss, _ = aggregate(per_token, mask, **self._how())
-        metrics["entropy"] = masked_mean(out["token_entropy"].detach(), mask)
+        metrics["entropy"] = masked_mean(out["token_entropy"].detach(), own)
         metrics["loss"] = loss.detach()
         return loss, metrics
 
@@ -316,6 +335,10 @@ def train(cfg: GRPOConfig) -> Path:
             correction, sampler_record = sampler_correction(
                 rollout, cfg.sampler_correction, cfg.sampler_correction_cap, gather=run.gather
             )
+            # Guide traces (guide.mode=traces): their tokens' flags, and π on them before the updates.
+            traces = guide_traces(rollout)  # {"guide_mask": (N·G, T)}, or {}
+            forward = lambda b: policy(b, with_entropy=False)  # noqa: E731
+            guide_logps = traces_logps(forward, rollout, len(micro_rows[0]), accelerator.device)
 
             # 3. Advantages, from the scores (+ the overlong penalty) less β·Σk1 of each completion where the
             # KL is in the reward; with multi_reward=normalize_then_sum, from every source's scores apart.
@@ -351,7 +374,12 @@ def train(cfg: GRPOConfig) -> Path:
                     {
                         k: v.to(accelerator.device)
                         for k, v in rollout.batch(
-                            rows_, advantages=advantages, loss_mask=loss_mask, **correction, **selected
+                            rows_,
+                            advantages=advantages,
+                            loss_mask=loss_mask,
+                            **correction,
+                            **selected,
+                            **traces,
                         ).items()
                     }
                     for rows_ in update
@@ -380,6 +408,7 @@ def train(cfg: GRPOConfig) -> Path:
                 **drawn,
                 **terms.metrics(rollout, gather=run.gather),
                 **entropy_record,
+                **traces_metrics(rollout, guide_logps, gamma=cfg.guide.gamma, gather=run.gather),
             }
             record.update(timing_metrics(rollout, (t0, t1, t2, t3), passes=cfg.ppo_epochs))
             postfix = {"reward": record["reward"], "kl": record.get("kl", 0.0)}

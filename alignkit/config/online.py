@@ -11,7 +11,7 @@ from alignkit.config.alarms import AlarmSettings
 from alignkit.config.base import ReferenceSettings, TrainConfig
 from alignkit.config.generation import SAMPLING_MOVED, GenerationSettings, temperature_above_zero
 from alignkit.config.grpo_family import GRPO_FAMILY_RELATIONS
-from alignkit.config.guide import GuideSettings, guide_relations
+from alignkit.config.guide import GuideSettings, guide_relations, guide_traces_relations
 from alignkit.config.load import FRACTION, above, at_least, between
 from alignkit.config.preference import GAP_USES
 
@@ -130,8 +130,9 @@ class GRPOConfig(OnlineConfig):
     """token_mean (DAPO), sequence_mean (GRPO paper), constant (Dr. GRPO) or auto: sequence_mean for
     policy_loss=gspo, token_mean for cispo, and with grpo the estimator's own."""
     guide: GuideSettings = field(default_factory=GuideSettings)
-    """A frozen guide policy steering the rollouts, the update corrected for it (off unless guide.model is
-    set; docs/online_rl.md, *Guided rollouts*)."""
+    """A frozen guide policy steering the rollouts (mixture) or writing k of each group's completions (traces),
+    the update corrected or shaped for it (off unless guide.model is set; docs/online_rl.md, *Guided
+    rollouts*)."""
     dynamic_sampling: bool = False
     """DAPO's dynamic sampling: drop the groups whose G rewards are all equal (they carry no policy gradient)
     and draw more prompts, from the seeded order, until the step has batch_size groups (docs/online_rl.md)."""
@@ -162,7 +163,7 @@ class GRPOConfig(OnlineConfig):
         "multi_reward": ("sum", "normalize_then_sum"),
         "top_entropy_fraction": between(0, 1, low_open=True, high_open=True),
     }
-    relations: ClassVar[tuple] = (guide_relations, *GRPO_FAMILY_RELATIONS)
+    relations: ClassVar[tuple] = (guide_relations, guide_traces_relations, *GRPO_FAMILY_RELATIONS)
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """Guided rollouts: every token drawn from a mixture of the policy and a frozen guide policy, the two models
-decoding in lockstep, each on its own KV cache (teacher-mixed sampling: MiniLLM, Gu et al., ICLR 2024).
+decoding in lockstep, each on its own KV cache (teacher-mixed sampling: MiniLLM, Gu et al., ICLR 2024); or
+(guide.mode=traces, `TracesSampler`) k whole completions of each prompt's group written by the guide alone,
+beside the policy's G − k (LUFFY's mixed-policy GRPO, Yan et al. 2025).
 
 The distribution mixed, at each step, from the policy's logits z_π and the guide's z_g at the sampling
 temperature τ:
@@ -42,6 +44,7 @@ from alignkit.config.load import ConfigError
 from alignkit.generation.backends import ModelSampler, Sampled
 from alignkit.generation.resolve import loop_refusal, with_resolved_backend
 from alignkit.generation.sampling import (
+    draw_from,
     draw_tokens,
     eos_ids,
     loop_decoder,
@@ -203,6 +206,12 @@ class GuidedSampler:
     def is_trainer(self) -> bool:
         return self.alpha >= 1
 
+    def for_step(self, guide, step: int, total_steps: int, sampler) -> GuidedSampler:
+        """This sampler at the step's α (`GuideSettings.alpha_at` of the `guide` settings); `sampler`, the run's
+        own, is not used: the mixture decodes the policy in the lean loop itself."""
+        self.alpha = guide.alpha_at(step, total_steps)
+        return self
+
     def sync(self, model, version: int) -> None:
         """Nothing to do: the policy samples itself, and the guide never changes."""
 
@@ -230,12 +239,136 @@ class GuidedSampler:
         return Sampled(ids, logps, details=details, auto_correction=GUIDED_CORRECTION)
 
 
+GUIDE_SEED_OFFSET = 1 << 40
+"""Added to a rollout's seed for its guide traces: a stream of their own, a function of the step's seed (a
+resume redraws them), apart from every step's and process's policy seed."""
+
+
+@torch.no_grad()
+def guide_trace_ids(
+    guide,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    *,
+    eos: set[int],
+    num_samples: int,
+    seed: int,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    batch_size: int = 64,
+) -> tuple[list[list[int]], list[list[float]]]:
+    """`num_samples` completions of every prompt written by the guide alone in the lean loop, prompt-major:
+    (ids, the guide's log-prob of each drawn token). Its scores are aligned to the tokenizer's tokens first
+    (`aligned`: a padding row is never drawn, so the policy can score every id), then tempered and truncated
+    by the rollout's settings, and each completion is cut after its first token in `eos` (the policy's EOS
+    ids, which decide whether a completion of the rollout ended). Seeded and batched as `sample_ids`' loop."""
+    decoder = loop_decoder(guide)
+    if decoder is None:
+        raise ValueError(f"the lean loop cannot drive {type(guide).__name__}; guide traces are sampled in it")
+    if temperature <= 0:
+        raise ValueError(f"guide traces are sampled: temperature must be > 0, got {temperature}")
+    device = next(guide.parameters()).device
+    draw = draw_from(sampling_warpers(temperature, top_k=top_k, top_p=top_p), loop_generator(seed, device))
+    size = len(tokenizer)
+    return sample_ids_with_loop(
+        [decoder],
+        prompt_ids,
+        num_samples=num_samples,
+        choose=lambda logits, rows: draw([aligned(logits[0].float(), size)], rows),
+        eos=eos,
+        pad_id=tokenizer.pad_token_id,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        device=device,
+    )
+
+
+class TracesSampler:
+    """The `Sampler` of a guide.mode=traces run (LUFFY's mixed-policy GRPO): of each prompt's G completions, the
+    first G − k are the policy's, drawn by the run's own sampler (its backend, the rollout's seed), and the last
+    k the frozen guide's alone (`guide_trace_ids`, seeded from the rollout's seed), k = `traces` as the run sets
+    it for each step (`GuideSettings.traces_at`; at k = 0, the policy's sampler alone, bit for bit). The guide's
+    rows report the guide's own log-probs; `is_trainer` and the auto correction are the policy sampler's, for
+    its rows: the guide's are shaped (`losses.policy_shaping`), never importance-corrected
+    (`rollout.sampler_correction` leaves them out). Each completion's details: guide_trace (1: the guide's
+    trace, 0: the policy's sample) and traces (k)."""
+
+    def __init__(self, guide: torch.nn.Module):
+        self.guide = guide
+        self.traces = 0
+        """k, the guide's completions in each group of the next rollout."""
+        self.policy_sampler = ModelSampler("auto")
+        """What draws the policy's completions: the run's own sampler, synced (`for_step`)."""
+
+    @property
+    def backend(self) -> str:
+        return self.policy_sampler.backend
+
+    @property
+    def is_trainer(self) -> bool:
+        return self.policy_sampler.is_trainer
+
+    def for_step(self, guide, step: int, total_steps: int, sampler) -> TracesSampler:
+        """This sampler with the step's k (`GuideSettings.traces_at` of the `guide` settings), the policy's
+        completions drawn by `sampler`, the run's own, already synced to the policy."""
+        self.traces = guide.traces_at(step, total_steps)
+        self.policy_sampler = sampler
+        return self
+
+    def sync(self, model, version: int) -> None:
+        """The policy's sampler follows `model` (the guide never changes)."""
+        self.policy_sampler.sync(model, version)
+
+    def sample(
+        self, model, tokenizer, prompt_ids: list[list[int]], *, num_samples: int, seed: int, **settings
+    ) -> Sampled:
+        k, G = self.traces, num_samples
+        if not 0 <= k < G:
+            raise ValueError(
+                f"{k} guide traces in groups of {G}: 0 <= k < G leaves the policy samples of its own"
+            )
+        own = self.policy_sampler.sample(
+            model, tokenizer, prompt_ids, num_samples=G - k, seed=seed, **settings
+        )
+        if own.details:
+            raise ValueError(f"the policy's sampler reports {sorted(own.details)}, which guide traces do not")
+        ids, logps, flags = list(own.completion_ids), list(own.logps), [0.0] * len(own.completion_ids)
+        if k:
+            guide_ids, guide_logps = guide_trace_ids(
+                self.guide,
+                tokenizer,
+                prompt_ids,
+                eos=eos_ids(model, tokenizer),
+                num_samples=k,
+                seed=seed + GUIDE_SEED_OFFSET,
+                **settings,
+            )
+            ids, logps, flags = [], [], []
+            for i in range(len(prompt_ids)):  # prompt-major: the policy's G - k, then the guide's k
+                ids += own.completion_ids[i * (G - k) : (i + 1) * (G - k)] + guide_ids[i * k : (i + 1) * k]
+                logps += own.logps[i * (G - k) : (i + 1) * (G - k)] + guide_logps[i * k : (i + 1) * k]
+                flags += [0.0] * (G - k) + [1.0] * k
+        details = {"guide_trace": flags, "traces": [float(k)] * len(ids)}
+        return Sampled(ids, logps, details=details, auto_correction=own.auto_correction)
+
+
 def with_guided_backend(cfg):
     """`generation.resolve.with_resolved_backend` for a command with a `guide:` section: with a mixture guide
     both models decode in the lean loop, so generation.backend (auto or loop: the others are refused by the
-    config's relations) resolves to loop, and a model the loop cannot drive is refused, naming it."""
+    config's relations) resolves to loop, and a model the loop cannot drive is refused, naming it. With traces
+    the policy samples on its own backend, resolved as without a guide, and the guide in the lean loop: a
+    guide it cannot drive is refused."""
     g = cfg.guide
-    if not (g.model and g.mode == "mixture"):
+    if g.model and g.mode == "traces":  # the policy samples on its own backend; the guide in the lean loop
+        check_model_source(g.model, "guide.model")
+        if (why := loop_refusal(g.model, cfg.trust_remote_code)) is not None:
+            raise ConfigError(
+                f"guide.mode=traces samples the guide in the lean loop sampler, which cannot drive guide.model: {why}"
+            )
+        return with_resolved_backend(cfg)
+    if not g.model:
         return with_resolved_backend(cfg)
     for key, name in (("model", cfg.model), ("guide.model", g.model)):
         if not name:
@@ -249,16 +382,14 @@ def with_guided_backend(cfg):
     return dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, backend="loop"))
 
 
-def load_guided_sampler(cfg, tokenizer, device) -> GuidedSampler | None:
-    """The guided sampler of a run whose config has a `guide:` section, or None without a guide: the guide
-    loaded from guide.model as a reference is (cfg.dtype, on `device`), frozen (eval mode, no gradient: never
-    in the optimizer nor a checkpoint), after refusing a guide whose tokenizer is not the policy's
-    (`tokenizer`), naming both."""
+def load_guided_sampler(cfg, tokenizer, device) -> GuidedSampler | TracesSampler | None:
+    """The guided sampler of a run whose config has a `guide:` section (`GuidedSampler` for guide.mode=mixture,
+    `TracesSampler` for traces), or None without a guide: the guide loaded from guide.model as a reference is
+    (cfg.dtype, on `device`), frozen (eval mode, no gradient: never in the optimizer nor a checkpoint), after
+    refusing a guide whose tokenizer is not the policy's (`tokenizer`), naming both."""
     g = cfg.guide
     if not g.model:
         return None
-    if g.mode != "mixture":
-        raise ConfigError("guide.mode=traces is not available yet; use guide.mode=mixture")
     policy_source = cfg.tokenizer or cfg.model
     guide_tokenizer = load_tokenizer(g.model, cfg.trust_remote_code)
     difference = vocabulary_difference(
@@ -267,7 +398,8 @@ def load_guided_sampler(cfg, tokenizer, device) -> GuidedSampler | None:
     if difference:
         raise ConfigError(
             f"guide.model {g.model} does not share the policy's tokenizer ({policy_source}): {difference}. A guided "
-            "rollout mixes the two models' next-token distributions token by token; use a guide built on the "
-            "policy's tokenizer"
+            "rollout mixes the two models' next-token distributions token by token, or trains the policy on the "
+            "guide's token ids; use a guide built on the policy's tokenizer"
         )
-    return GuidedSampler(disable_dropout(frozen_model(cfg, g.model, device)))
+    guide = disable_dropout(frozen_model(cfg, g.model, device))
+    return TracesSampler(guide) if g.mode == "traces" else GuidedSampler(guide)

@@ -26,7 +26,7 @@ from alignkit.config.base import TrainConfig
 from alignkit.config.online import OnlineConfig
 from alignkit.data.prompts import Prompts
 from alignkit.generation.backends import ModelSampler, Sampler
-from alignkit.generation.guided import GuidedSampler
+from alignkit.generation.guided import GuidedSampler, TracesSampler
 from alignkit.io import atomic_write, read_jsonl
 from alignkit.rewards import RewardSet
 from alignkit.rollout import Rollout, collect
@@ -383,7 +383,7 @@ class OnlineRun(Run):
         named: Callable[[], dict],
         log=None,
         sampler: Sampler | None = None,
-        guided: GuidedSampler | None = None,
+        guided: GuidedSampler | TracesSampler | None = None,
         extra_draws: int = 0,
     ):
         order = DataOrder(
@@ -406,8 +406,9 @@ class OnlineRun(Run):
         """What draws the rollouts (`rollout.run_sampler`; default: the policy itself, on its backend) and the
         evaluations."""
         self.guided = guided
-        """With a guide (`generation.guided.GuidedSampler`): what draws the rollouts instead, the policy mixed
-        with the guide at the step's α (`GuideSettings.alpha_at`); evaluations stay the policy's own."""
+        """With a guide (`generation.guided`): what draws the rollouts instead, the policy mixed with the guide at
+        the step's α (`GuidedSampler`), or the run's sampler beside the step's k guide traces (`TracesSampler`);
+        evaluations stay the policy's own."""
         settings = getattr(cfg, "alarms", None)
         self.alarms = Alarms(settings) if settings is not None and settings.enabled else None
         """The reward-hacking and collapse alarms (`training.alarms`), checkpointed with the run; None when off."""
@@ -485,14 +486,13 @@ class OnlineRun(Run):
     ):
         """(rollout, seed): this process's rollout of the current step, `group_size` completions of each
         of its prompts from `policy` (the unwrapped model), sampled with the step's seed by the run's
-        sampler, synced to `policy` first (with a guide, by the guided sampler at the step's α). `draw`
+        sampler, synced to `policy` first (with a guide, by the guided sampler set for the step). `draw`
         d >= 1: the step's d-th extra draw of prompts instead (`step_prompts`)."""
         idx, seed = self.step_prompts(draw)
         self.source_signs = {k: 1.0 if w >= 0 else -1.0 for k, w in getattr(rewards, "weights", {}).items()}
         sampler = self.synced(policy)
         if self.guided is not None:
-            self.guided.alpha = self.cfg.guide.alpha_at(self.step, self.steps)
-            sampler = self.guided
+            sampler = self.guided.for_step(self.cfg.guide, self.step, self.steps, sampler)
         rollout = collect(
             policy,
             tokenizer,
