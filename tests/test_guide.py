@@ -295,8 +295,8 @@ def test_the_guide_is_frozen_and_an_interrupted_guided_run_resumes_exactly(
         state = guide.state_dict()
         assert all(torch.equal(state[k], files[k]) for k in files)
     checkpoint = sorted((tmp_path / "b" / "out" / "checkpoints").glob("checkpoint-*"))[-1]
-    assert sorted(p.name for p in checkpoint.iterdir()) == [
-        "model.safetensors", "optimizer.pt", "rewards.pt", "rng.pt", "scheduler.pt", "state.json"
+    assert sorted(p.name for p in checkpoint.iterdir()) == [  # no guide in it
+        "alarms.pt", "model.safetensors", "optimizer.pt", "rewards.pt", "rng.pt", "scheduler.pt", "state.json"
     ]  # fmt: skip
     policy = load_causal_lm(str(tiny_model_dir))  # (saved as the BatchForward around it: "model." + name)
     saved = load_file(str(checkpoint / "model.safetensors"))
