@@ -232,6 +232,11 @@ def test_online_dpo_logs_the_gap_and_trains_as_today(tmp_path, tiny_model_dir, m
         generation=GenerationSettings(max_new_tokens=8, temperature=0.7),
     )
     shifted, _, seen = run(monkeypatch, online_dpo.train, cfg, 0.2)
+    # The entropy alarm's estimate, −mean log p of the sampled tokens, reads the sampler's own log-probs
+    # (online DPO takes no trainer entropy): a sampler 0.2 nats above the trainer lowers it by exactly 0.2.
+    key = "alarm_stats/entropy_collapse/entropy"
+    for a, b in zip(shifted, today):
+        assert a.pop(key) - b.pop(key) == pytest.approx(-0.2, abs=1e-5)
     assert same_run(shifted) == same_run(today)
     assert seen and all("sampler_weights" not in b for step in seen for b in step)
     for m in shifted:
