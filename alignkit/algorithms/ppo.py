@@ -228,15 +228,16 @@ def optimizer_groups(cfg: PPOConfig, module: PolicyAndValue, updates_per_step: i
     value_model=adapter the critic is its head and the value adapter's weights on the shared base."""
     critic = list(module.value.head.parameters())
     named = module.value.backbone.named_parameters()
-    if cfg.value_model == "adapter":
-        critic += [p for n, p in named if f".{VALUE_ADAPTER}." in n and "lora_" in n and p.requires_grad]
+    if cfg.value_model == "adapter":  # the value adapter's weights on the base the policy shares
+        critic += [p for n, p in named if f".{VALUE_ADAPTER}." in n and "lora_" in n]
     else:
-        critic += [p for _, p in named if p.requires_grad]
+        critic += [p for _, p in named]
+    critic = [p for p in critic if p.requires_grad]
     ids = {id(p) for p in critic}
     policy = [p for p in module.parameters() if p.requires_grad and id(p) not in ids]
     return [
         {"params": policy, "lr": cfg.lr, "hold": cfg.critic_warmup * updates_per_step},
-        {"params": [p for p in critic if p.requires_grad], "lr": critic_lr(cfg)},
+        {"params": critic, "lr": critic_lr(cfg)},
     ]
 
 

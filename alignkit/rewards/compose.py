@@ -31,7 +31,15 @@ import torch
 
 from alignkit.config.load import ConfigError
 from alignkit.config.online import OnlineConfig
-from alignkit.rewards.base import Prompt, RewardSource, RowMean, ScoreContext, check_batch, score_source
+from alignkit.rewards.base import (
+    Prompt,
+    RewardSource,
+    RowMean,
+    ScoreContext,
+    check_batch,
+    score_source,
+    source_columns,
+)
 from alignkit.rewards.registry import build_rewards
 
 
@@ -189,7 +197,7 @@ class RewardSet:
     @property
     def columns(self) -> tuple[str, ...]:
         """Every row column some source reads, in the order the sources name them."""
-        names = (c for s in self.sources for c in (getattr(s, "columns", None) or ()))
+        names = (c for s in self.sources for c in (source_columns(s) or ()))
         return tuple(dict.fromkeys(names))
 
     def score_sources(
