@@ -1,12 +1,14 @@
 """Build the RL-with-verifiable-rewards case study's data and base model (docs/online_rl.md, *RL with
 verifiable rewards on a CPU*), offline, in a few minutes:
 
-1. two-digit addition and subtraction problems ("47+38=", answer "85"), split by problem: SFT rows, GRPO
-   prompts (with an `answer` column the `math_answer` reward reads) and held-out problems no other split has;
+1. two-digit addition and subtraction problems ("47+38=", answer "85"; `--digits 1` for the suite's one-digit
+   version), split by problem: SFT rows, GRPO prompts (with an `answer` column the `math_answer` reward reads)
+   and held-out problems no other split has;
 2. a character-level tokenizer (digits, + - =, <pad> <s> </s>) and a randomly initialised Llama whose heads
    are 64 wide (hidden 128, 2 heads: vLLM's CPU attention runs it), saved like a hub checkpoint;
-3. `alignkit sft` on the SFT rows, stopped early (by default) so that the model answers about half of the
-   held-out problems exactly: room for GRPO to improve, with groups that disagree.
+3. `alignkit sft` on the SFT rows (30 epochs by default, about 15 minutes on 2 cores): the model then answers
+   88% of the held-out problems exactly when it decodes greedily but only about 59% of its samples at
+   temperature 1 are right: room for GRPO to improve, with groups that disagree.
 
     python scripts/build_arithmetic.py                        # -> runs/arith/{init,sft/final}, *.jsonl
     alignkit grpo model=runs/arith/sft/final data=runs/arith/grpo_prompts.jsonl \
@@ -26,12 +28,14 @@ REPO = Path(__file__).resolve().parents[1]
 CHARS = list("0123456789+-=")
 
 
-def problems(seed: int = 0) -> list[tuple[str, str]]:
-    """Every a+b and a-b with a, b in 10..99 (16,200 problems) as (prompt, answer), shuffled by `seed`."""
+def problems(seed: int = 0, digits: int = 2) -> list[tuple[str, str]]:
+    """Every a+b and a-b with a, b of `digits` digits (two: 10..99, 16,200 problems; one: 0..9, 200) as
+    (prompt, answer), shuffled by `seed`."""
+    low, high = (10, 100) if digits == 2 else (0, 10)
     rows = [
         (f"{a}{op}{b}=", str(a + b if op == "+" else a - b))
-        for a in range(10, 100)
-        for b in range(10, 100)
+        for a in range(low, high)
+        for b in range(low, high)
         for op in "+-"
     ]
     random.Random(seed).shuffle(rows)
@@ -76,10 +80,10 @@ def random_llama(path: Path, tokenizer, *, hidden: int = 128, layers: int = 4, s
     return path
 
 
-def write_rows(root: Path, *, sft: int, grpo: int, heldout: int, seed: int = 0) -> None:
+def write_rows(root: Path, *, sft: int, grpo: int, heldout: int, seed: int = 0, digits: int = 2) -> None:
     """sft_rows.jsonl ({prompt, completion}), grpo_prompts.jsonl and heldout.jsonl ({prompt, answer}): the
     first `sft`, next `grpo` and next `heldout` problems of one shuffled list, so no problem is in two."""
-    rows = problems(seed)
+    rows = problems(seed, digits)
     if sft + grpo + heldout > len(rows):
         raise SystemExit(f"only {len(rows)} problems exist")
     parts = {
@@ -99,20 +103,21 @@ def build(
     heldout: int,
     hidden: int = 128,
     layers: int = 4,
+    digits: int = 2,
     sft_args: list[str] | None = None,
 ) -> Path:
     """Steps 1-3 of the module docstring; returns the SFT model's folder (root/sft/final)."""
     from alignkit.cli import main as alignkit
 
     root.mkdir(parents=True, exist_ok=True)
-    write_rows(root, sft=sft, grpo=grpo, heldout=heldout)
+    write_rows(root, sft=sft, grpo=grpo, heldout=heldout, digits=digits)
     random_llama(root / "init", char_tokenizer(), hidden=hidden, layers=layers)
     args = [
         "sft",
         f"model={root / 'init'}",
         f"data={root / 'sft_rows.jsonl'}",
         f"output_dir={root / 'sft'}",
-        "epochs=1",
+        "epochs=30",
         "lr=3e-3",
         "batch_size=64",
         "max_length=16",
@@ -135,6 +140,7 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=500, help="held-out problems")
     parser.add_argument("--hidden", type=int, default=128, help="model width (a multiple of 64)")
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--digits", type=int, default=2, choices=(1, 2), help="digits per operand")
     parser.add_argument("sft_args", nargs="*", help="extra key=value settings for alignkit sft")
     args = parser.parse_args()
     sizes = {
@@ -143,6 +149,7 @@ def main() -> None:
         "heldout": args.heldout,
         "hidden": args.hidden,
         "layers": args.layers,
+        "digits": args.digits,
     }
     folder = build(args.root, **sizes, sft_args=args.sft_args)
     print(f"arithmetic model: {folder}")
