@@ -13,6 +13,7 @@ import importlib.util
 import json
 import re
 
+import pytest
 from conftest import REPO
 
 from alignkit.cli import main
@@ -46,44 +47,41 @@ def test_problems_split_without_overlap(tmp_path):
     assert grpo[0]["answer"] == str(int(a) + int(b) if op == "+" else int(a) - int(b))
 
 
-def test_grpo_with_math_answer_raises_exact_accuracy(tmp_path):
-    root = tmp_path / "arith"
+@pytest.fixture(scope="module")
+def arith(tmp_path_factory):
+    """The one-digit data and SFT model (about 10 s): (folder, model)."""
+    root = tmp_path_factory.mktemp("arith")
     sft_args = ["epochs=60", "batch_size=16", "report=false", "progress=false"]
     model = load_builder().build(
         root, sft=120, grpo=40, heldout=40, hidden=64, layers=2, digits=1, sft_args=sft_args
     )
-    rewards = "rewards=[{type: math_answer}]"
-    run = root / "grpo"
-    common = ["generation.max_new_tokens=4", rewards]
-    assert (
-        main(
-            [
-                "grpo",
-                f"model={model}",
-                f"data={root / 'grpo_prompts.jsonl'}",
-                f"output_dir={run}",
-                "max_steps=60",
-            ]
-            + ["batch_size=8", "num_generations=8", "lr=3e-4", "report=false", "progress=false", *common]
-        )
-        == 0
-    )
-    rewards_by_step = [m["reward"] for m in read_jsonl(run / "metrics.jsonl") if "reward" in m]
-    assert len(rewards_by_step) == 60
-    first, last = sum(rewards_by_step[:10]) / 10, sum(rewards_by_step[-10:]) / 10
+    return root, model
+
+
+def run_case(arith, out, *generation):
+    """grpo with math_answer on the GRPO prompts, then eval on the same prompts; asserts what both measure
+    and returns the run's metrics."""
+    root, model = arith
+    common = ["generation.max_new_tokens=4", "rewards=[{type: math_answer}]", *generation]
+    run = out / "grpo"
+    prompts = root / "grpo_prompts.jsonl"
+    args = ["grpo", f"model={model}", f"data={prompts}", f"output_dir={run}", "max_steps=60", "batch_size=8"]
+    assert main(args + ["num_generations=8", "lr=3e-4", "report=false", "progress=false", *common]) == 0
+    metrics = [m for m in read_jsonl(run / "metrics.jsonl") if "reward" in m]
+    rewards = [m["reward"] for m in metrics]
+    assert len(rewards) == 60
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     assert last > first + 0.1, (first, last)  # measured 0.27 -> 0.48
 
-    out = root / "eval"
-    prompts = root / "grpo_prompts.jsonl"
     args = [
         "eval",
         f"base_model={model}",
         f"model={run / 'final'}",
         f"prompts={prompts}",
-        f"output_dir={out}",
+        f"output_dir={out / 'eval'}",
     ]
     assert main(args + ["num_samples=8", "num_examples=40", *common]) == 0
-    report = json.loads((out / "eval_report.json").read_text())
+    report = json.loads((out / "eval" / "eval_report.json").read_text())
     accuracy = report["rewards"]["math_answer"]
     # measured +0.203 (paired s.e. 0.047), 0.325 -> 0.528
     assert accuracy["difference"] > max(0.1, 2 * accuracy["difference_stderr"]), accuracy
@@ -103,3 +101,8 @@ def test_grpo_with_math_answer_raises_exact_accuracy(tmp_path):
                 assert score == 0.0, example
     assert any(e["aligned_scores"]["math_answer"] == 1.0 for e in examples)
     assert any(e["base_scores"]["math_answer"] == 0.0 for e in examples)
+    return metrics
+
+
+def test_grpo_with_math_answer_raises_exact_accuracy(tmp_path, arith):
+    run_case(arith, tmp_path)
