@@ -16,7 +16,16 @@ from alignkit.config.load import ConfigError, load_config
 from alignkit.config.online import GRPOConfig, OnlineDPOConfig, PPOConfig
 from alignkit.rollout import Rollout, layout
 from alignkit.training.alarm_figures import ngram_codes, pooled_distinct_n, step_figures
-from alignkit.training.alarm_stats import distinct_n, ngrams, pearson, repeats_ngram, slope, thirds, trend
+from alignkit.training.alarm_stats import (
+    distinct_n,
+    ngrams,
+    pearson,
+    repeats_ngram,
+    rise_z,
+    slope,
+    thirds,
+    trend,
+)
 from alignkit.training.alarms import Alarms, AlarmStop
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -368,6 +377,41 @@ def test_kl_runaway_fires_above_its_bound_and_on_super_linear_growth_only():
         [0.05 * (1 + rng.gauss(0, 0.2)) for _ in range(300)],
     ):
         assert first_fired(run_alarms([{**base, "kl": k} for k in kls]), "kl_runaway") is None
+
+
+def test_kl_runaway_stays_silent_on_a_healthy_runs_noisy_kl():
+    """A healthy run's per-token KL is heavy-tailed: measured on the arithmetic GRPO runs of docs/online_rl.md,
+    steps around 0.05-0.1 with single steps at 3.1 and 11.5 (a completion through a token the reference all but
+    rules out). Such a series, flat in expectation (log-normal noise, sigma 0.7, around 0.08, and one step in
+    150 a spike of 30x), fired kl_runaway 86 times in 2,000 steps (those runs: 40-55) when the alarm read the mean of the last
+    3 steps and the thirds' means alone; the median, and a rise that must stand 3 standard errors out of the
+    steps' own spread, keep it silent. A real runaway under the same noise still fires."""
+    base = {"reward": 0.0, "length": 10.0}
+    rng = random.Random(1)
+
+    def noisy(level: float, t: int) -> float:
+        spike = 30.0 if t % 150 == 75 else 1.0
+        return level * math.exp(rng.gauss(0, 0.7)) * spike
+
+    flat = [noisy(0.08, t) for t in range(2000)]
+    results = run_alarms([{**base, "kl": k} for k in flat])
+    assert [t for t, _, fired in results if "kl_runaway" in fired] == []
+    # a lone spike of 30x: silent; two within the last 3 steps: fires (median 2.4 > 0.5)
+    quiet = [0.08] * 30
+    assert first_fired(run_alarms([{**base, "kl": k} for k in quiet[:29] + [2.4]]), "kl_runaway") is None
+    assert first_fired(run_alarms([{**base, "kl": k} for k in quiet[:28] + [2.4, 2.4]]), "kl_runaway") == 30
+    # the same noise on a KL growing x1.1 a step from 0.02: fires, once it is above the growth floor
+    growing = [noisy(0.02 * 1.1**t, t) for t in range(60)]
+    fired = first_fired(run_alarms([{**base, "kl": k} for k in growing]), "kl_runaway")
+    assert fired is not None and fired <= 45, fired
+
+
+def test_rise_z_is_the_rise_in_standard_errors():
+    # first third 1, 2, 3 (mean 2, variance 1), last 7, 8, 9 (mean 8, variance 1): (8 - 2) / sqrt(2 / 3)
+    assert rise_z([1, 2, 3, 0, 0, 0, 7, 8, 9]) == pytest.approx(6 / math.sqrt(2 / 3))
+    assert rise_z([1, 1, 5, 5, 2, 2]) == math.inf and rise_z([1, 1, 5, 5, 1, 1]) == 0.0
+    with pytest.raises(ValueError, match="at least 6"):
+        rise_z([1, 2, 3, 4, 5])
 
 
 def test_repetition_fires_when_distinct_n_collapses_or_repeats_rise():

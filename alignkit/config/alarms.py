@@ -95,9 +95,12 @@ class AlarmSettings:
     """kl_runaway: or growing super-linearly: over the window (read after the first baseline_steps, where the KL
     rises from 0), its rise over the last third at least this many times its rise over the first third, and its
     level at least this many times the first third's."""
-    kl_growth_min: float = 0.02
+    kl_growth_min: float = 0.05
     """kl_runaway: super-linear growth counts only above this KL (nats per token), so that noise around a
     negligible KL never fires."""
+    kl_growth_z: float = 3.0
+    """kl_runaway: and only where the last third's mean is at least this many standard errors above the first
+    third's (each third's spread as its noise), so that a few noisy steps do not make a healthy KL 'grow'."""
     distinct_fraction: float = 0.5
     """repetition: distinct-2 or distinct-3 of the step's completions (smoothed) below this fraction of its
     start."""
@@ -131,6 +134,7 @@ class AlarmSettings:
         "kl_max": above(0),
         "kl_growth": above(1),
         "kl_growth_min": at_least(0),
+        "kl_growth_z": at_least(0),
         "distinct_fraction": FRACTION,
         "distinct_min": FRACTION,
         "repeat_ngram": at_least(1),
@@ -159,7 +163,7 @@ class AlarmSettings:
 
 
 ALARM_SETTINGS = {
-    "kl_runaway": ("kl_max", "kl_growth", "kl_growth_min"),
+    "kl_runaway": ("kl_max", "kl_growth", "kl_growth_min", "kl_growth_z"),
     "source_disagreement": ("source_corr", "source_trend"),
     "zero_std_groups": ("zero_std_max",),
 }

@@ -89,6 +89,22 @@ def thirds(values: Sequence[float]) -> tuple[float, float, float]:
     return sum(first) / k, sum(middle) / len(middle), sum(last) / k
 
 
+def rise_z(values: Sequence[float]) -> float:
+    """How many standard errors the last third's mean is above the first third's (`thirds`' outer two), each
+    third's spread taken as its noise: (c − a) / sqrt(s_a² / k + s_c² / k); ±inf when both thirds are
+    constant and differ, 0 when they are equal."""
+    k = len(values) // 3
+    if k < 2:
+        raise ValueError(f"rise_z needs at least 6 values, got {len(values)}")
+    first, last = values[:k], values[len(values) - k :]
+    mean_a, mean_c = sum(first) / k, sum(last) / k
+    var = lambda xs, m: sum((x - m) ** 2 for x in xs) / (k - 1)  # noqa: E731
+    se = math.sqrt((var(first, mean_a) + var(last, mean_c)) / k)
+    if se == 0:
+        return 0.0 if mean_c == mean_a else math.copysign(math.inf, mean_c - mean_a)
+    return (mean_c - mean_a) / se
+
+
 def ngrams(sequence: Sequence[int], n: int) -> list[tuple[int, ...]]:
     """The sequence's n-grams in order (len − n + 1 of them; none when it is shorter than n)."""
     return [tuple(sequence[i : i + n]) for i in range(len(sequence) - n + 1)]
