@@ -48,8 +48,6 @@ from alignkit.models.lora import add_lora
 from alignkit.models.reference import online_reference
 from alignkit.rewards.compose import online_rewards
 from alignkit.rollout import (
-    guide_metrics,
-    guide_traces,
     importance_centred,
     needs_old_logps,
     rollout_metrics,
@@ -58,11 +56,10 @@ from alignkit.rollout import (
     sampling_settings,
     timing_metrics,
     token_logps_in_batches,
-    traces_logps,
-    traces_metrics,
 )
 from alignkit.training.dynamic_sampling import collect_informative
 from alignkit.training.grpo_family import RewardTerms, high_entropy_tokens
+from alignkit.training.guide_rollout import guide_metrics, guide_traces, traces_logps, traces_metrics
 from alignkit.training.loop import OnlineRun
 from alignkit.training.order import minibatches
 from alignkit.training.setup import save_final, start_run

@@ -58,7 +58,6 @@ from alignkit.models.reference import online_reference
 from alignkit.models.value import VALUE_ADAPTER, ValueModel, value_adapter_on, value_model_from
 from alignkit.rewards.compose import online_rewards
 from alignkit.rollout import (
-    guide_metrics,
     importance_centred,
     rollout_metrics,
     run_sampler,
@@ -67,6 +66,7 @@ from alignkit.rollout import (
     timing_metrics,
     token_logps_in_batches,
 )
+from alignkit.training.guide_rollout import guide_metrics
 from alignkit.training.loop import OnlineRun
 from alignkit.training.order import minibatches
 from alignkit.training.setup import save_final, start_run
