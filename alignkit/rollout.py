@@ -205,6 +205,7 @@ def collect(
     columns: list[dict] | None = None,
     origins: list[str] | None = None,
     step: int | None = None,
+    max_steps: int | None = None,
 ) -> Rollout:
     """Sample `group_size` completions of every prompt from `model` (the unwrapped policy), decode and
     score them with the reward set `rewards` (an `alignkit.rewards.RewardSet`), which reads `prompts`:
@@ -216,7 +217,8 @@ def collect(
     itself, `generation.backends.ModelSampler`); it must already follow `model`'s weights (`Sampler.sync`).
     The sampler's own log-probs of its tokens are kept (`Rollout.sampler_logps`). The sources that read row
     columns get a `ScoreContext` (`rewards.base.row_context`): each prompt's `columns` (`PromptRow.columns`)
-    and `origins` (file:line) repeated per completion, the completions' token ids, and the training `step`."""
+    and `origins` (file:line) repeated per completion, the completions' token ids, and the training `step` of
+    `max_steps`."""
     t0 = time.perf_counter()
     sampler = sampler or ModelSampler(sampling.backend)
     sampled = sampler.sample(
@@ -242,6 +244,7 @@ def collect(
         origins=origins,
         completion_ids=[list(c) for c in completion_ids],
         step=step,
+        max_steps=max_steps,
     )
     scored = rewards(rows_prompts, texts, update=update_rewards, gather=gather, context=context)
     t2 = time.perf_counter()

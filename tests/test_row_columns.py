@@ -32,6 +32,7 @@ import json
 def spy(prompts, completions, completion_ids, trainer_state, answer, **kwargs):
     with open({path!r}, "a") as f:
         f.write(json.dumps({{"prompts": prompts, "answer": answer, "step": trainer_state.global_step,
+                            "max_steps": trainer_state.max_steps,
                             "ids": None if completion_ids is None else [len(i) for i in completion_ids],
                             "n": len(completions)}}) + "\\n")
     return [float(len(c)) for c in completions]
@@ -115,6 +116,7 @@ def test_grpo_and_rloo_pass_the_columns_and_the_step(tmp_path, tiny_model_dir, s
     check_calls(recorded)
     train = [c for c in recorded if c["n"] == 8]
     assert [c["step"] for c in train] == [0, 1]
+    assert [c["max_steps"] for c in train] == [2, 2]  # trainer_state.global_step / max_steps: the progress
     assert all(c["answer"][0] == c["answer"][1] for c in train)  # a group shares its row's columns
     assert any(c["n"] == 3 for c in recorded)  # the 3 eval prompts, one sample each
 

@@ -73,6 +73,8 @@ class ScoreContext:
     """The training step being scored (0 = the first), in a training run."""
     origins: list[str] | None = None
     """Where each response's row came from, as file:line, for a source's error messages."""
+    max_steps: int | None = None
+    """The training run's number of steps, in a training run (for a reward that changes over the run)."""
 
     def __len__(self) -> int:
         lengths = {len(v) for v in self.columns.values()}
@@ -105,6 +107,7 @@ class ScoreContext:
             cut(self.group_ids),
             self.step,
             cut(self.origins),
+            self.max_steps,
         )
 
 
@@ -161,6 +164,7 @@ def row_context(
     origins: list[str] | None = None,
     completion_ids: list[list[int]] | None = None,
     step: int | None = None,
+    max_steps: int | None = None,
 ) -> ScoreContext:
     """The context of `repeat` responses to each of some prompt rows, prompt-major (a GRPO group's
     completions consecutive, as rollouts lay them out): each row's columns (`PromptRow.columns`) and origin
@@ -173,6 +177,7 @@ def row_context(
         [i for i in range(len(rows_columns)) for _ in range(repeat)],
         step,
         None if origins is None else [o for o in origins for _ in range(repeat)],
+        max_steps,
     )
 
 

@@ -13,7 +13,8 @@ The function is called once per scored batch, by keyword (TRL's `_calculate_rewa
 - `completions`: each completion: its text for a text row; `[{"role": "assistant", "content": text}]` for a
   conversational row (a row with messages), as TRL gives it.
 - `completion_ids`: each completion's token ids as sampled (None where a command has none: `alignkit score`).
-- `trainer_state`: an object with `.global_step`, the training step being scored (0 outside a training run).
+- `trainer_state`: an object with `.global_step`, the training step being scored, and `.max_steps`, the run's
+  number of steps (both 0 outside a training run), as TRL's `TrainerState` has them.
 - every other column of the prompt row (e.g. `solution`, `answer`), each a list with one value per completion
   (a prompt's values repeated for each of its completions), and the source's fixed `kwargs:`.
 
@@ -73,6 +74,9 @@ class TrainerState:
 
     global_step: int = 0
     """The training step being scored (0 = the first; 0 outside a training run)."""
+    max_steps: int = 0
+    """The run's number of steps (0 outside a training run): `global_step / max_steps` is the run's progress,
+    for a reward that changes over it (a curriculum, a length target that tightens)."""
 
 
 @dataclass
@@ -329,7 +333,7 @@ class PythonReward:
             "prompts": [[dict(m) for m in p] if isinstance(p, list) else p for p in prompts],
             "completions": [completion_of(p, r) for p, r in zip(prompts, responses)],
             "completion_ids": context.completion_ids,
-            "trainer_state": TrainerState(global_step=context.step or 0),
+            "trainer_state": TrainerState(global_step=context.step or 0, max_steps=context.max_steps or 0),
         }
         if self.options.columns is not None:
             names = self.options.columns

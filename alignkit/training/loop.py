@@ -507,5 +507,6 @@ class OnlineRun(Run):
             columns=[prompts.train_rows[i].columns for i in idx],  # what the reward sources may read
             origins=[prompts.train_rows[i].origin for i in idx],
             step=self.step,
+            max_steps=self.steps,
         )
         return rollout, seed
