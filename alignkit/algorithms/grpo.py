@@ -27,7 +27,7 @@ from alignkit.config.checks import check_online_settings
 from alignkit.config.load import ConfigError, validate
 from alignkit.config.online import GRPOConfig
 from alignkit.data.prompts import load_prompts
-from alignkit.evaluation.policy import evaluate_policy
+from alignkit.evaluation.policy import run_evaluator
 from alignkit.generation.guided import load_guided_sampler, with_guided_backend
 from alignkit.logprobs.completion import token_logps
 from alignkit.losses.masks import masked_mean
@@ -266,17 +266,8 @@ def train(cfg: GRPOConfig) -> Path:
     policy, optimizer = accelerator.prepare(BatchForward(model, policy_fn), optimizer)
     run.resume()
 
-    def evaluate() -> dict:
-        model = accelerator.unwrap_model(policy).model
-        return evaluate_policy(
-            model,
-            tokenizer,
-            prompts,
-            rewards,
-            sampling=sampling,
-            seed=cfg.seed + 1,
-            sampler=run.synced(model),
-        )
+    current = lambda: accelerator.unwrap_model(policy).model  # noqa: E731
+    evaluate = run_evaluator(run, current, tokenizer, prompts, rewards, sampling=sampling)
 
     with run.interruptible():
         while run.step < run.steps:

@@ -31,7 +31,7 @@ from alignkit.config.load import ConfigError, validate
 from alignkit.config.online import OnlineConfig, OnlineDPOConfig
 from alignkit.data.pairs import build_pairs, pair_columns, sum_pair_stats
 from alignkit.data.prompts import load_prompts
-from alignkit.evaluation.policy import evaluate_policy
+from alignkit.evaluation.policy import run_evaluator
 from alignkit.generation.resolve import with_resolved_backend
 from alignkit.logprobs.completion import token_logps
 from alignkit.losses import get_loss
@@ -158,17 +158,8 @@ def train(cfg: OnlineDPOConfig) -> Path:
     policy, optimizer = accelerator.prepare(BatchForward(model, policy_fn), optimizer)
     run.resume()
 
-    def evaluate() -> dict:
-        model = accelerator.unwrap_model(policy).model
-        return evaluate_policy(
-            model,
-            tokenizer,
-            prompts,
-            rewards,
-            sampling=sampling,
-            seed=cfg.seed + 1,
-            sampler=run.synced(model),
-        )
+    current = lambda: accelerator.unwrap_model(policy).model  # noqa: E731
+    evaluate = run_evaluator(run, current, tokenizer, prompts, rewards, sampling=sampling)
 
     with run.interruptible():
         while run.step < run.steps:

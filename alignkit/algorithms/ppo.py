@@ -31,7 +31,7 @@ from alignkit.config.checks import check_online_settings
 from alignkit.config.load import ConfigError, validate
 from alignkit.config.online import PPOConfig
 from alignkit.data.prompts import load_prompts
-from alignkit.evaluation.policy import evaluate_policy
+from alignkit.evaluation.policy import run_evaluator
 from alignkit.generation.guided import load_guided_sampler, with_guided_backend
 from alignkit.logprobs.completion import token_logps
 from alignkit.losses.masks import masked_mean, whiten
@@ -328,17 +328,8 @@ def train(cfg: PPOConfig) -> Path:
     model, optimizer = accelerator.prepare(module, optimizer)
     run.resume()
 
-    def evaluate() -> dict:
-        policy = accelerator.unwrap_model(model).policy
-        return evaluate_policy(
-            policy,
-            tokenizer,
-            prompts,
-            rewards,
-            sampling=sampling,
-            seed=cfg.seed + 1,
-            sampler=run.synced(policy),
-        )
+    current = lambda: accelerator.unwrap_model(model).policy  # noqa: E731
+    evaluate = run_evaluator(run, current, tokenizer, prompts, rewards, sampling=sampling)
 
     with run.interruptible():
         while run.step < run.steps:

@@ -4,6 +4,8 @@ normaliser untouched.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from alignkit.data.prompts import Prompts
 from alignkit.rewards import RewardSet
 from alignkit.rewards.compose import weighted_sum
@@ -41,3 +43,20 @@ def evaluate_policy(
     }
     out.update({f"rewards/{n}/mean": float(v.nanmean()) for n, v in rollout.source_scores.items()})
     return out
+
+
+def run_evaluator(
+    run, current_policy: Callable, tokenizer, prompts: Prompts, rewards: RewardSet, *, sampling
+):
+    """An online run's `evaluate()`: `evaluate_policy` of the policy as it is when called (`current_policy()`,
+    the unwrapped model), seeded with the run's seed + 1 every time, drawn by the run's sampler synced to it
+    (`OnlineRun.synced`)."""
+
+    def evaluate() -> dict:
+        model = current_policy()
+        seed = run.cfg.seed + 1
+        return evaluate_policy(
+            model, tokenizer, prompts, rewards, sampling=sampling, seed=seed, sampler=run.synced(model)
+        )
+
+    return evaluate
