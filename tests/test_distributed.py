@@ -433,6 +433,78 @@ def test_two_process_batch_advantages_and_metrics_are_the_whole_steps(tmp_path, 
         assert alarm["repeated"] == pytest.approx(sum(repeats_ngram(c, 4) for c in ids) / len(ids))
 
 
+def test_two_process_guide_traces_keep_the_processes_in_step_and_log_the_whole_step(tmp_path, tiny_model_dir):
+    """guide.mode=traces on 2 processes: each process's groups hold k = 1 guide trace after the policy's own
+    3 samples, the processes end with the same parameters, and the guide figures are the whole step's (the
+    mean score of every process's traces, and of every process's own samples)."""
+    from tests.test_guide_traces import e_count_guide
+
+    guide = e_count_guide(tmp_path / "guide")
+    out = tmp_path / "grpo"
+    argv = online_argv(
+        "grpo", tiny_model_dir, scaled_prompts(tmp_path / "p.jsonl"), out, "num_generations=4", "max_steps=3",
+        "beta=0.1", f"guide.model={guide}", "guide.mode=traces", "guide.traces=1",
+    )  # fmt: skip
+    launch(out / "dump", argv)
+    ranks_agree_and_moved(out / "dump", tiny_model_dir)
+    ranks = [json.loads((out / "dump" / f"rank{r}.online.json").read_text()) for r in (0, 1)]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    for step, line in enumerate(lines):
+        rollouts = [rank["rollouts"][step] for rank in ranks]
+        for rollout in rollouts:  # 2 prompts a process, each group: 3 of the policy's, then the guide's 1
+            assert rollout["guide_trace"] == [0.0, 0.0, 0.0, 1.0] * 2
+        flags = [f for rollout in rollouts for f in rollout["guide_trace"]]
+        scores = [s for rollout in rollouts for s in rollout["scores"]]
+        traces = [s for s, f in zip(scores, flags) if f]
+        own = [s for s, f in zip(scores, flags) if not f]
+        assert line["guide/traces"] == 1
+        assert line["guide/reward_traces"] == pytest.approx(sum(traces) / len(traces), abs=1e-6)
+        assert line["guide/reward_policy"] == pytest.approx(sum(own) / len(own), abs=1e-6)
+        assert line["reward"] == pytest.approx(sum(scores) / len(scores), abs=1e-6)
+
+
+def test_two_process_guide_mixture_keeps_the_processes_in_step_and_logs_the_whole_step(
+    tmp_path, tiny_model_dir
+):
+    """guide.mode=mixture (α 0.99) on 2 processes: the processes end with the same parameters, and the guide
+    figures are the whole step's: the shares of tokens and of completions the guide changed and the mean
+    score of each kind, over both processes' completions. (The e-count guide's logits swamp this near-uniform
+    tiny policy even at 1%: every completion has a changed token, 94% of the tokens are; the token share is the
+    figure that tells one process from two.)"""
+    from tests.test_guide_traces import e_count_guide
+
+    guide = e_count_guide(tmp_path / "guide")
+    out = tmp_path / "grpo"
+    argv = online_argv(
+        "grpo", tiny_model_dir, scaled_prompts(tmp_path / "p.jsonl"), out, "num_generations=4", "max_steps=3",
+        "beta=0.1", f"guide.model={guide}", "guide.alpha=0.99",
+    )  # fmt: skip
+    launch(out / "dump", argv)
+    ranks_agree_and_moved(out / "dump", tiny_model_dir)
+    ranks = [json.loads((out / "dump" / f"rank{r}.online.json").read_text()) for r in (0, 1)]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    seen = set()
+    for step, line in enumerate(lines):
+        rollouts = [rank["rollouts"][step] for rank in ranks]
+        changed = [n > 0 for rollout in rollouts for n in rollout["tokens_changed"]]
+        scores = [s for rollout in rollouts for s in rollout["scores"]]
+        lengths = [n for rollout in rollouts for n in rollout["lengths"]]
+        tokens = sum(n for rollout in rollouts for n in rollout["tokens_changed"])
+        assert len(changed) == len(scores) == 16
+        assert line["guide/alpha"] == 0.99
+        assert line["guide/frac_changed"] == pytest.approx(sum(changed) / 16, abs=1e-6)
+        assert line["guide/frac_tokens_changed"] == pytest.approx(tokens / sum(lengths), abs=1e-6)
+        for name, keep in (("changed", True), ("unchanged", False)):
+            part = [s for s, c in zip(scores, changed) if c == keep]
+            if part:
+                assert line[f"guide/reward_{name}"] == pytest.approx(sum(part) / len(part), abs=1e-6)
+                seen.add(name)
+    assert "changed" in seen
+    assert any(0 < line["guide/frac_tokens_changed"] < 1 for line in lines)
+
+
 def test_two_process_run_with_a_reward_normaliser_resumes_exactly(tmp_path, tiny_model_dir):
     """reward_normalize=true on 2 processes: one normaliser state, of every process's scores (identical on
     both), so the checkpoint's is everyone's and a run killed after its step-2 checkpoint and resumed

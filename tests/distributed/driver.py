@@ -71,6 +71,8 @@ def recording_rollouts(collect):
                     "ended": rollout.ended.tolist(),
                     "reward_stats": rollout.reward_stats,
                     "ids": rollout.completion_ids(),
+                    "guide_trace": [float(f) for f in rollout.sampler_details.get("guide_trace", [])],
+                    "tokens_changed": [float(n) for n in rollout.sampler_details.get("tokens_changed", [])],
                 }
             )
         return rollout
