@@ -206,3 +206,27 @@ def test_two_processes_each_sample_with_their_own_engine(tmp_path, llama64_dir):
     train = [r for r in records if r.get("split") == "train"]
     assert [r["step"] for r in train] == [1, 2]
     assert all(r["sampler/logp_diff/max"] < 1e-3 for r in train), train
+
+
+def test_guide_traces_beside_a_vllm_policy_sampler(tmp_path, llama64_dir):
+    """guide.mode=traces with the colocated engine drawing the policy's completions and the guide's traces
+    from the lean loop: each group holds the engine's G − k samples and the guide's k, only the engine's rows
+    are importance-corrected (their gap to the trainer is rounding; the guide's own log-probs, nats away from
+    the policy's, never enter it), and the guide figures are logged."""
+    from alignkit.algorithms import grpo
+    from alignkit.config.guide import GuideSettings
+    from tests.test_guide_traces import e_count_guide
+
+    guide = e_count_guide(tmp_path / "guide")
+    data = write_prompts(tmp_path / "prompts.jsonl")
+    cfg = grpo_config(tmp_path, llama64_dir, data, max_steps=3, beta=0.1)
+    cfg.guide = GuideSettings(model=str(guide), mode="traces", traces=2)
+    grpo.train(cfg)
+    metrics = train_metrics(cfg)
+    assert len(metrics) == 3
+    for m in metrics:
+        assert m["guide/traces"] == 2
+        assert m["sampler/logp_diff/max"] < 1e-3, m
+        assert m["sampler/frac_masked"] == 0, m
+        # the guide's traces are made of the tokens richest in 'e's: they score far above the policy's own
+        assert m["guide/reward_traces"] > m["guide/reward_policy"] + 1, m
