@@ -177,9 +177,11 @@ def test_the_reported_logps_are_log_q_and_the_weights_pi_over_q(
         )
     rollouts, batches, eval_samplers = [], [], []
     spy(monkeypatch, module, rollouts, batches)
-    real_evaluate = module.evaluate_policy
+    import alignkit.evaluation.policy as evaluation  # (run_evaluator's closure looks it up there)
+
+    real_evaluate = evaluation.evaluate_policy
     monkeypatch.setattr(
-        module,
+        evaluation,
         "evaluate_policy",
         lambda *a, **k: eval_samplers.append(k["sampler"]) or real_evaluate(*a, **k),
     )

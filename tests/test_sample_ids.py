@@ -11,7 +11,8 @@ from conftest import TINYSTORIES
 from test_generation_evaluate import ENDING
 from test_generation_evaluate import PROMPTS as STORIES
 
-from alignkit.generation.sampling import draw_tokens, loop_decoder, sample_ids
+from alignkit.generation.decode_loop import draw_tokens, loop_decoder
+from alignkit.generation.sampling import sample_ids
 from alignkit.models.load import load_causal_lm
 
 EOS = 2

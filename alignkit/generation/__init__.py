@@ -1,6 +1,7 @@
 """Sampling on token ids, on one of three backends (`config.generation.GenerationSettings.backend`):
 
-- `sampling.py`: the lean KV-cache loop (`loop`) and transformers' `generate` (`hf`), seeded per sample;
+- `sampling.py`: sampling seeded per sample, through the lean KV-cache loop (`loop`, `decode_loop.py`) or
+  transformers' `generate` (`hf`);
 - `vllm.py`: vLLM colocated in this process, weights copied in from the trainer before each rollout;
 - `server.py`: an `alignkit vllm-serve` process the trainer samples from and pushes weights to
   (`serve.py` is that process; `weight_sync.py` how the weights travel, over HTTP or NCCL; `wire.py` the

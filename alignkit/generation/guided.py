@@ -42,16 +42,15 @@ import torch
 
 from alignkit.config.load import ConfigError
 from alignkit.generation.backends import ModelSampler, Sampled
-from alignkit.generation.resolve import loop_refusal, with_resolved_backend
-from alignkit.generation.sampling import (
+from alignkit.generation.decode_loop import (
     draw_from,
     draw_tokens,
-    eos_ids,
     loop_decoder,
     loop_generator,
     sample_ids_with_loop,
-    sampling_warpers,
 )
+from alignkit.generation.resolve import loop_refusal, with_resolved_backend
+from alignkit.generation.sampling import eos_ids, sampling_warpers
 from alignkit.models.load import check_model_source, disable_dropout, load_tokenizer, vocabulary_difference
 from alignkit.models.reference import frozen_model
 
@@ -103,7 +102,7 @@ def mixture_log_probs(
 
 
 class MixtureDraw:
-    """`generation.sampling.decode_lockstep`'s `choose` for [policy, guide] logits: one token per row drawn from
+    """`generation.decode_loop.decode_lockstep`'s `choose` for [policy, guide] logits: one token per row drawn from
     q (`mixture_log_probs`) with one uniform from `generator`, its log q returned; per completion it counts the
     tokens where the guide changed the argmax and those where π_S alone would have drawn another token from the
     same uniform (`details`)."""
@@ -154,7 +153,7 @@ def guided_sample_ids(
     docstring), prompt-major, each cut after its first EOS (the policy's EOS ids): (ids, log q of each drawn
     token, `MixtureDraw.details`). Seeded and batched as `sample_ids`' loop (`batch_size` decides which
     uniforms each completion draws); the policy is put in eval mode and given back as it was, the guide stays
-    frozen. Both models must be ones the lean loop drives (`generation.sampling.loop_decoder`)."""
+    frozen. Both models must be ones the lean loop drives (`generation.decode_loop.loop_decoder`)."""
     if temperature <= 0:
         raise ValueError(f"a guided rollout samples: temperature must be > 0, got {temperature}")
     decoders = [loop_decoder(m) for m in (policy, guide)]

@@ -2,7 +2,7 @@
 cannot use refused with the reason, before any weights load; the resolved value is what the run saves.
 
 auto keeps the rule `sample_ids` has always had: the lean KV-cache loop where it can drive the model
-(`sampling.loop_decoder`), else transformers' generate (hf). It is decided here from the checkpoint's
+(`decode_loop.loop_decoder`), else transformers' generate (hf). It is decided here from the checkpoint's
 config and model class, built on the meta device (no weights read), so that the saved config and the
 resume check (`training.checkpoint.run_fingerprint`) see the backend the run will use. vLLM is never picked
 by auto: it is opted into.
@@ -15,7 +15,7 @@ import dataclasses
 import torch
 
 from alignkit.config.load import ConfigError
-from alignkit.generation.sampling import loop_decoder
+from alignkit.generation.decode_loop import loop_decoder
 
 
 def _meta_model(name_or_path: str, trust_remote_code: bool):
