@@ -372,24 +372,33 @@ def make_sampler(
 MIXED_PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
-def run_sampler(cfg, model, tokenizer, prompts, *, mixed_precision: str = "no") -> Sampler:
-    """The sampler of a run that samples from its policy `model` (loaded from `cfg.model`) by `cfg.generation`
-    (backend resolved: `generation.resolve`): vLLM's engine starts from cfg.model's weights (a LoRA adapter
-    folder's base model; the adapter arrives merged with the first sync) and serves the longest of the run's
-    `prompts` (`data.prompts.Prompts`) plus max_new_tokens, unless generation.vllm.max_model_len says. Under
-    `mixed_precision` (accelerate's: bf16, fp16) the colocated engine computes in that dtype, as the
-    trainer's forwards do, not in the fp32 of the master weights."""
-    g = cfg.generation
-    longest = max(map(len, [*prompts.train_ids, *prompts.eval_ids]), default=0)
+def sampler_for(
+    generation, model_source: str, model, tokenizer, prompt_ids, *, dtype: str | None = None
+) -> Sampler:
+    """`make_sampler` for a `generation` section whose backend is resolved, sampling from `model` (loaded from
+    `model_source`, a hub name or folder): vLLM's engine starts from model_source's weights (a LoRA adapter
+    folder's base model; the adapter arrives merged with the first sync) and serves the longest of
+    `prompt_ids` plus max_new_tokens, unless generation.vllm.max_model_len says; `dtype` the colocated
+    engine's."""
     return make_sampler(
-        g.backend,
+        generation.backend,
         model,
         tokenizer,
-        vllm_settings=g.vllm,
-        source=adapter_base(cfg.model) or cfg.model,
-        max_model_len=longest + g.max_new_tokens,
-        dtype=MIXED_PRECISION_DTYPES.get(mixed_precision),
+        vllm_settings=generation.vllm,
+        source=adapter_base(model_source) or model_source,
+        max_model_len=max(map(len, prompt_ids), default=0) + generation.max_new_tokens,
+        dtype=dtype,
     )
+
+
+def run_sampler(cfg, model, tokenizer, prompts, *, mixed_precision: str = "no") -> Sampler:
+    """The sampler of a run that samples from its policy `model` (loaded from `cfg.model`) by `cfg.generation`
+    (backend resolved: `generation.resolve`; `sampler_for`), serving the run's `prompts` (`data.prompts.Prompts`).
+    Under `mixed_precision` (accelerate's: bf16, fp16) the colocated engine computes in that dtype, as the
+    trainer's forwards do, not in the fp32 of the master weights."""
+    prompt_ids = [*prompts.train_ids, *prompts.eval_ids]
+    dtype = MIXED_PRECISION_DTYPES.get(mixed_precision)
+    return sampler_for(cfg.generation, cfg.model, model, tokenizer, prompt_ids, dtype=dtype)
 
 
 def needs_old_logps(rollout: Rollout, setting: str) -> bool:

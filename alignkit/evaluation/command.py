@@ -44,8 +44,7 @@ def vllm_sampler(cfg: EvalConfig, base, aligned, tokenizer, rows):
     """generation.backend=vllm: one engine, started from base_model's weights (an adapter folder's base) and
     synced to each model before it samples, so the two must share their weights' names and shapes."""
     from alignkit.generation.vllm import full_weights
-    from alignkit.models.load import adapter_base
-    from alignkit.rollout import make_sampler
+    from alignkit.rollout import sampler_for
 
     shapes = [{name: tuple(t.shape) for name, t in full_weights(m)} for m in (base, aligned)]
     if shapes[0] != shapes[1]:
@@ -54,15 +53,8 @@ def vllm_sampler(cfg: EvalConfig, base, aligned, tokenizer, rows):
             f"({cfg.base_model}) and model ({cfg.model}) have different weights' names or shapes: use "
             "generation.backend=hf"
         )
-    longest = max(len(encode_prompt(tokenizer, r.prompt)) for r in rows)
-    return make_sampler(
-        "vllm",
-        base,
-        tokenizer,
-        vllm_settings=cfg.generation.vllm,
-        source=adapter_base(cfg.base_model) or cfg.base_model,
-        max_model_len=longest + cfg.generation.max_new_tokens,
-    )
+    prompt_ids = [encode_prompt(tokenizer, r.prompt) for r in rows]
+    return sampler_for(cfg.generation, cfg.base_model, base, tokenizer, prompt_ids)
 
 
 def run(cfg: EvalConfig) -> dict:

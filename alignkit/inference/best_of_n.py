@@ -340,8 +340,8 @@ def run(cfg: GenerateConfig) -> dict:
     line per prompt to output_dir/candidates.jsonl; writes and prints the summary; returns it."""
     from alignkit.config.load import save_config
     from alignkit.data.prompts import encode_prompt_rows, load_prompt_rows
-    from alignkit.models.load import adapter_base, load_causal_lm, load_tokenizer
-    from alignkit.rollout import make_sampler
+    from alignkit.models.load import load_causal_lm, load_tokenizer
+    from alignkit.rollout import sampler_for
 
     check_config(cfg)
     cfg = with_resolved_backend(cfg)  # generation.backend=auto -> loop or hf, saved with the run
@@ -382,14 +382,7 @@ def run(cfg: GenerateConfig) -> dict:
     )
     sampler = None
     if g.backend == "vllm":  # the engine starts from cfg.model (an adapter folder's base): synced once
-        sampler = make_sampler(
-            "vllm",
-            model,
-            tokenizer,
-            vllm_settings=g.vllm,
-            source=adapter_base(cfg.model) or cfg.model,
-            max_model_len=max(map(len, prompt_ids), default=0) + g.max_new_tokens,
-        )
+        sampler = sampler_for(g, cfg.model, model, tokenizer, prompt_ids)
         sampler.sync(model, 0)
     C = cfg.chunk_prompts
     starts = range(done // C * C, len(prompts), C)
