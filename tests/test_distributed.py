@@ -433,23 +433,30 @@ def test_two_process_batch_advantages_and_metrics_are_the_whole_steps(tmp_path, 
         assert alarm["repeated"] == pytest.approx(sum(repeats_ngram(c, 4) for c in ids) / len(ids))
 
 
-def test_two_process_guide_traces_keep_the_processes_in_step_and_log_the_whole_step(tmp_path, tiny_model_dir):
-    """guide.mode=traces on 2 processes: each process's groups hold k = 1 guide trace after the policy's own
-    3 samples, the processes end with the same parameters, and the guide figures are the whole step's (the
-    mean score of every process's traces, and of every process's own samples)."""
+def guided_two_process_run(tmp_path, tiny_model_dir, *guide_settings: str) -> tuple[list[dict], list[dict]]:
+    """3 grpo steps on 2 processes with the e-count guide and `guide_settings`, G 4: (each process's dump, the
+    metrics lines), after checking both processes ended with the same, moved parameters."""
     from tests.test_guide_traces import e_count_guide
 
     guide = e_count_guide(tmp_path / "guide")
     out = tmp_path / "grpo"
     argv = online_argv(
         "grpo", tiny_model_dir, scaled_prompts(tmp_path / "p.jsonl"), out, "num_generations=4", "max_steps=3",
-        "beta=0.1", f"guide.model={guide}", "guide.mode=traces", "guide.traces=1",
+        "beta=0.1", f"guide.model={guide}", *guide_settings,
     )  # fmt: skip
     launch(out / "dump", argv)
     ranks_agree_and_moved(out / "dump", tiny_model_dir)
     ranks = [json.loads((out / "dump" / f"rank{r}.online.json").read_text()) for r in (0, 1)]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3]
+    return ranks, lines
+
+
+def test_two_process_guide_traces_keep_the_processes_in_step_and_log_the_whole_step(tmp_path, tiny_model_dir):
+    """guide.mode=traces on 2 processes: each process's groups hold k = 1 guide trace after the policy's own
+    3 samples, the processes end with the same parameters, and the guide figures are the whole step's (the
+    mean score of every process's traces, and of every process's own samples)."""
+    ranks, lines = guided_two_process_run(tmp_path, tiny_model_dir, "guide.mode=traces", "guide.traces=1")
     for step, line in enumerate(lines):
         rollouts = [rank["rollouts"][step] for rank in ranks]
         for rollout in rollouts:  # 2 prompts a process, each group: 3 of the policy's, then the guide's 1
@@ -472,19 +479,7 @@ def test_two_process_guide_mixture_keeps_the_processes_in_step_and_logs_the_whol
     score of each kind, over both processes' completions. (The e-count guide's logits swamp this near-uniform
     tiny policy even at 1%: every completion has a changed token, 94% of the tokens are; the token share is the
     figure that tells one process from two.)"""
-    from tests.test_guide_traces import e_count_guide
-
-    guide = e_count_guide(tmp_path / "guide")
-    out = tmp_path / "grpo"
-    argv = online_argv(
-        "grpo", tiny_model_dir, scaled_prompts(tmp_path / "p.jsonl"), out, "num_generations=4", "max_steps=3",
-        "beta=0.1", f"guide.model={guide}", "guide.alpha=0.99",
-    )  # fmt: skip
-    launch(out / "dump", argv)
-    ranks_agree_and_moved(out / "dump", tiny_model_dir)
-    ranks = [json.loads((out / "dump" / f"rank{r}.online.json").read_text()) for r in (0, 1)]
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines] == [1, 2, 3]
+    ranks, lines = guided_two_process_run(tmp_path, tiny_model_dir, "guide.alpha=0.99")
     seen = set()
     for step, line in enumerate(lines):
         rollouts = [rank["rollouts"][step] for rank in ranks]
