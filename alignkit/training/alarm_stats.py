@@ -82,21 +82,27 @@ def trend(values: Sequence[float]) -> tuple[float, float]:
 def thirds(values: Sequence[float]) -> tuple[float, float, float]:
     """The means of a series' first, middle and last thirds, the outer two of equal size k = len // 3 (10 values:
     3, 4, 3), so that their centres are equally spaced: (b − a) and (c − b) are rises over equal spans."""
+    first, middle, last = third_parts(values, 1, "thirds")
+    return sum(first) / len(first), sum(middle) / len(middle), sum(last) / len(last)
+
+
+def third_parts(
+    values: Sequence[float], least: int, name: str
+) -> tuple[Sequence[float], Sequence[float], Sequence[float]]:
+    """A series' first, middle and last thirds as `thirds` takes them (the outer two of k = len // 3 values),
+    k at least `least`; otherwise a ValueError naming the caller `name` and the length."""
     k = len(values) // 3
-    if k == 0:
-        raise ValueError(f"thirds needs at least 3 values, got {len(values)}")
-    first, middle, last = values[:k], values[k : len(values) - k], values[len(values) - k :]
-    return sum(first) / k, sum(middle) / len(middle), sum(last) / k
+    if k < least:
+        raise ValueError(f"{name} needs at least {3 * least} values, got {len(values)}")
+    return values[:k], values[k : len(values) - k], values[len(values) - k :]
 
 
 def rise_z(values: Sequence[float]) -> float:
     """How many standard errors the last third's mean is above the first third's (`thirds`' outer two), each
     third's spread taken as its noise: (c − a) / sqrt(s_a² / k + s_c² / k); ±inf when both thirds are
     constant and differ, 0 when they are equal."""
-    k = len(values) // 3
-    if k < 2:
-        raise ValueError(f"rise_z needs at least 6 values, got {len(values)}")
-    first, last = values[:k], values[len(values) - k :]
+    first, _, last = third_parts(values, 2, "rise_z")
+    k = len(first)
     mean_a, mean_c = sum(first) / k, sum(last) / k
     var = lambda xs, m: sum((x - m) ** 2 for x in xs) / (k - 1)  # noqa: E731
     se = math.sqrt((var(first, mean_a) + var(last, mean_c)) / k)
